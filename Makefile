@@ -1,0 +1,37 @@
+# The README's two commands: `make train` and `make test`. Each does all set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+EXTRAS ?= dev
+comma := ,
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(subst ],,$(subst [,,$(subst =,_,$(TORCH))))-$(subst $(comma),_,$(EXTRAS))
+
+.PHONY: install train test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# The default job: a tiny Llama on the embedded Markov corpus, CPU-friendly (a few minutes on 2 cores).
+train: install
+	$(BIN)/python -m trainer.train $(ARGS)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) outputs multirun

@@ -1,0 +1,174 @@
+"""Checkpoints that survive a crash mid-save, and the final HF export.
+
+Layout under the run directory:
+
+    checkpoints/step_00000100/   model + optimizer (torch.distributed.checkpoint, one shard file per rank),
+                                 trainer_state.json (step, data position, ...), rng/rank_XXXXX.pt
+    checkpoints/latest           text file naming the newest complete checkpoint directory
+
+A checkpoint is written under a temporary name and renamed when every rank has finished, then `latest`
+is replaced atomically: a crash or kill at any moment leaves the previous checkpoint and pointer intact.
+Loading never unpickles arbitrary objects: DCP for tensors, JSON for the loop state, and
+`torch.load(weights_only=True)` for RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from trainer.distributed import ParallelEnv, barrier
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+STATE_FILE = "trainer_state.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first (a temporary or half-written one is never listed)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def save_checkpoint(
+    root: Path,
+    *,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    env: ParallelEnv,
+    keep_last: int = 0,
+) -> Path:
+    """Save model, optimizer, loop state and RNG; every rank calls this (each writes its own shard)."""
+    step = int(trainer_state["step"])
+    final = root / step_dir_name(step)
+    tmp = root / f".{final.name}.tmp"
+    if env.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+        tmp.mkdir()
+    barrier()
+    model_sd, optim_sd = get_state_dict(module, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), tmp / "rng" / f"rank_{env.rank:05d}.pt")
+    barrier()
+    if env.is_main:
+        state = {**trainer_state, "world_size": env.world_size}
+        _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))
+        if final.exists():  # saving the same step again (e.g. a resumed run that ends where it started)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(root / "latest", final.name + "\n")
+        if keep_last > 0:
+            for old in complete_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """The checkpoint to resume from: None for a fresh start, a directory otherwise."""
+    if resume in ("none", "", None):
+        return None
+    if resume == "auto":
+        pointer = root / "latest"
+        if pointer.is_file():
+            named = root / pointer.read_text().strip()
+            if (named / STATE_FILE).is_file():
+                return named
+        done = complete_checkpoints(root)
+        return done[-1] if done else None
+    path = Path(resume)
+    if path.is_file() and path.name == "latest":
+        path = path.parent / path.read_text().strip()
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(
+            f"resume={resume}: not a complete checkpoint (no {STATE_FILE}); give a checkpoints/step_XXXXXXXX "
+            "directory, `auto`, or `none`"
+        )
+    return path
+
+
+def load_checkpoint(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, env: ParallelEnv) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG in place; returns the saved loop state."""
+    model_sd, optim_sd = get_state_dict(module, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = path / "rng" / f"rank_{env.rank:05d}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def export_hf(out_dir: Path, *, module: nn.Module, hf_model: nn.Module, tokenizer: Any, env: ParallelEnv, prefix: str = "model.") -> None:
+    """A `save_pretrained` export (safetensors + config + tokenizer), gathered from however the model is spread.
+
+    `module` is what the strategy wrapped; its full state dict is gathered to rank 0 on CPU and written
+    under a temporary name, then renamed, so a half-written export is never mistaken for a complete one.
+    """
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if env.is_main:
+        state = {k.removeprefix(prefix): v for k, v in full.items()}
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.rename(tmp, out_dir)
+    barrier()

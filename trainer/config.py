@@ -1,0 +1,233 @@
+"""Structured config schemas, registered with Hydra so that a typo or a bad value fails before any work starts.
+
+Every YAML under `conf/` is merged onto these dataclasses: an unknown key, a wrong type or a missing
+required value is a Hydra error at start-up. `validate_config` adds the checks types cannot express
+(positive sizes, divisibility), each with a message that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # `config`: build a fresh model from `arch` (random init); `pretrained`: load weights from `name_or_path`.
+    source: str = "config"
+    # HF hub name or local directory (weights for `pretrained`, an AutoConfig for `config` when `arch` is empty).
+    name_or_path: str | None = None
+    # GGUF file inside `name_or_path` (needs the `gguf` extra).
+    gguf_file: str | None = None
+    # Architecture fields passed to the transformers config class (`model_type` picks the class).
+    arch: dict[str, Any] = field(default_factory=dict)
+    # Run model code from the hub; off unless asked for, since it executes downloaded Python.
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    # `embedded` (generated Markov corpus), `pydoc` (CPython's pydoc topics), `hf` (hub dataset or local files).
+    source: str = MISSING
+    # Hub dataset name, or a builder (`json`, `parquet`, `text`) for local files; inferred from `data_files` when null.
+    path: str | None = None
+    # Dataset configuration name on the hub.
+    name: str | None = None
+    # Local files (a path, a glob, or a list), loaded with the builder their extension names.
+    data_files: Any = None
+    # Column holding the text.
+    text_field: str = "text"
+    train_split: str = "train"
+    # Split used for evaluation; when null (or absent), `eval_fraction` of the train documents is held out.
+    eval_split: str | None = None
+    # Fraction of documents held out for evaluation when there is no eval split.
+    eval_fraction: float = 0.05
+    # Tokens per training sequence.
+    seq_len: int = 256
+    # Concatenate documents (separated by EOS) into full windows; false pads each document to seq_len.
+    packing: bool = True
+    # `wordlevel` or `bpe` build a tokenizer from the train split and save it with the run;
+    # anything else is an AutoTokenizer name or path; null uses the model's own.
+    tokenizer: str | None = None
+    # Vocabulary size for a built `bpe` tokenizer.
+    tokenizer_vocab_size: int = 8192
+    # Settings of the embedded Markov source (ignored by other sources).
+    markov: dict[str, Any] = field(default_factory=dict)
+    # Where generated corpora are written (relative paths are inside the run directory).
+    cache_dir: str = "data"
+    # Processes used to tokenize.
+    num_proc: int = 1
+
+
+@dataclass
+class OptimizerConfig:
+    # Class to build, any optimizer with the torch interface.
+    _target_: str = MISSING
+    lr: float = MISSING
+    weight_decay: float = 0.0
+    # Parameters whose names contain one of these get no weight decay (biases, norms, embeddings).
+    no_decay: list[str] = field(default_factory=lambda: ["bias", "norm", "embed"])
+
+
+@dataclass
+class AdamWConfig(OptimizerConfig):
+    _target_: str = "torch.optim.AdamW"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    # Multi-tensor kernels; `fused` is chosen instead on CUDA.
+    foreach: bool | None = None
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    _target_: str = "torch.optim.SGD"
+    momentum: float = 0.9
+    nesterov: bool = False
+
+
+@dataclass
+class SchedulerConfig:
+    # `constant`, `linear` or `cosine`, after a linear warmup.
+    name: str = MISSING
+    warmup_steps: int = 0
+    # Steps over which the decay runs; null means train.max_steps (set it to extend a run explicitly).
+    decay_steps: int | None = None
+    # Final learning rate as a fraction of the peak.
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class StrategyConfig:
+    # `single` (one process) or `ddp`.
+    name: str = "single"
+    # Process group backend; null picks nccl on CUDA, gloo on CPU.
+    backend: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    # Sequences per rank per forward/backward.
+    micro_batch_size: int = 8
+    # Sequences per optimizer step over all ranks; accumulation = global / (micro x world).
+    global_batch_size: int = 8
+    seed: int = 1234
+    # Gradient clipping by global norm; 0 disables clipping (the norm is still logged).
+    grad_clip: float = 1.0
+    log_every: int = 10
+    # 0 evaluates only at the end.
+    eval_every: int = 100
+    # Eval batches (of micro_batch_size) per evaluation; 0 uses the whole eval split.
+    eval_batches: int = 0
+    # Recompute activations in the backward pass to save memory.
+    activation_checkpointing: bool = False
+    # Compile the model with torch.compile.
+    compile: bool = False
+    # Rows of the LM head processed at once by the fused cross-entropy; 0 materialises the full logits.
+    loss_chunk_size: int = 2048
+    # `float32`, `bfloat16` or `float16` for the parameters (mixed precision arrives with the precision group).
+    dtype: str = "float32"
+    # `auto` picks cuda when available, else cpu.
+    device: str = "auto"
+    progress_bar: bool = True
+    # Write the hf/ export (save_pretrained + tokenizer) when the run ends.
+    export_hf: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    # Save every N steps; 0 saves only at the end.
+    every_steps: int = 0
+    # Complete checkpoints to keep (oldest removed first); 0 keeps all.
+    keep_last: int = 2
+    # Save a checkpoint when training ends.
+    at_end: bool = True
+
+
+@dataclass
+class MetricsConfig:
+    # Peak FLOP/s of one device for MFU; null measures it (CPU matmul probe) or looks it up (known GPUs).
+    peak_flops: float | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    scheduler: SchedulerConfig = MISSING
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # `none`, `auto` (latest checkpoint of the run directory, if any) or a checkpoint directory.
+    resume: str = "none"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(group="optimizer", name="schema_adamw", node=AdamWConfig)
+    cs.store(group="optimizer", name="schema_sgd", node=SGDConfig)
+    cs.store(group="scheduler", name="schema", node=SchedulerConfig)
+    cs.store(group="strategy", name="schema", node=StrategyConfig)
+
+
+SCHEDULERS = ("constant", "linear", "cosine")
+DATA_SOURCES = ("embedded", "pydoc", "hf")
+MODEL_SOURCES = ("config", "pretrained")
+DTYPES = ("float32", "bfloat16", "float16")
+STRATEGIES = ("single", "ddp")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_config(cfg: Any, *, world_size: int = 1) -> int:
+    """Check the values that types cannot; returns the gradient-accumulation steps."""
+    t = cfg.train
+    for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_every"):
+        value = getattr(t, key)
+        _check(value > 0, f"train.{key}={value}: must be a positive integer, e.g. train.{key}=8")
+    _check(t.eval_every >= 0, f"train.eval_every={t.eval_every}: must be >= 0 (0 evaluates only at the end)")
+    _check(t.eval_batches >= 0, f"train.eval_batches={t.eval_batches}: must be >= 0 (0 uses the whole eval split)")
+    _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
+    _check(t.loss_chunk_size >= 0, f"train.loss_chunk_size={t.loss_chunk_size}: must be >= 0")
+    _check(t.dtype in DTYPES, f"train.dtype={t.dtype}: choose one of {', '.join(DTYPES)}")
+    _check(cfg.optimizer.lr > 0, f"optimizer.lr={cfg.optimizer.lr}: the learning rate must be > 0, e.g. optimizer.lr=3e-4")
+    _check(cfg.optimizer.weight_decay >= 0, f"optimizer.weight_decay={cfg.optimizer.weight_decay}: must be >= 0")
+    s = cfg.scheduler
+    _check(s.name in SCHEDULERS, f"scheduler.name={s.name}: choose one of {', '.join(SCHEDULERS)}")
+    _check(s.warmup_steps >= 0, f"scheduler.warmup_steps={s.warmup_steps}: must be >= 0")
+    _check(s.decay_steps is None or s.decay_steps > 0, f"scheduler.decay_steps={s.decay_steps}: must be > 0 or null")
+    _check(0.0 <= s.min_lr_ratio <= 1.0, f"scheduler.min_lr_ratio={s.min_lr_ratio}: must be in [0, 1]")
+    d = cfg.data
+    _check(d.source in DATA_SOURCES, f"data.source={d.source}: choose one of {', '.join(DATA_SOURCES)}")
+    _check(d.seq_len > 1, f"data.seq_len={d.seq_len}: must be at least 2")
+    _check(0.0 < d.eval_fraction < 1.0, f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
+    _check(cfg.model.source in MODEL_SOURCES, f"model.source={cfg.model.source}: choose one of {', '.join(MODEL_SOURCES)}")
+    _check(
+        cfg.model.source != "pretrained" or bool(cfg.model.name_or_path),
+        "model.source=pretrained needs model.name_or_path (a hub name or a local directory)",
+    )
+    _check(cfg.strategy.name in STRATEGIES, f"strategy.name={cfg.strategy.name}: choose one of {', '.join(STRATEGIES)}")
+    _check(cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps}: must be >= 0")
+    _check(cfg.checkpoint.keep_last >= 0, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 0")
+    per_step = t.micro_batch_size * world_size
+    _check(
+        t.global_batch_size % per_step == 0,
+        f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+        f"{t.micro_batch_size} x world size {world_size} = {per_step}; pick a global batch that is a multiple of {per_step}",
+    )
+    return t.global_batch_size // per_step

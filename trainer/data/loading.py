@@ -1,0 +1,247 @@
+"""From a data config to token windows: text sources, the tokenizer, tokenization and packing.
+
+Every source ends as an HF `datasets` split with a text column, so the embedded corpus and pydoc go
+through exactly the code path of user data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from trainer.data import markov
+from trainer.data.tokenizer import build_bpe_tokenizer, build_wordlevel_tokenizer, load_tokenizer
+
+IGNORE_INDEX = -100
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """The data cannot be used as configured; the message says why and what to change."""
+
+
+@dataclass
+class TokenWindows:
+    """Fixed-length training sequences: `inputs[i]` and `labels[i]` (the next tokens; IGNORE_INDEX for padding)."""
+
+    inputs: torch.Tensor  # [n, seq_len] int64
+    labels: torch.Tensor  # [n, seq_len] int64
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[indices], self.labels[indices]
+
+
+@dataclass
+class Data:
+    tokenizer: Any
+    train: TokenWindows
+    eval: TokenWindows
+    # Entropy rate of the source in nats/token when it is known (the embedded corpus), else None.
+    entropy_floor: float | None = None
+
+
+def pack(docs: list[list[int]], seq_len: int, eos_id: int) -> TokenWindows:
+    """Concatenate documents with EOS after each and cut into windows that share no input token.
+
+    Window i reads tokens [i*L, (i+1)*L) and predicts [i*L+1, (i+1)*L+1): every token is an input once and
+    a target once (but the very first), and no padding is spent.
+    """
+    lengths = [len(d) + 1 for d in docs]
+    stream = np.empty(sum(lengths), dtype=np.int64)
+    pos = 0
+    for d, n in zip(docs, lengths, strict=True):
+        stream[pos : pos + n - 1] = d
+        stream[pos + n - 1] = eos_id
+        pos += n
+    num = (len(stream) - 1) // seq_len
+    t = torch.from_numpy(stream)
+    inputs = t[: num * seq_len].view(num, seq_len)
+    labels = t[1 : num * seq_len + 1].view(num, seq_len)
+    return TokenWindows(inputs.clone(), labels.clone())
+
+
+def pad_each(docs: list[list[int]], seq_len: int, eos_id: int, pad_id: int) -> TokenWindows:
+    """One window per document (+EOS), truncated to seq_len+1 tokens, padding ignored by the loss."""
+    inputs = torch.full((len(docs), seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(docs), seq_len), IGNORE_INDEX, dtype=torch.long)
+    for i, d in enumerate(docs):
+        ids = torch.tensor([*d, eos_id][: seq_len + 1], dtype=torch.long)
+        n = len(ids) - 1
+        if n <= 0:
+            continue
+        inputs[i, :n] = ids[:n]
+        labels[i, :n] = ids[1:]
+    keep = (labels != IGNORE_INDEX).any(dim=1)
+    return TokenWindows(inputs[keep], labels[keep])
+
+
+def _write_jsonl(path: Path, texts: list[str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    os.replace(tmp, path)
+
+
+def _config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def markov_settings(cfg: Any) -> dict[str, Any]:
+    defaults = dict(num_words=512, successors=12, zipf=1.1, mean_doc_words=200, train_tokens=1_000_000, eval_tokens=50_000, seed=0)
+    given = OmegaConf.to_container(cfg.markov) if OmegaConf.is_config(cfg.markov) else dict(cfg.markov)
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise DataError(f"data.markov has unknown keys {sorted(unknown)}; valid keys: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def materialize_embedded(cfg: Any, cache_dir: Path) -> tuple[dict[str, str], float]:
+    """Write the embedded corpus as jsonl files (once) and return them with the source's entropy rate."""
+    m = markov_settings(cfg)
+    source = markov.build_source(
+        num_words=m["num_words"], successors=m["successors"], zipf=m["zipf"], mean_doc_words=m["mean_doc_words"], seed=m["seed"]
+    )
+    out = cache_dir / f"embedded-{_config_hash(m)}"
+    files = {"train": str(out / "train.jsonl"), "eval": str(out / "eval.jsonl")}
+    if not all(Path(f).exists() for f in files.values()):
+        out.mkdir(parents=True, exist_ok=True)
+        _write_jsonl(Path(files["train"]), markov.sample_documents(source, m["train_tokens"], seed=m["seed"] + 1))
+        _write_jsonl(Path(files["eval"]), markov.sample_documents(source, m["eval_tokens"], seed=m["seed"] + 2))
+    return files, markov.entropy_rate(source)
+
+
+def materialize_pydoc(eval_fraction: float, cache_dir: Path) -> dict[str, str]:
+    """CPython's pydoc topic pages, sorted by key; the last `eval_fraction` of them held out."""
+    from pydoc_data.topics import topics
+
+    texts = [topics[k].strip() for k in sorted(topics)]
+    texts = [t for t in texts if t]
+    num_eval = max(1, round(len(texts) * eval_fraction))
+    out = cache_dir / f"pydoc-{_config_hash([len(texts), eval_fraction])}"
+    files = {"train": str(out / "train.jsonl"), "eval": str(out / "eval.jsonl")}
+    if not all(Path(f).exists() for f in files.values()):
+        out.mkdir(parents=True, exist_ok=True)
+        _write_jsonl(Path(files["train"]), texts[:-num_eval])
+        _write_jsonl(Path(files["eval"]), texts[-num_eval:])
+    return files
+
+
+def load_splits(cfg: Any, cache_dir: Path) -> tuple[Any, Any, float | None]:
+    """The train and eval splits as HF datasets, and the entropy floor when the source has one."""
+    import datasets
+
+    floor = None
+    eval_split = cfg.eval_split
+    if cfg.source == "embedded":
+        files, floor = materialize_embedded(cfg, cache_dir)
+        ds = datasets.load_dataset("json", data_files=files)
+        train_split, eval_split = "train", "eval"
+    elif cfg.source == "pydoc":
+        files = materialize_pydoc(cfg.eval_fraction, cache_dir)
+        ds = datasets.load_dataset("json", data_files=files)
+        train_split, eval_split = "train", "eval"
+    else:
+        path, data_files = cfg.path, cfg.data_files
+        if OmegaConf.is_config(data_files):
+            data_files = OmegaConf.to_container(data_files)
+        if path is None:
+            if not data_files:
+                raise DataError("data.source=hf needs data.path (a hub dataset) or data.data_files (local files)")
+            first = data_files if isinstance(data_files, str) else next(iter(data_files.values() if isinstance(data_files, dict) else data_files))
+            first = first if isinstance(first, str) else first[0]
+            ext = Path(first.removesuffix(".gz")).suffix
+            if ext not in _BUILDERS:
+                raise DataError(f"cannot tell the format of {first!r}; set data.path to one of json, parquet, text, csv")
+            path = _BUILDERS[ext]
+        ds = datasets.load_dataset(path, cfg.name, data_files=data_files)
+        train_split = cfg.train_split
+        if train_split not in ds:
+            raise DataError(f"dataset {path!r} has no split {train_split!r}; its splits: {list(ds)}; set data.train_split")
+        if eval_split is not None and eval_split not in ds:
+            raise DataError(f"dataset {path!r} has no split {eval_split!r}; its splits: {list(ds)}; set data.eval_split or null")
+    train = ds[train_split]
+    if eval_split is None:
+        if len(train) < 2:
+            raise DataError(f"the train split has {len(train)} document(s); at least 2 are needed to hold out an eval split")
+        parts = train.train_test_split(test_size=cfg.eval_fraction, seed=0, shuffle=True)
+        train, evals = parts["train"], parts["test"]
+    else:
+        evals = ds[eval_split]
+    for name, split in (("train", train), ("eval", evals)):
+        if cfg.text_field not in split.column_names:
+            raise DataError(
+                f"the {name} split has no text field {cfg.text_field!r}; its columns: {split.column_names}; "
+                "set data.text_field to the column holding the text"
+            )
+        if len(split) == 0:
+            raise DataError(f"the {name} split is empty; point data at a dataset with documents")
+    return train, evals, floor
+
+
+def tokenize(split: Any, tokenizer: Any, text_field: str, num_proc: int) -> list[list[int]]:
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        texts = [t if isinstance(t, str) else "" for t in batch[text_field]]
+        return {"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"]}
+
+    out = split.map(encode, batched=True, remove_columns=split.column_names, num_proc=num_proc if num_proc > 1 else None)
+    return [ids for ids in out["input_ids"] if ids]
+
+
+def build_tokenizer(cfg: Any, train_split: Any, tokenizer_dir: Path, model_name_or_path: str | None, trust_remote_code: bool) -> Any:
+    """The run's tokenizer: reloaded from the run directory if it was built before, so a resume uses the same one."""
+    choice = cfg.tokenizer
+    if choice in ("wordlevel", "bpe"):
+        if (tokenizer_dir / "tokenizer.json").exists():
+            return load_tokenizer(str(tokenizer_dir))
+        texts = (t for t in train_split[cfg.text_field] if isinstance(t, str))
+        tok = build_wordlevel_tokenizer(texts) if choice == "wordlevel" else build_bpe_tokenizer(texts, cfg.tokenizer_vocab_size)
+        tokenizer_dir.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(str(tokenizer_dir))
+        return tok
+    name = choice or model_name_or_path
+    if not name:
+        raise DataError(
+            "data.tokenizer is null and the model has no name_or_path to take a tokenizer from; "
+            "set data.tokenizer=bpe (build one from the data) or a tokenizer name/path"
+        )
+    return load_tokenizer(name, trust_remote_code=trust_remote_code)
+
+
+def build_data(
+    cfg: Any,
+    *,
+    run_dir: Path,
+    model_name_or_path: str | None = None,
+    trust_remote_code: bool = False,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> Data:
+    """Load, tokenize and pack. Rank 0 writes generated files and the tokenizer first; the others then read them."""
+    cache_dir = Path(cfg.cache_dir) if os.path.isabs(cfg.cache_dir) else run_dir / cfg.cache_dir
+    tokenizer_dir = run_dir / "tokenizer"
+    if is_main:
+        train, evals, floor = load_splits(cfg, cache_dir)
+        tokenizer = build_tokenizer(cfg, train, tokenizer_dir, model_name_or_path, trust_remote_code)
+    barrier()
+    if not is_main:
+        train, evals, floor = load_splits(cfg, cache_dir)
+        tokenizer = build_tokenizer(cfg, train, tokenizer_dir, model_name_or_path, trust_remote_code)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    windows = []
+    for split in (train, evals):
+        docs = tokenize(split, tokenizer, cfg.text_field, cfg.num_proc)
+        windows.append(pack(docs, cfg.seq_len, eos) if cfg.packing else pad_each(docs, cfg.seq_len, eos, pad))
+    return Data(tokenizer=tokenizer, train=windows[0], eval=windows[1], entropy_floor=floor)

@@ -1,0 +1,54 @@
+"""Tokenizers: built from the training text (saved with the run) or loaded with AutoTokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<|unk|>"
+
+
+def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+
+
+def build_wordlevel_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """One token per whitespace-separated word, in order of first appearance (deterministic)."""
+    vocab = {PAD: 0, EOS: 1, UNK: 2}
+    for text in texts:
+        for word in text.split():
+            if word not in vocab:
+                vocab[word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return _wrap(tok)
+
+
+def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the given texts (GPT-2 style: every byte representable, no unknowns)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, EOS, UNK],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return _wrap(tok)
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer {name_or_path!r} has no EOS token, which packing puts between documents; "
+            "pick a tokenizer with one, or build one with data.tokenizer=bpe"
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok

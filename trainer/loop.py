@@ -1,0 +1,246 @@
+"""The one training loop. Strategies, losses and (later) precision and pruning plug in through small interfaces."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from trainer import checkpoint as ckpt
+from trainer.config import ConfigError, validate_config
+from trainer.data import DataError, SampleOrder, build_data, rank_micro_batches
+from trainer.distributed import ParallelEnv, all_reduce_max, all_reduce_sum, barrier, init_distributed
+from trainer.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
+from trainer.models import CausalLMWithLoss, build_model, count_params, flops_per_token, max_seq_len
+from trainer.optim import build_optimizer, lr_factor, set_lr
+from trainer.strategy import build_strategy
+from trainer.utils import resolve_device, resolve_dtype
+
+
+class Trainer:
+    def __init__(self, cfg: Any, *, run_dir: Path, env: ParallelEnv) -> None:
+        self.cfg, self.run_dir, self.env = cfg, run_dir, env
+        t = cfg.train
+        self.grad_accum = validate_config(cfg, world_size=env.world_size)
+        self.device = resolve_device(t.device, env.local_rank)
+        init_distributed(env, backend=cfg.strategy.backend, device=self.device)
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+
+        self.data = build_data(
+            cfg.data,
+            run_dir=run_dir,
+            model_name_or_path=cfg.model.name_or_path,
+            trust_remote_code=cfg.model.trust_remote_code,
+            is_main=env.is_main,
+            barrier=barrier,
+        )
+        if len(self.data.train) < t.global_batch_size:
+            raise DataError(
+                f"the training data gives {len(self.data.train)} sequences of data.seq_len={cfg.data.seq_len} tokens, "
+                f"fewer than one global batch (train.global_batch_size={t.global_batch_size}); "
+                "lower data.seq_len or the batch size, or add data"
+            )
+        if len(self.data.eval) == 0:
+            raise DataError(f"the eval split gives no sequence of data.seq_len={cfg.data.seq_len} tokens; lower data.seq_len or add eval data")
+
+        torch.manual_seed(t.seed)  # identical init on every rank
+        model = build_model(cfg.model, vocab_size=len(self.data.tokenizer), dtype=resolve_dtype(t.dtype))
+        limit = max_seq_len(model)
+        if limit is not None and cfg.data.seq_len > limit:
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's maximum of {limit} positions; use data.seq_len<={limit}")
+        if t.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        self.hf_model = model
+        self.num_params = count_params(model)
+        self.flops_per_token = flops_per_token(model, cfg.data.seq_len)
+
+        self.strategy = build_strategy(cfg.strategy, env, self.device)
+        module = CausalLMWithLoss(model, loss_chunk_size=t.loss_chunk_size)
+        self.module, self.optimizer = self.strategy.setup(module, lambda m: build_optimizer(cfg.optimizer, m, device=self.device))
+        if t.compile:
+            self.module.compile()  # in place: state-dict keys stay as they are
+        torch.manual_seed(t.seed + env.rank)  # dropout differs per rank, reproducibly
+
+        self.order = SampleOrder(len(self.data.train), seed=t.seed)
+        self.step = 0
+        self.tokens_seen = 0
+        self.ckpt_root = run_dir / "checkpoints"
+        resume_from = ckpt.resolve_resume(cfg.resume, self.ckpt_root)
+        if resume_from is not None:
+            state = ckpt.load_checkpoint(resume_from, module=self.module, optimizer=self.optimizer, env=env)
+            self.step = state["step"]
+            self.tokens_seen = state["tokens_seen"]
+            self.order.load_state_dict(state["data"])
+        self.resumed_from = resume_from
+        self.peak = peak_flops(self.device, cfg.metrics.peak_flops)
+        self.log = MetricsLog(run_dir / "metrics.jsonl", enabled=env.is_main)
+
+    # ---- steps -------------------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        s = self.cfg.scheduler
+        factor = lr_factor(
+            step,
+            name=s.name,
+            warmup_steps=s.warmup_steps,
+            decay_steps=s.decay_steps or self.cfg.train.max_steps,
+            min_lr_ratio=s.min_lr_ratio,
+        )
+        return self.cfg.optimizer.lr * factor
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over a global batch: accumulate micro-batches, clip, step."""
+        t = self.cfg.train
+        global_indices = self.order.take(t.global_batch_size)
+        micro = rank_micro_batches(global_indices, micro_batch_size=t.micro_batch_size, rank=self.env.rank, world_size=self.env.world_size)
+        batches = [self.data.train.batch(idx) for idx in micro]
+        # The loss is the mean over every target token of the global batch, whatever the padding per micro-batch.
+        local_targets = sum(int((labels != -100).sum()) for _, labels in batches)
+        num_targets = int(all_reduce_sum(torch.tensor(local_targets, dtype=torch.long)).item())
+        # DDP averages gradients over ranks; scale up so the result is the global-batch mean.
+        num_targets_per_rank = num_targets / self.env.world_size if self.strategy.name != "single" else num_targets
+
+        lr = self.lr_at(self.step)
+        set_lr(self.optimizer, lr)
+        self.module.train()
+        loss_sum = torch.zeros((), dtype=torch.float32)
+        for i, (inputs, labels) in enumerate(batches):
+            with self.strategy.accumulation_context(self.module, sync=i == len(batches) - 1):
+                loss = self.module(inputs.to(self.device), labels.to(self.device), num_targets=num_targets_per_rank)
+                loss.backward()
+            loss_sum += loss.detach().float().cpu()
+        grad_norm = self.strategy.clip_grad_norm(self.module, t.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len
+        # Each rank's loss_sum is its share of the global mean x world_size (DDP scaling): average it back.
+        loss_value = all_reduce_sum(loss_sum).item() / self.env.world_size
+        return {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean token loss and perplexity over the eval split (or its first eval_batches batches), all ranks."""
+        t = self.cfg.train
+        self.module.eval()
+        n = len(self.data.eval)
+        if t.eval_batches > 0:
+            n = min(n, t.eval_batches * t.micro_batch_size)
+        mine = torch.arange(self.env.rank, n, self.env.world_size)
+        totals = torch.zeros(2, dtype=torch.float64)
+        model = self.strategy.unwrap(self.module)
+        for chunk in mine.split(t.micro_batch_size):
+            inputs, labels = self.data.eval.batch(chunk)
+            totals[0] += float(model(inputs.to(self.device), labels.to(self.device), num_targets=1))
+            totals[1] += int((labels != -100).sum())
+        all_reduce_sum(totals)
+        loss = (totals[0] / totals[1]).item()
+        out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        if self.data.entropy_floor is not None:
+            out["entropy_floor"] = self.data.entropy_floor
+        return out
+
+    def save(self) -> Path:
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.order.state_dict()}
+        return ckpt.save_checkpoint(
+            self.ckpt_root, module=self.module, optimizer=self.optimizer, trainer_state=state, env=self.env, keep_last=self.cfg.checkpoint.keep_last
+        )
+
+    # ---- the loop ----------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        t, c = self.cfg.train, self.cfg.checkpoint
+        main = self.env.is_main
+        if main:
+            self._print_header()
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (main and t.progress_bar), dynamic_ncols=True, desc="train")
+        window_start, window_tokens = time.perf_counter(), 0
+        run_start = time.perf_counter()
+        start_step, start_tokens = self.step, self.tokens_seen
+        last: dict[str, Any] = {}
+        evaluation: dict[str, float] = {}
+        while self.step < t.max_steps:
+            stats = self.train_step()
+            window_tokens += t.global_batch_size * self.cfg.data.seq_len
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                tokens_per_s = window_tokens / elapsed
+                peak_mem = int(all_reduce_max(torch.tensor(peak_memory_bytes(self.device))).item())
+                last = {
+                    "step": self.step,
+                    **stats,
+                    "tokens": self.tokens_seen,
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, self.env.world_size),
+                    "peak_mem_bytes": peak_mem,
+                }
+                self.log.write(last)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                window_start, window_tokens = time.perf_counter(), 0
+            at_end = self.step == t.max_steps
+            if (t.eval_every and self.step % t.eval_every == 0) or at_end:
+                evaluation = self.evaluate()
+                self.log.write({"step": self.step, **evaluation})
+                if main:
+                    bar.write(self._format_eval(evaluation))
+            if (c.every_steps and self.step % c.every_steps == 0) or (at_end and c.at_end):
+                self.save()
+        bar.close()
+        if not evaluation:  # nothing trained this run (already complete): still report where it stands
+            evaluation = self.evaluate()
+        if t.export_hf:
+            ckpt.export_hf(self.run_dir / "hf", module=self.module, hf_model=self.hf_model, tokenizer=self.data.tokenizer, env=self.env)
+        seconds = time.perf_counter() - run_start
+        tokens = self.tokens_seen - start_tokens
+        summary = {
+            "steps": self.step - start_step,
+            "final_step": self.step,
+            "train_loss": last.get("loss"),
+            **evaluation,
+            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "seconds": seconds,
+        }
+        summary["mfu"] = mfu(summary["tokens_per_s"], self.flops_per_token, self.peak, self.env.world_size)
+        if main:
+            self._print_summary(summary)
+        self.log.close()
+        return summary
+
+    # ---- console -----------------------------------------------------------------------------------
+
+    def _print_header(self) -> None:
+        t = self.cfg.train
+        resumed = f", resumed from {self.resumed_from}" if self.resumed_from else ""
+        print(
+            f"run dir {self.run_dir}{resumed}\n"
+            f"model {self.num_params / 1e6:.2f}M params, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
+            f"data {len(self.data.train)} train / {len(self.data.eval)} eval sequences of {self.cfg.data.seq_len} tokens; "
+            f"{self.env.world_size} rank(s) x {t.micro_batch_size} x {self.grad_accum} accumulation = {t.global_batch_size} sequences/step; "
+            f"strategy {self.strategy.name} on {self.device.type}; peak {self.peak / 1e9:.0f} GFLOP/s per device",
+            flush=True,
+        )
+
+    @staticmethod
+    def _format_eval(e: dict[str, float]) -> str:
+        text = f"eval: loss {e['eval_loss']:.4f}, ppl {e['eval_ppl']:.2f}"
+        if "entropy_floor" in e:
+            text += f" (source entropy floor {e['entropy_floor']:.4f}, gap {e['eval_loss'] - e['entropy_floor']:.4f})"
+        return text
+
+    def _print_summary(self, s: dict[str, Any]) -> None:
+        lines = [
+            f"done: {s['steps']} steps this run (step {s['final_step']}) in {s['seconds']:.1f}s, "
+            f"{s['tokens_per_s']:,.0f} tokens/s, MFU {100 * s['mfu']:.1f}%",
+            self._format_eval(s),
+            f"outputs: {self.run_dir / 'metrics.jsonl'}, {self.ckpt_root}"
+            + (f", {self.run_dir / 'hf'}" if self.cfg.train.export_hf else ""),
+        ]
+        print("\n".join(lines), flush=True)

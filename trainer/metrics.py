@@ -1,0 +1,82 @@
+"""Throughput, MFU, memory and the metrics.jsonl log."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) of known GPUs, from the vendors' data sheets.
+GPU_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+}
+
+_cpu_peak_cache: float | None = None
+
+
+def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+    """Peak fp32 FLOP/s of this CPU as a square matmul reaches it (best of a few runs, after a warm-up)."""
+    global _cpu_peak_cache
+    if _cpu_peak_cache is None:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        _cpu_peak_cache = 2.0 * size**3 / best
+    return _cpu_peak_cache
+
+
+def peak_flops(device: torch.device, configured: float | None) -> float:
+    """Per-device peak for MFU: the configured value, a known GPU's data sheet, or the CPU probe."""
+    if configured:
+        return float(configured)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+        raise ValueError(f"unknown GPU {name!r} for MFU: set metrics.peak_flops to its peak FLOP/s")
+    return measure_cpu_peak_flops()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this rank: allocated CUDA memory, or the process's max resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float, num_devices: int) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices."""
+    return tokens_per_s * flops_per_token / (peak * num_devices)
+
+
+class MetricsLog:
+    """Appends one JSON object per record to metrics.jsonl (only where `enabled`, i.e. on rank 0)."""
+
+    def __init__(self, path: Path, *, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+        self._file = open(path, "a") if enabled else None  # noqa: SIM115 - held open for the run
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

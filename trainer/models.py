@@ -1,0 +1,114 @@
+"""Models: any AutoModelForCausalLM (from a config, a hub name, a local path or a GGUF file), and its FLOPs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from trainer.loss import causal_lm_loss
+from trainer.utils import require
+
+
+def _arch_dict(cfg: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg.arch) if OmegaConf.is_config(cfg.arch) else dict(cfg.arch)
+
+
+def build_model_config(cfg: Any, *, vocab_size: int | None = None) -> PretrainedConfig:
+    """The transformers config of a model built from scratch; vocab_size comes from the tokenizer."""
+    arch = _arch_dict(cfg)
+    if cfg.name_or_path:
+        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **arch)
+    else:
+        model_type = arch.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("model.arch needs model_type (e.g. llama) when model.name_or_path is null")
+        config = AutoConfig.for_model(model_type, **arch)
+    if vocab_size is not None:
+        config.vocab_size = -(-vocab_size // 64) * 64  # multiple of 64: faster matmuls, spare ids unused
+    return config
+
+
+def build_model(cfg: Any, *, vocab_size: int | None = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A causal LM as the model config says; random init uses the current torch seed."""
+    if cfg.source == "pretrained":
+        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code, "dtype": dtype, **_arch_dict(cfg)}
+        if cfg.gguf_file:
+            require("gguf", extra="gguf")
+            kwargs["gguf_file"] = cfg.gguf_file
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    else:
+        config = build_model_config(cfg, vocab_size=vocab_size)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
+        raise ValueError(
+            f"the tokenizer has {vocab_size} tokens but the model's embedding has "
+            f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer (data.tokenizer=null)"
+        )
+    return model
+
+
+def max_seq_len(model: PreTrainedModel) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def supports_fused_loss(model: PreTrainedModel) -> bool:
+    """The fused loss needs logits = lm_head(final hidden state): no soft-capping, scaling or extra heads."""
+    c = model.config
+    if getattr(c, "final_logit_softcapping", None) or getattr(c, "logit_scale", None) not in (None, 1, 1.0):
+        return False
+    head = model.get_output_embeddings()
+    return isinstance(head, nn.Linear) and hasattr(model, "base_model") and model.base_model is not model
+
+
+class CausalLMWithLoss(nn.Module):
+    """The module strategies wrap: decoder forward plus a cross-entropy that never holds the full logits.
+
+    Computing the loss inside one module's forward keeps every parameter use (LM head included) within the
+    hooks that DDP and FSDP install, whichever loss path is taken.
+    """
+
+    def __init__(self, model: PreTrainedModel, *, loss_chunk_size: int = 2048) -> None:
+        super().__init__()
+        self.model = model
+        self.fused = loss_chunk_size > 0 and supports_fused_loss(model)
+        self.loss_chunk_size = loss_chunk_size
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, num_targets: int | None = None) -> torch.Tensor:
+        """Sum of token cross-entropies divided by `num_targets` (the global batch's count), or the mean."""
+        if self.fused:
+            hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+            head = self.model.get_output_embeddings()
+            return causal_lm_loss(hidden, head.weight, head.bias, labels, chunk_size=self.loss_chunk_size, num_targets=num_targets)
+        logits = self.model(input_ids=input_ids, use_cache=False).logits
+        return causal_lm_loss(logits, None, None, labels, chunk_size=0, num_targets=num_targets)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
+    """Training FLOPs per token, forward plus backward (the PaLM appendix-B count).
+
+    6 * N for every weight used in a matrix multiply (all parameters except the input embedding table,
+    whose lookup is free; the LM head counts even when tied to it), plus 12 * layers * attention width *
+    seq_len for the attention scores and the weighted sum (2 matmuls, x2 for multiply-add, x3 for the
+    backward), with no discount for the causal mask. Norms, activations and softmax are not counted.
+    """
+    c = model.config
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    n = count_params(model) - embed.numel()
+    if head is not None and head.weight is embed:
+        n += embed.numel()
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return 6.0 * n + 12.0 * c.num_hidden_layers * heads * head_dim * seq_len

@@ -1,0 +1,29 @@
+"""Entry point: `python -m trainer.train [hydra overrides]` (also under torchrun)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from trainer.config import register_configs
+from trainer.distributed import destroy, read_env
+from trainer.loop import Trainer
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register_configs()
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        Trainer(cfg, run_dir=run_dir, env=read_env()).train()
+    finally:
+        destroy()
+
+
+if __name__ == "__main__":
+    main()
