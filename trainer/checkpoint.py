@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,9 @@ def save_checkpoint(
         tmp.mkdir()
     barrier()
     model_sd, optim_sd = get_state_dict(module, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process is the intent
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{env.rank:05d}.pt")
     barrier()
@@ -148,7 +151,9 @@ def load_checkpoint(path: Path, *, module: nn.Module, optimizer: torch.optim.Opt
     """Restore model, optimizer and this rank's RNG in place; returns the saved loop state."""
     model_sd, optim_sd = get_state_dict(module, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / "rng" / f"rank_{env.rank:05d}.pt"
     if rng_file.is_file():

@@ -23,7 +23,8 @@ from trainer.utils import resolve_device, resolve_dtype
 
 class Trainer:
     def __init__(self, cfg: Any, *, run_dir: Path, env: ParallelEnv) -> None:
-        self.cfg, self.run_dir, self.env = cfg, run_dir, env
+        self.cfg, self.run_dir, self.env = cfg, Path(run_dir), env
+        run_dir = self.run_dir
         t = cfg.train
         self.grad_accum = validate_config(cfg, world_size=env.world_size)
         self.device = resolve_device(t.device, env.local_rank)

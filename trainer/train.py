@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -25,5 +26,12 @@ def main(cfg: DictConfig) -> None:
         destroy()
 
 
+def _quiet_secondary_ranks() -> None:
+    """Only rank 0 writes into the run directory: other ranks skip Hydra's .hydra/ files and job log."""
+    if int(read_env().rank) != 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
 if __name__ == "__main__":
+    _quiet_secondary_ranks()
     main()

@@ -139,6 +139,24 @@ def materialize_pydoc(eval_fraction: float, cache_dir: Path) -> dict[str, str]:
     return files
 
 
+def _check_local_files(data_files: Any) -> None:
+    """Missing or empty local files are named before `datasets` fails on them less clearly."""
+    import glob
+
+    if isinstance(data_files, dict):
+        patterns = [p for v in data_files.values() for p in ([v] if isinstance(v, str) else v)]
+    else:
+        patterns = [data_files] if isinstance(data_files, str) else list(data_files)
+    for pattern in patterns:
+        if "://" in pattern:
+            continue
+        matches = glob.glob(os.path.expanduser(pattern))
+        if not matches:
+            raise DataError(f"data.data_files: {pattern!r} matches no file; check the path")
+        if all(os.path.getsize(m) == 0 for m in matches):
+            raise DataError(f"data.data_files: {pattern!r} is empty; point data at files with documents")
+
+
 def load_splits(cfg: Any, cache_dir: Path) -> tuple[Any, Any, float | None]:
     """The train and eval splits as HF datasets, and the entropy floor when the source has one."""
     import datasets
@@ -166,7 +184,12 @@ def load_splits(cfg: Any, cache_dir: Path) -> tuple[Any, Any, float | None]:
             if ext not in _BUILDERS:
                 raise DataError(f"cannot tell the format of {first!r}; set data.path to one of json, parquet, text, csv")
             path = _BUILDERS[ext]
-        ds = datasets.load_dataset(path, cfg.name, data_files=data_files)
+        if data_files:
+            _check_local_files(data_files)
+        try:
+            ds = datasets.load_dataset(path, cfg.name, data_files=data_files)
+        except StopIteration as e:  # what `datasets` raises on a file with no rows
+            raise DataError(f"data.data_files={data_files}: no documents could be read; the data is empty") from e
         train_split = cfg.train_split
         if train_split not in ds:
             raise DataError(f"dataset {path!r} has no split {train_split!r}; its splits: {list(ds)}; set data.train_split")

@@ -1,0 +1,70 @@
+"""Shared helpers: compose the real configs with overrides, and tiny settings that keep tests fast."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from trainer.config import register_configs
+from trainer.train import CONF_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+# A ~50k-parameter Llama; a step takes milliseconds.
+TINY_MODEL = [
+    "model.arch.hidden_size=32",
+    "model.arch.intermediate_size=64",
+    "model.arch.num_hidden_layers=2",
+    "model.arch.num_attention_heads=2",
+    "model.arch.num_key_value_heads=2",
+]
+TINY_LOOP = [
+    "data.seq_len=32",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    "train.max_steps=6",
+    "train.log_every=2",
+    "train.eval_every=0",
+    "train.progress_bar=false",
+    "checkpoint.every_steps=0",
+]
+# A small embedded corpus (64 words).
+TINY_MARKOV = [
+    "data.markov.num_words=64",
+    "data.markov.successors=4",
+    "data.markov.train_tokens=20000",
+    "data.markov.eval_tokens=2000",
+    "data.markov.mean_doc_words=40",
+]
+TINY = TINY_MODEL + TINY_LOOP + TINY_MARKOV
+
+register_configs()
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return list(TINY)
+
+
+def make_trainer(run_dir: Path, *overrides: str):
+    from trainer.distributed import ParallelEnv
+    from trainer.loop import Trainer
+
+    return Trainer(compose_config(*overrides), run_dir=run_dir, env=ParallelEnv())

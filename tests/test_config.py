@@ -1,0 +1,122 @@
+"""Every shipped config composes; bad input fails before training with a message naming the fix."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from trainer.config import ConfigError, validate_config
+from trainer.data import DataError
+from trainer.train import CONF_DIR
+from trainer.utils import MissingPackageError, require
+from tests.conftest import TINY, TINY_LOOP, TINY_MODEL, compose_config, make_trainer
+
+USER = TINY_MODEL + TINY_LOOP
+
+GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, p.stem) for g in GROUPS for p in sorted((Path(CONF_DIR) / g).glob("*.yaml"))],
+)
+def test_every_shipped_config_composes_and_validates(group, option):
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("model", "hf"):
+        overrides.append("model.name_or_path=some/model")
+    cfg = compose_config(*overrides)
+    assert validate_config(cfg) >= 1
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(ConfigCompositionException, match="micro_batch"):
+        compose_config("train.micro_batchsize=4")
+
+
+def test_unknown_group_option_is_refused():
+    with pytest.raises(ConfigCompositionException, match="nosuch"):
+        compose_config("optimizer=nosuch")
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)):
+        compose_config("optimizer.lr=fast")
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ("train.micro_batch_size=0", "train.micro_batch_size=0"),
+        ("train.global_batch_size=-8", "train.global_batch_size=-8"),
+        ("optimizer.lr=0", "optimizer.lr=0"),
+        ("optimizer.lr=-1e-3", "learning rate"),
+        ("scheduler.warmup_steps=-1", "scheduler.warmup_steps"),
+        ("train.global_batch_size=12", "not divisible"),
+        ("model.source=pretrained", "model.name_or_path"),
+    ],
+)
+def test_bad_values_name_the_key(override, fragment):
+    cfg = compose_config("train.micro_batch_size=8", "train.global_batch_size=16", override)
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("+", r"\+")):
+        validate_config(cfg)
+
+
+def test_global_batch_must_divide_over_ranks():
+    cfg = compose_config("train.micro_batch_size=4", "train.global_batch_size=8")
+    assert validate_config(cfg, world_size=2) == 1
+    with pytest.raises(ConfigError, match="world size 3"):
+        validate_config(cfg, world_size=3)
+
+
+def test_sequence_longer_than_the_model_allows(tmp_path):
+    with pytest.raises(ConfigError, match="model's maximum of 16"):
+        make_trainer(tmp_path, *TINY, "model.arch.max_position_embeddings=16")
+
+
+def test_too_little_data_for_one_global_batch(tmp_path):
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        make_trainer(tmp_path, *TINY, "data.markov.train_tokens=300", "train.global_batch_size=16")
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_empty_dataset(tmp_path):
+    f = tmp_path / "empty.jsonl"
+    f.write_text("")
+    with pytest.raises(Exception, match="(?i)empty|no data|split"):
+        make_trainer(tmp_path / "run", *USER, "data=hf", f"data.data_files={f}", "data.tokenizer=wordlevel")
+
+
+def test_missing_text_field_lists_the_columns(tmp_path):
+    f = _jsonl(tmp_path / "d.jsonl", [{"content": f"words {i}"} for i in range(50)])
+    with pytest.raises(DataError, match=r"no text field 'text'.*content"):
+        make_trainer(tmp_path / "run", *USER, "data=hf", f"data.data_files={f}", "data.tokenizer=wordlevel")
+
+
+def test_user_jsonl_data_trains(tmp_path):
+    rows = [{"body": " ".join(f"w{(i * 7 + j) % 50}" for j in range(40))} for i in range(200)]
+    f = _jsonl(tmp_path / "d.jsonl", rows)
+    trainer = make_trainer(tmp_path / "run", *USER, "data=hf", f"data.data_files={f}", "data.text_field=body", "data.tokenizer=wordlevel")
+    summary = trainer.train()
+    assert summary["final_step"] == 6 and summary["eval_loss"] < 10
+
+
+def test_tokenizer_needed_when_model_has_none(tmp_path):
+    f = _jsonl(tmp_path / "d.jsonl", [{"text": f"words {i}"} for i in range(50)])
+    with pytest.raises(DataError, match="data.tokenizer=bpe"):
+        make_trainer(tmp_path / "run", *USER, "data=hf", f"data.data_files={f}")
+
+
+def test_missing_optional_package_names_the_extra():
+    with pytest.raises(MissingPackageError, match=r"pip install 'trainer\[gguf\]'"):
+        require("a_package_that_does_not_exist", extra="gguf")
+
+
+def test_ddp_alone_says_how_to_launch(tmp_path):
+    with pytest.raises(ConfigError, match="torchrun"):
+        make_trainer(tmp_path, *TINY, "strategy=ddp")
