@@ -323,7 +323,6 @@ def worker_main(spec_path: Path, result_path: Path) -> None:
 def tokenizer_corpus(num_chars: int) -> list[str]:
     """pydoc's topic pages, then the standard library's sources (sorted), up to about num_chars characters."""
     import sysconfig
-
     from pydoc_data.topics import topics
 
     texts = [topics[k] for k in sorted(topics)]

@@ -6,8 +6,8 @@ import textwrap
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.checkpoint import complete_checkpoints, resolve_resume
 from tests.conftest import PYTHON, ROOT, TINY, make_trainer, subprocess_env
+from trainer.checkpoint import complete_checkpoints, resolve_resume
 
 EXACT = [*TINY, "scheduler=constant", "optimizer.weight_decay=0.1", "train.export_hf=false"]
 
@@ -62,7 +62,13 @@ KILL_DURING_SAVE = textwrap.dedent(
 
 def test_a_save_killed_half_way_leaves_the_previous_checkpoint_loadable(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.run([PYTHON, "-c", KILL_DURING_SAVE, str(run)], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [PYTHON, "-c", KILL_DURING_SAVE, str(run)],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     root = run / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000002"
@@ -77,8 +83,13 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_loadable(tmp_path
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path):
-    make_trainer(tmp_path, *TINY, "train.max_steps=6", "checkpoint.every_steps=1", "checkpoint.keep_last=2").train()
-    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step_00000005", "step_00000006"]
+    make_trainer(
+        tmp_path, *TINY, "train.max_steps=6", "checkpoint.every_steps=1", "checkpoint.keep_last=2"
+    ).train()
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == [
+        "step_00000005",
+        "step_00000006",
+    ]
 
 
 def test_hf_export_reloads_with_the_same_logits(tmp_path):

@@ -7,11 +7,11 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from tests.conftest import TINY, TINY_LOOP, TINY_MODEL, compose_config, make_trainer
 from trainer.config import ConfigError, validate_config
 from trainer.data import DataError
 from trainer.train import CONF_DIR
 from trainer.utils import MissingPackageError, require
-from tests.conftest import TINY, TINY_LOOP, TINY_MODEL, compose_config, make_trainer
 
 USER = TINY_MODEL + TINY_LOOP
 
@@ -101,7 +101,14 @@ def test_missing_text_field_lists_the_columns(tmp_path):
 def test_user_jsonl_data_trains(tmp_path):
     rows = [{"body": " ".join(f"w{(i * 7 + j) % 50}" for j in range(40))} for i in range(200)]
     f = _jsonl(tmp_path / "d.jsonl", rows)
-    trainer = make_trainer(tmp_path / "run", *USER, "data=hf", f"data.data_files={f}", "data.text_field=body", "data.tokenizer=wordlevel")
+    trainer = make_trainer(
+        tmp_path / "run",
+        *USER,
+        "data=hf",
+        f"data.data_files={f}",
+        "data.text_field=body",
+        "data.tokenizer=wordlevel",
+    )
     summary = trainer.train()
     assert summary["final_step"] == 6 and summary["eval_loss"] < 10
 

@@ -9,8 +9,13 @@ def test_flops_per_token_against_a_hand_count():
     d, ff, layers, heads, vocab, seq = 16, 48, 2, 4, 100, 32
     model = LlamaForCausalLM(
         LlamaConfig(
-            hidden_size=d, intermediate_size=ff, num_hidden_layers=layers, num_attention_heads=heads,
-            num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=False,
+            hidden_size=d,
+            intermediate_size=ff,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=2,
+            vocab_size=vocab,
+            tie_word_embeddings=False,
         )
     )
     kv = 2 * (d // heads)
@@ -21,7 +26,9 @@ def test_flops_per_token_against_a_hand_count():
 
 
 def test_tied_head_still_counts_as_a_matmul():
-    cfg = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    cfg = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+    )
     tied = LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=True))
     untied = LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=False))
     assert flops_per_token(tied, 8) == flops_per_token(untied, 8)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest import compose_config
 from trainer.config import ConfigError
 from trainer.optim import build_optimizer, lr_factor, param_groups
-from tests.conftest import compose_config
 
 
 def test_warmup_then_cosine_values_at_chosen_steps():

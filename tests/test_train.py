@@ -12,7 +12,9 @@ from tests.conftest import PYTHON, ROOT, TINY, subprocess_env
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([PYTHON, *args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [PYTHON, *args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -22,7 +24,14 @@ def records(path):
 
 
 def test_train_command_writes_metrics_checkpoints_and_hf_export(tmp_path):
-    out = run("-m", "trainer.train", *TINY, "train.eval_every=3", "checkpoint.every_steps=3", f"hydra.run.dir={tmp_path}")
+    out = run(
+        "-m",
+        "trainer.train",
+        *TINY,
+        "train.eval_every=3",
+        "checkpoint.every_steps=3",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert "done: 6 steps" in out.stdout and "entropy floor" in out.stdout
     lines = records(tmp_path / "metrics.jsonl")
     train = [r for r in lines if "loss" in r]
@@ -44,7 +53,16 @@ def test_cfg_job_prints_the_resolved_config():
 
 
 def test_multirun_runs_one_job_per_value(tmp_path):
-    run("-m", "trainer.train", "-m", *TINY, "train.max_steps=2", "scheduler=constant", "optimizer.lr=1e-3,2e-3", f"hydra.sweep.dir={tmp_path}")
+    run(
+        "-m",
+        "trainer.train",
+        "-m",
+        *TINY,
+        "train.max_steps=2",
+        "scheduler=constant",
+        "optimizer.lr=1e-3,2e-3",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     lrs = sorted(records(tmp_path / str(i) / "metrics.jsonl")[0]["lr"] for i in (0, 1))
     assert lrs == pytest.approx([1e-3, 2e-3])
 
@@ -59,8 +77,17 @@ def test_two_ddp_ranks_follow_the_single_process_loss(tmp_path):
     common = [*TINY, "train.max_steps=8", "scheduler=constant", "train.log_every=1", "train.export_hf=false"]
     run("-m", "trainer.train", *common, f"hydra.run.dir={tmp_path / 'single'}")
     run(
-        "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        "-m", "trainer.train", *common, "strategy=ddp", f"hydra.run.dir={tmp_path / 'ddp'}",
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "trainer.train",
+        *common,
+        "strategy=ddp",
+        f"hydra.run.dir={tmp_path / 'ddp'}",
     )
     single = [r["loss"] for r in records(tmp_path / "single" / "metrics.jsonl") if "loss" in r]
     ddp = [r["loss"] for r in records(tmp_path / "ddp" / "metrics.jsonl") if "loss" in r]

@@ -104,7 +104,9 @@ def save_checkpoint(
     barrier()
     model_sd, optim_sd = get_state_dict(module, optimizer)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process is the intent
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled"
+        )  # one process is the intent
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{env.rank:05d}.pt")
@@ -147,7 +149,9 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, env: ParallelEnv) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, env: ParallelEnv
+) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG in place; returns the saved loop state."""
     model_sd, optim_sd = get_state_dict(module, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
@@ -161,7 +165,15 @@ def load_checkpoint(path: Path, *, module: nn.Module, optimizer: torch.optim.Opt
     return json.loads((path / STATE_FILE).read_text())
 
 
-def export_hf(out_dir: Path, *, module: nn.Module, hf_model: nn.Module, tokenizer: Any, env: ParallelEnv, prefix: str = "model.") -> None:
+def export_hf(
+    out_dir: Path,
+    *,
+    module: nn.Module,
+    hf_model: nn.Module,
+    tokenizer: Any,
+    env: ParallelEnv,
+    prefix: str = "model.",
+) -> None:
     """A `save_pretrained` export (safetensors + config + tokenizer), gathered from however the model is spread.
 
     `module` is what the strategy wrapped; its full state dict is gathered to rank 0 on CPU and written

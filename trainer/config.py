@@ -201,28 +201,47 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
         value = getattr(t, key)
         _check(value > 0, f"train.{key}={value}: must be a positive integer, e.g. train.{key}=8")
     _check(t.eval_every >= 0, f"train.eval_every={t.eval_every}: must be >= 0 (0 evaluates only at the end)")
-    _check(t.eval_batches >= 0, f"train.eval_batches={t.eval_batches}: must be >= 0 (0 uses the whole eval split)")
+    _check(
+        t.eval_batches >= 0,
+        f"train.eval_batches={t.eval_batches}: must be >= 0 (0 uses the whole eval split)",
+    )
     _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
     _check(t.loss_chunk_size >= 0, f"train.loss_chunk_size={t.loss_chunk_size}: must be >= 0")
     _check(t.dtype in DTYPES, f"train.dtype={t.dtype}: choose one of {', '.join(DTYPES)}")
-    _check(cfg.optimizer.lr > 0, f"optimizer.lr={cfg.optimizer.lr}: the learning rate must be > 0, e.g. optimizer.lr=3e-4")
-    _check(cfg.optimizer.weight_decay >= 0, f"optimizer.weight_decay={cfg.optimizer.weight_decay}: must be >= 0")
+    _check(
+        cfg.optimizer.lr > 0,
+        f"optimizer.lr={cfg.optimizer.lr}: the learning rate must be > 0, e.g. optimizer.lr=3e-4",
+    )
+    _check(
+        cfg.optimizer.weight_decay >= 0, f"optimizer.weight_decay={cfg.optimizer.weight_decay}: must be >= 0"
+    )
     s = cfg.scheduler
     _check(s.name in SCHEDULERS, f"scheduler.name={s.name}: choose one of {', '.join(SCHEDULERS)}")
     _check(s.warmup_steps >= 0, f"scheduler.warmup_steps={s.warmup_steps}: must be >= 0")
-    _check(s.decay_steps is None or s.decay_steps > 0, f"scheduler.decay_steps={s.decay_steps}: must be > 0 or null")
+    _check(
+        s.decay_steps is None or s.decay_steps > 0,
+        f"scheduler.decay_steps={s.decay_steps}: must be > 0 or null",
+    )
     _check(0.0 <= s.min_lr_ratio <= 1.0, f"scheduler.min_lr_ratio={s.min_lr_ratio}: must be in [0, 1]")
     d = cfg.data
     _check(d.source in DATA_SOURCES, f"data.source={d.source}: choose one of {', '.join(DATA_SOURCES)}")
     _check(d.seq_len > 1, f"data.seq_len={d.seq_len}: must be at least 2")
     _check(0.0 < d.eval_fraction < 1.0, f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
-    _check(cfg.model.source in MODEL_SOURCES, f"model.source={cfg.model.source}: choose one of {', '.join(MODEL_SOURCES)}")
+    _check(
+        cfg.model.source in MODEL_SOURCES,
+        f"model.source={cfg.model.source}: choose one of {', '.join(MODEL_SOURCES)}",
+    )
     _check(
         cfg.model.source != "pretrained" or bool(cfg.model.name_or_path),
         "model.source=pretrained needs model.name_or_path (a hub name or a local directory)",
     )
-    _check(cfg.strategy.name in STRATEGIES, f"strategy.name={cfg.strategy.name}: choose one of {', '.join(STRATEGIES)}")
-    _check(cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps}: must be >= 0")
+    _check(
+        cfg.strategy.name in STRATEGIES,
+        f"strategy.name={cfg.strategy.name}: choose one of {', '.join(STRATEGIES)}",
+    )
+    _check(
+        cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps}: must be >= 0"
+    )
     _check(cfg.checkpoint.keep_last >= 0, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 0")
     per_step = t.micro_batch_size * world_size
     _check(

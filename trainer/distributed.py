@@ -31,7 +31,9 @@ def read_env(environ: dict[str, str] | None = None) -> ParallelEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         return ParallelEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
-        return ParallelEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+        return ParallelEnv(
+            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        )
     return ParallelEnv()
 
 

@@ -48,13 +48,17 @@ class Trainer:
                 "lower data.seq_len or the batch size, or add data"
             )
         if len(self.data.eval) == 0:
-            raise DataError(f"the eval split gives no sequence of data.seq_len={cfg.data.seq_len} tokens; lower data.seq_len or add eval data")
+            raise DataError(
+                f"the eval split gives no sequence of data.seq_len={cfg.data.seq_len} tokens; lower data.seq_len or add eval data"
+            )
 
         torch.manual_seed(t.seed)  # identical init on every rank
         model = build_model(cfg.model, vocab_size=len(self.data.tokenizer), dtype=resolve_dtype(t.dtype))
         limit = max_seq_len(model)
         if limit is not None and cfg.data.seq_len > limit:
-            raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's maximum of {limit} positions; use data.seq_len<={limit}")
+            raise ConfigError(
+                f"data.seq_len={cfg.data.seq_len} exceeds the model's maximum of {limit} positions; use data.seq_len<={limit}"
+            )
         if t.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -64,7 +68,9 @@ class Trainer:
 
         self.strategy = build_strategy(cfg.strategy, env, self.device)
         module = CausalLMWithLoss(model, loss_chunk_size=t.loss_chunk_size)
-        self.module, self.optimizer = self.strategy.setup(module, lambda m: build_optimizer(cfg.optimizer, m, device=self.device))
+        self.module, self.optimizer = self.strategy.setup(
+            module, lambda m: build_optimizer(cfg.optimizer, m, device=self.device)
+        )
         if t.compile:
             self.module.compile()  # in place: state-dict keys stay as they are
         torch.manual_seed(t.seed + env.rank)  # dropout differs per rank, reproducibly
@@ -100,13 +106,20 @@ class Trainer:
         """One optimizer step over a global batch: accumulate micro-batches, clip, step."""
         t = self.cfg.train
         global_indices = self.order.take(t.global_batch_size)
-        micro = rank_micro_batches(global_indices, micro_batch_size=t.micro_batch_size, rank=self.env.rank, world_size=self.env.world_size)
+        micro = rank_micro_batches(
+            global_indices,
+            micro_batch_size=t.micro_batch_size,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+        )
         batches = [self.data.train.batch(idx) for idx in micro]
         # The loss is the mean over every target token of the global batch, whatever the padding per micro-batch.
         local_targets = sum(int((labels != -100).sum()) for _, labels in batches)
         num_targets = int(all_reduce_sum(torch.tensor(local_targets, dtype=torch.long)).item())
         # DDP averages gradients over ranks; scale up so the result is the global-batch mean.
-        num_targets_per_rank = num_targets / self.env.world_size if self.strategy.name != "single" else num_targets
+        num_targets_per_rank = (
+            num_targets / self.env.world_size if self.strategy.name != "single" else num_targets
+        )
 
         lr = self.lr_at(self.step)
         set_lr(self.optimizer, lr)
@@ -114,7 +127,9 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32)
         for i, (inputs, labels) in enumerate(batches):
             with self.strategy.accumulation_context(self.module, sync=i == len(batches) - 1):
-                loss = self.module(inputs.to(self.device), labels.to(self.device), num_targets=num_targets_per_rank)
+                loss = self.module(
+                    inputs.to(self.device), labels.to(self.device), num_targets=num_targets_per_rank
+                )
                 loss.backward()
             loss_sum += loss.detach().float().cpu()
         grad_norm = self.strategy.clip_grad_norm(self.module, t.grad_clip)
@@ -151,7 +166,12 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.order.state_dict()}
         return ckpt.save_checkpoint(
-            self.ckpt_root, module=self.module, optimizer=self.optimizer, trainer_state=state, env=self.env, keep_last=self.cfg.checkpoint.keep_last
+            self.ckpt_root,
+            module=self.module,
+            optimizer=self.optimizer,
+            trainer_state=state,
+            env=self.env,
+            keep_last=self.cfg.checkpoint.keep_last,
         )
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -161,7 +181,13 @@ class Trainer:
         main = self.env.is_main
         if main:
             self._print_header()
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (main and t.progress_bar), dynamic_ncols=True, desc="train")
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            disable=not (main and t.progress_bar),
+            dynamic_ncols=True,
+            desc="train",
+        )
         window_start, window_tokens = time.perf_counter(), 0
         run_start = time.perf_counter()
         start_step, start_tokens = self.step, self.tokens_seen
@@ -198,7 +224,13 @@ class Trainer:
         if not evaluation:  # nothing trained this run (already complete): still report where it stands
             evaluation = self.evaluate()
         if t.export_hf:
-            ckpt.export_hf(self.run_dir / "hf", module=self.module, hf_model=self.hf_model, tokenizer=self.data.tokenizer, env=self.env)
+            ckpt.export_hf(
+                self.run_dir / "hf",
+                module=self.module,
+                hf_model=self.hf_model,
+                tokenizer=self.data.tokenizer,
+                env=self.env,
+            )
         seconds = time.perf_counter() - run_start
         tokens = self.tokens_seen - start_tokens
         summary = {

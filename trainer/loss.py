@@ -46,7 +46,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 if grad_bias is not None:
                     grad_bias += probs.sum(0)
         if need_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype), None if grad_bias is None else grad_bias.to(bias.dtype))
+            ctx.save_for_backward(
+                grad_hidden,
+                grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype),
+            )
         return loss * scale
 
     @staticmethod

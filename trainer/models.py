@@ -32,10 +32,16 @@ def build_model_config(cfg: Any, *, vocab_size: int | None = None) -> Pretrained
     return config
 
 
-def build_model(cfg: Any, *, vocab_size: int | None = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def build_model(
+    cfg: Any, *, vocab_size: int | None = None, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
     """A causal LM as the model config says; random init uses the current torch seed."""
     if cfg.source == "pretrained":
-        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code, "dtype": dtype, **_arch_dict(cfg)}
+        kwargs: dict[str, Any] = {
+            "trust_remote_code": cfg.trust_remote_code,
+            "dtype": dtype,
+            **_arch_dict(cfg),
+        }
         if cfg.gguf_file:
             require("gguf", extra="gguf")
             kwargs["gguf_file"] = cfg.gguf_file
@@ -81,12 +87,21 @@ class CausalLMWithLoss(nn.Module):
         self.fused = loss_chunk_size > 0 and supports_fused_loss(model)
         self.loss_chunk_size = loss_chunk_size
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, num_targets: int | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, num_targets: int | None = None
+    ) -> torch.Tensor:
         """Sum of token cross-entropies divided by `num_targets` (the global batch's count), or the mean."""
         if self.fused:
             hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
             head = self.model.get_output_embeddings()
-            return causal_lm_loss(hidden, head.weight, head.bias, labels, chunk_size=self.loss_chunk_size, num_targets=num_targets)
+            return causal_lm_loss(
+                hidden,
+                head.weight,
+                head.bias,
+                labels,
+                chunk_size=self.loss_chunk_size,
+                num_targets=num_targets,
+            )
         logits = self.model(input_ids=input_ids, use_cache=False).logits
         return causal_lm_loss(logits, None, None, labels, chunk_size=0, num_targets=num_targets)
 

@@ -38,7 +38,9 @@ def optimizer_kwargs(cfg: Any) -> tuple[type, dict[str, Any]]:
     try:
         cls = get_class(target)
     except Exception as e:
-        raise ConfigError(f"optimizer._target_={target}: cannot import it ({e}); give a class path like torch.optim.AdamW") from e
+        raise ConfigError(
+            f"optimizer._target_={target}: cannot import it ({e}); give a class path like torch.optim.AdamW"
+        ) from e
     kwargs = {k: v for k, v in settings.items() if k not in _OWN_KEYS}
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
@@ -46,7 +48,9 @@ def optimizer_kwargs(cfg: Any) -> tuple[type, dict[str, Any]]:
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))
         if unknown:
-            raise ConfigError(f"optimizer {target} takes no argument(s) {unknown}; it accepts {sorted(set(params) - {'self', 'params'})}")
+            raise ConfigError(
+                f"optimizer {target} takes no argument(s) {unknown}; it accepts {sorted(set(params) - {'self', 'params'})}"
+            )
     return cls, kwargs
 
 

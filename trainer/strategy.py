@@ -28,7 +28,9 @@ class SingleStrategy:
     def __init__(self, cfg: Any, env: ParallelEnv, device: torch.device) -> None:
         self.cfg, self.env, self.device = cfg, env, device
 
-    def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def setup(
+        self, module: nn.Module, make_optimizer: OptimizerFactory
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
         module = module.to(self.device)
         return module, make_optimizer(module)
 
@@ -50,7 +52,9 @@ class DDPStrategy(SingleStrategy):
 
     name = "ddp"
 
-    def setup(self, module: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def setup(
+        self, module: nn.Module, make_optimizer: OptimizerFactory
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
         if not self.env.distributed:
             raise ConfigError(
                 "strategy=ddp needs several ranks but this process is alone; launch with "

@@ -32,6 +32,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+            raise RuntimeError(
+                "train.device=cuda but no CUDA device is visible; use train.device=cpu or auto"
+            )
         return torch.device("cuda", local_rank)
     return torch.device(name)

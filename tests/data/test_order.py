@@ -31,7 +31,9 @@ def test_a_batch_crosses_the_epoch_boundary_without_skipping():
 def test_micro_batches_of_all_ranks_partition_the_global_batch():
     global_batch = torch.arange(100, 112)
     world = 3
-    parts = [rank_micro_batches(global_batch, micro_batch_size=2, rank=r, world_size=world) for r in range(world)]
+    parts = [
+        rank_micro_batches(global_batch, micro_batch_size=2, rank=r, world_size=world) for r in range(world)
+    ]
     assert all(len(p) == 2 for p in parts)  # 12 / (2 x 3) = 2 accumulation steps
     flat = sorted(torch.cat([t for p in parts for t in p]).tolist())
     assert flat == global_batch.tolist()

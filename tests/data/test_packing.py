@@ -2,9 +2,9 @@ import json
 
 import torch
 
+from tests.conftest import compose_config
 from trainer.data import IGNORE_INDEX, pack, pad_each
 from trainer.data.loading import load_splits
-from tests.conftest import compose_config
 
 
 def test_packing_keeps_every_token_once_and_predicts_the_next():
@@ -27,7 +27,9 @@ def test_padding_each_document_ignores_the_padding():
 def test_held_out_split_does_not_overlap_train(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"body": f"document number {i}"}) + "\n" for i in range(200)))
-    cfg = compose_config("data=hf", f"data.data_files={path}", "data.text_field=body", "data.eval_fraction=0.1")
+    cfg = compose_config(
+        "data=hf", f"data.data_files={path}", "data.text_field=body", "data.eval_fraction=0.1"
+    )
     train, evals, floor = load_splits(cfg.data, tmp_path)
     train_docs, eval_docs = set(train["body"]), set(evals["body"])
     assert floor is None

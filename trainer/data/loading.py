@@ -100,7 +100,15 @@ def _config_hash(obj: Any) -> str:
 
 
 def markov_settings(cfg: Any) -> dict[str, Any]:
-    defaults = dict(num_words=512, successors=12, zipf=1.1, mean_doc_words=200, train_tokens=1_000_000, eval_tokens=50_000, seed=0)
+    defaults = dict(
+        num_words=512,
+        successors=12,
+        zipf=1.1,
+        mean_doc_words=200,
+        train_tokens=1_000_000,
+        eval_tokens=50_000,
+        seed=0,
+    )
     given = OmegaConf.to_container(cfg.markov) if OmegaConf.is_config(cfg.markov) else dict(cfg.markov)
     unknown = set(given) - set(defaults)
     if unknown:
@@ -112,14 +120,22 @@ def materialize_embedded(cfg: Any, cache_dir: Path) -> tuple[dict[str, str], flo
     """Write the embedded corpus as jsonl files (once) and return them with the source's entropy rate."""
     m = markov_settings(cfg)
     source = markov.build_source(
-        num_words=m["num_words"], successors=m["successors"], zipf=m["zipf"], mean_doc_words=m["mean_doc_words"], seed=m["seed"]
+        num_words=m["num_words"],
+        successors=m["successors"],
+        zipf=m["zipf"],
+        mean_doc_words=m["mean_doc_words"],
+        seed=m["seed"],
     )
     out = cache_dir / f"embedded-{_config_hash(m)}"
     files = {"train": str(out / "train.jsonl"), "eval": str(out / "eval.jsonl")}
     if not all(Path(f).exists() for f in files.values()):
         out.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(Path(files["train"]), markov.sample_documents(source, m["train_tokens"], seed=m["seed"] + 1))
-        _write_jsonl(Path(files["eval"]), markov.sample_documents(source, m["eval_tokens"], seed=m["seed"] + 2))
+        _write_jsonl(
+            Path(files["train"]), markov.sample_documents(source, m["train_tokens"], seed=m["seed"] + 1)
+        )
+        _write_jsonl(
+            Path(files["eval"]), markov.sample_documents(source, m["eval_tokens"], seed=m["seed"] + 2)
+        )
     return files, markov.entropy_rate(source)
 
 
@@ -177,28 +193,44 @@ def load_splits(cfg: Any, cache_dir: Path) -> tuple[Any, Any, float | None]:
             data_files = OmegaConf.to_container(data_files)
         if path is None:
             if not data_files:
-                raise DataError("data.source=hf needs data.path (a hub dataset) or data.data_files (local files)")
-            first = data_files if isinstance(data_files, str) else next(iter(data_files.values() if isinstance(data_files, dict) else data_files))
+                raise DataError(
+                    "data.source=hf needs data.path (a hub dataset) or data.data_files (local files)"
+                )
+            first = (
+                data_files
+                if isinstance(data_files, str)
+                else next(iter(data_files.values() if isinstance(data_files, dict) else data_files))
+            )
             first = first if isinstance(first, str) else first[0]
             ext = Path(first.removesuffix(".gz")).suffix
             if ext not in _BUILDERS:
-                raise DataError(f"cannot tell the format of {first!r}; set data.path to one of json, parquet, text, csv")
+                raise DataError(
+                    f"cannot tell the format of {first!r}; set data.path to one of json, parquet, text, csv"
+                )
             path = _BUILDERS[ext]
         if data_files:
             _check_local_files(data_files)
         try:
             ds = datasets.load_dataset(path, cfg.name, data_files=data_files)
         except StopIteration as e:  # what `datasets` raises on a file with no rows
-            raise DataError(f"data.data_files={data_files}: no documents could be read; the data is empty") from e
+            raise DataError(
+                f"data.data_files={data_files}: no documents could be read; the data is empty"
+            ) from e
         train_split = cfg.train_split
         if train_split not in ds:
-            raise DataError(f"dataset {path!r} has no split {train_split!r}; its splits: {list(ds)}; set data.train_split")
+            raise DataError(
+                f"dataset {path!r} has no split {train_split!r}; its splits: {list(ds)}; set data.train_split"
+            )
         if eval_split is not None and eval_split not in ds:
-            raise DataError(f"dataset {path!r} has no split {eval_split!r}; its splits: {list(ds)}; set data.eval_split or null")
+            raise DataError(
+                f"dataset {path!r} has no split {eval_split!r}; its splits: {list(ds)}; set data.eval_split or null"
+            )
     train = ds[train_split]
     if eval_split is None:
         if len(train) < 2:
-            raise DataError(f"the train split has {len(train)} document(s); at least 2 are needed to hold out an eval split")
+            raise DataError(
+                f"the train split has {len(train)} document(s); at least 2 are needed to hold out an eval split"
+            )
         parts = train.train_test_split(test_size=cfg.eval_fraction, seed=0, shuffle=True)
         train, evals = parts["train"], parts["test"]
     else:
@@ -219,18 +251,26 @@ def tokenize(split: Any, tokenizer: Any, text_field: str, num_proc: int) -> list
         texts = [t if isinstance(t, str) else "" for t in batch[text_field]]
         return {"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"]}
 
-    out = split.map(encode, batched=True, remove_columns=split.column_names, num_proc=num_proc if num_proc > 1 else None)
+    out = split.map(
+        encode, batched=True, remove_columns=split.column_names, num_proc=num_proc if num_proc > 1 else None
+    )
     return [ids for ids in out["input_ids"] if ids]
 
 
-def build_tokenizer(cfg: Any, train_split: Any, tokenizer_dir: Path, model_name_or_path: str | None, trust_remote_code: bool) -> Any:
+def build_tokenizer(
+    cfg: Any, train_split: Any, tokenizer_dir: Path, model_name_or_path: str | None, trust_remote_code: bool
+) -> Any:
     """The run's tokenizer: reloaded from the run directory if it was built before, so a resume uses the same one."""
     choice = cfg.tokenizer
     if choice in ("wordlevel", "bpe"):
         if (tokenizer_dir / "tokenizer.json").exists():
             return load_tokenizer(str(tokenizer_dir))
         texts = (t for t in train_split[cfg.text_field] if isinstance(t, str))
-        tok = build_wordlevel_tokenizer(texts) if choice == "wordlevel" else build_bpe_tokenizer(texts, cfg.tokenizer_vocab_size)
+        tok = (
+            build_wordlevel_tokenizer(texts)
+            if choice == "wordlevel"
+            else build_bpe_tokenizer(texts, cfg.tokenizer_vocab_size)
+        )
         tokenizer_dir.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(tokenizer_dir))
         return tok

@@ -39,7 +39,12 @@ def make_words(num_words: int, rng: np.random.Generator) -> list[str]:
 
 
 def build_source(
-    *, num_words: int = 512, successors: int = 12, zipf: float = 1.1, mean_doc_words: float = 200.0, seed: int = 0
+    *,
+    num_words: int = 512,
+    successors: int = 12,
+    zipf: float = 1.1,
+    mean_doc_words: float = 200.0,
+    seed: int = 0,
 ) -> MarkovSource:
     if not 1 <= successors <= num_words:
         raise ValueError(f"data.markov.successors={successors}: must be between 1 and num_words={num_words}")

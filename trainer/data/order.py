@@ -51,7 +51,9 @@ class SampleOrder:
         self.consumed = state["consumed"]
 
 
-def rank_micro_batches(global_indices: torch.Tensor, *, micro_batch_size: int, rank: int, world_size: int) -> list[torch.Tensor]:
+def rank_micro_batches(
+    global_indices: torch.Tensor, *, micro_batch_size: int, rank: int, world_size: int
+) -> list[torch.Tensor]:
     """Split one global batch into this rank's micro-batches: micro-step m, rank r gets slot m*world+r."""
     slots = global_indices.view(-1, micro_batch_size)
     return [slots[i] for i in range(rank, slots.shape[0], world_size)]
