@@ -89,6 +89,7 @@ class Spec:
     windows: str  # .pt file with the inputs/labels of every step, in the trainer's order
     work_dir: str  # this variant's scratch directory
     overrides: list[str] = field(default_factory=list)  # Hydra overrides (trainer only)
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
     profile: bool = False
 
 
@@ -99,7 +100,8 @@ class Result:
     tokens_per_s: float
     timed_seconds: float
     timed_tokens: int
-    peak_rss_mib: float  # ru_maxrss of the worker process
+    peak_rss_mib: float  # peak resident set of the worker process (VmHWM)
+    ru_maxrss_mib: float  # getrusage's figure, which includes the parent's memory at fork time
     setup_rss_mib: float  # resident set when the first step starts (imports, data, model, optimizer)
     losses: list[float]
     reported_tokens_per_s: float | None = None  # the trainer's own figure from metrics.jsonl (trainer only)
@@ -108,10 +110,27 @@ class Result:
 # ---- helpers shared by the workers --------------------------------------------------------------------------
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+def ru_maxrss_mib() -> float:
+    """getrusage's peak resident set (KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set of this process image: VmHWM on Linux, else ru_maxrss.
+
+    A child's ru_maxrss starts from its parent's high-water mark (Linux keeps it across fork and exec), so it
+    would report the benchmark driver's memory for any variant smaller than it; VmHWM is the same peak
+    counted for this executable alone.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return ru_maxrss_mib()
 
 
 def current_rss_mib() -> float:
@@ -158,6 +177,7 @@ class StepClock:
             timed_seconds=seconds,
             timed_tokens=tokens,
             peak_rss_mib=peak_rss_mib(),
+            ru_maxrss_mib=ru_maxrss_mib(),
             setup_rss_mib=self.setup_rss_mib,
             losses=losses,
             **extra,
@@ -313,6 +333,8 @@ def worker_main(spec_path: Path, result_path: Path) -> None:
     raw = json.loads(spec_path.read_text())
     raw["betas"] = tuple(raw["betas"])
     spec = Spec(**raw)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     result = WORKERS[spec.kind](spec)
     result_path.write_text(json.dumps(asdict(result), indent=1))
 
@@ -410,8 +432,11 @@ def model_facts(model_config: dict[str, Any], seq_len: int) -> tuple[int, float]
 
 def save_windows(cfg: Any, work: Path, steps: int, batch: int) -> tuple[Path, int]:
     """The token windows of every step in the trainer's sample order (what its train_step takes), saved once."""
+    import datasets
+
     from trainer.data import SampleOrder, build_data
 
+    datasets.disable_progress_bars()
     data = build_data(cfg.data, run_dir=work)
     if len(data.train) < batch:
         raise SystemExit(f"pydoc gives {len(data.train)} windows of {cfg.data.seq_len} tokens, fewer than --batch {batch}")
@@ -434,6 +459,8 @@ def run_worker(spec: Spec, work: Path, timeout: float) -> Result:
     spec_path.write_text(json.dumps(asdict(spec), indent=1))
     result_path.unlink(missing_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    if spec.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec.threads)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path), str(result_path)]
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
@@ -531,6 +558,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss-chunk-size", type=int, nargs="+", default=None, help="trainer setting(s); 0 = full logits (default: conf/)")
     p.add_argument("--compile", type=parse_bool, nargs="+", default=None, help="trainer setting(s): true/false (default: conf/)")
     p.add_argument("--only", nargs="+", choices=["trainer", "plain", "hf"], default=["trainer", "plain", "hf"], help="variants to run")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per variant (default: all cores); 1 is steadier on a busy machine")
     p.add_argument("--repeats", type=int, default=1, help="run every variant this many times, interleaved; report the median")
     p.add_argument("--profile", action="store_true", help="torch.profiler over the timed steps (slows them); tables in the work dir")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT.relative_to(REPO)})")
@@ -558,7 +586,9 @@ def main(argv: list[str] | None = None) -> None:
     work = out.parent / f"{out.stem}-work"
     work.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = build_tokenizer(a.vocab, out.parent / "tokenizers" / f"bpe-{a.vocab}")
-    peak = measure_cpu_peak_flops()  # once, before any variant runs
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    peak = measure_cpu_peak_flops()  # once, before any variant runs, with the variants' thread count
 
     base = trainer_overrides(a, tokenizer_dir, work / "data", peak)
     cfg = compose_config(base)
@@ -584,6 +614,7 @@ def main(argv: list[str] | None = None) -> None:
         model_config=model_config,
         windows=str(windows),
         profile=a.profile,
+        threads=a.threads,
     )
     specs: list[Spec] = []
     if "trainer" in a.only:

@@ -60,7 +60,10 @@ class Trainer:
                 f"data.seq_len={cfg.data.seq_len} exceeds the model's maximum of {limit} positions; use data.seq_len<={limit}"
             )
         if t.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         self.hf_model = model
         self.num_params = count_params(model)

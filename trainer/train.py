@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import datasets
 import hydra
+import transformers
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -20,6 +22,8 @@ register_configs()
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    datasets.disable_progress_bars()  # our own bar is the one that matters
+    transformers.utils.logging.disable_progress_bar()
     try:
         Trainer(cfg, run_dir=run_dir, env=read_env()).train()
     finally:

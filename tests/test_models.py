@@ -1,0 +1,75 @@
+"""Models from a config, from a local pretrained directory; activation checkpointing and compile switches."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import TINY, TINY_LOOP, compose_config, make_trainer
+from trainer.data import build_data
+from trainer.models import CausalLMWithLoss, build_model
+
+
+def _losses(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if "loss" in r]
+
+
+def test_pretrained_model_from_a_local_export_fine_tunes_with_its_own_tokenizer(tmp_path):
+    make_trainer(tmp_path / "base", *TINY).train()
+    export = tmp_path / "base" / "hf"
+    # The data and tokenizer come from the exported model: data.tokenizer=null means the model's own.
+    rows = (tmp_path / "base" / "data").rglob("train.jsonl").__next__()
+    tuned = make_trainer(
+        tmp_path / "tuned",
+        *TINY_LOOP,
+        "model=hf",
+        f"model.name_or_path={export}",
+        "data=hf",
+        f"data.data_files={rows}",
+        "train.max_steps=2",
+    )
+    base_weights = build_model(compose_config("model=hf", f"model.name_or_path={export}").model).state_dict()
+    assert all(torch.equal(base_weights[k], v) for k, v in tuned.hf_model.state_dict().items())
+    assert tuned.train()["final_step"] == 2
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    common = [*TINY, "scheduler=constant", "train.log_every=1", "train.export_hf=false"]
+    make_trainer(tmp_path / "a", *common).train()
+    checkpointed = make_trainer(tmp_path / "b", *common, "train.activation_checkpointing=true")
+    model = checkpointed.hf_model
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    checkpointed.train()
+    assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), rel=1e-5)
+
+
+def test_compiled_model_trains_to_the_same_losses(tmp_path):
+    common = [*TINY, "scheduler=constant", "train.log_every=1", "train.export_hf=false", "train.max_steps=3"]
+    make_trainer(tmp_path / "eager", *common).train()
+    make_trainer(tmp_path / "compiled", *common, "train.compile=true").train()
+    assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-4)
+
+
+def test_fused_loss_equals_the_model_logits_loss(tmp_path):
+    cfg = compose_config(*TINY)
+    data = build_data(cfg.data, run_dir=tmp_path)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=len(data.tokenizer))
+    inputs, labels = data.train.batch(torch.arange(4))
+    fused = CausalLMWithLoss(model, loss_chunk_size=16)
+    plain = CausalLMWithLoss(model, loss_chunk_size=0)
+    assert fused.fused and not plain.fused
+    assert fused(inputs, labels).item() == pytest.approx(plain(inputs, labels).item(), rel=1e-5)
+
+
+def test_pydoc_preset_builds_a_bpe_tokenizer_from_real_text(tmp_path):
+    cfg = compose_config("data=pydoc", "data.tokenizer_vocab_size=1024", "data.seq_len=64")
+    data = build_data(cfg.data, run_dir=tmp_path)
+    assert len(data.tokenizer) == 1024
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+    text = "The for statement is used to iterate over the elements of a sequence."
+    ids = data.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert data.tokenizer.decode(ids) == text and len(ids) < len(text) / 2
+    # ~465 KB of text: hundreds of thousands of tokens, 10% of the topics held out.
+    assert len(data.train) * 64 > 100_000 and 0 < len(data.eval) < len(data.train) / 5
