@@ -62,7 +62,7 @@ TARGET_VS_PLAIN = 1.0
 TARGET_VS_HF = 1.3
 
 # Sizes of the realistic run and of --quick; explicit flags override either.
-REALISTIC = dict(steps=20, warmup=3, batch=8, seq_len=256, vocab=32000, hidden=192, layers=4)
+REALISTIC = dict(steps=15, warmup=3, batch=8, seq_len=256, vocab=32000, hidden=192, layers=4)
 QUICK = dict(steps=6, warmup=2, batch=2, seq_len=64, vocab=8192, hidden=64, layers=2)
 
 
