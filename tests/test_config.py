@@ -7,7 +7,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from tests.conftest import TINY, TINY_LOOP, TINY_MODEL, compose_config, make_trainer
+from tests.conftest import TINY, TINY_LOOP, TINY_MARKOV, TINY_MODEL, compose_config, make_trainer
 from trainer.config import ConfigError, validate_config
 from trainer.data import DataError
 from trainer.train import CONF_DIR
@@ -127,3 +127,11 @@ def test_missing_optional_package_names_the_extra():
 def test_ddp_alone_says_how_to_launch(tmp_path):
     with pytest.raises(ConfigError, match="torchrun"):
         make_trainer(tmp_path, *TINY, "strategy=ddp")
+
+
+def test_gguf_model_without_the_gguf_package_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
+    with pytest.raises(MissingPackageError, match=r"trainer\[gguf\]"):
+        make_trainer(tmp_path, *TINY_LOOP, *TINY_MARKOV, "model=hf", "model.name_or_path=some/dir", "model.gguf_file=model.gguf")

@@ -118,7 +118,7 @@ class Trainer:
         batches = [self.data.train.batch(idx) for idx in micro]
         # The loss is the mean over every target token of the global batch, whatever the padding per micro-batch.
         local_targets = sum(int((labels != -100).sum()) for _, labels in batches)
-        num_targets = int(all_reduce_sum(torch.tensor(local_targets, dtype=torch.long)).item())
+        num_targets = int(all_reduce_sum(torch.tensor(local_targets, device=self.device)).item())
         # DDP averages gradients over ranks; scale up so the result is the global-batch mean.
         num_targets_per_rank = (
             num_targets / self.env.world_size if self.strategy.name != "single" else num_targets
@@ -127,14 +127,14 @@ class Trainer:
         lr = self.lr_at(self.step)
         set_lr(self.optimizer, lr)
         self.module.train()
-        loss_sum = torch.zeros((), dtype=torch.float32)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)  # synced once per step
         for i, (inputs, labels) in enumerate(batches):
             with self.strategy.accumulation_context(self.module, sync=i == len(batches) - 1):
                 loss = self.module(
                     inputs.to(self.device), labels.to(self.device), num_targets=num_targets_per_rank
                 )
                 loss.backward()
-            loss_sum += loss.detach().float().cpu()
+            loss_sum += loss.detach().float()
         grad_norm = self.strategy.clip_grad_norm(self.module, t.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -153,11 +153,11 @@ class Trainer:
         if t.eval_batches > 0:
             n = min(n, t.eval_batches * t.micro_batch_size)
         mine = torch.arange(self.env.rank, n, self.env.world_size)
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         model = self.strategy.unwrap(self.module)
         for chunk in mine.split(t.micro_batch_size):
             inputs, labels = self.data.eval.batch(chunk)
-            totals[0] += float(model(inputs.to(self.device), labels.to(self.device), num_targets=1))
+            totals[0] += model(inputs.to(self.device), labels.to(self.device), num_targets=1).double()
             totals[1] += int((labels != -100).sum())
         all_reduce_sum(totals)
         loss = (totals[0] / totals[1]).item()
@@ -203,7 +203,7 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 tokens_per_s = window_tokens / elapsed
-                peak_mem = int(all_reduce_max(torch.tensor(peak_memory_bytes(self.device))).item())
+                peak_mem = int(all_reduce_max(torch.tensor(peak_memory_bytes(self.device), device=self.device)).item())
                 last = {
                     "step": self.step,
                     **stats,
