@@ -40,21 +40,21 @@ def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
 KILL_DURING_SAVE = textwrap.dedent(
     """
     import os, signal, sys
-    import torch.distributed.checkpoint as dcp
     from trainer import checkpoint
     from tests.conftest import make_trainer, TINY
 
-    real_save = dcp.save
+    real_write = checkpoint.write_shards
     calls = []
 
-    def save_then_die(state, checkpoint_id):
-        calls.append(checkpoint_id)
-        if len(calls) == 2:  # the second save: write part of it, then the process is killed
-            real_save({"model": state["model"]}, checkpoint_id=checkpoint_id)
+    def write_then_die(directory, slices, rank):
+        calls.append(directory)
+        slices = list(slices)
+        if len(calls) == 2:  # the second save: write part of the shards, then the process is killed
+            real_write(directory, slices[: len(slices) // 2], rank=rank)
             os.kill(os.getpid(), signal.SIGKILL)
-        return real_save(state, checkpoint_id=checkpoint_id)
+        return real_write(directory, slices, rank=rank)
 
-    checkpoint.dcp.save = save_then_die
+    checkpoint.write_shards = write_then_die
     make_trainer(sys.argv[1], *TINY, "train.max_steps=4", "checkpoint.every_steps=2").train()
     """
 )

@@ -134,4 +134,11 @@ def test_gguf_model_without_the_gguf_package_names_the_extra(tmp_path, monkeypat
 
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
     with pytest.raises(MissingPackageError, match=r"trainer\[gguf\]"):
-        make_trainer(tmp_path, *TINY_LOOP, *TINY_MARKOV, "model=hf", "model.name_or_path=some/dir", "model.gguf_file=model.gguf")
+        make_trainer(
+            tmp_path,
+            *TINY_LOOP,
+            *TINY_MARKOV,
+            "model=hf",
+            "model.name_or_path=some/dir",
+            "model.gguf_file=model.gguf",
+        )

@@ -2,13 +2,16 @@
 
 Layout under the run directory:
 
-    checkpoints/step_00000100/   model + optimizer (torch.distributed.checkpoint, one shard file per rank),
-                                 trainer_state.json (step, data position, ...), rng/rank_XXXXX.pt
+    checkpoints/step_00000100/   shards/rank_XXXXX.safetensors (model + optimizer, the flat ranges each
+                                 rank holds: see shards.py), trainer_state.json (step, data position, ...),
+                                 rng/rank_XXXXX.pt
     checkpoints/latest           text file naming the newest complete checkpoint directory
 
 A checkpoint is written under a temporary name and renamed when every rank has finished, then `latest`
 is replaced atomically: a crash or kill at any moment leaves the previous checkpoint and pointer intact.
-Loading never unpickles arbitrary objects: DCP for tensors, JSON for the loop state, and
+The tensor format does not depend on the strategy or world size, so any checkpoint resumes under any
+strategy on any number of ranks. Loading never unpickles arbitrary objects: safetensors for tensors,
+JSON for the loop state, and
 `torch.load(weights_only=True)` for RNG states.
 """
 
@@ -19,21 +22,14 @@ import os
 import random
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 
 from trainer.distributed import ParallelEnv, barrier
+from trainer.shards import load_slices, write_shards
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -87,13 +83,14 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def save_checkpoint(
     root: Path,
     *,
+    strategy: Any,
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     env: ParallelEnv,
     keep_last: int = 0,
 ) -> Path:
-    """Save model, optimizer, loop state and RNG; every rank calls this (each writes its own shard)."""
+    """Save model, optimizer, loop state and RNG; every rank calls this and writes its own shard file."""
     step = int(trainer_state["step"])
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp"
@@ -102,12 +99,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
         tmp.mkdir()
     barrier()
-    model_sd, optim_sd = get_state_dict(module, optimizer)
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="torch.distributed is disabled"
-        )  # one process is the intent
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    write_shards(tmp / "shards", strategy.save_slices(module, optimizer), rank=env.rank)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{env.rank:05d}.pt")
     barrier()
@@ -150,15 +142,10 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, *, module: nn.Module, optimizer: torch.optim.Optimizer, env: ParallelEnv
+    path: Path, *, strategy: Any, module: nn.Module, optimizer: torch.optim.Optimizer, env: ParallelEnv
 ) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG in place; returns the saved loop state."""
-    model_sd, optim_sd = get_state_dict(module, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    load_slices(path / "shards", strategy.load_slices(module, optimizer))
     rng_file = path / "rng" / f"rank_{env.rank:05d}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
@@ -168,23 +155,19 @@ def load_checkpoint(
 def export_hf(
     out_dir: Path,
     *,
-    module: nn.Module,
+    state_dict: dict[str, torch.Tensor],
     hf_model: nn.Module,
     tokenizer: Any,
     env: ParallelEnv,
-    prefix: str = "model.",
 ) -> None:
-    """A `save_pretrained` export (safetensors + config + tokenizer), gathered from however the model is spread.
+    """A `save_pretrained` export (safetensors + config + tokenizer) of whole weights held by rank 0.
 
-    `module` is what the strategy wrapped; its full state dict is gathered to rank 0 on CPU and written
-    under a temporary name, then renamed, so a half-written export is never mistaken for a complete one.
+    Written under a temporary name, then renamed, so a half-written export is never taken for a complete one.
     """
-    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.is_main:
-        state = {k.removeprefix(prefix): v for k, v in full.items()}
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        hf_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        hf_model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(out_dir, ignore_errors=True)
         os.rename(tmp, out_dir)

@@ -105,10 +105,22 @@ class SchedulerConfig:
 
 @dataclass
 class StrategyConfig:
-    # `single` (one process) or `ddp`.
+    # `single`, `ddp`, `fsdp`, `zero1`, `zero2` or `zero3`.
     name: str = "single"
     # Process group backend; null picks nccl on CUDA, gloo on CPU.
     backend: str | None = None
+    # FSDP: free each block's gathered parameters after its forward (re-gather in backward).
+    reshard_after_forward: bool = True
+    # FSDP: keep sharded parameters, gradients and optimizer states in CPU memory.
+    cpu_offload: bool = False
+    # FSDP: replica groups; > 1 gives HSDP (shard within world/replicate ranks, replicate across groups).
+    replicate_degree: int = 1
+    # ZeRO: `none` or `cpu` for the optimizer states (and step), DeepSpeed's CPU offload.
+    offload_optimizer: str = "none"
+    # ZeRO-3: `none` or `cpu` for the parameters.
+    offload_params: str = "none"
+    # ZeRO: extra DeepSpeed config keys merged over the generated config (e.g. {zero_optimization: {...}}).
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -186,7 +198,7 @@ SCHEDULERS = ("constant", "linear", "cosine")
 DATA_SOURCES = ("embedded", "pydoc", "hf")
 MODEL_SOURCES = ("config", "pretrained")
 DTYPES = ("float32", "bfloat16", "float16")
-STRATEGIES = ("single", "ddp")
+STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -28,6 +28,7 @@ class Trainer:
         t = cfg.train
         self.grad_accum = validate_config(cfg, world_size=env.world_size)
         self.device = resolve_device(t.device, env.local_rank)
+        self.strategy = build_strategy(cfg, env, self.device)  # fails early on a bad rank count
         init_distributed(env, backend=cfg.strategy.backend, device=self.device)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,9 @@ class Trainer:
             )
         if t.activation_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -69,7 +72,6 @@ class Trainer:
         self.num_params = count_params(model)
         self.flops_per_token = flops_per_token(model, cfg.data.seq_len)
 
-        self.strategy = build_strategy(cfg.strategy, env, self.device)
         module = CausalLMWithLoss(model, loss_chunk_size=t.loss_chunk_size)
         self.module, self.optimizer = self.strategy.setup(
             module, lambda m: build_optimizer(cfg.optimizer, m, device=self.device)
@@ -84,7 +86,9 @@ class Trainer:
         self.ckpt_root = run_dir / "checkpoints"
         resume_from = ckpt.resolve_resume(cfg.resume, self.ckpt_root)
         if resume_from is not None:
-            state = ckpt.load_checkpoint(resume_from, module=self.module, optimizer=self.optimizer, env=env)
+            state = ckpt.load_checkpoint(
+                resume_from, strategy=self.strategy, module=self.module, optimizer=self.optimizer, env=env
+            )
             self.step = state["step"]
             self.tokens_seen = state["tokens_seen"]
             self.order.load_state_dict(state["data"])
@@ -119,10 +123,8 @@ class Trainer:
         # The loss is the mean over every target token of the global batch, whatever the padding per micro-batch.
         local_targets = sum(int((labels != -100).sum()) for _, labels in batches)
         num_targets = int(all_reduce_sum(torch.tensor(local_targets, device=self.device)).item())
-        # DDP averages gradients over ranks; scale up so the result is the global-batch mean.
-        num_targets_per_rank = (
-            num_targets / self.env.world_size if self.strategy.name != "single" else num_targets
-        )
+        # Data-parallel strategies average gradients over ranks: scale each rank's share up to match.
+        num_targets_per_rank = num_targets / self.env.world_size
 
         lr = self.lr_at(self.step)
         set_lr(self.optimizer, lr)
@@ -133,11 +135,9 @@ class Trainer:
                 loss = self.module(
                     inputs.to(self.device), labels.to(self.device), num_targets=num_targets_per_rank
                 )
-                loss.backward()
+                self.strategy.backward(self.module, loss)
             loss_sum += loss.detach().float()
-        grad_norm = self.strategy.clip_grad_norm(self.module, t.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.strategy.clip_and_step(self.module, self.optimizer, t.grad_clip)
         self.step += 1
         self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len
         # Each rank's loss_sum is its share of the global mean x world_size (DDP scaling): average it back.
@@ -154,9 +154,15 @@ class Trainer:
             n = min(n, t.eval_batches * t.micro_batch_size)
         mine = torch.arange(self.env.rank, n, self.env.world_size)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        model = self.strategy.unwrap(self.module)
-        for chunk in mine.split(t.micro_batch_size):
-            inputs, labels = self.data.eval.batch(chunk)
+        model = self.strategy.eval_module(self.module)
+        # Every rank runs the same number of forwards (sharded strategies gather parameters collectively);
+        # a rank out of data runs a masked batch that adds nothing.
+        num_batches = math.ceil(math.ceil(n / self.env.world_size) / t.micro_batch_size)
+        for b in range(num_batches):
+            chunk = mine[b * t.micro_batch_size : (b + 1) * t.micro_batch_size]
+            inputs, labels = self.data.eval.batch(chunk if len(chunk) else torch.zeros(1, dtype=torch.long))
+            if not len(chunk):
+                labels = torch.full_like(labels, -100)
             totals[0] += model(inputs.to(self.device), labels.to(self.device), num_targets=1).double()
             totals[1] += int((labels != -100).sum())
         all_reduce_sum(totals)
@@ -170,6 +176,7 @@ class Trainer:
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.order.state_dict()}
         return ckpt.save_checkpoint(
             self.ckpt_root,
+            strategy=self.strategy,
             module=self.module,
             optimizer=self.optimizer,
             trainer_state=state,
@@ -203,7 +210,9 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 tokens_per_s = window_tokens / elapsed
-                peak_mem = int(all_reduce_max(torch.tensor(peak_memory_bytes(self.device), device=self.device)).item())
+                peak_mem = int(
+                    all_reduce_max(torch.tensor(peak_memory_bytes(self.device), device=self.device)).item()
+                )
                 last = {
                     "step": self.step,
                     **stats,
@@ -229,7 +238,7 @@ class Trainer:
         if t.export_hf:
             ckpt.export_hf(
                 self.run_dir / "hf",
-                module=self.module,
+                state_dict=self.strategy.full_state_dict(self.module),
                 hf_model=self.hf_model,
                 tokenizer=self.data.tokenizer,
                 env=self.env,

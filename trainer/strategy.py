@@ -1,13 +1,15 @@
 """Strategies: how the one training loop's model and optimizer are spread over ranks.
 
-A strategy sets up the model and the optimizer together (DeepSpeed's engine needs both), says when
-gradients synchronise during accumulation, and clips. The loop calls only these methods.
+A strategy sets up the model and the optimizer together (DeepSpeed's engine needs both), runs the
+backward pass and the optimizer step, says when gradients synchronise during accumulation, and tells the
+checkpoint which flat ranges of which tensors this rank holds (see `trainer/shards.py`). The loop calls
+only these methods; `STRATEGIES` maps config names to classes.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -16,17 +18,61 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.config import ConfigError
 from trainer.distributed import ParallelEnv
+from trainer.shards import LoadSlice, SaveSlice, replicated_load_slice, replicated_save_slice
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+_WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def canonical_name(name: str) -> str:
+    """The HF state-dict name of a parameter, whatever wrappers (DDP, compile, checkpointing) sit around it."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    name = name.removeprefix("module.")
+    return name.removeprefix("model.")  # CausalLMWithLoss holds the HF model as `model`
+
+
+def named_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(canonical_name(n), p) for n, p in module.named_parameters()]
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state tensors with a zero-lr step on zero gradients (weights stay as they are)."""
+    if optimizer.state:
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    saved = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, saved, strict=True):
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
 
 
 class SingleStrategy:
     """One process: the model as it is."""
 
     name = "single"
+    needs_ranks = 1
 
     def __init__(self, cfg: Any, env: ParallelEnv, device: torch.device) -> None:
-        self.cfg, self.env, self.device = cfg, env, device
+        """`cfg` is the whole run config: strategies read `strategy.*` and, for DeepSpeed, `train.*`."""
+        self.cfg, self.train_cfg, self.env, self.device = cfg.strategy, cfg.train, env, device
+        if env.world_size < self.needs_ranks:
+            raise ConfigError(
+                f"strategy={self.name} needs several ranks but this process is alone; launch with "
+                f"`torchrun --nproc_per_node N -m trainer.train strategy={self.name}` or use strategy=single"
+            )
+        if self.name == "single" and env.world_size > 1:
+            raise ConfigError(
+                f"strategy=single runs one process but {env.world_size} were launched; pick a distributed "
+                "strategy (strategy=ddp, fsdp, zero1, zero2 or zero3) or launch one process"
+            )
+
+    # ---- set-up and the step ------------------------------------------------------------------------
 
     def setup(
         self, module: nn.Module, make_optimizer: OptimizerFactory
@@ -37,29 +83,63 @@ class SingleStrategy:
     def accumulation_context(self, module: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def clip_grad_norm(self, module: nn.Module, max_norm: float) -> torch.Tensor:
-        """Total gradient norm before clipping; clips only when max_norm > 0."""
-        params = [p for p in module.parameters() if p.grad is not None]
-        limit = max_norm if max_norm > 0 else float("inf")
-        return torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
+    def backward(self, module: nn.Module, loss: torch.Tensor) -> None:
+        loss.backward()
 
-    def unwrap(self, module: nn.Module) -> nn.Module:
+    def clip_and_step(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float
+    ) -> torch.Tensor:
+        """Clip (when max_norm > 0), step, zero the gradients; returns the total norm before clipping."""
+        params = [p for p in module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(
+            params, max_norm if max_norm > 0 else float("inf"), foreach=True
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def eval_module(self, module: nn.Module) -> nn.Module:
+        """The module to run evaluation forwards on (no gradient-sync hooks)."""
         return module
+
+    # ---- checkpoint views ---------------------------------------------------------------------------
+
+    def _save(self, key: str, tensor: torch.Tensor) -> list[SaveSlice]:
+        return replicated_save_slice(key, tensor, rank=self.env.rank, world_size=self.env.world_size)
+
+    def _load(self, key: str, tensor: torch.Tensor) -> list[LoadSlice]:
+        return [replicated_load_slice(key, tensor)]
+
+    def _tensors(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in named_parameters(module):
+            yield f"model/{name}", p
+            for state_key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    yield f"optim/{name}/{state_key}", value
+
+    def save_slices(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> list[SaveSlice]:
+        return [s for key, t in self._tensors(module, optimizer) for s in self._save(key, t)]
+
+    def load_slices(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> list[LoadSlice]:
+        init_optimizer_state(optimizer)
+        return [s for key, t in self._tensors(module, optimizer) for s in self._load(key, t)]
+
+    def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Whole weights on CPU, keyed by HF names, on rank 0 (other ranks may get an empty dict)."""
+        return {name: p.detach().cpu() for name, p in named_parameters(module)}
 
 
 class DDPStrategy(SingleStrategy):
     """A full replica per rank; gradients all-reduced once per optimizer step (no_sync while accumulating)."""
 
     name = "ddp"
+    needs_ranks = 2
 
     def setup(
         self, module: nn.Module, make_optimizer: OptimizerFactory
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        if not self.env.distributed:
-            raise ConfigError(
-                "strategy=ddp needs several ranks but this process is alone; launch with "
-                "`torchrun --nproc_per_node N -m trainer.train strategy=ddp` or use strategy=single"
-            )
         module = module.to(self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(module, device_ids=ids)
@@ -68,14 +148,27 @@ class DDPStrategy(SingleStrategy):
     def accumulation_context(self, module: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if sync else module.no_sync()
 
-    def unwrap(self, module: nn.Module) -> nn.Module:
+    def eval_module(self, module: nn.Module) -> nn.Module:
         return module.module
 
 
-STRATEGIES: dict[str, type[SingleStrategy]] = {"single": SingleStrategy, "ddp": DDPStrategy}
+def _registry() -> dict[str, Callable[..., SingleStrategy]]:
+    from trainer.fsdp import FSDPStrategy
+    from trainer.zero import ZeroStrategy
+
+    return {
+        "single": SingleStrategy,
+        "ddp": DDPStrategy,
+        "fsdp": FSDPStrategy,
+        "zero1": lambda *a: ZeroStrategy(*a, stage=1),
+        "zero2": lambda *a: ZeroStrategy(*a, stage=2),
+        "zero3": lambda *a: ZeroStrategy(*a, stage=3),
+    }
 
 
 def build_strategy(cfg: Any, env: ParallelEnv, device: torch.device) -> SingleStrategy:
-    if cfg.name not in STRATEGIES:
-        raise ConfigError(f"strategy={cfg.name}: choose one of {', '.join(STRATEGIES)}")
-    return STRATEGIES[cfg.name](cfg, env, device)
+    registry = _registry()
+    name = cfg.strategy.name
+    if name not in registry:
+        raise ConfigError(f"strategy={name}: choose one of {', '.join(registry)}")
+    return registry[name](cfg, env, device)

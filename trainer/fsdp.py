@@ -1,0 +1,129 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer states sharded by rows over the ranks.
+
+Each transformer block is its own FSDP unit (all-gathered just before it runs, freed after), then the
+root takes what is left (embeddings, final norm, LM head). With `strategy.replicate_degree > 1` the mesh
+is 2-D, HSDP: parameters are sharded within groups of world / replicate ranks (a node) and replicated
+across groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from trainer.config import ConfigError
+from trainer.shards import LoadSlice, SaveSlice
+from trainer.strategy import OptimizerFactory, SingleStrategy, named_parameters
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of an HF model: modules whose class is listed in its `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ConfigError(
+            f"cannot find the transformer blocks of {type(model).__name__} (no `_no_split_modules`); "
+            "strategy=fsdp shards per block"
+        )
+    return blocks
+
+
+def _row_offset(t: DTensor) -> tuple[int, bool]:
+    """Flat start of this rank's shard, and whether this rank writes it (first replica on replicated mesh dims)."""
+    for p in t.placements:
+        if not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim != 0):
+            raise ValueError(
+                f"unsupported placement {t.placements} for a checkpoint; expected Shard(0)/Replicate"
+            )
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    coords = t.device_mesh.get_coordinate() or []
+    writer = all(c == 0 for c, p in zip(coords, t.placements, strict=True) if isinstance(p, Replicate))
+    row = t.numel() // t.shape[0] if t.ndim else 1
+    return (offset[0] * row if t.ndim else 0), writer
+
+
+class FSDPStrategy(SingleStrategy):
+    name = "fsdp"
+    needs_ranks = 2
+
+    def __init__(self, cfg: Any, env, device) -> None:
+        super().__init__(cfg, env, device)
+        if env.world_size % self.cfg.replicate_degree:
+            raise ConfigError(
+                f"strategy.replicate_degree={self.cfg.replicate_degree} does not divide the world size {env.world_size}; "
+                "use the number of nodes (HSDP) or 1 (plain FSDP)"
+            )
+
+    def build_mesh(self) -> DeviceMesh:
+        r = self.cfg.replicate_degree
+        if r == 1:
+            return init_device_mesh(self.device.type, (self.env.world_size,), mesh_dim_names=("shard",))
+        return init_device_mesh(
+            self.device.type, (r, self.env.world_size // r), mesh_dim_names=("replicate", "shard")
+        )
+
+    def setup(
+        self, module: nn.Module, make_optimizer: OptimizerFactory
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        module = module.to(self.device)
+        mesh = self.build_mesh()
+        offload: OffloadPolicy = CPUOffloadPolicy() if self.cfg.cpu_offload else OffloadPolicy()
+        kwargs = dict(mesh=mesh, offload_policy=offload)
+        for block in transformer_blocks(module.model):
+            fully_shard(block, reshard_after_forward=self.cfg.reshard_after_forward, **kwargs)
+        # The root's parameters (embeddings, head) are used again right after the forward: keep them gathered.
+        fully_shard(module, reshard_after_forward=False, **kwargs)
+        return module, make_optimizer(module)
+
+    def accumulation_context(self, module: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
+        module.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def clip_and_step(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float
+    ) -> torch.Tensor:
+        params = [p for p in module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(
+            params, max_norm if max_norm > 0 else float("inf"), foreach=True
+        )
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _save(self, key: str, tensor: torch.Tensor) -> list[SaveSlice]:
+        if not isinstance(tensor, DTensor):
+            return super()._save(key, tensor)
+        start, writer = _row_offset(tensor)
+        local = tensor.to_local()
+        if not writer or local.numel() == 0:
+            return []
+        return [SaveSlice(key, tuple(tensor.shape), start, local.detach().reshape(-1))]
+
+    def _load(self, key: str, tensor: torch.Tensor) -> list[LoadSlice]:
+        if not isinstance(tensor, DTensor):
+            return super()._load(key, tensor)
+        start, _ = _row_offset(tensor)
+        local = tensor.to_local()
+
+        def assign(values: torch.Tensor) -> None:
+            with torch.no_grad():
+                local.copy_(values.view(local.shape).to(local.dtype))
+
+        return [LoadSlice(key, tuple(tensor.shape), start, local.numel(), assign)]
+
+    def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in named_parameters(module):
+            full = p.full_tensor() if isinstance(p, DTensor) else p  # a collective: every rank takes part
+            if self.env.is_main:
+                out[name] = full.detach().cpu()
+        return out

@@ -1,0 +1,217 @@
+"""DeepSpeed ZeRO stages 1, 2 and 3, with the DeepSpeed config generated from ours.
+
+Stage 1 partitions the fp32 master weights' optimizer states over the ranks, stage 2 the gradients too,
+stage 3 the parameters as well. The optimizer the config names is handed to DeepSpeed (not replaced).
+Batch sizes, accumulation and clipping come from `train.*`, so the two configs never disagree;
+`strategy.deepspeed` adds or overrides keys.
+
+Checkpoints use the same flat-shard format as every other strategy: each rank writes the fp32 master
+fragment (and optimizer-state fragments) it owns, at their offsets in the flattened parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from trainer.config import ConfigError
+from trainer.distributed import ParallelEnv
+from trainer.shards import LoadSlice, SaveSlice, replicated_load_slice, replicated_save_slice
+from trainer.strategy import OptimizerFactory, SingleStrategy, init_optimizer_state, named_parameters
+from trainer.utils import require
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(*, stage: int, train: Any, strategy: Any, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for our settings (fp32 here; precision adds its keys)."""
+    accum = train.global_batch_size // (train.micro_batch_size * world_size)
+    zero: dict[str, Any] = {"stage": stage}
+    if strategy.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if strategy.offload_params == "cpu":
+        zero["offload_param"] = {"device": "cpu"}
+    config = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": float(train.grad_clip),
+        "zero_optimization": zero,
+        # Our optimizer is a torch one; DeepSpeed runs it on its flat partitions.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    extra = (
+        OmegaConf.to_container(strategy.deepspeed)
+        if OmegaConf.is_config(strategy.deepspeed)
+        else dict(strategy.deepspeed)
+    )
+    return _merge(config, extra)
+
+
+class ZeroStrategy(SingleStrategy):
+    needs_ranks = 2
+
+    def __init__(self, cfg: Any, env: ParallelEnv, device: torch.device, *, stage: int) -> None:
+        self.stage = stage
+        self.name = f"zero{stage}"
+        super().__init__(cfg, env, device)
+        if self.cfg.offload_params == "cpu" and stage != 3:
+            raise ConfigError(
+                f"strategy.offload_params=cpu needs strategy=zero3 (parameters are whole under zero{stage})"
+            )
+        self.deepspeed = require("deepspeed", extra="deepspeed")
+
+    def setup(
+        self, module: nn.Module, make_optimizer: OptimizerFactory
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        module = module.to(self.device)
+        config = deepspeed_config(
+            stage=self.stage, train=self.train_cfg, strategy=self.cfg, world_size=self.env.world_size
+        )
+        engine, optimizer, _, _ = self.deepspeed.initialize(
+            model=module, optimizer=make_optimizer(module), config=config, dist_init_required=False
+        )
+        self.engine = engine
+        return engine, optimizer
+
+    def accumulation_context(self, module: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed counts micro-steps against gradient_accumulation_steps
+
+    def backward(self, module: nn.Module, loss: torch.Tensor) -> None:
+        # The loss is already normalised over the global batch; DeepSpeed must not divide it again.
+        module.backward(loss, scale_wrt_gas=False)
+        module.step()  # applies the optimizer only at the accumulation boundary
+
+    def clip_and_step(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float
+    ) -> torch.Tensor:
+        norm = module.get_global_grad_norm()  # clipping happened inside the boundary step
+        return torch.as_tensor(0.0 if norm is None else float(norm))
+
+    # ---- checkpoint views: the fp32 master fragments this rank owns ---------------------------------
+
+    def _fragments(self, module: nn.Module, optimizer: Any):
+        """(name, param, flat start, [(state key or None, fp32 view of this rank's fragment)], step tensor)."""
+        inner = optimizer.optimizer  # the torch optimizer over DeepSpeed's flat fp32 partitions
+        rank = self.env.rank
+        if self.stage == 3:
+            for name, p in named_parameters(module):
+                group, _, _ = optimizer.grad_position[optimizer.get_param_id(p)]
+                flat = optimizer.fp32_partitioned_groups_flat[group]
+                per = p.ds_tensor.ds_numel
+                start, valid = rank * per, max(0, min(per, p.ds_numel - rank * per))
+                views = [(None, optimizer._get_fp32_opt_state_partition(p, release_swap_buffers=False)[0])]
+                state = inner.state.get(flat, {})
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.shape == flat.shape:
+                        part = optimizer._get_fp32_opt_state_partition(
+                            p, release_swap_buffers=False, optim_state_key=key
+                        )[0]
+                        views.append((key, part))
+                yield name, p, start, [(k, v[:valid]) for k, v in views], state.get("step")
+        else:
+            group_of = {id(p): i for i, params in enumerate(optimizer.bit16_groups) for p in params}
+            for name, p in named_parameters(module):
+                flat = optimizer.single_partition_of_fp32_groups[group_of[id(p)]]
+                state = inner.state.get(flat, {})
+                mapping = getattr(p, "_hp_mapping", None)
+                if mapping is None:  # no fragment of this parameter in this rank's partition
+                    yield name, p, 0, [], state.get("step")
+                    continue
+                # The fragment's place in the flat partition is the same in every state tensor shaped like it.
+                where = mapping.hp_fragment_address
+                views = [(None, mapping.get_hp_fragment())]
+                views += [
+                    (k, v.narrow(0, where.start, where.numel))
+                    for k, v in state.items()
+                    if torch.is_tensor(v) and v.shape == flat.shape
+                ]
+                yield name, p, mapping.lp_fragment_address.start, views, state.get("step")
+
+    def _init_state(self, optimizer: Any) -> None:
+        """Create the inner optimizer's states with a zero-lr step on zero gradients, as a first step would."""
+        inner = optimizer.optimizer
+        if self.stage != 3:
+            init_optimizer_state(inner)
+            return
+        # ZeRO-3 puts each flat fp32 partition into its param group only while stepping it.
+        for i, flat in enumerate(optimizer.fp32_partitioned_groups_flat):
+            if inner.state.get(flat):
+                continue
+            group = inner.param_groups[optimizer.sub_group_to_group_id[i]]
+            saved = group["params"], group["lr"], flat.grad
+            group["params"], group["lr"], flat.grad = [flat], 0.0, torch.zeros_like(flat)
+            inner.step()
+            group["params"], group["lr"], flat.grad = saved
+
+    def save_slices(self, module: nn.Module, optimizer: Any) -> list[SaveSlice]:
+        out: list[SaveSlice] = []
+        for name, p, start, views, step in self._fragments(module, optimizer):
+            shape = tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape)
+            for key, view in views:
+                if view.numel():
+                    k = f"model/{name}" if key is None else f"optim/{name}/{key}"
+                    out.append(SaveSlice(k, shape, start, view.detach().reshape(-1)))
+            if step is not None:
+                out += replicated_save_slice(
+                    f"optim/{name}/step", step, rank=self.env.rank, world_size=self.env.world_size
+                )
+        return out
+
+    def load_slices(self, module: nn.Module, optimizer: Any) -> list[LoadSlice]:
+        self._init_state(optimizer)  # state tensors on the flat partitions, before filling them
+        out: list[LoadSlice] = []
+        for name, p, start, views, step in self._fragments(module, optimizer):
+            shape = tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape)
+            for key, view in views:
+                out.append(
+                    LoadSlice(
+                        f"model/{name}" if key is None else f"optim/{name}/{key}",
+                        shape,
+                        start,
+                        view.numel(),
+                        _copier(view),
+                    )
+                )
+            if self.stage == 3:
+                lp = p.ds_tensor.reshape(-1)[: views[0][1].numel()]  # this rank's working copy of the weights
+                out.append(LoadSlice(f"model/{name}", shape, start, lp.numel(), _copier(lp)))
+                if p.data.numel() == p.ds_numel:  # a persistent small parameter, currently gathered
+                    out.append(replicated_load_slice(f"model/{name}", p.data))
+            else:
+                out.append(replicated_load_slice(f"model/{name}", p))  # every rank holds the whole weights
+            if step is not None:
+                out.append(replicated_load_slice(f"optim/{name}/step", step))
+        return out
+
+    def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in named_parameters(module):
+            if self.stage == 3:
+                with self.deepspeed.zero.GatheredParameters([p], modifier_rank=None):  # a collective
+                    if self.env.is_main:
+                        out[name] = p.detach().cpu().clone()
+            elif self.env.is_main:
+                out[name] = p.detach().cpu()
+        return out
+
+
+def _copier(target: torch.Tensor):
+    def assign(values: torch.Tensor) -> None:
+        with torch.no_grad():
+            target.copy_(values.view(target.shape).to(target.dtype))
+
+    return assign
