@@ -68,3 +68,47 @@ def make_trainer(run_dir: Path, *overrides: str):
     from trainer.loop import Trainer
 
     return Trainer(compose_config(*overrides), run_dir=run_dir, env=ParallelEnv())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_command(args: list[str], *, nproc: int = 1, timeout: int = 600, check: bool = True):
+    """`python -m trainer.train ARGS`, under torchrun with `nproc` ranks when nproc > 1."""
+    import subprocess
+
+    launcher = (
+        []
+        if nproc == 1
+        else [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+        ]
+    )
+    cmd = [PYTHON, *launcher, "-m", "trainer.train", *args]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss; a step logged twice (a restarted run) keeps its last value."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}

@@ -58,10 +58,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+def all_gather_ints(value: int, device: torch.device) -> list[int]:
+    """One integer from every rank, in rank order."""
+    if not dist.is_initialized():
+        return [value]
+    out = [torch.zeros((), dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor(value, dtype=torch.long, device=device))
+    return [int(t) for t in out]
 
 
 def destroy() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -99,6 +99,21 @@ class FSDPStrategy(SingleStrategy):
         optimizer.zero_grad(set_to_none=True)
         return norm
 
+    @staticmethod
+    def _reshard(module: nn.Module) -> None:
+        """Put every parameter back in its sharded form: the root stays gathered between forward and step."""
+        for m in module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+    def save_slices(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> list[SaveSlice]:
+        self._reshard(module)
+        return super().save_slices(module, optimizer)
+
+    def load_slices(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> list[LoadSlice]:
+        self._reshard(module)
+        return super().load_slices(module, optimizer)
+
     def _save(self, key: str, tensor: torch.Tensor) -> list[SaveSlice]:
         if not isinstance(tensor, DTensor):
             return super()._save(key, tensor)
@@ -121,6 +136,7 @@ class FSDPStrategy(SingleStrategy):
         return [LoadSlice(key, tuple(tensor.shape), start, local.numel(), assign)]
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        self._reshard(module)
         out = {}
         for name, p in named_parameters(module):
             full = p.full_tensor() if isinstance(p, DTensor) else p  # a collective: every rank takes part

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, validate_config
 from trainer.data import DataError, SampleOrder, build_data, rank_micro_batches
-from trainer.distributed import ParallelEnv, all_reduce_max, all_reduce_sum, barrier, init_distributed
+from trainer.distributed import ParallelEnv, all_gather_ints, all_reduce_sum, barrier, init_distributed
 from trainer.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
 from trainer.models import CausalLMWithLoss, build_model, count_params, flops_per_token, max_seq_len
 from trainer.optim import build_optimizer, lr_factor, set_lr
@@ -210,16 +210,15 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 tokens_per_s = window_tokens / elapsed
-                peak_mem = int(
-                    all_reduce_max(torch.tensor(peak_memory_bytes(self.device), device=self.device)).item()
-                )
+                peak_per_rank = all_gather_ints(peak_memory_bytes(self.device), self.device)
                 last = {
                     "step": self.step,
                     **stats,
                     "tokens": self.tokens_seen,
                     "tokens_per_s": tokens_per_s,
                     "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, self.env.world_size),
-                    "peak_mem_bytes": peak_mem,
+                    "peak_mem_bytes": max(peak_per_rank),
+                    "peak_mem_bytes_per_rank": peak_per_rank,
                 }
                 self.log.write(last)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)

@@ -30,6 +30,19 @@ def main(cfg: DictConfig) -> None:
         destroy()
 
 
+def _drop_launcher_args() -> None:
+    """The deepspeed launcher appends --local_rank=N; the rank comes from the environment, and Hydra would refuse it."""
+    argv, skip = [sys.argv[0]], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            argv.append(arg)
+    sys.argv = argv
+
+
 def _quiet_secondary_ranks() -> None:
     """Only rank 0 writes into the run directory: other ranks skip Hydra's .hydra/ files and job log."""
     if int(read_env().rank) != 0:
@@ -37,5 +50,6 @@ def _quiet_secondary_ranks() -> None:
 
 
 if __name__ == "__main__":
+    _drop_launcher_args()
     _quiet_secondary_ranks()
     main()

@@ -1,0 +1,128 @@
+"""Every strategy against the single-process reference, with 2 real CPU ranks (gloo) under torchrun.
+
+Tolerance: losses within 1e-4 relative and final weights within 1e-5 absolute of the single-process
+run. The strategies compute the same sums in another order (all-reduce, reduce-scatter, flat
+partitions), so results agree to float32 rounding, not bitwise.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import TINY, make_trainer, run_command, train_losses
+from trainer.config import ConfigError
+from trainer.utils import MissingPackageError
+
+STEPS = 10
+# Global batch 8 = 2 ranks x micro 2 x 2 accumulation steps (4 accumulation steps in the single run).
+COMMON = [
+    *TINY,
+    f"train.max_steps={STEPS}",
+    "train.micro_batch_size=2",
+    "train.log_every=1",
+    "scheduler=constant",
+]
+STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
+
+
+def hf_weights(run_dir):
+    return load_file(str(run_dir / "hf" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single")
+    run_command([*COMMON, f"hydra.run.dir={run_dir}"])
+    return run_dir
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategy_follows_the_single_process_run(strategy, reference, tmp_path):
+    run_command([*COMMON, f"strategy={strategy}", f"hydra.run.dir={tmp_path}"], nproc=2)
+    want, got = train_losses(reference), train_losses(tmp_path)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4), (step, want, got)
+    a, b = hf_weights(reference), hf_weights(tmp_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=f"{strategy}: {k}")
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [
+        (("zero3", 2), ("fsdp", 2)),
+        (("fsdp", 2), ("zero3", 2)),
+        (("zero2", 2), ("single", 1)),
+        (("ddp", 2), ("zero1", 2)),
+    ],
+)
+def test_resume_under_another_strategy_and_world_size(first, second, reference, tmp_path):
+    half = [*COMMON, "checkpoint.every_steps=5", f"hydra.run.dir={tmp_path}"]
+    run_command([*half, f"strategy={first[0]}", "train.max_steps=5"], nproc=first[1])
+    run_command([*half, f"strategy={second[0]}", "resume=auto"], nproc=second[1])
+    want, got = train_losses(reference), train_losses(tmp_path)
+    for step in range(6, STEPS + 1):  # the steps taken after the resume
+        assert got[step] == pytest.approx(want[step], rel=1e-4), (step, want, got)
+    a, b = hf_weights(reference), hf_weights(tmp_path)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+
+
+def test_two_ranks_to_one_and_back_to_two(reference, tmp_path):
+    common = [*COMMON, "checkpoint.every_steps=1", f"hydra.run.dir={tmp_path}", "resume=auto"]
+    run_command([*common, "strategy=fsdp", "train.max_steps=4"], nproc=2)
+    run_command([*common, "strategy=single", "train.max_steps=7"])
+    run_command([*common, "strategy=zero3"], nproc=2)
+    want, got = train_losses(reference), train_losses(tmp_path)
+    assert got[STEPS] == pytest.approx(want[STEPS], rel=1e-4)
+
+
+def test_metrics_report_each_ranks_peak_memory(reference, tmp_path):
+    run_command([*COMMON, "strategy=ddp", "train.max_steps=2", f"hydra.run.dir={tmp_path}"], nproc=2)
+    from tests.conftest import read_metrics
+
+    record = next(r for r in read_metrics(tmp_path) if "loss" in r)
+    assert len(record["peak_mem_bytes_per_rank"]) == 2 and record["peak_mem_bytes"] == max(
+        record["peak_mem_bytes_per_rank"]
+    )
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_distributed_strategy_alone_says_how_to_launch(strategy, tmp_path):
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node"):
+        make_trainer(tmp_path, *TINY, f"strategy={strategy}")
+
+
+def test_single_strategy_with_several_ranks_is_refused(tmp_path):
+    proc = run_command([*TINY, "strategy=single", f"hydra.run.dir={tmp_path}"], nproc=2, check=False)
+    assert proc.returncode != 0 and "strategy=single runs one process" in proc.stderr
+
+
+def test_deepspeed_missing_names_the_extra(monkeypatch):
+    import sys
+
+    from tests.conftest import compose_config
+    from trainer.distributed import ParallelEnv
+    from trainer.strategy import build_strategy
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    with pytest.raises(MissingPackageError, match=r"trainer\[deepspeed\]"):
+        build_strategy(compose_config("strategy=zero2"), ParallelEnv(0, 2, 0), torch.device("cpu"))
+
+
+def test_batch_that_does_not_divide_over_the_ranks_fails_before_training(tmp_path):
+    proc = run_command(
+        [
+            *TINY,
+            "strategy=ddp",
+            "train.micro_batch_size=3",
+            "train.global_batch_size=9",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        nproc=2,
+        check=False,
+    )
+    assert proc.returncode != 0 and "not divisible" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
