@@ -126,3 +126,61 @@ def test_batch_that_does_not_divide_over_the_ranks_fails_before_training(tmp_pat
     )
     assert proc.returncode != 0 and "not divisible" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_checkpoint_converts_to_the_same_hf_export(tmp_path):
+    run_command([*COMMON, "strategy=zero3", f"hydra.run.dir={tmp_path}"], nproc=2)
+    from trainer.export import export_checkpoint
+
+    export_checkpoint(tmp_path / "checkpoints" / f"step_{STEPS:08d}", tmp_path / "converted")
+    a, b = hf_weights(tmp_path), load_file(str(tmp_path / "converted" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_rank_restarts_and_resumes_from_the_last_checkpoint(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import PYTHON, ROOT, free_port, read_metrics, subprocess_env
+
+    max_steps, every = 600, 100
+    args = [
+        *COMMON,
+        "strategy=ddp",
+        f"train.max_steps={max_steps}",
+        f"checkpoint.every_steps={every}",
+        "train.log_every=10",
+    ]
+    args += ["train.export_hf=false", "resume=auto", f"hydra.run.dir={tmp_path}"]
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1"]
+    cmd += ["--master_port", str(free_port()), "-m", "trainer.train", *args]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    metrics, killed_at = tmp_path / "metrics.jsonl", None
+    deadline = time.time() + 300
+    while killed_at is None and time.time() < deadline and proc.poll() is None:
+        steps = [r["step"] for r in read_metrics(tmp_path)] if metrics.exists() else []
+        if steps and steps[-1] > every + 20:
+            workers = subprocess.run(
+                ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+            ).stdout.split()
+            os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies mid-run
+            killed_at = steps[-1]
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=600)
+    assert killed_at is not None and killed_at < max_steps, "the run ended before a rank could be killed"
+    assert proc.returncode == 0, out[-4000:]
+    records = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert records[-1]["step"] == max_steps
+    # After the restart, logging starts again right after the checkpoint that preceded the kill ...
+    restart = next(i for i in range(1, len(records)) if records[i]["step"] <= records[i - 1]["step"])
+    resumed_from = records[restart]["step"] - 10
+    assert resumed_from % every == 0 and resumed_from <= killed_at
+    # ... and the replayed steps repeat the first pass exactly.
+    first = {r["step"]: r["loss"] for r in records[:restart]}
+    replay = {r["step"]: r["loss"] for r in records[restart:] if r["step"] in first}
+    assert replay and all(replay[s] == first[s] for s in replay)
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))

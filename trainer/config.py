@@ -142,8 +142,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # Compile the model with torch.compile.
     compile: bool = False
-    # Rows of the LM head processed at once by the fused cross-entropy; 0 materialises the full logits.
-    loss_chunk_size: int = 2048
+    # Rows of the LM head processed at once by the fused cross-entropy; null sizes a chunk of logits
+    # at ~64 MiB (fastest measured); 0 turns fusion off and materialises the full logits.
+    loss_chunk_size: int | None = None
     # `float32`, `bfloat16` or `float16` for the parameters (mixed precision arrives with the precision group).
     dtype: str = "float32"
     # `auto` picks cuda when available, else cpu.
@@ -218,7 +219,10 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
         f"train.eval_batches={t.eval_batches}: must be >= 0 (0 uses the whole eval split)",
     )
     _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
-    _check(t.loss_chunk_size >= 0, f"train.loss_chunk_size={t.loss_chunk_size}: must be >= 0")
+    _check(
+        t.loss_chunk_size is None or t.loss_chunk_size >= 0,
+        f"train.loss_chunk_size={t.loss_chunk_size}: must be >= 0 or null",
+    )
     _check(t.dtype in DTYPES, f"train.dtype={t.dtype}: choose one of {', '.join(DTYPES)}")
     _check(
         cfg.optimizer.lr > 0,

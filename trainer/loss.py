@@ -19,33 +19,43 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size: int, scale: float, need_grad: bool):
         n = hidden.shape[0]
+        fp32 = weight.dtype == torch.float32
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        grad_weight = None  # fp32 accumulator, created by the first chunk's matmul
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if (need_grad and bias is not None) else None
         for start in range(0, n, chunk_size):
             h = hidden[start : start + chunk_size]
             target = labels[start : start + chunk_size]
             logits = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float()
-            valid = target != IGNORE_INDEX
-            safe_target = torch.where(valid, target, 0)
-            lse = torch.logsumexp(logits, dim=-1)
+            valid = (target != IGNORE_INDEX).float()
+            safe_target = torch.where(target != IGNORE_INDEX, target, 0)
             target_logit = logits.gather(1, safe_target[:, None]).squeeze(1)
+            # log-sum-exp and softmax in place over the one chunk buffer: no extra [chunk, vocab] tensors.
+            row_max = logits.amax(dim=1, keepdim=True)
+            exp = logits.sub_(row_max).exp_()
+            total = exp.sum(dim=1, keepdim=True)
+            lse = (row_max + total.log()).squeeze(1)
             loss += ((lse - target_logit) * valid).sum()
-            if need_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
-                rows = torch.arange(h.shape[0], device=h.device)
-                probs[rows, safe_target] -= valid.float()
-                probs.mul_((valid.float() * scale)[:, None])
-                g = probs.to(hidden.dtype)
-                grad_hidden[start : start + chunk_size] = g @ weight
-                if weight.dtype == torch.float32:
-                    grad_weight.addmm_(probs.t(), h)
-                else:  # low-precision matmul, fp32 accumulation across chunks
-                    grad_weight.add_((g.t() @ h).float())
-                if grad_bias is not None:
-                    grad_bias += probs.sum(0)
+            if not need_grad:
+                continue
+            # d loss / d logits = (softmax - onehot) * weight of the row
+            coef = valid * scale
+            grad_logits = exp.mul_(coef[:, None] / total)
+            rows = torch.arange(h.shape[0], device=h.device)
+            grad_logits[rows, safe_target] -= coef
+            g = grad_logits if fp32 else grad_logits.to(hidden.dtype)
+            torch.mm(g, weight, out=grad_hidden[start : start + chunk_size])
+            chunk_grad = g.t() @ h
+            if grad_weight is None:
+                grad_weight = chunk_grad if fp32 else chunk_grad.float()
+            else:
+                grad_weight += chunk_grad
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
         if need_grad:
+            if grad_weight is None:
+                grad_weight = torch.zeros_like(weight, dtype=torch.float32)
             ctx.save_for_backward(
                 grad_hidden,
                 grad_weight.to(weight.dtype),
@@ -56,15 +66,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        return (
-            grad_hidden * grad_output.to(grad_hidden.dtype),
-            grad_weight * grad_output.to(grad_weight.dtype),
-            None if grad_bias is None else grad_bias * grad_output.to(grad_bias.dtype),
-            None,
-            None,
-            None,
-            None,
-        )
+        # The saved gradients are ours alone: scale them in place (grad_output is 1 for a plain .backward()).
+        grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
+        grad_weight.mul_(grad_output.to(grad_weight.dtype))
+        if grad_bias is not None:
+            grad_bias.mul_(grad_output.to(grad_bias.dtype))
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def auto_chunk_size(vocab_size: int, *, target_bytes: int = 64 * 2**20) -> int:
+    """Rows per chunk so that one chunk of fp32 logits takes about `target_bytes` (measured fastest on CPU)."""
+    return max(128, target_bytes // (4 * vocab_size))
 
 
 def causal_lm_loss(
@@ -73,13 +85,13 @@ def causal_lm_loss(
     bias: torch.Tensor | None,
     labels: torch.Tensor,
     *,
-    chunk_size: int = 2048,
+    chunk_size: int | None = None,
     num_targets: int | None = None,
 ) -> torch.Tensor:
     """Token cross-entropy summed over non-ignored labels and divided by `num_targets` (default: their count).
 
     With `weight` given, `x` holds final hidden states [..., D] and the logits x @ weight.T + bias are
-    formed a chunk at a time; with `weight=None`, `x` is already the logits [..., V]. `labels` are the
+    formed `chunk_size` rows at a time (None: about 64 MiB of logits per chunk; 0: all at once); with `weight=None`, `x` is already the logits [..., V]. `labels` are the
     next-token ids aligned with `x` (already shifted), IGNORE_INDEX where no loss is taken.
     """
     labels = labels.reshape(-1)
@@ -90,5 +102,7 @@ def causal_lm_loss(
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") * scale
     hidden = x.reshape(-1, x.shape[-1])
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(weight.shape[0])
     chunk = chunk_size if chunk_size > 0 else hidden.shape[0]
     return _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, scale, need_grad)

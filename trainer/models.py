@@ -81,10 +81,10 @@ class CausalLMWithLoss(nn.Module):
     hooks that DDP and FSDP install, whichever loss path is taken.
     """
 
-    def __init__(self, model: PreTrainedModel, *, loss_chunk_size: int = 2048) -> None:
+    def __init__(self, model: PreTrainedModel, *, loss_chunk_size: int | None = None) -> None:
         super().__init__()
         self.model = model
-        self.fused = loss_chunk_size > 0 and supports_fused_loss(model)
+        self.fused = loss_chunk_size != 0 and supports_fused_loss(model)
         self.loss_chunk_size = loss_chunk_size
 
     def forward(

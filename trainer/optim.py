@@ -58,10 +58,13 @@ def build_optimizer(cfg: Any, model: nn.Module, *, device: torch.device) -> torc
     cls, kwargs = optimizer_kwargs(cfg)
     no_decay = list(cfg.no_decay)
     weight_decay = kwargs.pop("weight_decay", 0.0)
-    if cls is torch.optim.AdamW and device.type == "cuda" and kwargs.get("foreach") is None:
-        kwargs["fused"] = True  # one kernel for the whole update on CUDA
-    if kwargs.get("foreach") is None:
-        kwargs.pop("foreach", None)
+    if kwargs.get("foreach") is None and "foreach" in kwargs:
+        # torch picks the per-tensor loop on CPU; the multi-tensor path is faster there, one fused kernel on CUDA.
+        del kwargs["foreach"]
+        if device.type == "cuda" and cls is torch.optim.AdamW:
+            kwargs["fused"] = True
+        else:
+            kwargs["foreach"] = True
     groups = param_groups(model, weight_decay=weight_decay, no_decay=no_decay)
     return cls(groups, **kwargs)
 
