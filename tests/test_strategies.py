@@ -36,9 +36,13 @@ def reference(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_strategy_follows_the_single_process_run(strategy, reference, tmp_path):
-    run_command([*COMMON, f"strategy={strategy}", f"hydra.run.dir={tmp_path}"], nproc=2)
+@pytest.mark.parametrize(
+    "strategy,extra",
+    [(s, []) for s in STRATEGIES]
+    + [("fsdp", ["train.activation_checkpointing=true"]), ("zero3", ["train.activation_checkpointing=true"])],
+)
+def test_strategy_follows_the_single_process_run(strategy, extra, reference, tmp_path):
+    run_command([*COMMON, f"strategy={strategy}", *extra, f"hydra.run.dir={tmp_path}"], nproc=2)
     want, got = train_losses(reference), train_losses(tmp_path)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in want:
@@ -184,3 +188,12 @@ def test_a_killed_rank_restarts_and_resumes_from_the_last_checkpoint(tmp_path):
     replay = {r["step"]: r["loss"] for r in records[restart:] if r["step"] in first}
     assert replay and all(replay[s] == first[s] for s in replay)
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+
+
+def test_compile_under_zero3_is_refused_with_the_alternative():
+    from tests.conftest import compose_config
+    from trainer.distributed import ParallelEnv
+    from trainer.strategy import build_strategy
+
+    with pytest.raises(ConfigError, match="strategy=fsdp"):
+        build_strategy(compose_config("strategy=zero3", "train.compile=true"), ParallelEnv(0, 2, 0), torch.device("cpu"))

@@ -72,6 +72,11 @@ class ZeroStrategy(SingleStrategy):
             raise ConfigError(
                 f"strategy.offload_params=cpu needs strategy=zero3 (parameters are whole under zero{stage})"
             )
+        if stage == 3 and self.train_cfg.compile:
+            raise ConfigError(
+                "train.compile=true does not work with strategy=zero3: DeepSpeed's parameter-partitioning hooks "
+                "break torch.compile here; use strategy=fsdp (which compiles) or train.compile=false"
+            )
         self.deepspeed = require("deepspeed", extra="deepspeed")
 
     def setup(
