@@ -52,9 +52,19 @@ def peak_flops(device: torch.device, configured: float | None) -> float:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this rank: allocated CUDA memory, or the process's max resident set on CPU."""
+    """Peak memory of this rank: allocated CUDA memory, or the process's peak resident set on CPU.
+
+    On Linux VmHWM is this process's own peak; ru_maxrss would start from the parent's at fork time.
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
