@@ -37,12 +37,17 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "strategy,extra",
-    [(s, []) for s in STRATEGIES]
-    + [("fsdp", ["train.activation_checkpointing=true"]), ("zero3", ["train.activation_checkpointing=true"])],
+    "strategy,extra,nproc",
+    [(s, [], 2) for s in STRATEGIES]
+    + [
+        ("fsdp", ["train.activation_checkpointing=true"], 2),
+        ("zero3", ["train.activation_checkpointing=true"], 2),
+        ("zero3", ["strategy.offload_optimizer=cpu", "strategy.offload_params=cpu"], 2),
+        ("fsdp", ["strategy.replicate_degree=2"], 4),  # HSDP: 2 replicas of 2-way shards
+    ],
 )
-def test_strategy_follows_the_single_process_run(strategy, extra, reference, tmp_path):
-    run_command([*COMMON, f"strategy={strategy}", *extra, f"hydra.run.dir={tmp_path}"], nproc=2)
+def test_strategy_follows_the_single_process_run(strategy, extra, nproc, reference, tmp_path):
+    run_command([*COMMON, f"strategy={strategy}", *extra, f"hydra.run.dir={tmp_path}"], nproc=nproc)
     want, got = train_losses(reference), train_losses(tmp_path)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in want:
@@ -197,4 +202,19 @@ def test_compile_under_zero3_is_refused_with_the_alternative():
     from trainer.strategy import build_strategy
 
     with pytest.raises(ConfigError, match="strategy=fsdp"):
-        build_strategy(compose_config("strategy=zero3", "train.compile=true"), ParallelEnv(0, 2, 0), torch.device("cpu"))
+        build_strategy(
+            compose_config("strategy=zero3", "train.compile=true"), ParallelEnv(0, 2, 0), torch.device("cpu")
+        )
+
+
+def test_fsdp_cpu_offload_on_a_cpu_run_explains_itself():
+    from tests.conftest import compose_config
+    from trainer.distributed import ParallelEnv
+    from trainer.strategy import build_strategy
+
+    with pytest.raises(ConfigError, match="strategy.cpu_offload=false"):
+        build_strategy(
+            compose_config("strategy=fsdp", "strategy.cpu_offload=true"),
+            ParallelEnv(0, 2, 0),
+            torch.device("cpu"),
+        )

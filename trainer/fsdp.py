@@ -61,6 +61,12 @@ class FSDPStrategy(SingleStrategy):
                 "use the number of nodes (HSDP) or 1 (plain FSDP)"
             )
 
+        if self.cfg.cpu_offload and device.type != "cuda":
+            raise ConfigError(
+                "strategy.cpu_offload=true moves FSDP shards between CPU memory and the GPU for compute; "
+                "this run is on the CPU, where the shards already live: set strategy.cpu_offload=false"
+            )
+
     def build_mesh(self) -> DeviceMesh:
         r = self.cfg.replicate_degree
         if r == 1:
