@@ -34,25 +34,51 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
         barrier()
 
-        self.data = build_data(
+        self.data = self._load_data()
+        self.hf_model = self._build_model()
+        self.num_params = count_params(self.hf_model)
+        self.flops_per_token = flops_per_token(self.hf_model, cfg.data.seq_len)
+
+        module = CausalLMWithLoss(self.hf_model, loss_chunk_size=t.loss_chunk_size)
+        self.module, self.optimizer = self.strategy.setup(
+            module, lambda m: build_optimizer(cfg.optimizer, m, device=self.device)
+        )
+        if t.compile:
+            self.module.compile()  # in place: state-dict keys stay as they are
+        torch.manual_seed(t.seed + env.rank)  # dropout differs per rank, reproducibly
+
+        self.order = SampleOrder(len(self.data.train), seed=t.seed)
+        self.step = 0
+        self.tokens_seen = 0
+        self.ckpt_root = run_dir / "checkpoints"
+        self.resumed_from = self._resume()
+        self.peak = peak_flops(self.device, cfg.metrics.peak_flops)
+        self.log = MetricsLog(run_dir / "metrics.jsonl", enabled=env.is_main)
+
+    def _load_data(self):
+        cfg, t = self.cfg, self.cfg.train
+        data = build_data(
             cfg.data,
-            run_dir=run_dir,
+            run_dir=self.run_dir,
             model_name_or_path=cfg.model.name_or_path,
             trust_remote_code=cfg.model.trust_remote_code,
-            is_main=env.is_main,
+            is_main=self.env.is_main,
             barrier=barrier,
         )
-        if len(self.data.train) < t.global_batch_size:
+        if len(data.train) < t.global_batch_size:
             raise DataError(
-                f"the training data gives {len(self.data.train)} sequences of data.seq_len={cfg.data.seq_len} tokens, "
+                f"the training data gives {len(data.train)} sequences of data.seq_len={cfg.data.seq_len} tokens, "
                 f"fewer than one global batch (train.global_batch_size={t.global_batch_size}); "
                 "lower data.seq_len or the batch size, or add data"
             )
-        if len(self.data.eval) == 0:
+        if len(data.eval) == 0:
             raise DataError(
                 f"the eval split gives no sequence of data.seq_len={cfg.data.seq_len} tokens; lower data.seq_len or add eval data"
             )
+        return data
 
+    def _build_model(self):
+        cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)  # identical init on every rank
         model = build_model(cfg.model, vocab_size=len(self.data.tokenizer), dtype=resolve_dtype(t.dtype))
         limit = max_seq_len(model)
@@ -68,33 +94,19 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        self.hf_model = model
-        self.num_params = count_params(model)
-        self.flops_per_token = flops_per_token(model, cfg.data.seq_len)
+        return model
 
-        module = CausalLMWithLoss(model, loss_chunk_size=t.loss_chunk_size)
-        self.module, self.optimizer = self.strategy.setup(
-            module, lambda m: build_optimizer(cfg.optimizer, m, device=self.device)
-        )
-        if t.compile:
-            self.module.compile()  # in place: state-dict keys stay as they are
-        torch.manual_seed(t.seed + env.rank)  # dropout differs per rank, reproducibly
-
-        self.order = SampleOrder(len(self.data.train), seed=t.seed)
-        self.step = 0
-        self.tokens_seen = 0
-        self.ckpt_root = run_dir / "checkpoints"
-        resume_from = ckpt.resolve_resume(cfg.resume, self.ckpt_root)
-        if resume_from is not None:
+    def _resume(self) -> Path | None:
+        """Restore model, optimizer, RNG and loop state from the configured checkpoint, if any."""
+        path = ckpt.resolve_resume(self.cfg.resume, self.ckpt_root)
+        if path is not None:
             state = ckpt.load_checkpoint(
-                resume_from, strategy=self.strategy, module=self.module, optimizer=self.optimizer, env=env
+                path, strategy=self.strategy, module=self.module, optimizer=self.optimizer, env=self.env
             )
             self.step = state["step"]
             self.tokens_seen = state["tokens_seen"]
             self.order.load_state_dict(state["data"])
-        self.resumed_from = resume_from
-        self.peak = peak_flops(self.device, cfg.metrics.peak_flops)
-        self.log = MetricsLog(run_dir / "metrics.jsonl", enabled=env.is_main)
+        return path
 
     # ---- steps -------------------------------------------------------------------------------------
 
