@@ -20,8 +20,9 @@ predicts the same targets from the same weights.
 What is measured, the same way in every variant: wall time from the end of optimizer step ``--warmup`` to the
 end of the last step (so the first steps, with one-off allocations and compilation, are not timed), including
 everything the loop does between steps (batching, logging); tokens/s = timed steps x batch x seq_len / that
-time. Each variant runs in its own subprocess, so peak memory is that process's peak resident set
-(``ru_maxrss``: imports, data, model, optimizer and activations) and the variants cannot disturb each other.
+time. Each variant runs in its own subprocess, so peak memory is that process's peak resident set (imports,
+data, model, optimizer and activations; VmHWM, as a child's ru_maxrss also counts its parent's memory at
+fork time; both are in the JSON) and the variants cannot disturb each other.
 MFU = tokens/s x ``trainer.models.flops_per_token`` / the CPU's peak, measured once per run with
 ``trainer.metrics.measure_cpu_peak_flops``. With ``--repeats N`` the variants run N times, interleaved, and
 the median tokens/s (and the largest peak memory) is reported, which damps noise from other load.
@@ -29,9 +30,10 @@ the median tokens/s (and the largest peak memory) is reported, which damps noise
 Targets checked for each trainer setting: tokens/s >= 1.0x the plain loop and >= 1.3x the HF Trainer, with a
 lower peak memory than both.
 
-    .venv/bin/python bench/throughput.py --quick                  # smoke check, < 1 minute
+    .venv/bin/python bench/throughput.py --quick                  # smoke check (1 thread), < 1 minute
     .venv/bin/python bench/throughput.py                          # the realistic run (a few minutes on 2 cores)
-    .venv/bin/python bench/throughput.py --loss-chunk-size 0 1024 4096 --compile false true
+    .venv/bin/python bench/throughput.py --threads 1 --repeats 2 --loss-chunk-size 512 2048
+    .venv/bin/python bench/throughput.py --only trainer --loss-chunk-size 0 512 2048 --compile false true
 """
 
 from __future__ import annotations
@@ -61,9 +63,9 @@ DEFAULT_OUT = REPO / "bench" / "out" / "throughput.json"
 TARGET_VS_PLAIN = 1.0
 TARGET_VS_HF = 1.3
 
-# Sizes of the realistic run and of --quick; explicit flags override either.
+# Sizes of the realistic run and of --quick (1 thread: steady on a shared machine); explicit flags override either.
 REALISTIC = dict(steps=15, warmup=3, batch=8, seq_len=256, vocab=32000, hidden=192, layers=4)
-QUICK = dict(steps=6, warmup=2, batch=2, seq_len=64, vocab=8192, hidden=64, layers=2)
+QUICK = dict(steps=6, warmup=2, batch=2, seq_len=64, vocab=8192, hidden=64, layers=2, threads=1)
 
 
 # ---- what a worker is told and what it reports ------------------------------------------------------------
@@ -104,6 +106,7 @@ class Result:
     ru_maxrss_mib: float  # getrusage's figure, which includes the parent's memory at fork time
     setup_rss_mib: float  # resident set when the first step starts (imports, data, model, optimizer)
     losses: list[float]
+    step_seconds: list[float]  # steps 2..N (end-to-end), warm-up included
     reported_tokens_per_s: float | None = None  # the trainer's own figure from metrics.jsonl (trainer only)
 
 
@@ -180,6 +183,7 @@ class StepClock:
             ru_maxrss_mib=ru_maxrss_mib(),
             setup_rss_mib=self.setup_rss_mib,
             losses=losses,
+            step_seconds=[b - a for a, b in zip(self.marks[:-1], self.marks[1:], strict=True)],
             **extra,
         )
 
@@ -256,7 +260,9 @@ def run_plain(spec: Spec) -> Result:
     """A plain PyTorch loop over the same windows: forward with the HF loss, backward, clip, AdamW."""
     inputs, labels = load_windows(spec)
     model = build_hf_model(spec)
-    optimizer = torch.optim.AdamW(decay_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas, eps=spec.eps)
+    optimizer = torch.optim.AdamW(
+        decay_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas, eps=spec.eps
+    )
     model.train()
     clock = StepClock(spec)
     losses = []
@@ -326,7 +332,11 @@ def run_hf_trainer(spec: Spec) -> Result:
     return clock.result(losses)
 
 
-WORKERS: dict[str, Callable[[Spec], Result]] = {"trainer": run_trainer, "plain": run_plain, "hf": run_hf_trainer}
+WORKERS: dict[str, Callable[[Spec], Result]] = {
+    "trainer": run_trainer,
+    "plain": run_plain,
+    "hf": run_hf_trainer,
+}
 
 
 def worker_main(spec_path: Path, result_path: Path) -> None:
@@ -367,10 +377,15 @@ def build_tokenizer(vocab: int, directory: Path) -> Path:
         return directory
     from trainer.data.tokenizer import build_bpe_tokenizer
 
-    print(f"training a {vocab}-token BPE on pydoc + the standard library (cached in {directory}) ...", flush=True)
+    print(
+        f"training a {vocab}-token BPE on pydoc + the standard library (cached in {directory}) ...",
+        flush=True,
+    )
     tok = build_bpe_tokenizer(tokenizer_corpus(400 * vocab), vocab)
     if len(tok) < vocab:
-        raise SystemExit(f"the corpus only supports {len(tok)} BPE tokens; ask for --vocab {len(tok)} or less")
+        raise SystemExit(
+            f"the corpus only supports {len(tok)} BPE tokens; ask for --vocab {len(tok)} or less"
+        )
     tok.save_pretrained(str(directory))
     return directory
 
@@ -439,7 +454,9 @@ def save_windows(cfg: Any, work: Path, steps: int, batch: int) -> tuple[Path, in
     datasets.disable_progress_bars()
     data = build_data(cfg.data, run_dir=work)
     if len(data.train) < batch:
-        raise SystemExit(f"pydoc gives {len(data.train)} windows of {cfg.data.seq_len} tokens, fewer than --batch {batch}")
+        raise SystemExit(
+            f"pydoc gives {len(data.train)} windows of {cfg.data.seq_len} tokens, fewer than --batch {batch}"
+        )
     order = SampleOrder(len(data.train), seed=cfg.train.seed)
     idx = torch.cat([order.take(batch) for _ in range(steps)])
     inputs, labels = data.train.batch(idx)
@@ -451,14 +468,19 @@ def save_windows(cfg: Any, work: Path, steps: int, batch: int) -> tuple[Path, in
 # ---- running the workers and reporting ---------------------------------------------------------------------
 
 
-def run_worker(spec: Spec, work: Path, timeout: float) -> Result:
+def run_worker(spec: Spec, timeout: float) -> Result:
     """One variant in a fresh Python process; its output goes to a log, shown only if it fails."""
     vdir = Path(spec.work_dir)
     vdir.mkdir(parents=True, exist_ok=True)
     spec_path, result_path, log_path = vdir / "spec.json", vdir / "result.json", vdir / "log.txt"
     spec_path.write_text(json.dumps(asdict(spec), indent=1))
     result_path.unlink(missing_ok=True)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
     if spec.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec.threads)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path), str(result_path)]
@@ -505,7 +527,9 @@ def compare(t: dict[str, Any], plain: dict[str, Any], hf: dict[str, Any]) -> dic
     return c
 
 
-def print_report(setup: dict[str, Any], rows: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> None:
+def print_report(
+    setup: dict[str, Any], rows: list[dict[str, Any]], comparisons: list[dict[str, Any]]
+) -> None:
     s = setup
     print(
         f"\nmodel: llama {s['num_params'] / 1e6:.2f}M params (vocab {s['model_vocab']}, hidden {s['hidden']}, "
@@ -514,7 +538,9 @@ def print_report(setup: dict[str, Any], rows: list[dict[str, Any]], comparisons:
         f"{s['repeats']} repeat(s); CPU peak {s['peak_flops'] / 1e9:.1f} GFLOP/s"
     )
     width = max(len(r["label"]) for r in rows)
-    print(f"\n{'variant':<{width}}  {'tokens/s':>9}  {'peak MiB':>8}  {'setup MiB':>9}  {'MFU':>6}  {'loss@1':>7}  {'loss@end':>8}")
+    print(
+        f"\n{'variant':<{width}}  {'tokens/s':>9}  {'peak MiB':>8}  {'setup MiB':>9}  {'MFU':>6}  {'loss@1':>7}  {'loss@end':>8}"
+    )
     for r in rows:
         print(
             f"{r['label']:<{width}}  {r['tokens_per_s']:>9,.0f}  {r['peak_rss_mib']:>8,.0f}  {r['setup_rss_mib']:>9,.0f}  "
@@ -523,7 +549,8 @@ def print_report(setup: dict[str, Any], rows: list[dict[str, Any]], comparisons:
     first = [r["first_loss"] for r in rows]
     if max(first) - min(first) > 1e-3 * max(first):
         print("WARNING: the step-1 losses differ: the variants do not see the same weights/targets")
-    print("\ntrainer vs plain loop / vs HF Trainer (tokens/s ratio, peak-memory ratio):")
+    if comparisons:
+        print("\ntrainer vs plain loop / vs HF Trainer (tokens/s ratio, peak-memory ratio):")
     for c in comparisons:
         marks = ", ".join(f"{k}: {'yes' if ok else 'NO'}" for k, ok in c["targets"].items())
         print(
@@ -544,10 +571,14 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check in under a minute")
     p.add_argument("--steps", type=int, help=f"optimizer steps per variant (default {REALISTIC['steps']})")
-    p.add_argument("--warmup", type=int, help=f"first steps left out of the timing (default {REALISTIC['warmup']})")
+    p.add_argument(
+        "--warmup", type=int, help=f"first steps left out of the timing (default {REALISTIC['warmup']})"
+    )
     p.add_argument("--batch", type=int, help=f"sequences per step (default {REALISTIC['batch']})")
     p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {REALISTIC['seq_len']})")
     p.add_argument("--vocab", type=int, help=f"BPE vocabulary size (default {REALISTIC['vocab']})")
@@ -555,13 +586,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, help=f"transformer blocks (default {REALISTIC['layers']})")
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 3 x hidden)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (default hidden / 64)")
-    p.add_argument("--loss-chunk-size", type=int, nargs="+", default=None, help="trainer setting(s); 0 = full logits (default: conf/)")
-    p.add_argument("--compile", type=parse_bool, nargs="+", default=None, help="trainer setting(s): true/false (default: conf/)")
-    p.add_argument("--only", nargs="+", choices=["trainer", "plain", "hf"], default=["trainer", "plain", "hf"], help="variants to run")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per variant (default: all cores); 1 is steadier on a busy machine")
-    p.add_argument("--repeats", type=int, default=1, help="run every variant this many times, interleaved; report the median")
-    p.add_argument("--profile", action="store_true", help="torch.profiler over the timed steps (slows them); tables in the work dir")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT.relative_to(REPO)})")
+    p.add_argument(
+        "--loss-chunk-size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="trainer setting(s); 0 = full logits (default: conf/)",
+    )
+    p.add_argument(
+        "--compile",
+        type=parse_bool,
+        nargs="+",
+        default=None,
+        help="trainer setting(s): true/false (default: conf/)",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=["trainer", "plain", "hf"],
+        default=["trainer", "plain", "hf"],
+        help="variants to run",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per variant (default: all cores); 1 is steadier on a busy machine",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every variant this many times, interleaved; report the median",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler over the timed steps (slows them); tables in the work dir",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"JSON results (default {DEFAULT_OUT.relative_to(REPO)})",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per variant run")
     p.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -585,10 +653,11 @@ def main(argv: list[str] | None = None) -> None:
     out = a.out.resolve()
     work = out.parent / f"{out.stem}-work"
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer_dir = build_tokenizer(a.vocab, out.parent / "tokenizers" / f"bpe-{a.vocab}")
+    tokenizer_dir = build_tokenizer(a.vocab, DEFAULT_OUT.parent / "tokenizers" / f"bpe-{a.vocab}")
     if a.threads:
         torch.set_num_threads(a.threads)
-    peak = measure_cpu_peak_flops()  # once, before any variant runs, with the variants' thread count
+    # Once, before any variant runs, with the variants' thread count; best of 20 matmuls to ride out other load.
+    peak = measure_cpu_peak_flops(repeats=20)
 
     base = trainer_overrides(a, tokenizer_dir, work / "data", peak)
     cfg = compose_config(base)
@@ -621,10 +690,13 @@ def main(argv: list[str] | None = None) -> None:
         chunks = a.loss_chunk_size or [cfg.train.loss_chunk_size]
         compiles = a.compile or [cfg.train.compile]
         for chunk, comp in itertools.product(chunks, compiles):
-            label = f"trainer (chunk {chunk}, {'compiled' if comp else 'eager'})"
-            extra = [f"train.loss_chunk_size={chunk}", f"train.compile={str(comp).lower()}"]
-            tag = f"trainer-c{chunk}-{'compile' if comp else 'eager'}"
-            specs.append(Spec(kind="trainer", label=label, work_dir=str(work / tag), overrides=base + extra, **common))
+            shown = "auto" if chunk is None else chunk
+            label = f"trainer (chunk {shown}, {'compiled' if comp else 'eager'})"
+            extra = [f"train.loss_chunk_size={'null' if chunk is None else chunk}", f"train.compile={str(comp).lower()}"]
+            tag = f"trainer-c{shown}-{'compile' if comp else 'eager'}"
+            specs.append(
+                Spec(kind="trainer", label=label, work_dir=str(work / tag), overrides=base + extra, **common)
+            )
     if "plain" in a.only:
         specs.append(Spec(kind="plain", label="plain PyTorch loop", work_dir=str(work / "plain"), **common))
     if "hf" in a.only:
@@ -633,9 +705,15 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[Result]] = {s.label: [] for s in specs}
     for r in range(a.repeats):
         for spec in specs:
-            print(f"[{time.perf_counter() - started:5.0f}s] run {r + 1}/{a.repeats}: {spec.label} ...", flush=True)
-            result = run_worker(spec, work, a.timeout)
-            print(f"        {result.tokens_per_s:,.0f} tokens/s, peak {result.peak_rss_mib:,.0f} MiB", flush=True)
+            print(
+                f"[{time.perf_counter() - started:5.0f}s] run {r + 1}/{a.repeats}: {spec.label} ...",
+                flush=True,
+            )
+            result = run_worker(spec, a.timeout)
+            print(
+                f"        {result.tokens_per_s:,.0f} tokens/s, peak {result.peak_rss_mib:,.0f} MiB",
+                flush=True,
+            )
             runs[spec.label].append(result)
 
     rows = [summarize(label, rs, fpt, peak) for label, rs in runs.items()]
@@ -644,7 +722,10 @@ def main(argv: list[str] | None = None) -> None:
     if "plain" in by_kind and "hf" in by_kind:
         comparisons = [compare(r, by_kind["plain"], by_kind["hf"]) for r in rows if r["kind"] == "trainer"]
     setup = {
-        **{k: getattr(a, k) for k in ("steps", "warmup", "batch", "seq_len", "vocab", "hidden", "layers", "repeats")},
+        **{
+            k: getattr(a, k)
+            for k in ("steps", "warmup", "batch", "seq_len", "vocab", "hidden", "layers", "repeats")
+        },
         "model_vocab": model_config["vocab_size"],
         "model_config": model_config,
         "num_params": num_params,
@@ -653,14 +734,24 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "trainer_overrides": base,
-        "optimizer": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay, "grad_clip": cfg.train.grad_clip},
+        "optimizer": {
+            "lr": o.lr,
+            "betas": list(o.betas),
+            "eps": o.eps,
+            "weight_decay": o.weight_decay,
+            "grad_clip": cfg.train.grad_clip,
+        },
     }
     print_report(setup, rows, comparisons)
     trainers = [r for r in rows if r["kind"] == "trainer"]
     best = max(trainers, key=lambda r: r["tokens_per_s"])["label"] if trainers else None
     if len(trainers) > 1:
         print(f"fastest trainer setting: {best}")
-    out.write_text(json.dumps({"setup": setup, "results": rows, "comparisons": comparisons, "fastest_trainer": best}, indent=1))
+    out.write_text(
+        json.dumps(
+            {"setup": setup, "results": rows, "comparisons": comparisons, "fastest_trainer": best}, indent=1
+        )
+    )
     print(f"\nresults: {out} ({time.perf_counter() - started:.0f}s in all)")
 
 
