@@ -692,7 +692,10 @@ def main(argv: list[str] | None = None) -> None:
         for chunk, comp in itertools.product(chunks, compiles):
             shown = "auto" if chunk is None else chunk
             label = f"trainer (chunk {shown}, {'compiled' if comp else 'eager'})"
-            extra = [f"train.loss_chunk_size={'null' if chunk is None else chunk}", f"train.compile={str(comp).lower()}"]
+            extra = [
+                f"train.loss_chunk_size={'null' if chunk is None else chunk}",
+                f"train.compile={str(comp).lower()}",
+            ]
             tag = f"trainer-c{shown}-{'compile' if comp else 'eager'}"
             specs.append(
                 Spec(kind="trainer", label=label, work_dir=str(work / tag), overrides=base + extra, **common)

@@ -44,7 +44,34 @@ def init_distributed(env: ParallelEnv, *, backend: str | None, device: torch.dev
     os.environ.setdefault("RANK", str(env.rank))
     os.environ.setdefault("WORLD_SIZE", str(env.world_size))
     os.environ.setdefault("MASTER_PORT", "29500")
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    timeout = timedelta(minutes=30)
+    store = _elastic_attempt_store(env, timeout)
+    if store is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(
+            backend=backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout
+        )
+
+
+def _elastic_attempt_store(env: ParallelEnv, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun, the agent's store with a key prefix of its own for each restart attempt.
+
+    torchrun's static rendezvous keeps one store across worker restarts and the workers' env:// init adds no
+    per-attempt prefix, so restarted ranks can read the dead ranks' gloo/nccl addresses and hang in
+    init_process_group. Prefixing with the restart count keeps each attempt's keys apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        env.world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"trainer/attempt_{attempt}/", agent_store)
 
 
 def barrier() -> None:
