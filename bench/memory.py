@@ -3,9 +3,8 @@
 Each strategy runs under ``torch.distributed.run`` with 2 ranks on CPU/gloo, in fp32 with the trainer's AdamW,
 on a Llama built by the real ``trainer.loop.Trainer`` from the Hydra-composed ``conf/`` (so every strategy
 sets itself up exactly as in training): hidden 320, 4 layers, MLP 960, the pydoc data's 8,192-token BPE
-vocabulary, tied embeddings, ~7.9M parameters. Hidden 320 rather than 256 so that the attention matrices
-(320^2 = 102,400 elements) exceed DeepSpeed's ``stage3_param_persistence_threshold`` (1e5): smaller
-parameters stay whole on every ZeRO-3 rank, a fixed-size effect that real models do not see.
+vocabulary, tied embeddings, ~7.9M parameters. The trainer scales DeepSpeed's buckets and ZeRO-3's
+persistence threshold to the width (hidden^2 and 10 x hidden), so only the norms stay whole on every rank.
 
 What is counted: the tensors each rank actually holds, found by walking the real objects, each distinct
 storage once (keyed by ``untyped_storage().data_ptr()``, counted at its full ``nbytes()``, so views into one
@@ -30,9 +29,10 @@ When: one full ``Trainer.train_step()`` first (the optimizer states exist from t
 step's micro-batches are run by hand as ``train_step`` runs them (``trainer.module(inputs, labels,
 num_targets=...)``, the strategy's backward; for DeepSpeed ``engine.backward`` without the ``engine.step``
 that the strategy's ``backward`` also calls), and the model state is measured after each backward, before
-the optimizer step frees the gradients; the largest is the headline. With the default ``--grad-accum 1``
-that is the accumulation boundary: gradients present and already reduced/partitioned, optimizer states
-present, the peak of model state between backward and step for every strategy. Then the step is finished
+the optimizer step frees the gradients; the largest is the headline. The default ``--grad-accum 2``
+measures both a micro-step between boundaries (where ZeRO-1 holds whole gradients, as its formula says,
+and FSDP with ``strategy.defer_grad_sync=true`` would hold unsharded ones) and the boundary (gradients
+reduced/partitioned, optimizer states present): the peak of model state over a step for every strategy. Then the step is finished
 and measured again (``after_step``, in the JSON). Not in the totals: buffers allocated and freed *inside*
 backward (ZeRO-1/2's reduce bucket; a gradient hook records its largest size, printed beside the table)
 and DDP's reducer buckets, which live in C++ (their size, from DDP's logging data, is printed too).
@@ -50,7 +50,7 @@ within 10% of its K = 8 formula; zero3 and fsdp at most 0.55x ddp (measured tota
     .venv/bin/python bench/memory.py                              # all five strategies, ~2 minutes on 2 cores
     .venv/bin/python bench/memory.py --strategies ddp zero3       # a subset
     .venv/bin/python bench/memory.py --reduce-bucket-size 102400  # DeepSpeed's reduce bucket (elements)
-    .venv/bin/python bench/memory.py --grad-accum 2               # measure between micro-steps too
+    .venv/bin/python bench/memory.py --grad-accum 1               # measure at the boundary only
 """
 
 from __future__ import annotations
@@ -600,14 +600,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--grad-accum",
         type=int,
-        default=1,
-        help="micro-batches per step (default 1: every backward is the accumulation boundary)",
+        default=2,
+        help="micro-batches per step (1: every backward is the accumulation boundary)",
     )
     p.add_argument(
         "--reduce-bucket-size",
         type=int,
         default=None,
-        help="DeepSpeed zero_optimization.reduce_bucket_size in elements (default: DeepSpeed's own, as the trainer runs)",
+        help="DeepSpeed zero_optimization.reduce_bucket_size in elements (default: the trainer's, hidden^2)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--timeout", type=int, default=600, help="seconds per strategy")

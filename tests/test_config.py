@@ -55,6 +55,8 @@ def test_wrong_type_is_refused():
         ("scheduler.warmup_steps=-1", "scheduler.warmup_steps"),
         ("train.global_batch_size=12", "not divisible"),
         ("model.source=pretrained", "model.name_or_path"),
+        ("strategy.deepspeed=5", "must be a mapping"),
+        ("strategy.deepspeed={zero_optimization:{stage:2}}", "does not run DeepSpeed"),
     ],
 )
 def test_bad_values_name_the_key(override, fragment):

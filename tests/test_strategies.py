@@ -41,6 +41,7 @@ def reference(tmp_path_factory):
     [(s, [], 2) for s in STRATEGIES]
     + [
         ("fsdp", ["train.activation_checkpointing=true"], 2),
+        ("fsdp", ["strategy.defer_grad_sync=true"], 2),  # one reduce-scatter per step, not per micro-batch
         ("zero3", ["train.activation_checkpointing=true"], 2),
         ("zero3", ["strategy.offload_optimizer=cpu", "strategy.offload_params=cpu"], 2),
         ("fsdp", ["strategy.replicate_degree=2"], 4),  # HSDP: 2 replicas of 2-way shards
@@ -119,6 +120,30 @@ def test_deepspeed_missing_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)
     with pytest.raises(MissingPackageError, match=r"trainer\[deepspeed\]"):
         build_strategy(compose_config("strategy=zero2"), ParallelEnv(0, 2, 0), torch.device("cpu"))
+
+
+def test_deepspeed_config_follows_ours_and_takes_extra_keys():
+    from tests.conftest import compose_config
+    from trainer.zero import deepspeed_config
+
+    overrides = ["train.micro_batch_size=2", "train.global_batch_size=16", "train.grad_clip=0.5"]
+    cfg = compose_config("strategy=zero3", *overrides)
+    ds = deepspeed_config(stage=3, train=cfg.train, strategy=cfg.strategy, world_size=2, hidden_size=64)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (16, 2)
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5  # 16 = 2 x 2 ranks x 4
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 64 * 64  # scaled to the width
+    assert zero["stage3_param_persistence_threshold"] == 640
+
+    extra = (
+        "strategy.deepspeed={zero_optimization: {reduce_bucket_size: 1000}, flops_profiler: {enabled: true}}"
+    )
+    cfg = compose_config("strategy=zero3", *overrides, extra)
+    ds = deepspeed_config(stage=3, train=cfg.train, strategy=cfg.strategy, world_size=2, hidden_size=64)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1000  # the user's key wins ...
+    assert ds["zero_optimization"]["stage"] == 3 and ds["flops_profiler"] == {
+        "enabled": True
+    }  # ... and merges
 
 
 def test_batch_that_does_not_divide_over_the_ranks_fails_before_training(tmp_path):
@@ -225,3 +250,50 @@ def test_fsdp_cpu_offload_on_a_cpu_run_explains_itself():
             ParallelEnv(0, 2, 0),
             torch.device("cpu"),
         )
+
+
+def _master_shares_the_weights(rank: int, port: int, stage: int, run_dir: str) -> None:
+    """One of 2 ranks: DeepSpeed's fp32 master partition is the fp32 weights' partition, through a step."""
+    import os
+
+    from tests.conftest import compose_config
+    from trainer.distributed import ParallelEnv, destroy
+    from trainer.loop import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    try:
+        trainer = Trainer(
+            compose_config(*COMMON, f"strategy=zero{stage}"), run_dir=run_dir, env=ParallelEnv(rank, 2, rank)
+        )
+        opt = trainer.optimizer
+        if stage == 3:
+            pairs = list(zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat, strict=True))
+        else:
+            pairs = [
+                (m, parts[rank])
+                for m, parts in zip(
+                    opt.single_partition_of_fp32_groups, opt.parallel_partitioned_bit16_groups, strict=True
+                )
+            ]
+        before = [w.clone() for _, w in pairs]
+        trainer.train_step()
+        for (master, weight), old in zip(pairs, before, strict=True):
+            assert master.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+            assert not torch.equal(weight, old)  # the step reached the weights through the shared storage
+        if stage != 3:  # the checkpoint's fragment views follow the shared storage too
+            for p in opt.bit16_groups[0]:
+                if getattr(p, "_hp_mapping", None) is not None:
+                    frag = p._hp_mapping.get_hp_fragment()
+                    assert frag.untyped_storage().data_ptr() == pairs[0][0].untyped_storage().data_ptr()
+        del trainer, opt, pairs
+    finally:
+        destroy()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_keeps_no_second_fp32_copy_of_fp32_weights(stage, tmp_path):
+    from tests.conftest import free_port
+
+    torch.multiprocessing.spawn(
+        _master_shares_the_weights, args=(free_port(), stage, str(tmp_path)), nprocs=2, join=True
+    )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -113,14 +113,18 @@ class StrategyConfig:
     reshard_after_forward: bool = True
     # FSDP: keep sharded parameters, gradients and optimizer states in CPU memory.
     cpu_offload: bool = False
+    # FSDP: hold unsharded gradients over the micro-batches and reduce-scatter once at the last (less
+    # communication, a whole gradient per rank); false reduce-scatters every micro-batch (sharded gradients).
+    defer_grad_sync: bool = False
     # FSDP: replica groups; > 1 gives HSDP (shard within world/replicate ranks, replicate across groups).
     replicate_degree: int = 1
     # ZeRO: `none` or `cpu` for the optimizer states (and step), DeepSpeed's CPU offload.
     offload_optimizer: str = "none"
     # ZeRO-3: `none` or `cpu` for the parameters.
     offload_params: str = "none"
-    # ZeRO: extra DeepSpeed config keys merged over the generated config (e.g. {zero_optimization: {...}}).
-    deepspeed: dict[str, Any] = field(default_factory=dict)
+    # ZeRO: extra DeepSpeed config keys merged over the generated config (e.g. {zero_optimization: {...}});
+    # null for none. Typed Any so that `strategy.deepspeed={...}` can bring keys the schema does not know.
+    deepspeed: Any = None
 
 
 @dataclass
@@ -254,6 +258,17 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
     _check(
         cfg.strategy.name in STRATEGIES,
         f"strategy.name={cfg.strategy.name}: choose one of {', '.join(STRATEGIES)}",
+    )
+    extra = cfg.strategy.deepspeed
+    _check(
+        extra is None or (OmegaConf.is_dict(extra) or isinstance(extra, dict)),
+        f"strategy.deepspeed={extra}: must be a mapping of DeepSpeed keys, e.g. "
+        "'strategy.deepspeed={zero_optimization: {reduce_bucket_size: 50000000}}'",
+    )
+    _check(
+        extra is None or cfg.strategy.name.startswith("zero"),
+        f"strategy.deepspeed is set but strategy={cfg.strategy.name} does not run DeepSpeed; "
+        "use strategy=zero1, zero2 or zero3, or drop strategy.deepspeed",
     )
     _check(
         cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps}: must be >= 0"

@@ -43,6 +43,7 @@ def init_distributed(env: ParallelEnv, *, backend: str | None, device: torch.dev
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     os.environ.setdefault("RANK", str(env.rank))
     os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it (srun does not set it)
     os.environ.setdefault("MASTER_PORT", "29500")
     timeout = timedelta(minutes=30)
     store = _elastic_attempt_store(env, timeout)

@@ -89,7 +89,9 @@ class FSDPStrategy(SingleStrategy):
         return module, make_optimizer(module)
 
     def accumulation_context(self, module: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
-        module.set_requires_gradient_sync(sync)
+        # Reduce-scattering every micro-batch keeps gradients sharded (ZeRO-2/3 do the same); deferring it
+        # saves traffic but holds each rank's whole unsharded gradient until the last micro-batch.
+        module.set_requires_gradient_sync(sync or not self.cfg.defer_grad_sync)
         return contextlib.nullcontext()
 
     def clip_and_step(

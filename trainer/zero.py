@@ -33,10 +33,19 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def deepspeed_config(*, stage: int, train: Any, strategy: Any, world_size: int) -> dict[str, Any]:
+def deepspeed_config(
+    *, stage: int, train: Any, strategy: Any, world_size: int, hidden_size: int | None = None
+) -> dict[str, Any]:
     """The DeepSpeed config for our settings (fp32 here; precision adds its keys)."""
     accum = train.global_batch_size // (train.micro_batch_size * world_size)
     zero: dict[str, Any] = {"stage": stage}
+    if hidden_size:
+        # DeepSpeed's defaults (5e8-element buckets: 2 GB in fp32 on every rank, and a 1e5-element threshold
+        # under which ZeRO-3 keeps parameters whole) fit neither small nor very wide models: scale with width.
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
+        if stage == 3:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     if strategy.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
     if strategy.offload_params == "cpu":
@@ -53,11 +62,8 @@ def deepspeed_config(*, stage: int, train: Any, strategy: Any, world_size: int) 
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    extra = (
-        OmegaConf.to_container(strategy.deepspeed)
-        if OmegaConf.is_config(strategy.deepspeed)
-        else dict(strategy.deepspeed)
-    )
+    extra = strategy.deepspeed or {}
+    extra = OmegaConf.to_container(extra) if OmegaConf.is_config(extra) else dict(extra)
     return _merge(config, extra)
 
 
@@ -84,12 +90,17 @@ class ZeroStrategy(SingleStrategy):
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         module = module.to(self.device)
         config = deepspeed_config(
-            stage=self.stage, train=self.train_cfg, strategy=self.cfg, world_size=self.env.world_size
+            stage=self.stage,
+            train=self.train_cfg,
+            strategy=self.cfg,
+            world_size=self.env.world_size,
+            hidden_size=_hidden_size(module),
         )
         engine, optimizer, _, _ = self.deepspeed.initialize(
             model=module, optimizer=make_optimizer(module), config=config, dist_init_required=False
         )
         self.engine = engine
+        _share_fp32_master(optimizer, self.stage)
         return engine, optimizer
 
     def accumulation_context(self, module: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
@@ -212,6 +223,44 @@ class ZeroStrategy(SingleStrategy):
             elif self.env.is_main:
                 out[name] = p.detach().cpu()
         return out
+
+
+def _share_fp32_master(optimizer: Any, stage: int) -> None:
+    """With fp32 weights, make DeepSpeed's fp32 master partition the weights' own partition, not a copy.
+
+    DeepSpeed keeps a separate fp32 master partition beside the working weights (4 bytes per parameter per
+    rank more than the ZeRO formulas); when the working weights are themselves fp32 on the same device that copy
+    is pure waste. (ZeRO-3 means to skip it, but compares a torch.device with a string, which is never equal.)
+    Pointing the master at the weights' storage keeps every reference valid: after its step DeepSpeed copies
+    the master into the weights, now a copy onto itself. Offloaded masters live elsewhere and stay separate.
+    """
+    if stage == 3:
+        masters, weights = optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat
+    else:
+        if optimizer.cpu_offload:
+            return
+        rank = [torch.distributed.get_rank(group=g) for g in optimizer.real_dp_process_group]
+        masters = optimizer.single_partition_of_fp32_groups
+        weights = [
+            parts[r] for parts, r in zip(optimizer.parallel_partitioned_bit16_groups, rank, strict=True)
+        ]
+    shared = False
+    for master, weight in zip(masters, weights, strict=True):
+        same_place = master.dtype == weight.dtype and master.device == weight.device
+        if same_place and master.shape == weight.shape and master.data_ptr() != weight.data_ptr():
+            master.data = weight.detach()
+            shared = True
+    if shared and stage != 3:
+        optimizer._link_all_hp_params()  # the parameters' fragment views pointed into the old copy
+
+
+def _hidden_size(module: nn.Module) -> int | None:
+    """The transformer's width, from the HF config of the model inside our wrapper."""
+    for m in module.modules():
+        size = getattr(getattr(m, "config", None), "hidden_size", None)
+        if isinstance(size, int):
+            return size
+    return None
 
 
 def _copier(target: torch.Tensor):
