@@ -56,6 +56,8 @@ def test_wrong_type_is_refused():
         ("train.global_batch_size=12", "not divisible"),
         ("model.source=pretrained", "model.name_or_path"),
         ("strategy.deepspeed=5", "must be a mapping"),
+        ("precision.name=fp4", "choose one of fp32"),
+        ("precision.min_loss_scale=0", "precision.min_loss_scale"),
         ("strategy.deepspeed={zero_optimization:{stage:2}}", "does not run DeepSpeed"),
     ],
 )

@@ -149,13 +149,31 @@ class TrainConfig:
     # Rows of the LM head processed at once by the fused cross-entropy; null sizes a chunk of logits
     # at ~64 MiB (fastest measured); 0 turns fusion off and materialises the full logits.
     loss_chunk_size: int | None = None
-    # `float32`, `bfloat16` or `float16` for the parameters (mixed precision arrives with the precision group).
+    # `float32`, `bfloat16` or `float16` for the stored parameters (the master weights); `precision` picks
+    # the compute dtype. Keep float32 for mixed precision; bfloat16 with precision=bf16 is pure bf16.
     dtype: str = "float32"
     # `auto` picks cuda when available, else cpu.
     device: str = "auto"
     progress_bar: bool = True
     # Write the hf/ export (save_pretrained + tokenizer) when the run ends.
     export_hf: bool = True
+
+
+@dataclass
+class PrecisionConfig:
+    # `fp32`, `bf16`, `fp16` (dynamic loss scaling) or `fp8` (torchao float8 linears, bf16 elsewhere; GPUs
+    # with compute capability 8.9+).
+    name: str = "fp32"
+    # FSDP: dtype of the gradient reduce-scatter (float32 keeps the sums exact as in fp32 training).
+    reduce_dtype: str = "float32"
+    # fp16: the first loss scale, and the factors and interval of its dynamic adjustment.
+    init_scale: float = 65536.0
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    # fp16: a step that overflows with the scale at or below this stops the run (fp16 cannot represent
+    # the gradients: switch to bf16).
+    min_loss_scale: float = 1.0
 
 
 @dataclass
@@ -181,6 +199,7 @@ class Config:
     optimizer: OptimizerConfig = MISSING
     scheduler: SchedulerConfig = MISSING
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -197,6 +216,7 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="schema_sgd", node=SGDConfig)
     cs.store(group="scheduler", name="schema", node=SchedulerConfig)
     cs.store(group="strategy", name="schema", node=StrategyConfig)
+    cs.store(group="precision", name="schema", node=PrecisionConfig)
 
 
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -204,6 +224,7 @@ DATA_SOURCES = ("embedded", "pydoc", "hf")
 MODEL_SOURCES = ("config", "pretrained")
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -258,6 +279,20 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
     _check(
         cfg.strategy.name in STRATEGIES,
         f"strategy.name={cfg.strategy.name}: choose one of {', '.join(STRATEGIES)}",
+    )
+    pr = cfg.precision
+    _check(pr.name in PRECISIONS, f"precision.name={pr.name}: choose one of {', '.join(PRECISIONS)}")
+    _check(
+        pr.reduce_dtype in DTYPES,
+        f"precision.reduce_dtype={pr.reduce_dtype}: choose one of {', '.join(DTYPES)}",
+    )
+    _check(
+        pr.init_scale > 0 and pr.growth_factor > 1 and 0 < pr.backoff_factor < 1 and pr.growth_interval > 0,
+        "precision: init_scale > 0, growth_factor > 1, 0 < backoff_factor < 1 and growth_interval > 0 are needed",
+    )
+    _check(
+        0 < pr.min_loss_scale <= pr.init_scale,
+        f"precision.min_loss_scale={pr.min_loss_scale}: must be > 0 and <= precision.init_scale",
     )
     extra = cfg.strategy.deepspeed
     _check(

@@ -14,11 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from trainer.config import ConfigError
+from trainer.precision import convert_to_fp8
 from trainer.shards import LoadSlice, SaveSlice
 from trainer.strategy import OptimizerFactory, SingleStrategy, named_parameters
 
@@ -79,14 +86,24 @@ class FSDPStrategy(SingleStrategy):
         self, module: nn.Module, make_optimizer: OptimizerFactory
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         module = module.to(self.device)
+        if self.precision.name == "fp8":
+            convert_to_fp8(module)
+        self.precision.make_scaler(sharded=True)  # fp16: the overflow flag is all-reduced over the shards
         mesh = self.build_mesh()
         offload: OffloadPolicy = CPUOffloadPolicy() if self.cfg.cpu_offload else OffloadPolicy()
-        kwargs = dict(mesh=mesh, offload_policy=offload)
+        # Parameters gathered in the compute dtype, gradients reduced in reduce_dtype, shards kept as stored.
+        policy = MixedPrecisionPolicy(
+            param_dtype=self.precision.compute_dtype, reduce_dtype=self.precision.reduce_dtype
+        )
+        kwargs = dict(mesh=mesh, offload_policy=offload, mp_policy=policy)
         for block in transformer_blocks(module.model):
             fully_shard(block, reshard_after_forward=self.cfg.reshard_after_forward, **kwargs)
         # The root's parameters (embeddings, head) are used again right after the forward: keep them gathered.
         fully_shard(module, reshard_after_forward=False, **kwargs)
         return module, make_optimizer(module)
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the MixedPrecisionPolicy casts the gathered parameters
 
     def accumulation_context(self, module: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
         # Reduce-scattering every micro-batch keeps gradients sharded (ZeRO-2/3 do the same); deferring it
@@ -97,13 +114,14 @@ class FSDPStrategy(SingleStrategy):
     def clip_and_step(
         self, module: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float
     ) -> torch.Tensor:
+        self.precision.unscale_(optimizer)
         params = [p for p in module.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(
             params, max_norm if max_norm > 0 else float("inf"), foreach=True
         )
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        optimizer.step()
+        self.precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         return norm
 

@@ -1,4 +1,4 @@
-"""The one training loop. Strategies, losses and (later) precision and pruning plug in through small interfaces."""
+"""The one training loop. Strategies (with their precision), losses and (later) pruning plug in through small interfaces."""
 
 from __future__ import annotations
 
@@ -106,6 +106,7 @@ class Trainer:
             self.step = state["step"]
             self.tokens_seen = state["tokens_seen"]
             self.order.load_state_dict(state["data"])
+            self.strategy.precision.load_state_dict(state.get("precision", {}))
         return path
 
     # ---- steps -------------------------------------------------------------------------------------
@@ -144,9 +145,10 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)  # synced once per step
         for i, (inputs, labels) in enumerate(batches):
             with self.strategy.accumulation_context(self.module, sync=i == len(batches) - 1):
-                loss = self.module(
-                    inputs.to(self.device), labels.to(self.device), num_targets=num_targets_per_rank
-                )
+                with self.strategy.forward_context():
+                    loss = self.module(
+                        inputs.to(self.device), labels.to(self.device), num_targets=num_targets_per_rank
+                    )
                 self.strategy.backward(self.module, loss)
             loss_sum += loss.detach().float()
         grad_norm = self.strategy.clip_and_step(self.module, self.optimizer, t.grad_clip)
@@ -154,7 +156,8 @@ class Trainer:
         self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len
         # Each rank's loss_sum is its share of the global mean x world_size (DDP scaling): average it back.
         loss_value = all_reduce_sum(loss_sum).item() / self.env.world_size
-        return {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
+        out = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
+        return out | self.strategy.precision.metrics()  # fp16: loss_scale, skipped_steps
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -175,7 +178,9 @@ class Trainer:
             inputs, labels = self.data.eval.batch(chunk if len(chunk) else torch.zeros(1, dtype=torch.long))
             if not len(chunk):
                 labels = torch.full_like(labels, -100)
-            totals[0] += model(inputs.to(self.device), labels.to(self.device), num_targets=1).double()
+            with self.strategy.forward_context():
+                loss_sum = model(inputs.to(self.device), labels.to(self.device), num_targets=1)
+            totals[0] += loss_sum.double()
             totals[1] += int((labels != -100).sum())
         all_reduce_sum(totals)
         loss = (totals[0] / totals[1]).item()
@@ -185,7 +190,12 @@ class Trainer:
         return out
 
     def save(self) -> Path:
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.order.state_dict()}
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data": self.order.state_dict(),
+            "precision": self.strategy.precision.state_dict(),
+        }
         return ckpt.save_checkpoint(
             self.ckpt_root,
             strategy=self.strategy,
@@ -280,7 +290,7 @@ class Trainer:
             f"model {self.num_params / 1e6:.2f}M params, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"data {len(self.data.train)} train / {len(self.data.eval)} eval sequences of {self.cfg.data.seq_len} tokens; "
             f"{self.env.world_size} rank(s) x {t.micro_batch_size} x {self.grad_accum} accumulation = {t.global_batch_size} sequences/step; "
-            f"strategy {self.strategy.name} on {self.device.type}; peak {self.peak / 1e9:.0f} GFLOP/s per device",
+            f"strategy {self.strategy.name}, precision {self.strategy.precision.name} on {self.device.type}; peak {self.peak / 1e9:.0f} GFLOP/s per device",
             flush=True,
         )
 
@@ -296,6 +306,14 @@ class Trainer:
             f"done: {s['steps']} steps this run (step {s['final_step']}) in {s['seconds']:.1f}s, "
             f"{s['tokens_per_s']:,.0f} tokens/s, MFU {100 * s['mfu']:.1f}%",
             self._format_eval(s),
+            *(
+                [
+                    f"fp16: {self.strategy.precision.skipped_steps} overflowing step(s) skipped, loss scale now "
+                    f"{self.strategy.precision.loss_scale:g}"
+                ]
+                if self.strategy.precision.loss_scaling
+                else []
+            ),
             f"outputs: {self.run_dir / 'metrics.jsonl'}, {self.ckpt_root}"
             + (f", {self.run_dir / 'hf'}" if self.cfg.train.export_hf else ""),
         ]

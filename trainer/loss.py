@@ -105,4 +105,13 @@ def causal_lm_loss(
     if chunk_size is None:
         chunk_size = auto_chunk_size(weight.shape[0])
     chunk = chunk_size if chunk_size > 0 else hidden.shape[0]
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast does not reach inside an autograd.Function: cast the inputs as autocast would for a matmul
+        # (the casts are differentiable, so the fp32 weights still get fp32 gradients) and run it as is.
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, scale, need_grad)
     return _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, scale, need_grad)

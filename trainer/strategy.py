@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.config import ConfigError
 from trainer.distributed import ParallelEnv
+from trainer.precision import Precision, convert_to_fp8
 from trainer.shards import LoadSlice, SaveSlice, replicated_load_slice, replicated_save_slice
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
@@ -61,6 +62,7 @@ class SingleStrategy:
     def __init__(self, cfg: Any, env: ParallelEnv, device: torch.device) -> None:
         """`cfg` is the whole run config: strategies read `strategy.*` and, for DeepSpeed, `train.*`."""
         self.cfg, self.train_cfg, self.env, self.device = cfg.strategy, cfg.train, env, device
+        self.precision = Precision(cfg.precision, device)
         if env.world_size < self.needs_ranks:
             raise ConfigError(
                 f"strategy={self.name} needs several ranks but this process is alone; launch with "
@@ -77,24 +79,40 @@ class SingleStrategy:
     def setup(
         self, module: nn.Module, make_optimizer: OptimizerFactory
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        module = module.to(self.device)
+        module = self._prepare(module)
         return module, make_optimizer(module)
+
+    def _prepare(self, module: nn.Module) -> nn.Module:
+        """On the device, with fp8 linears when asked, and the fp16 loss scaler made."""
+        module = module.to(self.device)
+        if self.precision.name == "fp8":
+            convert_to_fp8(module)
+        self.precision.make_scaler()
+        return module
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Around every forward (training and eval): autocast to the compute dtype."""
+        return self.precision.autocast()
 
     def accumulation_context(self, module: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
     def backward(self, module: nn.Module, loss: torch.Tensor) -> None:
-        loss.backward()
+        self.precision.scale(loss).backward()
 
     def clip_and_step(
         self, module: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float
     ) -> torch.Tensor:
-        """Clip (when max_norm > 0), step, zero the gradients; returns the total norm before clipping."""
+        """Clip (when max_norm > 0), step, zero the gradients; returns the total norm before clipping.
+
+        With fp16 the gradients are unscaled first, and a step whose gradients overflowed is skipped.
+        """
+        self.precision.unscale_(optimizer)
         params = [p for p in module.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(
             params, max_norm if max_norm > 0 else float("inf"), foreach=True
         )
-        optimizer.step()
+        self.precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -140,7 +158,7 @@ class DDPStrategy(SingleStrategy):
     def setup(
         self, module: nn.Module, make_optimizer: OptimizerFactory
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        module = module.to(self.device)
+        module = self._prepare(module)
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(module, device_ids=ids)
         return ddp, make_optimizer(ddp)

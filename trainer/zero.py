@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import Any
 
 import torch
@@ -34,9 +35,15 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def deepspeed_config(
-    *, stage: int, train: Any, strategy: Any, world_size: int, hidden_size: int | None = None
+    *,
+    stage: int,
+    train: Any,
+    strategy: Any,
+    world_size: int,
+    hidden_size: int | None = None,
+    precision: Any = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed config for our settings (fp32 here; precision adds its keys)."""
+    """The DeepSpeed config for our settings: batch sizes, clipping, buckets, and the precision's section."""
     accum = train.global_batch_size // (train.micro_batch_size * world_size)
     zero: dict[str, Any] = {"stage": stage}
     if hidden_size:
@@ -62,6 +69,17 @@ def deepspeed_config(
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if precision is not None and precision.name == "bf16":
+        config["bf16"] = {"enabled": True}  # bf16 weights and compute, fp32 master partitions
+    elif precision is not None and precision.name == "fp16":
+        config["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": int(math.log2(precision.init_scale)),
+            "loss_scale_window": precision.growth_interval,
+            "hysteresis": 1,  # lower the scale at the first overflow, as torch's GradScaler does
+            "min_loss_scale": precision.min_loss_scale,
+        }
     extra = strategy.deepspeed or {}
     extra = OmegaConf.to_container(extra) if OmegaConf.is_config(extra) else dict(extra)
     return _merge(config, extra)
@@ -83,7 +101,19 @@ class ZeroStrategy(SingleStrategy):
                 "train.compile=true does not work with strategy=zero3: DeepSpeed's parameter-partitioning hooks "
                 "break torch.compile here; use strategy=fsdp (which compiles) or train.compile=false"
             )
+        if self.precision.name == "fp8":
+            raise ConfigError(
+                "precision=fp8 runs torchao float8 linears, which DeepSpeed ZeRO does not shard; "
+                "use strategy=fsdp (or ddp) with precision=fp8, or precision=bf16 with ZeRO"
+            )
+        if self.precision.name == "fp16" and device.type != "cuda":
+            raise ConfigError(
+                "precision=fp16 under DeepSpeed needs a GPU: DeepSpeed's CPU backend has no fp16. "
+                "Use precision=bf16 (or strategy=fsdp/ddp, whose fp16 runs on CPU)"
+            )
         self.deepspeed = require("deepspeed", extra="deepspeed")
+        self.precision_cfg = cfg.precision
+        self._skipped_seen, self._scale_before = 0, 0.0
 
     def setup(
         self, module: nn.Module, make_optimizer: OptimizerFactory
@@ -95,13 +125,20 @@ class ZeroStrategy(SingleStrategy):
             strategy=self.cfg,
             world_size=self.env.world_size,
             hidden_size=_hidden_size(module),
+            precision=self.precision_cfg,
         )
         engine, optimizer, _, _ = self.deepspeed.initialize(
             model=module, optimizer=make_optimizer(module), config=config, dist_init_required=False
         )
         self.engine = engine
         _share_fp32_master(optimizer, self.stage)
+        if self.precision.loss_scaling:
+            self.precision.external_scaler = optimizer.loss_scaler  # DeepSpeed's, with its `cur_scale`
+            self._scale_before = float(optimizer.loss_scale)
         return engine, optimizer
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed holds the weights in the compute dtype itself
 
     def accumulation_context(self, module: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # DeepSpeed counts micro-steps against gradient_accumulation_steps
@@ -115,6 +152,11 @@ class ZeroStrategy(SingleStrategy):
         self, module: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float
     ) -> torch.Tensor:
         norm = module.get_global_grad_norm()  # clipping happened inside the boundary step
+        if self.precision.loss_scaling:  # DeepSpeed skipped the step itself on overflow: count it
+            skipped = module.skipped_steps > self._skipped_seen
+            self._skipped_seen = module.skipped_steps
+            self.precision.record(skipped=skipped, scale_before=self._scale_before)
+            self._scale_before = float(optimizer.loss_scale)
         return torch.as_tensor(0.0 if norm is None else float(norm))
 
     # ---- checkpoint views: the fp32 master fragments this rank owns ---------------------------------

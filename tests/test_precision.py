@@ -1,0 +1,146 @@
+"""Mixed precision: bf16 and fp16 against fp32, fp16's loss scaling, and where fp8 cannot run.
+
+Tolerance (documented in the README): over 6 steps of the tiny model, every step's loss under bf16 stays
+within 2e-3 relative of the fp32 single-process loss, and under fp16 within 1e-3 (bf16 keeps 8 bits of
+mantissa, fp16 11; master weights, optimizer states and the loss stay fp32 in both). fp16 runs start from a
+loss scale of 1024 here, so that no step overflows and the curves are comparable step by step.
+"""
+
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import TINY, make_trainer, run_command, train_losses
+from trainer.config import ConfigError
+from trainer.distributed import ParallelEnv
+from trainer.precision import LossScaleError, check_fp8_supported
+from trainer.strategy import build_strategy
+from trainer.utils import MissingPackageError
+
+COMMON = [*TINY, "train.micro_batch_size=2", "train.log_every=1", "scheduler=constant"]
+TOLERANCE = {"bf16": 2e-3, "fp16": 1e-3}
+NO_OVERFLOW = "precision.init_scale=1024"
+
+
+@pytest.fixture(scope="module")
+def fp32_losses(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fp32")
+    run_command([*COMMON, f"hydra.run.dir={run_dir}"])
+    return train_losses(run_dir)
+
+
+@pytest.mark.parametrize(
+    "strategy,precision,nproc",
+    [("single", "bf16", 1), ("single", "fp16", 1)]
+    + [("ddp", "bf16", 2), ("ddp", "fp16", 2), ("fsdp", "bf16", 2), ("fsdp", "fp16", 2)]
+    + [("zero1", "bf16", 2), ("zero2", "bf16", 2), ("zero3", "bf16", 2)],
+)
+def test_mixed_precision_tracks_fp32(strategy, precision, nproc, fp32_losses, tmp_path):
+    args = [
+        *COMMON,
+        f"strategy={strategy}",
+        f"precision={precision}",
+        NO_OVERFLOW,
+        f"hydra.run.dir={tmp_path}",
+    ]
+    proc = run_command(args, nproc=nproc)
+    assert f"precision {precision}" in proc.stdout
+    got = train_losses(tmp_path)
+    assert sorted(got) == sorted(fp32_losses)
+    for step, want in fp32_losses.items():
+        assert got[step] == pytest.approx(want, rel=TOLERANCE[precision]), (step, fp32_losses, got)
+    assert any(got[s] != fp32_losses[s] for s in got)  # computed in another precision: not fp32's bits
+    # Training moved: the last loss is clearly below the first, as in fp32.
+    assert got[max(got)] < got[1] - 0.1
+
+
+def _inject_overflow(trainer):
+    """Make the next forward's loss infinite, as a real overflow would make the scaled gradients."""
+    real = trainer.module.forward
+
+    def overflowing(*args, **kwargs):
+        trainer.module.forward = real  # once
+        return real(*args, **kwargs) * float("inf")
+
+    trainer.module.forward = overflowing
+
+
+def _weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.module.state_dict().items()}
+
+
+def test_fp16_overflow_skips_exactly_that_step_and_lowers_the_scale(tmp_path):
+    trainer = make_trainer(tmp_path, *COMMON, "precision=fp16", NO_OVERFLOW, "train.global_batch_size=2")
+    first = trainer.train_step()
+    assert first["loss_scale"] == 1024 and first["skipped_steps"] == 0
+    before = _weights(trainer)
+    moments = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()]
+
+    _inject_overflow(trainer)
+    stats = trainer.train_step()
+    assert stats["skipped_steps"] == 1 and stats["loss_scale"] == 512  # backoff 0.5
+    after = _weights(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step changed the weights"
+    assert all(
+        torch.equal(m, s["exp_avg"]) for m, s in zip(moments, trainer.optimizer.state.values(), strict=True)
+    )
+
+    stats = trainer.train_step()  # the next step trains again, at the lowered scale
+    assert stats["skipped_steps"] == 1 and stats["loss_scale"] == 512
+    assert any(not torch.equal(after[k], v) for k, v in _weights(trainer).items())
+
+
+def test_fp16_overflow_at_the_minimum_scale_stops_the_run_and_suggests_bf16(tmp_path):
+    trainer = make_trainer(
+        tmp_path, *COMMON, "precision=fp16", "precision.init_scale=2", "precision.min_loss_scale=2"
+    )
+    _inject_overflow(trainer)
+    with pytest.raises(LossScaleError, match="precision=bf16"):
+        trainer.train_step()
+
+
+def test_fp16_loss_scale_survives_a_resume(tmp_path):
+    # From the default scale of 65536 the first step overflows: the scale after it must come back on resume.
+    exact = [*COMMON, "precision=fp16", "train.export_hf=false"]
+    straight = make_trainer(tmp_path / "a", *exact, "train.max_steps=4")
+    straight.train()
+    assert straight.strategy.precision.skipped_steps >= 1
+    make_trainer(tmp_path / "b", *exact, "train.max_steps=2").train()
+    resumed = make_trainer(tmp_path / "b", *exact, "train.max_steps=4", "resume=auto")
+    assert resumed.strategy.precision.loss_scale < 65536
+    resumed.train()
+    assert resumed.strategy.precision.skipped_steps == straight.strategy.precision.skipped_steps
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _strategy(*overrides: str, world_size: int = 2):
+    from tests.conftest import compose_config
+
+    return build_strategy(compose_config(*overrides), ParallelEnv(0, world_size, 0), torch.device("cpu"))
+
+
+def test_fp16_under_deepspeed_on_cpu_says_to_use_bf16():
+    with pytest.raises(ConfigError, match="precision=bf16"):
+        _strategy("strategy=zero2", "precision=fp16")
+
+
+def test_fp8_on_cpu_names_the_hardware_it_needs():
+    with pytest.raises(ConfigError, match="compute capability 8.9"):
+        _strategy("precision=fp8", world_size=1)
+
+
+def test_fp8_on_an_older_gpu_names_the_hardware_it_needs(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ConfigError, match="A100 has 8.0"):
+        check_fp8_supported(torch.device("cuda", 0))
+
+
+def test_fp8_without_torchao_names_the_extra(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    with pytest.raises(MissingPackageError, match=r"trainer\[quant\]"):
+        check_fp8_supported(torch.device("cuda", 0))
