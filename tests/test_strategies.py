@@ -110,6 +110,47 @@ def test_single_strategy_with_several_ranks_is_refused(tmp_path):
     assert proc.returncode != 0 and "strategy=single runs one process" in proc.stderr
 
 
+def test_the_deepspeed_launcher_runs_the_same_command(reference, tmp_path):
+    import subprocess
+
+    from tests.conftest import PYTHON, ROOT, free_port, subprocess_env
+
+    launcher = [
+        PYTHON,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+    args = [*COMMON, "strategy=zero2", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(
+        [*launcher, "--module", "trainer.train", *args],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stdout  # both ranks found from the launcher's environment
+    want, got = train_losses(reference), train_losses(tmp_path)
+    assert sorted(got) == sorted(want)
+    assert all(got[s] == pytest.approx(want[s], rel=1e-4) for s in want)
+
+
+def test_rank_world_size_and_local_rank_come_from_the_launchers_environment():
+    from trainer.distributed import ParallelEnv, read_env
+
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "9"}
+    assert read_env(torchrun) == ParallelEnv(3, 4, 1)  # torchrun's (and deepspeed's) variables win
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "node0"}
+    assert read_env(srun) == ParallelEnv(5, 8, 1)
+    assert read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == ParallelEnv()  # an allocation, no srun job
+    assert read_env({}) == ParallelEnv()
+
+
 def test_deepspeed_missing_names_the_extra(monkeypatch):
     import sys
 
