@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import TINY, make_trainer, run_command, train_losses
 from trainer.config import ConfigError
@@ -53,6 +54,9 @@ def test_mixed_precision_tracks_fp32(strategy, precision, nproc, fp32_losses, tm
     assert any(got[s] != fp32_losses[s] for s in got)  # computed in another precision: not fp32's bits
     # Training moved: the last loss is clearly below the first, as in fp32.
     assert got[max(got)] < got[1] - 0.1
+    # The export holds the fp32 master weights, whatever the compute dtype was.
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert exported and all(t.dtype == torch.float32 for t in exported.values())
 
 
 def _inject_overflow(trainer):

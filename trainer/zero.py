@@ -258,7 +258,14 @@ class ZeroStrategy(SingleStrategy):
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
         out = {}
         for name, p in named_parameters(module):
-            if self.stage == 3:
+            if p.dtype != torch.float32:
+                # bf16/fp16 working weights: export the fp32 master, as every other strategy does.
+                full = self.deepspeed.utils.safe_get_full_fp32_param(p)  # a collective
+                if self.env.is_main:
+                    out[name] = (
+                        full.detach().reshape(p.ds_shape if self.stage == 3 else p.shape).cpu().clone()
+                    )
+            elif self.stage == 3:
                 with self.deepspeed.zero.GatheredParameters([p], modifier_rank=None):  # a collective
                     if self.env.is_main:
                         out[name] = p.detach().cpu().clone()
