@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from tests.conftest import compose_config
-from trainer.config import ConfigError
-from trainer.optim import build_optimizer, lr_factor, param_groups
+from trainer.config import ConfigError, validate_config
+from trainer.optim import build_optimizer, lr_factor, param_groups, schedule_factor
 
 
 def test_warmup_then_cosine_values_at_chosen_steps():
@@ -28,6 +28,62 @@ def test_linear_and_constant_schedules():
     )
 
 
+def test_wsd_holds_the_peak_then_decays_over_the_last_fraction():
+    def f(step, shape):
+        return lr_factor(
+            step,
+            name="wsd",
+            warmup_steps=4,
+            decay_steps=20,
+            min_lr_ratio=0.1,
+            decay_fraction=0.25,
+            decay_shape=shape,
+        )
+
+    # Warmup to step 4, the peak until 20 x (1 - 0.25) = 15, the decay over steps 15..20, then the floor.
+    assert f(0, "linear") == pytest.approx(1 / 5) and f(3, "linear") == pytest.approx(4 / 5)
+    assert [f(s, "linear") for s in (4, 10, 14, 15)] == [1.0, 1.0, 1.0, 1.0]
+    assert f(17, "linear") == pytest.approx(0.1 + 0.9 * (1 - 2 / 5))  # 0.64
+    assert f(17, "cosine") == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 5)))  # 0.68906
+    assert f(16, "1-sqrt") == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(1 / 5)))  # 0.59751
+    assert f(19, "1-sqrt") == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(4 / 5)))  # 0.19502
+    assert f(20, "1-sqrt") == pytest.approx(0.1) and f(50, "cosine") == pytest.approx(0.1)
+
+
+def test_wsd_decaying_over_the_whole_horizon_is_the_linear_schedule():
+    wsd = dict(name="wsd", decay_fraction=1.0, decay_shape="linear")
+    common = dict(warmup_steps=3, decay_steps=12, min_lr_ratio=0.2)
+    for step in range(16):  # the decay cannot start before warmup ends
+        assert lr_factor(step, **wsd, **common) == pytest.approx(lr_factor(step, name="linear", **common))
+
+
+def test_wsd_from_the_shipped_config():
+    cfg = compose_config("scheduler=wsd", "scheduler.warmup_steps=0", "scheduler.decay_shape=linear")
+    assert (cfg.scheduler.decay_fraction, cfg.scheduler.min_lr_ratio) == (0.2, 0.0)
+    # Horizon train.max_steps = 10: the peak until step 8, then 1 - (9 - 8) / 2 at step 9.
+    assert schedule_factor(7, cfg.scheduler, max_steps=10) == 1.0
+    assert schedule_factor(9, cfg.scheduler, max_steps=10) == pytest.approx(0.5)
+    cosine = compose_config("scheduler=cosine").scheduler  # no wsd keys: schedule_factor still works
+    assert schedule_factor(30, cosine, max_steps=40) == pytest.approx(
+        lr_factor(30, name="cosine", warmup_steps=20, decay_steps=40, min_lr_ratio=0.1)
+    )
+    with pytest.raises(ConfigError, match="decay_fraction"):
+        lr_factor(5, name="wsd", warmup_steps=0, decay_steps=10, min_lr_ratio=0.0)
+
+
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        (["scheduler=wsd", "scheduler.decay_fraction=0"], r"scheduler\.decay_fraction=0"),
+        (["scheduler=wsd", "scheduler.decay_shape=exp"], "choose one of linear, cosine, 1-sqrt"),
+        (["scheduler=cosine", "scheduler.name=wsd"], "choose it with scheduler=wsd"),
+    ],
+)
+def test_bad_wsd_settings_are_refused(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        validate_config(compose_config(*overrides))
+
+
 def test_no_weight_decay_on_biases_norms_and_embeddings():
     class M(nn.Module):
         def __init__(self):
@@ -43,7 +99,7 @@ def test_no_weight_decay_on_biases_norms_and_embeddings():
 
 
 def test_shipped_optimizers_take_a_step():
-    for name in ("adamw", "sgd"):
+    for name in ("adamw", "sgd", "lion", "adafactor"):
         cfg = compose_config(f"optimizer={name}")
         model = nn.Linear(3, 2)
         opt = build_optimizer(cfg.optimizer, model, device=torch.device("cpu"))

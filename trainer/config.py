@@ -93,14 +93,83 @@ class SGDConfig(OptimizerConfig):
 
 
 @dataclass
+class LionConfig(OptimizerConfig):
+    _target_: str = "trainer.optimizers.Lion"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    foreach: bool | None = None
+
+
+@dataclass
+class AdafactorConfig(OptimizerConfig):
+    _target_: str = "torch.optim.Adafactor"
+    # Exponent of the second-moment decay schedule, beta2_t = 1 - t^beta2_decay.
+    beta2_decay: float = -0.8
+    # (eps1, eps2): the second-moment floor (null: the dtype's eps) and the floor of a parameter's RMS.
+    eps: list[float | None] = field(default_factory=lambda: [None, 1e-3])
+    # Clipping threshold of the update's RMS.
+    d: float = 1.0
+    foreach: bool | None = None
+
+
+@dataclass
+class ApexAdamConfig(OptimizerConfig):
+    _target_: str = "apex.optimizers.FusedAdam"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    bias_correction: bool = True
+    # Decoupled weight decay (AdamW); false adds it to the gradient (Adam with L2).
+    adam_w_mode: bool = True
+
+
+@dataclass
+class ApexLAMBConfig(OptimizerConfig):
+    _target_: str = "apex.optimizers.FusedLAMB"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-6
+    bias_correction: bool = True
+    adam_w_mode: bool = True
+    # LAMB's own clipping of the global gradient norm, after train.grad_clip.
+    max_grad_norm: float = 1.0
+    # NVLAMB: the trust ratio also for parameters without weight decay.
+    use_nvlamb: bool = False
+
+
+@dataclass
+class DeepSpeedAdamConfig(OptimizerConfig):
+    # DeepSpeedCPUAdam replaces it when ZeRO offloads the optimizer (strategy.offload_optimizer=cpu).
+    _target_: str = "deepspeed.ops.adam.FusedAdam"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    bias_correction: bool = True
+
+
+@dataclass
+class AdamW8bitConfig(OptimizerConfig):
+    _target_: str = "bitsandbytes.optim.AdamW8bit"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    # Tensors with fewer elements keep 32-bit states.
+    min_8bit_size: int = 4096
+
+
+@dataclass
 class SchedulerConfig:
-    # `constant`, `linear` or `cosine`, after a linear warmup.
+    # `constant`, `linear`, `cosine` or `wsd`, after a linear warmup.
     name: str = MISSING
     warmup_steps: int = 0
     # Steps over which the decay runs; null means train.max_steps (set it to extend a run explicitly).
     decay_steps: int | None = None
     # Final learning rate as a fraction of the peak.
     min_lr_ratio: float = 0.0
+
+
+@dataclass
+class WSDSchedulerConfig(SchedulerConfig):
+    # Warmup-stable-decay: the peak holds until the last `decay_fraction` of the decay_steps horizon.
+    name: str = "wsd"
+    decay_fraction: float = 0.2
+    # Shape of the final decay: `linear`, `cosine` or `1-sqrt`.
+    decay_shape: str = "1-sqrt"
 
 
 @dataclass
@@ -214,12 +283,20 @@ def register_configs() -> None:
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="optimizer", name="schema_adamw", node=AdamWConfig)
     cs.store(group="optimizer", name="schema_sgd", node=SGDConfig)
+    cs.store(group="optimizer", name="schema_lion", node=LionConfig)
+    cs.store(group="optimizer", name="schema_adafactor", node=AdafactorConfig)
+    cs.store(group="optimizer", name="schema_adamw_apex", node=ApexAdamConfig)
+    cs.store(group="optimizer", name="schema_lamb_apex", node=ApexLAMBConfig)
+    cs.store(group="optimizer", name="schema_adam_deepspeed", node=DeepSpeedAdamConfig)
+    cs.store(group="optimizer", name="schema_adamw_8bit", node=AdamW8bitConfig)
     cs.store(group="scheduler", name="schema", node=SchedulerConfig)
+    cs.store(group="scheduler", name="schema_wsd", node=WSDSchedulerConfig)
     cs.store(group="strategy", name="schema", node=StrategyConfig)
     cs.store(group="precision", name="schema", node=PrecisionConfig)
 
 
-SCHEDULERS = ("constant", "linear", "cosine")
+SCHEDULERS = ("constant", "linear", "cosine", "wsd")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 DATA_SOURCES = ("embedded", "pydoc", "hf")
 MODEL_SOURCES = ("config", "pretrained")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -264,6 +341,16 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
         f"scheduler.decay_steps={s.decay_steps}: must be > 0 or null",
     )
     _check(0.0 <= s.min_lr_ratio <= 1.0, f"scheduler.min_lr_ratio={s.min_lr_ratio}: must be in [0, 1]")
+    if s.name == "wsd":
+        fraction, shape = s.get("decay_fraction"), s.get("decay_shape")
+        _check(
+            fraction is not None and shape is not None,
+            "scheduler.name=wsd needs decay_fraction and decay_shape: choose it with scheduler=wsd",
+        )
+        _check(0.0 < fraction <= 1.0, f"scheduler.decay_fraction={fraction}: must be in (0, 1]")
+        _check(
+            shape in DECAY_SHAPES, f"scheduler.decay_shape={shape}: choose one of {', '.join(DECAY_SHAPES)}"
+        )
     d = cfg.data
     _check(d.source in DATA_SOURCES, f"data.source={d.source}: choose one of {', '.join(DATA_SOURCES)}")
     _check(d.seq_len > 1, f"data.seq_len={d.seq_len}: must be at least 2")

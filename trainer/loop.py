@@ -16,7 +16,7 @@ from trainer.data import DataError, SampleOrder, build_data, rank_micro_batches
 from trainer.distributed import ParallelEnv, all_gather_ints, all_reduce_sum, barrier, init_distributed
 from trainer.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
 from trainer.models import CausalLMWithLoss, build_model, count_params, flops_per_token, max_seq_len
-from trainer.optim import build_optimizer, lr_factor, set_lr
+from trainer.optim import build_optimizer, schedule_factor, set_lr
 from trainer.strategy import build_strategy
 from trainer.utils import resolve_device, resolve_dtype
 
@@ -112,15 +112,9 @@ class Trainer:
     # ---- steps -------------------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
-        s = self.cfg.scheduler
-        factor = lr_factor(
-            step,
-            name=s.name,
-            warmup_steps=s.warmup_steps,
-            decay_steps=s.decay_steps or self.cfg.train.max_steps,
-            min_lr_ratio=s.min_lr_ratio,
+        return self.cfg.optimizer.lr * schedule_factor(
+            step, self.cfg.scheduler, max_steps=self.cfg.train.max_steps
         )
-        return self.cfg.optimizer.lr * factor
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over a global batch: accumulate micro-batches, clip, step."""

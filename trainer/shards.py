@@ -64,6 +64,27 @@ def replicated_load_slice(key: str, tensor: torch.Tensor) -> LoadSlice:
     return LoadSlice(key, tuple(tensor.shape), 0, tensor.numel(), assign)
 
 
+def is_number(value: object) -> bool:
+    """A Python int or float (a bool is neither here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def number_save_slices(key: str, value: float, *, rank: int, world_size: int) -> list[SaveSlice]:
+    """A Python number every rank holds (a step count kept as int): rank 0 writes it as a 0-d float64 tensor."""
+    scalar = torch.tensor(float(value), dtype=torch.float64)
+    return replicated_save_slice(key, scalar, rank=rank, world_size=world_size)
+
+
+def number_load_slice(key: str, holder: dict, name: str) -> LoadSlice:
+    """Set `holder[name]`, a Python number, from a 0-d tensor (or a number saved as one), keeping its type."""
+    kind = type(holder[name])
+
+    def assign(values: torch.Tensor) -> None:
+        holder[name] = kind(values.reshape(()).item())
+
+    return LoadSlice(key, (), 0, 1, assign)
+
+
 def _own_storage(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
     """safetensors refuses tensors that share storage: copy views into bigger buffers and repeats."""
     storage = t.untyped_storage()

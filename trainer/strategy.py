@@ -18,8 +18,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.config import ConfigError
 from trainer.distributed import ParallelEnv
+from trainer.optim import check_optimizer
 from trainer.precision import Precision, convert_to_fp8
-from trainer.shards import LoadSlice, SaveSlice, replicated_load_slice, replicated_save_slice
+from trainer.shards import (
+    LoadSlice,
+    SaveSlice,
+    is_number,
+    number_load_slice,
+    number_save_slices,
+    replicated_load_slice,
+    replicated_save_slice,
+)
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 _WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -37,11 +46,19 @@ def named_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(canonical_name(n), p) for n, p in module.named_parameters()]
 
 
+def group_numbers(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, dict, str]]:
+    """A step count kept per param group (apex's fused optimizers): (key, group, "step")."""
+    for i, group in enumerate(optimizer.param_groups):
+        if is_number(group.get("step")):
+            yield f"optim/param_groups/{i}/step", group, "step"
+
+
 def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Create the optimizer's state tensors with a zero-lr step on zero gradients (weights stay as they are)."""
     if optimizer.state:
         return
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    grads = [p.grad for p in params]  # ZeRO-1/2 with offload keeps its gradient buffers there: put them back
     for p in params:
         p.grad = torch.zeros_like(p)
     saved = [g["lr"] for g in optimizer.param_groups]
@@ -50,7 +67,8 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
     for g, lr in zip(optimizer.param_groups, saved, strict=True):
         g["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
+    for p, grad in zip(params, grads, strict=True):
+        p.grad = grad
 
 
 class SingleStrategy:
@@ -73,6 +91,8 @@ class SingleStrategy:
                 f"strategy=single runs one process but {env.world_size} were launched; pick a distributed "
                 "strategy (strategy=ddp, fsdp, zero1, zero2 or zero3) or launch one process"
             )
+        # A missing package, the wrong hardware or a layout the optimizer cannot step fails here, before any work.
+        check_optimizer(cfg.optimizer, device=device, strategy=cfg.strategy)
 
     # ---- set-up and the step ------------------------------------------------------------------------
 
@@ -137,12 +157,28 @@ class SingleStrategy:
                 if torch.is_tensor(value):
                     yield f"optim/{name}/{state_key}", value
 
+    def _numbers(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> Iterator[tuple[str, dict, str]]:
+        """States kept as Python numbers (key, holder, name): step counts of DeepSpeed's and bitsandbytes'
+        optimizers per parameter, of apex's per param group."""
+        for name, p in named_parameters(module):
+            state = optimizer.state.get(p, {})
+            for state_key, value in state.items():
+                if is_number(value):
+                    yield f"optim/{name}/{state_key}", state, state_key
+        yield from group_numbers(optimizer)
+
     def save_slices(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> list[SaveSlice]:
-        return [s for key, t in self._tensors(module, optimizer) for s in self._save(key, t)]
+        out = [s for key, t in self._tensors(module, optimizer) for s in self._save(key, t)]
+        for key, holder, name in self._numbers(module, optimizer):
+            out += number_save_slices(key, holder[name], rank=self.env.rank, world_size=self.env.world_size)
+        return out
 
     def load_slices(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> list[LoadSlice]:
         init_optimizer_state(optimizer)
-        return [s for key, t in self._tensors(module, optimizer) for s in self._load(key, t)]
+        out = [s for key, t in self._tensors(module, optimizer) for s in self._load(key, t)]
+        return out + [number_load_slice(*n) for n in self._numbers(module, optimizer)]
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """Whole weights on CPU, keyed by HF names, on rank 0 (other ranks may get an empty dict)."""

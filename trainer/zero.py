@@ -22,8 +22,23 @@ from torch import nn
 
 from trainer.config import ConfigError
 from trainer.distributed import ParallelEnv
-from trainer.shards import LoadSlice, SaveSlice, replicated_load_slice, replicated_save_slice
-from trainer.strategy import OptimizerFactory, SingleStrategy, init_optimizer_state, named_parameters
+from trainer.optim import offloaded_optimizer
+from trainer.shards import (
+    LoadSlice,
+    SaveSlice,
+    is_number,
+    number_load_slice,
+    number_save_slices,
+    replicated_load_slice,
+    replicated_save_slice,
+)
+from trainer.strategy import (
+    OptimizerFactory,
+    SingleStrategy,
+    group_numbers,
+    init_optimizer_state,
+    named_parameters,
+)
 from trainer.utils import require
 
 
@@ -127,8 +142,11 @@ class ZeroStrategy(SingleStrategy):
             hidden_size=_hidden_size(module),
             precision=self.precision_cfg,
         )
+        # Offloaded states are stepped on the CPU: an optimizer with a CPU twin (FusedAdam's DeepSpeedCPUAdam) gets it.
+        with offloaded_optimizer(self.cfg.offload_optimizer == "cpu"):
+            torch_optimizer = make_optimizer(module)
         engine, optimizer, _, _ = self.deepspeed.initialize(
-            model=module, optimizer=make_optimizer(module), config=config, dist_init_required=False
+            model=module, optimizer=torch_optimizer, config=config, dist_init_required=False
         )
         self.engine = engine
         _share_fp32_master(optimizer, self.stage)
@@ -162,7 +180,10 @@ class ZeroStrategy(SingleStrategy):
     # ---- checkpoint views: the fp32 master fragments this rank owns ---------------------------------
 
     def _fragments(self, module: nn.Module, optimizer: Any):
-        """(name, param, flat start, [(state key or None, fp32 view of this rank's fragment)], step tensor)."""
+        """(name, param, flat start, [(state key or None, fp32 view of this rank's fragment)], partition state).
+
+        The partition's state dict also holds its step (a tensor, or an int for DeepSpeed's own optimizers).
+        """
         inner = optimizer.optimizer  # the torch optimizer over DeepSpeed's flat fp32 partitions
         rank = self.env.rank
         if self.stage == 3:
@@ -179,7 +200,7 @@ class ZeroStrategy(SingleStrategy):
                             p, release_swap_buffers=False, optim_state_key=key
                         )[0]
                         views.append((key, part))
-                yield name, p, start, [(k, v[:valid]) for k, v in views], state.get("step")
+                yield name, p, start, [(k, v[:valid]) for k, v in views], state
         else:
             group_of = {id(p): i for i, params in enumerate(optimizer.bit16_groups) for p in params}
             for name, p in named_parameters(module):
@@ -187,7 +208,7 @@ class ZeroStrategy(SingleStrategy):
                 state = inner.state.get(flat, {})
                 mapping = getattr(p, "_hp_mapping", None)
                 if mapping is None:  # no fragment of this parameter in this rank's partition
-                    yield name, p, 0, [], state.get("step")
+                    yield name, p, 0, [], state
                     continue
                 # The fragment's place in the flat partition is the same in every state tensor shaped like it.
                 where = mapping.hp_fragment_address
@@ -197,7 +218,7 @@ class ZeroStrategy(SingleStrategy):
                     for k, v in state.items()
                     if torch.is_tensor(v) and v.shape == flat.shape
                 ]
-                yield name, p, mapping.lp_fragment_address.start, views, state.get("step")
+                yield name, p, mapping.lp_fragment_address.start, views, state
 
     def _init_state(self, optimizer: Any) -> None:
         """Create the inner optimizer's states with a zero-lr step on zero gradients, as a first step would."""
@@ -217,22 +238,26 @@ class ZeroStrategy(SingleStrategy):
 
     def save_slices(self, module: nn.Module, optimizer: Any) -> list[SaveSlice]:
         out: list[SaveSlice] = []
-        for name, p, start, views, step in self._fragments(module, optimizer):
+        rank, world = self.env.rank, self.env.world_size
+        for name, p, start, views, state in self._fragments(module, optimizer):
             shape = tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape)
             for key, view in views:
                 if view.numel():
                     k = f"model/{name}" if key is None else f"optim/{name}/{key}"
                     out.append(SaveSlice(k, shape, start, view.detach().reshape(-1)))
-            if step is not None:
-                out += replicated_save_slice(
-                    f"optim/{name}/step", step, rank=self.env.rank, world_size=self.env.world_size
-                )
+            step = state.get("step")
+            if torch.is_tensor(step):
+                out += replicated_save_slice(f"optim/{name}/step", step, rank=rank, world_size=world)
+            elif is_number(step):
+                out += number_save_slices(f"optim/{name}/step", step, rank=rank, world_size=world)
+        for key, group, name in group_numbers(optimizer.optimizer):
+            out += number_save_slices(key, group[name], rank=rank, world_size=world)
         return out
 
     def load_slices(self, module: nn.Module, optimizer: Any) -> list[LoadSlice]:
         self._init_state(optimizer)  # state tensors on the flat partitions, before filling them
         out: list[LoadSlice] = []
-        for name, p, start, views, step in self._fragments(module, optimizer):
+        for name, p, start, views, state in self._fragments(module, optimizer):
             shape = tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape)
             for key, view in views:
                 out.append(
@@ -251,9 +276,12 @@ class ZeroStrategy(SingleStrategy):
                     out.append(replicated_load_slice(f"model/{name}", p.data))
             else:
                 out.append(replicated_load_slice(f"model/{name}", p))  # every rank holds the whole weights
-            if step is not None:
+            step = state.get("step")
+            if torch.is_tensor(step):
                 out.append(replicated_load_slice(f"optim/{name}/step", step))
-        return out
+            elif is_number(step):
+                out.append(number_load_slice(f"optim/{name}/step", state, "step"))
+        return out + [number_load_slice(*n) for n in group_numbers(optimizer.optimizer)]
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
         out = {}
