@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
+from tests.preloaded import PreloadedServer, preload_enabled
 from trainer.config import register_configs
 from trainer.train import CONF_DIR
 
@@ -51,6 +55,14 @@ def compose_config(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
+# DeepSpeed JIT-builds its CPU ops (cpu_adam, shm comm) keyed by source paths: one build directory per venv, so
+# that two checkouts with their own venvs do not rebuild each other's ops over and over.
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR",
+    str(Path.home() / ".cache" / "torch_extensions" / hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]),
+)
+
+
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -78,14 +90,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_command(args: list[str], *, nproc: int = 1, timeout: int = 600, check: bool = True):
-    """`python -m trainer.train ARGS`, under torchrun with `nproc` ranks when nproc > 1."""
+def run_command(
+    args: list[str], *, nproc: int = 1, timeout: int = 600, check: bool = True, launcher: str = "preloaded"
+):
+    """`python -m trainer.train ARGS` with `nproc` ranks.
+
+    launcher="preloaded" forks the ranks from a server that has the imports done (tests/preloaded.py);
+    launcher="torchrun" runs torchrun (single-process runs: plain python) for tests of the launcher itself.
+    """
     import subprocess
 
-    launcher = (
-        []
-        if nproc == 1
-        else [
+    if launcher == "preloaded" and preload_enabled():
+        log = Path(tempfile.mkstemp(prefix="trainer-job-", suffix=".log")[1])
+        try:
+            proc = _server().run(
+                list(args), nproc=nproc, port=free_port(), log=log, env=subprocess_env(), timeout=timeout
+            )
+        finally:
+            log.unlink(missing_ok=True)
+    else:
+        torchrun = [
             "-m",
             "torch.distributed.run",
             "--nproc_per_node",
@@ -93,14 +117,24 @@ def run_command(args: list[str], *, nproc: int = 1, timeout: int = 600, check: b
             "--master_port",
             str(free_port()),
         ]
-    )
-    cmd = [PYTHON, *launcher, "-m", "trainer.train", *args]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
-    )
+        cmd = [PYTHON, *(torchrun if nproc > 1 else []), "-m", "trainer.train", *args]
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+        )
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+_SERVER: PreloadedServer | None = None
+
+
+def _server() -> PreloadedServer:
+    global _SERVER
+    if _SERVER is None:
+        _SERVER = PreloadedServer(root=ROOT, env=subprocess_env())
+        atexit.register(_SERVER.close)
+    return _SERVER
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -16,7 +16,7 @@ from trainer.data import DataError, SampleOrder, build_data, rank_micro_batches
 from trainer.distributed import ParallelEnv, all_gather_ints, all_reduce_sum, barrier, init_distributed
 from trainer.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
 from trainer.models import CausalLMWithLoss, build_model, count_params, flops_per_token, max_seq_len
-from trainer.optim import build_optimizer, schedule_factor, set_lr
+from trainer.optim import build_optimizer, optimizer_offloaded, schedule_factor, set_lr
 from trainer.strategy import build_strategy
 from trainer.utils import resolve_device, resolve_dtype
 
@@ -41,7 +41,10 @@ class Trainer:
 
         module = CausalLMWithLoss(self.hf_model, loss_chunk_size=t.loss_chunk_size)
         self.module, self.optimizer = self.strategy.setup(
-            module, lambda m: build_optimizer(cfg.optimizer, m, device=self.device)
+            module,
+            lambda m: build_optimizer(
+                cfg.optimizer, m, device=self.device, offload=optimizer_offloaded(cfg.strategy)
+            ),
         )
         if t.compile:
             self.module.compile()  # in place: state-dict keys stay as they are
@@ -243,7 +246,7 @@ class Trainer:
             if (t.eval_every and self.step % t.eval_every == 0) or at_end:
                 evaluation = self.evaluate()
                 self.log.write({"step": self.step, **evaluation})
-                if main:
+                if main and not at_end:  # the summary reports the last one
                     bar.write(self._format_eval(evaluation))
             if (c.every_steps and self.step % c.every_steps == 0) or (at_end and c.at_end):
                 self.save()

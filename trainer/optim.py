@@ -7,13 +7,10 @@ says so before any work starts, naming what to install, the hardware needed, or 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import inspect
 import math
-from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,17 +89,10 @@ _KNOWN: dict[str, _Needs] = {
     ),
 }
 
-_OFFLOADED: ContextVar[bool] = ContextVar("optimizer_offloaded", default=False)
 
-
-@contextlib.contextmanager
-def offloaded_optimizer(enabled: bool = True) -> Iterator[None]:
-    """Optimizers built inside step states kept in CPU memory (ZeRO's offload): they get their CPU twin."""
-    token = _OFFLOADED.set(enabled)
-    try:
-        yield
-    finally:
-        _OFFLOADED.reset(token)
+def optimizer_offloaded(strategy: Any) -> bool:
+    """ZeRO with strategy.offload_optimizer=cpu keeps the optimizer states in CPU memory and steps them there."""
+    return strategy is not None and strategy.name.startswith("zero") and strategy.offload_optimizer == "cpu"
 
 
 def param_groups(model: nn.Module, *, weight_decay: float, no_decay: list[str]) -> list[dict[str, Any]]:
@@ -198,7 +188,7 @@ def optimizer_kwargs(cfg: Any, *, target: str | None = None) -> tuple[type, dict
 def check_optimizer(cfg: Any, *, device: torch.device, strategy: Any = None) -> None:
     """Fail before any work if the optimizer cannot run here: its package, the hardware, or the strategy."""
     name = strategy.name if strategy is not None else "single"
-    offload = name.startswith("zero") and strategy.offload_optimizer == "cpu"
+    offload = optimizer_offloaded(strategy)
     needs = _KNOWN.get(cfg._target_, _Needs())
     if name == "fsdp" and needs.not_fsdp:
         raise ConfigError(f"optimizer {cfg._target_} cannot run under strategy=fsdp: {needs.not_fsdp}")
@@ -208,14 +198,13 @@ def check_optimizer(cfg: Any, *, device: torch.device, strategy: Any = None) -> 
 
 
 def build_optimizer(
-    cfg: Any, model: nn.Module, *, device: torch.device, offload: bool | None = None
+    cfg: Any, model: nn.Module, *, device: torch.device, offload: bool = False
 ) -> torch.optim.Optimizer:
     """The configured optimizer over `model`'s parameter groups.
 
-    `offload`: the states live in CPU memory (ZeRO's offload), so an optimizer with a CPU twin gets it;
-    None takes it from an enclosing `offloaded_optimizer()` (the ZeRO strategy sets one).
+    `offload`: the states live in CPU memory (ZeRO's offload, see `optimizer_offloaded`), so an optimizer
+    with a CPU twin (FusedAdam -> DeepSpeedCPUAdam) gets it.
     """
-    offload = _OFFLOADED.get() if offload is None else offload
     cls, kwargs = optimizer_kwargs(cfg, target=_usable_target(cfg, device=device, offload=offload))
     no_decay = list(cfg.no_decay)
     weight_decay = kwargs.pop("weight_decay", 0.0)

@@ -22,7 +22,6 @@ from torch import nn
 
 from trainer.config import ConfigError
 from trainer.distributed import ParallelEnv
-from trainer.optim import offloaded_optimizer
 from trainer.shards import (
     LoadSlice,
     SaveSlice,
@@ -142,9 +141,7 @@ class ZeroStrategy(SingleStrategy):
             hidden_size=_hidden_size(module),
             precision=self.precision_cfg,
         )
-        # Offloaded states are stepped on the CPU: an optimizer with a CPU twin (FusedAdam's DeepSpeedCPUAdam) gets it.
-        with offloaded_optimizer(self.cfg.offload_optimizer == "cpu"):
-            torch_optimizer = make_optimizer(module)
+        torch_optimizer = make_optimizer(module)
         engine, optimizer, _, _ = self.deepspeed.initialize(
             model=module, optimizer=torch_optimizer, config=config, dist_init_required=False
         )
