@@ -14,9 +14,12 @@ from omegaconf import DictConfig
 from trainer.config import register_configs
 from trainer.distributed import destroy, read_env
 from trainer.loop import Trainer
+from trainer.preemption import EXIT_PREEMPTED, Preempted
+from trainer.rundir import register_resolver
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
+register_resolver()  # hydra.run.dir: one directory per job (trainer/rundir.py)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
@@ -26,6 +29,8 @@ def main(cfg: DictConfig) -> None:
     transformers.utils.logging.disable_progress_bar()
     try:
         Trainer(cfg, run_dir=run_dir, env=read_env()).train()
+    except Preempted:
+        sys.exit(EXIT_PREEMPTED)  # checkpoint written; the batch script requeues, resume=auto continues
     finally:
         destroy()
 
