@@ -287,13 +287,13 @@ class Trainer:
     def _stop_for_preemption(self, signum: int, *, saved: bool, bar: tqdm, watch: PreemptionWatch) -> None:
         """Checkpoint (unless this step just did), leave the marker for the batch script, and raise Preempted."""
         path = (self.ckpt_root / (self.ckpt_root / "latest").read_text().strip()) if saved else self.save()
-        watch.close()
         bar.close()
         error = Preempted(step=self.step, signum=signum)
         if self.env.is_main:
             write_marker(self.run_dir, step=self.step, signum=signum, checkpoint=path)
             print(f"{error}: {path}; resume=auto in {self.run_dir} continues from it", flush=True)
         self.log.close(exit_code=1)
+        watch.hand_over(signum)  # a handler that was there before ours (submitit's requeue) runs now
         raise error
 
     # ---- console -----------------------------------------------------------------------------------

@@ -1,15 +1,17 @@
 """Preemption: SIGUSR1 or SIGTERM asks the run to checkpoint at the next step boundary and exit for a requeue.
 
 Slurm sends the warning signal (`--signal=USR1@SECONDS`) to every process of the job, some clusters send only
-SIGTERM. The handler only sets a flag: the loop checks it between optimizer steps, and all ranks agree through
+SIGTERM, and submitit's jobs (hydra/launcher=slurm) get SIGUSR2. The handler only sets a flag: the loop checks it between optimizer steps, and all ranks agree through
 one all-reduce, so no rank leaves a collective that the others are still in.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -31,14 +33,23 @@ class Preempted(Exception):  # noqa: N818 - an event, not a failure
         self.step, self.signum = step, signum
 
 
+def watched_signals(environ: Mapping[str, str] | None = None) -> tuple[signal.Signals, ...]:
+    """SIGUSR1 and SIGTERM, plus submitit's own warning signal (USR2 unless set) in a submitit Slurm job."""
+    env = os.environ if environ is None else environ
+    if env.get("SUBMITIT_EXECUTOR") != "slurm":
+        return SIGNALS
+    extra = signal.Signals["SIG" + env.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+    return SIGNALS if extra in SIGNALS else (*SIGNALS, extra)
+
+
 class PreemptionWatch:
     """Installs the signal handlers for the life of a run; `requested()` is the agreed decision of all ranks."""
 
-    def __init__(self, *, signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
+    def __init__(self, *, signals: tuple[signal.Signals, ...] | None = None) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-            for s in signals:
+            for s in signals or watched_signals():
                 self._previous[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
@@ -50,6 +61,16 @@ class PreemptionWatch:
         if int(all_reduce_sum(flag.clone()).item()) == 0:
             return None
         return self.signum or int(SIGNALS[0])  # a rank that got nothing itself follows the others
+
+    def hand_over(self, signum: int) -> None:
+        """Restore the previous handlers, then give the signal to the one that was there, if it was a function.
+
+        Under submitit (hydra/launcher=slurm) that handler requeues the job; it runs after our checkpoint.
+        """
+        previous = self._previous.get(signum)
+        self.close()
+        if callable(previous):
+            previous(signum, None)
 
     def close(self) -> None:
         """Put the previous handlers back (runs in one process one after another, as in tests)."""

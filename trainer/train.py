@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,9 @@ def main(cfg: DictConfig) -> None:
     try:
         Trainer(cfg, run_dir=run_dir, env=read_env()).train()
     except Preempted:
-        sys.exit(EXIT_PREEMPTED)  # checkpoint written; the batch script requeues, resume=auto continues
+        # Checkpoint and marker written; the batch script requeues and resume=auto continues. Under torchrun
+        # exit 0: a failure code would make its agent restart the ranks (--max-restarts) instead of stopping.
+        sys.exit(0 if "TORCHELASTIC_RUN_ID" in os.environ else EXIT_PREEMPTED)
     finally:
         destroy()
 
