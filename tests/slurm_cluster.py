@@ -155,20 +155,21 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
             self.run(["scancel", "--full", "--user", "root"], check=False)
             self.wait_for(self.queue_empty, timeout=60, what="empty queue")
         finally:
-            self.run(["scontrol", "shutdown"], check=False)
-            for pid_file in sorted(self.root.glob("*.pid")):
+            self.run(["scontrol", "shutdown"], check=False)  # slurmctld and the slurmd daemons
+            for pid_file in sorted(self.root.glob("slurm*.pid")):
                 _wait_gone(pid_file, timeout=15)
+            _wait_gone(self.root / "munged.pid", timeout=15, terminate=True)  # last: Slurm needs it to stop
 
 
-def _wait_gone(pid_file: Path, *, timeout: float) -> None:
-    """Wait for the daemon of pid_file to exit; SIGTERM it, then SIGKILL, if it will not."""
+def _wait_gone(pid_file: Path, *, timeout: float, terminate: bool = False) -> None:
+    """Wait for the daemon of pid_file to exit (SIGTERM it first if `terminate`); then SIGTERM, SIGKILL."""
     import signal
 
     try:
         pid = int(pid_file.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+    for sig in ((signal.SIGTERM,) if terminate else (None, signal.SIGTERM)) + (signal.SIGKILL,):
         if sig is not None:
             try:
                 os.kill(pid, sig)

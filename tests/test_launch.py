@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -160,9 +161,9 @@ def test_submitit_sweep_submits_one_slurm_job_per_value(cluster, tmp_path):
     for num, target in ((0, "torch.optim.AdamW"), (1, "trainer.optimizers.Lion")):
         assert (sweep / str(num) / "metrics.jsonl").is_file()
         assert f"_target_: {target}" in (sweep / str(num) / ".hydra" / "config.yaml").read_text()
-    job_ids = sorted(p.name for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit())
-    assert len(job_ids) == 2  # one Slurm job per value (an array job's two tasks)
-    assert all(cluster.job(j).get("JobState") == "COMPLETED" for j in job_ids), job_ids
+    tasks = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    assert len(tasks) == 2  # one Slurm job per value: the two tasks of an array job (JOBID_0, JOBID_1)
+    assert all(cluster.job(t).get("JobState") == "COMPLETED" for t in tasks), tasks
 
 
 def test_submitit_launcher_config_composes():
@@ -205,7 +206,7 @@ def test_two_torchrun_sh_nodes_rendezvous_over_loopback_and_train_together(tmp_p
     assert [p.returncode for p in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["torchrun-loopback"]
     run_dir = tmp_path / "outputs" / "torchrun-loopback"
-    assert "2 rank(s)" in logs[1]
+    assert "2 rank(s)" in logs[0] + logs[1]  # c10d may give rank 0 to either node
     # Together they follow the single-process run of the same global batch.
     reference = make_trainer(tmp_path / "single", *[o for o in overrides if o != "strategy=ddp"])
     reference.train()
