@@ -14,6 +14,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,11 +112,20 @@ def test_preempted_slurm_job_requeues_resumes_and_ends_with_the_uninterrupted_lo
     metrics = run_dir / "metrics.jsonl"
     cluster.wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, timeout=180, what="first step")
     cluster.run(["scancel", "--signal=USR1", job_id])  # what --signal=USR1@120 sends before the time limit
+
     # The ranks checkpoint, the batch script sees the marker and requeues: the job is pending again.
-    cluster.wait_for(lambda: cluster.job(job_id).get("Restarts") == "1", timeout=120, what="requeue")
+    def requeued() -> bool:
+        job = cluster.job(job_id)
+        return job.get("Restarts") == "1" and job.get("JobState") == "PENDING"
+
+    cluster.wait_for(requeued, timeout=120, what="requeue")
     marker = json.loads((run_dir / MARKER).read_text())
     assert marker["signal"] == "SIGUSR1" and 0 < marker["step"] < SLURM_STEPS
-    cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])  # skip the ~120 s requeue hold
+    # Skip the ~120 s hold of a requeued job, but only once the node has cleaned up the old run and a second
+    # has passed: slurmd refuses a credential issued no later than (same second as) the one it revoked.
+    cluster.wait_for(lambda: cluster.idle_nodes() == 2, timeout=60, what="node cleaned up")
+    time.sleep(1.5)
+    cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
     state = wait_finished(cluster, job_id, timeout=300)
     log = job_log(tmp_path, job_id)
     assert state == "COMPLETED", log[-5000:]
@@ -166,17 +176,18 @@ def test_submitit_sweep_submits_one_slurm_job_per_value(cluster, tmp_path):
     assert all(cluster.job(t).get("JobState") == "COMPLETED" for t in tasks), tasks
 
 
-def test_submitit_launcher_config_composes():
+@pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
+def test_submitit_launcher_configs_compose(launcher, target):
     from hydra import compose, initialize_config_dir
 
     from trainer.train import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
-    launcher = cfg.hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert launcher.signal_delay_s == 120 and launcher.max_num_timeout == 3
-    assert any("MASTER_ADDR" in line for line in launcher.setup)
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{target}"
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.signal_delay_s == 120 and cfg.hydra.launcher.max_num_timeout == 3
+        assert any("MASTER_ADDR" in line for line in cfg.hydra.launcher.setup)
 
 
 # ---- torchrun.sh and the run directory -----------------------------------------------------------------
