@@ -124,8 +124,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
             subprocess.run(["slurmd", "-N", node], env=self.env, check=True, capture_output=True)
         self.wait_for(lambda: self.idle_nodes() == len(NODES), timeout=30, what="both nodes idle")
 
-    def run(self, args: list[str], *, check: bool = True, timeout: float = 60) -> str:
-        proc = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=timeout)
+    def run(
+        self, args: list[str], *, check: bool = True, timeout: float = 60, cwd: Path | None = None
+    ) -> str:
+        proc = subprocess.run(args, env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
         return proc.stdout

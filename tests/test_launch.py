@@ -61,7 +61,7 @@ def cluster(tmp_path_factory):
 def sbatch(cluster: SlurmCluster, out: Path, *options: str, overrides: list[str]) -> str:
     """Submit launch/slurm/train.sbatch from the repository root; returns the job id."""
     args = ["sbatch", "--parsable", f"--output={out}/%x-%j.out", *options, "launch/slurm/train.sbatch"]
-    return cluster.run([*args, *overrides], timeout=30).strip().split(";")[0]
+    return cluster.run([*args, *overrides], timeout=30, cwd=ROOT).strip().split(";")[0]
 
 
 def wait_finished(cluster: SlurmCluster, job_id: str, *, timeout: float) -> str:
