@@ -262,6 +262,26 @@ class MetricsConfig:
 
 
 @dataclass
+class WandbConfig:
+    # `online`, `offline` (no account or network needed; `wandb sync` uploads later) or `disabled`.
+    mode: str = "offline"
+    project: str = "trainer"
+    # Team or user; null is the account's default.
+    entity: str | None = None
+    # Run name; null uses the run directory's name.
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    # Weights & Biases from rank 0 (extra `wandb`); mode=disabled does not import it.
+    wandb: WandbConfig = field(default_factory=lambda: WandbConfig(mode="disabled"))
+    # TensorBoard event files in tensorboard/ of the run directory (extra `wandb`).
+    tensorboard: bool = False
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -272,6 +292,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     # `none`, `auto` (latest checkpoint of the run directory, if any) or a checkpoint directory.
     resume: str = "none"
 
@@ -293,6 +314,7 @@ def register_configs() -> None:
     cs.store(group="scheduler", name="schema_wsd", node=WSDSchedulerConfig)
     cs.store(group="strategy", name="schema", node=StrategyConfig)
     cs.store(group="precision", name="schema", node=PrecisionConfig)
+    cs.store(group="logger", name="schema", node=LoggerConfig)
 
 
 SCHEDULERS = ("constant", "linear", "cosine", "wsd")
@@ -302,6 +324,7 @@ MODEL_SOURCES = ("config", "pretrained")
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -396,6 +419,10 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
         cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps}: must be >= 0"
     )
     _check(cfg.checkpoint.keep_last >= 0, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 0")
+    _check(
+        cfg.logger.wandb.mode in WANDB_MODES,
+        f"logger.wandb.mode={cfg.logger.wandb.mode}: choose one of {', '.join(WANDB_MODES)}",
+    )
     per_step = t.micro_batch_size * world_size
     _check(
         t.global_batch_size % per_step == 0,

@@ -10,6 +10,10 @@ import torch
 import torch.distributed as dist
 
 
+class LaunchError(RuntimeError):
+    """The launcher's environment does not describe a job that can run (e.g. srun tasks with no rendezvous)."""
+
+
 @dataclass(frozen=True)
 class ParallelEnv:
     rank: int = 0
@@ -30,9 +34,19 @@ def read_env(environ: dict[str, str] | None = None) -> ParallelEnv:
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return ParallelEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "MASTER_ADDR" not in env:
+        # Each task would otherwise train alone, N copies of a single-process job.
+        raise LaunchError(
+            f"srun started {env['SLURM_STEP_NUM_TASKS']} tasks but MASTER_ADDR is not set, so they cannot form "
+            "one job; run one task per node that starts torchrun (launch/slurm/train.sbatch), or export "
+            "MASTER_ADDR (the first node, e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)) "
+            "and MASTER_PORT before srun"
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
         return ParallelEnv(
-            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+            int(env["SLURM_PROCID"]),
+            int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"])),  # this step's tasks, not the job's
+            int(env.get("SLURM_LOCALID", 0)),
         )
     return ParallelEnv()
 

@@ -14,9 +14,11 @@ from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, validate_config
 from trainer.data import DataError, SampleOrder, build_data, rank_micro_batches
 from trainer.distributed import ParallelEnv, all_gather_ints, all_reduce_sum, barrier, init_distributed
-from trainer.metrics import MetricsLog, mfu, peak_flops, peak_memory_bytes
+from trainer.logger import ExperimentLog
+from trainer.metrics import mfu, peak_flops, peak_memory_bytes
 from trainer.models import CausalLMWithLoss, build_model, count_params, flops_per_token, max_seq_len
 from trainer.optim import build_optimizer, optimizer_offloaded, schedule_factor, set_lr
+from trainer.preemption import Preempted, PreemptionWatch, clear_marker, write_marker
 from trainer.strategy import build_strategy
 from trainer.utils import resolve_device, resolve_dtype
 
@@ -32,7 +34,10 @@ class Trainer:
         init_distributed(env, backend=cfg.strategy.backend, device=self.device)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            clear_marker(run_dir)
         barrier()
+        # Before data and model: a missing wandb/tensorboard fails early. Rank 0 only writes.
+        self.log = ExperimentLog(cfg, run_dir=run_dir, enabled=env.is_main)
 
         self.data = self._load_data()
         self.hf_model = self._build_model()
@@ -56,7 +61,6 @@ class Trainer:
         self.ckpt_root = run_dir / "checkpoints"
         self.resumed_from = self._resume()
         self.peak = peak_flops(self.device, cfg.metrics.peak_flops)
-        self.log = MetricsLog(run_dir / "metrics.jsonl", enabled=env.is_main)
 
     def _load_data(self):
         cfg, t = self.cfg, self.cfg.train
@@ -222,6 +226,8 @@ class Trainer:
         start_step, start_tokens = self.step, self.tokens_seen
         last: dict[str, Any] = {}
         evaluation: dict[str, float] = {}
+        preemption = PreemptionWatch()  # SIGUSR1/SIGTERM: checkpoint at the next step boundary, then exit
+        saved_step = -1
         while self.step < t.max_steps:
             stats = self.train_step()
             window_tokens += t.global_batch_size * self.cfg.data.seq_len
@@ -250,6 +256,10 @@ class Trainer:
                     bar.write(self._format_eval(evaluation))
             if (c.every_steps and self.step % c.every_steps == 0) or (at_end and c.at_end):
                 self.save()
+                saved_step = self.step
+            if (signum := preemption.requested(self.device)) is not None and not at_end:
+                self._stop_for_preemption(signum, saved=saved_step == self.step, bar=bar, watch=preemption)
+        preemption.close()
         bar.close()
         if not evaluation:  # nothing trained this run (already complete): still report where it stands
             evaluation = self.evaluate()
@@ -276,6 +286,18 @@ class Trainer:
             self._print_summary(summary)
         self.log.close()
         return summary
+
+    def _stop_for_preemption(self, signum: int, *, saved: bool, bar: tqdm, watch: PreemptionWatch) -> None:
+        """Checkpoint (unless this step just did), leave the marker for the batch script, and raise Preempted."""
+        path = (self.ckpt_root / (self.ckpt_root / "latest").read_text().strip()) if saved else self.save()
+        bar.close()
+        error = Preempted(step=self.step, signum=signum)
+        if self.env.is_main:
+            write_marker(self.run_dir, step=self.step, signum=signum, checkpoint=path)
+            print(f"{error}: {path}; resume=auto in {self.run_dir} continues from it", flush=True)
+        self.log.close(exit_code=1)
+        watch.hand_over(signum)  # a handler that was there before ours (submitit's requeue) runs now
+        raise error
 
     # ---- console -----------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,9 +15,12 @@ from omegaconf import DictConfig
 from trainer.config import register_configs
 from trainer.distributed import destroy, read_env
 from trainer.loop import Trainer
+from trainer.preemption import EXIT_PREEMPTED, Preempted
+from trainer.rundir import register_resolver
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
+register_resolver()  # hydra.run.dir: one directory per job (trainer/rundir.py)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
@@ -26,6 +30,10 @@ def main(cfg: DictConfig) -> None:
     transformers.utils.logging.disable_progress_bar()
     try:
         Trainer(cfg, run_dir=run_dir, env=read_env()).train()
+    except Preempted:
+        # Checkpoint and marker written; the batch script requeues and resume=auto continues. Under torchrun
+        # exit 0: a failure code would make its agent restart the ranks (--max-restarts) instead of stopping.
+        sys.exit(0 if "TORCHELASTIC_RUN_ID" in os.environ else EXIT_PREEMPTED)
     finally:
         destroy()
 
