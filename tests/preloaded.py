@@ -24,7 +24,8 @@ SERVER_CODE = r"""
 import json, os, runpy, signal, sys, time, traceback
 replies = os.fdopen(os.dup(1), "w")  # the protocol's channel; anything the imports print goes to stderr
 os.dup2(2, 1)
-import trainer.train, trainer.loop, trainer.zero, trainer.fsdp  # the imports every job would repeat
+import datasets, hydra, transformers  # the imports every job would repeat (trainer.train itself runs as __main__)
+import trainer.loop, trainer.zero, trainer.fsdp, trainer.rundir
 try:
     import deepspeed  # noqa: F401
 except ImportError:
