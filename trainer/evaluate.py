@@ -13,6 +13,7 @@ trainer.quantize output) one JSON entry with:
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import statistics
@@ -111,15 +112,17 @@ def decode_tokens_per_s(
     """Greedy decoding with the KV cache: generated tokens (batch x new) per second, prefill excluded."""
     device = next(model.parameters()).device
     ids = _prompt(model, batch_size, prompt_len).to(device)
+    # transformers >= 5.2x calls the KV cache `cache`; earlier versions `past_key_values`.
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     rates = []
     for i in range(warmup + repeats):
         out = model(input_ids=ids, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
         _sync(device)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, use_cache=True, **{key: past})
+            past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
         _sync(device)
         if i >= warmup:
             rates.append(batch_size * new_tokens / (time.perf_counter() - start))

@@ -133,6 +133,9 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> P
     for alias, name in manifest.get("aliases", {}).items():
         state[alias] = state[name]
     model.load_state_dict(state, strict=True, assign=True)
+    for alias, name in manifest.get("aliases", {}).items():  # tied again: one tensor, as when saved
+        parent, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(parent), attr, model.get_parameter(name))
     return model.to(device).eval()
 
 

@@ -18,7 +18,6 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-
 # Weights use 7 bits (-63..63): without VNNI, fbgemm sums pairs of uint8 x int8 products in int16
 # (vpmaddubsw), which saturates for 255 * 127 * 2 but not for 255 * 63 * 2 = 32130. Measured on AVX2:
 # 8-bit weights with 8-bit activations lose up to 8% to saturation, 8-bit weights with 7-bit
@@ -192,24 +191,40 @@ def quantized_error(x: torch.Tensor, weights: list[torch.Tensor]) -> float:
 def _best_scales(
     act_max: torch.Tensor,
     weights: list[torch.Tensor],
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     *,
     alpha: float | None,
-    expand=lambda s: s,
+    groups: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """Scales for one group of linears that share an input: SmoothQuant's with the given alpha, or the
-    alpha of ALPHAS whose int8 output error on the calibration rows is lowest."""
-    weight_max = torch.cat([w.abs() for w in weights]).amax(0).float()
+    """Scales for one group of linears that share an input: SmoothQuant's rule with the given alpha, or
+    with the alpha of ALPHAS whose int8 output error on the calibration rows `x` is lowest.
+
+    `groups=(num_kv, heads_per_kv, head_dim)` ties the channels of the query heads that read one
+    key/value head (o_proj after v_proj): the scales returned are per key/value channel.
+    """
+    weight_max = torch.cat([w.detach().abs() for w in weights]).amax(0).float()
+    if groups is not None:
+        num_kv, per_kv, hd = groups
+        act_max = act_max.view(num_kv, per_kv, hd).amax(1).reshape(-1)
+        weight_max = weight_max.view(num_kv, per_kv, hd).amax(1).reshape(-1)
     if alpha is not None:
         return _scales(act_max, weight_max, alpha)
     best, best_err = None, float("inf")
     for a in ALPHAS:
         s = _scales(act_max, weight_max, a)
-        full = expand(s)
-        err = quantized_error(x / full, [w.float() * full for w in weights])
+        full = _expand(s, groups)
+        err = quantized_error(x / full, [w.detach().float() * full for w in weights])
         if err < best_err:
             best, best_err = s, err
     return best
+
+
+def _expand(s: torch.Tensor, groups: tuple[int, int, int] | None) -> torch.Tensor:
+    """Per key/value channel scales repeated for each query head of the group (HF's repeat_kv order)."""
+    if groups is None:
+        return s
+    num_kv, per_kv, hd = groups
+    return s.view(num_kv, 1, hd).expand(num_kv, per_kv, hd).reshape(-1)
 
 
 ALPHAS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -233,7 +248,7 @@ def smooth_model(
     config = model.config
     num_heads = config.num_attention_heads
     num_kv = getattr(config, "num_key_value_heads", None) or num_heads
-    x = (lambda key: rows[key]) if rows is not None else (lambda key: None)
+    rows = rows or {}
     for i, block in enumerate(decoder_blocks(model)):
         attn, mlp = block.self_attn, block.mlp
         # Inputs that follow an RMSNorm: divide the norm's weight, multiply the consumers' columns.
@@ -241,46 +256,22 @@ def smooth_model(
             (block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], f"{i}.self_attn.q_proj"),
             (block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], f"{i}.mlp.gate_proj"),
         ):
-            s = _best_scales(maxima[key], [lin.weight for lin in linears], x(key), alpha=alpha)
+            s = _best_scales(maxima[key], [lin.weight for lin in linears], rows.get(key), alpha=alpha)
             norm.weight.div_(s.to(norm.weight.dtype))
             for lin in linears:
                 lin.weight.mul_(s.to(lin.weight.dtype))
         # down_proj's input is act(gate) * up: scale up_proj's output rows.
         key = f"{i}.mlp.down_proj"
-        s = _best_scales(maxima[key], [mlp.down_proj.weight], x(key), alpha=alpha)
+        s = _best_scales(maxima[key], [mlp.down_proj.weight], rows.get(key), alpha=alpha)
         _scale_rows(mlp.up_proj, 1.0 / s)
         mlp.down_proj.weight.mul_(s.to(mlp.down_proj.weight.dtype))
         # o_proj's input is the attention-weighted v: scale v_proj's rows. A key/value head serves
         # num_heads / num_kv query heads, so those heads share one scale per channel.
         key = f"{i}.self_attn.o_proj"
-        hd = attn.o_proj.in_features // num_heads
-        groups = num_heads // num_kv
-
-        def per_kv(t: torch.Tensor) -> torch.Tensor:
-            return t.view(num_kv, groups, hd).amax(1).reshape(-1)
-
-        def expand(s_kv: torch.Tensor) -> torch.Tensor:
-            return s_kv.view(num_kv, 1, hd).expand(num_kv, groups, hd).reshape(-1)
-
-        w = attn.o_proj.weight
-        s_kv = _best_scales_kv(maxima[key], w, x(key), alpha=alpha, per_kv=per_kv, expand=expand)
-        _scale_rows(attn.v_proj, 1.0 / s_kv)
-        w.mul_(expand(s_kv).to(w.dtype))
-
-
-def _best_scales_kv(act_max, weight, x, *, alpha, per_kv, expand) -> torch.Tensor:
-    """o_proj's scales, one per key/value channel (shared by the query heads of its group)."""
-    act, w_max = per_kv(act_max), per_kv(weight.abs().amax(0).float())
-    if alpha is not None:
-        return _scales(act, w_max, alpha)
-    best, best_err = None, float("inf")
-    for a in ALPHAS:
-        s = _scales(act, w_max, a)
-        full = expand(s)
-        err = quantized_error(x / full, [weight.float() * full])
-        if err < best_err:
-            best, best_err = s, err
-    return best
+        groups = (num_kv, num_heads // num_kv, attn.o_proj.in_features // num_heads)
+        s = _best_scales(maxima[key], [attn.o_proj.weight], rows.get(key), alpha=alpha, groups=groups)
+        _scale_rows(attn.v_proj, 1.0 / s)
+        attn.o_proj.weight.mul_(_expand(s, groups).to(attn.o_proj.weight.dtype))
 
 
 def _scale_rows(linear: nn.Linear, factor: torch.Tensor) -> None:
