@@ -85,7 +85,13 @@ def bench_model(name: str, float_dir: Path, data: list[str], args, work: Path) -
     for scheme in args.schemes:
         target = out / scheme
         run(
-            ["trainer.quantize", f"model_path={float_dir}", f"scheme={scheme}", f"output_dir={target}", *data],
+            [
+                "trainer.quantize",
+                f"model_path={float_dir}",
+                f"scheme={scheme}",
+                f"output_dir={target}",
+                *data,
+            ],
             threads=args.threads,
         )
         variants.append(str(target))
@@ -113,20 +119,31 @@ def check_targets(name: str, entries: dict) -> None:
         ppl = e["perplexity"] / base["perplexity"] - 1
         size = e["size_bytes"] / base["size_bytes"]
         ok = ppl <= 0.01 and size <= 0.55
-        print(f"[{name}] int8_weight: perplexity {100 * ppl:+.2f}% (target <= +1%), size {size:.2f}x (target <= 0.55x): {'met' if ok else 'MISSED'}")
+        print(
+            f"[{name}] int8_weight: perplexity {100 * ppl:+.2f}% (target <= +1%), size {size:.2f}x (target <= 0.55x): {'met' if ok else 'MISSED'}"
+        )
     if "int8_smooth" in entries:
         e = entries["int8_smooth"]
         ppl = e["perplexity"] / base["perplexity"] - 1
         speed = base["prefill_ms"] / e["prefill_ms"]
         ok = ppl <= 0.03 and speed >= 1.3
-        print(f"[{name}] int8_smooth: perplexity {100 * ppl:+.2f}% (target <= +3%), prefill speed {speed:.2f}x (target >= 1.3x): {'met' if ok else 'MISSED'}")
+        print(
+            f"[{name}] int8_smooth: perplexity {100 * ppl:+.2f}% (target <= +3%), prefill speed {speed:.2f}x (target >= 1.3x): {'met' if ok else 'MISSED'}"
+        )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["embedded", "smollm2"], choices=["embedded", "smollm2"])
-    p.add_argument("--schemes", nargs="+", default=None, help="default: int8_weight int8_smooth int8_dynamic (CPU), + int4_weight on CUDA")
-    p.add_argument("--embedded-run", type=Path, default=None, help="an existing run directory to use instead of training")
+    p.add_argument(
+        "--schemes",
+        nargs="+",
+        default=None,
+        help="default: int8_weight int8_smooth int8_dynamic (CPU), + int4_weight on CUDA",
+    )
+    p.add_argument(
+        "--embedded-run", type=Path, default=None, help="an existing run directory to use instead of training"
+    )
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "quantize")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=1, help="latency batch size")

@@ -70,7 +70,10 @@ def test_cpu_scheme_reloads_from_disk_with_logits_close_to_float(scheme, tmp_pat
         want = model(ids).logits
         quantized = copy.deepcopy(model)
         info = quantize_model(
-            quantized, scheme, keep_float=["lm_head"], calibration=[fixed_inputs(4, 16, seed=s) for s in (2, 3)]
+            quantized,
+            scheme,
+            keep_float=["lm_head"],
+            calibration=[fixed_inputs(4, 16, seed=s) for s in (2, 3)],
         )
         in_memory = quantized(ids).logits
         save_quantized(tmp_path / scheme, quantized, info)
@@ -133,7 +136,9 @@ def test_quantize_command_refuses_a_bad_scheme_or_alpha_before_loading(tmp_path)
     cfg = compose_quantize(f"model_path={tmp_path}", "scheme=int3", f"output_dir={tmp_path / 'q'}")
     with pytest.raises(ConfigError, match="scheme=int3: choose one of"):
         check_quantize_config(cfg)
-    cfg = compose_quantize(f"model_path={tmp_path}", "scheme=int8_smooth", "smooth.alpha=1.5", f"output_dir={tmp_path}")
+    cfg = compose_quantize(
+        f"model_path={tmp_path}", "scheme=int8_smooth", "smooth.alpha=1.5", f"output_dir={tmp_path}"
+    )
     with pytest.raises(ConfigError, match=r"smooth.alpha=1.5: must be in \[0, 1\]"):
         check_quantize_config(cfg)
 
@@ -206,15 +211,30 @@ def commands(exported):
     env = subprocess_env()
 
     def run(*args):
-        proc = subprocess.run([PYTHON, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [PYTHON, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc
 
     quantized = root / "smooth"
-    run("trainer.quantize", f"model_path={root / 'hf'}", "scheme=int8_smooth", f"output_dir={quantized}", *DATA)
+    run(
+        "trainer.quantize",
+        f"model_path={root / 'hf'}",
+        "scheme=int8_smooth",
+        f"output_dir={quantized}",
+        *DATA,
+    )
     out = root / "eval.json"
     latency = ["latency.prefill_len=16", "latency.decode_tokens=4", "latency.repeats=1"]
-    run("trainer.evaluate", f"models=[{root / 'hf'},{quantized}]", f"output={out}", *DATA, "eval_batches=2", *latency)
+    run(
+        "trainer.evaluate",
+        f"models=[{root / 'hf'},{quantized}]",
+        f"output={out}",
+        *DATA,
+        "eval_batches=2",
+        *latency,
+    )
     run("trainer.report", f"input={out}", f"output_dir={root / 'report'}")
     return root, json.loads(out.read_text())
 
@@ -223,7 +243,14 @@ def test_quantize_evaluate_report_commands_compare_float_and_int8(commands):
     root, entries = commands
     assert [e["scheme"] for e in entries] == ["float", "int8_smooth"]
     fp, q = entries
-    assert set(fp) >= {"perplexity", "params", "nonzero_params", "size_bytes", "prefill_ms", "decode_tokens_per_s"}
+    assert set(fp) >= {
+        "perplexity",
+        "params",
+        "nonzero_params",
+        "size_bytes",
+        "prefill_ms",
+        "decode_tokens_per_s",
+    }
     assert q["params"] == fp["params"]  # same architecture, weights stored in int8
     assert q["size_bytes"] < 0.6 * fp["size_bytes"]
     assert q["perplexity"] == pytest.approx(fp["perplexity"], rel=0.02)

@@ -72,7 +72,11 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
             if id(t) in seen:
                 continue
             seen.add(id(t))
-            dense = t.dequantize() if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "dequantize") else t
+            dense = (
+                t.dequantize()
+                if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "dequantize")
+                else t
+            )
             params += t.numel()
             nonzero += int(torch.count_nonzero(dense.detach()))
     return params, nonzero
@@ -172,7 +176,9 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
                     f"{path} has {model.get_input_embeddings().num_embeddings} embeddings but the eval tokenizer "
                     f"(from {cfg.models[0]}) has {vocab} tokens: models compared on one perplexity must share a tokenizer"
                 )
-            ppl, loss, tokens = perplexity(model, data.eval, batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
+            ppl, loss, tokens = perplexity(
+                model, data.eval, batch_size=cfg.batch_size, max_batches=cfg.eval_batches
+            )
             params, nonzero = parameter_counts(model)
             lat = cfg.latency
             entry = {
@@ -186,7 +192,11 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
                 "nonzero_params": nonzero,
                 "size_bytes": size,
                 "prefill_ms": prefill_ms(
-                    model, batch_size=lat.batch_size, length=lat.prefill_len, warmup=lat.warmup, repeats=lat.repeats
+                    model,
+                    batch_size=lat.batch_size,
+                    length=lat.prefill_len,
+                    warmup=lat.warmup,
+                    repeats=lat.repeats,
                 ),
                 "decode_tokens_per_s": decode_tokens_per_s(
                     model,

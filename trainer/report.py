@@ -20,7 +20,15 @@ from trainer.utils import require
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
 
-REQUIRED = ("name", "perplexity", "params", "nonzero_params", "size_bytes", "prefill_ms", "decode_tokens_per_s")
+REQUIRED = (
+    "name",
+    "perplexity",
+    "params",
+    "nonzero_params",
+    "size_bytes",
+    "prefill_ms",
+    "decode_tokens_per_s",
+)
 CHARTS = ("size_bytes", "prefill_ms", "both")
 AXIS_LABELS = {"size_bytes": "size on disk (MB)", "prefill_ms": "prefill latency (ms)"}
 
@@ -32,7 +40,9 @@ def load_entries(path: Path) -> list[dict[str, Any]]:
     for e in entries:
         missing = [k for k in REQUIRED if k not in e]
         if missing:
-            raise ConfigError(f"input={path}: entry {e.get('name', '?')} lacks {', '.join(missing)}; rerun trainer.evaluate")
+            raise ConfigError(
+                f"input={path}: entry {e.get('name', '?')} lacks {', '.join(missing)}; rerun trainer.evaluate"
+            )
     return entries
 
 
@@ -42,7 +52,9 @@ def pick_baseline(entries: list[dict[str, Any]], baseline: str | None) -> dict[s
     for e in entries:
         if baseline in (e["name"], e.get("path")):
             return e
-    raise ConfigError(f"baseline={baseline}: no entry has that name or path ({', '.join(e['name'] for e in entries)})")
+    raise ConfigError(
+        f"baseline={baseline}: no entry has that name or path ({', '.join(e['name'] for e in entries)})"
+    )
 
 
 def markdown_table(entries: list[dict[str, Any]], base: dict[str, Any]) -> str:
@@ -76,7 +88,9 @@ def write_chart(entries: list[dict[str, Any]], out: Path, *, chart: str) -> None
         for e in entries:
             x = e[key] / scale
             ax.scatter(x, e["perplexity"], s=40)
-            ax.annotate(e["name"], (x, e["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(
+                e["name"], (x, e["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=8
+            )
         ax.set_xlabel(AXIS_LABELS[key])
         ax.set_ylabel("perplexity")
         ax.grid(alpha=0.3)
@@ -86,7 +100,9 @@ def write_chart(entries: list[dict[str, Any]], out: Path, *, chart: str) -> None
     plt.close(fig)
 
 
-def write_report(input_path: Path, output_dir: Path, *, baseline: str | None = None, chart: str = "both") -> Path:
+def write_report(
+    input_path: Path, output_dir: Path, *, baseline: str | None = None, chart: str = "both"
+) -> Path:
     if chart not in CHARTS:
         raise ConfigError(f"chart={chart}: choose one of {', '.join(CHARTS)}")
     entries = load_entries(input_path)

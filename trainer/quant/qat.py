@@ -62,7 +62,9 @@ def base_config(q: Any) -> Any:
     """The torchao PTQ config the fake quantization imitates and the conversion applies."""
     ao = require("torchao.quantization", extra="quant", package="torchao")
     if q.name == "int8_dynamic":
-        return ao.Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=ao.PerAxis(0))
+        return ao.Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int8, weight_granularity=ao.PerAxis(0)
+        )
     if q.name == "int8_weight":
         return ao.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=ao.PerAxis(0))
     if q.name == "int4_weight":
@@ -97,7 +99,9 @@ def prepare_qat(model: nn.Module, q: Any) -> int:
     _apply(model, q, "prepare")
     swapped = sum(type(m).__name__ == "FakeQuantizedLinear" for m in model.modules())
     if swapped == 0:
-        raise ConfigError(f"quant={q.name} found no linear layer to fake-quantize (quant.keep_float={list(q.keep_float)})")
+        raise ConfigError(
+            f"quant={q.name} found no linear layer to fake-quantize (quant.keep_float={list(q.keep_float)})"
+        )
     return swapped
 
 

@@ -48,7 +48,9 @@ def _strip_quantization_config(config: Any) -> None:
         del config.quantization_config
 
 
-def save_quantized(out_dir: Path, model: PreTrainedModel, info: dict[str, Any], tokenizer: Any = None) -> Path:
+def save_quantized(
+    out_dir: Path, model: PreTrainedModel, info: dict[str, Any], tokenizer: Any = None
+) -> Path:
     """Write a quantized model (see the module docstring); written under a temporary name, then renamed."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -70,7 +72,9 @@ def save_quantized(out_dir: Path, model: PreTrainedModel, info: dict[str, Any], 
         from safetensors.torch import save_file
 
         weights = "model.safetensors"
-        save_file({k: v.contiguous() for k, v in unique.items()}, str(tmp / weights), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in unique.items()}, str(tmp / weights), metadata={"format": "pt"}
+        )
     else:
         weights = "model.pt"
         torch.save(unique, tmp / weights)

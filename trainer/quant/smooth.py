@@ -40,10 +40,14 @@ class Int8DynamicLinear(nn.Module):
     loads without unpickling; fbgemm's packed form is rebuilt from them on first use.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, device: torch.device | None = None):
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool, device: torch.device | None = None
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self._packed = None
@@ -73,7 +77,9 @@ class Int8DynamicLinear(nn.Module):
             zero = torch.zeros(self.out_features, dtype=torch.long)
             with warnings.catch_warnings():  # quantized tensors are deprecated but still fbgemm's only entry
                 warnings.simplefilter("ignore")
-                qw = torch._make_per_channel_quantized_tensor(self.qweight, self.weight_scale.double(), zero, 0)
+                qw = torch._make_per_channel_quantized_tensor(
+                    self.qweight, self.weight_scale.double(), zero, 0
+                )
             self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
         return self._packed
 
@@ -298,4 +304,8 @@ def empty_int8_linears(model: nn.Module, names: list[str]) -> None:
         parent_name, _, child_name = full.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         child = getattr(parent, child_name)
-        setattr(parent, child_name, Int8DynamicLinear(child.in_features, child.out_features, bias=child.bias is not None))
+        setattr(
+            parent,
+            child_name,
+            Int8DynamicLinear(child.in_features, child.out_features, bias=child.bias is not None),
+        )
