@@ -288,7 +288,6 @@ class Config:
     resume: str = "none"
 
 
-
 @dataclass
 class SmoothConfig:
     # SmoothQuant migration strength: null searches it per group of layers (lowest int8 error on the
