@@ -68,10 +68,10 @@ def smollm2_hf(work: Path) -> Path:
     return out
 
 
-def embedded_run(work: Path, *, quick: bool, threads: int) -> tuple[Path, list[str]]:
+def embedded_run(work: Path, *, steps: int | None, threads: int) -> tuple[Path, list[str]]:
     run_dir = work / "embedded_run"
     if not (run_dir / "hf" / "config.json").is_file():
-        steps = ["train.max_steps=40", "train.eval_every=0"] if quick else []
+        steps = [f"train.max_steps={steps}", "train.eval_every=0"] if steps else []
         run(
             ["trainer.train", f"hydra.run.dir={run_dir}", "train.progress_bar=false", *steps],
             threads=threads,
@@ -144,6 +144,9 @@ def main() -> None:
     p.add_argument(
         "--embedded-run", type=Path, default=None, help="an existing run directory to use instead of training"
     )
+    p.add_argument(
+        "--train-steps", type=int, default=None, help="steps of the embedded run (default: the job's 600)"
+    )
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "quantize")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=1, help="latency batch size")
@@ -169,7 +172,8 @@ def main() -> None:
             if args.embedded_run:
                 float_dir, data = args.embedded_run / "hf", []
             else:
-                float_dir, data = embedded_run(args.work, quick=args.quick, threads=args.threads)
+                steps = 40 if args.quick else args.train_steps
+                float_dir, data = embedded_run(args.work, steps=steps, threads=args.threads)
         else:
             float_dir, data = smollm2_hf(args.work), ["data=pydoc"]
         results[name] = bench_model(name, float_dir, data, args, args.work)

@@ -315,7 +315,7 @@ def test_qat_runs_under_single_and_ddp_and_converts_to_the_fake_quantized_functi
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (["strategy=zero1"], "ZeRO"),
+        (["strategy=zero1"], "strategy=zero1 shards or partitions"),
         (["precision=fp8"], "precision=fp8"),
         (["train.export_hf=false"], "train.export_hf=true"),
         (["quant.name=int2"], "quant.name=int2: choose one of"),

@@ -30,7 +30,7 @@ from trainer.config import ConfigError
 from trainer.utils import require
 
 QAT_SCHEMES = ("none", "int8_dynamic", "int8_weight", "int4_weight")
-QAT_STRATEGIES = ("single", "ddp", "fsdp")
+QAT_STRATEGIES = ("single", "ddp")  # tested; fsdp and ZeRO shard the weights fake quantization reads
 
 
 def check_qat(cfg: Any) -> None:
@@ -43,8 +43,9 @@ def check_qat(cfg: Any) -> None:
     require("torchao.quantization.qat", extra="quant", package="torchao")
     if cfg.strategy.name not in QAT_STRATEGIES:
         raise ConfigError(
-            f"quant={q.name} (QAT) runs under strategy={'|'.join(QAT_STRATEGIES)}; DeepSpeed's ZeRO "
-            f"(strategy={cfg.strategy.name}) partitions the weights that fake quantization reads whole"
+            f"quant={q.name} (QAT) runs under strategy={' or '.join(QAT_STRATEGIES)}; "
+            f"strategy={cfg.strategy.name} shards or partitions the weights that fake quantization reads "
+            "whole (untested with QAT): use strategy=ddp"
         )
     if cfg.precision.name == "fp8":
         raise ConfigError(
