@@ -282,6 +282,17 @@ class LoggerConfig:
 
 
 @dataclass
+class QuantConfig:
+    # Quantization-aware training: `none`, `int8_dynamic`, `int8_weight` or `int4_weight` (torchao fake
+    # quantization in the loop; the hf/ export is converted to a real quantized model in quantized/).
+    name: str = "none"
+    # Linear layers whose names contain one of these stay in float (the LM head always does).
+    keep_float: list[str] = field(default_factory=list)
+    # int4_weight: weights per quantization group along a row.
+    group_size: int = 32
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -293,8 +304,83 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     # `none`, `auto` (latest checkpoint of the run directory, if any) or a checkpoint directory.
     resume: str = "none"
+
+
+@dataclass
+class SmoothConfig:
+    # SmoothQuant migration strength: null searches it per group of layers (lowest int8 error on the
+    # calibration data); a number in [0, 1] applies it everywhere.
+    alpha: float | None = None
+    # Calibration batches (of `batch_size` training sequences of the data group) for the activation ranges.
+    calibration_batches: int = 4
+    batch_size: int = 8
+
+
+@dataclass
+class QuantizeConfig:
+    # An hf/ export, a checkpoints/step_XXXXXXXX directory or a .gguf file.
+    model_path: str = MISSING
+    # `int8_dynamic`, `int8_smooth`, `int8_weight`, `int4_weight` (CUDA) or `sparse24` (CUDA, 2:4-pruned weights).
+    scheme: str = MISSING
+    # Directory to write the quantized model into (replaced if it exists).
+    output_dir: str = MISSING
+    # `auto` (cuda when available), `cpu` or `cuda`.
+    device: str = "auto"
+    # Linear layers whose names contain one of these stay in float.
+    keep_float: list[str] = field(default_factory=lambda: ["lm_head"])
+    # int4_weight: weights per quantization group.
+    group_size: int = 128
+    smooth: SmoothConfig = field(default_factory=SmoothConfig)
+    # The calibration data (int8_smooth): the same data group as training.
+    data: DataConfig = MISSING
+    # Threads for torch on the CPU (null: torch's default).
+    threads: int | None = None
+
+
+@dataclass
+class LatencyConfig:
+    # Sequences per forward for the latency measurements.
+    batch_size: int = 1
+    # Prompt tokens of the prefill forward.
+    prefill_len: int = 128
+    # Tokens generated one at a time after the prefill (with the KV cache).
+    decode_tokens: int = 32
+    # Untimed runs first, then timed repeats (the median is reported).
+    warmup: int = 1
+    repeats: int = 3
+
+
+@dataclass
+class EvaluateConfig:
+    # Model paths: hf/ exports, checkpoints, .gguf files or trainer.quantize outputs.
+    models: list[str] = MISSING
+    # JSON file to write (one entry per model).
+    output: str = MISSING
+    # Perplexity on the eval split of this data group (as in training); the tokenizer is the first model's.
+    data: DataConfig = MISSING
+    # Sequences per forward for perplexity.
+    batch_size: int = 8
+    # Batches of the eval split for perplexity; 0 uses all of it.
+    eval_batches: int = 0
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    # `auto` (cuda when available), `cpu` or `cuda`; int8_smooth models run on the CPU.
+    device: str = "auto"
+    threads: int | None = None
+
+
+@dataclass
+class ReportConfig:
+    # A JSON file written by trainer.evaluate.
+    input: str = MISSING
+    # Directory for report.md and report.png.
+    output_dir: str = MISSING
+    # Name (or path) of the entry the ratios are taken against; null: the first entry.
+    baseline: str | None = None
+    # Chart x axis: `size_bytes` or `prefill_ms` (perplexity is on y); both panels when `both`.
+    chart: str = "both"
 
 
 def register_configs() -> None:
@@ -315,6 +401,10 @@ def register_configs() -> None:
     cs.store(group="strategy", name="schema", node=StrategyConfig)
     cs.store(group="precision", name="schema", node=PrecisionConfig)
     cs.store(group="logger", name="schema", node=LoggerConfig)
+    cs.store(group="quant", name="schema", node=QuantConfig)
+    cs.store(name="schema_quantize", node=QuantizeConfig)
+    cs.store(name="schema_evaluate", node=EvaluateConfig)
+    cs.store(name="schema_report", node=ReportConfig)
 
 
 SCHEDULERS = ("constant", "linear", "cosine", "wsd")
@@ -423,6 +513,10 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
         cfg.logger.wandb.mode in WANDB_MODES,
         f"logger.wandb.mode={cfg.logger.wandb.mode}: choose one of {', '.join(WANDB_MODES)}",
     )
+    if cfg.get("quant") is not None and cfg.quant.name != "none":
+        from trainer.quant.qat import check_qat  # torchao only when QAT is asked for
+
+        check_qat(cfg)
     per_step = t.micro_batch_size * world_size
     _check(
         t.global_batch_size % per_step == 0,

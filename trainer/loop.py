@@ -19,6 +19,7 @@ from trainer.metrics import mfu, peak_flops, peak_memory_bytes
 from trainer.models import CausalLMWithLoss, build_model, count_params, flops_per_token, max_seq_len
 from trainer.optim import build_optimizer, optimizer_offloaded, schedule_factor, set_lr
 from trainer.preemption import Preempted, PreemptionWatch, clear_marker, write_marker
+from trainer.quant.qat import convert_export, prepare_qat
 from trainer.strategy import build_strategy
 from trainer.utils import resolve_device, resolve_dtype
 
@@ -101,6 +102,7 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        prepare_qat(model, cfg.quant)  # fake-quantized linears (QAT) before any wrapping; none: no-op
         return model
 
     def _resume(self) -> Path | None:
@@ -271,6 +273,10 @@ class Trainer:
                 tokenizer=self.data.tokenizer,
                 env=self.env,
             )
+        if self.cfg.quant.name != "none":  # QAT: the real quantized model, converted from hf/
+            if main:
+                convert_export(self.run_dir / "hf", self.run_dir / "quantized", self.cfg.quant)
+            barrier()
         seconds = time.perf_counter() - run_start
         tokens = self.tokens_seen - start_tokens
         summary = {

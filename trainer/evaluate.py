@@ -1,0 +1,237 @@
+"""Evaluate models side by side: `python -m trainer.evaluate 'models=[DIR,...]' output=FILE.json`.
+
+For each model (dense, distilled, pruned or quantized; an hf/ export, a checkpoint, a .gguf file or a
+trainer.quantize output) one JSON entry with:
+
+- `perplexity`: exp of the mean next-token cross-entropy over the eval split of the configured data
+  group (the same windows training evaluates on), tokenized with the first model's tokenizer;
+- `params` (parameters of the stored model, a tied embedding counted once) and `nonzero_params`;
+- `size_bytes`: the weight files on disk;
+- `prefill_ms`: median time of one forward over `latency.batch_size` x `latency.prefill_len` tokens;
+- `decode_tokens_per_s`: tokens generated per second, one at a time with the KV cache, after a prefill.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from trainer.config import ConfigError, register_configs
+from trainer.data import IGNORE_INDEX, TokenWindows, build_data
+from trainer.quant.serialization import is_quantized_dir, load_any, read_manifest
+from trainer.quant.smooth import Int8DynamicLinear
+from trainer.utils import resolve_device
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register_configs()
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, windows: TokenWindows, *, batch_size: int, max_batches: int = 0
+) -> tuple[float, float, int]:
+    """(perplexity, mean token loss, target tokens) over the first max_batches batches (0: all)."""
+    device = next(model.parameters()).device
+    n = len(windows) if max_batches <= 0 else min(len(windows), max_batches * batch_size)
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    for start in range(0, n, batch_size):
+        inputs, labels = windows.batch(torch.arange(start, min(start + batch_size, n)))
+        logits = model(input_ids=inputs.to(device), use_cache=False).logits.float().cpu()
+        total += F.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).double()
+        count += int((labels != IGNORE_INDEX).sum())
+    if count == 0:
+        raise ConfigError("the eval split has no target token; lower data.seq_len or add eval data")
+    loss = float(total) / count
+    return math.exp(min(loss, 50.0)), loss, count
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters) as stored: quantized weights counted by their logical shape."""
+    seen: set[int] = set()
+    params = nonzero = 0
+    for module in model.modules():
+        tensors = list(module.parameters(recurse=False))
+        if isinstance(module, Int8DynamicLinear):
+            tensors = [module.qweight] + ([module.bias] if module.bias is not None else [])
+        for t in tensors:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            dense = (
+                t.dequantize()
+                if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "dequantize")
+                else t
+            )
+            params += t.numel()
+            nonzero += int(torch.count_nonzero(dense.detach()))
+    return params, nonzero
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prompt(model: nn.Module, batch_size: int, length: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    return torch.randint(3, vocab, (batch_size, length), generator=generator)
+
+
+@torch.no_grad()
+def prefill_ms(model: nn.Module, *, batch_size: int, length: int, warmup: int, repeats: int) -> float:
+    """Median milliseconds of one forward over batch_size x length tokens."""
+    device = next(model.parameters()).device
+    ids = _prompt(model, batch_size, length).to(device)
+    times = []
+    for i in range(warmup + repeats):
+        _sync(device)
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+@torch.no_grad()
+def decode_tokens_per_s(
+    model: nn.Module, *, batch_size: int, prompt_len: int, new_tokens: int, warmup: int, repeats: int
+) -> float:
+    """Greedy decoding with the KV cache: generated tokens (batch x new) per second, prefill excluded."""
+    device = next(model.parameters()).device
+    ids = _prompt(model, batch_size, prompt_len).to(device)
+    # transformers >= 5.2x calls the KV cache `cache`; earlier versions `past_key_values`.
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    rates = []
+    for i in range(warmup + repeats):
+        out = model(input_ids=ids, use_cache=True)
+        past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=token, use_cache=True, **{key: past})
+            past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        if i >= warmup:
+            rates.append(batch_size * new_tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def model_name(path: str) -> str:
+    """A short label: the directory name, with its parent's for the generic ones (hf, quantized)."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.name in ("hf", "quantized") and p.parent.name else p.name
+
+
+def check_evaluate_config(cfg: Any) -> torch.device:
+    if not cfg.models:
+        raise ConfigError("models=[] is empty: give one or more model paths, e.g. 'models=[outputs/run/hf]'")
+    missing = [m for m in cfg.models if not Path(m).exists()]
+    if missing:
+        raise FileNotFoundError(f"models: {', '.join(missing)} not found")
+    lat = cfg.latency
+    for key in ("batch_size", "prefill_len", "decode_tokens", "repeats"):
+        if getattr(lat, key) < 1:
+            raise ConfigError(f"latency.{key}={getattr(lat, key)}: must be >= 1")
+    if lat.warmup < 0 or cfg.batch_size < 1 or cfg.eval_batches < 0:
+        raise ConfigError("latency.warmup and eval_batches must be >= 0, batch_size >= 1")
+    return resolve_device(cfg.device)
+
+
+def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
+    device = check_evaluate_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    results: list[dict[str, Any]] = []
+    data = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in cfg.models:
+            scheme = read_manifest(Path(path))["scheme"] if is_quantized_dir(Path(path)) else "float"
+            where = torch.device("cpu") if scheme == "int8_smooth" else device  # fbgemm kernels
+            model, tokenizer, size = load_any(path, device=where)
+            if data is None:  # the first model's tokenizer tokenizes the eval data for all
+                tokenizer.save_pretrained(str(Path(tmp) / "tokenizer_src"))
+                data_cfg = cfg.data.copy()
+                data_cfg.tokenizer = str(Path(tmp) / "tokenizer_src")
+                data = build_data(data_cfg, run_dir=Path(tmp))
+                vocab = len(data.tokenizer)
+            if model.get_input_embeddings().num_embeddings < vocab:
+                raise ConfigError(
+                    f"{path} has {model.get_input_embeddings().num_embeddings} embeddings but the eval tokenizer "
+                    f"(from {cfg.models[0]}) has {vocab} tokens: models compared on one perplexity must share a tokenizer"
+                )
+            ppl, loss, tokens = perplexity(
+                model, data.eval, batch_size=cfg.batch_size, max_batches=cfg.eval_batches
+            )
+            params, nonzero = parameter_counts(model)
+            lat = cfg.latency
+            entry = {
+                "name": model_name(path),
+                "path": str(path),
+                "scheme": scheme,
+                "perplexity": ppl,
+                "eval_loss": loss,
+                "eval_tokens": tokens,
+                "params": params,
+                "nonzero_params": nonzero,
+                "size_bytes": size,
+                "prefill_ms": prefill_ms(
+                    model,
+                    batch_size=lat.batch_size,
+                    length=lat.prefill_len,
+                    warmup=lat.warmup,
+                    repeats=lat.repeats,
+                ),
+                "decode_tokens_per_s": decode_tokens_per_s(
+                    model,
+                    batch_size=lat.batch_size,
+                    prompt_len=lat.prefill_len,
+                    new_tokens=lat.decode_tokens,
+                    warmup=lat.warmup,
+                    repeats=lat.repeats,
+                ),
+                "latency_batch_size": lat.batch_size,
+                "prefill_len": lat.prefill_len,
+                "decode_tokens": lat.decode_tokens,
+                "device": where.type,
+                "threads": torch.get_num_threads(),
+            }
+            if data.entropy_floor is not None:
+                entry["entropy_floor"] = data.entropy_floor
+            results.append(entry)
+            print(
+                f"{entry['name']}: ppl {ppl:.3f}, {params / 1e6:.2f}M params ({nonzero / max(params, 1):.1%} non-zero), "
+                f"{size / 1e6:.2f} MB, prefill {entry['prefill_ms']:.1f} ms, decode {entry['decode_tokens_per_s']:.1f} tok/s",
+                flush=True,
+            )
+            del model
+    return results
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    results = evaluate_models(cfg)
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

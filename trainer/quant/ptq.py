@@ -1,0 +1,128 @@
+"""Post-training quantization schemes, and where each can run.
+
+| scheme        | weights                  | activations               | kernels                              |
+| ------------- | ------------------------ | ------------------------- | ------------------------------------ |
+| int8_weight   | int8 per channel         | float                     | torchao Int8WeightOnlyConfig, any device |
+| int8_dynamic  | int8 per channel         | int8 per token, per call  | torchao Int8DynamicActivationInt8WeightConfig (`_int_mm`: fast on GPUs, slow on CPUs without VNNI) |
+| int8_smooth   | int8 per channel, smoothed | uint8 per tensor, per call | fbgemm (CPU) after SmoothQuant smoothing (smooth.py) |
+| int4_weight   | int4, groups of group_size | bfloat16                | torchao Int4WeightOnlyConfig, CUDA tinygemm |
+| sparse24      | 2:4 semi-structured      | float                     | torchao SemiSparseWeightConfig, CUDA (compute capability 8.0+) |
+
+Layers whose names contain one of `keep_float` (the LM head by default) are left in float. Each check
+runs before any model is loaded, so a scheme that cannot run here fails at once with what it needs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import ConfigError
+from trainer.quant import smooth
+from trainer.utils import require
+
+SCHEMES = ("int8_dynamic", "int8_smooth", "int8_weight", "int4_weight", "sparse24")
+CPU_SCHEMES = ("int8_dynamic", "int8_smooth", "int8_weight")
+
+
+def check_scheme(scheme: str, device: torch.device) -> None:
+    """Fail early, naming what is needed, when `scheme` cannot run on `device`."""
+    if scheme not in SCHEMES:
+        raise ConfigError(f"scheme={scheme}: choose one of {', '.join(SCHEMES)}")
+    if scheme == "int8_smooth":
+        if device.type != "cpu":
+            raise ConfigError(
+                "scheme=int8_smooth runs on fbgemm's CPU kernels; use device=cpu, or scheme=int8_dynamic "
+                "on a GPU (torchao's int8 matmul is fast there)"
+            )
+        if "fbgemm" not in torch.backends.quantized.supported_engines:
+            raise ConfigError(
+                "scheme=int8_smooth needs PyTorch's fbgemm quantized engine (x86 CPUs), which this build "
+                "lacks; use scheme=int8_weight"
+            )
+        return
+    require("torchao.quantization", extra="quant", package="torchao")
+    if scheme == "int4_weight" and device.type != "cuda":
+        raise ConfigError(
+            "scheme=int4_weight needs an NVIDIA GPU: torchao's int4 weight-only kernels are CUDA's tinygemm "
+            f"(packing tile_packed_to_4d) or the mslk package's, and this run is on {device.type}. "
+            "Use scheme=int8_weight on a CPU"
+        )
+    if scheme == "sparse24":
+        if device.type != "cuda":
+            raise ConfigError(
+                "scheme=sparse24 needs an NVIDIA GPU of compute capability 8.0+ (A100, H100, L4, RTX 30xx "
+                f"and newer): 2:4 semi-structured sparse kernels are CUDA-only and this run is on {device.type}. "
+                "On a CPU, a 2:4-pruned model runs as a dense one (no speed-up)"
+            )
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            raise ConfigError(
+                f"scheme=sparse24 needs compute capability 8.0+; {torch.cuda.get_device_name(device)} has "
+                f"{torch.cuda.get_device_capability(device)}"
+            )
+
+
+def _filter(keep_float: list[str]) -> Callable[[nn.Module, str], bool]:
+    return lambda module, fqn: isinstance(module, nn.Linear) and not any(k in fqn for k in keep_float)
+
+
+def torchao_config(scheme: str, *, group_size: int = 128) -> Any:
+    """The torchao config object of a torchao scheme."""
+    q = require("torchao.quantization", extra="quant", package="torchao")
+    if scheme == "int8_weight":
+        return q.Int8WeightOnlyConfig()
+    if scheme == "int8_dynamic":
+        return q.Int8DynamicActivationInt8WeightConfig()
+    if scheme == "int4_weight":
+        return q.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+    if scheme == "sparse24":
+        return require("torchao.sparsity", extra="quant", package="torchao").SemiSparseWeightConfig()
+    raise ValueError(f"{scheme} is not a torchao scheme")
+
+
+def check_2_4_sparse(model: nn.Module, keep_float: list[str]) -> None:
+    """2:4 kernels keep 2 values of every 4 along a row: the weights must already be pruned that way."""
+    for name, module in model.named_modules():
+        if _filter(keep_float)(module, name):
+            w = module.weight.detach()
+            if w.shape[1] % 4 or (w.reshape(-1, 4) != 0).sum(1).max() > 2:
+                raise ValueError(
+                    f"scheme=sparse24: {name}.weight is not 2:4 sparse (at most 2 non-zeros in every 4 "
+                    "consecutive weights of a row); prune the model to a 2:4 pattern first"
+                )
+
+
+def quantize_model(
+    model: nn.Module,
+    scheme: str,
+    *,
+    keep_float: list[str],
+    group_size: int = 128,
+    calibration: Iterable[torch.Tensor] = (),
+    alpha: float | None = None,
+) -> dict[str, Any]:
+    """Quantize `model` in place; returns what the manifest needs to rebuild it (see serialization.py)."""
+    info: dict[str, Any] = {"scheme": scheme, "keep_float": list(keep_float)}
+    if scheme == "int8_smooth":
+        maxima, rows = smooth.calibrate(model, calibration)
+        smooth.smooth_model(model, maxima, rows, alpha=alpha)
+        info["int8_linears"] = smooth.swap_linears(model, keep_float=keep_float)
+        info["alpha"] = alpha if alpha is not None else "searched"
+        return info
+    quantize_ = require("torchao.quantization", extra="quant", package="torchao").quantize_
+    if scheme == "sparse24":
+        check_2_4_sparse(model, keep_float)
+        model.half()  # cuSPARSELt / CUTLASS 2:4 kernels take half-precision weights
+    if scheme == "int4_weight":
+        model.to(torch.bfloat16)  # tinygemm takes bfloat16 activations and scales
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(model, torchao_config(scheme, group_size=group_size), filter_fn=_filter(keep_float))
+    info["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if scheme == "int4_weight":
+        info["group_size"] = group_size
+    return info

@@ -1,0 +1,119 @@
+"""Quantization-aware training with torchao's fake-quantize flow, and its conversion at the end.
+
+`quant=int8_dynamic|int8_weight|int4_weight` swaps the model's linear layers (all but the LM head and
+those named in `quant.keep_float`) for torchao's FakeQuantizedLinear before the strategy wraps it: the
+forward rounds weights (and, for int8_dynamic, activations per token) to the integer grid and the
+backward passes gradients straight through. The parameter names do not change, so checkpoints, resume
+and the `hf/` export work as without QAT (the export holds the float latent weights).
+
+When training ends, rank 0 converts the `hf/` export with the same torchao config (QATConfig
+step="convert") and saves the real quantized model to `quantized/` (see serialization.py). Its outputs
+equal those of the fake-quantized model: the same rounding, now on stored integers.
+
+| quant        | torchao base config                                         | converted weights               |
+| ------------ | ----------------------------------------------------------- | ------------------------------- |
+| int8_dynamic | Int8DynamicActivationIntxWeightConfig(int8, per channel)    | int8 + per-token int8 activations |
+| int8_weight  | IntxWeightOnlyConfig(int8, per channel)                     | int8                            |
+| int4_weight  | IntxWeightOnlyConfig(int4, groups of quant.group_size)      | int4 values held in int8 (torchao's portable layout; no int4 kernel on CPU) |
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import ConfigError
+from trainer.utils import require
+
+QAT_SCHEMES = ("none", "int8_dynamic", "int8_weight", "int4_weight")
+QAT_STRATEGIES = ("single", "ddp")  # tested; fsdp and ZeRO shard the weights fake quantization reads
+
+
+def check_qat(cfg: Any) -> None:
+    """Refuse what QAT cannot do, before any work (cfg is the whole run config)."""
+    q = cfg.quant
+    if q.name == "none":
+        return
+    if q.name not in QAT_SCHEMES:
+        raise ConfigError(f"quant.name={q.name}: choose one of {', '.join(QAT_SCHEMES)}")
+    require("torchao.quantization.qat", extra="quant", package="torchao")
+    if cfg.strategy.name not in QAT_STRATEGIES:
+        raise ConfigError(
+            f"quant={q.name} (QAT) runs under strategy={' or '.join(QAT_STRATEGIES)}; "
+            f"strategy={cfg.strategy.name} shards or partitions the weights that fake quantization reads "
+            "whole (untested with QAT): use strategy=ddp"
+        )
+    if cfg.precision.name == "fp8":
+        raise ConfigError(
+            f"quant={q.name} and precision=fp8 both replace the linear layers; use precision=fp32 or bf16 with QAT"
+        )
+    if not cfg.train.export_hf:
+        raise ConfigError(
+            f"quant={q.name} converts the final hf/ export into quantized/; set train.export_hf=true"
+        )
+    if q.name == "int4_weight" and q.group_size <= 0:
+        raise ConfigError(f"quant.group_size={q.group_size}: must be > 0, e.g. 32")
+
+
+def base_config(q: Any) -> Any:
+    """The torchao PTQ config the fake quantization imitates and the conversion applies."""
+    ao = require("torchao.quantization", extra="quant", package="torchao")
+    if q.name == "int8_dynamic":
+        return ao.Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int8, weight_granularity=ao.PerAxis(0)
+        )
+    if q.name == "int8_weight":
+        return ao.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=ao.PerAxis(0))
+    if q.name == "int4_weight":
+        return ao.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=ao.PerGroup(q.group_size))
+    raise ValueError(f"quant.name={q.name} has no torchao config")
+
+
+def _filter(model: nn.Module, keep_float: list[str]):
+    """Linear layers except the LM head (the fused loss reads its float weight) and keep_float's."""
+    head = model.get_output_embeddings()
+    return lambda m, fqn: type(m) is nn.Linear and m is not head and not any(k in fqn for k in keep_float)
+
+
+def _apply(model: nn.Module, q: Any, step: str) -> None:
+    ao = require("torchao.quantization", extra="quant", package="torchao")
+    qat = require("torchao.quantization.qat", extra="quant", package="torchao")
+    keep = list(q.keep_float)
+    if step == "convert":  # FakeQuantizedLinear is what prepare made; leave everything else alone
+        head = model.get_output_embeddings()
+        filter_fn = lambda m, fqn: type(m).__name__ == "FakeQuantizedLinear" and m is not head  # noqa: E731
+    else:
+        filter_fn = _filter(model, keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ao.quantize_(model, qat.QATConfig(base_config(q), step=step), filter_fn=filter_fn)
+
+
+def prepare_qat(model: nn.Module, q: Any) -> int:
+    """Swap eligible linears for fake-quantized ones in place; returns how many (0 for quant=none)."""
+    if q.name == "none":
+        return 0
+    _apply(model, q, "prepare")
+    swapped = sum(type(m).__name__ == "FakeQuantizedLinear" for m in model.modules())
+    if swapped == 0:
+        raise ConfigError(
+            f"quant={q.name} found no linear layer to fake-quantize (quant.keep_float={list(q.keep_float)})"
+        )
+    return swapped
+
+
+def convert_export(hf_dir: Path, out_dir: Path, q: Any) -> Path:
+    """Load the float export of a QAT run, prepare and convert it with torchao, save it quantized."""
+    from trainer.quant.serialization import load_float, save_quantized
+
+    model, tokenizer = load_float(str(hf_dir))
+    prepare_qat(model, q)
+    _apply(model, q, "convert")
+    info = {"scheme": f"qat_{q.name}", "keep_float": list(q.keep_float), "dtype": "float32"}
+    if q.name == "int4_weight":
+        info["group_size"] = q.group_size
+    return save_quantized(out_dir, model, info, tokenizer)

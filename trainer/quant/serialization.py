@@ -1,0 +1,207 @@
+"""Saving and loading models: float ones (an `hf/` export, a checkpoint, a GGUF file) and quantized ones.
+
+A quantized model directory holds:
+
+    config.json          the transformers config (the architecture to rebuild)
+    quantization.json    the manifest: scheme, weights file, tied-weight aliases, the layers that are
+                         int8 fbgemm modules, the torch/torchao versions it was made with
+    model.safetensors    plain tensors (int8_smooth: int8 weights, scales, float norms), or
+    model.pt             a state dict of torchao tensor subclasses (torch.save; loaded with
+                         weights_only=True, torchao registers its classes as safe)
+    tokenizer files
+
+`load_quantized(DIR)` rebuilds the architecture from config.json, puts empty quantized modules where the
+manifest says, and assigns the saved tensors: no arbitrary unpickling, no re-quantization.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from trainer.data.tokenizer import load_tokenizer
+from trainer.quant import smooth
+from trainer.utils import require
+
+MANIFEST = "quantization.json"
+FORMAT = "trainer-quantized"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".gguf")
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter)
+
+
+def _strip_quantization_config(config: Any) -> None:
+    """A GGUF-loaded config says `quantization_config: gguf`; the weights we hold are dequantized floats."""
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+
+
+def save_quantized(
+    out_dir: Path, model: PreTrainedModel, info: dict[str, Any], tokenizer: Any = None
+) -> Path:
+    """Write a quantized model (see the module docstring); written under a temporary name, then renamed."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _strip_quantization_config(model.config)
+    model.config.save_pretrained(str(tmp))
+    # Tied weights (embedding and LM head) are one tensor under two names: store it once.
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_name: dict[int, str] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if id(value) in first_name:
+            aliases[name] = first_name[id(value)]
+            continue
+        first_name[id(value)] = name
+        unique[name] = value.detach()
+    if all(_plain(t) for t in unique.values()):
+        from safetensors.torch import save_file
+
+        weights = "model.safetensors"
+        save_file(
+            {k: v.contiguous() for k, v in unique.items()}, str(tmp / weights), metadata={"format": "pt"}
+        )
+    else:
+        weights = "model.pt"
+        torch.save(unique, tmp / weights)
+    manifest = {
+        "format": FORMAT,
+        "version": 1,
+        **info,
+        "weights": weights,
+        "aliases": aliases,
+        "torch": torch.__version__,
+        "torchao": _torchao_version(),
+        "load": f"from trainer.quant import load_quantized; model = load_quantized('{out_dir}')",
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def _torchao_version() -> str | None:
+    try:
+        import importlib.metadata
+
+        return importlib.metadata.version("torchao")
+    except Exception:
+        return None
+
+
+def is_quantized_dir(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    manifest = json.loads((Path(path) / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path / MANIFEST} is not a {FORMAT} manifest")
+    return manifest
+
+
+def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """Rebuild a model saved by `save_quantized`, ready to run on `device`."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    config = AutoConfig.from_pretrained(str(path))
+    dtype = getattr(torch, manifest.get("dtype", "float32"))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    smooth.empty_int8_linears(model, manifest.get("int8_linears", []))
+    weights = path / manifest["weights"]
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights))
+    else:
+        require("torchao.quantization", extra="quant", package="torchao")  # registers its safe classes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(weights, map_location=device, weights_only=True)
+    for alias, name in manifest.get("aliases", {}).items():
+        state[alias] = state[name]
+    model.load_state_dict(state, strict=True, assign=True)
+    for alias, name in manifest.get("aliases", {}).items():  # tied again: one tensor, as when saved
+        parent, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(parent), attr, model.get_parameter(name))
+    return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def float_source(path: str | Path) -> Iterator[tuple[str, str | None]]:
+    """(directory, gguf file or None) from which transformers loads a float model and its tokenizer.
+
+    `path` is an HF directory (an `hf/` export), a GGUF file, or a trainer checkpoint directory (exported
+    to a temporary directory for the duration).
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        require("gguf", extra="gguf")
+        yield str(path.parent), path.name
+    elif (path / "trainer_state.json").is_file():
+        from trainer.export import export_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            export_checkpoint(path, Path(tmp) / "hf")
+            yield str(Path(tmp) / "hf"), None
+    elif (path / "config.json").is_file():
+        yield str(path), None
+    else:
+        raise FileNotFoundError(
+            f"{path}: not a model. Give an HF directory (a run's hf/ export, with config.json), a "
+            "checkpoints/step_XXXXXXXX directory, a .gguf file, or a directory written by trainer.quantize"
+        )
+
+
+def load_float(directory: str, gguf_file: str | None = None) -> tuple[PreTrainedModel, Any]:
+    """A float32 model and its tokenizer from `float_source`'s answer."""
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+    _strip_quantization_config(model.config)
+    return model.eval(), load_tokenizer_from(directory, gguf_file)
+
+
+def load_tokenizer_from(directory: str, gguf_file: str | None = None) -> Any:
+    if gguf_file:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
+    return load_tokenizer(directory)
+
+
+def load_any(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[PreTrainedModel, Any, int]:
+    """(model, tokenizer, bytes of weights on disk) for any model path `evaluate` accepts."""
+    path = Path(path)
+    if is_quantized_dir(path):
+        return load_quantized(path, device=device), load_tokenizer(str(path)), weights_size(path)
+    with float_source(path) as (directory, gguf_file):
+        model, tokenizer = load_float(directory, gguf_file)
+        size = weights_size(Path(directory) / gguf_file if gguf_file else Path(directory))
+    return model.to(device), tokenizer, size
+
+
+def weights_size(path: Path) -> int:
+    """Bytes of the weight files of a model directory (or of one weight file)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)

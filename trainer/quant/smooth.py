@@ -1,0 +1,311 @@
+"""int8 dynamic quantization that is fast on CPUs without VNNI: SmoothQuant smoothing + fbgemm's kernels.
+
+fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic`) quantizes each input to uint8 with
+one scale per tensor, then runs a u8 x s8 matmul that is about twice as fast as fp32 on AVX2. One scale
+per tensor breaks on the few input channels that carry outliers (perplexity 23.65 -> 65.9 on SmolLM2).
+SmoothQuant (Xiao et al., 2023) moves that range into the weights: input channel j is divided by
+s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) and the weight's column j multiplied by it, which leaves
+the product unchanged. The division is folded into what produces the input, so it costs nothing at
+run time: the RMSNorm weight before q/k/v and gate/up, the rows of up_proj before down_proj and the
+rows of v_proj before o_proj. Outlier-sensitive layers (the LM head by default) stay in float.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+# Weights use 7 bits (-63..63): without VNNI, fbgemm sums pairs of uint8 x int8 products in int16
+# (vpmaddubsw), which saturates for 255 * 127 * 2 but not for 255 * 63 * 2 = 32130. Measured on AVX2:
+# 8-bit weights with 8-bit activations lose up to 8% to saturation, 8-bit weights with 7-bit
+# activations 2%, 7-bit weights with 8-bit activations 1.5% (the least).
+WEIGHT_QMAX = 63
+
+
+def _quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per output row on -WEIGHT_QMAX..WEIGHT_QMAX: (int8 values, float32 scales)."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / WEIGHT_QMAX).clamp(min=1e-8)
+    q = torch.round(w / scale[:, None]).clamp(-WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8)
+    return q, scale
+
+
+class Int8DynamicLinear(nn.Module):
+    """A linear layer with int8 per-channel weights and activations quantized per call (fbgemm, CPU).
+
+    The state is plain tensors (`qweight` int8, `weight_scale`, `bias`), so it saves to safetensors and
+    loads without unpickling; fbgemm's packed form is rebuilt from them on first use.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool, device: torch.device | None = None
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self._packed = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8DynamicLinear:
+        out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        out.qweight, out.weight_scale = _quantize_per_channel(linear.weight)
+        if linear.bias is not None:
+            out.bias = linear.bias.detach().float().clone()
+        return out
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.weight_scale[:, None]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._packed = None  # new weights: repack
+
+    def _packed_weight(self):
+        if self._packed is None:
+            if self.qweight.device.type != "cpu":
+                raise RuntimeError(
+                    "Int8DynamicLinear runs on fbgemm's CPU kernels; load the model on the CPU "
+                    "(device=cpu), or quantize with scheme=int8_dynamic for GPUs"
+                )
+            zero = torch.zeros(self.out_features, dtype=torch.long)
+            with warnings.catch_warnings():  # quantized tensors are deprecated but still fbgemm's only entry
+                warnings.simplefilter("ignore")
+                qw = torch._make_per_channel_quantized_tensor(
+                    self.qweight, self.weight_scale.double(), zero, 0
+                )
+            self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        # reduce_range=False: full 8-bit activations (the weights took the 7-bit range instead).
+        y = torch.ops.quantized.linear_dynamic(flat, self._packed_weight(), False)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 fbgemm"
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The Llama-style decoder blocks whose structure smoothing relies on, or a clear error."""
+    layers = getattr(getattr(model, "base_model", model), "layers", None)
+    needed = (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+
+    def has(block: nn.Module, path: str) -> bool:
+        try:
+            block.get_submodule(path)
+            return True
+        except AttributeError:
+            return False
+
+    if layers is None or not len(layers) or not all(has(b, p) for b in layers for p in needed):
+        raise ValueError(
+            f"scheme=int8_smooth folds its scales into Llama-style decoder blocks ({', '.join(needed)}); "
+            f"{type(model).__name__} does not have them. Use scheme=int8_dynamic or scheme=int8_weight"
+        )
+    for block in layers:
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            norm = block.get_submodule(name)
+            if "Gemma" in type(norm).__name__ or not type(norm).__name__.endswith("RMSNorm"):
+                raise ValueError(
+                    f"scheme=int8_smooth folds scales into RMSNorm weights (y = w * x / rms(x)); {name} is a "
+                    f"{type(norm).__name__}. Use scheme=int8_dynamic or scheme=int8_weight"
+                )
+    return list(layers)
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module, batches: Iterable[torch.Tensor], *, sample_rows: int = 256
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per linear layer of the blocks: max |x_j| over every calibration token per input channel j, and
+    a sample of up to `sample_rows` input rows (evenly spaced) to score candidate scales on."""
+    maxima: dict[str, torch.Tensor] = {}
+    samples: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for i, block in enumerate(decoder_blocks(model)):
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                key = f"{i}.{name}"
+
+                def record(_m, args, key=key):
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                    m = x.abs().amax(0)
+                    maxima[key] = m if key not in maxima else torch.maximum(maxima[key], m)
+                    samples.setdefault(key, []).append(x[:: max(1, x.shape[0] // 64)][:64].clone())
+
+                hooks.append(module.register_forward_pre_hook(record))
+    try:
+        model.eval()
+        for input_ids in batches:
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not maxima:
+        raise ValueError("calibration ran no batch; give at least one calibration batch")
+    rows = {}
+    for key, parts in samples.items():
+        x = torch.cat(parts)
+        rows[key] = x[:: max(1, x.shape[0] // sample_rows)][:sample_rows]
+    return maxima, rows
+
+
+def _scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    s = act_max.clamp(min=1e-5).pow(alpha) / weight_max.clamp(min=1e-5).pow(1.0 - alpha)
+    return s.clamp(min=1e-5)
+
+
+def fake_quantized_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T with the int8 kernel's rounding simulated in float (fast enough to score many scales):
+    uint8 activations with one scale and zero point per tensor, int8 weights per output row."""
+    lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+    scale = ((hi - lo) / 255).clamp(min=1e-12)
+    zero = torch.round(-lo / scale)
+    xq = (torch.round(x / scale) + zero).clamp(0, 255).sub(zero).mul(scale)
+    q, w_scale = _quantize_per_channel(w)
+    return xq @ (q.float() * w_scale[:, None]).t()
+
+
+def quantized_error(x: torch.Tensor, weights: list[torch.Tensor]) -> float:
+    """Relative error of int8 x @ W.T against float, summed over the weights."""
+    total = 0.0
+    for w in weights:
+        w = w.detach().float()
+        ref = x @ w.t()
+        total += float((fake_quantized_matmul(x, w) - ref).norm() / ref.norm().clamp(min=1e-12))
+    return total
+
+
+def _best_scales(
+    act_max: torch.Tensor,
+    weights: list[torch.Tensor],
+    x: torch.Tensor | None,
+    *,
+    alpha: float | None,
+    groups: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """Scales for one group of linears that share an input: SmoothQuant's rule with the given alpha, or
+    with the alpha of ALPHAS whose int8 output error on the calibration rows `x` is lowest.
+
+    `groups=(num_kv, heads_per_kv, head_dim)` ties the channels of the query heads that read one
+    key/value head (o_proj after v_proj): the scales returned are per key/value channel.
+    """
+    weight_max = torch.cat([w.detach().abs() for w in weights]).amax(0).float()
+    if groups is not None:
+        num_kv, per_kv, hd = groups
+        act_max = act_max.view(num_kv, per_kv, hd).amax(1).reshape(-1)
+        weight_max = weight_max.view(num_kv, per_kv, hd).amax(1).reshape(-1)
+    if alpha is not None:
+        return _scales(act_max, weight_max, alpha)
+    best, best_err = None, float("inf")
+    for a in ALPHAS:
+        s = _scales(act_max, weight_max, a)
+        full = _expand(s, groups)
+        err = quantized_error(x / full, [w.detach().float() * full for w in weights])
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+def _expand(s: torch.Tensor, groups: tuple[int, int, int] | None) -> torch.Tensor:
+    """Per key/value channel scales repeated for each query head of the group (HF's repeat_kv order)."""
+    if groups is None:
+        return s
+    num_kv, per_kv, hd = groups
+    return s.view(num_kv, 1, hd).expand(num_kv, per_kv, hd).reshape(-1)
+
+
+ALPHAS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@torch.no_grad()
+def smooth_model(
+    model: nn.Module,
+    maxima: dict[str, torch.Tensor],
+    rows: dict[str, torch.Tensor] | None = None,
+    *,
+    alpha: float | None = None,
+) -> None:
+    """Fold SmoothQuant scales into the model in place; its float outputs stay the same (up to rounding).
+
+    `alpha=None` searches ALPHAS per group of linears sharing an input, scoring each by the int8 kernel's
+    output error on the calibration rows; a number applies that alpha everywhere (SmoothQuant's rule).
+    """
+    if alpha is None and rows is None:
+        raise ValueError("searching alpha needs the calibration rows; pass rows or a fixed alpha")
+    config = model.config
+    num_heads = config.num_attention_heads
+    num_kv = getattr(config, "num_key_value_heads", None) or num_heads
+    rows = rows or {}
+    for i, block in enumerate(decoder_blocks(model)):
+        attn, mlp = block.self_attn, block.mlp
+        # Inputs that follow an RMSNorm: divide the norm's weight, multiply the consumers' columns.
+        for norm, linears, key in (
+            (block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], f"{i}.self_attn.q_proj"),
+            (block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], f"{i}.mlp.gate_proj"),
+        ):
+            s = _best_scales(maxima[key], [lin.weight for lin in linears], rows.get(key), alpha=alpha)
+            norm.weight.div_(s.to(norm.weight.dtype))
+            for lin in linears:
+                lin.weight.mul_(s.to(lin.weight.dtype))
+        # down_proj's input is act(gate) * up: scale up_proj's output rows.
+        key = f"{i}.mlp.down_proj"
+        s = _best_scales(maxima[key], [mlp.down_proj.weight], rows.get(key), alpha=alpha)
+        _scale_rows(mlp.up_proj, 1.0 / s)
+        mlp.down_proj.weight.mul_(s.to(mlp.down_proj.weight.dtype))
+        # o_proj's input is the attention-weighted v: scale v_proj's rows. A key/value head serves
+        # num_heads / num_kv query heads, so those heads share one scale per channel.
+        key = f"{i}.self_attn.o_proj"
+        groups = (num_kv, num_heads // num_kv, attn.o_proj.in_features // num_heads)
+        s = _best_scales(maxima[key], [attn.o_proj.weight], rows.get(key), alpha=alpha, groups=groups)
+        _scale_rows(attn.v_proj, 1.0 / s)
+        attn.o_proj.weight.mul_(_expand(s, groups).to(attn.o_proj.weight.dtype))
+
+
+def _scale_rows(linear: nn.Linear, factor: torch.Tensor) -> None:
+    linear.weight.mul_(factor.to(linear.weight.dtype)[:, None])
+    if linear.bias is not None:
+        linear.bias.mul_(factor.to(linear.bias.dtype))
+
+
+def swap_linears(model: nn.Module, *, keep_float: list[str]) -> list[str]:
+    """Replace every nn.Linear whose name contains none of `keep_float` by an Int8DynamicLinear."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and not any(k in full for k in keep_float):
+                setattr(module, child_name, Int8DynamicLinear.from_linear(child))
+                swapped.append(full)
+    return swapped
+
+
+def empty_int8_linears(model: nn.Module, names: list[str]) -> None:
+    """Put empty Int8DynamicLinear modules at `names` (to load a saved state into)."""
+    for full in names:
+        parent_name, _, child_name = full.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        child = getattr(parent, child_name)
+        setattr(
+            parent,
+            child_name,
+            Int8DynamicLinear(child.in_features, child.out_features, bias=child.bias is not None),
+        )

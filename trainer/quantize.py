@@ -1,0 +1,92 @@
+"""Post-training quantization: `python -m trainer.quantize model_path=DIR scheme=SCHEME output_dir=OUT`.
+
+Loads the float model (an hf/ export, a checkpoint or a .gguf file), quantizes it with the scheme
+(trainer/quant/ptq.py), and saves a model that `trainer.evaluate` and `trainer.quant.load_quantized`
+reload and run. int8_smooth calibrates on the training sequences of the configured data group.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from trainer.config import ConfigError, register_configs
+from trainer.data import build_data
+from trainer.quant.ptq import check_scheme, quantize_model
+from trainer.quant.serialization import float_source, load_float, save_quantized, weights_size
+from trainer.utils import resolve_device
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register_configs()
+
+
+def check_quantize_config(cfg: Any) -> torch.device:
+    """Everything that can be checked before loading a model; returns the device."""
+    device = resolve_device(cfg.device)
+    check_scheme(cfg.scheme, device)
+    s = cfg.smooth
+    if s.alpha is not None and not 0.0 <= s.alpha <= 1.0:
+        raise ConfigError(f"smooth.alpha={s.alpha}: must be in [0, 1], or null to search it")
+    if s.calibration_batches < 1 or s.batch_size < 1:
+        raise ConfigError("smooth.calibration_batches and smooth.batch_size must be >= 1")
+    if cfg.group_size < 1:
+        raise ConfigError(f"group_size={cfg.group_size}: must be >= 1, e.g. 128")
+    if not Path(cfg.model_path).exists():
+        raise FileNotFoundError(f"model_path={cfg.model_path} does not exist")
+    return device
+
+
+def calibration_batches(cfg: Any, tokenizer_dir: str) -> list[torch.Tensor]:
+    """The first calibration_batches x batch_size training sequences of the data group, tokenized with
+    the model's own tokenizer."""
+    data_cfg = cfg.data.copy()
+    data_cfg.tokenizer = tokenizer_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        data = build_data(data_cfg, run_dir=Path(tmp))
+    s = cfg.smooth
+    inputs = data.train.inputs[: s.calibration_batches * s.batch_size]
+    return list(inputs.split(s.batch_size))
+
+
+def quantize(cfg: Any) -> Path:
+    device = check_quantize_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    with float_source(cfg.model_path) as (directory, gguf_file):
+        model, tokenizer = load_float(directory, gguf_file)
+        float_size = weights_size(Path(directory) / gguf_file if gguf_file else Path(directory))
+        calibration = calibration_batches(cfg, directory) if cfg.scheme == "int8_smooth" else []
+    model.to(device)
+    info = quantize_model(
+        model,
+        cfg.scheme,
+        keep_float=list(cfg.keep_float),
+        group_size=cfg.group_size,
+        calibration=[c.to(device) for c in calibration],
+        alpha=cfg.smooth.alpha,
+    )
+    info["source"] = str(cfg.model_path)
+    out = save_quantized(Path(cfg.output_dir), model, info, tokenizer)
+    size = weights_size(out)
+    print(
+        f"quantized {cfg.model_path} with {cfg.scheme} in {time.perf_counter() - start:.1f}s: "
+        f"{size / 1e6:.2f} MB on disk ({size / max(float_size, 1):.2f}x the float {float_size / 1e6:.2f} MB) -> {out}",
+        flush=True,
+    )
+    return out
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="quantize")
+def main(cfg: DictConfig) -> None:
+    quantize(cfg)
+
+
+if __name__ == "__main__":
+    main()
