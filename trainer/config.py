@@ -269,8 +269,9 @@ class PruneConfig:
     sparsity: float | None = None
     # Module-name glob patterns of the layers to prune; null: the linear layers of the transformer blocks.
     targets: list[str] | None = None
-    # Per-layer sparsity: {glob pattern: sparsity}; the first matching pattern overrides `sparsity`.
-    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    # Per-layer sparsity: {glob pattern: sparsity}; the first matching pattern overrides `sparsity`; null for
+    # none. Typed Any so that `prune.layer_sparsity={...}` replaces it whole (a typed dict refuses new keys).
+    layer_sparsity: Any = None
 
 
 @dataclass
@@ -477,27 +478,45 @@ def validate_prune(cfg: Any) -> None:
         _check(
             p.sparsity is None,
             f"prune.sparsity={p.sparsity} does not apply to prune={p.name}: "
-            + ("set prune.n and prune.m (sparsity 1 - n/m)" if p.name == "nm" else "set prune.heads, prune.mlp_channels or prune.drop_layers"),
+            + (
+                "set prune.n and prune.m (sparsity 1 - n/m)"
+                if p.name == "nm"
+                else "set prune.heads, prune.mlp_channels or prune.drop_layers"
+            ),
         )
     else:
         _check(p.sparsity is not None, f"prune={p.name} needs prune.sparsity, {fraction}")
         _check(0.0 <= p.sparsity < 1.0, f"prune.sparsity={p.sparsity}: must be {fraction}")
+    _check(
+        p.layer_sparsity is None or OmegaConf.is_dict(p.layer_sparsity) or isinstance(p.layer_sparsity, dict),
+        f"prune.layer_sparsity={p.layer_sparsity}: must be a mapping {{glob: sparsity}}, e.g. "
+        "'prune.layer_sparsity={model.layers.0.*: 0.3}'",
+    )
     for pattern, value in (p.layer_sparsity or {}).items():
-        _check(0.0 <= value < 1.0, f"prune.layer_sparsity[{pattern}]={value}: must be {fraction}")
+        _check(
+            isinstance(value, (int, float)) and 0.0 <= value < 1.0,
+            f"prune.layer_sparsity[{pattern}]={value}: must be {fraction}",
+        )
     if "calibration_batches" in p:
         _check(p.calibration_batches > 0, f"prune.calibration_batches={p.calibration_batches}: must be >= 1")
         _check(p.block_size > 0, f"prune.block_size={p.block_size}: must be >= 1")
         _check(p.damp > 0, f"prune.damp={p.damp}: must be > 0 (it keeps the Hessian invertible)")
     if p.name == "nm":
         _check(0 < p.n < p.m, f"prune.n={p.n}, prune.m={p.m}: need 0 < n < m (e.g. 2:4)")
-        _check(p.criterion in NM_CRITERIA, f"prune.criterion={p.criterion}: choose one of {', '.join(NM_CRITERIA)}")
+        _check(
+            p.criterion in NM_CRITERIA,
+            f"prune.criterion={p.criterion}: choose one of {', '.join(NM_CRITERIA)}",
+        )
         _check(
             p.block_size % p.m == 0,
             f"prune.block_size={p.block_size} must be a multiple of prune.m={p.m} (groups may not straddle blocks)",
         )
     if p.name == "gmp":
         end = cfg.train.max_steps if p.end_step is None else p.end_step
-        _check(0.0 <= p.initial_sparsity <= p.sparsity, f"prune.initial_sparsity={p.initial_sparsity}: must be in [0, prune.sparsity]")
+        _check(
+            0.0 <= p.initial_sparsity <= p.sparsity,
+            f"prune.initial_sparsity={p.initial_sparsity}: must be in [0, prune.sparsity]",
+        )
         _check(p.frequency > 0, f"prune.frequency={p.frequency}: must be >= 1")
         _check(
             0 <= p.start_step < end,
