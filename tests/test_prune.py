@@ -291,6 +291,8 @@ def test_one_shot_masks_hold_through_fine_tuning_on_two_ranks(strategy, referenc
 
 
 def test_gmp_raises_sparsity_on_schedule_and_never_revives_a_pruned_weight(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead on the shared CPU
     trainer = make_trainer(
         tmp_path,
         *COMMON,
@@ -299,6 +301,7 @@ def test_gmp_raises_sparsity_on_schedule_and_never_revives_a_pruned_weight(tmp_p
         "prune.frequency=5",
         "prune.end_step=15",
         "train.log_every=1",
+        "train.micro_batch_size=8",
     )
     pruned_so_far = {n: torch.zeros_like(m) for n, m in trainer.pruner.masks.items()}
     history = []
@@ -314,4 +317,5 @@ def test_gmp_raises_sparsity_on_schedule_and_never_revives_a_pruned_weight(tmp_p
         gmp_sparsity(s, initial=0.0, final=0.6, start_step=0, end_step=15, frequency=5)
         for s in range(1, STEPS + 1)
     ]
+    torch.set_num_threads(threads)
     assert history == pytest.approx(want, abs=1e-3)  # floor() per layer: within one weight in a thousand
