@@ -85,6 +85,52 @@ def test_gmp_follows_the_cubic_schedule_between_updates():
     ]
 
 
+def test_wanda_calibrates_each_block_on_the_outputs_of_the_pruned_blocks_before_it():
+    import copy
+
+    from trainer.prune.calibrate import prune_sequentially
+
+    model = _tiny_llama(layers=2)
+    dense = copy.deepcopy(model)
+    batches = [torch.randint(0, 64, (2, 12)) for _ in range(2)]
+    names = [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.q_proj", "mlp.down_proj")]
+    got = {}
+
+    def prune_layer(name, module, stats):
+        got[name] = wanda_mask(module.weight, stats.sq_norm, 0.5)
+        module.weight.data.mul_(got[name])
+
+    prune_sequentially(
+        model, batches, {n: model.get_submodule(n) for n in names}, prune_layer, with_hessian=False
+    )
+
+    def input_sq_norms(m):  # reference: forward hooks on a whole-model forward
+        seen = {n: 0.0 for n in names}
+
+        def hook(mod, inputs, out, n):
+            seen[n] = seen[n] + inputs[0].reshape(-1, inputs[0].shape[-1]).pow(2).sum(0)
+
+        handles = [
+            m.get_submodule(n).register_forward_hook(lambda a, b, c, n=n: hook(a, b, c, n)) for n in names
+        ]
+        with torch.no_grad():
+            for ids in batches:
+                m(ids)
+        for h in handles:
+            h.remove()
+        return seen
+
+    norms = input_sq_norms(dense)  # block 0 sees the dense inputs
+    for n in names[:2]:
+        assert torch.equal(got[n], wanda_mask(dense.get_submodule(n).weight, norms[n], 0.5)), n
+    with torch.no_grad():  # block 1 sees what block 0 outputs once pruned
+        for n in names[:2]:
+            dense.get_submodule(n).weight.mul_(got[n])
+    norms = input_sq_norms(dense)
+    for n in names[2:]:  # block 1's layers, all calibrated before any of them is pruned (as the reference code)
+        assert torch.equal(got[n], wanda_mask(dense.get_submodule(n).weight, norms[n], 0.5)), n
+
+
 # ---- structured pruning --------------------------------------------------------------------------------
 
 
@@ -108,7 +154,7 @@ def test_structured_pruning_equals_the_dense_model_with_those_parts_zeroed(tmp_p
 
     from transformers import AutoModelForCausalLM
 
-    from trainer.prune.structured import prune_structured
+    from trainer.prune.structured import prune_structured, pruned_config
 
     dense = _tiny_llama()
     small = copy.deepcopy(dense)
@@ -121,6 +167,10 @@ def test_structured_pruning_equals_the_dense_model_with_those_parts_zeroed(tmp_p
         36,
     )
     assert report["params_after"] < report["params_before"]
+    shapes = pruned_config(
+        dense.config, heads=0.5, mlp_channels=0.25, layers=[1]
+    )  # what trainer.export builds
+    assert shapes.to_dict() == c.to_dict()
     # Reference: the dense model with the removed parts' outputs zeroed. A zero o_proj column silences a
     # head, a zero down_proj column an MLP channel; a layer with both zero adds nothing to the residual.
     ref = copy.deepcopy(dense)

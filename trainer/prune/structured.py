@@ -131,6 +131,28 @@ def prune_mlp_channels(model: nn.Module, fraction: float) -> int:
     return removed
 
 
+def pruned_config(config: Any, *, heads: float, mlp_channels: float, layers: list[int]) -> Any:
+    """The HF config of a model after `prune_structured` with these settings (shapes only, no weights):
+    what `python -m trainer.export` builds to load a structured-pruned checkpoint into."""
+    import copy
+
+    config = copy.deepcopy(config)
+    n = config.num_hidden_layers
+    gone = {i % n for i in layers}
+    config.num_hidden_layers = n - len(gone)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in gone]
+    q_heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or q_heads
+    removed = math.floor(heads * kv + 1e-6)
+    if removed:
+        config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // q_heads
+        config.num_key_value_heads = kv - removed
+        config.num_attention_heads = (kv - removed) * (q_heads // kv)
+    config.intermediate_size -= math.floor(mlp_channels * config.intermediate_size + 1e-6)
+    return config
+
+
 def prune_structured(
     model: nn.Module, *, heads: float, mlp_channels: float, layers: list[int]
 ) -> dict[str, Any]:
