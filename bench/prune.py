@@ -127,8 +127,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check")
     ap.add_argument("--dense", type=Path, default=None, help="an hf/ export to prune instead of training one")
+    ap.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="the model the overrides load is the dense model: no training",
+    )
     ap.add_argument("--dense-steps", type=int, default=600)
-    ap.add_argument("--finetune-steps", type=int, default=200)
+    ap.add_argument("--finetune-steps", type=int, default=200, help="0: one-shot perplexities only")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate (AdamW)")
     ap.add_argument("--kd-ratio", type=float, default=0.5)
@@ -142,7 +147,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.quick:
-        a.dense_steps, a.finetune_steps, a.calibration_batches = 40, 20, 2
+        a.dense_steps, a.finetune_steps, a.calibration_batches = 40, min(a.finetune_steps, 20), 2
     from transformers import AutoModelForCausalLM
 
     from trainer.distributed import ParallelEnv
@@ -163,7 +168,9 @@ def main() -> None:
     ]
     start = time.perf_counter()
     trainer = Trainer(compose(dense_overrides), run_dir=run_dir, env=ParallelEnv())
-    if a.dense is None:
+    if a.pretrained:
+        dense = trainer.hf_model
+    elif a.dense is None:
         trainer.train()
         dense = trainer.hf_model
     else:
@@ -180,8 +187,11 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     base = ppl(dense)
-    tuned = finetune(copy.deepcopy(dense), None, data.train, kd_ratio=0.0, masks=None, **kw)
-    results["dense"] = {"ppl": base, "ppl_finetuned": ppl(tuned)}
+    steps = a.finetune_steps
+    tuned = (
+        finetune(copy.deepcopy(dense), None, data.train, kd_ratio=0.0, masks=None, **kw) if steps else dense
+    )
+    results["dense"] = {"ppl": base, "ppl_finetuned": ppl(tuned) if steps else math.nan}
     print(f"dense: ppl {base:.3f} -> {results['dense']['ppl_finetuned']:.3f} after fine-tuning", flush=True)
     for method in a.methods:
         calibration = [] if method == "magnitude" else [f"prune.calibration_batches={a.calibration_batches}"]
@@ -192,7 +202,11 @@ def main() -> None:
         pruner.prepare(model, train_data=data.train, micro_batch_size=a.batch, resume=None)
         seconds = time.perf_counter() - t0
         r = {"seconds": seconds, "sparsity": sparsity(model, pruner.masks), "ppl": ppl(model)}
-        for label, ratio in (("ppl_finetuned", 0.0), ("ppl_finetuned_kd", a.kd_ratio)):
+        r |= {
+            k: math.nan
+            for k in ("ppl_finetuned", "ppl_finetuned_kd", "sparsity_finetuned", "sparsity_finetuned_kd")
+        }
+        for label, ratio in (("ppl_finetuned", 0.0), ("ppl_finetuned_kd", a.kd_ratio)) if steps else ():
             ft = finetune(copy.deepcopy(model), dense, data.train, kd_ratio=ratio, masks=pruner.masks, **kw)
             r[label] = ppl(ft)
             r[label.replace("ppl", "sparsity")] = sparsity(ft, pruner.masks)
