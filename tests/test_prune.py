@@ -127,7 +127,9 @@ def test_wanda_calibrates_each_block_on_the_outputs_of_the_pruned_blocks_before_
         for n in names[:2]:
             dense.get_submodule(n).weight.mul_(got[n])
     norms = input_sq_norms(dense)
-    for n in names[2:]:  # block 1's layers, all calibrated before any of them is pruned (as the reference code)
+    for n in names[
+        2:
+    ]:  # block 1's layers, all calibrated before any of them is pruned (as the reference code)
         assert torch.equal(got[n], wanda_mask(dense.get_submodule(n).weight, norms[n], 0.5)), n
 
 
