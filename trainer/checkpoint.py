@@ -89,6 +89,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     env: ParallelEnv,
     keep_last: int = 0,
+    extra_slices: list | None = None,
 ) -> Path:
     """Save model, optimizer, loop state and RNG; every rank calls this and writes its own shard file."""
     step = int(trainer_state["step"])
@@ -99,7 +100,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
         tmp.mkdir()
     barrier()
-    write_shards(tmp / "shards", strategy.save_slices(module, optimizer), rank=env.rank)
+    # extra_slices: more flat-shard tensors to keep with the model (pruning masks).
+    slices = strategy.save_slices(module, optimizer) + list(extra_slices or [])
+    write_shards(tmp / "shards", slices, rank=env.rank)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{env.rank:05d}.pt")
     barrier()

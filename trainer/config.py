@@ -293,6 +293,57 @@ class QuantConfig:
 
 
 @dataclass
+class PruneConfig:
+    # `none`, `magnitude`, `wanda`, `sparsegpt`, `gmp`, `nm` or `structured` (see trainer/prune/).
+    name: str = "none"
+    # Fraction of each targeted layer's weights set to zero, in [0, 1) (null where the method fixes it).
+    sparsity: float | None = None
+    # Module-name glob patterns of the layers to prune; null: the linear layers of the transformer blocks.
+    targets: list[str] | None = None
+    # Per-layer sparsity: {glob pattern: sparsity}; the first matching pattern overrides `sparsity`; null for
+    # none. Typed Any so that `prune.layer_sparsity={...}` replaces it whole (a typed dict refuses new keys).
+    layer_sparsity: Any = None
+
+
+@dataclass
+class CalibratedPruneConfig(PruneConfig):
+    # Batches of train.micro_batch_size training sequences whose activations calibrate the pruning.
+    calibration_batches: int = 8
+    # SparseGPT: columns per block of the lazy update, and the Hessian damping (fraction of its mean diagonal).
+    block_size: int = 128
+    damp: float = 0.01
+
+
+@dataclass
+class NMPruneConfig(CalibratedPruneConfig):
+    # Keep n weights in every group of m consecutive inputs of a row (sparsity 1 - n/m).
+    n: int = 2
+    m: int = 4
+    # Which weights of a group to keep: by `magnitude`, `wanda` score, or `sparsegpt` (with reconstruction).
+    criterion: str = "magnitude"
+
+
+@dataclass
+class GMPPruneConfig(PruneConfig):
+    # Sparsity at start_step; it rises on a cubic to `sparsity` at end_step (null: train.max_steps).
+    initial_sparsity: float = 0.0
+    start_step: int = 0
+    end_step: int | None = None
+    # Optimizer steps between mask updates.
+    frequency: int = 10
+
+
+@dataclass
+class StructuredPruneConfig(PruneConfig):
+    # Fraction of attention heads (whole key/value groups under GQA) removed from every layer.
+    heads: float = 0.0
+    # Fraction of MLP hidden channels removed from every layer.
+    mlp_channels: float = 0.0
+    # Indices of the transformer layers removed whole.
+    drop_layers: list[int] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -305,6 +356,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     # `none`, `auto` (latest checkpoint of the run directory, if any) or a checkpoint directory.
     resume: str = "none"
 
@@ -405,6 +457,11 @@ def register_configs() -> None:
     cs.store(name="schema_quantize", node=QuantizeConfig)
     cs.store(name="schema_evaluate", node=EvaluateConfig)
     cs.store(name="schema_report", node=ReportConfig)
+    cs.store(group="prune", name="schema", node=PruneConfig)
+    cs.store(group="prune", name="schema_calibrated", node=CalibratedPruneConfig)
+    cs.store(group="prune", name="schema_nm", node=NMPruneConfig)
+    cs.store(group="prune", name="schema_gmp", node=GMPPruneConfig)
+    cs.store(group="prune", name="schema_structured", node=StructuredPruneConfig)
 
 
 SCHEDULERS = ("constant", "linear", "cosine", "wsd")
@@ -517,6 +574,7 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
         from trainer.quant.qat import check_qat  # torchao only when QAT is asked for
 
         check_qat(cfg)
+    validate_prune(cfg)
     per_step = t.micro_batch_size * world_size
     _check(
         t.global_batch_size % per_step == 0,
@@ -524,3 +582,71 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
         f"{t.micro_batch_size} x world size {world_size} = {per_step}; pick a global batch that is a multiple of {per_step}",
     )
     return t.global_batch_size // per_step
+
+
+PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt", "gmp", "nm", "structured")
+NM_CRITERIA = ("magnitude", "wanda", "sparsegpt")
+
+
+def validate_prune(cfg: Any) -> None:
+    """The prune group's values; patterns that match no module are checked against the model (trainer/prune)."""
+    p = cfg.prune
+    _check(p.name in PRUNE_METHODS, f"prune.name={p.name}: choose one of {', '.join(PRUNE_METHODS)}")
+    if p.name == "none":
+        return
+    fraction = "a fraction in [0, 1), e.g. 0.5"
+    if p.name in ("nm", "structured"):
+        _check(
+            p.sparsity is None,
+            f"prune.sparsity={p.sparsity} does not apply to prune={p.name}: "
+            + (
+                "set prune.n and prune.m (sparsity 1 - n/m)"
+                if p.name == "nm"
+                else "set prune.heads, prune.mlp_channels or prune.drop_layers"
+            ),
+        )
+    else:
+        _check(p.sparsity is not None, f"prune={p.name} needs prune.sparsity, {fraction}")
+        _check(0.0 <= p.sparsity < 1.0, f"prune.sparsity={p.sparsity}: must be {fraction}")
+    _check(
+        p.layer_sparsity is None or OmegaConf.is_dict(p.layer_sparsity) or isinstance(p.layer_sparsity, dict),
+        f"prune.layer_sparsity={p.layer_sparsity}: must be a mapping {{glob: sparsity}}, e.g. "
+        "'prune.layer_sparsity={model.layers.0.*: 0.3}'",
+    )
+    for pattern, value in (p.layer_sparsity or {}).items():
+        _check(
+            isinstance(value, (int, float)) and 0.0 <= value < 1.0,
+            f"prune.layer_sparsity[{pattern}]={value}: must be {fraction}",
+        )
+    if "calibration_batches" in p:
+        _check(p.calibration_batches > 0, f"prune.calibration_batches={p.calibration_batches}: must be >= 1")
+        _check(p.block_size > 0, f"prune.block_size={p.block_size}: must be >= 1")
+        _check(p.damp > 0, f"prune.damp={p.damp}: must be > 0 (it keeps the Hessian invertible)")
+    if p.name == "nm":
+        _check(0 < p.n < p.m, f"prune.n={p.n}, prune.m={p.m}: need 0 < n < m (e.g. 2:4)")
+        _check(
+            p.criterion in NM_CRITERIA,
+            f"prune.criterion={p.criterion}: choose one of {', '.join(NM_CRITERIA)}",
+        )
+        _check(
+            p.block_size % p.m == 0,
+            f"prune.block_size={p.block_size} must be a multiple of prune.m={p.m} (groups may not straddle blocks)",
+        )
+    if p.name == "gmp":
+        end = cfg.train.max_steps if p.end_step is None else p.end_step
+        _check(
+            0.0 <= p.initial_sparsity <= p.sparsity,
+            f"prune.initial_sparsity={p.initial_sparsity}: must be in [0, prune.sparsity]",
+        )
+        _check(p.frequency > 0, f"prune.frequency={p.frequency}: must be >= 1")
+        _check(
+            0 <= p.start_step < end,
+            f"prune.start_step={p.start_step}, end step {end}: need 0 <= start_step < end_step (end_step null: train.max_steps)",
+        )
+    if p.name == "structured":
+        for key in ("heads", "mlp_channels"):
+            _check(0.0 <= p[key] < 1.0, f"prune.{key}={p[key]}: must be {fraction}")
+        _check(
+            p.heads > 0 or p.mlp_channels > 0 or len(p.drop_layers) > 0,
+            "prune=structured removes nothing: set prune.heads, prune.mlp_channels or prune.drop_layers",
+        )

@@ -48,6 +48,11 @@ def export_checkpoint(checkpoint: Path, output: Path, *, run_dir: Path | None = 
         )
     else:
         config = build_model_config(cfg.model, vocab_size=len(tokenizer))
+    if cfg.get("prune") is not None and cfg.prune.name == "structured":
+        from trainer.prune.structured import pruned_config  # the checkpoint holds the smaller shapes
+
+        p = cfg.prune
+        config = pruned_config(config, heads=p.heads, mlp_channels=p.mlp_channels, layers=list(p.drop_layers))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     reader = ShardReader(checkpoint / "shards")

@@ -19,6 +19,7 @@ from trainer.metrics import mfu, peak_flops, peak_memory_bytes
 from trainer.models import CausalLMWithLoss, build_model, count_params, flops_per_token, max_seq_len
 from trainer.optim import build_optimizer, optimizer_offloaded, schedule_factor, set_lr
 from trainer.preemption import Preempted, PreemptionWatch, clear_marker, write_marker
+from trainer.prune import Pruner
 from trainer.quant.qat import convert_export, prepare_qat
 from trainer.strategy import build_strategy
 from trainer.utils import resolve_device, resolve_dtype
@@ -42,6 +43,14 @@ class Trainer:
 
         self.data = self._load_data()
         self.hf_model = self._build_model()
+        # One-shot or structured pruning (or a resumed run's masks) before any wrapper sees the model.
+        self.pruner = Pruner(cfg.prune, env=env, device=self.device, max_steps=t.max_steps, seed=t.seed)
+        self.pruner.prepare(
+            self.hf_model,
+            train_data=self.data.train,
+            micro_batch_size=t.micro_batch_size,
+            resume=ckpt.resolve_resume(cfg.resume, run_dir / "checkpoints"),
+        )
         self.num_params = count_params(self.hf_model)
         self.flops_per_token = flops_per_token(self.hf_model, cfg.data.seq_len)
 
@@ -52,6 +61,7 @@ class Trainer:
                 cfg.optimizer, m, device=self.device, offload=optimizer_offloaded(cfg.strategy)
             ),
         )
+        self.pruner.attach(self.strategy, self.module, self.optimizer)  # masks hold after every step
         if t.compile:
             self.module.compile()  # in place: state-dict keys stay as they are
         torch.manual_seed(t.seed + env.rank)  # dropout differs per rank, reproducibly
@@ -156,6 +166,7 @@ class Trainer:
             loss_sum += loss.detach().float()
         grad_norm = self.strategy.clip_and_step(self.module, self.optimizer, t.grad_clip)
         self.step += 1
+        self.pruner.after_step(self.step)  # gradual pruning's mask updates
         self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len
         # Each rank's loss_sum is its share of the global mean x world_size (DDP scaling): average it back.
         loss_value = all_reduce_sum(loss_sum).item() / self.env.world_size
@@ -207,6 +218,7 @@ class Trainer:
             trainer_state=state,
             env=self.env,
             keep_last=self.cfg.checkpoint.keep_last,
+            extra_slices=self.pruner.save_slices(),
         )
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -241,6 +253,7 @@ class Trainer:
                 last = {
                     "step": self.step,
                     **stats,
+                    **self.pruner.metrics(),  # achieved sparsity of the pruned layers
                     "tokens": self.tokens_seen,
                     "tokens_per_s": tokens_per_s,
                     "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, self.env.world_size),
@@ -273,6 +286,8 @@ class Trainer:
                 tokenizer=self.data.tokenizer,
                 env=self.env,
             )
+        prune_report = self.pruner.report()  # per-layer sparsity, also written beside the export
+        self.pruner.write_report(prune_report, [self.run_dir, self.run_dir / "hf"])
         if self.cfg.quant.name != "none":  # QAT: the real quantized model, converted from hf/
             if main:
                 convert_export(self.run_dir / "hf", self.run_dir / "quantized", self.cfg.quant)
@@ -290,6 +305,8 @@ class Trainer:
         summary["mfu"] = mfu(summary["tokens_per_s"], self.flops_per_token, self.peak, self.env.world_size)
         if main:
             self._print_summary(summary)
+            if prune_report:
+                print(Pruner.table(prune_report), flush=True)
         self.log.close()
         return summary
 

@@ -1,0 +1,344 @@
+"""The pruning component the training loop calls: one-shot pruning before the model is wrapped, masks
+enforced from then on (see masks.py), gradual pruning on its schedule, masks in checkpoints, and the
+sparsity metrics, summary table and per-layer report.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import ConfigError
+from trainer.distributed import ParallelEnv, all_reduce_sum
+from trainer.fsdp import transformer_blocks
+from trainer.prune.calibrate import InputStats, calibration_batches, prune_sequentially
+from trainer.prune.masks import (
+    MaskEnforcer,
+    broadcast_masks,
+    broadcast_weights,
+    mask_save_slices,
+    owned_zero_counts,
+    read_masks,
+)
+from trainer.prune.methods import magnitude_mask, nm_mask, sparsegpt_prune, wanda_mask, wanda_scores
+from trainer.prune.schedule import gmp_sparsity, is_update_step
+from trainer.prune.structured import prune_structured
+from trainer.shards import SaveSlice
+
+REPORT_FILE = "sparsity.json"
+CALIBRATED = ("wanda", "sparsegpt")
+
+
+def _is_prunable(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return isinstance(w, nn.Parameter) and w.ndim == 2
+
+
+def select_targets(model: nn.Module, patterns: list[str] | None) -> dict[str, nn.Module]:
+    """Modules to prune by name: every glob must match at least one module with a 2-D weight.
+
+    With no patterns: the linear layers inside the transformer blocks (not embeddings, not the LM head).
+    """
+    if patterns is None:
+        inside = {id(m) for b in transformer_blocks(model) for m in b.modules()}
+        return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in inside}
+    named = dict(model.named_modules())
+    out: dict[str, nn.Module] = {}
+    for pattern in patterns:
+        hits = {n: m for n, m in named.items() if n and fnmatch.fnmatchcase(n, pattern) and _is_prunable(m)}
+        if not hits:
+            examples = [n for n, m in named.items() if _is_prunable(m)][:6]
+            raise ConfigError(
+                f"prune.targets pattern {pattern!r} matches no module with a 2-D weight; module names look like "
+                f"{examples} (globs: e.g. 'model.layers.*.mlp.*')"
+            )
+        out.update(hits)
+    tied = {id(p) for n, p in model.named_parameters()}  # named_parameters lists a tied weight once
+    for n, m in out.items():
+        if id(m.weight) in tied and f"{n}.weight" not in dict(model.named_parameters()):
+            raise ConfigError(
+                f"prune.targets: {n}.weight is tied to another parameter; target that one instead"
+            )
+    return out
+
+
+def _sparsity_for(name: str, cfg: Any) -> float:
+    for pattern, value in (cfg.layer_sparsity or {}).items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return float(value)
+    return float(cfg.sparsity) if cfg.sparsity is not None else 1.0 - cfg.n / cfg.m
+
+
+class Pruner:
+    """Pruning for one run; every method is a no-op with prune=none."""
+
+    def __init__(
+        self, cfg: Any, *, env: ParallelEnv, device: torch.device, max_steps: int, seed: int
+    ) -> None:
+        self.cfg, self.env, self.device, self.seed = cfg, env, device, seed
+        self.method = cfg.name
+        self.end_step = cfg.get("end_step") or max_steps
+        self.masks: dict[str, torch.Tensor] = {}
+        self.target_sparsity: dict[str, float] = {}
+        self.enforcer: MaskEnforcer | None = None
+        self.structured: dict[str, Any] | None = None
+        self.seconds = 0.0
+
+    @property
+    def masking(self) -> bool:
+        return self.method not in ("none", "structured")
+
+    # ---- before wrapping ---------------------------------------------------------------------------
+
+    def prepare(self, model: nn.Module, *, train_data, micro_batch_size: int, resume: Path | None) -> None:
+        """Prune `model` (not yet wrapped) in place, or restore the masks of the checkpoint resumed from."""
+        if self.method == "none":
+            return
+        c = self.cfg
+        start = time.perf_counter()
+        if self.method == "structured":
+            self.structured = prune_structured(
+                model, heads=c.heads, mlp_channels=c.mlp_channels, layers=list(c.drop_layers)
+            )
+            self.seconds = time.perf_counter() - start
+            return
+        targets = select_targets(model, c.targets)
+        self._check_targets(model, targets)
+        self.target_sparsity = {f"{n}.weight": _sparsity_for(n, c) for n in targets}
+        if resume is not None:
+            self.masks = self._restored(resume)
+        elif self.method == "gmp":
+            self.masks = {
+                n: torch.ones_like(m.weight, dtype=torch.bool, device="cpu")
+                for n, m in self._weights(targets)
+            }
+            if c.start_step == 0:
+                self.masks = self._gmp_masks(
+                    {n: m.weight.detach() for n, m in self._weights(targets)}, step=0
+                )
+        else:
+            self.masks = self._one_shot(model, targets, train_data, micro_batch_size)
+        with torch.no_grad():
+            for name, module in self._weights(targets):
+                module.weight.mul_(self.masks[name].to(module.weight.device, module.weight.dtype))
+        self.seconds = time.perf_counter() - start
+
+    @staticmethod
+    def _weights(targets: dict[str, nn.Module]):
+        return [(f"{n}.weight", m) for n, m in targets.items()]
+
+    def _check_targets(self, model: nn.Module, targets: dict[str, nn.Module]) -> None:
+        c = self.cfg
+        if self.method in CALIBRATED or (self.method == "nm" and c.criterion != "magnitude"):
+            inside = {id(m) for b in transformer_blocks(model) for m in b.modules()}
+            outside = [n for n, m in targets.items() if id(m) not in inside or not isinstance(m, nn.Linear)]
+            if outside:
+                raise ConfigError(
+                    f"prune={self.method} calibrates linear layers inside the transformer blocks; {outside[:3]} "
+                    "is not one: narrow prune.targets or use prune=magnitude for it"
+                )
+        if self.method == "nm":
+            bad = [(n, m.weight.shape[1]) for n, m in targets.items() if m.weight.shape[1] % c.m]
+            if bad:
+                raise ConfigError(
+                    f"prune=nm with m={c.m}: {bad[0][0]} has {bad[0][1]} input features, not a multiple of {c.m} "
+                    f"({len(bad)} layer(s) like it); pick an m that divides them or exclude them with prune.targets"
+                )
+
+    def _restored(self, resume: Path) -> dict[str, torch.Tensor]:
+        masks = read_masks(resume)
+        if not masks:
+            raise ConfigError(
+                f"resume={resume}: the checkpoint has no pruning masks but prune={self.method}; resume it with "
+                "prune=none, or prune its hf/ export: model=hf model.name_or_path=RUN/hf"
+            )
+        if set(masks) != set(self.target_sparsity):
+            raise ConfigError(
+                f"the checkpoint's masks cover {sorted(masks)[:3]}... but prune.targets selects "
+                f"{sorted(self.target_sparsity)[:3]}...; resume with the prune settings it was saved with"
+            )
+        return masks
+
+    def _one_shot(
+        self, model: nn.Module, targets, train_data, micro_batch_size: int
+    ) -> dict[str, torch.Tensor]:
+        """Rank 0 prunes; every rank receives its masks (and SparseGPT's updated weights) bit for bit."""
+        c = self.cfg
+        names = [n for n, _ in self._weights(targets)]
+        masks = {
+            n: torch.ones_like(m.weight, dtype=torch.bool, device="cpu") for n, m in self._weights(targets)
+        }
+        if self.env.is_main:
+            criterion = c.criterion if self.method == "nm" else self.method
+            nm = (c.n, c.m) if self.method == "nm" else None
+            if criterion == "magnitude":
+                for name, m in self._weights(targets):
+                    w = m.weight.detach()
+                    keep = nm_mask(w.abs(), *nm) if nm else magnitude_mask(w, self.target_sparsity[name])
+                    masks[name] = keep.cpu()
+            else:
+                batches = calibration_batches(
+                    train_data, num_batches=c.calibration_batches, batch_size=micro_batch_size, seed=self.seed
+                )
+                home = next(model.parameters()).device
+                model.to(self.device)  # calibrate where the model will train
+
+                def prune_layer(name: str, module: nn.Module, stats: InputStats) -> None:
+                    key = f"{name}.weight"
+                    w = module.weight
+                    if criterion == "wanda":
+                        keep = (
+                            nm_mask(wanda_scores(w, stats.sq_norm), *nm)
+                            if nm
+                            else wanda_mask(w, stats.sq_norm, self.target_sparsity[key])
+                        )
+                        new = w.detach() * keep
+                    else:
+                        n, m = nm or (0, 0)
+                        new, keep = sparsegpt_prune(
+                            w,
+                            stats.hessian,
+                            sparsity=self.target_sparsity[key],
+                            n=n,
+                            m=m,
+                            block_size=c.block_size,
+                            damp=c.damp,
+                        )
+                    with torch.no_grad():
+                        w.copy_(new)
+                    masks[key] = keep.cpu()
+
+                prune_sequentially(
+                    model, batches, targets, prune_layer, with_hessian=criterion == "sparsegpt"
+                )
+                model.to(home)
+        masks = broadcast_masks(masks, device=self.device)
+        broadcast_weights(model, names, device=self.device)
+        return masks
+
+    def _gmp_masks(self, weights: dict[str, torch.Tensor], *, step: int) -> dict[str, torch.Tensor]:
+        """Magnitude masks at the schedule's sparsity for `step`; what is pruned stays pruned."""
+        c, out = self.cfg, {}
+        for name, w in weights.items():
+            s = gmp_sparsity(
+                step,
+                initial=c.initial_sparsity,
+                final=self.target_sparsity[name],
+                start_step=c.start_step,
+                end_step=self.end_step,
+                frequency=c.frequency,
+            )
+            scores = w.detach().abs().float().cpu()
+            scores[~self.masks[name]] = -1.0  # below every kept weight: pruned first, never revived
+            out[name] = magnitude_mask(scores + 1.0, s)  # shifted so the pruned rank lowest by magnitude
+        return out
+
+    # ---- after wrapping ----------------------------------------------------------------------------
+
+    def attach(self, strategy, module: nn.Module, optimizer) -> None:
+        """Enforce the masks on the wrapped model from now on (and once now)."""
+        if not self.masking:
+            return
+        self.strategy, self.module, self.optimizer = strategy, module, optimizer
+        self.enforcer = MaskEnforcer(self.masks, device=self.device)
+        self.enforcer.attach(strategy, module, optimizer)
+
+    def after_step(self, step: int) -> None:
+        """Gradual pruning: new masks on the schedule's steps, from the whole current weights."""
+        c = self.cfg
+        if self.method != "gmp" or not is_update_step(
+            step, start_step=c.start_step, end_step=self.end_step, frequency=c.frequency
+        ):
+            return
+        full = self.strategy.full_state_dict(self.module)  # a collective; whole weights on rank 0
+        if self.env.is_main:
+            masks = self._gmp_masks({n: full[n] for n in self.masks}, step=step)
+        else:
+            masks = {n: m.clone() for n, m in self.masks.items()}
+        self.masks = broadcast_masks(masks, device=self.device)
+        self.enforcer.set_masks(self.masks)
+        self.enforcer.apply()
+
+    # ---- reporting and checkpoints -----------------------------------------------------------------
+
+    def layer_zeros(self) -> dict[str, int]:
+        """Zeros per targeted weight, each element counted once over all ranks (a collective)."""
+        names = sorted(self.masks)
+        counts = owned_zero_counts(self.strategy, self.module, self.optimizer, names).to(self.device)
+        all_reduce_sum(counts)
+        return {n: int(c) for n, c in zip(names, counts.tolist(), strict=True)}
+
+    def metrics(self) -> dict[str, float]:
+        """Achieved sparsity over all targeted weights (a collective on every rank)."""
+        if not self.masking:
+            return {}
+        zeros = self.layer_zeros()
+        total = sum(self.masks[n].numel() for n in zeros)
+        out = {"sparsity": sum(zeros.values()) / total}
+        if self.method == "gmp":
+            out["mask_sparsity"] = sum(int((~m).sum()) for m in self.masks.values()) / total
+        return out
+
+    def save_slices(self) -> list[SaveSlice]:
+        if not self.masking:
+            return []
+        return mask_save_slices(self.masks, rank=self.env.rank, world_size=self.env.world_size)
+
+    def report(self) -> dict[str, Any]:
+        """Per-layer sparsity (a collective), or what structured pruning removed."""
+        if self.method == "none":
+            return {}
+        if self.structured is not None:
+            return {"method": "structured", "seconds": self.seconds, **self.structured}
+        zeros = self.layer_zeros()
+        layers = {
+            n: {
+                "shape": list(self.masks[n].shape),
+                "zeros": zeros[n],
+                "sparsity": zeros[n] / self.masks[n].numel(),
+                "target": self.target_sparsity[n],
+            }
+            for n in sorted(self.masks)
+        }
+        total = sum(self.masks[n].numel() for n in layers)
+        return {
+            "method": self.method,
+            "seconds": self.seconds,
+            "sparsity": sum(v["zeros"] for v in layers.values()) / total,
+            "layers": layers,
+        }
+
+    def write_report(self, report: dict[str, Any], directories: list[Path]) -> None:
+        if not report or not self.env.is_main:
+            return
+        text = json.dumps(report, indent=2)
+        for d in directories:
+            if d.is_dir():
+                (d / REPORT_FILE).write_text(text)
+
+    @staticmethod
+    def table(report: dict[str, Any]) -> str:
+        """The per-layer summary printed at the end of the run."""
+        if not report:
+            return ""
+        if report["method"] == "structured":
+            r = report
+            return (
+                f"prune=structured: {r['params_before'] / 1e6:.2f}M -> {r['params_after'] / 1e6:.2f}M params; "
+                f"layers {r['num_hidden_layers']} (dropped {r['layers_dropped']}), heads {r['num_attention_heads']}, "
+                f"MLP channels {r['intermediate_size']}"
+            )
+        width = max(len(n) for n in report["layers"])
+        lines = [f"prune={report['method']}: per-layer sparsity (achieved / target)"]
+        lines += [
+            f"  {n:<{width}}  {v['sparsity']:.4f} / {v['target']:.4f}  ({v['zeros']} of {v['shape'][0]}x{v['shape'][1]})"
+            for n, v in report["layers"].items()
+        ]
+        lines.append(f"  {'all targeted layers':<{width}}  {report['sparsity']:.4f}")
+        return "\n".join(lines)
