@@ -262,6 +262,37 @@ class MetricsConfig:
 
 
 @dataclass
+class DistillConfig:
+    # `none` (plain training) or `kd` (teacher -> student distillation).
+    name: str = "none"
+    # The teacher: a HF hub name or directory (an `hf/` export too), or one of our checkpoints
+    # (a checkpoints/step_XXXXXXXX directory, its `latest` file, or a run directory).
+    teacher: str | None = None
+    # GGUF file inside `teacher` (needs the `gguf` extra).
+    teacher_gguf_file: str | None = None
+    # `forward_kl`, `reverse_kl`, `jsd` or `tvd` between the tempered next-token distributions.
+    loss: str = "forward_kl"
+    # Softens both distributions (logits / T); every loss is multiplied by T^2.
+    temperature: float = 1.0
+    # Weight of the distillation term: loss = (1 - alpha) * cross-entropy + alpha * distillation + hidden.
+    alpha: float = 0.5
+    # jsd: weight of the teacher in the mixture m = beta * teacher + (1 - beta) * student, in (0, 1).
+    beta: float = 0.5
+    # Weight of the hidden-state term (0 turns it off).
+    hidden_weight: float = 0.0
+    # `mse` or `cosine` between (projected) student and teacher hidden states.
+    hidden_loss: str = "mse"
+    # Teacher layer (1-based) for each student layer, in order; null spreads them evenly (last to last).
+    layer_map: list[int] | None = None
+    # Rows of logits per chunk of the distillation loss; null sizes a chunk at ~64 MiB of logits, 0 all at once.
+    chunk_size: int | None = None
+    # `model`: the student is what the model group builds or loads; `teacher_layers`: the teacher's
+    # architecture with every `student_layer_stride`-th layer kept, initialised from those layers.
+    student_init: str = "model"
+    student_layer_stride: int = 2
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -272,6 +303,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     # `none`, `auto` (latest checkpoint of the run directory, if any) or a checkpoint directory.
     resume: str = "none"
 
@@ -293,6 +325,7 @@ def register_configs() -> None:
     cs.store(group="scheduler", name="schema_wsd", node=WSDSchedulerConfig)
     cs.store(group="strategy", name="schema", node=StrategyConfig)
     cs.store(group="precision", name="schema", node=PrecisionConfig)
+    cs.store(group="distill", name="schema", node=DistillConfig)
 
 
 SCHEDULERS = ("constant", "linear", "cosine", "wsd")
@@ -302,6 +335,7 @@ MODEL_SOURCES = ("config", "pretrained")
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -396,6 +430,7 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
         cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps}: must be >= 0"
     )
     _check(cfg.checkpoint.keep_last >= 0, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 0")
+    _validate_distill(cfg.distill)
     per_step = t.micro_batch_size * world_size
     _check(
         t.global_batch_size % per_step == 0,
@@ -403,3 +438,27 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
         f"{t.micro_batch_size} x world size {world_size} = {per_step}; pick a global batch that is a multiple of {per_step}",
     )
     return t.global_batch_size // per_step
+
+
+def _validate_distill(d: Any) -> None:
+    _check(d.name in ("none", "kd"), f"distill.name={d.name}: choose none or kd (distill=kd)")
+    if d.name == "none":
+        return
+    _check(bool(d.teacher), "distill=kd needs distill.teacher: a HF name or directory, or a checkpoint of ours")
+    _check(d.loss in DISTILL_LOSSES, f"distill.loss={d.loss}: choose one of {', '.join(DISTILL_LOSSES)}")
+    _check(d.temperature > 0, f"distill.temperature={d.temperature}: must be > 0 (1 leaves the logits as they are)")
+    _check(0.0 <= d.alpha <= 1.0, f"distill.alpha={d.alpha}: must be in [0, 1] (the distillation term's weight)")
+    _check(0.0 < d.beta < 1.0, f"distill.beta={d.beta}: must be in (0, 1) (0 and 1 make the JSD vanish)")
+    _check(d.hidden_weight >= 0, f"distill.hidden_weight={d.hidden_weight}: must be >= 0 (0 turns it off)")
+    _check(d.hidden_loss in ("mse", "cosine"), f"distill.hidden_loss={d.hidden_loss}: choose mse or cosine")
+    _check(
+        d.chunk_size is None or d.chunk_size >= 0, f"distill.chunk_size={d.chunk_size}: must be >= 0 or null"
+    )
+    _check(
+        d.student_init in ("model", "teacher_layers"),
+        f"distill.student_init={d.student_init}: choose model or teacher_layers",
+    )
+    _check(
+        d.student_layer_stride >= 1,
+        f"distill.student_layer_stride={d.student_layer_stride}: must be >= 1 (keep every k-th teacher layer)",
+    )

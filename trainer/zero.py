@@ -155,6 +155,25 @@ class ZeroStrategy(SingleStrategy):
             self._scale_before = float(optimizer.loss_scale)
         return engine, optimizer
 
+    def prepare_frozen(self, module: nn.Module) -> nn.Module:
+        """Under zero3 a frozen module is sharded too. A second DeepSpeed engine breaks the first one's hooks, so it
+        is FSDP2 on the same ranks (inference needs no optimizer and no gradient partitioning); zero1/2 replicate."""
+        if self.stage != 3:  # DeepSpeed runs no autocast: hold the replica in the compute dtype itself
+            return super().prepare_frozen(module).to(self.precision.compute_dtype or torch.float32)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+        from trainer.fsdp import shard_frozen
+
+        mesh = init_device_mesh(self.device.type, (self.env.world_size,), mesh_dim_names=("shard",))
+        cpu = self.cfg.offload_params == "cpu" and self.device.type == "cuda"
+        return shard_frozen(
+            module,
+            mesh=mesh,
+            param_dtype=self.precision.compute_dtype,
+            offload_policy=CPUOffloadPolicy() if cpu else OffloadPolicy(),
+        )
+
     def forward_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # DeepSpeed holds the weights in the compute dtype itself
 
