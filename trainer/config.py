@@ -444,10 +444,17 @@ def _validate_distill(d: Any) -> None:
     _check(d.name in ("none", "kd"), f"distill.name={d.name}: choose none or kd (distill=kd)")
     if d.name == "none":
         return
-    _check(bool(d.teacher), "distill=kd needs distill.teacher: a HF name or directory, or a checkpoint of ours")
+    _check(
+        bool(d.teacher), "distill=kd needs distill.teacher: a HF name or directory, or a checkpoint of ours"
+    )
     _check(d.loss in DISTILL_LOSSES, f"distill.loss={d.loss}: choose one of {', '.join(DISTILL_LOSSES)}")
-    _check(d.temperature > 0, f"distill.temperature={d.temperature}: must be > 0 (1 leaves the logits as they are)")
-    _check(0.0 <= d.alpha <= 1.0, f"distill.alpha={d.alpha}: must be in [0, 1] (the distillation term's weight)")
+    _check(
+        d.temperature > 0,
+        f"distill.temperature={d.temperature}: must be > 0 (1 leaves the logits as they are)",
+    )
+    _check(
+        0.0 <= d.alpha <= 1.0, f"distill.alpha={d.alpha}: must be in [0, 1] (the distillation term's weight)"
+    )
     _check(0.0 < d.beta < 1.0, f"distill.beta={d.beta}: must be in (0, 1) (0 and 1 make the JSD vanish)")
     _check(d.hidden_weight >= 0, f"distill.hidden_weight={d.hidden_weight}: must be >= 0 (0 turns it off)")
     _check(d.hidden_loss in ("mse", "cosine"), f"distill.hidden_loss={d.hidden_loss}: choose mse or cosine")

@@ -86,7 +86,9 @@ class Trainer:
     def _build_model(self):
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)  # identical init on every rank
-        model = self.distill.build_student(cfg, vocab_size=len(self.data.tokenizer), dtype=resolve_dtype(t.dtype))
+        model = self.distill.build_student(
+            cfg, vocab_size=len(self.data.tokenizer), dtype=resolve_dtype(t.dtype)
+        )
         limit = max_seq_len(model)
         if limit is not None and cfg.data.seq_len > limit:
             raise ConfigError(
@@ -158,7 +160,8 @@ class Trainer:
         # Each rank's loss_sum is its share of the global mean x world_size (DDP scaling): average it back.
         loss_value = all_reduce_sum(loss_sum).item() / self.env.world_size
         out = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
-        return out | self.distill.train_metrics() | self.strategy.precision.metrics()  # fp16: loss_scale, skipped_steps
+        out |= self.distill.train_metrics()  # distill=kd: each loss term, the teacher's parameters per rank
+        return out | self.strategy.precision.metrics()  # fp16: loss_scale, skipped_steps
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

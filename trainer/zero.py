@@ -303,6 +303,10 @@ class ZeroStrategy(SingleStrategy):
         return out + [number_load_slice(*n) for n in group_numbers(optimizer.optimizer)]
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        if self.stage == 3:
+            # A forward that left DeepSpeed's recorded module order (a distillation student evaluated without its
+            # projections) leaves prefetched parameters in flight, which cannot be gathered: release them first.
+            module.empty_partition_cache()
         out = {}
         for name, p in named_parameters(module):
             if p.dtype != torch.float32:

@@ -56,7 +56,9 @@ class NoDistillation:
 class Distillation(NoDistillation):
     """Teacher -> student distillation; the teacher is loaded at construction, before the student is built."""
 
-    def __init__(self, cfg: Any, *, tokenizer: Any, dtype: torch.dtype, env: Any, device: torch.device) -> None:
+    def __init__(
+        self, cfg: Any, *, tokenizer: Any, dtype: torch.dtype, env: Any, device: torch.device
+    ) -> None:
         self.cfg, self.tokenizer, self.env, self.device = cfg.distill, tokenizer, env, device
         self.teacher_model, self.teacher_tokenizer = load_teacher(
             cfg.distill, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
@@ -139,7 +141,9 @@ class Distillation(NoDistillation):
         return {"teacher_eval_loss": loss, "teacher_eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def build_distillation(cfg: Any, *, tokenizer: Any, dtype: torch.dtype, env: Any, device: torch.device) -> NoDistillation:
+def build_distillation(
+    cfg: Any, *, tokenizer: Any, dtype: torch.dtype, env: Any, device: torch.device
+) -> NoDistillation:
     if cfg.distill.name == "kd":
         return Distillation(cfg, tokenizer=tokenizer, dtype=dtype, env=env, device=device)
     return NoDistillation()

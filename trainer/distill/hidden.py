@@ -17,7 +17,9 @@ def default_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[
     ]
 
 
-def resolve_layer_map(layer_map: list[int] | None, *, num_student_layers: int, num_teacher_layers: int) -> list[int]:
+def resolve_layer_map(
+    layer_map: list[int] | None, *, num_student_layers: int, num_teacher_layers: int
+) -> list[int]:
     """The configured map checked against both depths, or the default one."""
     if layer_map is None:
         return default_layer_map(num_student_layers, num_teacher_layers)

@@ -41,7 +41,9 @@ def divergence(
         out = (log_s.exp() * (log_s - log_t)).sum(-1)
     elif kind == "jsd":
         # log m by logsumexp, stable where one of the two probabilities underflows.
-        log_m = torch.logaddexp(log_t + torch.log(torch.tensor(beta)), log_s + torch.log(torch.tensor(1 - beta)))
+        log_m = torch.logaddexp(
+            log_t + torch.log(torch.tensor(beta)), log_s + torch.log(torch.tensor(1 - beta))
+        )
         kl_t = (log_t.exp() * (log_t - log_m)).sum(-1)
         kl_s = (log_s.exp() * (log_s - log_m)).sum(-1)
         out = beta * kl_t + (1 - beta) * kl_s
@@ -105,7 +107,10 @@ class _ChunkedDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         saved = ctx.saved_tensors
-        out = [g.mul_(grad_output.to(g.dtype)) if present else None for g, present in zip(saved, ctx.present, strict=True)]
+        out = [
+            g.mul_(grad_output.to(g.dtype)) if present else None
+            for g, present in zip(saved, ctx.present, strict=True)
+        ]
         return (*out, None, None, None, None, None, None, None, None)
 
 
@@ -140,7 +145,9 @@ def distillation_loss(
     vocab = student_weight.shape[0] if student_weight is not None else s_x.shape[1]
     teacher_vocab = teacher_weight.shape[0] if teacher_weight is not None else t_x.shape[1]
     if vocab != teacher_vocab:
-        raise ValueError(f"student logits have {vocab} entries, the teacher's {teacher_vocab}: the vocabularies differ")
+        raise ValueError(
+            f"student logits have {vocab} entries, the teacher's {teacher_vocab}: the vocabularies differ"
+        )
     if chunk_size is None:
         chunk_size = auto_chunk_size(vocab)
     chunk = chunk_size if chunk_size > 0 else max(s_x.shape[0], 1)
@@ -155,7 +162,9 @@ def distillation_loss(
         # Autocast does not reach inside an autograd.Function: cast the matmul inputs as it would (the casts are
         # differentiable, so fp32 weights still get fp32 gradients), as trainer/loss.py does.
         dtype = torch.get_autocast_dtype(device_type)
-        cast = [None if t is None else t.to(dtype) for t in (s_x, student_weight, student_bias, t_x, t_w, t_b)]
+        cast = [
+            None if t is None else t.to(dtype) for t in (s_x, student_weight, student_bias, t_x, t_w, t_b)
+        ]
         with torch.autocast(device_type, enabled=False):
             return _ChunkedDistillation.apply(*cast, labels, chunk, scale, options, need_grad)
     return _ChunkedDistillation.apply(
@@ -164,7 +173,12 @@ def distillation_loss(
 
 
 def hidden_state_loss(
-    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, *, kind: str, num_targets: float | None
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    kind: str,
+    num_targets: float | None,
 ) -> torch.Tensor:
     """Per-token distance between (projected) student and teacher hidden states [..., D], summed over
     non-ignored labels and divided by `num_targets`: `mse` is the mean squared difference over the width,

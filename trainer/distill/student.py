@@ -68,7 +68,9 @@ def student_from_teacher(teacher: PreTrainedModel, *, stride: int, dtype: torch.
     return student
 
 
-def build_student(cfg: Any, *, teacher: PreTrainedModel | None, vocab_size: int, dtype: torch.dtype) -> PreTrainedModel:
+def build_student(
+    cfg: Any, *, teacher: PreTrainedModel | None, vocab_size: int, dtype: torch.dtype
+) -> PreTrainedModel:
     """The model the run trains: with distill.student_init=teacher_layers, cut from the teacher; else the model group's."""
     d = cfg.distill
     if d.name == "kd" and d.student_init == "teacher_layers":

@@ -58,7 +58,9 @@ def teacher_config(d: Any) -> PretrainedConfig:
     return AutoConfig.from_pretrained(d.teacher, **_gguf_kwargs(d))
 
 
-def load_teacher(d: Any, *, dtype: torch.dtype, trust_remote_code: bool = False) -> tuple[PreTrainedModel, Any]:
+def load_teacher(
+    d: Any, *, dtype: torch.dtype, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, Any]:
     """The frozen teacher (on CPU, in `dtype`) and its tokenizer (None when it has none we can load)."""
     found = checkpoint_dir(d.teacher)
     if found is not None:
@@ -78,7 +80,9 @@ def load_teacher(d: Any, *, dtype: torch.dtype, trust_remote_code: bool = False)
                 "an hf/ export, or a checkpoint of ours (checkpoints/step_XXXXXXXX or its run directory)"
             ) from e
         try:
-            tokenizer = AutoTokenizer.from_pretrained(d.teacher, trust_remote_code=trust_remote_code, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(
+                d.teacher, trust_remote_code=trust_remote_code, **kwargs
+            )
         except (OSError, ValueError, TypeError):
             tokenizer = None  # weights without a tokenizer: only the logit sizes can be compared
     model.requires_grad_(False)

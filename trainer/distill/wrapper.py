@@ -72,11 +72,15 @@ class DistillationModule(CausalLMWithLoss):
             return super().forward(input_ids, labels, num_targets)
         want_states = self.hidden_weight > 0
         if self.fused:
-            out = self.model.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
+            out = self.model.base_model(
+                input_ids=input_ids, use_cache=False, output_hidden_states=want_states
+            )
             x = out.last_hidden_state
             head = self.model.get_output_embeddings()
             weight, bias = head.weight, head.bias
-            ce = causal_lm_loss(x, weight, bias, labels, chunk_size=self.loss_chunk_size, num_targets=num_targets)
+            ce = causal_lm_loss(
+                x, weight, bias, labels, chunk_size=self.loss_chunk_size, num_targets=num_targets
+            )
         else:
             out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
             x, weight, bias = out.logits, None, None
