@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -114,9 +115,20 @@ def test_default_layer_map_spreads_student_layers_over_the_teacher_last_to_last(
         ("distill.student_init=random", "distill.student_init"),
     ],
 )
-def test_bad_distill_values_fail_before_work(override, fragment):
+def test_bad_distill_values_fail_before_work(override, fragment, kd_config):
+    cfg = kd_config.copy()
+    key, value = override.split("=")
+    OmegaConf.update(cfg, key, yaml.safe_load(value))
     with pytest.raises(ConfigError, match=fragment):
-        validate_config(compose_config("distill=kd", "distill.teacher=some/model", override))
+        validate_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def kd_config():
+    return compose_config("distill=kd", "distill.teacher=some/model")
+
+
+def test_kd_without_a_teacher_says_what_to_give():
     with pytest.raises(ConfigError, match="needs distill.teacher"):
         validate_config(compose_config("distill=kd"))
 
@@ -141,22 +153,24 @@ def distill_args(teacher, *extra):
     ]
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A teacher run of the real loop: checkpoint, hf/ export and the resolved config, as the command leaves them."""
-    run_dir = tmp_path_factory.mktemp("teacher")
-    overrides = [*COMMON, *TEACHER]
+def train_in_process(run_dir, overrides):
+    """The real loop in this process; leaves what the command leaves (the resolved config included)."""
     summary = make_trainer(run_dir, *overrides).train()
-    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(compose_config(*overrides), run_dir / ".hydra" / "config.yaml")  # what Hydra writes
     return run_dir, summary
 
 
 @pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A teacher (width 48, 3 layers) trained by the real loop: checkpoint, hf/ export, resolved config."""
+    return train_in_process(tmp_path_factory.mktemp("teacher"), [*COMMON, *TEACHER])
+
+
+@pytest.fixture(scope="module")
 def straight(teacher, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("straight")
-    summary = make_trainer(run_dir, *distill_args(teacher[0])).train()
-    return run_dir, summary
+    """A student (width 32, 2 layers) distilled from the teacher's checkpoint in one go."""
+    return train_in_process(tmp_path_factory.mktemp("straight"), distill_args(teacher[0]))
 
 
 def test_each_term_is_logged_and_mixed_by_alpha(straight):
@@ -219,9 +233,10 @@ def test_resume_restores_the_projections_and_continues_the_same_loss_curve(strai
 
 def test_student_cut_from_every_kth_teacher_layer(teacher, tmp_path):
     from trainer.distill.student import student_from_teacher
+    from trainer.distill.teacher import checkpoint_dir
     from trainer.export import load_checkpoint_model
 
-    source, _ = load_checkpoint_model(teacher[0] / "checkpoints" / "latest", device="cpu")
+    source, _ = load_checkpoint_model(checkpoint_dir(str(teacher[0])), device="cpu")
     student = student_from_teacher(source, stride=2, dtype=torch.float32)  # teacher layers 0 and 2 of 3
     assert student.config.num_hidden_layers == 2
     t, s = source.state_dict(), student.state_dict()
@@ -231,10 +246,8 @@ def test_student_cut_from_every_kth_teacher_layer(teacher, tmp_path):
     torch.testing.assert_close(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
     torch.testing.assert_close(s["model.norm.weight"], t["model.norm.weight"])
 
-    # The same through the loop: the student's first eval equals that 2-layer cut's loss, not a random model's.
-    trainer = make_trainer(
-        tmp_path, *distill_args(teacher[0] / "hf"), "distill.student_init=teacher_layers", "train.max_steps=1"
-    )
+    # The same through the loop (distill.student_init=teacher_layers): the model it trains is that cut.
+    trainer = make_trainer(tmp_path, *distill_args(teacher[0] / "hf"), "distill.student_init=teacher_layers")
     for name, p in trainer.hf_model.named_parameters():
         torch.testing.assert_close(p, s[name], msg=name)
 
@@ -246,7 +259,7 @@ def test_vocabulary_mismatch_fails_before_training(teacher, tmp_path):
     other = tmp_path / "other_tokenizer"
     shutil.copytree(teacher[0] / "hf", other)
     build_wordlevel_tokenizer(["zebra yak xylophone " * 3]).save_pretrained(str(other))
-    with pytest.raises(ConfigError, match="vocabularies differ"):
+    with pytest.raises(ConfigError, match="vocabularies differ: the teacher's tokenizer has"):
         make_trainer(tmp_path / "a", *distill_args(other))
 
     # Another number of logits (no tokenizer to compare): caught by the sizes.
