@@ -60,23 +60,24 @@ def run(name: str, overrides: list[str], out: Path, *, threads: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher-steps", type=int, default=600)
-    p.add_argument("--steps", type=int, default=300, help="steps of each student run")
-    p.add_argument("--student-hidden", type=int, default=64)
+    p.add_argument("--teacher-steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=150, help="steps of each student run")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--student-hidden", type=int, default=48)
     p.add_argument("--student-layers", type=int, default=2)
     p.add_argument("--alpha", type=float, nargs="+", default=[0.9])
     p.add_argument("--temperature", type=float, nargs="+", default=[1.0])
     p.add_argument("--loss", default="forward_kl")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (1 on a shared machine)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, proves nothing")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "distill")
     p.add_argument("--reuse-teacher", action="store_true", help="keep a teacher already trained in OUT")
     args = p.parse_args()
 
-    data = []
+    data = [f"data.seq_len={args.seq_len}"]
     if args.quick:
         args.teacher_steps, args.steps = 40, 20
-        data = ["data.markov.train_tokens=50000", "data.markov.eval_tokens=5000", "data.seq_len=64"]
+        data += ["data.markov.train_tokens=50000", "data.markov.eval_tokens=5000"]
     student = [
         f"model.arch.hidden_size={args.student_hidden}",
         f"model.arch.intermediate_size={3 * args.student_hidden}",

@@ -289,3 +289,15 @@ def test_two_ranks_follow_the_single_run_and_shard_the_teacher(strategy, straigh
         else:
             assert sum(per_rank) == total and max(per_rank) <= 0.55 * total  # a shard each
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.hidden_size == 32
+
+
+def test_gguf_teacher_without_the_gguf_package_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from trainer.utils import MissingPackageError
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
+    with pytest.raises(MissingPackageError, match=r"trainer\[gguf\]"):
+        make_trainer(
+            tmp_path, *TINY, "distill=kd", "distill.teacher=some/dir", "distill.teacher_gguf_file=t.gguf"
+        )
