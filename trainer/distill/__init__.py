@@ -66,6 +66,7 @@ class Distillation(NoDistillation):
         self.teacher: TeacherModule | None = None
         self.student: DistillationModule | None = None
         self._eval_sums = torch.zeros(2, dtype=torch.float64, device=device)
+        self._teacher_eval: dict[str, float] | None = None
 
     def build_student(self, cfg: Any, *, vocab_size: int, dtype: torch.dtype) -> PreTrainedModel:
         return build_student(cfg, teacher=self.teacher_model, vocab_size=vocab_size, dtype=dtype)
@@ -131,14 +132,18 @@ class Distillation(NoDistillation):
         return out
 
     def eval_batch(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+        if self._teacher_eval is not None:
+            return  # a frozen teacher on the same eval split: measured once
         self._eval_sums[0] += self.teacher.eval_loss_sum(input_ids, labels).double()
         self._eval_sums[1] += int((labels != -100).sum())
 
     def eval_metrics(self) -> dict[str, float]:
-        sums = all_reduce_sum(self._eval_sums.clone())
-        self._eval_sums.zero_()
-        loss = (sums[0] / sums[1]).item()
-        return {"teacher_eval_loss": loss, "teacher_eval_ppl": math.exp(min(loss, 50.0))}
+        """The teacher's loss and perplexity on the eval split, beside the student's."""
+        if self._teacher_eval is None:
+            sums = all_reduce_sum(self._eval_sums.clone())
+            loss = (sums[0] / sums[1]).item()
+            self._teacher_eval = {"teacher_eval_loss": loss, "teacher_eval_ppl": math.exp(min(loss, 50.0))}
+        return dict(self._teacher_eval)
 
 
 def build_distillation(

@@ -82,11 +82,12 @@ class _ChunkedDistillation(torch.autograd.Function):
                 w = None if s_w is None else s_w.detach().requires_grad_(wants[1])
                 b = None if s_b is None else s_b.detach().requires_grad_(wants[2])
                 part = (divergence(_logits(x, w, b), z_t, **options) * valid).sum()
-                inputs = [(i, t) for i, t in enumerate((x, w, b)) if wants[i]]
-                if inputs:
-                    chunk_grads = torch.autograd.grad(part * scale, [t for _, t in inputs])
+                which = [i for i in range(3) if wants[i]]
+                chunk_grads = (
+                    torch.autograd.grad(part * scale, [(x, w, b)[i] for i in which]) if which else ()
+                )
             loss += part.detach()
-            for (i, _), g in zip(inputs, chunk_grads, strict=True) if inputs else ():
+            for i, g in zip(which, chunk_grads, strict=True):
                 if i == 0:
                     if grads[0] is None:
                         grads[0] = torch.zeros_like(s_x)
