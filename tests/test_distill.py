@@ -251,6 +251,13 @@ def test_student_cut_from_every_kth_teacher_layer(teacher, tmp_path):
     for name, p in trainer.hf_model.named_parameters():
         torch.testing.assert_close(p, s[name], msg=name)
 
+    # The teacher is frozen: eval mode, no gradients, nothing of it in the optimizer or the trained module.
+    teacher_params = list(trainer.distill.teacher.parameters())
+    assert not trainer.distill.teacher.training and not any(p.requires_grad for p in teacher_params)
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not optimized & {id(p) for p in teacher_params}
+    assert not {id(p) for p in trainer.module.parameters()} & {id(p) for p in teacher_params}
+
 
 def test_vocabulary_mismatch_fails_before_training(teacher, tmp_path):
     from trainer.data.tokenizer import build_wordlevel_tokenizer

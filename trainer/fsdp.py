@@ -66,7 +66,8 @@ def shard_frozen(
     """FSDP2 shards of a frozen module that holds an HF model as `.model` (each block a unit, the root the rest).
 
     Every unit reshards after its forward, the root too: between forwards a rank holds only its shards.
-    Parameters are moved to the mesh's device shard by shard, so the whole module never has to fit on one device.
+    fully_shard moves each unit to the mesh's device and shards it, one unit after the other: the whole module
+    never has to fit on one device (a block at a time does).
     """
     module.requires_grad_(False).eval()
     kwargs = dict(
