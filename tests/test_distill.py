@@ -1,7 +1,7 @@
 """Knowledge distillation (distill=kd): the losses against hand-computed values, then real runs.
 
 A small teacher (wider and deeper than the student) is trained once per module with the real loop; the
-student runs distil from its checkpoint. Multi-rank runs use 2 CPU ranks (gloo) under torchrun and are
+student runs distill from its checkpoint. Multi-rank runs use 2 CPU ranks (gloo) under torchrun and are
 compared with the single-process run of the same config (the loss is a mean over the global batch, so it
 does not depend on how the batch is split over ranks and micro-batches).
 """
