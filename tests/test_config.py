@@ -26,6 +26,8 @@ def test_every_shipped_config_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
     if (group, option) == ("model", "hf"):
         overrides.append("model.name_or_path=some/model")
+    if (group, option) == ("distill", "kd"):
+        overrides.append("distill.teacher=some/model")
     cfg = compose_config(*overrides)
     assert validate_config(cfg) >= 1
 

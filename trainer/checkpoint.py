@@ -168,6 +168,9 @@ def export_hf(
     Written under a temporary name, then renamed, so a half-written export is never taken for a complete one.
     """
     if env.is_main:
+        # Only the HF model's own weights: a distillation wrapper's projections are not part of it.
+        own = set(hf_model.state_dict())
+        state_dict = {k: v for k, v in state_dict.items() if k in own}
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         hf_model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)

@@ -344,6 +344,37 @@ class StructuredPruneConfig(PruneConfig):
 
 
 @dataclass
+class DistillConfig:
+    # `none` (plain training) or `kd` (teacher -> student distillation).
+    name: str = "none"
+    # The teacher: a HF hub name or directory (an `hf/` export too), or one of our checkpoints
+    # (a checkpoints/step_XXXXXXXX directory, its `latest` file, or a run directory).
+    teacher: str | None = None
+    # GGUF file inside `teacher` (needs the `gguf` extra).
+    teacher_gguf_file: str | None = None
+    # `forward_kl`, `reverse_kl`, `jsd` or `tvd` between the tempered next-token distributions.
+    loss: str = "forward_kl"
+    # Softens both distributions (logits / T); every loss is multiplied by T^2.
+    temperature: float = 1.0
+    # Weight of the distillation term: loss = (1 - alpha) * cross-entropy + alpha * distillation + hidden.
+    alpha: float = 0.5
+    # jsd: weight of the teacher in the mixture m = beta * teacher + (1 - beta) * student, in (0, 1).
+    beta: float = 0.5
+    # Weight of the hidden-state term (0 turns it off).
+    hidden_weight: float = 0.0
+    # `mse` or `cosine` between (projected) student and teacher hidden states.
+    hidden_loss: str = "mse"
+    # Teacher layer (1-based) for each student layer, in order; null spreads them evenly (last to last).
+    layer_map: list[int] | None = None
+    # Rows of logits per chunk of the distillation loss; null sizes a chunk at ~64 MiB of logits, 0 all at once.
+    chunk_size: int | None = None
+    # `model`: the student is what the model group builds or loads; `teacher_layers`: the teacher's
+    # architecture with every `student_layer_stride`-th layer kept, initialised from those layers.
+    student_init: str = "model"
+    student_layer_stride: int = 2
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -357,6 +388,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     # `none`, `auto` (latest checkpoint of the run directory, if any) or a checkpoint directory.
     resume: str = "none"
 
@@ -462,6 +494,7 @@ def register_configs() -> None:
     cs.store(group="prune", name="schema_nm", node=NMPruneConfig)
     cs.store(group="prune", name="schema_gmp", node=GMPPruneConfig)
     cs.store(group="prune", name="schema_structured", node=StructuredPruneConfig)
+    cs.store(group="distill", name="schema", node=DistillConfig)
 
 
 SCHEDULERS = ("constant", "linear", "cosine", "wsd")
@@ -472,6 +505,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 WANDB_MODES = ("online", "offline", "disabled")
+DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -575,6 +609,7 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
 
         check_qat(cfg)
     validate_prune(cfg)
+    _validate_distill(cfg.distill)
     per_step = t.micro_batch_size * world_size
     _check(
         t.global_batch_size % per_step == 0,
@@ -650,3 +685,34 @@ def validate_prune(cfg: Any) -> None:
             p.heads > 0 or p.mlp_channels > 0 or len(p.drop_layers) > 0,
             "prune=structured removes nothing: set prune.heads, prune.mlp_channels or prune.drop_layers",
         )
+
+
+def _validate_distill(d: Any) -> None:
+    _check(d.name in ("none", "kd"), f"distill.name={d.name}: choose none or kd (distill=kd)")
+    if d.name == "none":
+        return
+    _check(
+        bool(d.teacher), "distill=kd needs distill.teacher: a HF name or directory, or a checkpoint of ours"
+    )
+    _check(d.loss in DISTILL_LOSSES, f"distill.loss={d.loss}: choose one of {', '.join(DISTILL_LOSSES)}")
+    _check(
+        d.temperature > 0,
+        f"distill.temperature={d.temperature}: must be > 0 (1 leaves the logits as they are)",
+    )
+    _check(
+        0.0 <= d.alpha <= 1.0, f"distill.alpha={d.alpha}: must be in [0, 1] (the distillation term's weight)"
+    )
+    _check(0.0 < d.beta < 1.0, f"distill.beta={d.beta}: must be in (0, 1) (0 and 1 make the JSD vanish)")
+    _check(d.hidden_weight >= 0, f"distill.hidden_weight={d.hidden_weight}: must be >= 0 (0 turns it off)")
+    _check(d.hidden_loss in ("mse", "cosine"), f"distill.hidden_loss={d.hidden_loss}: choose mse or cosine")
+    _check(
+        d.chunk_size is None or d.chunk_size >= 0, f"distill.chunk_size={d.chunk_size}: must be >= 0 or null"
+    )
+    _check(
+        d.student_init in ("model", "teacher_layers"),
+        f"distill.student_init={d.student_init}: choose model or teacher_layers",
+    )
+    _check(
+        d.student_layer_stride >= 1,
+        f"distill.student_layer_stride={d.student_layer_stride}: must be >= 1 (keep every k-th teacher layer)",
+    )

@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from trainer.data.tokenizer import load_tokenizer
+from trainer.distill.wrapper import WRAPPER_ONLY_PREFIX
 from trainer.models import build_model_config
 from trainer.shards import ShardReader
 
@@ -31,17 +33,26 @@ def _tokenizer(cfg, run_dir: Path):
     return load_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code)
 
 
-def export_checkpoint(checkpoint: Path, output: Path, *, run_dir: Path | None = None) -> None:
-    checkpoint = Path(checkpoint)
-    run_dir = Path(run_dir) if run_dir else checkpoint.parent.parent
+def run_config(checkpoint: Path, run_dir: Path | None = None) -> tuple[Any, Path]:
+    """The resolved config of the run a checkpoint belongs to, and that run's directory."""
+    run_dir = Path(run_dir) if run_dir else Path(checkpoint).parent.parent
     config_file = run_dir / ".hydra" / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(
             f"{config_file} not found: pass --run-dir, the run directory the checkpoint belongs to"
         )
-    cfg = OmegaConf.load(config_file)
-    tokenizer = _tokenizer(cfg, run_dir)
-    if cfg.model.source == "pretrained":
+    return OmegaConf.load(config_file), run_dir
+
+
+def model_config(cfg: Any, tokenizer: Any):
+    """The transformers config of the model a run trained: from `model.*` or its distillation student's,
+    with the smaller shapes of structured pruning."""
+    if cfg.get("distill") and cfg.distill.get("student_init", "model") == "teacher_layers":
+        from trainer.distill.student import student_config
+        from trainer.distill.teacher import teacher_config
+
+        config = student_config(teacher_config(cfg.distill), stride=cfg.distill.student_layer_stride)
+    elif cfg.model.source == "pretrained":
         kwargs = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
         config = AutoConfig.from_pretrained(
             cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code, **kwargs
@@ -53,21 +64,42 @@ def export_checkpoint(checkpoint: Path, output: Path, *, run_dir: Path | None = 
 
         p = cfg.prune
         config = pruned_config(config, heads=p.heads, mlp_channels=p.mlp_channels, layers=list(p.drop_layers))
-    with torch.device("meta"):
+    return config
+
+
+def load_checkpoint_model(
+    checkpoint: Path, *, run_dir: Path | None = None, device: str = "meta"
+) -> tuple[Any, Any]:
+    """The HF model a checkpoint holds, filled from its shards, and its run's tokenizer.
+
+    On the meta device (the default) only the checkpoint's tensors are real: enough to save, not to run.
+    Keys that are not the model's (a distillation run's projections) are left out.
+    """
+    checkpoint = Path(checkpoint)
+    cfg, run_dir = run_config(checkpoint, run_dir)
+    tokenizer = _tokenizer(cfg, run_dir)
+    config = model_config(cfg, tokenizer)
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     reader = ShardReader(checkpoint / "shards")
     state = {
         key.removeprefix("model/"): reader.read(key, 0, math.prod(shape)).view(shape)
         for key, shape in reader.shapes.items()
-        if key.startswith("model/")
+        if key.startswith("model/") and not key.startswith(f"model/{WRAPPER_ONLY_PREFIX}")
     }
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # a tied LM head is not in the checkpoint: it is the embedding
-    missing = [k for k in result.missing_keys if model.get_parameter(k).is_meta]
+    loaded = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in state}
+    missing = [k for k in result.missing_keys if id(model.get_parameter(k)) not in loaded]
     if missing or result.unexpected_keys:
         raise ValueError(
             f"checkpoint and model disagree: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
+    return model, tokenizer
+
+
+def export_checkpoint(checkpoint: Path, output: Path, *, run_dir: Path | None = None) -> None:
+    model, tokenizer = load_checkpoint_model(checkpoint, run_dir=run_dir)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output), safe_serialization=True)
     tokenizer.save_pretrained(str(output))

@@ -56,6 +56,32 @@ def _row_offset(t: DTensor) -> tuple[int, bool]:
     return (offset[0] * row if t.ndim else 0), writer
 
 
+def shard_frozen(
+    module: nn.Module,
+    *,
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype | None = None,
+    offload_policy: OffloadPolicy | None = None,
+) -> nn.Module:
+    """FSDP2 shards of a frozen module that holds an HF model as `.model` (each block a unit, the root the rest).
+
+    Every unit reshards after its forward, the root too: between forwards a rank holds only its shards.
+    fully_shard moves each unit to the mesh's device and shards it, one unit after the other: the whole module
+    never has to fit on one device (a block at a time does).
+    """
+    module.requires_grad_(False).eval()
+    kwargs = dict(
+        mesh=mesh,
+        mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype),
+        offload_policy=offload_policy or OffloadPolicy(),
+        reshard_after_forward=True,
+    )
+    for block in transformer_blocks(module.model):
+        fully_shard(block, **kwargs)
+    fully_shard(module, **kwargs)
+    return module
+
+
 class FSDPStrategy(SingleStrategy):
     name = "fsdp"
     needs_ranks = 2
@@ -101,6 +127,13 @@ class FSDPStrategy(SingleStrategy):
         # The root's parameters (embeddings, head) are used again right after the forward: keep them gathered.
         fully_shard(module, reshard_after_forward=False, **kwargs)
         return module, make_optimizer(module)
+
+    def prepare_frozen(self, module: nn.Module) -> nn.Module:
+        """Sharded like the student (per block, same mesh and precision policy), for inference only."""
+        offload: OffloadPolicy = CPUOffloadPolicy() if self.cfg.cpu_offload else OffloadPolicy()
+        return shard_frozen(
+            module, mesh=self.build_mesh(), param_dtype=self.precision.compute_dtype, offload_policy=offload
+        )
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the MixedPrecisionPolicy casts the gathered parameters

@@ -13,10 +13,11 @@ from tqdm import tqdm
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, validate_config
 from trainer.data import DataError, SampleOrder, build_data, rank_micro_batches
+from trainer.distill import build_distillation
 from trainer.distributed import ParallelEnv, all_gather_ints, all_reduce_sum, barrier, init_distributed
 from trainer.logger import ExperimentLog
 from trainer.metrics import mfu, peak_flops, peak_memory_bytes
-from trainer.models import CausalLMWithLoss, build_model, count_params, flops_per_token, max_seq_len
+from trainer.models import count_params, flops_per_token, max_seq_len
 from trainer.optim import build_optimizer, optimizer_offloaded, schedule_factor, set_lr
 from trainer.preemption import Preempted, PreemptionWatch, clear_marker, write_marker
 from trainer.prune import Pruner
@@ -42,6 +43,10 @@ class Trainer:
         self.log = ExperimentLog(cfg, run_dir=run_dir, enabled=env.is_main)
 
         self.data = self._load_data()
+        # distill=kd loads the teacher here (the student may be cut from it); distill=none changes nothing.
+        self.distill = build_distillation(
+            cfg, tokenizer=self.data.tokenizer, dtype=resolve_dtype(t.dtype), env=env, device=self.device
+        )
         self.hf_model = self._build_model()
         # One-shot or structured pruning (or a resumed run's masks) before any wrapper sees the model.
         self.pruner = Pruner(cfg.prune, env=env, device=self.device, max_steps=t.max_steps, seed=t.seed)
@@ -54,7 +59,7 @@ class Trainer:
         self.num_params = count_params(self.hf_model)
         self.flops_per_token = flops_per_token(self.hf_model, cfg.data.seq_len)
 
-        module = CausalLMWithLoss(self.hf_model, loss_chunk_size=t.loss_chunk_size)
+        module = self.distill.wrap(self.hf_model, loss_chunk_size=t.loss_chunk_size, seed=t.seed)
         self.module, self.optimizer = self.strategy.setup(
             module,
             lambda m: build_optimizer(
@@ -62,6 +67,7 @@ class Trainer:
             ),
         )
         self.pruner.attach(self.strategy, self.module, self.optimizer)  # masks hold after every step
+        self.distill.prepare(self.strategy)
         if t.compile:
             self.module.compile()  # in place: state-dict keys stay as they are
         torch.manual_seed(t.seed + env.rank)  # dropout differs per rank, reproducibly
@@ -98,7 +104,9 @@ class Trainer:
     def _build_model(self):
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)  # identical init on every rank
-        model = build_model(cfg.model, vocab_size=len(self.data.tokenizer), dtype=resolve_dtype(t.dtype))
+        model = self.distill.build_student(
+            cfg, vocab_size=len(self.data.tokenizer), dtype=resolve_dtype(t.dtype)
+        )
         limit = max_seq_len(model)
         if limit is not None and cfg.data.seq_len > limit:
             raise ConfigError(
@@ -158,9 +166,10 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)  # synced once per step
         for i, (inputs, labels) in enumerate(batches):
             with self.strategy.accumulation_context(self.module, sync=i == len(batches) - 1):
-                with self.strategy.forward_context():
+                inputs = inputs.to(self.device)
+                with self.strategy.forward_context(), self.distill.teacher_outputs(inputs) as teacher:
                     loss = self.module(
-                        inputs.to(self.device), labels.to(self.device), num_targets=num_targets_per_rank
+                        inputs, labels.to(self.device), num_targets=num_targets_per_rank, **teacher
                     )
                 self.strategy.backward(self.module, loss)
             loss_sum += loss.detach().float()
@@ -171,6 +180,7 @@ class Trainer:
         # Each rank's loss_sum is its share of the global mean x world_size (DDP scaling): average it back.
         loss_value = all_reduce_sum(loss_sum).item() / self.env.world_size
         out = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
+        out |= self.distill.train_metrics()  # distill=kd: each loss term, the teacher's parameters per rank
         return out | self.strategy.precision.metrics()  # fp16: loss_scale, skipped_steps
 
     @torch.no_grad()
@@ -194,11 +204,12 @@ class Trainer:
                 labels = torch.full_like(labels, -100)
             with self.strategy.forward_context():
                 loss_sum = model(inputs.to(self.device), labels.to(self.device), num_targets=1)
+                self.distill.eval_batch(inputs.to(self.device), labels.to(self.device))  # the teacher's loss
             totals[0] += loss_sum.double()
             totals[1] += int((labels != -100).sum())
         all_reduce_sum(totals)
         loss = (totals[0] / totals[1]).item()
-        out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))} | self.distill.eval_metrics()
         if self.data.entropy_floor is not None:
             out["entropy_floor"] = self.data.entropy_floor
         return out
@@ -339,6 +350,8 @@ class Trainer:
     @staticmethod
     def _format_eval(e: dict[str, float]) -> str:
         text = f"eval: loss {e['eval_loss']:.4f}, ppl {e['eval_ppl']:.2f}"
+        if "teacher_eval_loss" in e:
+            text += f" (teacher: loss {e['teacher_eval_loss']:.4f}, ppl {e['teacher_eval_ppl']:.2f})"
         if "entropy_floor" in e:
             text += f" (source entropy floor {e['entropy_floor']:.4f}, gap {e['eval_loss'] - e['entropy_floor']:.4f})"
         return text

@@ -110,6 +110,12 @@ class SingleStrategy:
         self.precision.make_scaler()
         return module
 
+    def prepare_frozen(self, module: nn.Module) -> nn.Module:
+        """A frozen inference module (a distillation teacher) placed like the model: here, whole on the device.
+
+        It runs inside `forward_context`, so in the run's precision; it gets no gradients and no optimizer."""
+        return module.requires_grad_(False).eval().to(self.device)
+
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Around every forward (training and eval): autocast to the compute dtype."""
         return self.precision.autocast()

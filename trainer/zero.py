@@ -152,6 +152,25 @@ class ZeroStrategy(SingleStrategy):
             self._scale_before = float(optimizer.loss_scale)
         return engine, optimizer
 
+    def prepare_frozen(self, module: nn.Module) -> nn.Module:
+        """Under zero3 a frozen module is sharded too. A second DeepSpeed engine breaks the first one's hooks, so it
+        is FSDP2 on the same ranks (inference needs no optimizer and no gradient partitioning); zero1/2 replicate."""
+        if self.stage != 3:  # DeepSpeed runs no autocast: hold the replica in the compute dtype itself
+            return super().prepare_frozen(module).to(self.precision.compute_dtype or torch.float32)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+        from trainer.fsdp import shard_frozen
+
+        mesh = init_device_mesh(self.device.type, (self.env.world_size,), mesh_dim_names=("shard",))
+        cpu = self.cfg.offload_params == "cpu" and self.device.type == "cuda"
+        return shard_frozen(
+            module,
+            mesh=mesh,
+            param_dtype=self.precision.compute_dtype,
+            offload_policy=CPUOffloadPolicy() if cpu else OffloadPolicy(),
+        )
+
     def forward_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # DeepSpeed holds the weights in the compute dtype itself
 
@@ -281,6 +300,10 @@ class ZeroStrategy(SingleStrategy):
         return out + [number_load_slice(*n) for n in group_numbers(optimizer.optimizer)]
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        if self.stage == 3:
+            # A forward that left DeepSpeed's recorded module order (a distillation student evaluated without its
+            # projections) leaves prefetched parameters in flight, which cannot be gathered: release them first.
+            module.empty_partition_cache()
         out = {}
         for name, p in named_parameters(module):
             if p.dtype != torch.float32:

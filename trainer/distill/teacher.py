@@ -1,0 +1,172 @@
+"""The teacher: loaded from a HF name or directory, a GGUF file, or one of our checkpoints; frozen; run for the student.
+
+A teacher has no gradients and no optimizer state; it runs in eval mode in the run's precision (the
+strategy's autocast or FSDP2 mixed-precision policy) and, under `fsdp` and `zero3`, is sharded over the
+ranks like the student (FSDP2 `fully_shard` per block, inference only: see `prepare_frozen` in the
+strategies), so a teacher larger than one device still fits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from trainer.checkpoint import STATE_FILE, resolve_resume
+from trainer.config import ConfigError
+from trainer.loss import causal_lm_loss
+from trainer.models import supports_fused_loss
+from trainer.utils import require
+
+
+def checkpoint_dir(teacher: str) -> Path | None:
+    """Our checkpoint that `teacher` names (a step directory, a `latest` file or a run directory), else None."""
+    path = Path(teacher)
+    if path.is_file() and path.name == "latest":
+        return path.parent / path.read_text().strip()
+    if (path / STATE_FILE).is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        found = resolve_resume("auto", path / "checkpoints")
+        if found is None:
+            raise ConfigError(f"distill.teacher={teacher}: the run directory holds no complete checkpoint")
+        return found
+    return None
+
+
+def _gguf_kwargs(d: Any) -> dict[str, Any]:
+    if not d.teacher_gguf_file:
+        return {}
+    require("gguf", extra="gguf")
+    return {"gguf_file": d.teacher_gguf_file}
+
+
+def teacher_config(d: Any) -> PretrainedConfig:
+    """The teacher's transformers config, without loading its weights."""
+    from trainer.export import model_config, run_config
+
+    found = checkpoint_dir(d.teacher)
+    if found is not None:
+        from trainer.export import _tokenizer
+
+        cfg, run_dir = run_config(found)
+        return model_config(cfg, _tokenizer(cfg, run_dir))
+    return AutoConfig.from_pretrained(d.teacher, **_gguf_kwargs(d))
+
+
+def load_teacher(
+    d: Any, *, dtype: torch.dtype, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, Any]:
+    """The frozen teacher (on CPU, in `dtype`) and its tokenizer (None when it has none we can load)."""
+    found = checkpoint_dir(d.teacher)
+    if found is not None:
+        from trainer.export import load_checkpoint_model
+
+        model, tokenizer = load_checkpoint_model(found, device="cpu")
+        model = model.to(dtype)
+    else:
+        kwargs = _gguf_kwargs(d)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                d.teacher, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+            )
+        except OSError as e:
+            raise ConfigError(
+                f"distill.teacher={d.teacher}: no model found there ({e}); give a HF hub name or directory, "
+                "an hf/ export, or a checkpoint of ours (checkpoints/step_XXXXXXXX or its run directory)"
+            ) from e
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                d.teacher, trust_remote_code=trust_remote_code, **kwargs
+            )
+        except (OSError, ValueError, TypeError):
+            tokenizer = None  # weights without a tokenizer: only the logit sizes can be compared
+    model.requires_grad_(False)
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def check_vocabulary(
+    teacher: PreTrainedModel, student: PreTrainedModel, *, teacher_tokenizer: Any, tokenizer: Any
+) -> None:
+    """Distillation compares the two next-token distributions id by id: both must use one vocabulary."""
+    t_size = teacher.get_output_embeddings().weight.shape[0]
+    s_size = student.get_output_embeddings().weight.shape[0]
+    fix = (
+        "train the student with the teacher's tokenizer (data.tokenizer=<the teacher's tokenizer>, and a student "
+        "whose vocab_size matches) or pick a teacher trained on this tokenizer"
+    )
+    if t_size != s_size:
+        raise ConfigError(
+            f"teacher and student vocabularies differ: the teacher predicts {t_size} token ids, the student "
+            f"{s_size}; {fix}"
+        )
+    if teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        t_vocab, s_vocab = teacher_tokenizer.get_vocab(), tokenizer.get_vocab()
+        differ = sorted(set(t_vocab.items()) ^ set(s_vocab.items()))[:3]
+        raise ConfigError(
+            f"teacher and student vocabularies differ: the teacher's tokenizer has {len(t_vocab)} tokens, the "
+            f"run's {len(s_vocab)}, and they disagree on e.g. {differ}; {fix}"
+        )
+
+
+class TeacherModule(nn.Module):
+    """The teacher as strategies see it: `forward(input_ids)` gives (final hidden states or logits, the
+    hidden states of `layers`); `head()` gives the LM head's weight and bias while they are needed."""
+
+    def __init__(self, model: PreTrainedModel, *, layers: list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = list(layers)
+        self.fused = supports_fused_loss(model)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        want = bool(self.layers)
+        if self.fused:
+            out = self.model.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=want)
+            x = out.last_hidden_state
+        else:
+            out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=want)
+            x = out.logits
+        return x, [out.hidden_states[i] for i in self.layers]
+
+    @contextlib.contextmanager
+    def head(self):
+        """(weight, bias) of the LM head, gathered while the context lasts when the teacher is sharded;
+        (None, None) when the forward already gave logits."""
+        if not self.fused:
+            yield None, None
+            return
+        sharded = hasattr(self, "unshard")  # an FSDP2 module: its root holds the head
+        if sharded:
+            self.unshard()
+        try:
+            head = self.model.get_output_embeddings()
+            yield head.weight, head.bias
+        finally:
+            if sharded:
+                self.reshard()
+
+    @torch.no_grad()
+    def eval_loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The teacher's summed token cross-entropy on a batch (for its perplexity beside the student's)."""
+        x, _ = self(input_ids)
+        with self.head() as (weight, bias):
+            if weight is None:
+                return causal_lm_loss(x, None, None, labels, chunk_size=0, num_targets=1)
+            return causal_lm_loss(x, weight, bias, labels, num_targets=1)
+
+
+def local_numel(module: nn.Module) -> int:
+    """Parameter elements this rank holds (a sharded parameter counts its local shard only)."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for p in module.parameters():
+        total += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+    return total
