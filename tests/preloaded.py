@@ -140,7 +140,8 @@ class PreloadedServer:
         codes = result["codes"]
         returncode = next((c for c in codes if c != 0), 0)
         output = log.read_text()
-        return subprocess.CompletedProcess(args, returncode, stdout=output, stderr="")
+        # The ranks' stdout and stderr share one log (as a terminal shows them): it is given as both.
+        return subprocess.CompletedProcess(args, returncode, stdout=output, stderr=output)
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

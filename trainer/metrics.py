@@ -74,17 +74,23 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float, num_devices: i
 
 
 class MetricsLog:
-    """Appends one JSON object per record to metrics.jsonl (only where `enabled`, i.e. on rank 0)."""
+    """Appends one JSON object per record to metrics.jsonl (only where `enabled`, i.e. on rank 0).
+
+    The file is opened at the first record: a run that fails before training leaves no metrics.jsonl.
+    """
 
     def __init__(self, path: Path, *, enabled: bool) -> None:
         self.path = path
         self.enabled = enabled
-        self._file = open(path, "a") if enabled else None  # noqa: SIM115 - held open for the run
+        self._file = None
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+        if not self.enabled:
+            return
+        if self._file is None:
+            self._file = open(self.path, "a")  # noqa: SIM115 - held open for the run
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:
