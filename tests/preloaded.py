@@ -67,6 +67,14 @@ for line in sys.stdin:
             run_rank(job, rank)
         pids.append(pid)
     codes, deadline = {}, time.monotonic() + job["timeout"]
+    def kill_running():
+        for pid in pids:
+            if pid not in codes:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     while len(codes) < len(pids):
         for pid in pids:
             if pid in codes:
@@ -75,19 +83,9 @@ for line in sys.stdin:
             if done:
                 codes[pid] = os.waitstatus_to_exitcode(status)
                 if codes[pid] != 0:  # like torchrun: one rank failing ends the others
-                    for other in pids:
-                        if other not in codes:
-                            try:
-                                os.killpg(other, signal.SIGKILL)
-                            except ProcessLookupError:
-                                pass
+                    kill_running()
         if len(codes) < len(pids) and time.monotonic() > deadline:
-            for pid in pids:
-                if pid not in codes:
-                    try:
-                        os.killpg(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+            kill_running()
             job["timed_out"] = True
         time.sleep(0.05)
     replies.write(json.dumps({"codes": [codes[p] for p in pids], "timed_out": job.get("timed_out", False)}) + "\n")

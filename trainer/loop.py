@@ -202,9 +202,10 @@ class Trainer:
             inputs, labels = self.data.eval.batch(chunk if len(chunk) else torch.zeros(1, dtype=torch.long))
             if not len(chunk):
                 labels = torch.full_like(labels, -100)
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
             with self.strategy.forward_context():
-                loss_sum = model(inputs.to(self.device), labels.to(self.device), num_targets=1)
-                self.distill.eval_batch(inputs.to(self.device), labels.to(self.device))  # the teacher's loss
+                loss_sum = model(inputs, labels, num_targets=1)
+                self.distill.eval_batch(inputs, labels)  # the teacher's loss
             totals[0] += loss_sum.double()
             totals[1] += int((labels != -100).sum())
         all_reduce_sum(totals)
