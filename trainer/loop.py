@@ -86,6 +86,7 @@ class Trainer:
             run_dir=self.run_dir,
             model_name_or_path=cfg.model.name_or_path,
             trust_remote_code=cfg.model.trust_remote_code,
+            model_gguf_file=cfg.model.gguf_file,
             is_main=self.env.is_main,
             barrier=barrier,
         )
@@ -288,8 +289,9 @@ class Trainer:
                 self._stop_for_preemption(signum, saved=saved_step == self.step, bar=bar, watch=preemption)
         preemption.close()
         bar.close()
-        if not evaluation:  # nothing trained this run (already complete): still report where it stands
+        if not evaluation:  # nothing trained this run (max_steps=0, or already complete): where it stands
             evaluation = self.evaluate()
+            self.log.write({"step": self.step, **evaluation})
         if t.export_hf:
             ckpt.export_hf(
                 self.run_dir / "hf",
@@ -370,7 +372,11 @@ class Trainer:
                 if self.strategy.precision.loss_scaling
                 else []
             ),
-            f"outputs: {self.run_dir / 'metrics.jsonl'}, {self.ckpt_root}"
-            + (f", {self.run_dir / 'hf'}" if self.cfg.train.export_hf else ""),
+            "outputs: "
+            + ", ".join(
+                str(p)
+                for p in (self.run_dir / "metrics.jsonl", self.ckpt_root, self.run_dir / "hf")
+                if p.exists()  # a max_steps=0 run saves no checkpoint
+            ),
         ]
         print("\n".join(lines), flush=True)

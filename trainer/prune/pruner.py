@@ -72,7 +72,9 @@ def _sparsity_for(name: str, cfg: Any) -> float:
     for pattern, value in (cfg.layer_sparsity or {}).items():
         if fnmatch.fnmatchcase(name, pattern):
             return float(value)
-    return float(cfg.sparsity) if cfg.sparsity is not None else 1.0 - cfg.n / cfg.m
+    if cfg.sparsity is not None:
+        return float(cfg.sparsity)
+    return 1.0 - cfg.n / cfg.m if "n" in cfg else 0.0  # keep_zeros measures its own
 
 
 class Pruner:
@@ -111,8 +113,14 @@ class Pruner:
         targets = select_targets(model, c.targets)
         self._check_targets(model, targets)
         self.target_sparsity = {f"{n}.weight": _sparsity_for(n, c) for n in targets}
+        if self.method == "keep_zeros":  # the targets are the zeros there are
+            self.target_sparsity = {
+                n: 1.0 - float((m.weight != 0).float().mean()) for n, m in self._weights(targets)
+            }
         if resume is not None:
             self.masks = self._restored(resume)
+        elif self.method == "keep_zeros":
+            self.masks = self._existing_zeros(targets)
         elif self.method == "gmp":
             self.masks = {
                 n: torch.ones_like(m.weight, dtype=torch.bool, device="cpu")
@@ -150,6 +158,18 @@ class Pruner:
                     f"prune=nm with m={c.m}: {bad[0][0]} has {bad[0][1]} input features, not a multiple of {c.m} "
                     f"({len(bad)} layer(s) like it); pick an m that divides them or exclude them with prune.targets"
                 )
+
+    def _existing_zeros(self, targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """The loaded model's exact zeros become the masks (every rank loaded the same weights): fine-tuning a
+        model pruned elsewhere, e.g. by a max_steps=0 one-shot run, without pruning it again."""
+        masks = {n: (m.weight.detach() != 0).cpu() for n, m in self._weights(targets)}
+        zeros = sum(int((~keep).sum()) for keep in masks.values())
+        if zeros == 0:
+            raise ConfigError(
+                "prune=keep_zeros: the targeted layers hold no zero weights, so there is nothing to keep; load a "
+                "pruned model (model=hf model.name_or_path=RUN/hf of a pruning run) or pick a pruning method"
+            )
+        return masks
 
     def _restored(self, resume: Path) -> dict[str, torch.Tensor]:
         masks = read_masks(resume)

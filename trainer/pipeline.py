@@ -1,0 +1,245 @@
+"""Run a chain of stages: `python -m trainer.pipeline chain=NAME [run_dir=DIR] [only=[STAGE,...]] [dry_run=true]`.
+
+A chain (conf/chain/NAME.yaml) is an ordered list of stages. Each stage is one ordinary command with its
+Hydra overrides (`trainer.train`, `trainer.quantize`, `trainer.evaluate` or `trainer.report`), so any stage
+can be run alone: the pipeline prints the exact command line before running it. Stages read each other's
+outputs through `${run_dir}`:
+
+- a `trainer.train` stage runs in RUN_DIR/STAGE (`hydra.run.dir`) with `resume=auto`, so an interrupted
+  stage continues from its last checkpoint when the chain is run again;
+- a finished stage leaves RUN_DIR/STAGE/stage.json (its command and time); running the chain again skips
+  it, and refuses to go on if the chain now gives that stage a different command (delete its directory to
+  run it again);
+- each stage's output is shown and also written to RUN_DIR/STAGE/stage.log.
+
+Launchers: `fork` (default) runs each stage in a child forked from this process after the heavy imports
+(torch, transformers, Hydra), which saves their ~10 s per stage; `subprocess` starts `python -m MODULE`;
+`torchrun` runs the `trainer.train` stages on `nproc_per_node` ranks (and the others as subprocesses).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from trainer.config import ConfigError, register_configs
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+MODULES = ("trainer.train", "trainer.quantize", "trainer.evaluate", "trainer.report")
+LAUNCHERS = ("fork", "subprocess", "torchrun")
+MARKER = "stage.json"
+
+
+def compose_pipeline(overrides: list[str]) -> Any:
+    """The pipeline config, composed and checked; Hydra is left uninitialised so that stages can use it."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose("pipeline", overrides=overrides)
+    check_pipeline_config(cfg)
+    return cfg
+
+
+def check_pipeline_config(cfg: Any) -> None:
+    if cfg.launcher not in LAUNCHERS:
+        raise ConfigError(f"launcher={cfg.launcher}: choose one of {', '.join(LAUNCHERS)}")
+    if cfg.nproc_per_node < 1:
+        raise ConfigError(f"nproc_per_node={cfg.nproc_per_node}: must be >= 1")
+    stages = cfg.chain.stages
+    if not stages:
+        raise ConfigError(f"chain={cfg.chain.name} has no stages")
+    for name, stage in stages.items():
+        if stage.module not in MODULES:
+            raise ConfigError(
+                f"chain {cfg.chain.name}, stage {name}: module={stage.module}; choose one of {', '.join(MODULES)}"
+            )
+    unknown = [s for s in cfg.only or [] if s not in stages]
+    if unknown:
+        raise ConfigError(
+            f"only={list(cfg.only)}: no stage named {unknown}; the stages are {', '.join(stages)}"
+        )
+
+
+def stage_args(cfg: Any, name: str, stage: Any) -> list[str]:
+    """The stage's overrides, resolved, plus the run directory and resume of a training stage."""
+    args = [str(a) for a in stage.args]
+    if stage.module == "trainer.train":
+        args += [*cfg.train_args, f"hydra.run.dir={Path(cfg.run_dir) / name}", "resume=auto"]
+    return args
+
+
+def stage_command(cfg: Any, stage: Any, args: list[str]) -> list[str]:
+    """The command line that runs the stage alone (what `subprocess` and `torchrun` execute)."""
+    if cfg.launcher == "torchrun" and stage.module == "trainer.train":
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={cfg.nproc_per_node}", "-m", stage.module, *args,
+        ]  # fmt: skip
+    return [sys.executable, "-m", stage.module, *args]
+
+
+def preload() -> None:
+    """Import once what every stage imports, before any fork (no torch op may run here: OpenMP pools do not
+    survive a fork)."""
+    import datasets  # noqa: F401
+    import transformers  # noqa: F401
+
+    import trainer.evaluate  # noqa: F401
+    import trainer.loop  # noqa: F401
+    import trainer.quantize  # noqa: F401
+    import trainer.report  # noqa: F401
+
+
+def _tee(fd: int, log_path: Path) -> None:
+    """Copy everything read from `fd` to our stdout and to the stage log, until the writer closes it."""
+    with open(log_path, "ab") as log:
+        while chunk := os.read(fd, 65536):
+            log.write(chunk)
+            log.flush()
+            os.write(sys.stdout.fileno(), chunk)
+    os.close(fd)
+
+
+def run_forked(module: str, args: list[str], log_path: Path) -> int:
+    """Run `python -m module args` in a forked child; its output is teed to the log. Returns its exit code."""
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: become `python -m module args`
+        os.close(read_fd)
+        os.dup2(write_fd, 1)
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
+        sys.argv = [module, *args]
+        code = 0
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    os.close(write_fd)
+    _tee(read_fd, log_path)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def run_process(command: list[str], log_path: Path) -> int:
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _tee(proc.stdout.fileno(), log_path)
+    return proc.wait()
+
+
+def finished(stage_dir: Path, command: str) -> bool:
+    """Whether the stage already ran to the end with this command; a different command is an error."""
+    marker = stage_dir / MARKER
+    if not marker.is_file():
+        return False
+    record = json.loads(marker.read_text())
+    if record.get("command") != command:
+        raise ConfigError(
+            f"{stage_dir} finished with a different command:\n  was: {record.get('command')}\n  now: {command}\n"
+            f"delete {stage_dir} to run the stage again with the new one (and the stages that use its output)"
+        )
+    return True
+
+
+def run_pipeline(cfg: Any) -> dict[str, Any]:
+    """Run the stages in order, skipping finished ones; stops at the first failing stage."""
+    run_dir = Path(cfg.run_dir)
+    stages = cfg.chain.stages
+    selected = [n for n in stages if not cfg.only or n in cfg.only]
+    print(
+        f"pipeline {cfg.chain.name}: {len(selected)} stage(s) in {run_dir}"
+        + (" (dry run)" if cfg.dry_run else "")
+    )
+    if cfg.launcher == "fork" and not cfg.dry_run:
+        preload()
+    summary: dict[str, Any] = {}
+    start = time.perf_counter()
+    for i, name in enumerate(selected, 1):
+        stage = stages[name]
+        args = stage_args(cfg, name, stage)
+        command = shlex.join(["python", "-m", stage.module, *args])
+        stage_dir = run_dir / name
+        head = f"[{i}/{len(selected)}] {name}" + (f": {stage.about}" if stage.about else "")
+        if finished(stage_dir, command):
+            print(f"{head}\n  done before, skipped ({stage_dir / MARKER})", flush=True)
+            summary[name] = {"status": "skipped"}
+            continue
+        print(f"{head}\n  $ {command}", flush=True)
+        if cfg.dry_run:
+            summary[name] = {"status": "dry_run"}
+            continue
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        log_path = stage_dir / "stage.log"
+        t0 = time.perf_counter()
+        if cfg.launcher == "fork":
+            code = run_forked(stage.module, args, log_path)
+        else:
+            code = run_process(stage_command(cfg, stage, args), log_path)
+        seconds = time.perf_counter() - t0
+        if code != 0:
+            summary[name] = {"status": "failed", "code": code, "seconds": seconds}
+            print(
+                f"stage {name} failed (exit code {code}) after {seconds:.0f}s; its log: {log_path}. "
+                "Fix the cause and run the same command again: finished stages are skipped, training resumes.",
+                flush=True,
+            )
+            break
+        record = {
+            "command": command,
+            "seconds": seconds,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (stage_dir / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+        summary[name] = {"status": "done", "seconds": seconds}
+        print(f"  {name} done in {seconds:.0f}s", flush=True)
+    total = time.perf_counter() - start
+    if not cfg.dry_run:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "pipeline.json").write_text(
+            json.dumps({"chain": cfg.chain.name, "seconds": total, "stages": summary}, indent=2) + "\n"
+        )
+    failed = any(s["status"] == "failed" for s in summary.values())
+    print(f"pipeline {cfg.chain.name}: {'failed' if failed else 'finished'} in {total / 60:.1f} min")
+    if not failed:
+        for path in cfg.chain.outputs:
+            print(f"  {path}" + ("" if cfg.dry_run or Path(path).exists() else " (missing)"))
+    return {"failed": failed, "stages": summary, "seconds": total}
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = compose_pipeline(overrides)
+        OmegaConf.resolve(cfg)
+        result = run_pipeline(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
