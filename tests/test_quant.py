@@ -169,20 +169,25 @@ def exported(tmp_path_factory):
     return root, model, data
 
 
-def test_evaluate_perplexity_equals_a_hand_computation_from_logits(exported):
+def compose_evaluate(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from trainer.evaluate import evaluate_models
     from trainer.train import CONF_DIR
 
-    root, model, data = exported
+    latency = ["latency.prefill_len=8", "latency.decode_tokens=2", "latency.repeats=1", "latency.warmup=0"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(
-            "evaluate",
-            overrides=[f"models=[{root / 'hf'}]", "output=x.json", *DATA, "batch_size=3", "eval_batches=2"]
-            + ["latency.prefill_len=8", "latency.decode_tokens=2", "latency.repeats=1", "latency.warmup=0"],
-        )
+        return compose("evaluate", overrides=[*DATA, *latency, *overrides])
+
+
+def test_evaluate_perplexity_equals_a_hand_computation_from_logits(exported, tmp_path):
+    from trainer.evaluate import evaluate_models
+
+    root, model, data = exported
+    cfg = compose_evaluate(
+        f"models=[{root / 'hf'}]", f"output={tmp_path / 'x.json'}", "batch_size=3", "eval_batches=2"
+    )
     [entry] = evaluate_models(cfg)
+    assert json.loads((tmp_path / "x.json").read_text()) == [entry]
     # By hand: the first 6 eval windows, -log softmax of each target in float64, averaged, exponentiated.
     inputs, labels = data.eval.inputs[:6], data.eval.labels[:6]
     with torch.no_grad():
@@ -230,18 +235,26 @@ def commands(exported):
     run(
         "trainer.evaluate",
         f"models=[{root / 'hf'},{quantized}]",
+        "names=[dense,int8]",
         f"output={out}",
         *DATA,
         "eval_batches=2",
         *latency,
     )
-    run("trainer.report", f"input={out}", f"output_dir={root / 'report'}")
-    return root, json.loads(out.read_text())
+    report = run(
+        "trainer.report",
+        f"input={out}",
+        f"output_dir={root / 'report'}",
+        "+compare={int8: dense}",  # a dict key is added with +
+        "targets=[{model: int8, against: dense, metric: size_bytes, max_ratio: 0.6, label: size}]",
+    )
+    return root, json.loads(out.read_text()), report.stdout
 
 
 def test_quantize_evaluate_report_commands_compare_float_and_int8(commands):
-    root, entries = commands
+    root, entries, report_log = commands
     assert [e["scheme"] for e in entries] == ["float", "int8_smooth"]
+    assert [e["name"] for e in entries] == ["dense", "int8"]
     fp, q = entries
     assert set(fp) >= {
         "perplexity",
@@ -263,6 +276,10 @@ def test_quantize_evaluate_report_commands_compare_float_and_int8(commands):
     import matplotlib.image
 
     assert matplotlib.image.imread(root / "report" / "report.png").shape[0] > 100
+    # The target typed on the command line is checked on the JSON's sizes and printed for a pipeline log.
+    ratio = q["size_bytes"] / fp["size_bytes"]
+    assert f"target size: size_bytes int8 / dense = {ratio:.3f} (limit <= 0.6): met" in report_log
+    assert "## Targets" in report
 
 
 def test_report_refuses_json_that_evaluate_did_not_write(tmp_path):
@@ -271,6 +288,150 @@ def test_report_refuses_json_that_evaluate_did_not_write(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"name": "m", "perplexity": 3.0}]))
     with pytest.raises(ConfigError, match="lacks params"):
         write_report(tmp_path / "bad.json", tmp_path / "out")
+
+
+def test_evaluate_refuses_names_of_another_length_before_loading(exported, tmp_path):
+    from trainer.evaluate import evaluate_models
+
+    root, _, _ = exported
+    cfg = compose_evaluate(f"models=[{root / 'hf'}]", "names=[a,b]", f"output={tmp_path / 'x.json'}")
+    with pytest.raises(ConfigError, match="names has 2 entries for 1 models"):
+        evaluate_models(cfg)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_evaluate_writes_after_each_model_and_resume_measures_only_what_changed(exported, tmp_path, capsys):
+    import shutil
+
+    from trainer.evaluate import evaluate_models
+
+    root, _, _ = exported
+    hf, copy, broken, out = root / "hf", tmp_path / "copy", tmp_path / "broken", tmp_path / "eval.json"
+    shutil.copytree(hf, copy)
+    broken.mkdir()  # exists, but holds no model: loading it fails after the first model is measured
+    with pytest.raises(FileNotFoundError, match="not a model"):
+        evaluate_models(compose_evaluate(f"models=[{hf},{broken}]", "names=[dense,broken]", f"output={out}"))
+    [first] = json.loads(out.read_text())  # the first model's entry was written before the failure
+    assert first["name"] == "dense" and first["settings"]["eval_batches"] == 0
+    measured = first["perplexity"]
+
+    sentinel = dict(first, perplexity=12345.0)  # a value no measurement gives: kept means not re-measured
+    gone = dict(first, name="gone", path="/no/longer/listed")
+    out.write_text(json.dumps([gone, sentinel]))
+    capsys.readouterr()
+    resumed = [f"models=[{hf},{copy}]", "names=[dense,copy]", f"output={out}", "resume=true"]
+    entries = evaluate_models(compose_evaluate(*resumed))
+    assert "dense: kept from previous run" in capsys.readouterr().out
+    assert json.loads(out.read_text()) == entries
+    assert [e["name"] for e in entries] == ["dense", "copy"]  # models order; the unlisted entry dropped
+    assert entries[0]["perplexity"] == 12345.0
+    # The copy is measured on windows tokenized by the first model's tokenizer though that model was kept.
+    assert entries[1]["perplexity"] == pytest.approx(measured, rel=1e-6)
+
+    entries = evaluate_models(compose_evaluate(*resumed, "eval_batches=1"))  # a changed setting
+    assert [e["settings"]["eval_batches"] for e in entries] == [1, 1]
+    assert entries[0]["perplexity"] == pytest.approx(entries[1]["perplexity"], rel=1e-6) != 12345.0
+
+
+def report_entry(name: str, perplexity: float, size_bytes: float, prefill_ms: float) -> dict:
+    return {
+        "name": name,
+        "path": f"/runs/{name}",
+        "scheme": "float",
+        "perplexity": perplexity,
+        "params": 1000,
+        "nonzero_params": 500,
+        "size_bytes": size_bytes,
+        "prefill_ms": prefill_ms,
+        "decode_tokens_per_s": 100.0,
+    }
+
+
+@pytest.fixture
+def variants(tmp_path):
+    """A dense model, its one-shot pruned copy, and both after fine-tuning."""
+    entries = [
+        report_entry("dense", 10.0, 4e6, 10.0),
+        report_entry("pruned", 13.1, 2e6, 8.0),
+        report_entry("ft_dense", 9.0, 4e6, 10.0),
+        report_entry("ft_pruned", 10.5, 2e6, 8.0),
+    ]
+    (tmp_path / "eval.json").write_text(json.dumps(entries))
+    return tmp_path / "eval.json"
+
+
+def table_rows(report: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in report.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells] for cells in rows[1:] if len(cells) == 13}
+
+
+def test_report_compare_changes_the_ratios_of_exactly_the_named_rows(variants, tmp_path):
+    from trainer.report import write_report
+
+    plain = table_rows(write_report(variants, tmp_path / "a", baseline="ft_dense").path.read_text())
+    compared = write_report(variants, tmp_path / "b", baseline="ft_dense", compare={"pruned": "dense"})
+    rows = table_rows(compared.path.read_text())
+    # columns: model, scheme, compared with, perplexity, vs base, ..., size vs base, prefill, speed-up
+    assert rows["pruned"][2] == "dense" and rows["pruned"][4] == "+31.00%"  # 13.1 / 10
+    assert rows["pruned"][8] == "0.50x" and rows["pruned"][10] == "1.25x"  # 2/4 MB; 10 ms / 8 ms
+    assert plain["pruned"][2] == "ft_dense" and plain["pruned"][4] == "+45.56%"  # 13.1 / 9
+    assert rows["ft_pruned"][4] == "+16.67%"  # 10.5 / 9
+    assert {k: v for k, v in rows.items() if k != "pruned"} == {
+        k: v for k, v in plain.items() if k != "pruned"
+    }
+    with pytest.raises(ConfigError, match=r"compare=sparse: .*\(dense, pruned, ft_dense, ft_pruned\)"):
+        write_report(variants, tmp_path / "c", compare={"sparse": "dense"})
+
+
+def test_report_targets_say_met_or_by_how_much_they_are_missed(variants, tmp_path):
+    from trainer.config import TargetConfig
+    from trainer.report import write_report
+
+    targets = [
+        TargetConfig(model="pruned", against="dense", max_ratio=1.25, label="one-shot"),
+        {"model": "ft_pruned", "against": "ft_dense", "max_ratio": 1.2, "label": "fine-tuned"},
+        {"model": "pruned", "against": "dense", "metric": "size_bytes", "min_ratio": 0.6},
+        {"model": "pruned", "against": "dense", "metric": "prefill_ms", "min_ratio": 0.7, "max_ratio": 0.9},
+    ]
+    report = write_report(variants, tmp_path / "out", targets=targets)
+    one_shot, fine_tuned, size, prefill = report.targets
+    # By hand: 13.1 / 10 = 1.31 over 1.25 by 0.06, 4.8% of it; 2 MB / 4 MB = 0.5 under 0.6 by 16.7% of it.
+    assert one_shot.ratio == pytest.approx(1.31) and one_shot.missed_by == pytest.approx(0.06 / 1.25)
+    assert not one_shot.met and one_shot.verdict == "missed by 4.8%"
+    assert fine_tuned.ratio == pytest.approx(10.5 / 9) and fine_tuned.met and fine_tuned.verdict == "met"
+    assert size.ratio == 0.5 and size.verdict == "missed by 16.7%"
+    assert prefill.ratio == 0.8 and prefill.met and prefill.limit == "0.7 to 0.9"
+    text = report.path.read_text()
+    assert "## Targets" in text
+    assert "| one-shot | pruned | dense | perplexity | 1.310 | <= 1.25 | missed by 4.8% |" in text
+    assert "| fine-tuned | ft_pruned | ft_dense | perplexity | 1.167 | <= 1.2 | met |" in text
+    assert "|  | pruned | dense | size_bytes | 0.500 | >= 0.6 | missed by 16.7% |" in text
+
+
+@pytest.mark.parametrize(
+    "target,match",
+    [
+        ({"model": "pruned", "against": "dense"}, "set max_ratio, min_ratio or both"),
+        ({"model": "sparse", "against": "dense", "max_ratio": 1.1}, r"targets\[0\].model=sparse: no entry"),
+        ({"model": "pruned", "against": "base", "max_ratio": 1.1}, r"targets\[0\].against=base: no entry"),
+        (
+            {"model": "pruned", "against": "dense", "metric": "bleu", "max_ratio": 1},
+            "metric=bleu: not a number",
+        ),
+        (
+            {"model": "pruned", "against": "dense", "min_ratio": 2, "max_ratio": 1},
+            "min_ratio=2 > max_ratio=1",
+        ),
+        ({"model": "pruned", "max_ratio": 1.1}, r"targets\[0\].against is required"),
+        ({"model": "pruned", "against": "dense", "max": 1.1}, "unknown key max"),
+    ],
+)
+def test_report_refuses_a_bad_target_before_writing_anything(variants, tmp_path, target, match):
+    from trainer.report import write_report
+
+    with pytest.raises(ConfigError, match=match):
+        write_report(variants, tmp_path / "out", targets=[target])
+    assert not (tmp_path / "out").exists()
 
 
 # ---- QAT ------------------------------------------------------------------------------------------------

@@ -453,6 +453,25 @@ class EvaluateConfig:
     # `auto` (cuda when available), `cpu` or `cuda`; int8_smooth models run on the CPU.
     device: str = "auto"
     threads: int | None = None
+    # Display names of the entries, one per model in `models` order; null: the model directory's name.
+    names: list[str] | None = None
+    # Keep the entries of an existing `output` measured with the same path, name and settings.
+    resume: bool = False
+
+
+@dataclass
+class TargetConfig:
+    # Entry (name or path) whose metric is checked.
+    model: str = MISSING
+    # Entry (name or path) it is divided by: ratio = model[metric] / against[metric].
+    against: str = MISSING
+    # A numeric key of evaluate's entries: perplexity, size_bytes, prefill_ms, decode_tokens_per_s, ...
+    metric: str = "perplexity"
+    # The ratio must be <= max_ratio and/or >= min_ratio (at least one of the two).
+    max_ratio: float | None = None
+    min_ratio: float | None = None
+    # Shown in the Targets table and the printed line.
+    label: str = ""
 
 
 @dataclass
@@ -465,6 +484,10 @@ class ReportConfig:
     baseline: str | None = None
     # Chart x axis: `size_bytes` or `prefill_ms` (perplexity is on y); both panels when `both`.
     chart: str = "both"
+    # Entry name -> the entry its ratios are taken against (others: `baseline`).
+    compare: dict[str, str] = field(default_factory=dict)
+    # Ratio limits checked in report.md's Targets section and printed one line each.
+    targets: list[TargetConfig] = field(default_factory=list)
 
 
 @dataclass

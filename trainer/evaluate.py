@@ -8,7 +8,12 @@ trainer.quantize output) one JSON entry with:
 - `params` (parameters of the stored model, a tied embedding counted once) and `nonzero_params`;
 - `size_bytes`: the weight files on disk;
 - `prefill_ms`: median time of one forward over `latency.batch_size` x `latency.prefill_len` tokens;
-- `decode_tokens_per_s`: tokens generated per second, one at a time with the KV cache, after a prefill.
+- `decode_tokens_per_s`: tokens generated per second, one at a time with the KV cache, after a prefill;
+- `settings`: what the numbers depend on besides the model (eval data, batch sizes, latency, device).
+
+`name` is the model directory's name or the one `names` gives. The output is rewritten after each
+model; with `resume=true` an existing output's entries with the same path, name and settings are kept
+instead of measured again.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -25,12 +31,19 @@ from typing import Any
 import hydra
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from trainer.config import ConfigError, register_configs
 from trainer.data import IGNORE_INDEX, TokenWindows, build_data
-from trainer.quant.serialization import is_quantized_dir, load_any, read_manifest
+from trainer.data.tokenizer import load_tokenizer
+from trainer.quant.serialization import (
+    float_source,
+    is_quantized_dir,
+    load_any,
+    load_tokenizer_from,
+    read_manifest,
+)
 from trainer.quant.smooth import Int8DynamicLinear
 from trainer.utils import resolve_device
 
@@ -142,6 +155,15 @@ def model_name(path: str) -> str:
 def check_evaluate_config(cfg: Any) -> torch.device:
     if not cfg.models:
         raise ConfigError("models=[] is empty: give one or more model paths, e.g. 'models=[outputs/run/hf]'")
+    if cfg.names is not None:
+        if len(cfg.names) != len(cfg.models):
+            raise ConfigError(
+                f"names has {len(cfg.names)} entries for {len(cfg.models)} models: give one name per model, "
+                "in models order, or names=null for the directory names"
+            )
+        twice = sorted({n for n in cfg.names if list(cfg.names).count(n) > 1})
+        if twice:
+            raise ConfigError(f"names: {', '.join(twice)} given twice; each entry needs its own name")
     missing = [m for m in cfg.models if not Path(m).exists()]
     if missing:
         raise FileNotFoundError(f"models: {', '.join(missing)} not found")
@@ -154,18 +176,89 @@ def check_evaluate_config(cfg: Any) -> torch.device:
     return resolve_device(cfg.device)
 
 
+# Data keys that do not change the eval tokens: the tokenizer is always the first model's.
+_NON_TOKEN_DATA_KEYS = ("tokenizer", "tokenizer_vocab_size", "cache_dir", "num_proc")
+
+
+def eval_settings(cfg: Any, device: torch.device) -> dict[str, Any]:
+    """What an entry's numbers depend on besides the model: two entries compare only if these agree."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    settings = {
+        "data": {k: v for k, v in sorted(data.items()) if k not in _NON_TOKEN_DATA_KEYS},
+        "tokenizer_from": str(cfg.models[0]),
+        "batch_size": cfg.batch_size,
+        "eval_batches": cfg.eval_batches,
+        "latency": OmegaConf.to_container(cfg.latency, resolve=True),
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+    }
+    return json.loads(json.dumps(settings))  # as read back from the JSON, so that == compares like with like
+
+
+def previous_entries(output: Path) -> list[dict[str, Any]]:
+    try:
+        entries = json.loads(output.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"resume=true: {output} is not JSON ({err}); delete it or run with resume=false"
+        ) from err
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"resume=true: {output} is not the JSON list trainer.evaluate writes")
+    return entries
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        try:
+            f.write(json.dumps(value, indent=2) + "\n")
+        except BaseException:
+            Path(f.name).unlink()
+            raise
+    os.replace(f.name, path)
+
+
+def load_tokenizer_of(path: str) -> Any:
+    """The tokenizer of any model path `evaluate` accepts, without loading the weights."""
+    if is_quantized_dir(Path(path)):
+        return load_tokenizer(str(path))
+    with float_source(path) as (directory, gguf_file):
+        return load_tokenizer_from(directory, gguf_file)
+
+
 def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
+    """Measure each model and write `cfg.output` after each one; with `cfg.resume`, keep what matches."""
     device = check_evaluate_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    results: list[dict[str, Any]] = []
+    output = Path(cfg.output)
+    settings = eval_settings(cfg, device)
+    names = list(cfg.names) if cfg.names is not None else [model_name(p) for p in cfg.models]
+    keys = [(str(path), name) for path, name in zip(cfg.models, names, strict=True)]
+    kept: dict[tuple[str, str], dict[str, Any]] = {}
+    if cfg.resume and output.exists():
+        for e in previous_entries(output):
+            key = (e.get("path"), e.get("name"))
+            if key in keys and e.get("settings") == settings:
+                kept[key] = e
+    done: dict[tuple[str, str], dict[str, Any]] = dict(kept)
+
+    def write() -> None:  # models order; entries of models no longer listed are dropped
+        write_json_atomic(output, [done[k] for k in keys if k in done])
+
     data = None
     with tempfile.TemporaryDirectory() as tmp:
-        for path in cfg.models:
+        for path, name in keys:
+            if (path, name) in kept:
+                print(f"{name}: kept from previous run ({output})", flush=True)
+                continue
             scheme = read_manifest(Path(path))["scheme"] if is_quantized_dir(Path(path)) else "float"
             where = torch.device("cpu") if scheme == "int8_smooth" else device  # fbgemm kernels
             model, tokenizer, size = load_any(path, device=where)
             if data is None:  # the first model's tokenizer tokenizes the eval data for all
+                if path != str(cfg.models[0]):  # the first model's entry was kept
+                    tokenizer = load_tokenizer_of(cfg.models[0])
                 tokenizer.save_pretrained(str(Path(tmp) / "tokenizer_src"))
                 data_cfg = cfg.data.copy()
                 data_cfg.tokenizer = str(Path(tmp) / "tokenizer_src")
@@ -182,8 +275,8 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
             params, nonzero = parameter_counts(model)
             lat = cfg.latency
             entry = {
-                "name": model_name(path),
-                "path": str(path),
+                "name": name,
+                "path": path,
                 "scheme": scheme,
                 "perplexity": ppl,
                 "eval_loss": loss,
@@ -214,23 +307,23 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
             }
             if data.entropy_floor is not None:
                 entry["entropy_floor"] = data.entropy_floor
-            results.append(entry)
+            entry["settings"] = settings
+            done[(path, name)] = entry
+            write()  # an interruption loses at most the model in progress
             print(
                 f"{entry['name']}: ppl {ppl:.3f}, {params / 1e6:.2f}M params ({nonzero / max(params, 1):.1%} non-zero), "
                 f"{size / 1e6:.2f} MB, prefill {entry['prefill_ms']:.1f} ms, decode {entry['decode_tokens_per_s']:.1f} tok/s",
                 flush=True,
             )
             del model
-    return results
+    write()  # also when every entry was kept: the unlisted ones are dropped
+    return [done[k] for k in keys]
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    results = evaluate_models(cfg)
-    out = Path(cfg.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    evaluate_models(cfg)
+    print(f"wrote {cfg.output}")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
 """Compare the variants of a run: `python -m trainer.report input=FILE.json output_dir=DIR`.
 
 Reads the JSON that trainer.evaluate wrote (the numbers are never typed in) and writes `report.md`, a
-markdown table with each model's perplexity, size, latency and their ratios to a baseline entry, and
-`report.png`, perplexity against size on disk and against prefill latency.
+markdown table with each model's perplexity, size, latency and their ratios to a baseline entry (or to
+the entry `compare` names for it), and `report.png`, perplexity against size on disk and against
+prefill latency. `targets` (limits on ratios between two entries) add a Targets section to report.md
+and one printed line each.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import ConfigError, register_configs
+from trainer.config import ConfigError, TargetConfig, register_configs
 from trainer.utils import require
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -46,33 +49,147 @@ def load_entries(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def pick_baseline(entries: list[dict[str, Any]], baseline: str | None) -> dict[str, Any]:
-    if baseline is None:
-        return entries[0]
+def find_entry(entries: list[dict[str, Any]], key: str, *, option: str) -> dict[str, Any]:
+    """The entry with that name (or path); `option` names the setting in the error."""
     for e in entries:
-        if baseline in (e["name"], e.get("path")):
+        if key in (e["name"], e.get("path")):
             return e
     raise ConfigError(
-        f"baseline={baseline}: no entry has that name or path ({', '.join(e['name'] for e in entries)})"
+        f"{option}={key}: no entry has that name or path ({', '.join(e['name'] for e in entries)})"
     )
 
 
-def markdown_table(entries: list[dict[str, Any]], base: dict[str, Any]) -> str:
+def pick_baseline(entries: list[dict[str, Any]], baseline: str | None) -> dict[str, Any]:
+    return entries[0] if baseline is None else find_entry(entries, baseline, option="baseline")
+
+
+def pick_bases(
+    entries: list[dict[str, Any]], base: dict[str, Any], compare: dict[str, str]
+) -> list[dict[str, Any]]:
+    """Each entry's reference for its ratio columns: the one `compare` names for it, else `base`."""
+    chosen = {id(find_entry(entries, k, option="compare")): v for k, v in compare.items()}
+    return [
+        find_entry(entries, chosen[id(e)], option=f"compare.{e['name']}") if id(e) in chosen else base
+        for e in entries
+    ]
+
+
+def markdown_table(entries: list[dict[str, Any]], bases: list[dict[str, Any]]) -> str:
     head = (
-        "| model | scheme | perplexity | vs base | params | non-zero | size (MB) | size vs base "
+        "| model | scheme | compared with | perplexity | vs base | params | non-zero | size (MB) | size vs base "
         "| prefill (ms) | speed-up | decode (tok/s) | decode vs base |\n"
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     )
     rows = []
-    for e in entries:
+    for e, base in zip(entries, bases, strict=True):
         rows.append(
-            f"| {e['name']} | {e.get('scheme', '')} | {e['perplexity']:.3f} "
+            f"| {e['name']} | {e.get('scheme', '')} | {base['name']} | {e['perplexity']:.3f} "
             f"| {100 * (e['perplexity'] / base['perplexity'] - 1):+.2f}% | {e['params'] / 1e6:.2f}M "
             f"| {e['nonzero_params'] / max(e['params'], 1):.1%} | {e['size_bytes'] / 1e6:.2f} "
             f"| {e['size_bytes'] / base['size_bytes']:.2f}x | {e['prefill_ms']:.1f} "
             f"| {base['prefill_ms'] / e['prefill_ms']:.2f}x | {e['decode_tokens_per_s']:.1f} "
             f"| {e['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x |"
         )
+    return head + "\n".join(rows) + "\n"
+
+
+@dataclass
+class TargetResult:
+    label: str
+    model: str
+    against: str
+    metric: str
+    ratio: float
+    max_ratio: float | None
+    min_ratio: float | None
+    # How far the ratio is beyond the violated limit, relative to that limit (0 when met).
+    missed_by: float
+
+    @property
+    def met(self) -> bool:
+        return self.missed_by == 0
+
+    @property
+    def limit(self) -> str:
+        if self.max_ratio is not None and self.min_ratio is not None:
+            return f"{self.min_ratio:g} to {self.max_ratio:g}"
+        return f"<= {self.max_ratio:g}" if self.max_ratio is not None else f">= {self.min_ratio:g}"
+
+    @property
+    def verdict(self) -> str:
+        return "met" if self.met else f"missed by {100 * self.missed_by:.1f}%"
+
+
+def as_target(target: Any, index: int) -> TargetConfig:
+    """A TargetConfig from the config's node, a dict or a TargetConfig; a required key left out fails."""
+    if isinstance(target, DictConfig):
+        target = OmegaConf.to_container(target, resolve=True)
+    if isinstance(target, TargetConfig):
+        target = {f.name: getattr(target, f.name) for f in fields(TargetConfig)}
+    known = {f.name for f in fields(TargetConfig)}
+    unknown = sorted(set(target) - known)
+    if unknown:
+        raise ConfigError(
+            f"targets[{index}]: unknown key {', '.join(unknown)} (keys: {', '.join(sorted(known))})"
+        )
+    t = TargetConfig(**target)
+    for key in ("model", "against"):
+        if not isinstance(getattr(t, key), str) or getattr(t, key) in ("", "???"):
+            raise ConfigError(f"targets[{index}].{key} is required: the name of an entry")
+    if t.max_ratio is None and t.min_ratio is None:
+        raise ConfigError(f"targets[{index}] ({t.label or t.model}): set max_ratio, min_ratio or both")
+    if t.max_ratio is not None and t.min_ratio is not None and t.min_ratio > t.max_ratio:
+        raise ConfigError(f"targets[{index}]: min_ratio={t.min_ratio} > max_ratio={t.max_ratio}")
+    return t
+
+
+def check_targets(entries: list[dict[str, Any]], targets: list[Any]) -> list[TargetResult]:
+    """Each target's ratio entry[metric] / against[metric] from evaluate's numbers, against its limits."""
+    results = []
+    for i, target in enumerate(targets):
+        t = as_target(target, i)
+        model = find_entry(entries, t.model, option=f"targets[{i}].model")
+        against = find_entry(entries, t.against, option=f"targets[{i}].against")
+        numeric = sorted(
+            k for k, v in model.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        )
+        if t.metric not in numeric or not isinstance(against.get(t.metric), int | float):
+            raise ConfigError(
+                f"targets[{i}].metric={t.metric}: not a number of both entries ({', '.join(numeric)})"
+            )
+        if against[t.metric] == 0:
+            raise ConfigError(f"targets[{i}]: {t.against}'s {t.metric} is 0, so the ratio is undefined")
+        ratio = model[t.metric] / against[t.metric]
+        missed_by = 0.0
+        if t.max_ratio is not None and ratio > t.max_ratio:
+            missed_by = (ratio - t.max_ratio) / t.max_ratio
+        elif t.min_ratio is not None and ratio < t.min_ratio:
+            missed_by = (t.min_ratio - ratio) / t.min_ratio
+        results.append(
+            TargetResult(
+                label=t.label,
+                model=model["name"],
+                against=against["name"],
+                metric=t.metric,
+                ratio=ratio,
+                max_ratio=t.max_ratio,
+                min_ratio=t.min_ratio,
+                missed_by=missed_by,
+            )
+        )
+    return results
+
+
+def targets_section(results: list[TargetResult]) -> str:
+    head = (
+        "## Targets\n\nratio = model's metric / against's metric.\n\n"
+        "| target | model | against | metric | ratio | limit | result |\n"
+        "| --- | --- | --- | --- | ---: | --- | --- |\n"
+    )
+    rows = [
+        f"| {r.label} | {r.model} | {r.against} | {r.metric} | {r.ratio:.3f} | {r.limit} | {r.verdict} |"
+        for r in results
+    ]
     return head + "\n".join(rows) + "\n"
 
 
@@ -100,36 +217,65 @@ def write_chart(entries: list[dict[str, Any]], out: Path, *, chart: str) -> None
     plt.close(fig)
 
 
+class Report(NamedTuple):
+    path: Path  # report.md
+    targets: list[TargetResult]
+
+
 def write_report(
-    input_path: Path, output_dir: Path, *, baseline: str | None = None, chart: str = "both"
-) -> Path:
+    input_path: Path,
+    output_dir: Path,
+    *,
+    baseline: str | None = None,
+    chart: str = "both",
+    compare: dict[str, str] | None = None,
+    targets: list[Any] = (),
+) -> Report:
     if chart not in CHARTS:
         raise ConfigError(f"chart={chart}: choose one of {', '.join(CHARTS)}")
     entries = load_entries(input_path)
     base = pick_baseline(entries, baseline)
+    bases = pick_bases(entries, base, dict(compare or {}))
+    results = check_targets(entries, list(targets))  # every check before anything is written
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_chart(entries, output_dir / "report.png", chart=chart)
     first = entries[0]
+    others = " unless the `compared with` column names another" if compare else ""
     setting = (
         f"Perplexity over {first.get('eval_tokens', '?')} eval tokens; latency at batch "
         f"{first.get('latency_batch_size', '?')}, prefill of {first.get('prefill_len', '?')} tokens, "
         f"{first.get('decode_tokens', '?')} decoded tokens, on {first.get('device', '?')} "
-        f"({first.get('threads', '?')} threads). Ratios against `{base['name']}`; speed-up = base time / time."
+        f"({first.get('threads', '?')} threads). Ratios against `{base['name']}`{others}; "
+        "speed-up = base time / time."
     )
     text = (
         f"# Compression report\n\nFrom `{input_path}` (written by `trainer.evaluate`).\n\n{setting}\n\n"
-        + markdown_table(entries, base)
+        + markdown_table(entries, bases)
+        + (f"\n{targets_section(results)}" if results else "")
         + "\n![perplexity against size and latency](report.png)\n"
     )
     (output_dir / "report.md").write_text(text)
-    return output_dir / "report.md"
+    return Report(output_dir / "report.md", results)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="report")
 def main(cfg: DictConfig) -> None:
-    path = write_report(Path(cfg.input), Path(cfg.output_dir), baseline=cfg.baseline, chart=cfg.chart)
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    report = write_report(
+        Path(cfg.input),
+        Path(cfg.output_dir),
+        baseline=cfg.baseline,
+        chart=cfg.chart,
+        compare=OmegaConf.to_container(cfg.compare, resolve=True),
+        targets=list(cfg.targets),
+    )
+    for r in report.targets:
+        print(
+            f"target {r.label or r.model}: {r.metric} {r.model} / {r.against} = {r.ratio:.3f} "
+            f"(limit {r.limit}): {r.verdict}",
+            flush=True,
+        )
+    print(f"wrote {report.path} and {report.path.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
