@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,8 @@ def run_forked(module: str, args: list[str], log_path: Path) -> int:
         os.dup2(write_fd, 2)
         os.close(write_fd)
         sys.argv = [module, *args]
+        # runpy warns that preload() imported the module it now runs as __main__: intended, the code runs afresh
+        warnings.filterwarnings("ignore", message=".*found in sys.modules.*", category=RuntimeWarning)
         code = 0
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -173,8 +176,6 @@ def run_pipeline(cfg: Any) -> dict[str, Any]:
         f"pipeline {cfg.chain.name}: {len(selected)} stage(s) in {run_dir}"
         + (" (dry run)" if cfg.dry_run else "")
     )
-    if cfg.launcher == "fork" and not cfg.dry_run:
-        preload()
     summary: dict[str, Any] = {}
     start = time.perf_counter()
     for i, name in enumerate(selected, 1):
@@ -195,6 +196,7 @@ def run_pipeline(cfg: Any) -> dict[str, Any]:
         log_path = stage_dir / "stage.log"
         t0 = time.perf_counter()
         if cfg.launcher == "fork":
+            preload()  # once (later calls find the modules imported), and only if a stage runs
             code = run_forked(stage.module, args, log_path)
         else:
             code = run_process(stage_command(cfg, stage, args), log_path)

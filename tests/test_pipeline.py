@@ -1,0 +1,191 @@
+"""The compression chain (conf/chain/compress.yaml) run end to end on the tiny recipes: every stage's output
+exists and is what the stage says (layer counts, sparsity and its pattern, masks held through fine-tuning,
+quantized models that reload, one evaluate entry per variant, a report with the targets); an interrupted
+training stage resumes from its checkpoint, and running the chain again skips every finished stage.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import PYTHON, ROOT, subprocess_env
+from trainer.quant import load_quantized
+
+TRAIN_STAGES = [
+    "dense_pretrained", "dense_adapted", "student_init", "student_kd", "student_ce",
+    "magnitude_50", "wanda_50", "sparsegpt_50", "magnitude_2of4", "wanda_2of4", "sparsegpt_2of4",
+    "sparsegpt_50_ft_kd", "sparsegpt_2of4_ft_kd",
+]  # fmt: skip
+QUANT_STAGES = [
+    "dense_adapted_int8w",
+    "dense_adapted_int8_smooth",
+    "student_kd_int8w",
+    "sparsegpt_50_ft_kd_int8w",
+]
+ONE_SHOT = ["magnitude_50", "wanda_50", "sparsegpt_50", "magnitude_2of4", "wanda_2of4", "sparsegpt_2of4"]
+
+
+def pipeline_command(run_dir, *extra):
+    return [
+        PYTHON,
+        "-m",
+        "trainer.pipeline",
+        "chain=compress",
+        "chain.recipes=tiny",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
+
+
+def start(run_dir, log):
+    return subprocess.Popen(
+        pipeline_command(run_dir),
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: killed with the stage it forked
+    )
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Run 1 is killed (SIGKILL, the whole process group) once the first training stage has checkpointed;
+    run 2 finishes the chain; run 3 finds nothing left to do."""
+    run_dir = tmp_path_factory.mktemp("chain") / "run"
+    logs = [run_dir.parent / f"run{i}.log" for i in (1, 2, 3)]
+    latest = run_dir / "dense_pretrained" / "checkpoints" / "latest"
+    with open(logs[0], "w") as log:
+        proc = start(run_dir, log)
+        deadline = time.monotonic() + 300
+        while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, logs[0].read_text()[-4000:]  # still running, and the checkpoint exists
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    interrupted_at = latest.read_text().strip()
+    for log_path in logs[1:]:
+        with open(log_path, "w") as log:
+            assert start(run_dir, log).wait(timeout=900) == 0, log_path.read_text()[-4000:]
+    return {"dir": run_dir, "logs": [p.read_text() for p in logs], "interrupted_at": interrupted_at}
+
+
+def hf(chain, stage):
+    return AutoModelForCausalLM.from_pretrained(chain["dir"] / stage / "hf")
+
+
+def test_an_interrupted_training_stage_resumes_from_its_checkpoint(chain):
+    first, second, _ = chain["logs"]
+    assert "dense_pretrained done" not in first  # killed mid-stage
+    stage_log = (chain["dir"] / "dense_pretrained" / "stage.log").read_text()
+    assert (
+        f"resumed from {chain['dir'] / 'dense_pretrained' / 'checkpoints' / chain['interrupted_at']}"
+        in stage_log
+    )
+    metrics = [json.loads(line) for line in (chain["dir"] / "dense_pretrained" / "metrics.jsonl").open()]
+    assert max(m["step"] for m in metrics) == 20
+    assert "dense_pretrained done" in second
+
+
+def test_running_the_chain_again_skips_every_finished_stage(chain):
+    third = chain["logs"][2]
+    assert third.count("done before, skipped") == len(TRAIN_STAGES) + len(QUANT_STAGES) + 2
+    assert "$ python -m" not in third  # nothing ran
+
+
+def test_every_stage_leaves_its_marker_and_each_training_stage_an_export_that_reloads(chain):
+    for stage in [*TRAIN_STAGES, *QUANT_STAGES, "evaluate", "report"]:
+        record = json.loads((chain["dir"] / stage / "stage.json").read_text())
+        assert record["command"].startswith("python -m trainer.")
+    layers = {stage: hf(chain, stage).config.num_hidden_layers for stage in TRAIN_STAGES}
+    students = {"student_init", "student_kd", "student_ce"}
+    assert {s: n for s, n in layers.items() if s in students} == dict.fromkeys(students, 2)  # a third of 6
+    assert {s: n for s, n in layers.items() if s not in students} == dict.fromkeys(
+        set(TRAIN_STAGES) - students, 6
+    )
+
+
+def test_the_student_is_every_third_layer_of_the_adapted_teacher(chain):
+    teacher = hf(chain, "dense_adapted").state_dict()
+    student = hf(chain, "student_init").state_dict()
+    for student_layer, teacher_layer in ((0, 0), (1, 3)):
+        for name, tensor in student.items():
+            if name.startswith(f"model.layers.{student_layer}."):
+                torch.testing.assert_close(
+                    tensor, teacher[name.replace(f".{student_layer}.", f".{teacher_layer}.", 1)]
+                )
+    torch.testing.assert_close(student["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
+
+
+def pruned_weights(chain, stage):
+    state = load_file(chain["dir"] / stage / "hf" / "model.safetensors")
+    return {n: w for n, w in state.items() if n.startswith("model.layers.") and n.endswith("proj.weight")}
+
+
+def test_one_shot_stages_are_half_sparse_and_2of4_stages_keep_two_in_every_four(chain):
+    for stage in ONE_SHOT:
+        weights = pruned_weights(chain, stage)
+        assert len(weights) == 6 * 7  # q, k, v, o, gate, up, down in each of 6 layers
+        for name, w in weights.items():
+            assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=1e-6), (stage, name)
+            if "2of4" in stage:
+                assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), (stage, name)
+        report = json.loads((chain["dir"] / stage / "sparsity.json").read_text())
+        assert report["sparsity"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_pruning_aware_fine_tuning_keeps_exactly_the_one_shot_zeros_and_changes_the_rest(chain):
+    for one_shot, tuned in (
+        ("sparsegpt_50", "sparsegpt_50_ft_kd"),
+        ("sparsegpt_2of4", "sparsegpt_2of4_ft_kd"),
+    ):
+        before, after = pruned_weights(chain, one_shot), pruned_weights(chain, tuned)
+        for name in before:
+            assert torch.equal(before[name] == 0, after[name] == 0), name
+        assert any(not torch.equal(before[n], after[n]) for n in before)  # it did train
+
+
+def test_quantized_stages_reload_and_run(chain):
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    for stage in QUANT_STAGES:
+        model = load_quantized(chain["dir"] / stage / "model")
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        assert torch.isfinite(logits).all(), stage
+
+
+def test_evaluate_has_one_entry_per_variant_and_report_states_each_target(chain):
+    entries = json.loads((chain["dir"] / "evaluate" / "results.json").read_text())
+    names = [e["name"] for e in entries]
+    assert names == [
+        *TRAIN_STAGES[:2],
+        "student_ce",
+        "student_kd",
+        *ONE_SHOT,
+        *TRAIN_STAGES[-2:],
+        *QUANT_STAGES,
+    ]
+    by_name = {e["name"]: e for e in entries}
+    dense = by_name["dense_adapted"]
+    for stage in ONE_SHOT:  # pruned from dense_pretrained: half of the targeted weights fewer non-zeros
+        pruned_count = sum(w.numel() for w in pruned_weights(chain, stage).values()) // 2
+        want = by_name["dense_pretrained"]["nonzero_params"] - pruned_count
+        assert by_name[stage]["nonzero_params"] == pytest.approx(want, abs=16)
+    assert by_name["student_kd"]["params"] < dense["params"]
+    assert by_name["dense_adapted_int8w"]["size_bytes"] < 0.55 * dense["size_bytes"]
+    report = (chain["dir"] / "report" / "report.md").read_text()
+    assert "## Targets" in report
+    for label in (
+        "best one-shot 50% unstructured",
+        "2:4 after pruning-aware fine-tuning",
+        "distilled student",
+    ):
+        assert label in report
+    assert (chain["dir"] / "report" / "report.png").stat().st_size > 0
