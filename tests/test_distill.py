@@ -232,12 +232,13 @@ def test_resume_restores_the_projections_and_continues_the_same_loss_curve(strai
 
 
 def test_student_cut_from_every_kth_teacher_layer(teacher, tmp_path):
-    from trainer.distill.student import student_from_teacher
+    from trainer.distill.student import kept_layers, student_from_teacher
     from trainer.distill.teacher import checkpoint_dir
     from trainer.export import load_checkpoint_model
 
     source, _ = load_checkpoint_model(checkpoint_dir(str(teacher[0])), device="cpu")
-    student = student_from_teacher(source, stride=2, dtype=torch.float32)  # teacher layers 0 and 2 of 3
+    assert kept_layers(3, stride=2) == [0, 2]
+    student = student_from_teacher(source, keep=[0, 2], dtype=torch.float32)  # teacher layers 0 and 2 of 3
     assert student.config.num_hidden_layers == 2
     t, s = source.state_dict(), student.state_dict()
     for new, old in ((0, 0), (1, 2)):
@@ -257,6 +258,33 @@ def test_student_cut_from_every_kth_teacher_layer(teacher, tmp_path):
     optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert not optimized & {id(p) for p in teacher_params}
     assert not {id(p) for p in trainer.module.parameters()} & {id(p) for p in teacher_params}
+
+
+def test_student_layers_pick_the_teacher_layers_exactly_and_bad_ones_fail_naming_the_range(teacher, tmp_path):
+    from trainer.config import ConfigError
+    from trainer.distill.student import kept_layers
+
+    assert (
+        kept_layers(30, stride=3, layers=[0, 3, 6, 10, 13, 16, 19, 23, 26, 29])[-1] == 29
+    )  # first and last kept
+    for bad in ([], [2, 1], [0, 0], [0, 3]):
+        with pytest.raises(ConfigError, match=r"student_layers=.*\[0, 2\]"):
+            kept_layers(3, stride=1, layers=bad)
+    with pytest.raises(ConfigError, match="student_layer_stride=3 keeps 1"):
+        kept_layers(3, stride=3)
+    # Through the loop: teacher layers 1 and 2 (of 0, 1, 2) become the student's 0 and 1.
+    trainer = make_trainer(
+        tmp_path,
+        *distill_args(teacher[0] / "hf"),
+        "distill.student_init=teacher_layers",
+        "distill.student_layers=[1,2]",
+    )
+    t = {k.removeprefix("model."): v for k, v in trainer.distill.teacher.state_dict().items()}  # its loss wrapper
+    s = trainer.hf_model.state_dict()
+    assert trainer.hf_model.config.num_hidden_layers == 2
+    for new, old in ((0, 1), (1, 2)):
+        name = "model.layers.{}.self_attn.q_proj.weight"
+        torch.testing.assert_close(s[name.format(new)], t[name.format(old)])
 
 
 def test_vocabulary_mismatch_fails_before_training(teacher, tmp_path):

@@ -372,6 +372,8 @@ class DistillConfig:
     # architecture with every `student_layer_stride`-th layer kept, initialised from those layers.
     student_init: str = "model"
     student_layer_stride: int = 2
+    # teacher_layers: the 0-based teacher layers to keep, in order (null: every student_layer_stride-th).
+    student_layers: list[int] | None = None
 
 
 @dataclass

@@ -48,10 +48,15 @@ def model_config(cfg: Any, tokenizer: Any):
     """The transformers config of the model a run trained: from `model.*` or its distillation student's,
     with the smaller shapes of structured pruning."""
     if cfg.get("distill") and cfg.distill.get("student_init", "model") == "teacher_layers":
-        from trainer.distill.student import student_config
+        from trainer.distill.student import kept_layers, student_config
         from trainer.distill.teacher import teacher_config
 
-        config = student_config(teacher_config(cfg.distill), stride=cfg.distill.student_layer_stride)
+        d = cfg.distill
+        teacher = teacher_config(d)
+        keep = kept_layers(
+            teacher.num_hidden_layers, stride=d.student_layer_stride, layers=d.get("student_layers")
+        )
+        config = student_config(teacher, keep=keep)
     elif cfg.model.source == "pretrained":
         kwargs = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
         config = AutoConfig.from_pretrained(
