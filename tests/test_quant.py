@@ -300,6 +300,36 @@ def test_evaluate_refuses_names_of_another_length_before_loading(exported, tmp_p
     assert not (tmp_path / "x.json").exists()
 
 
+def test_latency_statistic_reports_the_median_or_the_fastest_repeat(monkeypatch):
+    import types
+
+    import trainer.evaluate as evaluate
+
+    class Model(torch.nn.Module):  # one parameter (for the device) and a vocabulary (for the prompt)
+        config = types.SimpleNamespace(vocab_size=16)
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, **_):
+            return None
+
+    def clock(durations):  # the warmup reads the clock once, each timed forward twice: start, start + duration
+        ticks = iter([0.0, *(t for d in durations for t in (0.0, d))])
+        monkeypatch.setattr(evaluate.time, "perf_counter", lambda: next(ticks))
+
+    run = dict(batch_size=1, length=4, warmup=1, repeats=3)
+    clock([0.05, 0.01, 0.03])  # three timed forwards after the warmup
+    assert evaluate.prefill_ms(Model(), **run) == pytest.approx(30.0)
+    clock([0.05, 0.01, 0.03])
+    assert evaluate.prefill_ms(Model(), **run, statistic="best") == pytest.approx(10.0)
+    with pytest.raises(ConfigError, match="latency.statistic=mean: choose median or best"):
+        evaluate.check_evaluate_config(
+            compose_evaluate("models=[.]", "output=x.json", "latency.statistic=mean")
+        )
+
+
 def test_evaluate_writes_after_each_model_and_resume_measures_only_what_changed(exported, tmp_path, capsys):
     import shutil
 
