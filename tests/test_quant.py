@@ -315,7 +315,9 @@ def test_latency_statistic_reports_the_median_or_the_fastest_repeat(monkeypatch)
         def forward(self, **_):
             return None
 
-    def clock(durations):  # the warmup reads the clock once, each timed forward twice: start, start + duration
+    def clock(
+        durations,
+    ):  # the warmup reads the clock once, each timed forward twice: start, start + duration
         ticks = iter([0.0, *(t for d in durations for t in (0.0, d))])
         monkeypatch.setattr(evaluate.time, "perf_counter", lambda: next(ticks))
 
