@@ -21,11 +21,12 @@ import threading
 from pathlib import Path
 
 SERVER_CODE = r"""
-import json, os, runpy, signal, sys, time, traceback
+import json, os, signal, sys, time
 replies = os.fdopen(os.dup(1), "w")  # the protocol's channel; anything the imports print goes to stderr
 os.dup2(2, 1)
 import datasets, hydra, transformers  # the imports every job would repeat (trainer.train itself runs as __main__)
 import trainer.loop, trainer.zero, trainer.fsdp, trainer.rundir
+from trainer.pipeline import run_as_main
 try:
     import deepspeed  # noqa: F401
 except ImportError:
@@ -43,19 +44,7 @@ def run_rank(job, rank):
     if nproc > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job["port"]))
-    sys.argv = ["trainer.train", *job["args"]]
-    code = 0
-    try:
-        runpy.run_module("trainer.train", run_name="__main__", alter_sys=True)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    import logging
-    logging.shutdown()
-    sys.stdout.flush(); sys.stderr.flush()
-    os._exit(code)
+    os._exit(run_as_main("trainer.train", job["args"]))  # what trainer.pipeline's fork launcher does
 
 for line in sys.stdin:
     job = json.loads(line)

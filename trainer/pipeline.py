@@ -20,6 +20,7 @@ Launchers: `fork` (default) runs each stage in a child forked from this process 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import runpy
 import shlex
@@ -113,6 +114,26 @@ def _tee(fd: int, log_path: Path) -> None:
     os.close(fd)
 
 
+def run_as_main(module: str, args: list[str]) -> int:
+    """Run `python -m module args` in this (forked) process and return its exit code; the caller then
+    leaves with os._exit, so nothing inherited from the parent runs at exit."""
+    sys.argv = [module, *args]
+    # runpy warns that preload() imported the module it now runs as __main__: intended, the code runs afresh
+    warnings.filterwarnings("ignore", message=".*found in sys.modules.*", category=RuntimeWarning)
+    code = 0
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
 def run_forked(module: str, args: list[str], log_path: Path) -> int:
     """Run `python -m module args` in a forked child; its output is teed to the log. Returns its exit code."""
     read_fd, write_fd = os.pipe()
@@ -124,23 +145,7 @@ def run_forked(module: str, args: list[str], log_path: Path) -> int:
         os.dup2(write_fd, 1)
         os.dup2(write_fd, 2)
         os.close(write_fd)
-        sys.argv = [module, *args]
-        # runpy warns that preload() imported the module it now runs as __main__: intended, the code runs afresh
-        warnings.filterwarnings("ignore", message=".*found in sys.modules.*", category=RuntimeWarning)
-        code = 0
-        try:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        import logging
-
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        os._exit(run_as_main(module, args))
     os.close(write_fd)
     _tee(read_fd, log_path)
     _, status = os.waitpid(pid, 0)
