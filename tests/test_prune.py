@@ -213,6 +213,9 @@ def test_structured_pruning_equals_the_dense_model_with_those_parts_zeroed(tmp_p
         (["prune=nm", "prune.n=4", "prune.m=4"], r"need 0 < n < m"),
         (["prune=nm", "prune.sparsity=0.5"], r"set prune.n and prune.m"),
         (["prune=structured", "prune.mlp_channels=0"], r"removes nothing"),
+        (["prune=keep_zeros", "prune.sparsity=0.5"], r"the loaded model's zeros are the mask"),
+        (["prune=keep_zeros", "prune.layer_sparsity={x: 0.5}"], r"does not apply to prune=keep_zeros"),
+        (["prune=gmp", "train.max_steps=0"], r"prune=gmp prunes while training"),
     ],
 )
 def test_bad_prune_values_fail_before_any_work(overrides, match):
@@ -245,6 +248,28 @@ def test_a_target_pattern_that_matches_no_module_is_refused():
         _pruner("prune=magnitude", "prune.targets=[model.layers.*.mlp.nope]").prepare(
             _tiny_llama(), train_data=None, micro_batch_size=1, resume=None
         )
+
+
+def test_keep_zeros_masks_exactly_the_zeros_there_are_and_refuses_a_dense_model():
+    model = _tiny_llama()
+    pruner = _pruner("prune=keep_zeros")
+    with pytest.raises(ConfigError, match="keep_zeros: the targeted layers hold no zero weights"):
+        pruner.prepare(model, train_data=None, micro_batch_size=1, resume=None)
+    weight = model.model.layers[1].mlp.up_proj.weight
+    with torch.no_grad():
+        weight[:, ::4] = 0  # a quarter of one layer, as an earlier pruning run would leave it
+    pruner = _pruner("prune=keep_zeros")
+    pruner.prepare(model, train_data=None, micro_batch_size=1, resume=None)
+    assert set(pruner.masks) == {f"{n}.weight" for n in _targets(model)}
+    assert torch.equal(pruner.masks["model.layers.1.mlp.up_proj.weight"], weight != 0)
+    assert pruner.target_sparsity["model.layers.1.mlp.up_proj.weight"] == pytest.approx(0.25)
+    assert all(m.all() for n, m in pruner.masks.items() if n != "model.layers.1.mlp.up_proj.weight")
+
+
+def _targets(model):
+    from trainer.prune.pruner import select_targets
+
+    return select_targets(model, None)
 
 
 def test_an_nm_group_that_does_not_divide_the_layer_is_refused():
