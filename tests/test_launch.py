@@ -173,7 +173,13 @@ def test_submitit_sweep_submits_one_slurm_job_per_value(cluster, tmp_path):
         assert f"_target_: {target}" in (sweep / str(num) / ".hydra" / "config.yaml").read_text()
     tasks = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
     assert len(tasks) == 2  # one Slurm job per value: the two tasks of an array job (JOBID_0, JOBID_1)
-    assert all(cluster.job(t).get("JobState") == "COMPLETED" for t in tasks), tasks
+
+    # submitit returns once the results are written; Slurm may still be finishing the job (COMPLETING).
+    def settled() -> bool:
+        return all(cluster.job(t).get("JobState") not in ("PENDING", "RUNNING", "COMPLETING") for t in tasks)
+
+    cluster.wait_for(settled, timeout=60, what=f"end of jobs {tasks}")
+    assert all(cluster.job(t).get("JobState") == "COMPLETED" for t in tasks), [cluster.job(t) for t in tasks]
 
 
 @pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
