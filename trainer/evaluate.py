@@ -21,7 +21,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
 import statistics
 import tempfile
 import time
@@ -45,7 +44,7 @@ from trainer.quant.serialization import (
     read_manifest,
 )
 from trainer.quant.smooth import Int8DynamicLinear
-from trainer.utils import resolve_device
+from trainer.utils import resolve_device, write_json_atomic
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
@@ -223,18 +222,6 @@ def previous_entries(output: Path) -> list[dict[str, Any]]:
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"resume=true: {output} is not the JSON list trainer.evaluate writes")
     return entries
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        try:
-            f.write(json.dumps(value, indent=2) + "\n")
-        except BaseException:
-            Path(f.name).unlink()
-            raise
-    os.replace(f.name, path)
 
 
 def load_tokenizer_of(path: str) -> Any:

@@ -36,6 +36,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from trainer.config import ConfigError, register_configs
+from trainer.utils import write_json_atomic
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 MODULES = ("trainer.train", "trainer.quantize", "trainer.evaluate", "trainer.report")
@@ -111,7 +112,6 @@ def _tee(fd: int, log_path: Path) -> None:
             log.write(chunk)
             log.flush()
             os.write(sys.stdout.fileno(), chunk)
-    os.close(fd)
 
 
 def run_as_main(module: str, args: list[str]) -> int:
@@ -148,14 +148,15 @@ def run_forked(module: str, args: list[str], log_path: Path) -> int:
         os._exit(run_as_main(module, args))
     os.close(write_fd)
     _tee(read_fd, log_path)
+    os.close(read_fd)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
 
 def run_process(command: list[str], log_path: Path) -> int:
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _tee(proc.stdout.fileno(), log_path)
-    return proc.wait()
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        _tee(proc.stdout.fileno(), log_path)
+    return proc.returncode
 
 
 def finished(stage_dir: Path, command: str) -> bool:
@@ -219,14 +220,13 @@ def run_pipeline(cfg: Any) -> dict[str, Any]:
             "seconds": seconds,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        (stage_dir / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+        write_json_atomic(stage_dir / MARKER, record)  # never half a marker: finished() reads it
         summary[name] = {"status": "done", "seconds": seconds}
         print(f"  {name} done in {seconds:.0f}s", flush=True)
     total = time.perf_counter() - start
     if not cfg.dry_run:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "pipeline.json").write_text(
-            json.dumps({"chain": cfg.chain.name, "seconds": total, "stages": summary}, indent=2) + "\n"
+        write_json_atomic(
+            run_dir / "pipeline.json", {"chain": cfg.chain.name, "seconds": total, "stages": summary}
         )
     failed = any(s["status"] == "failed" for s in summary.values())
     print(f"pipeline {cfg.chain.name}: {'failed' if failed else 'finished'} in {total / 60:.1f} min")

@@ -1,10 +1,15 @@
-"""Small shared helpers: optional packages, dtypes and devices."""
+"""Small shared helpers: optional packages, dtypes, devices and atomic JSON files."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -54,3 +59,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             )
         return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        try:
+            f.write(json.dumps(value, indent=2) + "\n")
+        except BaseException:
+            Path(f.name).unlink()
+            raise
+    os.replace(f.name, path)

@@ -72,9 +72,7 @@ def _sparsity_for(name: str, cfg: Any) -> float:
     for pattern, value in (cfg.layer_sparsity or {}).items():
         if fnmatch.fnmatchcase(name, pattern):
             return float(value)
-    if cfg.sparsity is not None:
-        return float(cfg.sparsity)
-    return 1.0 - cfg.n / cfg.m if "n" in cfg else 0.0  # keep_zeros measures its own
+    return float(cfg.sparsity) if cfg.sparsity is not None else 1.0 - cfg.n / cfg.m
 
 
 class Pruner:
@@ -112,11 +110,12 @@ class Pruner:
             return
         targets = select_targets(model, c.targets)
         self._check_targets(model, targets)
-        self.target_sparsity = {f"{n}.weight": _sparsity_for(n, c) for n in targets}
         if self.method == "keep_zeros":  # the targets are the zeros there are
             self.target_sparsity = {
                 n: 1.0 - float((m.weight != 0).float().mean()) for n, m in self._weights(targets)
             }
+        else:
+            self.target_sparsity = {f"{n}.weight": _sparsity_for(n, c) for n in targets}
         if resume is not None:
             self.masks = self._restored(resume)
         elif self.method == "keep_zeros":
