@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import TINY, compose_config, make_trainer, read_metrics, run_command, train_losses
 from trainer.config import ConfigError, validate_config
 from trainer.distill.hidden import default_layer_map, resolve_layer_map
-from trainer.distill.losses import distillation_loss, hidden_state_loss
+from trainer.distill.losses import distillation_loss, hidden_state_loss, mixed_distillation_loss
 
 # ---- the losses ---------------------------------------------------------------------------------------
 # Student logits [0, 0] -> s = [1/2, 1/2]; teacher logits [ln 3, 0] -> t = [3/4, 1/4].
@@ -83,6 +83,43 @@ def test_chunked_equals_unchunked_with_gradients(kind):
         assert loss.item() == pytest.approx(full.item(), rel=1e-5)
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(HAND))
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_mixed_loss_equals_plain_cross_entropy_plus_divergence_with_gradients(kind, temperature):
+    # Reference: full logits, F.cross_entropy and the divergence of the logits, mixed by alpha, autograd.
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 9, 8, requires_grad=True)
+    head = torch.randn(50, 8, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True)
+    t_hidden, t_head = torch.randn(2, 9, 12), torch.randn(50, 12)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[1, 4:] = -100
+    alpha, options = 0.7, dict(kind=kind, temperature=temperature, beta=0.3)
+    logits = hidden @ head.t() + bias
+    ce_ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), labels.reshape(-1), ignore_index=-100)
+    kd_ref = distillation_loss(logits, t_hidden @ t_head.t(), labels, chunk_size=0, **options)
+    want = torch.autograd.grad((1 - alpha) * ce_ref + alpha * kd_ref, (hidden, head, bias))
+    for chunk in (0, 4):
+        loss, ce, kd = mixed_distillation_loss(
+            hidden, t_hidden, labels, alpha=alpha, student_weight=head, student_bias=bias,
+            teacher_weight=t_head, chunk_size=chunk, **options,
+        )  # fmt: skip
+        assert ce.item() == pytest.approx(ce_ref.item(), rel=1e-5)
+        assert kd.item() == pytest.approx(kd_ref.item(), rel=1e-5)
+        assert loss.item() == pytest.approx((1 - alpha) * ce_ref.item() + alpha * kd_ref.item(), rel=1e-5)
+        got = torch.autograd.grad(loss, (hidden, head, bias))
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_the_loss_leaves_logits_given_to_it_unchanged():
+    student, teacher = torch.randn(5, 7, requires_grad=True), torch.randn(5, 7)
+    before = student.detach().clone(), teacher.clone()
+    loss, _, _ = mixed_distillation_loss(student, teacher, torch.arange(5), alpha=0.5, temperature=2.0)
+    loss.backward()
+    assert torch.equal(student.detach(), before[0]) and torch.equal(teacher, before[1])
 
 
 def test_hidden_state_losses_match_hand_computed_values():

@@ -60,66 +60,155 @@ def _logits(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     return x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
 
 
+def _forward_kl_and_ce(
+    z_s: torch.Tensor,
+    z_t: torch.Tensor,
+    target: torch.Tensor,
+    ce_coef: torch.Tensor,
+    kd_coef: torch.Tensor,
+    temperature: float,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row T^2 KL(t || s) and cross-entropy of fp32 logit chunks [n, V], and the gradient of
+    sum(ce_coef * ce + kd_coef * kd) with respect to z_s, in closed form and mostly in place (z_s and z_t
+    are overwritten): d(T^2 KL)/dz_s = T (softmax(z_s / T) - softmax(z_t / T)), d ce/dz_s = softmax(z_s) -
+    onehot. KL(t || s) = sum_v p_t (z_t - z_s) / T - lse(z_t / T) + lse(z_s / T), the sums as dot products."""
+    tempered = temperature != 1.0
+    target_logit = z_s.gather(1, target[:, None]).squeeze(1)
+    lse_s = torch.logsumexp(z_s, dim=1)
+    if tempered:
+        z_t.div_(temperature)
+    lse_t = torch.logsumexp(z_t, dim=1)
+    p_t = torch.exp(z_t - lse_t[:, None])
+    teacher_dot = _row_dot(p_t, z_t)
+    z_st = z_s / temperature if tempered else z_s
+    lse_st = torch.logsumexp(z_st, dim=1) if tempered else lse_s
+    student_dot = _row_dot(p_t, z_st)
+    kd = (teacher_dot - student_dot - lse_t + lse_st) * temperature**2
+    ce = lse_s - target_logit
+    if not need_grad:
+        return ce, kd, None
+    # p_t becomes kd_coef T p_t; the student's tempered softmax, times kd_coef T, minus it is the KD part.
+    kd_scale = kd_coef * temperature
+    p_t.mul_(kd_scale[:, None])
+    if tempered:
+        grad = z_st.sub_(lse_st[:, None]).exp_().mul_(kd_scale[:, None]).sub_(p_t)
+        grad.add_(z_s.sub_(lse_s[:, None]).exp_().mul_(ce_coef[:, None]))
+    else:  # one softmax serves both terms
+        grad = z_s.sub_(lse_s[:, None]).exp_().mul_((kd_scale + ce_coef)[:, None]).sub_(p_t)
+    rows = torch.arange(grad.shape[0], device=grad.device)
+    grad[rows, target] -= ce_coef
+    return ce, kd, grad
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, dim=1) without an [n, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+
+
+def _ce_and_divergence(
+    z_s: torch.Tensor,
+    z_t: torch.Tensor,
+    target: torch.Tensor,
+    ce_coef: torch.Tensor,
+    kd_coef: torch.Tensor,
+    options: dict,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row cross-entropy and divergence of fp32 logit chunks, and the gradient of
+    sum(ce_coef * ce + kd_coef * divergence) with respect to z_s (closed form for forward KL, else autograd)."""
+    if options["kind"] == "forward_kl":
+        return _forward_kl_and_ce(z_s, z_t, target, ce_coef, kd_coef, options["temperature"], need_grad)
+    with torch.enable_grad():
+        z = z_s.requires_grad_(need_grad)
+        ce = F.cross_entropy(z, target, reduction="none")
+        kd = divergence(z, z_t, **options)
+        grad = None
+        if need_grad:
+            (grad,) = torch.autograd.grad((ce * ce_coef + kd * kd_coef).sum(), z)
+    return ce.detach(), kd.detach(), grad
+
+
 class _ChunkedDistillation(torch.autograd.Function):
-    """Forward computes the loss and, when needed, the gradients of the student's inputs chunk by chunk."""
+    """Forward computes ce_weight * CE + kd_weight * divergence a chunk of rows at a time and, when needed,
+    the gradients of the student's inputs in the same pass: the student's logits are formed once for both
+    terms and their gradient is taken back through the head by two matmuls. Also returns the two terms
+    (no gradient) for logging."""
 
     @staticmethod
-    def forward(ctx, s_x, s_w, s_b, t_x, t_w, t_b, labels, chunk, scale, options, need_grad):
+    def forward(
+        ctx, s_x, s_w, s_b, t_x, t_w, t_b, labels, chunk, ce_weight, kd_weight, scale, options, need_grad
+    ):
         n = s_x.shape[0]
-        loss = torch.zeros((), dtype=torch.float32, device=s_x.device)
-        student = (s_x, s_w, s_b)
-        wants = [need_grad and t is not None and t.requires_grad for t in student]
-        grads: list[torch.Tensor | None] = [None, None, None]
+        sums = torch.zeros(2, dtype=torch.float64, device=s_x.device)  # ce, divergence
+        wants = [need_grad and t is not None and t.requires_grad for t in (s_x, s_w, s_b)]
+        grad_x = torch.zeros_like(s_x) if wants[0] else None
+        grad_w = None  # fp32 accumulators, created by the first chunk
+        grad_b = None
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            valid = (labels[rows] != IGNORE_INDEX).float()
+            target = labels[rows]
+            valid = target != IGNORE_INDEX
             if not valid.any():
                 continue
-            with torch.no_grad():
-                z_t = _logits(t_x[rows], t_w, t_b)
-            with torch.enable_grad():
-                x = s_x[rows].detach().requires_grad_(wants[0])
-                w = None if s_w is None else s_w.detach().requires_grad_(wants[1])
-                b = None if s_b is None else s_b.detach().requires_grad_(wants[2])
-                part = (divergence(_logits(x, w, b), z_t, **options) * valid).sum()
-                which = [i for i in range(3) if wants[i]]
-                chunk_grads = (
-                    torch.autograd.grad(part * scale, [(x, w, b)[i] for i in which]) if which else ()
-                )
-            loss += part.detach()
-            for i, g in zip(which, chunk_grads, strict=True):
-                if i == 0:
-                    if grads[0] is None:
-                        grads[0] = torch.zeros_like(s_x)
-                    grads[0][rows] = g
-                else:
-                    grads[i] = g.float() if grads[i] is None else grads[i] + g
+            x = s_x[rows]
+            # Copies where the logits are the caller's tensors: the chunk buffers are overwritten in place.
+            z_s = _logits(x, s_w, s_b).to(torch.float32, copy=s_w is None)
+            z_t = _logits(t_x[rows], t_w, t_b).to(torch.float32, copy=t_w is None)
+            coef = valid.float() * scale
+            ce, kd, grad = _ce_and_divergence(
+                z_s,
+                z_t,
+                torch.where(valid, target, 0),
+                coef * ce_weight,
+                coef * kd_weight,
+                options,
+                need_grad,
+            )
+            sums += torch.stack([(ce * valid).sum(), (kd * valid).sum()]).double()
+            if grad is None:
+                continue
+            g = grad.to(s_x.dtype)
+            if s_w is None:
+                grad_x[rows] = g
+                continue
+            if wants[0]:
+                torch.mm(g, s_w, out=grad_x[rows])
+            if wants[1]:
+                part = (g.t() @ x).float()
+                grad_w = part if grad_w is None else grad_w.add_(part)
+            if wants[2]:
+                part = grad.sum(0)
+                grad_b = part if grad_b is None else grad_b.add_(part)
         if need_grad:
-            out = []
-            for i, t in enumerate(student):
-                g = grads[i]
-                if g is None and wants[i]:
-                    g = torch.zeros_like(t)
-                out.append(None if g is None else g.to(t.dtype))
+            out = [grad_x, grad_w, grad_b]
+            for i, t in enumerate((s_x, s_w, s_b)):
+                if wants[i] and out[i] is None:
+                    out[i] = torch.zeros_like(t)
+                out[i] = None if out[i] is None else out[i].to(t.dtype)
             ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in out])
             ctx.present = [g is not None for g in out]
-        return loss * scale
+        ce_mean, kd_mean = (sums * scale).float().unbind()
+        loss = ce_weight * ce_mean + kd_weight * kd_mean
+        ctx.mark_non_differentiable(ce_mean, kd_mean)
+        return loss, ce_mean, kd_mean
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_ce, _grad_kd):
         saved = ctx.saved_tensors
         out = [
             g.mul_(grad_output.to(g.dtype)) if present else None
             for g, present in zip(saved, ctx.present, strict=True)
         ]
-        return (*out, None, None, None, None, None, None, None, None)
+        return (*out, *[None] * 10)
 
 
-def distillation_loss(
+def mixed_distillation_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
     labels: torch.Tensor,
     *,
+    alpha: float,
     student_weight: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_weight: torch.Tensor | None = None,
@@ -129,12 +218,14 @@ def distillation_loss(
     beta: float = 0.5,
     chunk_size: int | None = None,
     num_targets: float | None = None,
-) -> torch.Tensor:
-    """Sum of per-token divergences over non-ignored labels, divided by `num_targets` (default: their count).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(1 - alpha) * cross-entropy + alpha * divergence, with the cross-entropy and the divergence
+    (detached) beside it: each a sum over non-ignored labels divided by `num_targets` (default: their count).
 
     With a `*_weight` given, that side's tensor holds final hidden states [..., D] and its logits are
     x @ weight.T + bias, formed `chunk_size` rows at a time (None: about 64 MiB of logits per chunk; 0: all
-    rows at once); without, the tensor already holds the logits [..., V]. Teacher tensors get no gradient.
+    rows at once); without, the tensor already holds the logits [..., V]. The student's logits are formed
+    once for both terms. Teacher tensors get no gradient.
     """
     labels = labels.reshape(-1)
     if kind not in LOSSES:
@@ -158,19 +249,27 @@ def distillation_loss(
     )
     t_w = None if teacher_weight is None else teacher_weight.detach()
     t_b = None if teacher_bias is None else teacher_bias.detach()
+    args = [s_x, student_weight, student_bias, t_x, t_w, t_b]
+    rest = (labels, chunk, 1.0 - alpha, float(alpha), scale, options, need_grad)
     device_type = s_x.device.type
     if torch.is_autocast_enabled(device_type):
         # Autocast does not reach inside an autograd.Function: cast the matmul inputs as it would (the casts are
         # differentiable, so fp32 weights still get fp32 gradients), as trainer/loss.py does.
         dtype = torch.get_autocast_dtype(device_type)
-        cast = [
-            None if t is None else t.to(dtype) for t in (s_x, student_weight, student_bias, t_x, t_w, t_b)
-        ]
+        args = [None if t is None else t.to(dtype) for t in args]
         with torch.autocast(device_type, enabled=False):
-            return _ChunkedDistillation.apply(*cast, labels, chunk, scale, options, need_grad)
-    return _ChunkedDistillation.apply(
-        s_x, student_weight, student_bias, t_x, t_w, t_b, labels, chunk, scale, options, need_grad
-    )
+            return _ChunkedDistillation.apply(*args, *rest)
+    return _ChunkedDistillation.apply(*args, *rest)
+
+
+def distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    **options,
+) -> torch.Tensor:
+    """The divergence term of `mixed_distillation_loss` alone (alpha = 1), with its gradient."""
+    return mixed_distillation_loss(student, teacher, labels, alpha=1.0, **options)[0]
 
 
 def hidden_state_loss(

@@ -14,8 +14,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from trainer.distill.losses import distillation_loss, hidden_state_loss
-from trainer.loss import causal_lm_loss
+from trainer.distill.losses import hidden_state_loss, mixed_distillation_loss
 from trainer.models import CausalLMWithLoss
 
 WRAPPER_ONLY_PREFIX = "distill_projections."
@@ -78,17 +77,15 @@ class DistillationModule(CausalLMWithLoss):
             x = out.last_hidden_state
             head = self.model.get_output_embeddings()
             weight, bias = head.weight, head.bias
-            ce = causal_lm_loss(
-                x, weight, bias, labels, chunk_size=self.loss_chunk_size, num_targets=num_targets
-            )
         else:
             out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
             x, weight, bias = out.logits, None, None
-            ce = causal_lm_loss(x, None, None, labels, chunk_size=0, num_targets=num_targets)
-        kd = distillation_loss(
+        # One pass over the student's logits gives both terms (and the gradient of their mix).
+        loss, ce, kd = mixed_distillation_loss(
             x,
             teacher.x,
             labels,
+            alpha=self.alpha,
             student_weight=weight,
             student_bias=bias,
             teacher_weight=teacher.weight,
@@ -96,7 +93,6 @@ class DistillationModule(CausalLMWithLoss):
             num_targets=num_targets,
             **self.options,
         )
-        loss = (1.0 - self.alpha) * ce + self.alpha * kd
         hidden = torch.zeros((), device=ce.device)
         if want_states:
             # hidden_states[i] is the output of student layer i (0: the embeddings).
