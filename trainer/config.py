@@ -362,7 +362,8 @@ class DistillConfig:
     beta: float = 0.5
     # Weight of the hidden-state term (0 turns it off).
     hidden_weight: float = 0.0
-    # `mse` or `cosine` between (projected) student and teacher hidden states.
+    # `mse`, `normalized_mse` (divided by the teacher's mean square) or `cosine` between (projected) student
+    # and teacher hidden states.
     hidden_loss: str = "mse"
     # Teacher layer (1-based) for each student layer, in order; null spreads them evenly (last to last).
     layer_map: list[int] | None = None
@@ -571,6 +572,7 @@ def register_configs() -> None:
 
 SCHEDULERS = ("constant", "linear", "cosine", "wsd")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+HIDDEN_LOSSES = ("mse", "normalized_mse", "cosine")
 DATA_SOURCES = ("embedded", "pydoc", "hf")
 MODEL_SOURCES = ("config", "pretrained")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -786,7 +788,10 @@ def _validate_distill(d: Any) -> None:
     )
     _check(0.0 < d.beta < 1.0, f"distill.beta={d.beta}: must be in (0, 1) (0 and 1 make the JSD vanish)")
     _check(d.hidden_weight >= 0, f"distill.hidden_weight={d.hidden_weight}: must be >= 0 (0 turns it off)")
-    _check(d.hidden_loss in ("mse", "cosine"), f"distill.hidden_loss={d.hidden_loss}: choose mse or cosine")
+    _check(
+        d.hidden_loss in HIDDEN_LOSSES,
+        f"distill.hidden_loss={d.hidden_loss}: choose one of {', '.join(HIDDEN_LOSSES)}",
+    )
     _check(
         d.chunk_size is None or d.chunk_size >= 0, f"distill.chunk_size={d.chunk_size}: must be >= 0 or null"
     )

@@ -282,16 +282,20 @@ def hidden_state_loss(
 ) -> torch.Tensor:
     """Per-token distance between (projected) student and teacher hidden states [..., D], summed over
     non-ignored labels and divided by `num_targets`: `mse` is the mean squared difference over the width,
-    `cosine` is 1 - cosine similarity."""
+    `normalized_mse` that divided by the teacher's mean square, `cosine` is 1 - cosine similarity."""
     labels = labels.reshape(-1)
     s = student.reshape(-1, student.shape[-1]).float()
     t = teacher.reshape(-1, teacher.shape[-1]).float().detach()
     if kind == "mse":
         per_token = (s - t).pow(2).mean(-1)
+    elif kind == "normalized_mse":
+        # The teacher's own mean square as the unit (the SquareHead loss of Kurtic et al.): every layer and
+        # token counts alike, however large the norms of pretrained models' hidden states grow.
+        per_token = (s - t).pow(2).mean(-1) / t.pow(2).mean(-1).clamp_min(1e-12)
     elif kind == "cosine":
         per_token = 1.0 - F.cosine_similarity(s, t, dim=-1)
     else:
-        raise ValueError(f"unknown hidden-state loss {kind!r}; choose mse or cosine")
+        raise ValueError(f"unknown hidden-state loss {kind!r}; choose mse, normalized_mse or cosine")
     valid = (labels != IGNORE_INDEX).float()
     denom = num_targets if num_targets is not None else int(valid.sum())
     return (per_token * valid).sum() / max(denom, 1)
