@@ -129,9 +129,9 @@ def test_hidden_state_losses_match_hand_computed_values():
     # mse per token: (1 + 1) / 2 = 1 and (1 + 1) / 2 = 1; cosine: 1 - 0 = 1 and 1 - 1 = 0.
     assert hidden_state_loss(s, t, labels, kind="mse", num_targets=None).item() == pytest.approx(1.0)
     assert hidden_state_loss(s, t, labels, kind="cosine", num_targets=None).item() == pytest.approx(0.5)
-    # normalized_mse: each token's mse over the teacher's mean square, (1 + 1) / 2 = 1 and (4 + 4) / 2 = 4.
+    # normalized_mse: each token's mse over the teacher's mean square, (0 + 1) / 2 and (4 + 4) / 2.
     got = hidden_state_loss(s, t, labels, kind="normalized_mse", num_targets=None).item()
-    assert got == pytest.approx((1 / 1 + 1 / 4) / 2)
+    assert got == pytest.approx((1 / (1 / 2) + 1 / 4) / 2)
 
 
 def test_default_layer_map_spreads_student_layers_over_the_teacher_last_to_last():
