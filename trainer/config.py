@@ -404,6 +404,9 @@ class SmoothConfig:
     # Calibration batches (of `batch_size` training sequences of the data group) for the activation ranges.
     calibration_batches: int = 4
     batch_size: int = 8
+    # Round the blocks' int8 weights with GPTQ (error spread over the columns not yet rounded, from the
+    # calibration inputs) rather than to nearest.
+    gptq: bool = True
 
 
 @dataclass

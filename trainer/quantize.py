@@ -71,6 +71,7 @@ def quantize(cfg: Any) -> Path:
         group_size=cfg.group_size,
         calibration=[c.to(device) for c in calibration],
         alpha=cfg.smooth.alpha,
+        gptq=cfg.smooth.gptq,
     )
     info["source"] = str(cfg.model_path)
     out = save_quantized(Path(cfg.output_dir), model, info, tokenizer)

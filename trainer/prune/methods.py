@@ -66,6 +66,23 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return _keep_largest(groups, m - n, dim=2).reshape(rows, cols)
 
 
+def inverse_hessian_factor(
+    weight: torch.Tensor, hessian: torch.Tensor, *, damp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What SparseGPT and GPTQ start from: (fp32 copy of the weight, upper Cholesky factor of H^-1).
+
+    `hessian` is X^T X over the calibration inputs; inputs that were always zero get their weights zeroed
+    (they cannot matter) and a unit diagonal, and `damp` x the mean diagonal is added for stability.
+    """
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return w, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -83,14 +100,8 @@ def sparsegpt_prune(
     per block; n:m: per group of m), and each removed weight's error is spread over the columns not yet
     processed through the Cholesky factor of H^-1. Runs in float32 whatever the weight's dtype.
     """
-    w = weight.detach().float().clone()
+    w, hinv = inverse_hessian_factor(weight, hessian, damp=damp)
     rows, cols = w.shape
-    h = hessian.detach().float().clone()
-    dead = torch.diag(h) == 0  # inputs that were always zero: their weights cannot matter
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype, device=h.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     mask = torch.ones_like(w, dtype=torch.bool)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)

@@ -23,6 +23,7 @@ from torch import nn
 
 from trainer.config import ConfigError
 from trainer.quant import smooth
+from trainer.quant.gptq import quantize_blocks_gptq
 from trainer.utils import require
 
 SCHEMES = ("int8_dynamic", "int8_smooth", "int8_weight", "int4_weight", "sparse24")
@@ -104,14 +105,20 @@ def quantize_model(
     group_size: int = 128,
     calibration: Iterable[torch.Tensor] = (),
     alpha: float | None = None,
+    gptq: bool = False,
 ) -> dict[str, Any]:
     """Quantize `model` in place; returns what the manifest needs to rebuild it (see serialization.py)."""
     info: dict[str, Any] = {"scheme": scheme, "keep_float": list(keep_float)}
     if scheme == "int8_smooth":
+        calibration = list(calibration)
         maxima, rows = smooth.calibrate(model, calibration)
         smooth.smooth_model(model, maxima, rows, alpha=alpha)
-        info["int8_linears"] = smooth.swap_linears(model, keep_float=keep_float)
+        # GPTQ rounds the blocks' linears on the calibration data; what is left (the LM head, unless kept
+        # in float) is rounded to nearest.
+        rounded = quantize_blocks_gptq(model, calibration, keep_float=keep_float) if gptq else []
+        info["int8_linears"] = rounded + smooth.swap_linears(model, keep_float=keep_float)
         info["alpha"] = alpha if alpha is not None else "searched"
+        info["rounding"] = "gptq" if gptq else "nearest"
         return info
     quantize_ = require("torchao.quantization", extra="quant", package="torchao").quantize_
     if scheme == "sparse24":

@@ -1,13 +1,18 @@
 """int8 dynamic quantization that is fast on CPUs without VNNI: SmoothQuant smoothing + fbgemm's kernels.
 
 fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic`) quantizes each input to uint8 with
-one scale per tensor, then runs a u8 x s8 matmul that is about twice as fast as fp32 on AVX2. One scale
-per tensor breaks on the few input channels that carry outliers (perplexity 23.65 -> 65.9 on SmolLM2).
-SmoothQuant (Xiao et al., 2023) moves that range into the weights: input channel j is divided by
-s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) and the weight's column j multiplied by it, which leaves
-the product unchanged. The division is folded into what produces the input, so it costs nothing at
-run time: the RMSNorm weight before q/k/v and gate/up, the rows of up_proj before down_proj and the
-rows of v_proj before o_proj. Outlier-sensitive layers (the LM head by default) stay in float.
+one scale per tensor, then runs a u8 x s8 matmul that is about twice as fast as fp32 on AVX2. Two kinds
+of outliers break one scale per tensor (perplexity 23.65 -> 65.9 on SmolLM2):
+- tokens: a few rows (the first token's, some in down_proj's input) are 10-1000x larger than the rest.
+  Each row is divided by its own max before the kernel and the output row multiplied back, which is
+  exactly per-token quantization for one elementwise pass each way: (X / r) W^T * r = X W^T.
+- input channels: SmoothQuant (Xiao et al., 2023) moves their range into the weights. Channel j is
+  divided by s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) and the weight's column j multiplied by it,
+  which leaves the product unchanged. The division is folded into what produces the input, so it costs
+  nothing at run time: the RMSNorm weight before q/k/v and gate/up, the rows of up_proj before down_proj
+  and the rows of v_proj before o_proj. Smoothing makes the weights harder to quantize, so each group's
+  strength (none included) is chosen by the int8 output error on calibration rows.
+Outlier-sensitive layers (the LM head by default) stay in float.
 """
 
 from __future__ import annotations
@@ -80,13 +85,18 @@ class Int8DynamicLinear(nn.Module):
                 qw = torch._make_per_channel_quantized_tensor(
                     self.qweight, self.weight_scale.double(), zero, 0
                 )
-            self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+            # No bias in the packed form: the kernel's output is rescaled per row before the bias is added.
+            self._packed = torch.ops.quantized.linear_prepack(qw, None)
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).float().contiguous()
+        flat = x.reshape(-1, self.in_features).float()
+        # Per-token scales on a per-tensor kernel: every row enters with max |x| = 1 and leaves scaled back.
+        row_max = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)
         # reduce_range=False: full 8-bit activations (the weights took the 7-bit range instead).
-        y = torch.ops.quantized.linear_dynamic(flat, self._packed_weight(), False)
+        y = torch.ops.quantized.linear_dynamic(flat / row_max, self._packed_weight(), False).mul_(row_max)
+        if self.bias is not None:
+            y.add_(self.bias)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -174,12 +184,15 @@ def _scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> to
 
 
 def fake_quantized_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T with the int8 kernel's rounding simulated in float (fast enough to score many scales):
-    uint8 activations with one scale and zero point per tensor, int8 weights per output row."""
+    """x @ w.T with Int8DynamicLinear's rounding simulated in float (fast enough to score many scales):
+    rows divided by their max |x|, then uint8 with one scale and zero point for the tensor, and 7-bit
+    weights per output row."""
+    row_max = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+    x = x / row_max
     lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
     scale = ((hi - lo) / 255).clamp(min=1e-12)
     zero = torch.round(-lo / scale)
-    xq = (torch.round(x / scale) + zero).clamp(0, 255).sub(zero).mul(scale)
+    xq = (torch.round(x / scale) + zero).clamp(0, 255).sub(zero).mul(scale) * row_max
     q, w_scale = _quantize_per_channel(w)
     return xq @ (q.float() * w_scale[:, None]).t()
 
@@ -203,7 +216,8 @@ def _best_scales(
     groups: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Scales for one group of linears that share an input: SmoothQuant's rule with the given alpha, or
-    with the alpha of ALPHAS whose int8 output error on the calibration rows `x` is lowest.
+    the candidate with the lowest int8 output error on the calibration rows `x`: no smoothing (all ones)
+    or the rule with one of ALPHAS.
 
     `groups=(num_kv, heads_per_kv, head_dim)` ties the channels of the query heads that read one
     key/value head (o_proj after v_proj): the scales returned are per key/value channel.
@@ -216,8 +230,7 @@ def _best_scales(
     if alpha is not None:
         return _scales(act_max, weight_max, alpha)
     best, best_err = None, float("inf")
-    for a in ALPHAS:
-        s = _scales(act_max, weight_max, a)
+    for s in [torch.ones_like(act_max)] + [_scales(act_max, weight_max, a) for a in ALPHAS]:
         full = _expand(s, groups)
         err = quantized_error(x / full, [w.detach().float() * full for w in weights])
         if err < best_err:
