@@ -15,7 +15,7 @@ from torch import nn
 
 from trainer.prune.calibrate import InputStats, prune_sequentially
 from trainer.prune.methods import inverse_hessian_factor
-from trainer.quant.smooth import WEIGHT_QMAX, Int8DynamicLinear, decoder_blocks
+from trainer.quant.smooth import WEIGHT_QMAX, Int8DynamicLinear, decoder_blocks, int8_targets
 
 
 def gptq_quantize(
@@ -56,23 +56,14 @@ def quantize_blocks_gptq(
 ) -> list[str]:
     """Replace the linears of the decoder blocks (but those named in `keep_float`) by Int8DynamicLinear
     with GPTQ-rounded weights, block by block on `batches`; returns their names."""
-    blocks = set(decoder_blocks(model))
+    names = {block: name for name, block in model.named_modules()}
     targets = {}
-    for name, module in model.named_modules():
-        if module in blocks:
-            for child_name, child in module.named_modules():
-                full = f"{name}.{child_name}"
-                if type(child) is nn.Linear and not any(k in full for k in keep_float):
-                    targets[full] = child
+    for block in decoder_blocks(model):
+        targets.update(int8_targets(block, keep_float=keep_float, prefix=names[block]))
 
     def quantize_one(name: str, linear: nn.Module, stats: InputStats) -> None:
-        q, scale = gptq_quantize(linear.weight, stats.hessian)
-        int8 = Int8DynamicLinear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        int8.qweight, int8.weight_scale = q, scale
-        if linear.bias is not None:
-            int8.bias = linear.bias.detach().float().clone()
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, int8)
+        quantized = gptq_quantize(linear.weight, stats.hessian)
+        model.set_submodule(name, Int8DynamicLinear.from_linear(linear, quantized))
 
     prune_sequentially(model, batches, targets, quantize_one, with_hessian=True)
     return list(targets)

@@ -39,7 +39,7 @@ def _quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 class Int8DynamicLinear(nn.Module):
-    """A linear layer with int8 per-channel weights and activations quantized per call (fbgemm, CPU).
+    """A linear layer with int8 per-channel weights and activations quantized per token, per call (fbgemm, CPU).
 
     The state is plain tensors (`qweight` int8, `weight_scale`, `bias`), so it saves to safetensors and
     loads without unpickling; fbgemm's packed form is rebuilt from them on first use.
@@ -58,9 +58,12 @@ class Int8DynamicLinear(nn.Module):
         self._packed = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8DynamicLinear:
+    def from_linear(
+        cls, linear: nn.Linear, quantized: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> Int8DynamicLinear:
+        """`linear` with its weight rounded to nearest, or given as `quantized` (int8 values, row scales)."""
         out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        out.qweight, out.weight_scale = _quantize_per_channel(linear.weight)
+        out.qweight, out.weight_scale = quantized or _quantize_per_channel(linear.weight)
         if linear.bias is not None:
             out.bias = linear.bias.detach().float().clone()
         return out
@@ -299,26 +302,27 @@ def _scale_rows(linear: nn.Linear, factor: torch.Tensor) -> None:
         linear.bias.mul_(factor.to(linear.bias.dtype))
 
 
+def int8_targets(module: nn.Module, *, keep_float: list[str], prefix: str = "") -> dict[str, nn.Linear]:
+    """The plain nn.Linear layers under `module` (names with `prefix`) that contain none of `keep_float`."""
+    found = {}
+    for name, child in module.named_modules(prefix=prefix):
+        if type(child) is nn.Linear and not any(k in name for k in keep_float):
+            found[name] = child
+    return found
+
+
 def swap_linears(model: nn.Module, *, keep_float: list[str]) -> list[str]:
     """Replace every nn.Linear whose name contains none of `keep_float` by an Int8DynamicLinear."""
-    swapped = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and not any(k in full for k in keep_float):
-                setattr(module, child_name, Int8DynamicLinear.from_linear(child))
-                swapped.append(full)
-    return swapped
+    targets = int8_targets(model, keep_float=keep_float)
+    for name, linear in targets.items():
+        model.set_submodule(name, Int8DynamicLinear.from_linear(linear))
+    return list(targets)
 
 
 def empty_int8_linears(model: nn.Module, names: list[str]) -> None:
     """Put empty Int8DynamicLinear modules at `names` (to load a saved state into)."""
-    for full in names:
-        parent_name, _, child_name = full.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        child = getattr(parent, child_name)
-        setattr(
-            parent,
-            child_name,
-            Int8DynamicLinear(child.in_features, child.out_features, bias=child.bias is not None),
+    for name in names:
+        child = model.get_submodule(name)
+        model.set_submodule(
+            name, Int8DynamicLinear(child.in_features, child.out_features, bias=child.bias is not None)
         )
