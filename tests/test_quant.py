@@ -71,10 +71,16 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    "scheme, gptq",
-    [("int8_weight", False), ("int8_dynamic", False), ("int8_smooth", False), ("int8_smooth", True)],
+    "scheme, gptq, keep_float",
+    [
+        ("int8_weight", False, ["lm_head"]),
+        ("int8_dynamic", False, ["lm_head"]),
+        ("int8_smooth", False, ["lm_head"]),
+        ("int8_smooth", True, ["lm_head"]),
+        ("int8_smooth", True, []),  # the LM head in int8 too (int8_smooth's default)
+    ],
 )
-def test_cpu_scheme_reloads_from_disk_with_logits_close_to_float(scheme, gptq, tmp_path):
+def test_cpu_scheme_reloads_from_disk_with_logits_close_to_float(scheme, gptq, keep_float, tmp_path):
     model = tiny_model()
     ids = fixed_inputs()
     with torch.no_grad():
@@ -83,7 +89,7 @@ def test_cpu_scheme_reloads_from_disk_with_logits_close_to_float(scheme, gptq, t
         info = quantize_model(
             quantized,
             scheme,
-            keep_float=["lm_head"],
+            keep_float=keep_float,
             calibration=[fixed_inputs(4, 16, seed=s) for s in (2, 3)],
             gptq=gptq,
         )
@@ -95,16 +101,21 @@ def test_cpu_scheme_reloads_from_disk_with_logits_close_to_float(scheme, gptq, t
     err = relative_error(got, want)
     assert 0 < err < BOUND[scheme], err  # quantized (not the float weights), and close to them
     manifest = read_manifest(tmp_path / scheme)
-    assert manifest["scheme"] == scheme and manifest["keep_float"] == ["lm_head"]
+    assert manifest["scheme"] == scheme and manifest["keep_float"] == keep_float
     if scheme == "int8_smooth":
         assert manifest["rounding"] == ("gptq" if gptq else "nearest")
-    # The linears hold 1-byte weights: 7 of them per block, the LM head (tied to the embedding) in float.
+    # The linears hold 1-byte weights: 7 of them per block, the LM head (tied to the embedding) in float
+    # unless it is quantized too, untied from the embedding, which stays as it was.
     weights = tmp_path / scheme / manifest["weights"]
     if scheme == "int8_smooth":
         state = load_file(str(weights))
         assert state["model.layers.0.mlp.down_proj.qweight"].dtype == torch.int8
-        assert state["model.embed_tokens.weight"].dtype == torch.float32
-        assert manifest["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+        assert torch.equal(state["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+        if keep_float:
+            assert manifest["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+        else:
+            assert manifest["aliases"] == {} and state["lm_head.qweight"].dtype == torch.int8
+            assert "lm_head" in manifest["int8_linears"] and not reloaded.config.tie_word_embeddings
     else:
         assert type(reloaded.model.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
         assert reloaded.lm_head.weight is not None and type(reloaded.lm_head.weight) is torch.nn.Parameter
@@ -136,6 +147,23 @@ def test_smoothing_keeps_the_float_function_and_tames_outlier_channels():
         swap_linears(plain, keep_float=["lm_head"])
         swap_linears(smoothed, keep_float=["lm_head"])
         assert relative_error(smoothed(ids).logits, want) < 0.7 * relative_error(plain(ids).logits, want)
+
+
+def test_smoothing_the_head_unties_it_and_leaves_the_embedding_and_the_function_unchanged():
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.norm.weight[:2] *= 30  # outlier channels into the head
+        ids = fixed_inputs()
+        want = model(ids).logits
+        embedding = model.model.embed_tokens.weight.clone()
+        maxima, rows = calibrate(model, [fixed_inputs(4, 16, seed=s) for s in (2, 3)])
+        assert rows["head"].shape[1] == 64 and maxima["head"][:2].min() > maxima["head"][2:].max()
+        smooth_model(model, maxima, rows, alpha=0.5, head=True)
+        assert relative_error(model(ids).logits, want) < 1e-5
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    # alpha=0.5 balances the outlier channels' activation and weight ranges: the norm took their scale.
+    assert model.model.norm.weight[:2].abs().max() < 10 * model.model.norm.weight[2:].abs().max()
 
 
 def test_a_token_far_larger_than_the_rest_does_not_coarsen_the_others():
@@ -306,8 +334,9 @@ def commands(exported):
     return root, json.loads(out.read_text()), report.stdout
 
 
-def test_quantize_evaluate_report_commands_compare_float_and_int8(commands):
+def test_quantize_evaluate_report_commands_compare_float_and_int8(commands, exported):
     root, entries, report_log = commands
+    _, model, _ = exported
     assert [e["scheme"] for e in entries] == ["float", "int8_smooth"]
     assert [e["name"] for e in entries] == ["dense", "int8"]
     fp, q = entries
@@ -319,7 +348,9 @@ def test_quantize_evaluate_report_commands_compare_float_and_int8(commands):
         "prefill_ms",
         "decode_tokens_per_s",
     }
-    assert q["params"] == fp["params"]  # same architecture, weights stored in int8
+    # Same architecture, weights stored in int8; int8_smooth's LM head, tied in the float model, has
+    # its own int8 weight.
+    assert q["params"] == fp["params"] + model.lm_head.weight.numel()
     assert q["size_bytes"] < 0.6 * fp["size_bytes"]
     assert q["perplexity"] == pytest.approx(fp["perplexity"], rel=0.02)
     report = (root / "report" / "report.md").read_text()

@@ -419,8 +419,9 @@ class QuantizeConfig:
     output_dir: str = MISSING
     # `auto` (cuda when available), `cpu` or `cuda`.
     device: str = "auto"
-    # Linear layers whose names contain one of these stay in float.
-    keep_float: list[str] = field(default_factory=lambda: ["lm_head"])
+    # Linear layers whose names contain one of these stay in float; None: the scheme's default
+    # (`[lm_head]`, or `[]` for int8_smooth, which smooths the head and rounds it by GPTQ).
+    keep_float: list[str] | None = None
     # int4_weight: weights per quantization group.
     group_size: int = 128
     smooth: SmoothConfig = field(default_factory=SmoothConfig)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from trainer.config import ConfigError, register_configs
 from trainer.data import build_data
-from trainer.quant.ptq import check_scheme, quantize_model
+from trainer.quant.ptq import check_scheme, default_keep_float, quantize_model
 from trainer.quant.serialization import float_source, load_float, save_quantized, weights_size
 from trainer.utils import resolve_device
 
@@ -67,7 +67,7 @@ def quantize(cfg: Any) -> Path:
     info = quantize_model(
         model,
         cfg.scheme,
-        keep_float=list(cfg.keep_float),
+        keep_float=list(cfg.keep_float) if cfg.keep_float is not None else default_keep_float(cfg.scheme),
         group_size=cfg.group_size,
         calibration=[c.to(device) for c in calibration],
         alpha=cfg.smooth.alpha,

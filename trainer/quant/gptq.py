@@ -5,10 +5,13 @@ that the layer's inputs are correlated. GPTQ (Frantar et al., 2022) quantizes th
 and, through the Cholesky factor of the inverse of H = X^T X (calibration inputs), moves each column's
 rounding error onto the columns not yet quantized, which lowers the error of the layer's output X W^T.
 Layers are processed block by block on inputs that went through the already-quantized blocks, so later
-blocks also correct what earlier ones lost.
+blocks also correct what earlier ones lost. The LM head, when quantized, comes last, on the outputs of
+the quantized blocks.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -67,3 +70,31 @@ def quantize_blocks_gptq(
 
     prune_sequentially(model, batches, targets, quantize_one, with_hessian=True)
     return list(targets)
+
+
+class _HeadReached(Exception):
+    """Raised by the hook on the LM head once its input is recorded: the logits are not needed."""
+
+
+@torch.no_grad()
+def quantize_head_gptq(model: nn.Module, batches: list[torch.Tensor]) -> str:
+    """Replace the LM head by an Int8DynamicLinear rounded by GPTQ on its inputs over `batches` (after
+    the blocks were quantized); returns its name."""
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head)
+    stats = InputStats(with_hessian=True)
+
+    def record(_m, args):
+        stats.add(args[0])
+        raise _HeadReached
+
+    handle = head.register_forward_pre_hook(record)
+    try:
+        model.eval()
+        for ids in batches:
+            with contextlib.suppress(_HeadReached):
+                model(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+    model.set_submodule(name, Int8DynamicLinear.from_linear(head, gptq_quantize(head.weight, stats.hessian)))
+    return name

@@ -144,27 +144,57 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
+def final_norm_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """The RMSNorm before the LM head, and the head (smoothing folds the head's scales into the norm)."""
+    norm = getattr(getattr(model, "base_model", model), "norm", None)
+    head = model.get_output_embeddings()
+    if norm is None or not type(norm).__name__.endswith("RMSNorm") or "Gemma" in type(norm).__name__:
+        raise ValueError(
+            f"scheme=int8_smooth with the LM head in int8 folds its scales into the final RMSNorm; "
+            f"{type(model).__name__} has none. Keep the head in float: keep_float=[lm_head]"
+        )
+    if type(head) is not nn.Linear:
+        raise ValueError(f"the LM head is a {type(head).__name__}, not a linear layer; keep it in float")
+    return norm, head
+
+
+def untie_head(model: nn.Module) -> None:
+    """Give the LM head its own weight when it shares the input embedding's: its columns are about to be
+    scaled and quantized, and the embedding must stay as it is."""
+    head = model.get_output_embeddings()
+    if head.weight is model.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module, batches: Iterable[torch.Tensor], *, sample_rows: int = 256
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per linear layer of the blocks: max |x_j| over every calibration token per input channel j, and
-    a sample of up to `sample_rows` input rows (evenly spaced) to score candidate scales on."""
+    """Per linear layer of the blocks (keys `{block}.{name}`) and the LM head (key `head`): max |x_j| over
+    every calibration token per input channel j, and a sample of up to `sample_rows` input rows (evenly
+    spaced) to score candidate scales on."""
     maxima: dict[str, torch.Tensor] = {}
     samples: dict[str, list[torch.Tensor]] = {}
-    hooks = []
-    for i, block in enumerate(decoder_blocks(model)):
-        for name, module in block.named_modules():
-            if isinstance(module, nn.Linear):
-                key = f"{i}.{name}"
 
-                def record(_m, args, key=key):
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                    m = x.abs().amax(0)
-                    maxima[key] = m if key not in maxima else torch.maximum(maxima[key], m)
-                    samples.setdefault(key, []).append(x[:: max(1, x.shape[0] // 64)][:64].clone())
+    def record(_m, args, key):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        m = x.abs().amax(0)
+        maxima[key] = m if key not in maxima else torch.maximum(maxima[key], m)
+        samples.setdefault(key, []).append(x[:: max(1, x.shape[0] // 64)][:64].clone())
 
-                hooks.append(module.register_forward_pre_hook(record))
+    linears = {
+        f"{i}.{name}": module
+        for i, block in enumerate(decoder_blocks(model))
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+    if isinstance(model.get_output_embeddings(), nn.Linear):
+        linears["head"] = model.get_output_embeddings()
+    hooks = [
+        module.register_forward_pre_hook(lambda m, args, key=key: record(m, args, key))
+        for key, module in linears.items()
+    ]
     try:
         model.eval()
         for input_ids in batches:
@@ -259,11 +289,13 @@ def smooth_model(
     rows: dict[str, torch.Tensor] | None = None,
     *,
     alpha: float | None = None,
+    head: bool = False,
 ) -> None:
     """Fold SmoothQuant scales into the model in place; its float outputs stay the same (up to rounding).
 
     `alpha=None` searches ALPHAS per group of linears sharing an input, scoring each by the int8 kernel's
     output error on the calibration rows; a number applies that alpha everywhere (SmoothQuant's rule).
+    `head=True` also smooths the LM head (to be quantized) through the final norm, untying it first.
     """
     if alpha is None and rows is None:
         raise ValueError("searching alpha needs the calibration rows; pass rows or a fixed alpha")
@@ -294,6 +326,12 @@ def smooth_model(
         s = _best_scales(maxima[key], [attn.o_proj.weight], rows.get(key), alpha=alpha, groups=groups)
         _scale_rows(attn.v_proj, 1.0 / s)
         attn.o_proj.weight.mul_(_expand(s, groups).to(attn.o_proj.weight.dtype))
+    if head:
+        norm, lm_head = final_norm_and_head(model)
+        untie_head(model)
+        s = _best_scales(maxima["head"], [lm_head.weight], rows.get("head"), alpha=alpha)
+        norm.weight.div_(s.to(norm.weight.dtype))
+        lm_head.weight.mul_(s.to(lm_head.weight.dtype))
 
 
 def _scale_rows(linear: nn.Linear, factor: torch.Tensor) -> None:
