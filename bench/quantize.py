@@ -101,6 +101,8 @@ def bench_model(name: str, float_dir: Path, data: list[str], args, work: Path) -
         f"latency.prefill_len={args.prefill_len}",
         f"latency.decode_tokens={args.decode_tokens}",
         f"latency.repeats={args.repeats}",
+        f"latency.statistic={args.statistic}",
+        "latency.interleave=true",  # float and int8 timed in turns: the ratio survives the machine's drift
     ]
     run(
         ["trainer.evaluate", f"models=[{','.join(variants)}]", f"output={result}", *data]
@@ -152,7 +154,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1, help="latency batch size")
     p.add_argument("--prefill-len", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds, every model once per round")
+    p.add_argument("--statistic", choices=["median", "best"], default="best", help="of the timed rounds")
     p.add_argument("--eval-batches", type=int, default=4, help="perplexity batches (0: whole eval split)")
     p.add_argument("--eval-batch-size", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="embedded model only, 40 training steps, 1 repeat")

@@ -418,6 +418,57 @@ def test_latency_statistic_reports_the_median_or_the_fastest_repeat(monkeypatch)
         )
 
 
+def test_interleaved_latency_times_every_model_once_per_round_and_skips_the_warmup(monkeypatch):
+    import trainer.evaluate as evaluate
+
+    calls = []
+    clock = {"a": iter([90.0, 12.0, 10.0, 14.0]), "b": iter([80.0, 21.0, 25.0, 20.0])}
+
+    def fake_prefill(model, **kwargs):
+        assert kwargs["warmup"] == 0 and kwargs["repeats"] == 1
+        calls.append(model)
+        return next(clock[model])
+
+    monkeypatch.setattr(evaluate, "prefill_ms", fake_prefill)
+    monkeypatch.setattr(evaluate, "decode_tokens_per_s", lambda model, **_: 1000.0 / calls.count(model))
+    lat = compose_evaluate("models=[.]", "output=x.json", "latency.warmup=1", "latency.repeats=3").latency
+    timings = evaluate.interleaved_latency(["a", "b"], lat)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # rounds in alternating order
+    # The first round is the warmup: the medians of the other three, and of decode's 1000/2, 1000/3, 1000/4.
+    assert timings == [
+        {"prefill_ms": 12.0, "decode_tokens_per_s": 1000.0 / 3},
+        {"prefill_ms": 21.0, "decode_tokens_per_s": 1000.0 / 3},
+    ]
+    calls.clear()
+    clock = {"a": iter([90.0, 12.0, 10.0, 14.0]), "b": iter([80.0, 21.0, 25.0, 20.0])}
+    lat.statistic = "best"
+    timings = evaluate.interleaved_latency(["a", "b"], lat)
+    assert [t["prefill_ms"] for t in timings] == [10.0, 20.0]
+    # The fastest decode of the timed rounds: 1000/2 (the warmup's 1000 does not count).
+    assert [t["decode_tokens_per_s"] for t in timings] == [500.0, 500.0]
+
+
+def test_evaluate_with_interleaved_latency_writes_every_entry(exported, tmp_path):
+    from trainer.evaluate import evaluate_models
+
+    root, _, _ = exported
+    out = tmp_path / "eval.json"
+    latency = [
+        "latency.interleave=true",
+        "latency.prefill_len=8",
+        "latency.decode_tokens=2",
+        "latency.repeats=2",
+    ]
+    cfg = compose_evaluate(f"models=[{root / 'hf'},{root / 'hf'}]", "names=[a,b]", f"output={out}", *latency)
+    entries = evaluate_models(cfg)
+    assert json.loads(out.read_text()) == entries
+    assert [e["name"] for e in entries] == ["a", "b"]
+    assert all(
+        e["prefill_ms"] > 0 and e["decode_tokens_per_s"] > 0 and e["latency_interleaved"] for e in entries
+    )
+    assert entries[0]["perplexity"] == entries[1]["perplexity"]
+
+
 def test_evaluate_writes_after_each_model_and_resume_measures_only_what_changed(exported, tmp_path, capsys):
     import shutil
 

@@ -445,6 +445,9 @@ class LatencyConfig:
     # What is reported of the repeats: `median`, or `best` (the fastest: on a shared or virtual machine the
     # one least disturbed by other work).
     statistic: str = "median"
+    # Time the models in turns (every model once per round, after all perplexities) so that a slow spell
+    # of a shared machine slows every model alike; holds every model in memory at once.
+    interleave: bool = False
 
 
 @dataclass

@@ -8,7 +8,9 @@ trainer.quantize output) one JSON entry with:
 - `params` (parameters of the stored model, a tied embedding counted once) and `nonzero_params`;
 - `size_bytes`: the weight files on disk;
 - `prefill_ms`: median time of one forward over `latency.batch_size` x `latency.prefill_len` tokens;
-- `decode_tokens_per_s`: tokens generated per second, one at a time with the KV cache, after a prefill;
+- `decode_tokens_per_s`: tokens generated per second, one at a time with the KV cache, after a prefill
+  (with `latency.interleave=true` both are timed after every perplexity, each round timing every model
+  once, so that a slow spell of the machine does not land on one model);
 - `settings`: what the numbers depend on besides the model (eval data, batch sizes, latency, device).
 
 `name` is the model directory's name or the one `names` gives. The output is rewritten after each
@@ -158,6 +160,44 @@ def decode_tokens_per_s(
     return max(rates) if statistic == "best" else statistics.median(rates)
 
 
+def latency(model: nn.Module, lat: Any) -> dict[str, float]:
+    """Prefill milliseconds and decode tokens/s of one model, its repeats run back to back."""
+    run = dict(batch_size=lat.batch_size, warmup=lat.warmup, repeats=lat.repeats, statistic=lat.statistic)
+    return {
+        "prefill_ms": prefill_ms(model, length=lat.prefill_len, **run),
+        "decode_tokens_per_s": decode_tokens_per_s(
+            model, prompt_len=lat.prefill_len, new_tokens=lat.decode_tokens, **run
+        ),
+    }
+
+
+def interleaved_latency(models: list[nn.Module], lat: Any) -> list[dict[str, float]]:
+    """`latency` of each model, measured in rounds that time every model once (prefill, then decode), in
+    alternating order; the warmup rounds are not timed. Drift in the machine's speed (other tenants, heat)
+    then lands on all models rather than on whichever was being measured."""
+    one = dict(batch_size=lat.batch_size, warmup=0, repeats=1)
+    prefill: list[list[float]] = [[] for _ in models]
+    decode: list[list[float]] = [[] for _ in models]
+    for r in range(lat.warmup + lat.repeats):
+        order = list(range(len(models)))
+        for i in order if r % 2 == 0 else order[::-1]:
+            p = prefill_ms(models[i], length=lat.prefill_len, **one)
+            d = decode_tokens_per_s(
+                models[i], prompt_len=lat.prefill_len, new_tokens=lat.decode_tokens, **one
+            )
+            if r >= lat.warmup:
+                prefill[i].append(p)
+                decode[i].append(d)
+    best = lat.statistic == "best"
+    return [
+        {
+            "prefill_ms": min(p) if best else statistics.median(p),
+            "decode_tokens_per_s": max(d) if best else statistics.median(d),
+        }
+        for p, d in zip(prefill, decode, strict=True)
+    ]
+
+
 def model_name(path: str) -> str:
     """A short label: the directory name, with its parent's for the generic ones (hf, quantized)."""
     p = Path(path)
@@ -252,6 +292,20 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
     def write() -> None:  # models order; entries of models no longer listed are dropped
         write_json_atomic(output, [done[k] for k in keys if k in done])
 
+    lat = cfg.latency
+    held: list[tuple[tuple[str, str], dict[str, Any], nn.Module]] = []  # waiting for interleaved timing
+
+    def finish(key: tuple[str, str], entry: dict[str, Any]) -> None:
+        entry["settings"] = settings
+        done[key] = entry
+        write()  # an interruption loses at most the model in progress (all held ones, when interleaving)
+        print(
+            f"{entry['name']}: ppl {entry['perplexity']:.3f}, {entry['params'] / 1e6:.2f}M params "
+            f"({entry['nonzero_params'] / max(entry['params'], 1):.1%} non-zero), {entry['size_bytes'] / 1e6:.2f} MB, "
+            f"prefill {entry['prefill_ms']:.1f} ms, decode {entry['decode_tokens_per_s']:.1f} tok/s",
+            flush=True,
+        )
+
     data = None
     with tempfile.TemporaryDirectory() as tmp:
         for path, name in keys:
@@ -278,7 +332,6 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
                 model, data.eval, batch_size=cfg.batch_size, max_batches=cfg.eval_batches
             )
             params, nonzero = parameter_counts(model)
-            lat = cfg.latency
             entry = {
                 "name": name,
                 "path": path,
@@ -289,41 +342,31 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
                 "params": params,
                 "nonzero_params": nonzero,
                 "size_bytes": size,
-                "prefill_ms": prefill_ms(
-                    model,
-                    batch_size=lat.batch_size,
-                    length=lat.prefill_len,
-                    warmup=lat.warmup,
-                    repeats=lat.repeats,
-                    statistic=lat.statistic,
-                ),
-                "decode_tokens_per_s": decode_tokens_per_s(
-                    model,
-                    batch_size=lat.batch_size,
-                    prompt_len=lat.prefill_len,
-                    new_tokens=lat.decode_tokens,
-                    warmup=lat.warmup,
-                    repeats=lat.repeats,
-                    statistic=lat.statistic,
-                ),
+                "prefill_ms": None,
+                "decode_tokens_per_s": None,
                 "latency_batch_size": lat.batch_size,
                 "prefill_len": lat.prefill_len,
                 "decode_tokens": lat.decode_tokens,
                 "latency_statistic": lat.statistic,
+                "latency_interleaved": lat.interleave,
                 "device": where.type,
                 "threads": torch.get_num_threads(),
             }
             if data.entropy_floor is not None:
                 entry["entropy_floor"] = data.entropy_floor
-            entry["settings"] = settings
-            done[(path, name)] = entry
-            write()  # an interruption loses at most the model in progress
-            print(
-                f"{entry['name']}: ppl {ppl:.3f}, {params / 1e6:.2f}M params ({nonzero / max(params, 1):.1%} non-zero), "
-                f"{size / 1e6:.2f} MB, prefill {entry['prefill_ms']:.1f} ms, decode {entry['decode_tokens_per_s']:.1f} tok/s",
-                flush=True,
-            )
+            if lat.interleave:
+                print(f"{name}: ppl {ppl:.3f}; timed with the others once all are loaded", flush=True)
+                held.append(((path, name), entry, model))
+                continue
+            entry.update(latency(model, lat))
+            finish((path, name), entry)
             del model
+        if held:
+            timings = interleaved_latency([model for _, _, model in held], lat)
+            for (key, entry, _), timing in zip(held, timings, strict=True):
+                entry.update(timing)
+                finish(key, entry)
+            held.clear()
     write()  # also when every entry was kept: the unlisted ones are dropped
     return [done[k] for k in keys]
 

@@ -246,7 +246,9 @@ def write_report(
         f"Perplexity over {first.get('eval_tokens', '?')} eval tokens; latency at batch "
         f"{first.get('latency_batch_size', '?')}, prefill of {first.get('prefill_len', '?')} tokens, "
         f"{first.get('decode_tokens', '?')} decoded tokens, on {first.get('device', '?')} "
-        f"({first.get('threads', '?')} threads). Ratios against `{base['name']}`{others}; "
+        f"({first.get('threads', '?')} threads), {first.get('latency_statistic', 'median')} of the repeats"
+        f"{', the models timed in turns' if first.get('latency_interleaved') else ''}. "
+        f"Ratios against `{base['name']}`{others}; "
         "speed-up = base time / time."
     )
     text = (
