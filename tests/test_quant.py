@@ -165,6 +165,13 @@ def test_smoothing_the_head_unties_it_and_leaves_the_embedding_and_the_function_
     # alpha=0.5 balances the outlier channels' activation and weight ranges: the norm took their scale.
     assert model.model.norm.weight[:2].abs().max() < 10 * model.model.norm.weight[2:].abs().max()
 
+    other = tiny_model()
+    other.model.norm = torch.nn.LayerNorm(64)  # no RMSNorm weight to fold the head's scales into
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="keep_float=\\[lm_head\\]"):
+        smooth_model(other, maxima, rows, alpha=0.5, head=True)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # nothing changed
+
 
 def test_a_token_far_larger_than_the_rest_does_not_coarsen_the_others():
     # Per-token scales: the other rows' int8 error is the same with or without a 1000x outlier row.

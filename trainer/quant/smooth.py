@@ -12,7 +12,8 @@ of outliers break one scale per tensor (perplexity 23.65 -> 65.9 on SmolLM2):
   nothing at run time: the RMSNorm weight before q/k/v and gate/up, the rows of up_proj before down_proj
   and the rows of v_proj before o_proj. Smoothing makes the weights harder to quantize, so each group's
   strength (none included) is chosen by the int8 output error on calibration rows.
-Outlier-sensitive layers (the LM head by default) stay in float.
+The LM head is smoothed the same way through the final RMSNorm (untied from the embedding first);
+layers named in keep_float stay in float.
 """
 
 from __future__ import annotations
@@ -299,6 +300,7 @@ def smooth_model(
     """
     if alpha is None and rows is None:
         raise ValueError("searching alpha needs the calibration rows; pass rows or a fixed alpha")
+    norm_and_head = final_norm_and_head(model) if head else None  # fails before anything is changed
     config = model.config
     num_heads = config.num_attention_heads
     num_kv = getattr(config, "num_key_value_heads", None) or num_heads
@@ -326,8 +328,8 @@ def smooth_model(
         s = _best_scales(maxima[key], [attn.o_proj.weight], rows.get(key), alpha=alpha, groups=groups)
         _scale_rows(attn.v_proj, 1.0 / s)
         attn.o_proj.weight.mul_(_expand(s, groups).to(attn.o_proj.weight.dtype))
-    if head:
-        norm, lm_head = final_norm_and_head(model)
+    if norm_and_head is not None:
+        norm, lm_head = norm_and_head
         untie_head(model)
         s = _best_scales(maxima["head"], [lm_head.weight], rows.get("head"), alpha=alpha)
         norm.weight.div_(s.to(norm.weight.dtype))
