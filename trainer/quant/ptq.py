@@ -119,9 +119,8 @@ def quantize_model(
     info: dict[str, Any] = {"scheme": scheme, "keep_float": list(keep_float)}
     if scheme == "int8_smooth":
         calibration = list(calibration)
-        head = model.get_output_embeddings()
-        head_name = next(n for n, m in model.named_modules() if m is head)
-        int8_head = type(head) is nn.Linear and not any(k in head_name for k in keep_float)
+        head, names = model.get_output_embeddings(), {m: n for n, m in model.named_modules()}
+        int8_head = type(head) is nn.Linear and not any(k in names[head] for k in keep_float)
         maxima, rows = smooth.calibrate(model, calibration)
         smooth.smooth_model(model, maxima, rows, alpha=alpha, head=int8_head)
         # GPTQ rounds the blocks' linears, then the head, on the calibration data; other linears outside
