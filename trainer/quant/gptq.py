@@ -77,11 +77,10 @@ class _HeadReached(Exception):
 
 
 @torch.no_grad()
-def quantize_head_gptq(model: nn.Module, batches: list[torch.Tensor]) -> str:
-    """Replace the LM head by an Int8DynamicLinear rounded by GPTQ on its inputs over `batches` (after
-    the blocks were quantized); returns its name."""
-    head = model.get_output_embeddings()
-    name = next(n for n, m in model.named_modules() if m is head)
+def quantize_head_gptq(model: nn.Module, batches: list[torch.Tensor], name: str) -> None:
+    """Replace the LM head, the module at `name`, by an Int8DynamicLinear rounded by GPTQ on its inputs
+    over `batches` (after the blocks were quantized)."""
+    head = model.get_submodule(name)
     stats = InputStats(with_hessian=True)
 
     def record(_m, args):
@@ -97,4 +96,3 @@ def quantize_head_gptq(model: nn.Module, batches: list[torch.Tensor]) -> str:
     finally:
         handle.remove()
     model.set_submodule(name, Int8DynamicLinear.from_linear(head, gptq_quantize(head.weight, stats.hessian)))
-    return name

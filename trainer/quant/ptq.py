@@ -119,8 +119,9 @@ def quantize_model(
     info: dict[str, Any] = {"scheme": scheme, "keep_float": list(keep_float)}
     if scheme == "int8_smooth":
         calibration = list(calibration)
-        head, names = model.get_output_embeddings(), {m: n for n, m in model.named_modules()}
-        int8_head = type(head) is nn.Linear and not any(k in names[head] for k in keep_float)
+        head = model.get_output_embeddings()
+        head_name = next((n for n, m in model.named_modules() if m is head), "")
+        int8_head = type(head) is nn.Linear and not any(k in head_name for k in keep_float)
         maxima, rows = smooth.calibrate(model, calibration)
         smooth.smooth_model(model, maxima, rows, alpha=alpha, head=int8_head)
         # GPTQ rounds the blocks' linears, then the head, on the calibration data; other linears outside
@@ -129,7 +130,8 @@ def quantize_model(
         if gptq:
             rounded = quantize_blocks_gptq(model, calibration, keep_float=keep_float)
             if int8_head:
-                rounded.append(quantize_head_gptq(model, calibration))
+                quantize_head_gptq(model, calibration, head_name)
+                rounded.append(head_name)
         info["int8_linears"] = rounded + smooth.swap_linears(model, keep_float=keep_float)
         info["alpha"] = alpha if alpha is not None else "searched"
         info["rounding"] = "gptq" if gptq else "nearest"

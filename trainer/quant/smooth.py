@@ -107,6 +107,13 @@ class Int8DynamicLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 fbgemm"
 
 
+def _scales_into_weight(norm: nn.Module | None) -> bool:
+    """Whether dividing `norm.weight` divides its output: an RMSNorm computing w * x / rms(x) (Gemma's
+    computes (1 + w) * x / rms(x))."""
+    kind = type(norm).__name__
+    return norm is not None and kind.endswith("RMSNorm") and "Gemma" not in kind
+
+
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The Llama-style decoder blocks whose structure smoothing relies on, or a clear error."""
     layers = getattr(getattr(model, "base_model", model), "layers", None)
@@ -137,7 +144,7 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     for block in layers:
         for name in ("input_layernorm", "post_attention_layernorm"):
             norm = block.get_submodule(name)
-            if "Gemma" in type(norm).__name__ or not type(norm).__name__.endswith("RMSNorm"):
+            if not _scales_into_weight(norm):
                 raise ValueError(
                     f"scheme=int8_smooth folds scales into RMSNorm weights (y = w * x / rms(x)); {name} is a "
                     f"{type(norm).__name__}. Use scheme=int8_dynamic or scheme=int8_weight"
@@ -149,7 +156,7 @@ def final_norm_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     """The RMSNorm before the LM head, and the head (smoothing folds the head's scales into the norm)."""
     norm = getattr(getattr(model, "base_model", model), "norm", None)
     head = model.get_output_embeddings()
-    if norm is None or not type(norm).__name__.endswith("RMSNorm") or "Gemma" in type(norm).__name__:
+    if not _scales_into_weight(norm):
         raise ValueError(
             f"scheme=int8_smooth with the LM head in int8 folds its scales into the final RMSNorm; "
             f"{type(model).__name__} has none. Keep the head in float: keep_float=[lm_head]"
