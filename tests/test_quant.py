@@ -31,7 +31,7 @@ from tests.conftest import (
 from trainer.config import ConfigError, validate_config
 from trainer.quant import load_quantized, quantize_model, save_quantized
 from trainer.quant.gptq import gptq_quantize
-from trainer.quant.ptq import check_scheme
+from trainer.quant.ptq import check_scheme, scheme_dtype
 from trainer.quant.serialization import read_manifest
 from trainer.quant.smooth import (
     WEIGHT_QMAX,
@@ -121,6 +121,60 @@ def test_cpu_scheme_reloads_from_disk_with_logits_close_to_float(scheme, gptq, k
         assert reloaded.lm_head.weight is not None and type(reloaded.lm_head.weight) is torch.nn.Parameter
     float_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert weights.stat().st_size < 0.6 * float_bytes
+
+
+def test_int8_weight_in_bfloat16_reloads_in_bfloat16_close_to_the_bfloat16_model(tmp_path):
+    """dtype=bfloat16 (what a GPU runs fastest): the float parts and the activations are bfloat16."""
+    model = tiny_model().to(torch.bfloat16)
+    ids = fixed_inputs()
+    with torch.no_grad():
+        want = model(ids).logits.float()
+        quantized = copy.deepcopy(model).float()  # trainer.quantize loads float32 weights
+        info = quantize_model(quantized, "int8_weight", keep_float=["lm_head"], dtype=torch.bfloat16)
+        save_quantized(tmp_path / "q", quantized, info)
+        reloaded = load_quantized(tmp_path / "q")
+        got = reloaded(ids).logits
+    assert read_manifest(tmp_path / "q")["dtype"] == "bfloat16"
+    assert got.dtype == torch.bfloat16 and reloaded.lm_head.weight.dtype == torch.bfloat16
+    assert type(reloaded.model.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
+    assert 0 < relative_error(got.float(), want) < BOUND["int8_weight"]
+
+
+@pytest.mark.parametrize(
+    "scheme, dtype, want",
+    [
+        ("int8_weight", None, torch.float32),
+        ("int8_dynamic", "bfloat16", torch.bfloat16),
+        ("int4_weight", None, torch.bfloat16),
+        ("sparse24", None, torch.float16),
+        ("sparse24", "bfloat16", torch.bfloat16),
+        ("int8_smooth", None, torch.float32),
+    ],
+)
+def test_each_scheme_runs_in_its_default_dtype_or_the_one_asked_for(scheme, dtype, want):
+    assert scheme_dtype(scheme, dtype) == want
+
+
+@pytest.mark.parametrize(
+    "scheme, dtype, match",
+    [
+        ("int8_smooth", "bfloat16", "its kernels take float32; set dtype=float32 or leave it null"),
+        ("int4_weight", "float16", "its kernels take bfloat16"),
+        ("sparse24", "float32", "its kernels take float16 or bfloat16"),
+        ("int8_weight", "fp8", "dtype=fp8: choose one of float32, bfloat16, float16"),
+    ],
+)
+def test_quantize_refuses_a_dtype_the_scheme_cannot_take_before_loading(scheme, dtype, match, tmp_path):
+    from trainer.quantize import check_quantize_config
+
+    cfg = compose_quantize(
+        f"model_path={tmp_path}", f"scheme={scheme}", f"dtype={dtype}", f"output_dir={tmp_path / 'q'}"
+    )
+    with pytest.raises(ConfigError, match=match):
+        scheme_dtype(cfg.scheme, cfg.dtype)
+    if scheme in ("int8_smooth", "int8_weight"):  # the others stop earlier on a CPU: they need a GPU
+        with pytest.raises(ConfigError, match=match):
+            check_quantize_config(cfg)
 
 
 def test_smoothing_keeps_the_float_function_and_tames_outlier_channels():
@@ -381,6 +435,26 @@ def test_report_refuses_json_that_evaluate_did_not_write(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"name": "m", "perplexity": 3.0}]))
     with pytest.raises(ConfigError, match="lacks params"):
         write_report(tmp_path / "bad.json", tmp_path / "out")
+
+
+def test_evaluate_runs_float_models_in_float_dtype_and_says_so(exported, tmp_path):
+    from trainer.evaluate import evaluate_models
+
+    root, model, data = exported
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = compose_evaluate(
+            f"models=[{root / 'hf'}]", f"output={tmp_path / dtype}.json", "eval_batches=2", f"float_dtype={dtype}"
+        )
+        [runs[dtype]] = evaluate_models(cfg)
+        assert runs[dtype]["dtype"] == runs[dtype]["settings"]["float_dtype"] == dtype
+    # The same windows: bfloat16 rounding moves the perplexity a little, not a lot, and not at all in float32.
+    fp32, bf16 = runs["float32"]["perplexity"], runs["bfloat16"]["perplexity"]
+    assert fp32 != bf16 and bf16 == pytest.approx(fp32, rel=0.02)
+    cfg = compose_evaluate(f"models=[{root / 'hf'}]", f"output={tmp_path / 'x.json'}", "float_dtype=half")
+    with pytest.raises(ConfigError, match="float_dtype=half: choose one of float32, bfloat16, float16"):
+        evaluate_models(cfg)
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_evaluate_refuses_names_of_another_length_before_loading(exported, tmp_path):

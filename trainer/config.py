@@ -424,6 +424,10 @@ class QuantizeConfig:
     keep_float: list[str] | None = None
     # int4_weight: weights per quantization group.
     group_size: int = 128
+    # dtype of the float parts (activations, layers kept in float): `float32`, `bfloat16` or `float16`;
+    # None: the scheme's (float32; int4_weight bfloat16; sparse24 float16). A GPU runs the int8 schemes
+    # fastest in bfloat16.
+    dtype: str | None = None
     smooth: SmoothConfig = field(default_factory=SmoothConfig)
     # The calibration data (int8_smooth): the same data group as training.
     data: DataConfig = MISSING
@@ -465,6 +469,9 @@ class EvaluateConfig:
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     # `auto` (cuda when available), `cpu` or `cuda`; int8_smooth models run on the CPU.
     device: str = "auto"
+    # dtype the float (unquantized) models run in: `float32`, `bfloat16` or `float16` (on a GPU, compare
+    # quantized models with the half-precision float model they replace).
+    float_dtype: str = "float32"
     threads: int | None = None
     # Display names of the entries, one per model in `models` order; null: the model directory's name.
     names: list[str] | None = None

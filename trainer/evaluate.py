@@ -11,6 +11,7 @@ trainer.quantize output) one JSON entry with:
 - `decode_tokens_per_s`: tokens generated per second, one at a time with the KV cache, after a prefill
   (with `latency.interleave=true` both are timed after every perplexity, each round timing every model
   once, so that a slow spell of the machine does not land on one model);
+- `dtype`: the dtype its float parts run in (float models: `float_dtype`; quantized ones: their manifest's);
 - `settings`: what the numbers depend on besides the model (eval data, batch sizes, latency, device).
 
 `name` is the model directory's name or the one `names` gives. The output is rewritten after each
@@ -38,6 +39,7 @@ from torch import nn
 from trainer.config import ConfigError, register_configs
 from trainer.data import IGNORE_INDEX, TokenWindows, build_data
 from trainer.data.tokenizer import load_tokenizer
+from trainer.quant.ptq import DTYPES
 from trainer.quant.serialization import (
     float_source,
     is_quantized_dir,
@@ -230,6 +232,8 @@ def check_evaluate_config(cfg: Any) -> torch.device:
             raise ConfigError(f"latency.{key}={getattr(lat, key)}: must be >= 1")
     if lat.warmup < 0 or cfg.batch_size < 1 or cfg.eval_batches < 0:
         raise ConfigError("latency.warmup and eval_batches must be >= 0, batch_size >= 1")
+    if cfg.float_dtype not in DTYPES:
+        raise ConfigError(f"float_dtype={cfg.float_dtype}: choose one of {', '.join(DTYPES)}")
     return resolve_device(cfg.device)
 
 
@@ -247,6 +251,7 @@ def eval_settings(cfg: Any, device: torch.device) -> dict[str, Any]:
         "eval_batches": cfg.eval_batches,
         "latency": OmegaConf.to_container(cfg.latency, resolve=True),
         "device": device.type,
+        "float_dtype": cfg.float_dtype,
         "threads": torch.get_num_threads(),
     }
     return json.loads(json.dumps(settings))  # as read back from the JSON, so that == compares like with like
@@ -315,6 +320,8 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
             scheme = read_manifest(Path(path))["scheme"] if is_quantized_dir(Path(path)) else "float"
             where = torch.device("cpu") if scheme == "int8_smooth" else device  # fbgemm kernels
             model, tokenizer, size = load_any(path, device=where)
+            if scheme == "float":
+                model.to(getattr(torch, cfg.float_dtype))
             if data is None:  # the first model's tokenizer tokenizes the eval data for all
                 if path != str(cfg.models[0]):  # the first model's entry was kept
                     tokenizer = load_tokenizer_of(cfg.models[0])
@@ -342,6 +349,7 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
                 "params": params,
                 "nonzero_params": nonzero,
                 "size_bytes": size,
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                 "prefill_ms": None,
                 "decode_tokens_per_s": None,
                 "latency_batch_size": lat.batch_size,

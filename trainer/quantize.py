@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from trainer.config import ConfigError, register_configs
 from trainer.data import build_data
-from trainer.quant.ptq import check_scheme, default_keep_float, quantize_model
+from trainer.quant.ptq import check_scheme, default_keep_float, quantize_model, scheme_dtype
 from trainer.quant.serialization import float_source, load_float, save_quantized, weights_size
 from trainer.utils import resolve_device
 
@@ -30,6 +30,7 @@ def check_quantize_config(cfg: Any) -> torch.device:
     """Everything that can be checked before loading a model; returns the device."""
     device = resolve_device(cfg.device)
     check_scheme(cfg.scheme, device)
+    scheme_dtype(cfg.scheme, cfg.dtype)
     s = cfg.smooth
     if s.alpha is not None and not 0.0 <= s.alpha <= 1.0:
         raise ConfigError(f"smooth.alpha={s.alpha}: must be in [0, 1], or null to search it")
@@ -72,6 +73,7 @@ def quantize(cfg: Any) -> Path:
         calibration=[c.to(device) for c in calibration],
         alpha=cfg.smooth.alpha,
         gptq=cfg.smooth.gptq,
+        dtype=scheme_dtype(cfg.scheme, cfg.dtype),
     )
     info["source"] = str(cfg.model_path)
     out = save_quantized(Path(cfg.output_dir), model, info, tokenizer)

@@ -6,11 +6,12 @@
 | int8_dynamic  | int8 per channel         | int8 per token, per call  | torchao Int8DynamicActivationInt8WeightConfig (`_int_mm`: fast on GPUs, slow on CPUs without VNNI) |
 | int8_smooth   | 7-bit per channel, smoothed, GPTQ-rounded | uint8 per token, per call | fbgemm (CPU) after SmoothQuant smoothing (smooth.py) |
 | int4_weight   | int4, groups of group_size | bfloat16                | torchao Int4WeightOnlyConfig, CUDA tinygemm |
-| sparse24      | 2:4 semi-structured      | float                     | torchao SemiSparseWeightConfig, CUDA (compute capability 8.0+) |
+| sparse24      | 2:4 semi-structured      | float16 or bfloat16       | torchao SemiSparseWeightConfig, CUDA (compute capability 8.0+) |
 
 Layers whose names contain one of `keep_float` are left in float (default_keep_float: the LM head, but
-for int8_smooth). Each check runs before any model is loaded, so a scheme that cannot run here fails at
-once with what it needs.
+for int8_smooth). "float" is the model's dtype, set before quantizing (scheme_dtype: float32 by default,
+bfloat16 or float16 where the kernels need it or a GPU runs faster with it). Each check runs before any
+model is loaded, so a scheme that cannot run here fails at once with what it needs.
 """
 
 from __future__ import annotations
@@ -68,6 +69,30 @@ def check_scheme(scheme: str, device: torch.device) -> None:
             )
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+# The dtypes each scheme's kernels take for the float parts (activations, layers kept in float, scales).
+SCHEME_DTYPES = {
+    "int8_smooth": ("float32",),  # fbgemm's quantized linears take and return float32
+    "int4_weight": ("bfloat16",),  # tinygemm takes bfloat16 activations and scales
+    "sparse24": ("float16", "bfloat16"),  # cuSPARSELt / CUTLASS 2:4 kernels take half-precision weights
+}
+
+
+def scheme_dtype(scheme: str, dtype: str | None) -> torch.dtype:
+    """The dtype the quantized model runs in: `dtype`, or the scheme's first when None; an error naming the
+    choices where the scheme's kernels cannot take it."""
+    allowed = SCHEME_DTYPES.get(scheme, DTYPES)
+    name = dtype if dtype is not None else allowed[0]
+    if name not in DTYPES:
+        raise ConfigError(f"dtype={name}: choose one of {', '.join(DTYPES)}, or null for the scheme's default")
+    if name not in allowed:
+        raise ConfigError(
+            f"scheme={scheme} with dtype={name}: its kernels take {' or '.join(allowed)}; "
+            f"set dtype={allowed[0]} or leave it null"
+        )
+    return getattr(torch, name)
+
+
 def default_keep_float(scheme: str) -> list[str]:
     """Layers left in float unless `keep_float` says otherwise: the LM head, whose inputs have the widest
     channel outliers, except under int8_smooth, which smooths it and rounds it by GPTQ like the blocks
@@ -114,9 +139,12 @@ def quantize_model(
     calibration: Iterable[torch.Tensor] = (),
     alpha: float | None = None,
     gptq: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """Quantize `model` in place; returns what the manifest needs to rebuild it (see serialization.py)."""
+    """Quantize `model` in place, in `dtype` (None: the scheme's default, see scheme_dtype); returns what the
+    manifest needs to rebuild it (see serialization.py)."""
     info: dict[str, Any] = {"scheme": scheme, "keep_float": list(keep_float)}
+    model.to(dtype or scheme_dtype(scheme, None))
     if scheme == "int8_smooth":
         calibration = list(calibration)
         head = model.get_output_embeddings()
@@ -139,9 +167,6 @@ def quantize_model(
     quantize_ = require("torchao.quantization", extra="quant", package="torchao").quantize_
     if scheme == "sparse24":
         check_2_4_sparse(model, keep_float)
-        model.half()  # cuSPARSELt / CUTLASS 2:4 kernels take half-precision weights
-    if scheme == "int4_weight":
-        model.to(torch.bfloat16)  # tinygemm takes bfloat16 activations and scales
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_(model, torchao_config(scheme, group_size=group_size), filter_fn=_filter(keep_float))
