@@ -444,7 +444,10 @@ def test_evaluate_runs_float_models_in_float_dtype_and_says_so(exported, tmp_pat
     runs = {}
     for dtype in ("float32", "bfloat16"):
         cfg = compose_evaluate(
-            f"models=[{root / 'hf'}]", f"output={tmp_path / dtype}.json", "eval_batches=2", f"float_dtype={dtype}"
+            f"models=[{root / 'hf'}]",
+            f"output={tmp_path / dtype}.json",
+            "eval_batches=2",
+            f"float_dtype={dtype}",
         )
         [runs[dtype]] = evaluate_models(cfg)
         assert runs[dtype]["dtype"] == runs[dtype]["settings"]["float_dtype"] == dtype
