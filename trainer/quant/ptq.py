@@ -84,7 +84,9 @@ def scheme_dtype(scheme: str, dtype: str | None) -> torch.dtype:
     allowed = SCHEME_DTYPES.get(scheme, DTYPES)
     name = dtype if dtype is not None else allowed[0]
     if name not in DTYPES:
-        raise ConfigError(f"dtype={name}: choose one of {', '.join(DTYPES)}, or null for the scheme's default")
+        raise ConfigError(
+            f"dtype={name}: choose one of {', '.join(DTYPES)}, or null for the scheme's default"
+        )
     if name not in allowed:
         raise ConfigError(
             f"scheme={scheme} with dtype={name}: its kernels take {' or '.join(allowed)}; "
