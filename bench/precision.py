@@ -55,6 +55,7 @@ def model_overrides(a: argparse.Namespace) -> list[str]:
         "scheduler=constant",
         "scheduler.warmup_steps=0",
         f"optimizer.lr={a.lr}",
+        f"train.compile={str(a.compile).lower()}",
     ]
 
 
@@ -143,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per variant")
     p.add_argument("--quick", action="store_true", help="tiny shapes: a CPU smoke check of the script")
+    p.add_argument("--compile", action="store_true", help="torch.compile every variant (fp8's scaling fuses)")
+    p.add_argument("--out", type=Path, default=OUT / "results.json", help="the results JSON")
     a = p.parse_args(argv)
     if a.quick:
         a.hidden, a.intermediate, a.layers, a.seq_len, a.batch, a.steps, a.warmup = 64, 128, 2, 64, 4, 12, 2
@@ -158,8 +161,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(run_variant(precision, optimizer, a))
             print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
-    (OUT / "results.json").write_text(json.dumps({"settings": vars(a), "rows": rows}, indent=1))
-    print(f"\nwrote {OUT / 'results.json'}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"settings": {**vars(a), "out": str(a.out)}, "rows": rows}, indent=1))
+    print(f"\nwrote {a.out}")
 
 
 if __name__ == "__main__":

@@ -460,7 +460,8 @@ def test_dockerfile_passes_hadolint():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_launch_scripts_pass_shellcheck():
+def test_launch_and_bench_scripts_pass_shellcheck():
     scripts = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/slurm/train.sbatch"]
+    scripts += ["bench/gpu_check.sh", "bench/gpu_wheels.sh"]
     proc = subprocess.run([str(BIN / "shellcheck"), *scripts], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

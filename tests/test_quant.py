@@ -460,6 +460,24 @@ def test_evaluate_runs_float_models_in_float_dtype_and_says_so(exported, tmp_pat
     assert not (tmp_path / "x.json").exists()
 
 
+def test_quantize_and_evaluate_on_cuda_without_a_gpu_name_the_option(exported, tmp_path):
+    from trainer.evaluate import evaluate_models
+    from trainer.quantize import check_quantize_config
+
+    root = exported[0]
+    cfg = compose_evaluate(f"models=[{root / 'hf'}]", f"output={tmp_path / 'x.json'}", "device=cuda")
+    with pytest.raises(
+        RuntimeError, match="device=cuda but no CUDA device is visible; use device=cpu or auto"
+    ):
+        evaluate_models(cfg)
+    cfg = compose_quantize(
+        f"model_path={root / 'hf'}", "scheme=int8_weight", "device=cuda", f"output_dir={tmp_path}"
+    )
+    with pytest.raises(RuntimeError, match="device=cuda but no CUDA device is visible; use device=cpu"):
+        check_quantize_config(cfg)
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_evaluate_refuses_names_of_another_length_before_loading(exported, tmp_path):
     from trainer.evaluate import evaluate_models
 

@@ -234,7 +234,7 @@ def check_evaluate_config(cfg: Any) -> torch.device:
         raise ConfigError("latency.warmup and eval_batches must be >= 0, batch_size >= 1")
     if cfg.float_dtype not in DTYPES:
         raise ConfigError(f"float_dtype={cfg.float_dtype}: choose one of {', '.join(DTYPES)}")
-    return resolve_device(cfg.device)
+    return resolve_device(cfg.device, key="device")
 
 
 # Data keys that do not change the eval tokens: the tokenizer is always the first model's.

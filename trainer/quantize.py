@@ -28,7 +28,7 @@ register_configs()
 
 def check_quantize_config(cfg: Any) -> torch.device:
     """Everything that can be checked before loading a model; returns the device."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, key="device")
     check_scheme(cfg.scheme, device)
     scheme_dtype(cfg.scheme, cfg.dtype)
     s = cfg.smooth

@@ -49,14 +49,13 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, *, key: str = "train.device") -> torch.device:
+    """`auto` (cuda when visible), `cpu` or `cuda` (this rank's GPU); `key` names the option in errors."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(
-                "train.device=cuda but no CUDA device is visible; use train.device=cpu or auto"
-            )
+            raise RuntimeError(f"{key}=cuda but no CUDA device is visible; use {key}=cpu or auto")
         return torch.device("cuda", local_rank)
     return torch.device(name)
 

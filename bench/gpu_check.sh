@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU measurements, for a lent GPU machine (the workplace's `device` tool): two calls of ~5 and ~4 minutes
+# on an H100 (estimated: not yet run there), the second at once while the machine is warm. Prepare here:
+#   bench/gpu_wheels.sh                                   # the packages its image lacks, into .whl/
+# then run there (quant first where device time is short):
+#   device run: command="bash bench/gpu_check.sh probe training", carry=[".whl"], timeout_s=480
+#   device run: command="bash bench/gpu_check.sh quant", carry=[".whl"], timeout_s=360
+# Parts (all by default, else those named): probe (the machine and package versions), training
+# (bench/precision.py: fp32, bf16, fp16 and fp8 with AdamW, then the fused optimizers in bf16, against fp32
+# AdamW) and quant (the GPU chain, conf/chain/gpu.yaml: torchao int8 / int4 weight-only and 2:4 sparse kernels
+# against the bf16 model). A part that fails does not stop the next. Results and one log go to $OUT (the
+# device tool's; here bench/out/gpu): probe.txt, precision.json, optimizers.json, evaluate.json, report.md,
+# report.png, log.txt. They belong in bench/RESULTS.md with the date and the device.
+#   bash bench/gpu_check.sh [probe] [training] [quant]
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-bench/out/gpu}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+parts=("$@")
+[[ ${#parts[@]} -eq 0 ]] && parts=(probe training quant)
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+log="$OUT/log.txt"
+
+part() {  # part NAME COMMAND...: the command's output appended to log.txt, its last lines and time printed
+  local name=$1 start=$SECONDS rc
+  shift
+  echo "=== $name: $*" | tee -a "$log"
+  "$@" >>"$log" 2>&1
+  rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$log"
+  return $rc
+}
+
+for p in "${parts[@]}"; do
+  case $p in
+    probe)
+      { nvidia-smi; "$PY" -c "import sys; print(sys.version)"
+        for m in torch transformers datasets pyarrow torchao deepspeed bitsandbytes apex hydra; do
+          "$PY" -c "import $m; print('$m', getattr($m, '__version__', '?'))" 2>&1 | tail -n 1
+        done
+        "$PY" -c "import torch; print('cuda', torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+      } >"$OUT/probe.txt" 2>&1
+      cat "$OUT/probe.txt" ;;
+    training)
+      part precision "$PY" bench/precision.py --precisions fp32 bf16 fp16 fp8 --steps 40 --warmup 10 \
+        --out "$OUT/precision.json"
+      part fp8_compiled "$PY" bench/precision.py --precisions bf16 fp8 --compile --steps 40 --warmup 15 \
+        --out "$OUT/compiled.json"
+      part optimizers "$PY" bench/precision.py --precisions bf16 \
+        --optimizers adam_deepspeed adamw_8bit adamw_apex lamb_apex --steps 40 --warmup 10 \
+        --out "$OUT/optimizers.json"
+      grep -A12 "^precision optimizer" "$log" ;;
+    quant)
+      part chain "$PY" -m trainer.pipeline chain=gpu run_dir=bench/out/gpu_chain
+      cp bench/out/gpu_chain/evaluate/results.json "$OUT/evaluate.json"
+      cp bench/out/gpu_chain/report/report.md bench/out/gpu_chain/report/report.png "$OUT/"
+      cat "$OUT/report.md" ;;
+    *) echo "unknown part $p: choose probe, training or quant" >&2; exit 2 ;;
+  esac
+done
