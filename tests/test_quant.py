@@ -31,7 +31,7 @@ from tests.conftest import (
 from trainer.config import ConfigError, validate_config
 from trainer.quant import load_quantized, quantize_model, save_quantized
 from trainer.quant.gptq import gptq_quantize
-from trainer.quant.ptq import check_scheme, scheme_dtype
+from trainer.quant.ptq import check_scheme, scheme_dtype, sparsify_24
 from trainer.quant.serialization import read_manifest
 from trainer.quant.smooth import (
     WEIGHT_QMAX,
@@ -272,6 +272,33 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
 def test_gpu_only_scheme_on_cpu_fails_before_loading_naming_the_gpu(scheme):
     with pytest.raises(ConfigError, match="NVIDIA GPU"):
         check_scheme(scheme, torch.device("cpu"))
+
+
+def test_sparse24_reaches_the_semi_structured_kernels_which_take_cuda_tensors_only():
+    """The torchao entry points exist in this torchao; torch's 2:4 tensor then refuses a CPU weight."""
+    model = tiny_model().half()
+    with pytest.raises(RuntimeError, match="Only CUDA tensors are currently supported"):
+        sparsify_24(model, ["lm_head"])
+
+
+def test_a_sparse24_model_is_saved_as_its_dense_2of4_weights_and_loads_only_on_a_gpu(tmp_path):
+    model = tiny_model().half()
+    with torch.no_grad():  # 2:4 by magnitude: the 2 smallest of every 4 consecutive inputs set to zero
+        for layer in model.model.layers:
+            for linear in [*layer.self_attn.children(), *layer.mlp.children()]:
+                if isinstance(linear, torch.nn.Linear):
+                    w = linear.weight.view(-1, 4)
+                    w.scatter_(1, w.abs().argsort(1)[:, :2], 0)
+    info = {"scheme": "sparse24", "keep_float": ["lm_head"], "dtype": "float16"}
+    save_quantized(tmp_path / "s", model, info)
+    manifest = read_manifest(tmp_path / "s")
+    assert manifest["weights"] == "model.safetensors" and manifest["dtype"] == "float16"
+    state = load_file(str(tmp_path / "s" / "model.safetensors"))
+    down = model.model.layers[0].mlp.down_proj.weight
+    assert torch.equal(state["model.layers.0.mlp.down_proj.weight"], down)
+    assert (down.view(-1, 4) != 0).sum(1).max() == 2
+    with pytest.raises(ConfigError, match="scheme=sparse24 needs an NVIDIA GPU"):
+        load_quantized(tmp_path / "s")
 
 
 def test_quantize_command_refuses_a_bad_scheme_or_alpha_before_loading(tmp_path):

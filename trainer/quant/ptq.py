@@ -115,9 +115,16 @@ def torchao_config(scheme: str, *, group_size: int = 128) -> Any:
         return q.Int8DynamicActivationInt8WeightConfig()
     if scheme == "int4_weight":
         return q.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
-    if scheme == "sparse24":
-        return require("torchao.sparsity", extra="quant", package="torchao").SemiSparseWeightConfig()
     raise ValueError(f"{scheme} is not a torchao scheme")
+
+
+def sparsify_24(model: nn.Module, keep_float: list[str]) -> None:
+    """Put the 2:4-pruned linear weights on the semi-structured sparse kernels (CUDA): the kept values and
+    their positions, compressed without loss."""
+    api = require("torchao.sparsity.sparse_api", extra="quant", package="torchao")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        api.sparsify_(model, api.SemiSparseWeightConfig(), filter_fn=_filter(keep_float))
 
 
 def check_2_4_sparse(model: nn.Module, keep_float: list[str]) -> None:
@@ -169,6 +176,9 @@ def quantize_model(
     quantize_ = require("torchao.quantization", extra="quant", package="torchao").quantize_
     if scheme == "sparse24":
         check_2_4_sparse(model, keep_float)
+        sparsify_24(model, keep_float)
+        info["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        return info
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_(model, torchao_config(scheme, group_size=group_size), filter_fn=_filter(keep_float))

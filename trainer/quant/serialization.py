@@ -5,13 +5,16 @@ A quantized model directory holds:
     config.json          the transformers config (the architecture to rebuild)
     quantization.json    the manifest: scheme, weights file, tied-weight aliases, the layers that are
                          int8 fbgemm modules, the torch/torchao versions it was made with
-    model.safetensors    plain tensors (int8_smooth: int8 weights, scales, float norms), or
+    model.safetensors    plain tensors (int8_smooth: int8 weights, scales, float norms; sparse24: the
+                         2:4-pruned weights, dense), or
     model.pt             a state dict of torchao tensor subclasses (torch.save; loaded with
                          weights_only=True, torchao registers its classes as safe)
     tokenizer files
 
 `load_quantized(DIR)` rebuilds the architecture from config.json, puts empty quantized modules where the
-manifest says, and assigns the saved tensors: no arbitrary unpickling, no re-quantization.
+manifest says, and assigns the saved tensors: no arbitrary unpickling, no re-quantization. sparse24 is
+the exception that proves it: torch's semi-structured tensors do not serialize, so their dense 2:4 weights
+are saved and compressed again at load, which is lossless (the same values at the same positions).
 """
 
 from __future__ import annotations
@@ -67,7 +70,10 @@ def save_quantized(
             aliases[name] = first_name[id(value)]
             continue
         first_name[id(value)] = name
-        unique[name] = value.detach()
+        value = value.detach()
+        if info["scheme"] == "sparse24" and not _plain(value):
+            value = value.to_dense()  # the 2:4 weights themselves; load_quantized compresses them again
+        unique[name] = value
     if all(_plain(t) for t in unique.values()):
         from safetensors.torch import save_file
 
@@ -140,7 +146,13 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> P
     for alias, name in manifest.get("aliases", {}).items():  # tied again: one tensor, as when saved
         parent, _, attr = alias.rpartition(".")
         setattr(model.get_submodule(parent), attr, model.get_parameter(name))
-    return model.to(device).eval()
+    model.to(device)
+    if manifest["scheme"] == "sparse24":
+        from trainer.quant.ptq import check_scheme, sparsify_24
+
+        check_scheme("sparse24", torch.device(device))  # CUDA only: says so before any kernel runs
+        sparsify_24(model, manifest["keep_float"])
+    return model.eval()
 
 
 @contextlib.contextmanager
