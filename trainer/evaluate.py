@@ -88,11 +88,9 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
             if id(t) in seen:
                 continue
             seen.add(id(t))
-            dense = (
-                t.dequantize()
-                if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "dequantize")
-                else t
-            )
+            dense = t
+            if type(t) not in (torch.Tensor, nn.Parameter):  # torchao's quantized, torch's 2:4 tensors
+                dense = t.dequantize() if hasattr(t, "dequantize") else t.to_dense()
             params += t.numel()
             nonzero += int(torch.count_nonzero(dense.detach()))
     return params, nonzero
