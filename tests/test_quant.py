@@ -130,7 +130,7 @@ def test_int8_weight_in_bfloat16_reloads_in_bfloat16_close_to_the_bfloat16_model
     with torch.no_grad():
         want = model(ids).logits.float()
         quantized = copy.deepcopy(model).float()  # trainer.quantize loads float32 weights
-        info = quantize_model(quantized, "int8_weight", keep_float=["lm_head"], dtype=torch.bfloat16)
+        info = quantize_model(quantized, "int8_weight", keep_float=["lm_head"], dtype="bfloat16")
         save_quantized(tmp_path / "q", quantized, info)
         reloaded = load_quantized(tmp_path / "q")
         got = reloaded(ids).logits

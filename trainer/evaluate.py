@@ -36,10 +36,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from trainer.config import ConfigError, register_configs
+from trainer.config import DTYPES, ConfigError, register_configs
 from trainer.data import IGNORE_INDEX, TokenWindows, build_data
 from trainer.data.tokenizer import load_tokenizer
-from trainer.quant.ptq import DTYPES
 from trainer.quant.serialization import (
     float_source,
     is_quantized_dir,
@@ -48,7 +47,7 @@ from trainer.quant.serialization import (
     read_manifest,
 )
 from trainer.quant.smooth import Int8DynamicLinear
-from trainer.utils import resolve_device, write_json_atomic
+from trainer.utils import resolve_device, resolve_dtype, write_json_atomic
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
@@ -319,7 +318,7 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
             where = torch.device("cpu") if scheme == "int8_smooth" else device  # fbgemm kernels
             model, tokenizer, size = load_any(path, device=where)
             if scheme == "float":
-                model.to(getattr(torch, cfg.float_dtype))
+                model.to(resolve_dtype(cfg.float_dtype))
             if data is None:  # the first model's tokenizer tokenizes the eval data for all
                 if path != str(cfg.models[0]):  # the first model's entry was kept
                     tokenizer = load_tokenizer_of(cfg.models[0])

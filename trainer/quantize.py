@@ -73,7 +73,7 @@ def quantize(cfg: Any) -> Path:
         calibration=[c.to(device) for c in calibration],
         alpha=cfg.smooth.alpha,
         gptq=cfg.smooth.gptq,
-        dtype=scheme_dtype(cfg.scheme, cfg.dtype),
+        dtype=cfg.dtype,
     )
     info["source"] = str(cfg.model_path)
     out = save_quantized(Path(cfg.output_dir), model, info, tokenizer)

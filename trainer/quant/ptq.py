@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import ConfigError
+from trainer.config import DTYPES, ConfigError
 from trainer.quant import smooth
 from trainer.quant.gptq import quantize_blocks_gptq, quantize_head_gptq
-from trainer.utils import require
+from trainer.utils import require, resolve_dtype
 
 SCHEMES = ("int8_dynamic", "int8_smooth", "int8_weight", "int4_weight", "sparse24")
 CPU_SCHEMES = ("int8_dynamic", "int8_smooth", "int8_weight")
@@ -69,7 +69,6 @@ def check_scheme(scheme: str, device: torch.device) -> None:
             )
 
 
-DTYPES = ("float32", "bfloat16", "float16")
 # The dtypes each scheme's kernels take for the float parts (activations, layers kept in float, scales).
 SCHEME_DTYPES = {
     "int8_smooth": ("float32",),  # fbgemm's quantized linears take and return float32
@@ -92,7 +91,7 @@ def scheme_dtype(scheme: str, dtype: str | None) -> torch.dtype:
             f"scheme={scheme} with dtype={name}: its kernels take {' or '.join(allowed)}; "
             f"set dtype={allowed[0]} or leave it null"
         )
-    return getattr(torch, name)
+    return resolve_dtype(name)
 
 
 def default_keep_float(scheme: str) -> list[str]:
@@ -148,12 +147,12 @@ def quantize_model(
     calibration: Iterable[torch.Tensor] = (),
     alpha: float | None = None,
     gptq: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
-    """Quantize `model` in place, in `dtype` (None: the scheme's default, see scheme_dtype); returns what the
-    manifest needs to rebuild it (see serialization.py)."""
+    """Quantize `model` in place, its float parts in `dtype` (None: the scheme's, see scheme_dtype); returns
+    what the manifest needs to rebuild it (see serialization.py)."""
     info: dict[str, Any] = {"scheme": scheme, "keep_float": list(keep_float)}
-    model.to(dtype or scheme_dtype(scheme, None))
+    model.to(scheme_dtype(scheme, dtype))
     if scheme == "int8_smooth":
         calibration = list(calibration)
         head = model.get_output_embeddings()
@@ -173,15 +172,14 @@ def quantize_model(
         info["alpha"] = alpha if alpha is not None else "searched"
         info["rounding"] = "gptq" if gptq else "nearest"
         return info
-    quantize_ = require("torchao.quantization", extra="quant", package="torchao").quantize_
     if scheme == "sparse24":
         check_2_4_sparse(model, keep_float)
         sparsify_24(model, keep_float)
-        info["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-        return info
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_(model, torchao_config(scheme, group_size=group_size), filter_fn=_filter(keep_float))
+    else:
+        quantize_ = require("torchao.quantization", extra="quant", package="torchao").quantize_
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_(model, torchao_config(scheme, group_size=group_size), filter_fn=_filter(keep_float))
     info["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     if scheme == "int4_weight":
         info["group_size"] = group_size
