@@ -100,7 +100,7 @@ def run_variant(precision: str, optimizer: str, a: argparse.Namespace) -> dict[s
     evals = [r for r in records if "eval_loss" in r]
     row |= {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps),
-        "mfu": statistics.median(r["mfu"] for r in steps),
+        "mfu": statistics.median(r["mfu"] for r in steps) if steps[-1]["mfu"] is not None else None,
         "peak_mem_gib": max(r["peak_mem_bytes"] for r in steps) / 2**30,
         "final_loss": steps[-1]["loss"],
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
@@ -121,9 +121,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             print(f"{r['precision']:9} {r['optimizer']:16} cannot run here: {r['error']}")
             continue
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:7.2f}x" if base else f"{'':>8}"
+        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else f"{'?':>6}"
         eval_loss = f"{r['eval_loss']:8.4f}" if r["eval_loss"] is not None else f"{'':>8}"
         print(
-            f"{r['precision']:9} {r['optimizer']:16} {r['tokens_per_s']:10,.0f} {ratio} {100 * r['mfu']:5.1f}%"
+            f"{r['precision']:9} {r['optimizer']:16} {r['tokens_per_s']:10,.0f} {ratio} {mfu}"
             f" {r['peak_mem_gib']:9.2f} {r['final_loss']:8.4f} {eval_loss}"
         )
 

@@ -1,7 +1,7 @@
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.metrics import mfu
+from trainer.metrics import gpu_peak_flops, mfu
 from trainer.models import flops_per_token
 
 
@@ -36,3 +36,35 @@ def test_tied_head_still_counts_as_a_matmul():
 
 def test_mfu_is_achieved_over_peak():
     assert mfu(tokens_per_s=1000, flops_per_token=6e6, peak=1e10, num_devices=2) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),  # the PCIe card, not its SXM sibling
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_a_gpu_peak_comes_from_its_name_and_an_unknown_gpu_has_none(name, peak):
+    assert gpu_peak_flops(name) == peak
+
+
+def test_an_unknown_peak_reports_no_mfu_and_the_run_trains_and_says_so(tmp_path, monkeypatch, capsys):
+    """A GPU missing from the table (here: the CPU probe answering None) must not stop a run."""
+    import json
+
+    import trainer.loop
+    from tests.conftest import TINY, make_trainer
+
+    monkeypatch.setattr(trainer.loop, "peak_flops", lambda device, configured: None)
+    summary = make_trainer(tmp_path, *TINY, "train.max_steps=2", "train.log_every=1").train()
+    assert summary["mfu"] is None and summary["steps"] == 2
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["mfu"] for r in records if "loss" in r] == [None, None]
+    out = capsys.readouterr().out
+    assert "peak unknown (no MFU)" in out and "MFU not reported" in out
+    assert mfu(tokens_per_s=1000, flops_per_token=6e6, peak=None, num_devices=2) is None

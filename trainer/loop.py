@@ -346,7 +346,8 @@ class Trainer:
             f"model {self.num_params / 1e6:.2f}M params, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"data {len(self.data.train)} train / {len(self.data.eval)} eval sequences of {self.cfg.data.seq_len} tokens; "
             f"{self.env.world_size} rank(s) x {t.micro_batch_size} x {self.grad_accum} accumulation = {t.global_batch_size} sequences/step; "
-            f"strategy {self.strategy.name}, precision {self.strategy.precision.name} on {self.device.type}; peak {self.peak / 1e9:.0f} GFLOP/s per device",
+            f"strategy {self.strategy.name}, precision {self.strategy.precision.name} on {self.device.type}; "
+            + (f"peak {self.peak / 1e9:.0f} GFLOP/s per device" if self.peak else "peak unknown (no MFU)"),
             flush=True,
         )
 
@@ -362,7 +363,12 @@ class Trainer:
     def _print_summary(self, s: dict[str, Any]) -> None:
         lines = [
             f"done: {s['steps']} steps this run (step {s['final_step']}) in {s['seconds']:.1f}s, "
-            f"{s['tokens_per_s']:,.0f} tokens/s, MFU {100 * s['mfu']:.1f}%",
+            f"{s['tokens_per_s']:,.0f} tokens/s, MFU "
+            + (
+                f"{100 * s['mfu']:.1f}%"
+                if s["mfu"] is not None
+                else "not reported (metrics.peak_flops unknown)"
+            ),
             self._format_eval(s),
             *(
                 [

@@ -5,20 +5,32 @@ from __future__ import annotations
 import json
 import resource
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# Dense bf16 tensor-core peaks (FLOP/s) of known GPUs, from the vendors' data sheets.
+# Dense bf16 tensor-core peaks (FLOP/s) of known GPUs, from the vendors' data sheets; the first key found in
+# the device's name wins, so the specific variants come before their family.
 GPU_PEAK_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "H200": 989e12,
     "H100": 989e12,
+    "H800": 989e12,
+    "B200": 2250e12,
     "A100": 312e12,
     "L40S": 362e12,
     "A10G": 125e12,
     "L4": 121e12,
 }
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """A known GPU's dense bf16 peak from its device name; None for a GPU not in the table."""
+    return next((value for key, value in GPU_PEAK_FLOPS.items() if key in name), None)
+
 
 _cpu_peak_cache: float | None = None
 
@@ -38,16 +50,21 @@ def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
     return _cpu_peak_cache
 
 
-def peak_flops(device: torch.device, configured: float | None) -> float:
-    """Per-device peak for MFU: the configured value, a known GPU's data sheet, or the CPU probe."""
+def peak_flops(device: torch.device, configured: float | None) -> float | None:
+    """Per-device peak for MFU: the configured value, a known GPU's data sheet, or the CPU probe. An unknown
+    GPU trains all the same, without MFU (None), and a warning says how to get it."""
     if configured:
         return float(configured)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return value
-        raise ValueError(f"unknown GPU {name!r} for MFU: set metrics.peak_flops to its peak FLOP/s")
+        peak = gpu_peak_flops(name)
+        if peak is None:
+            warnings.warn(
+                f"GPU {name!r} is not in trainer.metrics.GPU_PEAK_FLOPS: MFU is not reported; set "
+                "metrics.peak_flops to its dense bf16 peak FLOP/s (data sheet) to get it",
+                stacklevel=2,
+            )
+        return peak
     return measure_cpu_peak_flops()
 
 
@@ -68,8 +85,10 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, peak: float, num_devices: int) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices."""
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, num_devices: int) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices (None: peak unknown)."""
+    if peak is None:
+        return None
     return tokens_per_s * flops_per_token / (peak * num_devices)
 
 
