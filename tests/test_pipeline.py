@@ -331,3 +331,15 @@ def test_dry_run_prints_every_command_and_writes_nothing(tmp_path, capsys):
     )
     assert f"hydra.run.dir={tmp_path}/run/dense_adapted resume=auto" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_fork_runs_the_stages_as_subprocesses_where_a_gpu_is_visible(monkeypatch):
+    import torch
+
+    from trainer.pipeline import effective_launcher
+
+    launchers = ("fork", "subprocess", "torchrun")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert [effective_launcher(name) for name in launchers] == ["fork", "subprocess", "torchrun"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA would not survive the fork
+    assert [effective_launcher(name) for name in launchers] == ["subprocess", "subprocess", "torchrun"]

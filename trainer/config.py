@@ -539,7 +539,8 @@ class PipelineConfig:
     run_dir: str = "outputs/pipeline/${chain.name}"
     # Run only these stages (null: all, in order).
     only: list[str] | None = None
-    # fork (each stage forked from this process, imports done once), subprocess (python -m) or torchrun.
+    # fork (each stage forked from this process, imports done once; subprocesses where a GPU is visible),
+    # subprocess (python -m) or torchrun.
     launcher: str = "fork"
     # torchrun: ranks per trainer.train stage.
     nproc_per_node: int = 1

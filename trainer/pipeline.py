@@ -13,8 +13,10 @@ outputs through `${run_dir}`:
 - each stage's output is shown and also written to RUN_DIR/STAGE/stage.log.
 
 Launchers: `fork` (default) runs each stage in a child forked from this process after the heavy imports
-(torch, transformers, Hydra), which saves their ~10 s per stage; `subprocess` starts `python -m MODULE`;
-`torchrun` runs the `trainer.train` stages on `nproc_per_node` ranks (and the others as subprocesses).
+(torch, transformers, Hydra), which saves their ~10 s per stage, on machines without a GPU (a forked child
+cannot use CUDA once the parent has touched it, and imports may: where a GPU is visible, `fork` runs the
+stages as subprocesses); `subprocess` starts `python -m MODULE`; `torchrun` runs the `trainer.train` stages
+on `nproc_per_node` ranks (and the others as subprocesses).
 """
 
 from __future__ import annotations
@@ -173,14 +175,30 @@ def finished(stage_dir: Path, command: str) -> bool:
     return True
 
 
+def effective_launcher(requested: str) -> str:
+    """`fork` becomes `subprocess` where a GPU is visible: CUDA does not survive a fork once initialised,
+    and the parent's imports may initialise it. Counting the GPUs goes through NVML, which does not."""
+    import torch
+
+    if requested == "fork" and torch.cuda.device_count() > 0:
+        return "subprocess"
+    return requested
+
+
 def run_pipeline(cfg: Any) -> dict[str, Any]:
     """Run the stages in order, skipping finished ones; stops at the first failing stage."""
     run_dir = Path(cfg.run_dir)
     stages = cfg.chain.stages
     selected = [n for n in stages if not cfg.only or n in cfg.only]
+    launcher = effective_launcher(cfg.launcher)
     print(
         f"pipeline {cfg.chain.name}: {len(selected)} stage(s) in {run_dir}"
         + (" (dry run)" if cfg.dry_run else "")
+        + (
+            f", launcher {launcher} (a GPU is visible: CUDA does not survive a fork)"
+            if launcher != cfg.launcher
+            else ""
+        )
     )
     summary: dict[str, Any] = {}
     start = time.perf_counter()
@@ -201,7 +219,7 @@ def run_pipeline(cfg: Any) -> dict[str, Any]:
         stage_dir.mkdir(parents=True, exist_ok=True)
         log_path = stage_dir / "stage.log"
         t0 = time.perf_counter()
-        if cfg.launcher == "fork":
+        if launcher == "fork":
             preload()  # once (later calls find the modules imported), and only if a stage runs
             code = run_forked(stage.module, args, log_path)
         else:
