@@ -33,6 +33,8 @@ def test_train_command_writes_metrics_checkpoints_and_hf_export(tmp_path):
         f"hydra.run.dir={tmp_path}",
     )
     assert "done: 6 steps" in out.stdout and "entropy floor" in out.stdout
+    for noise in ("Failed to load", "is an Enum subclass", "Setting accelerator to CPU"):  # trainer/quiet.py
+        assert noise not in out.stdout + out.stderr
     lines = records(tmp_path / "metrics.jsonl")
     train = [r for r in lines if "loss" in r]
     assert [r["step"] for r in train] == [2, 4, 6]
