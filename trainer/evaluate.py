@@ -47,7 +47,7 @@ from trainer.quant.serialization import (
     read_manifest,
 )
 from trainer.quant.smooth import Int8DynamicLinear
-from trainer.utils import resolve_device, resolve_dtype, write_json_atomic
+from trainer.utils import dtype_name, resolve_device, resolve_dtype, write_json_atomic
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
@@ -346,7 +346,7 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
                 "params": params,
                 "nonzero_params": nonzero,
                 "size_bytes": size,
-                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                "dtype": dtype_name(model),
                 "prefill_ms": None,
                 "decode_tokens_per_s": None,
                 "latency_batch_size": lat.batch_size,

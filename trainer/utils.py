@@ -49,6 +49,11 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def dtype_name(module: torch.nn.Module) -> str:
+    """The name `resolve_dtype` takes back of the dtype `module`'s parameters are in ("bfloat16")."""
+    return str(next(module.parameters()).dtype).removeprefix("torch.")
+
+
 def resolve_device(name: str, local_rank: int = 0, *, key: str = "train.device") -> torch.device:
     """`auto` (cuda when visible), `cpu` or `cuda` (this rank's GPU); `key` names the option in errors."""
     if name == "auto":

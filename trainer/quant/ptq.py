@@ -26,7 +26,7 @@ from torch import nn
 from trainer.config import DTYPES, ConfigError
 from trainer.quant import smooth
 from trainer.quant.gptq import quantize_blocks_gptq, quantize_head_gptq
-from trainer.utils import require, resolve_dtype
+from trainer.utils import dtype_name, require, resolve_dtype
 
 SCHEMES = ("int8_dynamic", "int8_smooth", "int8_weight", "int4_weight", "sparse24")
 CPU_SCHEMES = ("int8_dynamic", "int8_smooth", "int8_weight")
@@ -180,7 +180,7 @@ def quantize_model(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_(model, torchao_config(scheme, group_size=group_size), filter_fn=_filter(keep_float))
-    info["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    info["dtype"] = dtype_name(model)
     if scheme == "int4_weight":
         info["group_size"] = group_size
     return info

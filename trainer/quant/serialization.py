@@ -34,6 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from trainer.data.tokenizer import load_tokenizer
 from trainer.quant import smooth
+from trainer.quant.ptq import check_scheme, sparsify_24
 from trainer.utils import require
 
 MANIFEST = "quantization.json"
@@ -148,8 +149,6 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> P
         setattr(model.get_submodule(parent), attr, model.get_parameter(name))
     model.to(device)
     if manifest["scheme"] == "sparse24":
-        from trainer.quant.ptq import check_scheme, sparsify_24
-
         check_scheme("sparse24", torch.device(device))  # CUDA only: says so before any kernel runs
         sparsify_24(model, manifest["keep_float"])
     return model.eval()
