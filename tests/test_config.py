@@ -8,10 +8,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from tests.conftest import TINY, TINY_LOOP, TINY_MARKOV, TINY_MODEL, compose_config, make_trainer
-from trainer.config import ConfigError, validate_config
-from trainer.data import DataError
+from trainer.config import validate_config
+from trainer.errors import ConfigError, DataError, MissingPackageError
 from trainer.train import CONF_DIR
-from trainer.utils import MissingPackageError, require
+from trainer.utils import require
 
 USER = TINY_MODEL + TINY_LOOP
 

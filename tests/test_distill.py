@@ -17,9 +17,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import TINY, compose_config, make_trainer, read_metrics, run_command, train_losses
-from trainer.config import ConfigError, validate_config
+from trainer.config import validate_config
 from trainer.distill.hidden import default_layer_map, resolve_layer_map
 from trainer.distill.losses import distillation_loss, hidden_state_loss, mixed_distillation_loss
+from trainer.errors import ConfigError
 
 # ---- the losses ---------------------------------------------------------------------------------------
 # Student logits [0, 0] -> s = [1/2, 1/2]; teacher logits [ln 3, 0] -> t = [3/4, 1/4].
@@ -301,8 +302,8 @@ def test_student_cut_from_every_kth_teacher_layer(teacher, tmp_path):
 
 
 def test_student_layers_pick_the_teacher_layers_exactly_and_bad_ones_fail_naming_the_range(teacher, tmp_path):
-    from trainer.config import ConfigError
     from trainer.distill.student import kept_layers
+    from trainer.errors import ConfigError
 
     assert (
         kept_layers(30, stride=3, layers=[0, 3, 6, 10, 13, 16, 19, 23, 26, 29])[-1] == 29
@@ -371,7 +372,7 @@ def test_two_ranks_follow_the_single_run_and_shard_the_teacher(strategy, straigh
 def test_gguf_teacher_without_the_gguf_package_names_the_extra(tmp_path, monkeypatch):
     import sys
 
-    from trainer.utils import MissingPackageError
+    from trainer.errors import MissingPackageError
 
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
     with pytest.raises(MissingPackageError, match=r"trainer\[gguf\]"):

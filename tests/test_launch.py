@@ -31,10 +31,10 @@ from tests.conftest import (
     train_losses,
 )
 from tests.slurm_cluster import SlurmCluster, install_reason
-from trainer.distributed import LaunchError, read_env
+from trainer.distributed import read_env
+from trainer.errors import LaunchError, MissingPackageError
 from trainer.preemption import MARKER, Preempted, watched_signals
 from trainer.rundir import job_run_dir
-from trainer.utils import MissingPackageError
 
 # Long enough for the preemption signal to land mid-run (a step takes ~20-40 ms with two CPU ranks).
 SLURM_STEPS = 100
@@ -255,7 +255,7 @@ def test_run_dir_comes_from_the_job_identity_shared_by_every_rank():
     local = {"TORCHELASTIC_RUN_ID": "none", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "2"}
     assert job_run_dir(default, local) == job_run_dir(default, dict(local))  # the agent: same for its workers
     assert job_run_dir(default, local).endswith(f"-{os.getppid()}")
-    from trainer.config import ConfigError
+    from trainer.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--rdzv-id"):
         job_run_dir(default, {"TORCHELASTIC_RUN_ID": "none", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "4"})
@@ -410,7 +410,7 @@ def test_wandb_offline_and_tensorboard_log_the_metrics_and_a_resumed_run_continu
 
 
 def test_logging_backends_name_the_extra_when_missing_and_refuse_a_bad_mode(tmp_path, monkeypatch):
-    from trainer.config import ConfigError
+    from trainer.errors import ConfigError
 
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(MissingPackageError, match=r"trainer\[wandb\]"):

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from tests.conftest import compose_config
-from trainer.config import ConfigError, validate_config
+from trainer.config import validate_config
+from trainer.errors import ConfigError
 from trainer.optim import build_optimizer, lr_factor, param_groups, schedule_factor
 
 

@@ -17,11 +17,10 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from tests.conftest import TINY, compose_config, free_port
-from trainer.config import ConfigError
 from trainer.distributed import ParallelEnv
+from trainer.errors import ConfigError, MissingPackageError
 from trainer.optim import APEX_INSTALL, build_optimizer, check_optimizer
 from trainer.optimizers import Lion
-from trainer.utils import MissingPackageError
 
 COMMON = [*TINY, "train.micro_batch_size=2", "scheduler=constant", "train.export_hf=false"]
 # Small tensors would keep 32-bit states (min_8bit_size=4096 by default): quantize every tiny-model matrix.

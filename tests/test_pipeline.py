@@ -211,7 +211,7 @@ def test_a_stage_rerun_as_a_subprocess_gives_the_same_report(chain):
 
 
 def test_a_finished_stage_whose_command_changed_is_refused_naming_the_directory(tmp_path):
-    from trainer.config import ConfigError
+    from trainer.errors import ConfigError
     from trainer.pipeline import finished
 
     (tmp_path / "stage.json").write_text(json.dumps({"command": "python -m trainer.train a=1"}))
@@ -231,7 +231,7 @@ def test_a_finished_stage_whose_command_changed_is_refused_naming_the_directory(
     ],
 )
 def test_bad_pipeline_config_fails_before_any_stage_runs(overrides, match, tmp_path):
-    from trainer.config import ConfigError
+    from trainer.errors import ConfigError
     from trainer.pipeline import compose_pipeline
 
     with pytest.raises(ConfigError, match=match):

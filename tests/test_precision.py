@@ -14,11 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import TINY, compose_config, free_port, make_trainer, run_command, train_losses
-from trainer.config import ConfigError
 from trainer.distributed import ParallelEnv
-from trainer.precision import LossScaleError, check_fp8_supported
+from trainer.errors import ConfigError, LossScaleError, MissingPackageError
+from trainer.precision import check_fp8_supported
 from trainer.strategy import build_strategy
-from trainer.utils import MissingPackageError
 
 COMMON = [*TINY, "train.micro_batch_size=2", "train.log_every=1", "scheduler=constant"]
 TOLERANCE = {"bf16": 2e-3, "fp16": 1e-3, "fp8": 3e-3}

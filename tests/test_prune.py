@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import TINY, make_trainer, read_metrics, run_command
-from trainer.config import ConfigError, validate_config
+from trainer.config import validate_config
+from trainer.errors import ConfigError
 from trainer.prune.methods import magnitude_mask, nm_mask, sparsegpt_prune, wanda_mask
 from trainer.prune.schedule import gmp_sparsity, is_update_step
 

@@ -28,7 +28,8 @@ from tests.conftest import (
     subprocess_env,
     train_losses,
 )
-from trainer.config import ConfigError, validate_config
+from trainer.config import validate_config
+from trainer.errors import ConfigError
 from trainer.quant import load_quantized, quantize_model, save_quantized
 from trainer.quant.gptq import gptq_quantize
 from trainer.quant.ptq import check_scheme, scheme_dtype, sparsify_24

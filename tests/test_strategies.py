@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import TINY, make_trainer, run_command, train_losses
-from trainer.config import ConfigError
-from trainer.utils import MissingPackageError
+from trainer.errors import ConfigError, MissingPackageError
 
 STEPS = 10
 # Global batch 8 = 2 ranks x micro 2 x 2 accumulation steps (4 accumulation steps in the single run).

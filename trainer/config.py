@@ -13,9 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key and the fix."""
+from trainer.errors import ConfigError
 
 
 @dataclass

@@ -9,9 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-
-class LaunchError(RuntimeError):
-    """The launcher's environment does not describe a job that can run (e.g. srun tasks with no rendezvous)."""
+from trainer.errors import LaunchError
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from trainer.config import DTYPES, ConfigError, register_configs
+from trainer.config import DTYPES, register_configs
 from trainer.data import IGNORE_INDEX, TokenWindows, build_data
 from trainer.data.tokenizer import load_tokenizer
+from trainer.errors import ConfigError
 from trainer.quant.serialization import (
     float_source,
     is_quantized_dir,

@@ -24,7 +24,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.precision import convert_to_fp8
 from trainer.shards import LoadSlice, SaveSlice
 from trainer.strategy import OptimizerFactory, SingleStrategy, named_parameters

@@ -11,10 +11,11 @@ import torch
 from tqdm import tqdm
 
 from trainer import checkpoint as ckpt
-from trainer.config import ConfigError, validate_config
-from trainer.data import DataError, SampleOrder, build_data, rank_micro_batches
+from trainer.config import validate_config
+from trainer.data import SampleOrder, build_data, rank_micro_batches
 from trainer.distill import build_distillation
 from trainer.distributed import ParallelEnv, all_gather_ints, all_reduce_sum, barrier, init_distributed
+from trainer.errors import ConfigError, DataError
 from trainer.logger import ExperimentLog
 from trainer.metrics import mfu, peak_flops, peak_memory_bytes
 from trainer.models import count_params, flops_per_token, max_seq_len

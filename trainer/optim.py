@@ -19,8 +19,8 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 from torch import nn
 
-from trainer.config import ConfigError
-from trainer.utils import MissingPackageError, require
+from trainer.errors import ConfigError, MissingPackageError
+from trainer.utils import require
 
 # Keys of the optimizer config that are ours, not the optimizer class's.
 _OWN_KEYS = {"_target_", "no_decay"}

@@ -37,7 +37,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from trainer.config import ConfigError, register_configs
+from trainer.config import register_configs
+from trainer.errors import ConfigError
 from trainer.utils import write_json_atomic
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")

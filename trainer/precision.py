@@ -16,15 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError, LossScaleError
 from trainer.utils import require, resolve_dtype
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 FP8_MIN_CAPABILITY = (8, 9)
-
-
-class LossScaleError(RuntimeError):
-    """fp16 overflowed even at the smallest allowed loss scale: the run cannot go on in fp16."""
 
 
 class Precision:

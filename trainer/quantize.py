@@ -16,8 +16,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from trainer.config import ConfigError, register_configs
+from trainer.config import register_configs
 from trainer.data import build_data
+from trainer.errors import ConfigError
 from trainer.quant.ptq import check_scheme, default_keep_float, quantize_model, scheme_dtype
 from trainer.quant.serialization import float_source, load_float, save_quantized, weights_size
 from trainer.utils import resolve_device

@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import ConfigError, TargetConfig, register_configs
+from trainer.config import TargetConfig, register_configs
+from trainer.errors import ConfigError
 from trainer.utils import require
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from omegaconf import OmegaConf
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 # Set by launch/slurm/train.sbatch (outputs/slurm-JOBID), or by the user: the run directory, verbatim.
 RUN_DIR_VAR = "TRAINER_RUN_DIR"

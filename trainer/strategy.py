@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.config import ConfigError
 from trainer.distributed import ParallelEnv
+from trainer.errors import ConfigError
 from trainer.optim import check_optimizer
 from trainer.precision import Precision, convert_to_fp8
 from trainer.shards import (

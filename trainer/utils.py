@@ -13,9 +13,7 @@ from typing import Any
 
 import torch
 
-
-class MissingPackageError(ImportError):
-    """An optional package is needed by the config; the message names the extra that installs it."""
+from trainer.errors import MissingPackageError
 
 
 def require(module: str, *, extra: str, package: str | None = None) -> ModuleType:

@@ -20,8 +20,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from trainer.config import ConfigError
 from trainer.distributed import ParallelEnv
+from trainer.errors import ConfigError
 from trainer.shards import (
     LoadSlice,
     SaveSlice,

@@ -20,13 +20,10 @@ from omegaconf import OmegaConf
 
 from trainer.data import markov
 from trainer.data.tokenizer import build_bpe_tokenizer, build_wordlevel_tokenizer, load_tokenizer
+from trainer.errors import DataError
 
 IGNORE_INDEX = -100
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
-
-
-class DataError(ValueError):
-    """The data cannot be used as configured; the message says why and what to change."""
 
 
 @dataclass

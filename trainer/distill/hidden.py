@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 
 def default_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.fsdp import transformer_blocks
 from trainer.models import build_model
 

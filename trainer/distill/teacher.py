@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from trainer.checkpoint import STATE_FILE, resolve_resume
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.loss import causal_lm_loss
 from trainer.models import supports_fused_loss
 from trainer.utils import require

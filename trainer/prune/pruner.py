@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import ConfigError
 from trainer.distributed import ParallelEnv, all_reduce_sum
+from trainer.errors import ConfigError
 from trainer.fsdp import transformer_blocks
 from trainer.prune.calibrate import InputStats, calibration_batches, prune_sequentially
 from trainer.prune.masks import (

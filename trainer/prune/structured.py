@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.fsdp import transformer_blocks
 
 

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import DTYPES, ConfigError
+from trainer.config import DTYPES
+from trainer.errors import ConfigError
 from trainer.quant import smooth
 from trainer.quant.gptq import quantize_blocks_gptq, quantize_head_gptq
 from trainer.utils import dtype_name, require, resolve_dtype

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.utils import require
 
 QAT_SCHEMES = ("none", "int8_dynamic", "int8_weight", "int4_weight")
