@@ -25,7 +25,7 @@ import json, os, signal, sys, time
 replies = os.fdopen(os.dup(1), "w")  # the protocol's channel; anything the imports print goes to stderr
 os.dup2(2, 1)
 import datasets, hydra, transformers  # the imports every job would repeat (trainer.train itself runs as __main__)
-import trainer.loop, trainer.zero, trainer.fsdp, trainer.rundir
+import trainer.loop, trainer.strategies, trainer.rundir
 from trainer.pipeline import run_as_main
 try:
     import deepspeed  # noqa: F401

@@ -172,7 +172,11 @@ def test_shipped_optimizers_build_with_their_config():
 
 
 def _strategy(name: str, *extra: str):
-    return compose_config(f"strategy={name}", *extra).strategy
+    from trainer.strategies import build_strategy
+
+    return build_strategy(
+        compose_config(f"strategy={name}", *extra), ParallelEnv(0, 2, 0), torch.device("cpu")
+    )
 
 
 @pytest.mark.parametrize(
@@ -188,7 +192,7 @@ def _strategy(name: str, *extra: str):
     ],
 )
 def test_unsupported_pairings_are_refused_with_the_reason(optimizer, strategy, fragment):
-    from trainer.strategy import build_strategy
+    from trainer.strategies import build_strategy
 
     cfg = compose_config(f"optimizer={optimizer}", f"strategy={strategy}")
     with pytest.raises(ConfigError, match=f"strategy={strategy}.*{fragment}"):

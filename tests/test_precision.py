@@ -17,7 +17,7 @@ from tests.conftest import TINY, compose_config, free_port, make_trainer, run_co
 from trainer.distributed import ParallelEnv
 from trainer.errors import ConfigError, LossScaleError, MissingPackageError
 from trainer.precision import check_fp8_supported
-from trainer.strategy import build_strategy
+from trainer.strategies import build_strategy
 
 COMMON = [*TINY, "train.micro_batch_size=2", "train.log_every=1", "scheduler=constant"]
 TOLERANCE = {"bf16": 2e-3, "fp16": 1e-3, "fp8": 3e-3}

@@ -155,7 +155,7 @@ def test_deepspeed_missing_names_the_extra(monkeypatch):
 
     from tests.conftest import compose_config
     from trainer.distributed import ParallelEnv
-    from trainer.strategy import build_strategy
+    from trainer.strategies import build_strategy
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)
     with pytest.raises(MissingPackageError, match=r"trainer\[deepspeed\]"):
@@ -164,7 +164,7 @@ def test_deepspeed_missing_names_the_extra(monkeypatch):
 
 def test_deepspeed_config_follows_ours_and_takes_extra_keys():
     from tests.conftest import compose_config
-    from trainer.zero import deepspeed_config
+    from trainer.strategies import deepspeed_config
 
     overrides = ["train.micro_batch_size=2", "train.global_batch_size=16", "train.grad_clip=0.5"]
     cfg = compose_config("strategy=zero3", *overrides)
@@ -271,7 +271,7 @@ def test_a_killed_rank_restarts_and_resumes_from_the_last_checkpoint(tmp_path):
 def test_compile_under_zero3_is_refused_with_the_alternative():
     from tests.conftest import compose_config
     from trainer.distributed import ParallelEnv
-    from trainer.strategy import build_strategy
+    from trainer.strategies import build_strategy
 
     with pytest.raises(ConfigError, match="strategy=fsdp"):
         build_strategy(
@@ -282,7 +282,7 @@ def test_compile_under_zero3_is_refused_with_the_alternative():
 def test_fsdp_cpu_offload_on_a_cpu_run_explains_itself():
     from tests.conftest import compose_config
     from trainer.distributed import ParallelEnv
-    from trainer.strategy import build_strategy
+    from trainer.strategies import build_strategy
 
     with pytest.raises(ConfigError, match="strategy.cpu_offload=false"):
         build_strategy(

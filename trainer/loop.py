@@ -19,11 +19,11 @@ from trainer.errors import ConfigError, DataError
 from trainer.logger import ExperimentLog
 from trainer.metrics import mfu, peak_flops, peak_memory_bytes
 from trainer.models import count_params, flops_per_token, max_seq_len
-from trainer.optim import build_optimizer, optimizer_offloaded, schedule_factor, set_lr
+from trainer.optim import build_optimizer, schedule_factor, set_lr
 from trainer.preemption import Preempted, PreemptionWatch, clear_marker, write_marker
 from trainer.prune import Pruner
 from trainer.quant.qat import convert_export, prepare_qat
-from trainer.strategy import build_strategy
+from trainer.strategies import build_strategy
 from trainer.utils import resolve_device, resolve_dtype
 
 
@@ -64,7 +64,7 @@ class Trainer:
         self.module, self.optimizer = self.strategy.setup(
             module,
             lambda m: build_optimizer(
-                cfg.optimizer, m, device=self.device, offload=optimizer_offloaded(cfg.strategy)
+                cfg.optimizer, m, device=self.device, offload=self.strategy.offloads_optimizer
             ),
         )
         self.pruner.attach(self.strategy, self.module, self.optimizer)  # masks hold after every step

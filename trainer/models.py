@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from trainer.errors import ConfigError
 from trainer.loss import causal_lm_loss
 from trainer.utils import require
 
@@ -69,6 +70,18 @@ def _without_gguf_quantizer(model: PreTrainedModel, dtype: torch.dtype) -> PreTr
     plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     plain.load_state_dict(model.state_dict())
     return plain
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of an HF model: modules whose class is listed in its `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ConfigError(
+            f"cannot find the transformer blocks of {type(model).__name__} (no `_no_split_modules`); "
+            "sharding, pruning and distillation work per block"
+        )
+    return blocks
 
 
 def max_seq_len(model: PreTrainedModel) -> int | None:

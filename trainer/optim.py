@@ -90,11 +90,6 @@ _KNOWN: dict[str, _Needs] = {
 }
 
 
-def optimizer_offloaded(strategy: Any) -> bool:
-    """ZeRO with strategy.offload_optimizer=cpu keeps the optimizer states in CPU memory and steps them there."""
-    return strategy is not None and strategy.name.startswith("zero") and strategy.offload_optimizer == "cpu"
-
-
 def param_groups(model: nn.Module, *, weight_decay: float, no_decay: list[str]) -> list[dict[str, Any]]:
     """Two groups: decayed weights, and biases/norms/embeddings (or whatever `no_decay` names) without decay."""
     decay, exempt = [], []
@@ -186,14 +181,18 @@ def optimizer_kwargs(cfg: Any, *, target: str | None = None) -> tuple[type, dict
 
 
 def check_optimizer(cfg: Any, *, device: torch.device, strategy: Any = None) -> None:
-    """Fail before any work if the optimizer cannot run here: its package, the hardware, or the strategy."""
-    name = strategy.name if strategy is not None else "single"
-    offload = optimizer_offloaded(strategy)
+    """Fail before any work if the optimizer cannot run here: its package, the hardware, or the strategy's
+    layout (`strategy`: a `trainer.strategies.Strategy`, asked what it does to the tensors; None: one process)."""
+    offload = strategy is not None and strategy.offloads_optimizer
     needs = _KNOWN.get(cfg._target_, _Needs())
-    if name == "fsdp" and needs.not_fsdp:
-        raise ConfigError(f"optimizer {cfg._target_} cannot run under strategy=fsdp: {needs.not_fsdp}")
-    if name.startswith("zero") and needs.not_zero:
-        raise ConfigError(f"optimizer {cfg._target_} cannot run under strategy={name}: {needs.not_zero}")
+    if strategy is not None and strategy.dtensor_parameters and needs.not_fsdp:
+        raise ConfigError(
+            f"optimizer {cfg._target_} cannot run under strategy={strategy.name}: {needs.not_fsdp}"
+        )
+    if strategy is not None and strategy.flat_partitions and needs.not_zero:
+        raise ConfigError(
+            f"optimizer {cfg._target_} cannot run under strategy={strategy.name}: {needs.not_zero}"
+        )
     optimizer_kwargs(cfg, target=_usable_target(cfg, device=device, offload=offload))
 
 
@@ -202,7 +201,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The configured optimizer over `model`'s parameter groups.
 
-    `offload`: the states live in CPU memory (ZeRO's offload, see `optimizer_offloaded`), so an optimizer
+    `offload`: the states live in CPU memory (ZeRO's offload, `Strategy.offloads_optimizer`), so an optimizer
     with a CPU twin (FusedAdam -> DeepSpeedCPUAdam) gets it.
     """
     cls, kwargs = optimizer_kwargs(cfg, target=_usable_target(cfg, device=device, offload=offload))

@@ -3,7 +3,7 @@
 Master weights and optimizer states stay in `train.dtype` (float32 unless a config asks otherwise); the
 precision only changes what the matmuls run in. Each strategy applies it its own way: autocast for
 `single`/`ddp`, FSDP2's MixedPrecisionPolicy for `fsdp`, DeepSpeed's bf16/fp16 sections for ZeRO (see
-`trainer/strategy.py`, `trainer/fsdp.py`, `trainer/zero.py`). This module holds what they share: the
+`trainer/strategies/`). This module holds what they share: the
 dtypes, the loss scaler, the count of skipped (overflowing) steps, and the checks that a precision can
 run where it was asked to.
 """
@@ -19,7 +19,13 @@ from torch import nn
 from trainer.errors import ConfigError, LossScaleError
 from trainer.utils import require, resolve_dtype
 
-COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+# name: (compute dtype, dynamic loss scaling for fp16's narrow range, torchao float8 linears)
+PRECISIONS: dict[str, tuple[torch.dtype | None, bool, bool]] = {
+    "fp32": (None, False, False),
+    "bf16": (torch.bfloat16, False, False),
+    "fp16": (torch.float16, True, False),
+    "fp8": (torch.bfloat16, False, True),
+}
 FP8_MIN_CAPABILITY = (8, 9)
 
 
@@ -27,9 +33,9 @@ class Precision:
     """One run's precision settings plus, for fp16, the loss scaler and its bookkeeping."""
 
     def __init__(self, cfg: Any, device: torch.device) -> None:
-        self.name: str = cfg.name
+        self.name: str = str(cfg.name)
         self.device = device
-        self.compute_dtype: torch.dtype | None = COMPUTE_DTYPES[self.name]
+        self.compute_dtype, self.loss_scaling, self.fp8 = PRECISIONS[self.name]
         self.reduce_dtype = resolve_dtype(cfg.reduce_dtype)
         self.min_loss_scale = float(cfg.min_loss_scale)
         self.scaler_kwargs = {
@@ -41,12 +47,8 @@ class Precision:
         self.scaler: torch.amp.GradScaler | None = None
         self.external_scaler: Any = None  # DeepSpeed's loss scaler (its `cur_scale`) under ZeRO
         self.skipped_steps = 0
-        if self.name == "fp8":
+        if self.fp8:
             check_fp8_supported(device)
-
-    @property
-    def loss_scaling(self) -> bool:
-        return self.name == "fp16"
 
     def make_scaler(self, *, sharded: bool = False) -> None:
         """Create the fp16 loss scaler (the sharded one all-reduces the overflow flag across ranks)."""

@@ -15,8 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from trainer.errors import ConfigError
-from trainer.fsdp import transformer_blocks
-from trainer.models import build_model
+from trainer.models import build_model, transformer_blocks
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from trainer.fsdp import transformer_blocks
+from trainer.models import transformer_blocks
 
 
 def calibration_batches(train, *, num_batches: int, batch_size: int, seed: int) -> list[torch.Tensor]:

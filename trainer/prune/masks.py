@@ -1,7 +1,8 @@
 """Masks kept by canonical parameter name, and their enforcement on whatever each strategy holds.
 
 A mask is a whole boolean tensor (True = kept) on every rank, keyed by the HF state-dict name. What it is
-applied to is looked up afresh every time, never cached, because the tensors move under the strategies:
+applied to is the strategy's view of what this rank holds (`Strategy.pieces`), looked up afresh every time,
+never cached, because the tensors move under the strategies:
 
 - single, ddp: the parameter, its gradient and its optimizer states, whole;
 - fsdp: the local rows of each DTensor (parameter, gradient, states), at the flat offset its placement
@@ -19,7 +20,6 @@ cannot revive them), before DeepSpeed copies the master to the working weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,100 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.shards import SaveSlice, ShardReader, replicated_save_slice
-from trainer.strategy import named_parameters
 
 MASK_PREFIX = "mask/"
-
-
-@dataclass
-class Piece:
-    """A flat range [start, start + tensor.numel()) of parameter `name`, held by `tensor` (a 1-D view)."""
-
-    name: str
-    start: int
-    tensor: torch.Tensor
-    kind: str  # "weight", "grad" or "state"
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.view(-1)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _plain_pieces(strategy, module: nn.Module, optimizer, names: set[str]) -> list[Piece]:
-    """single, ddp and fsdp: parameters (DTensor shards under fsdp), their gradients and states."""
-    from torch.distributed.tensor import DTensor
-
-    if strategy.name == "fsdp":
-        strategy._reshard(module)  # after an eval forward the root's parameters are still gathered
-        from trainer.fsdp import _row_offset
-    out = []
-    for name, p in named_parameters(module):
-        if name not in names:
-            continue
-        start = _row_offset(p)[0] if isinstance(p, DTensor) else 0
-        local = _local(p)
-        out.append(Piece(name, start, _flat(local.data), "weight"))
-        if p.grad is not None:
-            out.append(Piece(name, start, _flat(_local(p.grad)), "grad"))
-        for value in optimizer.state.get(p, {}).values():
-            if torch.is_tensor(value) and value.is_floating_point() and value.numel() == p.numel():
-                out.append(Piece(name, start, _flat(_local(value)), "state"))
-    return out
-
-
-def _zero_pieces(strategy, module: nn.Module, optimizer, names: set[str]) -> list[Piece]:
-    """DeepSpeed ZeRO: this rank's fragments of the fp32 master, its gradient and states, and the bit16 copy."""
-    inner, rank, out = optimizer.optimizer, strategy.env.rank, []
-    if strategy.stage == 3:
-        for name, p in named_parameters(module):
-            if name not in names:
-                continue
-            group, offset, _ = optimizer.grad_position[optimizer.get_param_id(p)]
-            flat = optimizer.fp32_partitioned_groups_flat[group]
-            per = p.ds_tensor.ds_numel
-            start, valid = rank * per, max(0, min(per, p.ds_numel - rank * per))
-            out += _fragment_pieces(name, start, flat, offset, valid, inner)
-            out.append(Piece(name, start, p.ds_tensor.data.view(-1)[:valid], "weight"))
-            if p.data.numel() == p.ds_numel:  # a persistent small parameter, held gathered
-                out.append(Piece(name, 0, _flat(p.data), "weight"))
-        return out
-    group_of = {id(p): i for i, params in enumerate(optimizer.bit16_groups) for p in params}
-    for name, p in named_parameters(module):
-        if name not in names:
-            continue
-        out.append(Piece(name, 0, _flat(p.data), "weight"))  # every rank holds the whole working weights
-        mapping = getattr(p, "_hp_mapping", None)
-        if mapping is None:  # no fragment of this parameter in this rank's partition
-            continue
-        flat = optimizer.single_partition_of_fp32_groups[group_of[id(p)]]
-        where = mapping.hp_fragment_address
-        out += _fragment_pieces(
-            name, mapping.lp_fragment_address.start, flat, where.start, where.numel, inner
-        )
-    return out
-
-
-def _fragment_pieces(name, start, flat, offset, length, inner) -> list[Piece]:
-    out = [Piece(name, start, flat.data.narrow(0, offset, length), "weight")]
-    if flat.grad is not None:
-        out.append(Piece(name, start, flat.grad.narrow(0, offset, length), "grad"))
-    for value in inner.state.get(flat, {}).values():
-        if torch.is_tensor(value) and value.is_floating_point() and value.shape == flat.shape:
-            out.append(Piece(name, start, value.narrow(0, offset, length), "state"))
-    return out
-
-
-def pieces(strategy, module: nn.Module, optimizer, names: set[str]) -> list[Piece]:
-    """Every tensor range this rank holds of the named parameters, looked up now (never cached)."""
-    if strategy.name.startswith("zero"):
-        return _zero_pieces(strategy, module, optimizer, names)
-    return _plain_pieces(strategy, module, optimizer, names)
 
 
 class MaskEnforcer:
@@ -138,7 +46,7 @@ class MaskEnforcer:
 
     def attach(self, strategy, module: nn.Module, optimizer) -> None:
         self.strategy, self.module, self.optimizer = strategy, module, optimizer
-        stepper = optimizer.optimizer if strategy.name.startswith("zero") else optimizer
+        stepper = strategy.stepping_optimizer(optimizer)
         self._handles = [
             stepper.register_step_pre_hook(lambda *_: self.apply(kinds=("grad",))),
             stepper.register_step_post_hook(lambda *_: self.apply(kinds=("weight", "state"))),
@@ -152,7 +60,7 @@ class MaskEnforcer:
 
     @torch.no_grad()
     def apply(self, *, kinds: tuple[str, ...] = ("weight", "grad", "state")) -> None:
-        for piece in pieces(self.strategy, self.module, self.optimizer, set(self.masks)):
+        for piece in self.strategy.pieces(self.module, self.optimizer, set(self.masks)):
             if piece.kind in kinds and piece.tensor.numel():
                 keep = self._flat[piece.name][piece.start : piece.start + piece.tensor.numel()]
                 piece.tensor.mul_(keep.to(device=piece.tensor.device, dtype=piece.tensor.dtype))

@@ -16,7 +16,7 @@ from torch import nn
 
 from trainer.distributed import ParallelEnv, all_reduce_sum
 from trainer.errors import ConfigError
-from trainer.fsdp import transformer_blocks
+from trainer.models import transformer_blocks
 from trainer.prune.calibrate import InputStats, calibration_batches, prune_sequentially
 from trainer.prune.masks import (
     MaskEnforcer,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from trainer.errors import ConfigError
-from trainer.fsdp import transformer_blocks
+from trainer.models import transformer_blocks
 
 
 def _sliced(linear: nn.Linear, index: torch.Tensor, *, dim: int) -> nn.Linear:

@@ -25,21 +25,10 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from trainer.errors import ConfigError
+from trainer.models import transformer_blocks
 from trainer.precision import convert_to_fp8
 from trainer.shards import LoadSlice, SaveSlice
-from trainer.strategy import OptimizerFactory, SingleStrategy, named_parameters
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of an HF model: modules whose class is listed in its `_no_split_modules`."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise ConfigError(
-            f"cannot find the transformer blocks of {type(model).__name__} (no `_no_split_modules`); "
-            "strategy=fsdp shards per block"
-        )
-    return blocks
+from trainer.strategies.base import OptimizerFactory, Piece, Strategy, named_parameters
 
 
 def _row_offset(t: DTensor) -> tuple[int, bool]:
@@ -82,9 +71,12 @@ def shard_frozen(
     return module
 
 
-class FSDPStrategy(SingleStrategy):
+class FSDPStrategy(Strategy):
     name = "fsdp"
     needs_ranks = 2
+    one_process = False
+    replicated = False
+    dtensor_parameters = True
 
     def __init__(self, cfg: Any, env, device) -> None:
         super().__init__(cfg, env, device)
@@ -112,7 +104,7 @@ class FSDPStrategy(SingleStrategy):
         self, module: nn.Module, make_optimizer: OptimizerFactory
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         module = module.to(self.device)
-        if self.precision.name == "fp8":
+        if self.precision.fp8:
             convert_to_fp8(module)
         self.precision.make_scaler(sharded=True)  # fp16: the overflow flag is all-reduced over the shards
         mesh = self.build_mesh()
@@ -144,19 +136,8 @@ class FSDPStrategy(SingleStrategy):
         module.set_requires_gradient_sync(sync or not self.cfg.defer_grad_sync)
         return contextlib.nullcontext()
 
-    def clip_and_step(
-        self, module: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float
-    ) -> torch.Tensor:
-        self.precision.unscale_(optimizer)
-        params = [p for p in module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(
-            params, max_norm if max_norm > 0 else float("inf"), foreach=True
-        )
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        self.precision.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        return norm
+    def _full_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     @staticmethod
     def _reshard(module: nn.Module) -> None:
@@ -173,11 +154,20 @@ class FSDPStrategy(SingleStrategy):
         self._reshard(module)
         return super().load_slices(module, optimizer)
 
+    def pieces(self, module: nn.Module, optimizer: torch.optim.Optimizer, names: set[str]) -> list[Piece]:
+        self._reshard(module)  # after an eval forward the root's parameters are still gathered
+        return super().pieces(module, optimizer, names)
+
+    def _local(self, tensor: torch.Tensor) -> tuple[int, torch.Tensor, bool]:
+        if not isinstance(tensor, DTensor):
+            return super()._local(tensor)
+        start, writer = _row_offset(tensor)
+        return start, tensor.to_local(), writer
+
     def _save(self, key: str, tensor: torch.Tensor) -> list[SaveSlice]:
         if not isinstance(tensor, DTensor):
             return super()._save(key, tensor)
-        start, writer = _row_offset(tensor)
-        local = tensor.to_local()
+        start, local, writer = self._local(tensor)
         if not writer or local.numel() == 0:
             return []
         return [SaveSlice(key, tuple(tensor.shape), start, local.detach().reshape(-1))]
@@ -185,8 +175,7 @@ class FSDPStrategy(SingleStrategy):
     def _load(self, key: str, tensor: torch.Tensor) -> list[LoadSlice]:
         if not isinstance(tensor, DTensor):
             return super()._load(key, tensor)
-        start, _ = _row_offset(tensor)
-        local = tensor.to_local()
+        start, local, _ = self._local(tensor)
 
         def assign(values: torch.Tensor) -> None:
             with torch.no_grad():

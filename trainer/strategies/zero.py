@@ -31,9 +31,10 @@ from trainer.shards import (
     replicated_load_slice,
     replicated_save_slice,
 )
-from trainer.strategy import (
+from trainer.strategies.base import (
     OptimizerFactory,
-    SingleStrategy,
+    Piece,
+    Strategy,
     group_numbers,
     init_optimizer_state,
     named_parameters,
@@ -99,8 +100,11 @@ def deepspeed_config(
     return _merge(config, extra)
 
 
-class ZeroStrategy(SingleStrategy):
+class ZeroStrategy(Strategy):
     needs_ranks = 2
+    one_process = False
+    replicated = False
+    flat_partitions = True
 
     def __init__(self, cfg: Any, env: ParallelEnv, device: torch.device, *, stage: int) -> None:
         self.stage = stage
@@ -115,12 +119,12 @@ class ZeroStrategy(SingleStrategy):
                 "train.compile=true does not work with strategy=zero3: DeepSpeed's parameter-partitioning hooks "
                 "break torch.compile here; use strategy=fsdp (which compiles) or train.compile=false"
             )
-        if self.precision.name == "fp8":
+        if self.precision.fp8:
             raise ConfigError(
                 "precision=fp8 runs torchao float8 linears, which DeepSpeed ZeRO does not shard; "
                 "use strategy=fsdp (or ddp) with precision=fp8, or precision=bf16 with ZeRO"
             )
-        if self.precision.name == "fp16" and device.type != "cuda":
+        if self.precision.loss_scaling and device.type != "cuda":
             raise ConfigError(
                 "precision=fp16 under DeepSpeed needs a GPU: DeepSpeed's CPU backend has no fp16. "
                 "Use precision=bf16 (or strategy=fsdp/ddp, whose fp16 runs on CPU)"
@@ -160,7 +164,7 @@ class ZeroStrategy(SingleStrategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
-        from trainer.fsdp import shard_frozen
+        from trainer.strategies.fsdp import shard_frozen
 
         mesh = init_device_mesh(self.device.type, (self.env.world_size,), mesh_dim_names=("shard",))
         cpu = self.cfg.offload_params == "cpu" and self.device.type == "cuda"
@@ -170,6 +174,13 @@ class ZeroStrategy(SingleStrategy):
             param_dtype=self.precision.compute_dtype,
             offload_policy=CPUOffloadPolicy() if cpu else OffloadPolicy(),
         )
+
+    @property
+    def offloads_optimizer(self) -> bool:
+        return self.cfg.offload_optimizer == "cpu"
+
+    def stepping_optimizer(self, optimizer: Any) -> torch.optim.Optimizer:
+        return optimizer.optimizer  # DeepSpeed's wrapper steps this torch optimizer on the flat partitions
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # DeepSpeed holds the weights in the compute dtype itself
@@ -193,48 +204,64 @@ class ZeroStrategy(SingleStrategy):
             self._scale_before = float(optimizer.loss_scale)
         return torch.as_tensor(0.0 if norm is None else float(norm))
 
-    # ---- checkpoint views: the fp32 master fragments this rank owns ---------------------------------
+    # ---- what this rank holds: the fp32 master fragments it owns, and its bit16 working copy ----------
 
-    def _fragments(self, module: nn.Module, optimizer: Any):
-        """(name, param, flat start, [(state key or None, fp32 view of this rank's fragment)], partition state).
+    def _fragments(self, module: nn.Module, optimizer: Any, names: set[str] | None = None):
+        """(name, param, flat start, [(kind, state key, 1-D view)], partition state) for each parameter.
 
-        The partition's state dict also holds its step (a tensor, or an int for DeepSpeed's own optimizers).
+        The views are this rank's fragment of the parameter in DeepSpeed's flat fp32 master partition: the
+        master weights ("weight"), their gradient ("grad") and the optimizer states shaped like the partition
+        ("state"). The partition's state dict also holds its step (a tensor, or an int for DeepSpeed's own
+        optimizers). A parameter with no fragment on this rank (ZeRO-1/2) has no views.
         """
-        inner = optimizer.optimizer  # the torch optimizer over DeepSpeed's flat fp32 partitions
-        rank = self.env.rank
-        if self.stage == 3:
-            for name, p in named_parameters(module):
-                group, _, _ = optimizer.grad_position[optimizer.get_param_id(p)]
+        inner, rank = optimizer.optimizer, self.env.rank
+        if self.stage != 3:
+            group_of = {id(p): i for i, params in enumerate(optimizer.bit16_groups) for p in params}
+        for name, p in named_parameters(module):
+            if names is not None and name not in names:
+                continue
+            if self.stage == 3:
+                group, offset, _ = optimizer.grad_position[optimizer.get_param_id(p)]
                 flat = optimizer.fp32_partitioned_groups_flat[group]
                 per = p.ds_tensor.ds_numel
-                start, valid = rank * per, max(0, min(per, p.ds_numel - rank * per))
-                views = [(None, optimizer._get_fp32_opt_state_partition(p, release_swap_buffers=False)[0])]
-                state = inner.state.get(flat, {})
-                for key, value in state.items():
-                    if torch.is_tensor(value) and value.shape == flat.shape:
-                        part = optimizer._get_fp32_opt_state_partition(
-                            p, release_swap_buffers=False, optim_state_key=key
-                        )[0]
-                        views.append((key, part))
-                yield name, p, start, [(k, v[:valid]) for k, v in views], state
-        else:
-            group_of = {id(p): i for i, params in enumerate(optimizer.bit16_groups) for p in params}
-            for name, p in named_parameters(module):
+                start, length = rank * per, max(0, min(per, p.ds_numel - rank * per))
+            else:
                 flat = optimizer.single_partition_of_fp32_groups[group_of[id(p)]]
-                state = inner.state.get(flat, {})
                 mapping = getattr(p, "_hp_mapping", None)
                 if mapping is None:  # no fragment of this parameter in this rank's partition
-                    yield name, p, 0, [], state
+                    yield name, p, 0, [], inner.state.get(flat, {})
                     continue
-                # The fragment's place in the flat partition is the same in every state tensor shaped like it.
-                where = mapping.hp_fragment_address
-                views = [(None, mapping.get_hp_fragment())]
-                views += [
-                    (k, v.narrow(0, where.start, where.numel))
-                    for k, v in state.items()
-                    if torch.is_tensor(v) and v.shape == flat.shape
-                ]
-                yield name, p, mapping.lp_fragment_address.start, views, state
+                # The fragment's place in the flat partition is the same in every tensor shaped like it.
+                start = mapping.lp_fragment_address.start
+                offset, length = mapping.hp_fragment_address.start, mapping.hp_fragment_address.numel
+            state = inner.state.get(flat, {})
+            views = [("weight", None, flat.narrow(0, offset, length))]
+            if flat.grad is not None:
+                views.append(("grad", None, flat.grad.narrow(0, offset, length)))
+            views += [
+                ("state", k, v.narrow(0, offset, length))
+                for k, v in state.items()
+                if torch.is_tensor(v) and v.shape == flat.shape
+            ]
+            yield name, p, start, views, state
+
+    def _working(self, p: torch.Tensor, start: int, length: int) -> list[tuple[int, torch.Tensor]]:
+        """(flat start, 1-D view) of the bit16 working weights this rank holds: the whole parameter under
+        ZeRO-1/2; its partition under ZeRO-3, plus the whole of a small parameter kept gathered."""
+        if self.stage != 3:
+            return [(0, p.data.view(-1))]
+        out = [(start, p.ds_tensor.data.view(-1)[:length])]
+        if p.data.numel() == p.ds_numel:  # a persistent small parameter, held gathered
+            out.append((0, p.data.view(-1)))
+        return out
+
+    def pieces(self, module: nn.Module, optimizer: Any, names: set[str]) -> list[Piece]:
+        out = []
+        for name, p, start, views, _ in self._fragments(module, optimizer, names):
+            out += [Piece(name, start, view, kind) for kind, _, view in views]
+            length = views[0][2].numel() if views else 0
+            out += [Piece(name, s, t, "weight") for s, t in self._working(p, start, length)]
+        return out
 
     def _init_state(self, optimizer: Any) -> None:
         """Create the inner optimizer's states with a zero-lr step on zero gradients, as a first step would."""
@@ -252,15 +279,17 @@ class ZeroStrategy(SingleStrategy):
             inner.step()
             group["params"], group["lr"], flat.grad = saved
 
+    def _shape(self, p: torch.Tensor) -> tuple[int, ...]:
+        return tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape)
+
     def save_slices(self, module: nn.Module, optimizer: Any) -> list[SaveSlice]:
         out: list[SaveSlice] = []
         rank, world = self.env.rank, self.env.world_size
         for name, p, start, views, state in self._fragments(module, optimizer):
-            shape = tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape)
-            for key, view in views:
-                if view.numel():
+            for kind, key, view in views:
+                if kind != "grad" and view.numel():
                     k = f"model/{name}" if key is None else f"optim/{name}/{key}"
-                    out.append(SaveSlice(k, shape, start, view.detach().reshape(-1)))
+                    out.append(SaveSlice(k, self._shape(p), start, view.detach().reshape(-1)))
             step = state.get("step")
             if torch.is_tensor(step):
                 out += replicated_save_slice(f"optim/{name}/step", step, rank=rank, world_size=world)
@@ -274,24 +303,14 @@ class ZeroStrategy(SingleStrategy):
         self._init_state(optimizer)  # state tensors on the flat partitions, before filling them
         out: list[LoadSlice] = []
         for name, p, start, views, state in self._fragments(module, optimizer):
-            shape = tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape)
-            for key, view in views:
-                out.append(
-                    LoadSlice(
-                        f"model/{name}" if key is None else f"optim/{name}/{key}",
-                        shape,
-                        start,
-                        view.numel(),
-                        _copier(view),
-                    )
-                )
-            if self.stage == 3:
-                lp = p.ds_tensor.reshape(-1)[: views[0][1].numel()]  # this rank's working copy of the weights
-                out.append(LoadSlice(f"model/{name}", shape, start, lp.numel(), _copier(lp)))
-                if p.data.numel() == p.ds_numel:  # a persistent small parameter, currently gathered
-                    out.append(replicated_load_slice(f"model/{name}", p.data))
-            else:
-                out.append(replicated_load_slice(f"model/{name}", p))  # every rank holds the whole weights
+            shape = self._shape(p)
+            for kind, key, view in views:
+                if kind != "grad":
+                    k = f"model/{name}" if key is None else f"optim/{name}/{key}"
+                    out.append(LoadSlice(k, shape, start, view.numel(), _copier(view)))
+            length = views[0][2].numel() if views else 0
+            for s, t in self._working(p, start, length):
+                out.append(LoadSlice(f"model/{name}", shape, s, t.numel(), _copier(t)))
             step = state.get("step")
             if torch.is_tensor(step):
                 out.append(replicated_load_slice(f"optim/{name}/step", step))

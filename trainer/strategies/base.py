@@ -1,20 +1,23 @@
-"""Strategies: how the one training loop's model and optimizer are spread over ranks.
+"""The `Strategy` contract, and the one-process strategy that every other one refines.
 
-A strategy sets up the model and the optimizer together (DeepSpeed's engine needs both), runs the
-backward pass and the optimizer step, says when gradients synchronise during accumulation, and tells the
-checkpoint which flat ranges of which tensors this rank holds (see `trainer/shards.py`). The loop calls
-only these methods; `STRATEGIES` maps config names to classes.
+A strategy sets up the model and the optimizer together (DeepSpeed's engine needs both), runs the backward
+pass and the optimizer step, says when gradients synchronise during accumulation, and owns the one view of
+what this rank holds: `pieces()` lists the flat ranges of each parameter, gradient and optimizer state that
+live on this rank. The checkpoint (`save_slices`/`load_slices`, see `trainer/shards.py`) and the pruning masks
+both read that view, so no other module reads FSDP's or DeepSpeed's internals. Other modules ask a strategy
+capability questions (`replicated`, `dtensor_parameters`, `flat_partitions`, `offloads_optimizer`), never
+its name.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from trainer.distributed import ParallelEnv
 from trainer.errors import ConfigError
@@ -71,11 +74,27 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         p.grad = grad
 
 
-class SingleStrategy:
-    """One process: the model as it is."""
+@dataclass
+class Piece:
+    """A flat range [start, start + tensor.numel()) of parameter `name` that this rank holds in `tensor`
+    (a 1-D view: writing to it changes the model, its gradient or its optimizer state)."""
+
+    name: str
+    start: int
+    tensor: torch.Tensor
+    kind: str  # "weight", "grad" or "state" (a floating state shaped like the parameter: moments)
+
+
+class Strategy:
+    """One process, the model as it is; the base of every strategy (override what differs)."""
 
     name = "single"
     needs_ranks = 1
+    one_process = True  # refuses to run under a multi-process launch
+    # Capabilities other modules ask about instead of comparing names:
+    replicated = True  # every rank holds whole parameters, stepped by a torch optimizer over the module's own
+    dtensor_parameters = False  # parameters are DTensor shards (FSDP2)
+    flat_partitions = False  # the optimizer steps flat partitions of many parameters (DeepSpeed ZeRO)
 
     def __init__(self, cfg: Any, env: ParallelEnv, device: torch.device) -> None:
         """`cfg` is the whole run config: strategies read `strategy.*` and, for DeepSpeed, `train.*`."""
@@ -86,13 +105,18 @@ class SingleStrategy:
                 f"strategy={self.name} needs several ranks but this process is alone; launch with "
                 f"`torchrun --nproc_per_node N -m trainer.train strategy={self.name}` or use strategy=single"
             )
-        if self.name == "single" and env.world_size > 1:
+        if self.one_process and env.world_size > 1:
             raise ConfigError(
-                f"strategy=single runs one process but {env.world_size} were launched; pick a distributed "
+                f"strategy={self.name} runs one process but {env.world_size} were launched; pick a distributed "
                 "strategy (strategy=ddp, fsdp, zero1, zero2 or zero3) or launch one process"
             )
         # A missing package, the wrong hardware or a layout the optimizer cannot step fails here, before any work.
-        check_optimizer(cfg.optimizer, device=device, strategy=cfg.strategy)
+        check_optimizer(cfg.optimizer, device=device, strategy=self)
+
+    @property
+    def offloads_optimizer(self) -> bool:
+        """The optimizer states live in CPU memory and are stepped there (ZeRO-Offload)."""
+        return False
 
     # ---- set-up and the step ------------------------------------------------------------------------
 
@@ -105,7 +129,7 @@ class SingleStrategy:
     def _prepare(self, module: nn.Module) -> nn.Module:
         """On the device, with fp8 linears when asked, and the fp16 loss scaler made."""
         module = module.to(self.device)
-        if self.precision.name == "fp8":
+        if self.precision.fp8:
             convert_to_fp8(module)
         self.precision.make_scaler()
         return module
@@ -138,13 +162,51 @@ class SingleStrategy:
         norm = torch.nn.utils.clip_grad_norm_(
             params, max_norm if max_norm > 0 else float("inf"), foreach=True
         )
+        norm = self._full_norm(norm)
         self.precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def _full_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        """The global gradient norm as a plain tensor (FSDP's is a DTensor)."""
+        return norm
+
+    def stepping_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The torch optimizer that does the arithmetic (under ZeRO, the one inside DeepSpeed's wrapper)."""
+        return optimizer
+
     def eval_module(self, module: nn.Module) -> nn.Module:
         """The module to run evaluation forwards on (no gradient-sync hooks)."""
         return module
+
+    # ---- what this rank holds -----------------------------------------------------------------------
+
+    def _local(self, tensor: torch.Tensor) -> tuple[int, torch.Tensor, bool]:
+        """(flat start, the local tensor, whether this rank writes it to a checkpoint): here, all of it."""
+        return 0, tensor, True
+
+    def _held(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> Iterator[tuple[str, nn.Parameter, str, str | None, torch.Tensor]]:
+        """(name, parameter, kind, state key, tensor) for each parameter, its gradient and its optimizer states."""
+        for name, p in named_parameters(module):
+            yield name, p, "weight", None, p
+            if p.grad is not None:
+                yield name, p, "grad", None, p.grad
+            for state_key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    yield name, p, "state", state_key, value
+
+    def pieces(self, module: nn.Module, optimizer: torch.optim.Optimizer, names: set[str]) -> list[Piece]:
+        """Every flat range this rank holds of the named parameters, looked up now (never cached: the tensors
+        move under some strategies)."""
+        out = []
+        for name, p, kind, _, tensor in self._held(module, optimizer):
+            if name not in names or (kind == "state" and not _moment_like(tensor, p)):
+                continue
+            start, local, _ = self._local(tensor)
+            out.append(Piece(name, start, local.detach().view(-1), kind))
+        return out
 
     # ---- checkpoint views ---------------------------------------------------------------------------
 
@@ -157,11 +219,12 @@ class SingleStrategy:
     def _tensors(
         self, module: nn.Module, optimizer: torch.optim.Optimizer
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, p in named_parameters(module):
-            yield f"model/{name}", p
-            for state_key, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value):
-                    yield f"optim/{name}/{state_key}", value
+        """The checkpoint's tensors: the weights and every tensor state, keyed as in the shard files."""
+        for name, _, kind, state_key, tensor in self._held(module, optimizer):
+            if kind == "weight":
+                yield f"model/{name}", tensor
+            elif kind == "state":
+                yield f"optim/{name}/{state_key}", tensor
 
     def _numbers(
         self, module: nn.Module, optimizer: torch.optim.Optimizer
@@ -191,44 +254,6 @@ class SingleStrategy:
         return {name: p.detach().cpu() for name, p in named_parameters(module)}
 
 
-class DDPStrategy(SingleStrategy):
-    """A full replica per rank; gradients all-reduced once per optimizer step (no_sync while accumulating)."""
-
-    name = "ddp"
-    needs_ranks = 2
-
-    def setup(
-        self, module: nn.Module, make_optimizer: OptimizerFactory
-    ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        module = self._prepare(module)
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = DistributedDataParallel(module, device_ids=ids)
-        return ddp, make_optimizer(ddp)
-
-    def accumulation_context(self, module: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if sync else module.no_sync()
-
-    def eval_module(self, module: nn.Module) -> nn.Module:
-        return module.module
-
-
-def _registry() -> dict[str, Callable[..., SingleStrategy]]:
-    from trainer.fsdp import FSDPStrategy
-    from trainer.zero import ZeroStrategy
-
-    return {
-        "single": SingleStrategy,
-        "ddp": DDPStrategy,
-        "fsdp": FSDPStrategy,
-        "zero1": lambda *a: ZeroStrategy(*a, stage=1),
-        "zero2": lambda *a: ZeroStrategy(*a, stage=2),
-        "zero3": lambda *a: ZeroStrategy(*a, stage=3),
-    }
-
-
-def build_strategy(cfg: Any, env: ParallelEnv, device: torch.device) -> SingleStrategy:
-    registry = _registry()
-    name = cfg.strategy.name
-    if name not in registry:
-        raise ConfigError(f"strategy={name}: choose one of {', '.join(registry)}")
-    return registry[name](cfg, env, device)
+def _moment_like(value: torch.Tensor, param: torch.Tensor) -> bool:
+    """An optimizer state that is elementwise over the parameter (Adam's moments), not a scalar step count."""
+    return value.is_floating_point() and value.numel() == param.numel()
