@@ -3,7 +3,7 @@ fine-tuning with and without distillation from the dense model, beside the dense
 
 1. A dense model is trained on the embedded Markov corpus with the real trainer (`trainer.loop.Trainer`, the
    default job's model and data unless overridden), or read from `--dense RUN_DIR/hf`.
-2. Each method prunes a copy of it with `trainer.prune.Pruner` (calibration: the run's training windows), timed.
+2. Each method prunes a copy of it with `trainer.prune.pruner.Pruner` (calibration: the run's training windows), timed.
 3. Each pruned copy, and the dense model itself (the fair baseline: it gains from the extra steps too, so its
    gain is not "recovery"), is fine-tuned for the same steps on the same batches with AdamW, the pruned ones
    with their masks enforced by `trainer.prune.masks.MaskEnforcer` (the trainer's own mechanism). "+ KD"
@@ -152,7 +152,7 @@ def main() -> None:
 
     from trainer.distributed import ParallelEnv
     from trainer.loop import Trainer
-    from trainer.prune import Pruner
+    from trainer.prune.pruner import Pruner
 
     overrides = (QUICK if a.quick else []) + list(a.overrides)
     run_dir = a.out.parent / ("dense_quick" if a.quick else "dense")

@@ -294,8 +294,10 @@ def test_student_cut_from_every_kth_teacher_layer(teacher, tmp_path):
         torch.testing.assert_close(p, s[name], msg=name)
 
     # The teacher is frozen: eval mode, no gradients, nothing of it in the optimizer or the trained module.
-    teacher_params = list(trainer.distill.teacher.parameters())
-    assert not trainer.distill.teacher.training and not any(p.requires_grad for p in teacher_params)
+    teacher_params = list(trainer.extension("distill").teacher.parameters())
+    assert not trainer.extension("distill").teacher.training and not any(
+        p.requires_grad for p in teacher_params
+    )
     optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert not optimized & {id(p) for p in teacher_params}
     assert not {id(p) for p in trainer.module.parameters()} & {id(p) for p in teacher_params}
@@ -321,7 +323,7 @@ def test_student_layers_pick_the_teacher_layers_exactly_and_bad_ones_fail_naming
         "distill.student_layers=[1,2]",
     )
     t = {
-        k.removeprefix("model."): v for k, v in trainer.distill.teacher.state_dict().items()
+        k.removeprefix("model."): v for k, v in trainer.extension("distill").teacher.state_dict().items()
     }  # its loss wrapper
     s = trainer.hf_model.state_dict()
     assert trainer.hf_model.config.num_hidden_layers == 2

@@ -238,7 +238,7 @@ def test_typo_in_a_prune_key_is_refused():
 def _pruner(*overrides):
     from tests.conftest import compose_config
     from trainer.distributed import ParallelEnv
-    from trainer.prune import Pruner
+    from trainer.prune.pruner import Pruner
 
     cfg = compose_config(*overrides)
     return Pruner(cfg.prune, env=ParallelEnv(), device=torch.device("cpu"), max_steps=10, seed=0)
@@ -329,7 +329,7 @@ def reference_masks(tmp_path_factory):
     for method, overrides in ONE_SHOT.items():
         trainer = make_trainer(tmp_path_factory.mktemp(f"ref_{method}"), *COMMON, *overrides)
         weights = {n: p.detach().clone() for n, p in trainer.hf_model.named_parameters()}
-        out[method] = (trainer.pruner.masks, weights)
+        out[method] = (trainer.extension("prune").masks, weights)
     torch.set_num_threads(threads)
     return out
 
@@ -364,7 +364,7 @@ def test_one_shot_masks_hold_through_fine_tuning_on_two_ranks(strategy, referenc
         assert trainer.step == STEPS
         trainer.train()
         for name, keep in reference_masks[method][0].items():
-            assert torch.equal(trainer.pruner.masks[name], keep)
+            assert torch.equal(trainer.extension("prune").masks[name], keep)
             assert torch.equal(trainer.hf_model.get_parameter(name) != 0, keep), name
 
 
@@ -381,16 +381,16 @@ def test_gmp_raises_sparsity_on_schedule_and_never_revives_a_pruned_weight(tmp_p
         "train.log_every=1",
         "train.micro_batch_size=8",
     )
-    pruned_so_far = {n: torch.zeros_like(m) for n, m in trainer.pruner.masks.items()}
+    pruned_so_far = {n: torch.zeros_like(m) for n, m in trainer.extension("prune").masks.items()}
     history = []
     for _ in range(STEPS):
         trainer.train_step()
-        masks = trainer.pruner.masks
+        masks = trainer.extension("prune").masks
         for n, m in masks.items():
             assert not (pruned_so_far[n] & m).any(), "a pruned weight came back"
             pruned_so_far[n] = ~m
             assert torch.equal(trainer.hf_model.get_parameter(n) != 0, m)
-        history.append(trainer.pruner.metrics()["sparsity"])
+        history.append(trainer.extension("prune").metrics()["sparsity"])
     want = [
         gmp_sparsity(s, initial=0.0, final=0.6, start_step=0, end_step=15, frequency=5)
         for s in range(1, STEPS + 1)

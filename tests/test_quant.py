@@ -782,6 +782,14 @@ def test_qat_runs_under_single_and_ddp_and_converts_to_the_fake_quantized_functi
     ],
 )
 def test_qat_refuses_what_it_cannot_do_before_training(overrides, match):
+    from trainer.distributed import ParallelEnv
+    from trainer.quant.qat import QAT
+    from trainer.strategies import build_strategy
+
     cfg = compose_config(*TINY, "quant=int8_weight", *overrides)
+    world_size = 2 if "strategy=zero1" in overrides else 1
     with pytest.raises(ConfigError, match=match):
-        validate_config(cfg, world_size=2 if "strategy=zero1" in overrides else 1)
+        validate_config(cfg, world_size=world_size)
+        # What depends on the strategy is asked of it, as the trainer does before building the model.
+        strategy = build_strategy(cfg, ParallelEnv(0, world_size, 0), torch.device("cpu"))
+        QAT(cfg.quant, strategy=strategy, env=ParallelEnv(0, world_size, 0))

@@ -1,7 +1,8 @@
-"""The one training loop. Strategies (with their precision), losses and (later) pruning plug in through small interfaces."""
+"""The one training loop. Strategies (with their precision) and extensions (distillation, pruning, QAT) plug in\nthrough small interfaces: trainer/strategies/ and trainer/extensions.py."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -13,62 +14,107 @@ from tqdm import tqdm
 from trainer import checkpoint as ckpt
 from trainer.config import validate_config
 from trainer.data import SampleOrder, build_data, rank_micro_batches
-from trainer.distill import build_distillation
 from trainer.distributed import ParallelEnv, all_gather_ints, all_reduce_sum, barrier, init_distributed
 from trainer.errors import ConfigError, DataError
+from trainer.extensions import Extension
 from trainer.logger import ExperimentLog
 from trainer.metrics import mfu, peak_flops, peak_memory_bytes
-from trainer.models import count_params, flops_per_token, max_seq_len
+from trainer.models import CausalLMWithLoss, build_model, count_params, flops_per_token, max_seq_len
 from trainer.optim import build_optimizer, schedule_factor, set_lr
 from trainer.preemption import Preempted, PreemptionWatch, clear_marker, write_marker
-from trainer.prune import Pruner
-from trainer.quant.qat import convert_export, prepare_qat
 from trainer.strategies import build_strategy
 from trainer.utils import resolve_device, resolve_dtype
 
 
+def build_extensions(
+    cfg: Any, *, strategy: Any, data: Any, env: ParallelEnv, device: torch.device, dtype: torch.dtype
+) -> list[Extension]:
+    """The active extensions, in hook order. Each feature is imported only when it is on.
+
+    The order, and why: distillation first, because it loads the teacher that the student may be cut from
+    (`build_model`), before any other hook sees the model; QAT next, so that its fake-quantized linears are in
+    place before pruning (pruning calibrates and masks the model as it will train); pruning last, so that its
+    masks are restored or computed on the final module structure and attached after the teacher is placed.
+    """
+    out: list[Extension] = []
+    if cfg.distill.name != "none":
+        from trainer.distill.extension import Distillation
+
+        out.append(Distillation(cfg, tokenizer=data.tokenizer, dtype=dtype, env=env, device=device))
+    if cfg.quant.name != "none":
+        from trainer.quant.qat import QAT
+
+        out.append(QAT(cfg.quant, strategy=strategy, env=env))
+    if cfg.prune.name != "none":
+        from trainer.prune.pruner import Pruner
+
+        t = cfg.train
+        out.append(
+            Pruner(
+                cfg.prune,
+                env=env,
+                device=device,
+                max_steps=t.max_steps,
+                seed=t.seed,
+                train_data=data.train,
+                micro_batch_size=t.micro_batch_size,
+            )
+        )
+    return out
+
+
 class Trainer:
+    """One run: set-up in `__init__`, then `train()`; features plug in as extensions (trainer/extensions.py)."""
+
     def __init__(self, cfg: Any, *, run_dir: Path, env: ParallelEnv) -> None:
+        """Set-up, in this order and for these reasons:
+
+        1. Validate the config and build the strategy: a bad value or rank count fails before any work.
+        2. The process group, the run directory and the experiment log (a missing wandb fails here).
+        3. The data: the tokenizer fixes the vocabulary the model is built for.
+        4. The extensions: distillation loads its teacher now, since the student may be cut from it.
+        5. The model (an extension may build it), then every extension's `before_wrap` (QAT, pruning) on the
+           bare HF model, then the loss module (an extension's, or the plain causal-LM loss).
+        6. The strategy places the model and builds the optimizer together; extensions see the result.
+        7. Compile, per-rank RNG, and the resume from a checkpoint (which overwrites weights and states).
+        """
         self.cfg, self.run_dir, self.env = cfg, Path(run_dir), env
-        run_dir = self.run_dir
         t = cfg.train
         self.grad_accum = validate_config(cfg, world_size=env.world_size)
         self.device = resolve_device(t.device, env.local_rank)
         self.strategy = build_strategy(cfg, env, self.device)  # fails early on a bad rank count
         init_distributed(env, backend=cfg.strategy.backend, device=self.device)
         if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            clear_marker(run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            clear_marker(self.run_dir)
         barrier()
         # Before data and model: a missing wandb/tensorboard fails early. Rank 0 only writes.
-        self.log = ExperimentLog(cfg, run_dir=run_dir, enabled=env.is_main)
+        self.log = ExperimentLog(cfg, run_dir=self.run_dir, enabled=env.is_main)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        resume = ckpt.resolve_resume(cfg.resume, self.ckpt_root)
 
         self.data = self._load_data()
-        # distill=kd loads the teacher here (the student may be cut from it); distill=none changes nothing.
-        self.distill = build_distillation(
-            cfg, tokenizer=self.data.tokenizer, dtype=resolve_dtype(t.dtype), env=env, device=self.device
+        dtype = resolve_dtype(t.dtype)
+        self.extensions: list[Extension] = build_extensions(
+            cfg, strategy=self.strategy, data=self.data, env=env, device=self.device, dtype=dtype
         )
-        self.hf_model = self._build_model()
-        # One-shot or structured pruning (or a resumed run's masks) before any wrapper sees the model.
-        self.pruner = Pruner(cfg.prune, env=env, device=self.device, max_steps=t.max_steps, seed=t.seed)
-        self.pruner.prepare(
-            self.hf_model,
-            train_data=self.data.train,
-            micro_batch_size=t.micro_batch_size,
-            resume=ckpt.resolve_resume(cfg.resume, run_dir / "checkpoints"),
-        )
+        self.hf_model = self._build_model(dtype)
+        for ext in self.extensions:
+            ext.before_wrap(self.hf_model, resume=resume)
         self.num_params = count_params(self.hf_model)
         self.flops_per_token = flops_per_token(self.hf_model, cfg.data.seq_len)
 
-        module = self.distill.wrap(self.hf_model, loss_chunk_size=t.loss_chunk_size, seed=t.seed)
+        module = self._first(
+            "wrap_loss", self.hf_model, loss_chunk_size=t.loss_chunk_size, seed=t.seed
+        ) or CausalLMWithLoss(self.hf_model, loss_chunk_size=t.loss_chunk_size)
         self.module, self.optimizer = self.strategy.setup(
             module,
             lambda m: build_optimizer(
                 cfg.optimizer, m, device=self.device, offload=self.strategy.offloads_optimizer
             ),
         )
-        self.pruner.attach(self.strategy, self.module, self.optimizer)  # masks hold after every step
-        self.distill.prepare(self.strategy)
+        for ext in self.extensions:
+            ext.after_setup(self.strategy, self.module, self.optimizer)
         if t.compile:
             self.module.compile()  # in place: state-dict keys stay as they are
         torch.manual_seed(t.seed + env.rank)  # dropout differs per rank, reproducibly
@@ -76,9 +122,27 @@ class Trainer:
         self.order = SampleOrder(len(self.data.train), seed=t.seed)
         self.step = 0
         self.tokens_seen = 0
-        self.ckpt_root = run_dir / "checkpoints"
-        self.resumed_from = self._resume()
+        self.resumed_from = self._resume(resume)
         self.peak = peak_flops(self.device, cfg.metrics.peak_flops)
+
+    def extension(self, name: str) -> Extension | None:
+        """The active extension called `name` (distill, quant, prune), or None when that feature is off."""
+        return {ext.name: ext for ext in self.extensions}.get(name)
+
+    def _first(self, hook: str, *args: Any, **kwargs: Any) -> Any:
+        """The first extension's non-None answer to `hook`, or None."""
+        for ext in self.extensions:
+            out = getattr(ext, hook)(*args, **kwargs)
+            if out is not None:
+                return out
+        return None
+
+    def _merged(self, hook: str) -> dict[str, Any]:
+        """Every extension's metrics from `hook`, merged in extension order."""
+        out: dict[str, Any] = {}
+        for ext in self.extensions:
+            out |= getattr(ext, hook)()
+        return out
 
     def _load_data(self):
         cfg, t = self.cfg, self.cfg.train
@@ -103,11 +167,12 @@ class Trainer:
             )
         return data
 
-    def _build_model(self):
+    def _build_model(self, dtype: torch.dtype):
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)  # identical init on every rank
-        model = self.distill.build_student(
-            cfg, vocab_size=len(self.data.tokenizer), dtype=resolve_dtype(t.dtype)
+        vocab_size = len(self.data.tokenizer)
+        model = self._first("build_model", vocab_size=vocab_size, dtype=dtype) or build_model(
+            cfg.model, vocab_size=vocab_size, dtype=dtype
         )
         limit = max_seq_len(model)
         if limit is not None and cfg.data.seq_len > limit:
@@ -122,12 +187,10 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        prepare_qat(model, cfg.quant)  # fake-quantized linears (QAT) before any wrapping; none: no-op
         return model
 
-    def _resume(self) -> Path | None:
-        """Restore model, optimizer, RNG and loop state from the configured checkpoint, if any."""
-        path = ckpt.resolve_resume(self.cfg.resume, self.ckpt_root)
+    def _resume(self, path: Path | None) -> Path | None:
+        """Restore model, optimizer, RNG and loop state from the checkpoint `path`, if any."""
         if path is not None:
             state = ckpt.load_checkpoint(
                 path, strategy=self.strategy, module=self.module, optimizer=self.optimizer, env=self.env
@@ -169,20 +232,24 @@ class Trainer:
         for i, (inputs, labels) in enumerate(batches):
             with self.strategy.accumulation_context(self.module, sync=i == len(batches) - 1):
                 inputs = inputs.to(self.device)
-                with self.strategy.forward_context(), self.distill.teacher_outputs(inputs) as teacher:
+                with self.strategy.forward_context(), contextlib.ExitStack() as stack:
+                    extra: dict[str, Any] = {}
+                    for ext in self.extensions:  # e.g. the teacher's outputs for distillation
+                        extra |= stack.enter_context(ext.forward_inputs(inputs))
                     loss = self.module(
-                        inputs, labels.to(self.device), num_targets=num_targets_per_rank, **teacher
+                        inputs, labels.to(self.device), num_targets=num_targets_per_rank, **extra
                     )
                 self.strategy.backward(self.module, loss)
             loss_sum += loss.detach().float()
         grad_norm = self.strategy.clip_and_step(self.module, self.optimizer, t.grad_clip)
         self.step += 1
-        self.pruner.after_step(self.step)  # gradual pruning's mask updates
+        for ext in self.extensions:
+            ext.after_step(self.step)  # e.g. gradual pruning's mask updates
         self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len
         # Each rank's loss_sum is its share of the global mean x world_size (DDP scaling): average it back.
         loss_value = all_reduce_sum(loss_sum).item() / self.env.world_size
         out = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
-        out |= self.distill.train_metrics()  # distill=kd: each loss term, the teacher's parameters per rank
+        out |= self._merged("step_metrics")  # distill=kd: each loss term, the teacher's parameters per rank
         return out | self.strategy.precision.metrics()  # fp16: loss_scale, skipped_steps
 
     @torch.no_grad()
@@ -207,12 +274,13 @@ class Trainer:
             inputs, labels = inputs.to(self.device), labels.to(self.device)
             with self.strategy.forward_context():
                 loss_sum = model(inputs, labels, num_targets=1)
-                self.distill.eval_batch(inputs, labels)  # the teacher's loss
+                for ext in self.extensions:
+                    ext.eval_batch(inputs, labels)  # e.g. the teacher's loss
             totals[0] += loss_sum.double()
             totals[1] += int((labels != -100).sum())
         all_reduce_sum(totals)
         loss = (totals[0] / totals[1]).item()
-        out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))} | self.distill.eval_metrics()
+        out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))} | self._merged("eval_metrics")
         if self.data.entropy_floor is not None:
             out["entropy_floor"] = self.data.entropy_floor
         return out
@@ -232,56 +300,41 @@ class Trainer:
             trainer_state=state,
             env=self.env,
             keep_last=self.cfg.checkpoint.keep_last,
-            extra_slices=self.pruner.save_slices(),
+            extra_slices=[s for ext in self.extensions for s in ext.checkpoint_slices()],
         )
 
     # ---- the loop ----------------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
+        """Step until train.max_steps: log, evaluate and checkpoint on their schedules, stop cleanly on a
+        preemption signal; then `finish()` (export, extensions' end-of-run work, summary)."""
         t, c = self.cfg.train, self.cfg.checkpoint
-        main = self.env.is_main
-        if main:
+        if self.env.is_main:
             self._print_header()
         bar = tqdm(
             total=t.max_steps,
             initial=self.step,
-            disable=not (main and t.progress_bar),
+            disable=not (self.env.is_main and t.progress_bar),
             dynamic_ncols=True,
             desc="train",
         )
-        window_start, window_tokens = time.perf_counter(), 0
-        run_start = time.perf_counter()
-        start_step, start_tokens = self.step, self.tokens_seen
+        self._window = (time.perf_counter(), 0)  # (start, tokens) of the current logging window
+        run_start, start_step, start_tokens = time.perf_counter(), self.step, self.tokens_seen
         last: dict[str, Any] = {}
         evaluation: dict[str, float] = {}
         preemption = PreemptionWatch()  # SIGUSR1/SIGTERM: checkpoint at the next step boundary, then exit
         saved_step = -1
         while self.step < t.max_steps:
             stats = self.train_step()
-            window_tokens += t.global_batch_size * self.cfg.data.seq_len
+            self._window = (self._window[0], self._window[1] + t.global_batch_size * self.cfg.data.seq_len)
             bar.update(1)
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                tokens_per_s = window_tokens / elapsed
-                peak_per_rank = all_gather_ints(peak_memory_bytes(self.device), self.device)
-                last = {
-                    "step": self.step,
-                    **stats,
-                    **self.pruner.metrics(),  # achieved sparsity of the pruned layers
-                    "tokens": self.tokens_seen,
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, self.env.world_size),
-                    "peak_mem_bytes": max(peak_per_rank),
-                    "peak_mem_bytes_per_rank": peak_per_rank,
-                }
-                self.log.write(last)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-                window_start, window_tokens = time.perf_counter(), 0
             at_end = self.step == t.max_steps
+            if self.step % t.log_every == 0 or at_end:
+                last = self._log_step(stats, bar)
             if (t.eval_every and self.step % t.eval_every == 0) or at_end:
                 evaluation = self.evaluate()
                 self.log.write({"step": self.step, **evaluation})
-                if main and not at_end:  # the summary reports the last one
+                if self.env.is_main and not at_end:  # the summary reports the last one
                     bar.write(self._format_eval(evaluation))
             if (c.every_steps and self.step % c.every_steps == 0) or (at_end and c.at_end):
                 self.save()
@@ -293,20 +346,6 @@ class Trainer:
         if not evaluation:  # nothing trained this run (max_steps=0, or already complete): where it stands
             evaluation = self.evaluate()
             self.log.write({"step": self.step, **evaluation})
-        if t.export_hf:
-            ckpt.export_hf(
-                self.run_dir / "hf",
-                state_dict=self.strategy.full_state_dict(self.module),
-                hf_model=self.hf_model,
-                tokenizer=self.data.tokenizer,
-                env=self.env,
-            )
-        prune_report = self.pruner.report()  # per-layer sparsity, also written beside the export
-        self.pruner.write_report(prune_report, [self.run_dir, self.run_dir / "hf"])
-        if self.cfg.quant.name != "none":  # QAT: the real quantized model, converted from hf/
-            if main:
-                convert_export(self.run_dir / "hf", self.run_dir / "quantized", self.cfg.quant)
-            barrier()
         seconds = time.perf_counter() - run_start
         tokens = self.tokens_seen - start_tokens
         summary = {
@@ -318,10 +357,46 @@ class Trainer:
             "seconds": seconds,
         }
         summary["mfu"] = mfu(summary["tokens_per_s"], self.flops_per_token, self.peak, self.env.world_size)
-        if main:
+        return self.finish(summary)
+
+    def _log_step(self, stats: dict[str, Any], bar: tqdm) -> dict[str, Any]:
+        """One metrics.jsonl record: the step's stats, the extensions' (e.g. sparsity), throughput and memory."""
+        start, tokens = self._window
+        tokens_per_s = tokens / max(time.perf_counter() - start, 1e-9)
+        peak_per_rank = all_gather_ints(peak_memory_bytes(self.device), self.device)
+        record = {
+            "step": self.step,
+            **stats,
+            **self._merged("log_metrics"),  # e.g. the achieved sparsity of the pruned layers (a collective)
+            "tokens": self.tokens_seen,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, self.env.world_size),
+            "peak_mem_bytes": max(peak_per_rank),
+            "peak_mem_bytes_per_rank": peak_per_rank,
+        }
+        self.log.write(record)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self._window = (time.perf_counter(), 0)
+        return record
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """End-of-run work: the hf/ export, then each extension's (sparsity report, QAT conversion), then the
+        summary on the console; returns the summary."""
+        if self.cfg.train.export_hf:
+            ckpt.export_hf(
+                self.run_dir / "hf",
+                state_dict=self.strategy.full_state_dict(self.module),
+                hf_model=self.hf_model,
+                tokenizer=self.data.tokenizer,
+                env=self.env,
+            )
+        for ext in self.extensions:
+            ext.finish(self.run_dir)
+        if self.env.is_main:
             self._print_summary(summary)
-            if prune_report:
-                print(Pruner.table(prune_report), flush=True)
+            for ext in self.extensions:
+                for line in ext.summary_lines():
+                    print(line, flush=True)
         self.log.close()
         return summary
 

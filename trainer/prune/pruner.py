@@ -1,6 +1,6 @@
-"""The pruning component the training loop calls: one-shot pruning before the model is wrapped, masks
-enforced from then on (see masks.py), gradual pruning on its schedule, masks in checkpoints, and the
-sparsity metrics, summary table and per-layer report.
+"""Pruning as a loop extension (see trainer/extensions.py for the hooks): one-shot pruning before the model is
+wrapped, masks enforced from then on (see masks.py), gradual pruning on its schedule, masks in checkpoints,
+and the sparsity metrics, summary table and per-layer report.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from trainer.distributed import ParallelEnv, all_reduce_sum
 from trainer.errors import ConfigError
+from trainer.extensions import Extension
 from trainer.models import transformer_blocks
 from trainer.prune.calibrate import InputStats, calibration_batches, prune_sequentially
 from trainer.prune.masks import (
@@ -75,13 +76,26 @@ def _sparsity_for(name: str, cfg: Any) -> float:
     return float(cfg.sparsity) if cfg.sparsity is not None else 1.0 - cfg.n / cfg.m
 
 
-class Pruner:
-    """Pruning for one run; every method is a no-op with prune=none."""
+class Pruner(Extension):
+    """Pruning for one run (`prune=...`); every method is a no-op with prune=none."""
+
+    name = "prune"
 
     def __init__(
-        self, cfg: Any, *, env: ParallelEnv, device: torch.device, max_steps: int, seed: int
+        self,
+        cfg: Any,
+        *,
+        env: ParallelEnv,
+        device: torch.device,
+        max_steps: int,
+        seed: int,
+        train_data: Any = None,
+        micro_batch_size: int = 1,
     ) -> None:
+        """`train_data` and `micro_batch_size`: the calibration windows of wanda, sparsegpt and nm's criteria."""
         self.cfg, self.env, self.device, self.seed = cfg, env, device, seed
+        self.train_data, self.micro_batch_size = train_data, micro_batch_size
+        self.report_data: dict[str, Any] = {}
         self.method = cfg.name
         self.end_step = cfg.get("end_step") or max_steps
         self.masks: dict[str, torch.Tensor] = {}
@@ -93,6 +107,28 @@ class Pruner:
     @property
     def masking(self) -> bool:
         return self.method not in ("none", "structured")
+
+    # ---- extension hooks ---------------------------------------------------------------------------
+
+    def before_wrap(self, model: nn.Module, *, resume: Path | None) -> None:
+        self.prepare(model, train_data=self.train_data, micro_batch_size=self.micro_batch_size, resume=resume)
+
+    def after_setup(self, strategy: Any, module: nn.Module, optimizer: Any) -> None:
+        self.attach(strategy, module, optimizer)
+
+    def checkpoint_slices(self) -> list[SaveSlice]:
+        return self.save_slices()
+
+    def log_metrics(self) -> dict[str, float]:
+        return self.metrics()
+
+    def finish(self, run_dir: Path) -> None:
+        """The per-layer report (a collective), written beside the run and its hf/ export."""
+        self.report_data = self.report()
+        self.write_report(self.report_data, [run_dir, run_dir / "hf"])
+
+    def summary_lines(self) -> list[str]:
+        return [self.table(self.report_data)] if self.report_data else []
 
     # ---- before wrapping ---------------------------------------------------------------------------
 

@@ -26,11 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.distributed import barrier
 from trainer.errors import ConfigError
+from trainer.extensions import Extension
 from trainer.utils import require
 
 QAT_SCHEMES = ("none", "int8_dynamic", "int8_weight", "int4_weight")
-QAT_STRATEGIES = ("single", "ddp")  # tested; fsdp and ZeRO shard the weights fake quantization reads
 
 
 def check_qat(cfg: Any) -> None:
@@ -41,12 +42,6 @@ def check_qat(cfg: Any) -> None:
     if q.name not in QAT_SCHEMES:
         raise ConfigError(f"quant.name={q.name}: choose one of {', '.join(QAT_SCHEMES)}")
     require("torchao.quantization.qat", extra="quant", package="torchao")
-    if cfg.strategy.name not in QAT_STRATEGIES:
-        raise ConfigError(
-            f"quant={q.name} (QAT) runs under strategy={' or '.join(QAT_STRATEGIES)}; "
-            f"strategy={cfg.strategy.name} shards or partitions the weights that fake quantization reads "
-            "whole (untested with QAT): use strategy=ddp"
-        )
     if cfg.precision.name == "fp8":
         raise ConfigError(
             f"quant={q.name} and precision=fp8 both replace the linear layers; use precision=fp32 or bf16 with QAT"
@@ -57,6 +52,29 @@ def check_qat(cfg: Any) -> None:
         )
     if q.name == "int4_weight" and q.group_size <= 0:
         raise ConfigError(f"quant.group_size={q.group_size}: must be > 0, e.g. 32")
+
+
+class QAT(Extension):
+    """Quantization-aware training as a loop extension: fake-quantized linears before wrapping, and the real
+    quantized model converted from the hf/ export when the run ends."""
+
+    name = "quant"
+
+    def __init__(self, q: Any, *, strategy: Any, env: Any) -> None:
+        if not strategy.replicated:  # tested under single and ddp, whose ranks hold whole weights
+            raise ConfigError(
+                f"quant={q.name} (QAT) runs under strategy=single or ddp; strategy={strategy.name} shards or "
+                "partitions the weights that fake quantization reads whole (untested with QAT): use strategy=ddp"
+            )
+        self.q, self.env = q, env
+
+    def before_wrap(self, model: nn.Module, *, resume: Path | None) -> None:
+        prepare_qat(model, self.q)
+
+    def finish(self, run_dir: Path) -> None:
+        if self.env.is_main:
+            convert_export(run_dir / "hf", run_dir / "quantized", self.q)
+        barrier()
 
 
 def base_config(q: Any) -> Any:
