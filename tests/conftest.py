@@ -153,9 +153,8 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 # set here, by the test function's name and by the fixtures it uses, never by file: a test keeps its tier when
 # it moves to another file, and a name below that matches no test stops a full run at collection.
 SLOW, MULTIRANK, LAUNCHER = "slow", "multirank", "launcher"
-SLOW_SECONDS = (
-    10  # "slow": over this on 2 shared cores, or a fresh process importing the trainer (~7 s alone)
-)
+# "slow": over this on 2 shared cores, or a fresh Python process importing the trainer (~7 s of imports alone).
+SLOW_SECONDS = 10
 
 # Every test that uses one of these fixtures (directly or through another fixture).
 FIXTURE_TIERS = {
@@ -163,7 +162,7 @@ FIXTURE_TIERS = {
     "cluster": {SLOW, MULTIRANK, LAUNCHER},  # a Slurm controller and two slurmd nodes on this machine
     "fp32_run": {SLOW},  # a job of the preloaded server, which imports the trainer first
 }
-# By test function. A case parametrized to one process (nproc=1, strategy=single) drops slow and multirank.
+# By test function. A case parametrized to one process (nproc=1, strategy=single) is not multirank.
 TEST_TIERS = {
     # several ranks, each a job of the preloaded server, a torchrun or a spawned process
     "test_strategy_follows_the_single_process_run": {SLOW, MULTIRANK},
@@ -176,7 +175,7 @@ TEST_TIERS = {
     "test_a_killed_rank_restarts_and_resumes_from_the_last_checkpoint": {SLOW, MULTIRANK},
     "test_zero_keeps_no_second_fp32_copy_of_fp32_weights": {SLOW, MULTIRANK},
     "test_two_ranks_follow_the_single_run_and_shard_the_teacher": {SLOW, MULTIRANK},
-    "test_each_optimizer_trains_and_resumes_exactly": {SLOW, MULTIRANK},
+    "test_each_optimizer_trains_and_resumes_exactly": {SLOW, MULTIRANK},  # strategy=single: 60 s in process
     "test_offloaded_zero_optimizers_train_and_resume_exactly": {SLOW, MULTIRANK},  # builds cpu_adam (~100 s)
     "test_mixed_precision_tracks_fp32": {MULTIRANK},
     "test_fp8_linears_train_tracking_fp32_and_export_fp32_weights": {MULTIRANK},
@@ -197,6 +196,8 @@ TEST_TIERS = {
     "test_a_save_killed_half_way_leaves_the_previous_checkpoint_loadable": {SLOW},
     "test_quantize_evaluate_report_commands_compare_float_and_int8": {SLOW},  # quantize, evaluate, report
     "test_compiled_model_trains_to_the_same_losses": {SLOW},  # torch.compile (~47 s)
+    "test_activation_checkpointing_gives_the_same_losses": {SLOW},  # 18 s measured, 2 shared cores
+    "test_wandb_offline_and_tensorboard_log_the_metrics_and_a_resumed_run_continues_the_wandb_run": {SLOW},
 }
 
 
@@ -206,7 +207,7 @@ def _tiers(item: pytest.Item) -> set[str]:
     tiers = set().union(*(FIXTURE_TIERS[f] for f in fixtures & FIXTURE_TIERS.keys()))
     by_name = TEST_TIERS.get(getattr(item, "originalname", item.name), set())
     if params.get("nproc") == 1 or params.get("strategy") == "single":
-        by_name = by_name - {SLOW, MULTIRANK}
+        by_name = by_name - {MULTIRANK}
     return tiers | by_name
 
 
