@@ -213,7 +213,7 @@ def _tiers(item: pytest.Item) -> set[str]:
 
 def _check_tier_names(items: list[pytest.Item]) -> None:
     """Once every test file is collected, every name above must still match a test or a fixture."""
-    if not {p for p in (ROOT / "tests").glob("test_*.py")} <= {item.path for item in items}:
+    if not set((ROOT / "tests").glob("test_*.py")) <= {item.path for item in items}:
         return  # a subset of the files was asked for
     names = {getattr(item, "originalname", item.name) for item in items}
     fixtures = set().union(*(item.fixturenames for item in items))
