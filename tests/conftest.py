@@ -146,3 +146,108 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def train_losses(run_dir: Path) -> dict[int, float]:
     """Step -> loss; a step logged twice (a restarted run) keeps its last value."""
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+# ---- tiers --------------------------------------------------------------------------------------------------
+# `make test` runs every test; `make test-fast` deselects these markers (registered in pyproject.toml). They are
+# set here, by the test function's name and by the fixtures it uses, never by file: a test keeps its tier when
+# it moves to another file, and a name below that matches no test stops a full run at collection.
+SLOW, MULTIRANK, LAUNCHER = "slow", "multirank", "launcher"
+# "slow": over this on 2 shared cores, or a fresh Python process importing the trainer (~7 s of imports alone).
+SLOW_SECONDS = 10
+
+# Every test that uses one of these fixtures (directly or through another fixture).
+FIXTURE_TIERS = {
+    "chain": {SLOW, LAUNCHER},  # the compression chain, `python -m trainer.pipeline` three times (~70 s)
+    "cluster": {SLOW, MULTIRANK, LAUNCHER},  # a Slurm controller and two slurmd nodes on this machine
+    "fp32_run": {SLOW},  # a job of the preloaded server, which imports the trainer first
+}
+# By test function. A case parametrized to one process (nproc=1, strategy=single) is not multirank.
+TEST_TIERS = {
+    # several ranks, each a job of the preloaded server, a torchrun or a spawned process
+    "test_strategy_follows_the_single_process_run": {SLOW, MULTIRANK},
+    "test_resume_under_another_strategy_and_world_size": {SLOW, MULTIRANK},
+    "test_two_ranks_to_one_and_back_to_two": {SLOW, MULTIRANK},
+    "test_metrics_report_each_ranks_peak_memory": {SLOW, MULTIRANK},
+    "test_single_strategy_with_several_ranks_is_refused": {MULTIRANK},
+    "test_batch_that_does_not_divide_over_the_ranks_fails_before_training": {MULTIRANK},
+    "test_checkpoint_converts_to_the_same_hf_export": {SLOW, MULTIRANK},
+    "test_a_killed_rank_restarts_and_resumes_from_the_last_checkpoint": {SLOW, MULTIRANK},
+    "test_zero_keeps_no_second_fp32_copy_of_fp32_weights": {SLOW, MULTIRANK},
+    "test_two_ranks_follow_the_single_run_and_shard_the_teacher": {SLOW, MULTIRANK},
+    "test_each_optimizer_trains_and_resumes_exactly": {SLOW, MULTIRANK},  # strategy=single: 60 s in process
+    "test_offloaded_zero_optimizers_train_and_resume_exactly": {SLOW, MULTIRANK},  # builds cpu_adam (~100 s)
+    "test_mixed_precision_tracks_fp32": {MULTIRANK},
+    "test_fp8_linears_train_tracking_fp32_and_export_fp32_weights": {MULTIRANK},
+    "test_one_shot_masks_hold_through_fine_tuning_on_two_ranks": {SLOW, MULTIRANK},
+    "test_qat_runs_under_single_and_ddp_and_converts_to_the_fake_quantized_function": {SLOW, MULTIRANK},
+    "test_two_ddp_ranks_follow_the_single_process_loss": {SLOW, MULTIRANK},
+    # launchers: the deepspeed launcher, launch/ scripts, and the linters of launch/, bench/ and docker/
+    "test_the_deepspeed_launcher_runs_the_same_command": {SLOW, MULTIRANK, LAUNCHER},
+    "test_two_torchrun_sh_nodes_rendezvous_over_loopback_and_train_together": {SLOW, MULTIRANK, LAUNCHER},
+    "test_torchrun_sh_refuses_several_nodes_without_a_head_or_a_run_id": {LAUNCHER},
+    "test_deepspeed_sh_passes_the_hostfile_and_one_run_dir_to_every_host": {LAUNCHER},
+    "test_dockerfile_passes_hadolint": {LAUNCHER},
+    "test_launch_and_bench_scripts_pass_shellcheck": {LAUNCHER},
+    # one process, but a fresh one (imports first) or a long one
+    "test_train_command_writes_metrics_checkpoints_and_hf_export": {SLOW},
+    "test_cfg_job_prints_the_resolved_config": {SLOW},
+    "test_multirun_runs_one_job_per_value": {SLOW},
+    "test_a_save_killed_half_way_leaves_the_previous_checkpoint_loadable": {SLOW},
+    "test_quantize_evaluate_report_commands_compare_float_and_int8": {SLOW},  # quantize, evaluate, report
+    "test_compiled_model_trains_to_the_same_losses": {SLOW},  # torch.compile (~47 s)
+    "test_activation_checkpointing_gives_the_same_losses": {SLOW},  # 18 s measured, 2 shared cores
+    "test_wandb_offline_and_tensorboard_log_the_metrics_and_a_resumed_run_continues_the_wandb_run": {SLOW},
+}
+
+
+def _tiers(item: pytest.Item) -> set[str]:
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    fixtures = set(item.fixturenames) - set(params)  # a parameter may share a fixture's name ("chain")
+    tiers = set().union(*(FIXTURE_TIERS[f] for f in fixtures & FIXTURE_TIERS.keys()))
+    by_name = TEST_TIERS.get(getattr(item, "originalname", item.name), set())
+    if params.get("nproc") == 1 or params.get("strategy") == "single":
+        by_name = by_name - {MULTIRANK}
+    return tiers | by_name
+
+
+def _check_tier_names(items: list[pytest.Item]) -> None:
+    """Once every test file is collected, every name above must still match a test or a fixture."""
+    if not set((ROOT / "tests").glob("test_*.py")) <= {item.path for item in items}:
+        return  # a subset of the files was asked for
+    names = {getattr(item, "originalname", item.name) for item in items}
+    fixtures = set().union(*(item.fixturenames for item in items))
+    stale = sorted((TEST_TIERS.keys() - names) | (FIXTURE_TIERS.keys() - fixtures))
+    if stale:
+        raise pytest.UsageError(
+            f"tests/conftest.py's TEST_TIERS or FIXTURE_TIERS names no test or fixture: {', '.join(stale)}. "
+            "Give the new name there, or remove the line if the test is gone."
+        )
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    _check_tier_names(items)
+    for item in items:
+        for tier in sorted(_tiers(item)):
+            item.add_marker(tier)
+
+
+_UNMARKED_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if SLOW not in report.keywords:  # setup (module fixtures included), call and teardown
+        _UNMARKED_SECONDS[report.nodeid] = _UNMARKED_SECONDS.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Name the tests outside the slow tier that took longer than it allows: a note, never a failure."""
+    over = sorted(((s, n) for n, s in _UNMARKED_SECONDS.items() if s > SLOW_SECONDS), reverse=True)
+    if over:
+        terminalreporter.section(f"over {SLOW_SECONDS} s without the slow marker")
+        for seconds, nodeid in over:
+            terminalreporter.write_line(f"{seconds:6.1f}s {nodeid}")
+        terminalreporter.write_line(
+            "Mark them slow in tests/conftest.py's TEST_TIERS, unless the machine was busy."
+        )
