@@ -11,12 +11,13 @@ NAME_COMPARISON = re.compile(r"strategy.name|\.name ==")
 STRATEGIES = ROOT / PACKAGE / "strategies"
 
 
-def test_trainer_has_no_import_cycle():
-    cycles = find_cycles(build_graph())
+def test_trainer_has_no_import_cycle_even_through_imports_inside_functions():
+    # A lazy import only postpones a circle (config -> quant.qat -> config is a circle all the same): count them.
+    cycles = find_cycles(build_graph(lazy=True))
     if cycles:
         pytest.fail(
-            f"{len(cycles)} import cycle(s) in {PACKAGE}/ (module-level imports; each arrow: importing the "
-            f"left module executes the right one):\n{format_cycles(cycles)}\n"
+            f"{len(cycles)} import cycle(s) in {PACKAGE}/ (module-level imports and those inside functions; each "
+            f"arrow: importing the left module, or calling into it, executes the right one):\n{format_cycles(cycles)}\n"
             "Move what both sides need into a module that imports neither.",
             pytrace=False,
         )

@@ -422,7 +422,7 @@ class Trainer:
             f"model {self.num_params / 1e6:.2f}M params, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"data {len(self.data.train)} train / {len(self.data.eval)} eval sequences of {self.cfg.data.seq_len} tokens; "
             f"{self.env.world_size} rank(s) x {t.micro_batch_size} x {self.grad_accum} accumulation = {t.global_batch_size} sequences/step; "
-            f"strategy {self.strategy.name}, precision {self.strategy.precision.name} on {self.device.type}; "
+            f"{self.strategy}, precision {self.strategy.precision.name} on {self.device.type}; "
             + (f"peak {self.peak / 1e9:.0f} GFLOP/s per device" if self.peak else "peak unknown (no MFU)"),
             flush=True,
         )

@@ -186,13 +186,9 @@ def check_optimizer(cfg: Any, *, device: torch.device, strategy: Any = None) -> 
     offload = strategy is not None and strategy.offloads_optimizer
     needs = _KNOWN.get(cfg._target_, _Needs())
     if strategy is not None and strategy.dtensor_parameters and needs.not_fsdp:
-        raise ConfigError(
-            f"optimizer {cfg._target_} cannot run under strategy={strategy.name}: {needs.not_fsdp}"
-        )
+        raise ConfigError(f"optimizer {cfg._target_} cannot run under {strategy}: {needs.not_fsdp}")
     if strategy is not None and strategy.flat_partitions and needs.not_zero:
-        raise ConfigError(
-            f"optimizer {cfg._target_} cannot run under strategy={strategy.name}: {needs.not_zero}"
-        )
+        raise ConfigError(f"optimizer {cfg._target_} cannot run under {strategy}: {needs.not_zero}")
     optimizer_kwargs(cfg, target=_usable_target(cfg, device=device, offload=offload))
 
 

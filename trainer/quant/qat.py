@@ -32,6 +32,7 @@ from trainer.extensions import Extension
 from trainer.utils import require
 
 QAT_SCHEMES = ("none", "int8_dynamic", "int8_weight", "int4_weight")
+GROUPED_SCHEMES = ("int4_weight",)  # scales per group of quant.group_size weights along a row
 
 
 def check_qat(cfg: Any) -> None:
@@ -63,7 +64,7 @@ class QAT(Extension):
     def __init__(self, q: Any, *, strategy: Any, env: Any) -> None:
         if not strategy.replicated:  # tested under single and ddp, whose ranks hold whole weights
             raise ConfigError(
-                f"quant={q.name} (QAT) runs under strategy=single or ddp; strategy={strategy.name} shards or "
+                f"quant={q.name} (QAT) runs under strategy=single or ddp; {strategy} shards or "
                 "partitions the weights that fake quantization reads whole (untested with QAT): use strategy=ddp"
             )
         self.q, self.env = q, env
@@ -80,15 +81,18 @@ class QAT(Extension):
 def base_config(q: Any) -> Any:
     """The torchao PTQ config the fake quantization imitates and the conversion applies."""
     ao = require("torchao.quantization", extra="quant", package="torchao")
-    if q.name == "int8_dynamic":
-        return ao.Int8DynamicActivationIntxWeightConfig(
+    configs = {
+        "int8_dynamic": lambda: ao.Int8DynamicActivationIntxWeightConfig(
             weight_dtype=torch.int8, weight_granularity=ao.PerAxis(0)
-        )
-    if q.name == "int8_weight":
-        return ao.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=ao.PerAxis(0))
-    if q.name == "int4_weight":
-        return ao.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=ao.PerGroup(q.group_size))
-    raise ValueError(f"quant.name={q.name} has no torchao config")
+        ),
+        "int8_weight": lambda: ao.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=ao.PerAxis(0)),
+        "int4_weight": lambda: ao.IntxWeightOnlyConfig(
+            weight_dtype=torch.int4, granularity=ao.PerGroup(q.group_size)
+        ),
+    }
+    if str(q.name) not in configs:
+        raise ValueError(f"quant.name={q.name} has no torchao config")
+    return configs[str(q.name)]()
 
 
 def _filter(model: nn.Module, keep_float: list[str]):
@@ -112,9 +116,7 @@ def _apply(model: nn.Module, q: Any, step: str) -> None:
 
 
 def prepare_qat(model: nn.Module, q: Any) -> int:
-    """Swap eligible linears for fake-quantized ones in place; returns how many (0 for quant=none)."""
-    if q.name == "none":
-        return 0
+    """Swap eligible linears for fake-quantized ones in place; returns how many."""
     _apply(model, q, "prepare")
     swapped = sum(type(m).__name__ == "FakeQuantizedLinear" for m in model.modules())
     if swapped == 0:
@@ -132,6 +134,6 @@ def convert_export(hf_dir: Path, out_dir: Path, q: Any) -> Path:
     prepare_qat(model, q)
     _apply(model, q, "convert")
     info = {"scheme": f"qat_{q.name}", "keep_float": list(q.keep_float), "dtype": "float32"}
-    if q.name == "int4_weight":
+    if str(q.name) in GROUPED_SCHEMES:
         info["group_size"] = q.group_size
     return save_quantized(out_dir, model, info, tokenizer)

@@ -113,6 +113,9 @@ class Strategy:
         # A missing package, the wrong hardware or a layout the optimizer cannot step fails here, before any work.
         check_optimizer(cfg.optimizer, device=device, strategy=self)
 
+    def __str__(self) -> str:
+        return f"strategy={self.name}"  # the override that selects it, as messages name it
+
     @property
     def offloads_optimizer(self) -> bool:
         """The optimizer states live in CPU memory and are stepped there (ZeRO-Offload)."""
