@@ -1,8 +1,10 @@
 """Checkpoints: exact resume, crash-safe saves, and the HF export."""
 
+import json
 import subprocess
 import textwrap
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,3 +106,14 @@ def test_hf_export_reloads_with_the_same_logits(tmp_path):
     trainer.hf_model.eval()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, trainer.hf_model(ids).logits)
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    from trainer.utils import write_atomic, write_json_atomic
+
+    target = tmp_path / "sub" / "state.json"
+    write_json_atomic(target, {"step": 1})
+    with pytest.raises(TypeError):
+        write_atomic(target, 123)  # fails inside the write, after the temporary file was opened
+    assert json.loads(target.read_text()) == {"step": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["state.json"]

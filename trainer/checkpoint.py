@@ -30,6 +30,7 @@ from torch import nn
 
 from trainer.distributed import ParallelEnv, barrier
 from trainer.shards import load_slices, write_shards
+from trainer.utils import fsync_dir, write_atomic, write_json_atomic
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -37,24 +38,6 @@ STATE_FILE = "trainer_state.json"
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def rng_state() -> dict[str, Any]:
@@ -108,12 +91,12 @@ def save_checkpoint(
     barrier()
     if env.is_main:
         state = {**trainer_state, "world_size": env.world_size}
-        _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))
+        write_json_atomic(tmp / STATE_FILE, state)
         if final.exists():  # saving the same step again (e.g. a resumed run that ends where it started)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / "latest", final.name + "\n")
+        fsync_dir(root)
+        write_atomic(root / "latest", final.name + "\n")
         if keep_last > 0:
             for old in complete_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
