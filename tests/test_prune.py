@@ -89,7 +89,7 @@ def test_gmp_follows_the_cubic_schedule_between_updates():
 def test_wanda_calibrates_each_block_on_the_outputs_of_the_pruned_blocks_before_it():
     import copy
 
-    from trainer.prune.calibrate import prune_sequentially
+    from trainer.calibration import update_blocks_sequentially
 
     model = _tiny_llama(layers=2)
     dense = copy.deepcopy(model)
@@ -101,7 +101,7 @@ def test_wanda_calibrates_each_block_on_the_outputs_of_the_pruned_blocks_before_
         got[name] = wanda_mask(module.weight, stats.sq_norm, 0.5)
         module.weight.data.mul_(got[name])
 
-    prune_sequentially(
+    update_blocks_sequentially(
         model, batches, {n: model.get_submodule(n) for n in names}, prune_layer, with_hessian=False
     )
 

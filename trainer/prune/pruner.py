@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.calibration import InputStats, calibration_batches, update_blocks_sequentially
 from trainer.distributed import ParallelEnv, all_reduce_sum
 from trainer.errors import ConfigError
 from trainer.fsdp import transformer_blocks
-from trainer.prune.calibrate import InputStats, calibration_batches, prune_sequentially
 from trainer.prune.masks import (
     MaskEnforcer,
     broadcast_masks,
@@ -233,7 +233,7 @@ class Pruner:
                         w.copy_(new)
                     masks[key] = keep.cpu()
 
-                prune_sequentially(
+                update_blocks_sequentially(
                     model, batches, targets, prune_layer, with_hessian=criterion == "sparsegpt"
                 )
                 model.to(home)
