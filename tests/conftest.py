@@ -146,3 +146,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def train_losses(run_dir: Path) -> dict[int, float]:
     """Step -> loss; a step logged twice (a restarted run) keeps its last value."""
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def strip_model_description(step: Path, overrides: list[str]) -> None:
+    """Make checkpoint `step` one written before checkpoints held config.json and the tokenizer: those files
+    gone, and the run's resolved config beside it (what Hydra writes), which the fallback reads instead."""
+    from omegaconf import OmegaConf
+
+    for f in step.iterdir():
+        if f.is_file() and f.name != "trainer_state.json":
+            f.unlink()
+    run_dir = step.parent.parent
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(compose_config(*overrides), run_dir / ".hydra" / "config.yaml")
