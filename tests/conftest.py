@@ -251,3 +251,16 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(
             "Mark them slow in tests/conftest.py's TEST_TIERS, unless the machine was busy."
         )
+
+
+def strip_model_description(step: Path, overrides: list[str]) -> None:
+    """Make checkpoint `step` one written before checkpoints held config.json and the tokenizer: those files
+    gone, and the run's resolved config beside it (what Hydra writes), which the fallback reads instead."""
+    from omegaconf import OmegaConf
+
+    for f in step.iterdir():
+        if f.is_file() and f.name != "trainer_state.json":
+            f.unlink()
+    run_dir = step.parent.parent
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(compose_config(*overrides), run_dir / ".hydra" / "config.yaml")

@@ -1,12 +1,15 @@
-"""Checkpoints: exact resume, crash-safe saves, and the HF export."""
+"""Checkpoints: exact resume, crash-safe saves, the model they describe, and the HF export."""
 
+import json
+import shutil
 import subprocess
 import textwrap
 
+import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import PYTHON, ROOT, TINY, make_trainer, subprocess_env
+from tests.conftest import PYTHON, ROOT, TINY, make_trainer, strip_model_description, subprocess_env
 from trainer.checkpoint import complete_checkpoints, resolve_resume
 
 EXACT = [*TINY, "scheduler=constant", "optimizer.weight_decay=0.1", "train.export_hf=false"]
@@ -104,3 +107,47 @@ def test_hf_export_reloads_with_the_same_logits(tmp_path):
     trainer.hf_model.eval()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, trainer.hf_model(ids).logits)
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    from trainer.utils import write_atomic, write_json_atomic
+
+    target = tmp_path / "sub" / "state.json"
+    write_json_atomic(target, {"step": 1})
+    with pytest.raises(TypeError):
+        write_atomic(target, 123)  # fails inside the write, after the temporary file was opened
+    assert json.loads(target.read_text()) == {"step": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["state.json"]
+
+
+def test_a_checkpoint_describes_its_model_and_loads_without_the_run_config(tmp_path):
+    from trainer.export import load_checkpoint_model
+
+    overrides = [*TINY, "train.max_steps=2"]
+    trainer = make_trainer(tmp_path, *overrides)
+    trainer.train()
+    step = tmp_path / "checkpoints" / "step_00000002"
+    assert not (tmp_path / ".hydra").exists()  # a run in this process: no resolved config to fall back on
+    # transformers' own readers take the checkpoint directory; the cache is off for training only (and the
+    # hf/ export, written after the checkpoint, added `architectures` to the live config).
+    saved = AutoConfig.from_pretrained(step).to_diff_dict()
+    trained = trainer.hf_model.config.to_diff_dict()
+    trained.pop("architectures")
+    assert saved.pop("use_cache") is True and trained.pop("use_cache") is False and saved == trained
+    assert AutoTokenizer.from_pretrained(step).get_vocab() == trainer.data.tokenizer.get_vocab()
+
+    ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    trainer.hf_model.eval()
+    with torch.no_grad():
+        want = trainer.hf_model(ids).logits
+        model, tokenizer = load_checkpoint_model(step, device="cpu")
+        assert torch.equal(model(ids).logits, want)
+        assert tokenizer.get_vocab() == trainer.data.tokenizer.get_vocab()
+
+        # Written before checkpoints held these files: rebuilt from the run's resolved config, the same model.
+        strip_model_description(step, overrides)
+        old, _ = load_checkpoint_model(step, device="cpu")
+        assert torch.equal(old(ids).logits, want)
+    shutil.rmtree(tmp_path / ".hydra")
+    with pytest.raises(FileNotFoundError, match="has no config.json .* pass --run-dir"):
+        load_checkpoint_model(step)

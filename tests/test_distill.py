@@ -16,7 +16,15 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import TINY, compose_config, make_trainer, read_metrics, run_command, train_losses
+from tests.conftest import (
+    TINY,
+    compose_config,
+    make_trainer,
+    read_metrics,
+    run_command,
+    strip_model_description,
+    train_losses,
+)
 from trainer.config import validate_config
 from trainer.distill.hidden import default_layer_map, resolve_layer_map
 from trainer.distill.losses import distillation_loss, hidden_state_loss, mixed_distillation_loss
@@ -301,6 +309,31 @@ def test_student_cut_from_every_kth_teacher_layer(teacher, tmp_path):
     optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert not optimized & {id(p) for p in teacher_params}
     assert not {id(p) for p in trainer.module.parameters()} & {id(p) for p in teacher_params}
+
+
+def test_a_cut_students_checkpoint_loads_from_its_own_files_and_through_the_old_fallback(teacher, tmp_path):
+    from trainer.distill.teacher import checkpoint_dir
+    from trainer.export import load_checkpoint_model
+
+    # The teacher: a copy of its checkpoint alone, without its run's resolved config beside it.
+    alone = tmp_path / "teacher_step"
+    shutil.copytree(checkpoint_dir(str(teacher[0])), alone)
+    overrides = [*distill_args(alone), "distill.student_init=teacher_layers", "train.max_steps=2"]
+    run = tmp_path / "student"
+    trainer = make_trainer(run, *overrides)
+    trainer.train()
+    step = run / "checkpoints" / "step_00000002"
+    ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    trainer.hf_model.eval()
+    with torch.no_grad():
+        want = trainer.hf_model(ids).logits
+        model, tokenizer = load_checkpoint_model(step, device="cpu")  # no .hydra/: the checkpoint's files
+        assert (model.config.hidden_size, model.config.num_hidden_layers) == (48, 2)  # layers 0 and 2 of 3
+        assert torch.equal(model(ids).logits, want)
+        assert tokenizer.get_vocab() == trainer.data.tokenizer.get_vocab()
+        strip_model_description(step, overrides)  # an old checkpoint: the cut rebuilt from distill.*
+        old, _ = load_checkpoint_model(step, device="cpu")
+        assert torch.equal(old(ids).logits, want)
 
 
 def test_student_layers_pick_the_teacher_layers_exactly_and_bad_ones_fail_naming_the_range(teacher, tmp_path):

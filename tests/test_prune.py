@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY, make_trainer, read_metrics, run_command
+from tests.conftest import TINY, make_trainer, read_metrics, run_command, strip_model_description
 from trainer.config import validate_config
 from trainer.errors import ConfigError
 from trainer.prune.methods import magnitude_mask, nm_mask, sparsegpt_prune, wanda_mask
@@ -89,7 +89,7 @@ def test_gmp_follows_the_cubic_schedule_between_updates():
 def test_wanda_calibrates_each_block_on_the_outputs_of_the_pruned_blocks_before_it():
     import copy
 
-    from trainer.prune.calibrate import prune_sequentially
+    from trainer.calibration import update_blocks_sequentially
 
     model = _tiny_llama(layers=2)
     dense = copy.deepcopy(model)
@@ -101,7 +101,7 @@ def test_wanda_calibrates_each_block_on_the_outputs_of_the_pruned_blocks_before_
         got[name] = wanda_mask(module.weight, stats.sq_norm, 0.5)
         module.weight.data.mul_(got[name])
 
-    prune_sequentially(
+    update_blocks_sequentially(
         model, batches, {n: model.get_submodule(n) for n in names}, prune_layer, with_hessian=False
     )
 
@@ -200,6 +200,26 @@ def test_structured_pruning_equals_the_dense_model_with_those_parts_zeroed(tmp_p
         small.save_pretrained(tmp_path)
         again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
         torch.testing.assert_close(again(ids).logits, small(ids).logits)
+
+
+def test_a_structured_pruned_checkpoint_loads_from_its_own_files_and_through_the_old_fallback(tmp_path):
+    from trainer.export import load_checkpoint_model
+
+    overrides = [*TINY, "train.max_steps=2", "prune=structured", "prune.heads=0.5", "prune.mlp_channels=0.25"]
+    trainer = make_trainer(tmp_path, *overrides)
+    trainer.train()
+    step = tmp_path / "checkpoints" / "step_00000002"
+    ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    trainer.hf_model.eval()
+    with torch.no_grad():
+        want = trainer.hf_model(ids).logits
+        model, _ = load_checkpoint_model(step, device="cpu")  # no .hydra/: the checkpoint's config.json
+        c = model.config
+        assert (c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (1, 1, 48)
+        assert torch.equal(model(ids).logits, want)
+        strip_model_description(step, overrides)  # an old checkpoint: the shapes rebuilt from prune.*
+        old, _ = load_checkpoint_model(step, device="cpu")
+        assert torch.equal(old(ids).logits, want)
 
 
 # ---- bad input -----------------------------------------------------------------------------------------

@@ -4,19 +4,22 @@ Layout under the run directory:
 
     checkpoints/step_00000100/   shards/rank_XXXXX.safetensors (model + optimizer, the flat ranges each
                                  rank holds: see shards.py), trainer_state.json (step, data position, ...),
-                                 rng/rank_XXXXX.pt
+                                 rng/rank_XXXXX.pt, and what the model is: config.json (transformers' config
+                                 of the model trained, after a distillation student was cut or structured
+                                 pruning shrank it) beside the tokenizer's files (tokenizer.json, ...)
     checkpoints/latest           text file naming the newest complete checkpoint directory
 
 A checkpoint is written under a temporary name and renamed when every rank has finished, then `latest`
 is replaced atomically: a crash or kill at any moment leaves the previous checkpoint and pointer intact.
 The tensor format does not depend on the strategy or world size, so any checkpoint resumes under any
-strategy on any number of ranks. Loading never unpickles arbitrary objects: safetensors for tensors,
-JSON for the loop state, and
-`torch.load(weights_only=True)` for RNG states.
+strategy on any number of ranks, and config.json + tokenizer let `trainer.export` rebuild the model from
+the checkpoint alone. Loading never unpickles arbitrary objects: safetensors for tensors, JSON for the
+loop state and the model description, and `torch.load(weights_only=True)` for RNG states.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -27,34 +30,23 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from trainer.distributed import ParallelEnv, barrier
 from trainer.shards import load_slices, write_shards
+from trainer.utils import fsync_dir, write_atomic, write_json_atomic
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
+# transformers' name: AutoConfig.from_pretrained and AutoTokenizer.from_pretrained read a step directory.
+CONFIG_FILE = "config.json"
+# Keys of the trained module that are not the HF model's (a distillation run's learned projections): kept in
+# checkpoints to resume, left out of every export.
+WRAPPER_ONLY_PREFIX = "distill_projections."
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def rng_state() -> dict[str, Any]:
@@ -70,6 +62,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def describes_model(path: Path) -> bool:
+    """Whether checkpoint `path` holds its model's config and tokenizer (those written before they did do not)."""
+    return (Path(path) / CONFIG_FILE).is_file()
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -88,10 +85,16 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     env: ParallelEnv,
+    hf_config: PretrainedConfig,
+    tokenizer: Any,
     keep_last: int = 0,
     extra_slices: list | None = None,
 ) -> Path:
-    """Save model, optimizer, loop state and RNG; every rank calls this and writes its own shard file."""
+    """Save model, optimizer, loop state and RNG; every rank calls this and writes its own shard file.
+
+    `hf_config` and `tokenizer` describe the model (the HF model's own config, as shrunk or cut by then):
+    rank 0 writes them before the rename, so a complete checkpoint is never without them.
+    """
     step = int(trainer_state["step"])
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp"
@@ -99,6 +102,11 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
         tmp.mkdir()
+        # What the model is, so that loading it needs neither the run's config nor distill or prune code.
+        config = copy.deepcopy(hf_config)
+        config.use_cache = True  # off while training (the loop's choice), not a property of the model
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     barrier()
     # extra_slices: more flat-shard tensors to keep with the model (pruning masks).
     slices = strategy.save_slices(module, optimizer) + list(extra_slices or [])
@@ -108,12 +116,12 @@ def save_checkpoint(
     barrier()
     if env.is_main:
         state = {**trainer_state, "world_size": env.world_size}
-        _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))
+        write_json_atomic(tmp / STATE_FILE, state)
         if final.exists():  # saving the same step again (e.g. a resumed run that ends where it started)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / "latest", final.name + "\n")
+        fsync_dir(root)
+        write_atomic(root / "latest", final.name + "\n")
         if keep_last > 0:
             for old in complete_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -1,11 +1,13 @@
 """Convert any checkpoint (any strategy, any world size) to a consolidated HF export.
 
-    python -m trainer.export CHECKPOINT_DIR OUTPUT_DIR [--run-dir RUN_DIR]
+    python -m trainer.export CHECKPOINT_DIR OUTPUT_DIR [--run-dir RUN_DIR] [--trust-remote-code]
 
-The model is rebuilt on the meta device from the run's resolved config (`RUN_DIR/.hydra/config.yaml`,
-RUN_DIR defaulting to the checkpoint's run directory), filled tensor by tensor from the shard files
-and written with `save_pretrained` (safetensors) beside the run's tokenizer. No process group and no
-GPU are needed.
+The model is rebuilt on the meta device from the config.json the checkpoint holds, filled tensor by
+tensor from the shard files and written with `save_pretrained` (safetensors) beside the checkpoint's
+tokenizer. No process group and no GPU are needed, and no distillation or pruning code runs: the
+checkpoint says what the model is. Checkpoints written before they held config.json are rebuilt from
+their run's resolved config (`RUN_DIR/.hydra/config.yaml`, RUN_DIR defaulting to the checkpoint's run
+directory), as before.
 """
 
 from __future__ import annotations
@@ -13,19 +15,46 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from trainer.checkpoint import CONFIG_FILE, WRAPPER_ONLY_PREFIX, describes_model
 from trainer.data.tokenizer import load_tokenizer
-from trainer.distill.wrapper import WRAPPER_ONLY_PREFIX
 from trainer.models import build_model_config
 from trainer.shards import ShardReader
 
 
-def _tokenizer(cfg, run_dir: Path):
+class ModelDescription(NamedTuple):
+    """What the model a checkpoint holds is, without its weights."""
+
+    config: PretrainedConfig
+    tokenizer: Any
+    trust_remote_code: bool  # building it runs the model's own code from the hub
+
+
+def describe_checkpoint(
+    checkpoint: Path, *, run_dir: Path | None = None, trust_remote_code: bool = False
+) -> ModelDescription:
+    """The model a checkpoint holds: from its own config.json and tokenizer files, or, for a checkpoint
+    written before it held them, rebuilt from its run's resolved config (`run_dir` is read only then)."""
+    checkpoint = Path(checkpoint)
+    if describes_model(checkpoint):
+        config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(str(checkpoint), trust_remote_code=trust_remote_code)
+        return ModelDescription(config, tokenizer, trust_remote_code)
+    cfg, run_dir = _run_config(checkpoint, run_dir)
+    tokenizer = _run_tokenizer(cfg, run_dir)
+    trust = trust_remote_code or bool(cfg.model.trust_remote_code)
+    return ModelDescription(_run_model_config(cfg, tokenizer), tokenizer, trust)
+
+
+# ---- checkpoints written before they held config.json: the model rebuilt from the run's config ----------
+
+
+def _run_tokenizer(cfg: Any, run_dir: Path) -> Any:
     built = run_dir / "tokenizer"
     if (built / "tokenizer.json").is_file():
         return load_tokenizer(str(built))
@@ -33,20 +62,21 @@ def _tokenizer(cfg, run_dir: Path):
     return load_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code)
 
 
-def run_config(checkpoint: Path, run_dir: Path | None = None) -> tuple[Any, Path]:
+def _run_config(checkpoint: Path, run_dir: Path | None) -> tuple[Any, Path]:
     """The resolved config of the run a checkpoint belongs to, and that run's directory."""
     run_dir = Path(run_dir) if run_dir else Path(checkpoint).parent.parent
     config_file = run_dir / ".hydra" / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(
-            f"{config_file} not found: pass --run-dir, the run directory the checkpoint belongs to"
+            f"{checkpoint} has no {CONFIG_FILE} (it was written before checkpoints held one) and {config_file} "
+            "was not found: pass --run-dir, the run directory the checkpoint belongs to"
         )
     return OmegaConf.load(config_file), run_dir
 
 
-def model_config(cfg: Any, tokenizer: Any):
+def _run_model_config(cfg: Any, tokenizer: Any) -> PretrainedConfig:
     """The transformers config of the model a run trained: from `model.*` or its distillation student's,
-    with the smaller shapes of structured pruning."""
+    with the smaller shapes of structured pruning (the only place export imports distill or prune code)."""
     if cfg.get("distill") and cfg.distill.get("student_init", "model") == "teacher_layers":
         from trainer.distill.student import kept_layers, student_config
         from trainer.distill.teacher import teacher_config
@@ -73,19 +103,20 @@ def model_config(cfg: Any, tokenizer: Any):
 
 
 def load_checkpoint_model(
-    checkpoint: Path, *, run_dir: Path | None = None, device: str = "meta"
+    checkpoint: Path, *, run_dir: Path | None = None, device: str = "meta", trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
-    """The HF model a checkpoint holds, filled from its shards, and its run's tokenizer.
+    """The HF model a checkpoint holds, filled from its shards, and its tokenizer.
 
     On the meta device (the default) only the checkpoint's tensors are real: enough to save, not to run.
-    Keys that are not the model's (a distillation run's projections) are left out.
+    Keys that are not the model's (a distillation run's projections) are left out. `run_dir` is read only
+    for a checkpoint without config.json (one written before checkpoints held it).
     """
     checkpoint = Path(checkpoint)
-    cfg, run_dir = run_config(checkpoint, run_dir)
-    tokenizer = _tokenizer(cfg, run_dir)
-    config = model_config(cfg, tokenizer)
+    config, tokenizer, trust = describe_checkpoint(
+        checkpoint, run_dir=run_dir, trust_remote_code=trust_remote_code
+    )
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
     reader = ShardReader(checkpoint / "shards")
     state = {
         key.removeprefix("model/"): reader.read(key, 0, math.prod(shape)).view(shape)
@@ -103,8 +134,10 @@ def load_checkpoint_model(
     return model, tokenizer
 
 
-def export_checkpoint(checkpoint: Path, output: Path, *, run_dir: Path | None = None) -> None:
-    model, tokenizer = load_checkpoint_model(checkpoint, run_dir=run_dir)
+def export_checkpoint(
+    checkpoint: Path, output: Path, *, run_dir: Path | None = None, trust_remote_code: bool = False
+) -> None:
+    model, tokenizer = load_checkpoint_model(checkpoint, run_dir=run_dir, trust_remote_code=trust_remote_code)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output), safe_serialization=True)
     tokenizer.save_pretrained(str(output))
@@ -115,10 +148,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path, help="a checkpoints/step_XXXXXXXX directory")
     parser.add_argument("output", type=Path, help="directory to write the HF export into")
     parser.add_argument(
-        "--run-dir", type=Path, default=None, help="the run directory (default: the checkpoint's)"
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="the run directory, read only for a checkpoint without config.json (default: the checkpoint's)",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own code from the hub (a checkpoint of a model.trust_remote_code=true run)",
     )
     args = parser.parse_args(argv)
-    export_checkpoint(args.checkpoint, args.output, run_dir=args.run_dir)
+    export_checkpoint(
+        args.checkpoint, args.output, run_dir=args.run_dir, trust_remote_code=args.trust_remote_code
+    )
     print(f"exported {args.checkpoint} to {args.output}")
 
 

@@ -299,6 +299,8 @@ class Trainer:
             optimizer=self.optimizer,
             trainer_state=state,
             env=self.env,
+            hf_config=self.hf_model.config,  # the model trained: a cut student, a structured-pruned model
+            tokenizer=self.data.tokenizer,
             keep_last=self.cfg.checkpoint.keep_last,
             extra_slices=[s for ext in self.extensions for s in ext.checkpoint_slices()],
         )

@@ -1,4 +1,4 @@
-"""Small shared helpers: optional packages, dtypes, devices and atomic JSON files."""
+"""Small shared helpers: optional packages, dtypes, devices and atomic (crash-safe) file writes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import importlib
 import importlib.util
 import json
 import os
-import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -63,13 +62,33 @@ def resolve_device(name: str, local_rank: int = 0, *, key: str = "train.device")
     return torch.device(name)
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in directory `path` durable (the file's own fsync does not cover it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync it, rename it over `path` and fsync the directory:
+    a reader never sees half a file, and after a crash the file is either the old one or the new one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        try:
-            f.write(json.dumps(value, indent=2) + "\n")
-        except BaseException:
-            Path(f.name).unlink()
-            raise
-    os.replace(f.name, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """`value` as indented JSON, written by `write_atomic`."""
+    write_atomic(path, json.dumps(value, indent=2) + "\n")

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from trainer.data import markov
 from trainer.data.tokenizer import build_bpe_tokenizer, build_wordlevel_tokenizer, load_tokenizer
 from trainer.errors import DataError
+from trainer.utils import write_atomic
 
 IGNORE_INDEX = -100
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
@@ -85,11 +86,7 @@ def pad_each(docs: list[list[int]], seq_len: int, eos_id: int, pad_id: int) -> T
 
 
 def _write_jsonl(path: Path, texts: list[str]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        for t in texts:
-            f.write(json.dumps({"text": t}) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps({"text": t}) + "\n" for t in texts))
 
 
 def _config_hash(obj: Any) -> str:

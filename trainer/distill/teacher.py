@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from trainer.checkpoint import STATE_FILE, resolve_resume
 from trainer.errors import ConfigError
+from trainer.export import describe_checkpoint, load_checkpoint_model
 from trainer.loss import causal_lm_loss
 from trainer.models import supports_fused_loss
 from trainer.utils import require
@@ -47,14 +48,9 @@ def _gguf_kwargs(d: Any) -> dict[str, Any]:
 
 def teacher_config(d: Any) -> PretrainedConfig:
     """The teacher's transformers config, without loading its weights."""
-    from trainer.export import model_config, run_config
-
     found = checkpoint_dir(d.teacher)
     if found is not None:
-        from trainer.export import _tokenizer
-
-        cfg, run_dir = run_config(found)
-        return model_config(cfg, _tokenizer(cfg, run_dir))
+        return describe_checkpoint(found).config
     return AutoConfig.from_pretrained(d.teacher, **_gguf_kwargs(d))
 
 
@@ -64,9 +60,7 @@ def load_teacher(
     """The frozen teacher (on CPU, in `dtype`) and its tokenizer (None when it has none we can load)."""
     found = checkpoint_dir(d.teacher)
     if found is not None:
-        from trainer.export import load_checkpoint_model
-
-        model, tokenizer = load_checkpoint_model(found, device="cpu")
+        model, tokenizer = load_checkpoint_model(found, device="cpu", trust_remote_code=trust_remote_code)
         model = model.to(dtype)
     else:
         kwargs = _gguf_kwargs(d)

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from trainer.checkpoint import WRAPPER_ONLY_PREFIX as WRAPPER_ONLY_PREFIX  # defined by the checkpoint format
 from trainer.distill.losses import hidden_state_loss, mixed_distillation_loss
 from trainer.models import CausalLMWithLoss
 
-WRAPPER_ONLY_PREFIX = "distill_projections."
 TERMS = ("ce_loss", "kd_loss", "hidden_loss")
 
 

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from trainer.calibration import inverse_hessian_factor, sweep_columns
+
 
 def _floor(x: float) -> int:
     return math.floor(x + 1e-6)  # 0.29 * 100 = 28.999...: still 29
@@ -66,23 +68,6 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return _keep_largest(groups, m - n, dim=2).reshape(rows, cols)
 
 
-def inverse_hessian_factor(
-    weight: torch.Tensor, hessian: torch.Tensor, *, damp: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """What SparseGPT and GPTQ start from: (fp32 copy of the weight, upper Cholesky factor of H^-1).
-
-    `hessian` is X^T X over the calibration inputs; inputs that were always zero get their weights zeroed
-    (they cannot matter) and a unit diagonal, and `damp` x the mean diagonal is added for stability.
-    """
-    w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    return w, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-
-
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -101,29 +86,20 @@ def sparsegpt_prune(
     processed through the Cholesky factor of H^-1. Runs in float32 whatever the weight's dtype.
     """
     w, hinv = inverse_hessian_factor(weight, hessian, damp=damp)
-    rows, cols = w.shape
+    rows = w.shape[0]
     mask = torch.ones_like(w, dtype=torch.bool)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        keep1 = torch.ones_like(w1, dtype=torch.bool)
-        d = torch.diag(hinv1)
-        if not n:
+
+    def prune_column(w1: torch.Tensor, hinv1: torch.Tensor, i1: int, i: int) -> torch.Tensor:
+        if not n and i == 0:
             # Quota per block so that the layer loses exactly floor(sparsity * rows * cols) weights.
+            i2 = i1 + w1.shape[1]
             quota = _floor(sparsity * rows * i2) - _floor(sparsity * rows * i1)
-            keep1 = _keep_largest(w1**2 / d.view(1, -1) ** 2, quota)
-        for i in range(i2 - i1):
-            if n and i % m == 0:
-                group = w1[:, i : i + m] ** 2 / d[i : i + m].view(1, -1) ** 2
-                keep1[:, i : i + m] = _keep_largest(group, m - n, dim=1)
-            col = w1[:, i]
-            q = torch.where(keep1[:, i], col, torch.zeros_like(col))
-            e = (col - q) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-            w1[:, i] = q
-            err1[:, i] = e
-        w[:, i1:i2] = w1
-        mask[:, i1:i2] = keep1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            mask[:, i1:i2] = _keep_largest(w1**2 / torch.diag(hinv1).view(1, -1) ** 2, quota)
+        if n and i % m == 0:
+            group = w1[:, i : i + m] ** 2 / torch.diag(hinv1)[i : i + m].view(1, -1) ** 2
+            mask[:, i1 + i : i1 + i + m] = _keep_largest(group, m - n, dim=1)
+        col = w1[:, i]
+        return torch.where(mask[:, i1 + i], col, torch.zeros_like(col))
+
+    w = sweep_columns(w, hinv, prune_column, block_size=block_size)
     return (w * mask).to(weight.dtype), mask

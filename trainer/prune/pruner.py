@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.calibration import InputStats, calibration_batches, update_blocks_sequentially
 from trainer.distributed import ParallelEnv, all_reduce_sum
 from trainer.errors import ConfigError
 from trainer.extensions import Extension
 from trainer.models import transformer_blocks
-from trainer.prune.calibrate import InputStats, calibration_batches, prune_sequentially
 from trainer.prune.masks import (
     MaskEnforcer,
     broadcast_masks,
@@ -269,7 +269,7 @@ class Pruner(Extension):
                         w.copy_(new)
                     masks[key] = keep.cpu()
 
-                prune_sequentially(
+                update_blocks_sequentially(
                     model, batches, targets, prune_layer, with_hessian=criterion == "sparsegpt"
                 )
                 model.to(home)

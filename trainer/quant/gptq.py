@@ -16,8 +16,7 @@ import contextlib
 import torch
 from torch import nn
 
-from trainer.prune.calibrate import InputStats, prune_sequentially
-from trainer.prune.methods import inverse_hessian_factor
+from trainer.calibration import InputStats, inverse_hessian_factor, sweep_columns, update_blocks_sequentially
 from trainer.quant.smooth import WEIGHT_QMAX, Int8DynamicLinear, decoder_blocks, int8_targets
 
 
@@ -35,21 +34,14 @@ def gptq_quantize(
     identity Hessian (uncorrelated inputs) nothing is spread and the result is rounding to nearest.
     """
     w, hinv = inverse_hessian_factor(weight, hessian, damp=damp)
-    cols = w.shape[1]
     scale = (w.abs().amax(dim=1) / qmax).clamp(min=1e-8)
     q = torch.empty_like(w)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            col = w1[:, i]
-            qi = torch.round(col / scale).clamp(-qmax, qmax)
-            q[:, i1 + i] = qi
-            e = (col - qi * scale) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def round_column(w1: torch.Tensor, _hinv1: torch.Tensor, i1: int, i: int) -> torch.Tensor:
+        q[:, i1 + i] = torch.round(w1[:, i] / scale).clamp(-qmax, qmax)
+        return q[:, i1 + i] * scale
+
+    sweep_columns(w, hinv, round_column, block_size=block_size)
     return q.to(torch.int8), scale
 
 
@@ -68,7 +60,7 @@ def quantize_blocks_gptq(
         quantized = gptq_quantize(linear.weight, stats.hessian)
         model.set_submodule(name, Int8DynamicLinear.from_linear(linear, quantized))
 
-    prune_sequentially(model, batches, targets, quantize_one, with_hessian=True)
+    update_blocks_sequentially(model, batches, targets, quantize_one, with_hessian=True)
     return list(targets)
 
 

@@ -1,9 +1,13 @@
-"""Calibration: batches of the run's own training data, and the activation statistics the one-shot methods
-need (per-input squared norms for Wanda, X^T X for SparseGPT), gathered block by block.
+"""Layer-by-layer calibration, shared by one-shot pruning (Wanda, SparseGPT) and GPTQ quantization.
 
-Blocks are pruned in order, as the Wanda and SparseGPT reference code does: the inputs of block i are the
-outputs of blocks 0..i-1 *after* those were pruned, so each block is calibrated on what it will really see.
-Only one block's inputs are held at a time (calibration tokens x hidden size).
+- `calibration_batches`: input ids drawn from the run's own training windows;
+- `InputStats`: what a linear layer's inputs look like (per-input squared norms for Wanda, X^T X for
+  SparseGPT and GPTQ), summed over the calibration tokens;
+- `update_blocks_sequentially`: the model's blocks in order, each calibrated on the outputs of the blocks
+  before it *after* those were updated (as the Wanda, SparseGPT and GPTQ reference code does), so each
+  block is calibrated on what it will really see. Only one block's inputs are held at a time;
+- `inverse_hessian_factor` and `sweep_columns`: the optimal-brain-surgeon column loop SparseGPT and GPTQ
+  share, parametrised by what each column becomes (pruned, or rounded to the grid).
 """
 
 from __future__ import annotations
@@ -53,15 +57,16 @@ def _block_output(out):
 
 
 @torch.no_grad()
-def prune_sequentially(
+def update_blocks_sequentially(
     model: nn.Module,
     batches: list[torch.Tensor],
     targets: dict[str, nn.Module],
-    prune_layer: Callable[[str, nn.Module, InputStats], None],
+    update_layer: Callable[[str, nn.Module, InputStats], None],
     *,
     with_hessian: bool,
 ) -> None:
-    """Calibrate and prune the targeted linears block by block; `prune_layer(name, module, stats)` prunes one.
+    """Calibrate and update the targeted linears block by block; `update_layer(name, module, stats)` prunes
+    or quantizes one (it may replace the module at `name`).
 
     Targets must lie inside the transformer blocks (the caller checks); the model runs on its own device.
     """
@@ -101,7 +106,54 @@ def prune_sequentially(
                 h.remove()
         if mine:
             for n, m in mine.items():
-                prune_layer(n, m, stats[n])
+                update_layer(n, m, stats[n])
             outputs = [_block_output(block(h, *a, **k)) for h, (a, k) in zip(hidden, extra, strict=True)]
         hidden = outputs
     model.train(was_training)
+
+
+def inverse_hessian_factor(
+    weight: torch.Tensor, hessian: torch.Tensor, *, damp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What SparseGPT and GPTQ start from: (fp32 copy of the weight, upper Cholesky factor of H^-1).
+
+    `hessian` is X^T X over the calibration inputs; inputs that were always zero get their weights zeroed
+    (they cannot matter) and a unit diagonal, and `damp` x the mean diagonal is added for stability.
+    """
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return w, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+# What column `i` of a block becomes (pruned, rounded): given the block's weights as updated so far, the
+# block's part of the H^-1 factor, and the block's first column in the layer.
+ColumnRule = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+
+
+def sweep_columns(w: torch.Tensor, hinv: torch.Tensor, rule: ColumnRule, *, block_size: int) -> torch.Tensor:
+    """Set the columns of `w` left to right to what `rule` makes of them, spreading each column's error
+    over the columns not yet processed through `hinv` (the upper Cholesky factor of H^-1); returns `w`,
+    updated in place.
+
+    Columns go in blocks of `block_size`: within a block the error is applied column by column, to the
+    rest of the layer once per block (the lazy batch updates of GPTQ and SparseGPT's reference code).
+    """
+    cols = w.shape[1]
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            q = rule(w1, hinv1, i1, i)
+            e = (col - q) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = e
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w
