@@ -38,6 +38,7 @@ from trainer.utils import fsync_dir, write_atomic, write_json_atomic
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
+LATEST = "latest"  # the pointer file naming the newest complete checkpoint
 # transformers' name: AutoConfig.from_pretrained and AutoTokenizer.from_pretrained read a step directory.
 CONFIG_FILE = "config.json"
 # Keys of the trained module that are not the HF model's (a distillation run's learned projections): kept in
@@ -121,7 +122,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.rename(tmp, final)
         fsync_dir(root)
-        write_atomic(root / "latest", final.name + "\n")
+        write_atomic(root / LATEST, final.name + "\n")
         if keep_last > 0:
             for old in complete_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -129,12 +130,25 @@ def save_checkpoint(
     return final
 
 
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The complete checkpoint that `path` names: a step directory, the `latest` pointer file, or a run
+    directory (its newest complete checkpoint). None when it names none of ours (e.g. a HF model directory)."""
+    path = Path(path)
+    if path.is_file():  # only the `latest` pointer names a checkpoint
+        return None if path.name != LATEST else find_checkpoint(path.parent / path.read_text().strip())
+    if (path / STATE_FILE).is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        return resolve_resume("auto", path / "checkpoints")
+    return None
+
+
 def resolve_resume(resume: str, root: Path) -> Path | None:
     """The checkpoint to resume from: None for a fresh start, a directory otherwise."""
     if resume in ("none", "", None):
         return None
     if resume == "auto":
-        pointer = root / "latest"
+        pointer = root / LATEST
         if pointer.is_file():
             named = root / pointer.read_text().strip()
             if (named / STATE_FILE).is_file():
@@ -142,7 +156,9 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
         done = complete_checkpoints(root)
         return done[-1] if done else None
     path = Path(resume)
-    if path.is_file() and path.name == "latest":
+    if path.is_file() and path.name != LATEST:
+        raise FileNotFoundError(f"resume={resume}: a file, but not a checkpoints/{LATEST} pointer")
+    if path.is_file():
         path = path.parent / path.read_text().strip()
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(

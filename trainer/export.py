@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from trainer.checkpoint import CONFIG_FILE, WRAPPER_ONLY_PREFIX, describes_model
+from trainer.checkpoint import CONFIG_FILE, WRAPPER_ONLY_PREFIX, describes_model, find_checkpoint
 from trainer.data.tokenizer import load_tokenizer
 from trainer.models import build_model_config
 from trainer.shards import ShardReader
@@ -79,10 +79,13 @@ def _run_model_config(cfg: Any, tokenizer: Any) -> PretrainedConfig:
     with the smaller shapes of structured pruning (the only place export imports distill or prune code)."""
     if cfg.get("distill") and cfg.distill.get("student_init", "model") == "teacher_layers":
         from trainer.distill.student import kept_layers, student_config
-        from trainer.distill.teacher import teacher_config
 
         d = cfg.distill
-        teacher = teacher_config(d)
+        found = find_checkpoint(d.teacher)
+        kwargs = {"gguf_file": d.teacher_gguf_file} if d.get("teacher_gguf_file") else {}
+        teacher = (
+            describe_checkpoint(found).config if found else AutoConfig.from_pretrained(d.teacher, **kwargs)
+        )
         keep = kept_layers(
             teacher.num_hidden_layers, stride=d.student_layer_stride, layers=d.get("student_layers")
         )

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from trainer.checkpoint import STATE_FILE, resolve_resume
+from trainer.checkpoint import find_checkpoint
 from trainer.errors import ConfigError
-from trainer.export import describe_checkpoint, load_checkpoint_model
+from trainer.export import load_checkpoint_model
 from trainer.loss import causal_lm_loss
 from trainer.models import supports_fused_loss
 from trainer.utils import require
@@ -26,17 +26,10 @@ from trainer.utils import require
 
 def checkpoint_dir(teacher: str) -> Path | None:
     """Our checkpoint that `teacher` names (a step directory, a `latest` file or a run directory), else None."""
-    path = Path(teacher)
-    if path.is_file() and path.name == "latest":
-        return path.parent / path.read_text().strip()
-    if (path / STATE_FILE).is_file():
-        return path
-    if (path / "checkpoints").is_dir():
-        found = resolve_resume("auto", path / "checkpoints")
-        if found is None:
-            raise ConfigError(f"distill.teacher={teacher}: the run directory holds no complete checkpoint")
-        return found
-    return None
+    found = find_checkpoint(teacher)
+    if found is None and (Path(teacher) / "checkpoints").is_dir():
+        raise ConfigError(f"distill.teacher={teacher}: the run directory holds no complete checkpoint")
+    return found
 
 
 def _gguf_kwargs(d: Any) -> dict[str, Any]:
@@ -44,14 +37,6 @@ def _gguf_kwargs(d: Any) -> dict[str, Any]:
         return {}
     require("gguf", extra="gguf")
     return {"gguf_file": d.teacher_gguf_file}
-
-
-def teacher_config(d: Any) -> PretrainedConfig:
-    """The teacher's transformers config, without loading its weights."""
-    found = checkpoint_dir(d.teacher)
-    if found is not None:
-        return describe_checkpoint(found).config
-    return AutoConfig.from_pretrained(d.teacher, **_gguf_kwargs(d))
 
 
 def load_teacher(
