@@ -1,13 +1,24 @@
 """Every shipped config composes; bad input fails before training with a message naming the fix."""
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from tests.conftest import TINY, TINY_LOOP, TINY_MARKOV, TINY_MODEL, compose_config, make_trainer
+from tests.conftest import (
+    TINY,
+    TINY_LOOP,
+    TINY_MARKOV,
+    TINY_MODEL,
+    compose_config,
+    composition_error,
+    make_trainer,
+)
+from trainer.choices import Choice
 from trainer.config import validate_config
 from trainer.errors import ConfigError, DataError, MissingPackageError
 from trainer.train import CONF_DIR
@@ -61,7 +72,6 @@ def test_wrong_type_is_refused():
         ("train.global_batch_size=12", "not divisible"),
         ("model.source=pretrained", "model.name_or_path"),
         ("strategy.deepspeed=5", "must be a mapping"),
-        ("precision.name=fp4", "choose one of fp32"),
         ("precision.min_loss_scale=0", "precision.min_loss_scale"),
         ("strategy.deepspeed={zero_optimization:{stage:2}}", "does not run DeepSpeed"),
     ],
@@ -70,6 +80,48 @@ def test_bad_values_name_the_key(override, fragment):
     cfg = compose_config("train.micro_batch_size=8", "train.global_batch_size=16", override)
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("+", r"\+")):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "override,allowed",
+    [
+        ("precision.name=fp4", "fp32, bf16, fp16, fp8"),
+        ("precision.reduce_dtype=fp64", "float32, bfloat16, float16"),
+        ("strategy.name=zero4", "single, ddp, fsdp, zero1, zero2, zero3"),
+        ("strategy.offload_optimizer=nvme", "none, cpu"),
+        ("scheduler.name=step", "constant, linear, cosine, wsd"),
+        ("train.dtype=float64", "float32, bfloat16, float16"),
+        ("data.source=s3", "embedded, pydoc, hf"),
+        ("model.source=hub", "config, pretrained"),
+        ("logger.wandb.mode=offlne", "online, offline, disabled"),
+        ("quant.name=int2", "none, int8_dynamic, int8_weight, int4_weight"),
+        ("prune.name=random", "none, magnitude, wanda, sparsegpt, gmp, nm, structured, keep_zeros"),
+        ("distill.loss=kl", "forward_kl, reverse_kl, jsd, tvd"),
+    ],
+)
+def test_a_value_outside_a_closed_choice_is_refused_at_composition(override, allowed):
+    key, value = override.split("=")
+    message = composition_error(override)
+    assert f"Invalid value '{value}', expected one of [{allowed}]" in message
+    assert f"full_key: {key}" in message
+
+
+def test_closed_choices_read_as_their_plain_values(tmp_path):
+    """Code compares, formats, json-dumps and keys dicts with them as strings; YAML shows the plain value."""
+    cfg = compose_config("strategy=zero2", "scheduler=wsd", "precision=bf16")
+    name, shape = cfg.strategy.name, cfg.scheduler.decay_shape
+    assert isinstance(name, Choice) and name == "zero2" and name.startswith("zero") and name in ("zero2",)
+    assert (
+        f"strategy={name}" == "strategy=zero2" and format(name, ">6") == " zero2" and str(shape) == "1-sqrt"
+    )
+    assert {"zero2": 1}[name] == 1 and hash(name) == hash("zero2")
+    assert json.loads(json.dumps({name: OmegaConf.to_container(cfg.precision)}))["zero2"]["name"] == "bf16"
+    assert "decay_shape: 1-sqrt" in OmegaConf.to_yaml(cfg) and "name: zero2" in OmegaConf.to_yaml(cfg)
+    OmegaConf.save(cfg, tmp_path / "config.yaml")  # what Hydra writes to .hydra/config.yaml
+    assert OmegaConf.load(tmp_path / "config.yaml").strategy.name == "zero2"
+    assert pickle.loads(pickle.dumps(cfg)).strategy.name is name
+    for choice in Choice.__subclasses__():  # OmegaConf reads a YAML string as a member's name
+        assert all(m.name == m.value for m in choice), choice
 
 
 def test_global_batch_must_divide_over_ranks():
