@@ -7,6 +7,9 @@ add what types cannot express (positive sizes, divisibility), each with a messag
 fix. Each feature's schema and checks live in its folder (data/, quant/, prune/, distill/ `config.py`); the
 other commands register only their own (trainer.quant.config, evaluate_config, report_config,
 pipeline_config), so that none of them imports training's. The loop's own groups are here.
+
+Defaults are written once, in the YAML, with their one-line comments: a schema field that a YAML sets has no
+default here (MISSING), and every option of a group sets every key of its schema (tests/test_config.py).
 """
 
 from __future__ import annotations
@@ -42,15 +45,15 @@ WandbMode = Choice("WandbMode", "online offline disabled")
 
 @dataclass
 class ModelConfig:
-    source: ModelSource = ModelSource.config
+    source: ModelSource = MISSING
     # HF hub name or local directory (weights for `pretrained`, an AutoConfig for `config` when `arch` is empty).
-    name_or_path: str | None = None
+    name_or_path: str | None = MISSING
     # GGUF file inside `name_or_path` (needs the `gguf` extra).
-    gguf_file: str | None = None
+    gguf_file: str | None = MISSING
     # Architecture fields passed to the transformers config class (`model_type` picks the class).
-    arch: dict[str, Any] = field(default_factory=dict)
+    arch: dict[str, Any] = MISSING
     # Run model code from the hub; off unless asked for, since it executes downloaded Python.
-    trust_remote_code: bool = False
+    trust_remote_code: bool = MISSING
 
 
 @dataclass
@@ -58,207 +61,207 @@ class OptimizerConfig:
     # Class to build, any optimizer with the torch interface (each schema below names its own).
     _target_: str = MISSING
     lr: float = MISSING
-    weight_decay: float = 0.0
+    weight_decay: float = MISSING
     # Parameters whose names contain one of these get no weight decay (biases, norms, embeddings).
-    no_decay: list[str] = field(default_factory=lambda: ["bias", "norm", "embed"])
+    no_decay: list[str] = MISSING
 
 
 @dataclass
 class AdamWConfig(OptimizerConfig):
     _target_: str = "torch.optim.AdamW"
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    betas: list[float] = MISSING
+    eps: float = MISSING
     # Multi-tensor kernels; `fused` is chosen instead on CUDA.
-    foreach: bool | None = None
+    foreach: bool | None = MISSING
 
 
 @dataclass
 class SGDConfig(OptimizerConfig):
     _target_: str = "torch.optim.SGD"
-    momentum: float = 0.9
-    nesterov: bool = False
+    momentum: float = MISSING
+    nesterov: bool = MISSING
 
 
 @dataclass
 class LionConfig(OptimizerConfig):
     _target_: str = "trainer.optimizers.Lion"
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    foreach: bool | None = None
+    betas: list[float] = MISSING
+    foreach: bool | None = MISSING
 
 
 @dataclass
 class AdafactorConfig(OptimizerConfig):
     _target_: str = "torch.optim.Adafactor"
     # Exponent of the second-moment decay schedule, beta2_t = 1 - t^beta2_decay.
-    beta2_decay: float = -0.8
+    beta2_decay: float = MISSING
     # (eps1, eps2): the second-moment floor (null: the dtype's eps) and the floor of a parameter's RMS.
-    eps: list[float | None] = field(default_factory=lambda: [None, 1e-3])
+    eps: list[float | None] = MISSING
     # Clipping threshold of the update's RMS.
-    d: float = 1.0
-    foreach: bool | None = None
+    d: float = MISSING
+    foreach: bool | None = MISSING
 
 
 @dataclass
 class ApexAdamConfig(OptimizerConfig):
     _target_: str = "apex.optimizers.FusedAdam"
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    bias_correction: bool = True
+    betas: list[float] = MISSING
+    eps: float = MISSING
+    bias_correction: bool = MISSING
     # Decoupled weight decay (AdamW); false adds it to the gradient (Adam with L2).
-    adam_w_mode: bool = True
+    adam_w_mode: bool = MISSING
 
 
 @dataclass
 class ApexLAMBConfig(OptimizerConfig):
     _target_: str = "apex.optimizers.FusedLAMB"
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-6
-    bias_correction: bool = True
-    adam_w_mode: bool = True
+    betas: list[float] = MISSING
+    eps: float = MISSING
+    bias_correction: bool = MISSING
+    adam_w_mode: bool = MISSING
     # LAMB's own clipping of the global gradient norm, after train.grad_clip.
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = MISSING
     # NVLAMB: the trust ratio also for parameters without weight decay.
-    use_nvlamb: bool = False
+    use_nvlamb: bool = MISSING
 
 
 @dataclass
 class DeepSpeedAdamConfig(OptimizerConfig):
     # DeepSpeedCPUAdam replaces it when ZeRO offloads the optimizer (strategy.offload_optimizer=cpu).
     _target_: str = "deepspeed.ops.adam.FusedAdam"
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    bias_correction: bool = True
+    betas: list[float] = MISSING
+    eps: float = MISSING
+    bias_correction: bool = MISSING
 
 
 @dataclass
 class AdamW8bitConfig(OptimizerConfig):
     _target_: str = "bitsandbytes.optim.AdamW8bit"
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    betas: list[float] = MISSING
+    eps: float = MISSING
     # Tensors with fewer elements keep 32-bit states.
-    min_8bit_size: int = 4096
+    min_8bit_size: int = MISSING
 
 
 @dataclass
 class SchedulerConfig:
     name: SchedulerName = MISSING
-    warmup_steps: int = 0
+    warmup_steps: int = MISSING
     # Steps over which the decay runs; null means train.max_steps (set it to extend a run explicitly).
-    decay_steps: int | None = None
+    decay_steps: int | None = MISSING
     # Final learning rate as a fraction of the peak.
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = MISSING
 
 
 @dataclass
 class WSDSchedulerConfig(SchedulerConfig):
     # Warmup-stable-decay: the peak holds until the last `decay_fraction` of the decay_steps horizon.
-    decay_fraction: float = 0.2
-    decay_shape: DecayShape = DecayShape["1-sqrt"]
+    decay_fraction: float = MISSING
+    decay_shape: DecayShape = MISSING
 
 
 @dataclass
 class StrategyConfig:
-    name: StrategyName = StrategyName.single
+    name: StrategyName = MISSING
     # Process group backend; null picks nccl on CUDA, gloo on CPU.
-    backend: str | None = None
+    backend: str | None = MISSING
     # FSDP: free each block's gathered parameters after its forward (re-gather in backward).
-    reshard_after_forward: bool = True
+    reshard_after_forward: bool = MISSING
     # FSDP: keep sharded parameters, gradients and optimizer states in CPU memory.
-    cpu_offload: bool = False
+    cpu_offload: bool = MISSING
     # FSDP: hold unsharded gradients over the micro-batches and reduce-scatter once at the last (less
     # communication, a whole gradient per rank); false reduce-scatters every micro-batch (sharded gradients).
-    defer_grad_sync: bool = False
+    defer_grad_sync: bool = MISSING
     # FSDP: replica groups; > 1 gives HSDP (shard within world/replicate ranks, replicate across groups).
-    replicate_degree: int = 1
+    replicate_degree: int = MISSING
     # ZeRO: the optimizer states (and step).
-    offload_optimizer: Offload = Offload.none
+    offload_optimizer: Offload = MISSING
     # ZeRO-3: the parameters.
-    offload_params: Offload = Offload.none
+    offload_params: Offload = MISSING
     # ZeRO: extra DeepSpeed config keys merged over the generated config (e.g. {zero_optimization: {...}});
     # null for none. Typed Any so that `strategy.deepspeed={...}` can bring keys the schema does not know.
-    deepspeed: Any = None
+    deepspeed: Any = MISSING
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 200
+    max_steps: int = MISSING
     # Sequences per rank per forward/backward.
-    micro_batch_size: int = 8
+    micro_batch_size: int = MISSING
     # Sequences per optimizer step over all ranks; accumulation = global / (micro x world).
-    global_batch_size: int = 8
-    seed: int = 1234
+    global_batch_size: int = MISSING
+    seed: int = MISSING
     # Gradient clipping by global norm; 0 disables clipping (the norm is still logged).
-    grad_clip: float = 1.0
-    log_every: int = 10
+    grad_clip: float = MISSING
+    log_every: int = MISSING
     # 0 evaluates only at the end.
-    eval_every: int = 100
+    eval_every: int = MISSING
     # Eval batches (of micro_batch_size) per evaluation; 0 uses the whole eval split.
-    eval_batches: int = 0
+    eval_batches: int = MISSING
     # Recompute activations in the backward pass to save memory.
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = MISSING
     # Compile the model with torch.compile.
-    compile: bool = False
+    compile: bool = MISSING
     # Rows of the LM head processed at once by the fused cross-entropy; null sizes a chunk of logits
     # at ~64 MiB (fastest measured); 0 turns fusion off and materialises the full logits.
-    loss_chunk_size: int | None = None
+    loss_chunk_size: int | None = MISSING
     # The stored parameters (the master weights); `precision` picks the compute dtype. Keep float32 for
     # mixed precision; bfloat16 with precision=bf16 is pure bf16.
-    dtype: Dtype = Dtype.float32
+    dtype: Dtype = MISSING
     # `auto` picks cuda when available, else cpu.
-    device: str = "auto"
-    progress_bar: bool = True
+    device: str = MISSING
+    progress_bar: bool = MISSING
     # Write the hf/ export (save_pretrained + tokenizer) when the run ends.
-    export_hf: bool = True
+    export_hf: bool = MISSING
 
 
 @dataclass
 class PrecisionConfig:
-    name: PrecisionName = PrecisionName.fp32
+    name: PrecisionName = MISSING
     # FSDP: dtype of the gradient reduce-scatter (float32 keeps the sums exact as in fp32 training).
-    reduce_dtype: Dtype = Dtype.float32
+    reduce_dtype: Dtype = MISSING
     # fp16: the first loss scale, and the factors and interval of its dynamic adjustment.
-    init_scale: float = 65536.0
-    growth_factor: float = 2.0
-    backoff_factor: float = 0.5
-    growth_interval: int = 2000
+    init_scale: float = MISSING
+    growth_factor: float = MISSING
+    backoff_factor: float = MISSING
+    growth_interval: int = MISSING
     # fp16: a step that overflows with the scale at or below this stops the run (fp16 cannot represent
     # the gradients: switch to bf16).
-    min_loss_scale: float = 1.0
+    min_loss_scale: float = MISSING
 
 
 @dataclass
 class CheckpointConfig:
     # Save every N steps; 0 saves only at the end.
-    every_steps: int = 0
+    every_steps: int = MISSING
     # Complete checkpoints to keep (oldest removed first); 0 keeps all.
-    keep_last: int = 2
+    keep_last: int = MISSING
     # Save a checkpoint when training ends.
-    at_end: bool = True
+    at_end: bool = MISSING
 
 
 @dataclass
 class MetricsConfig:
     # Peak FLOP/s of one device for MFU; null measures it (CPU matmul probe) or looks it up (known GPUs).
-    peak_flops: float | None = None
+    peak_flops: float | None = MISSING
 
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = WandbMode.offline
-    project: str = "trainer"
+    mode: WandbMode = MISSING
+    project: str = MISSING
     # Team or user; null is the account's default.
-    entity: str | None = None
+    entity: str | None = MISSING
     # Run name; null uses the run directory's name.
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
+    name: str | None = MISSING
+    tags: list[str] = MISSING
 
 
 @dataclass
 class LoggerConfig:
     # Weights & Biases from rank 0 (extra `wandb`); mode=disabled does not import it.
-    wandb: WandbConfig = field(default_factory=lambda: WandbConfig(mode="disabled"))
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     # TensorBoard event files in tensorboard/ of the run directory (extra `wandb`).
-    tensorboard: bool = False
+    tensorboard: bool = MISSING
 
 
 @dataclass
@@ -270,17 +273,17 @@ class Config:
     data: DataConfig = MISSING
     optimizer: OptimizerConfig = MISSING
     scheduler: SchedulerConfig = MISSING
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    strategy: StrategyConfig = MISSING
+    precision: PrecisionConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    logger: LoggerConfig = MISSING
+    quant: QuantConfig = MISSING
+    prune: PruneConfig = MISSING
+    distill: DistillConfig = MISSING
     # `none`, `auto` (latest checkpoint of the run directory, if any) or a checkpoint directory.
-    resume: str = "none"
+    resume: str = MISSING
 
 
 def register_configs() -> None:

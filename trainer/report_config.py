@@ -1,11 +1,14 @@
 """trainer.report's schema (conf/report.yaml). Beside the command, as each command's schema is, in a module
 that imports only the standard library, Hydra and trainer.choices: registering or composing it (tests, the
 pipeline's stages) needs nothing of the command's code or of training's.
+
+Every default lives in conf/report.yaml, which sets every key (tests/test_config.py checks both); a target,
+an item of a list, takes its defaults from TargetConfig.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -38,12 +41,12 @@ class ReportConfig:
     # Directory for report.md and report.png.
     output_dir: str = MISSING
     # Name (or path) of the entry the ratios are taken against; null: the first entry.
-    baseline: str | None = None
-    chart: Chart = Chart.both
+    baseline: str | None = MISSING
+    chart: Chart = MISSING
     # Entry name -> the entry its ratios are taken against (others: `baseline`).
-    compare: dict[str, str] = field(default_factory=dict)
+    compare: dict[str, str] = MISSING
     # Ratio limits checked in report.md's Targets section and printed one line each.
-    targets: list[TargetConfig] = field(default_factory=list)
+    targets: list[TargetConfig] = MISSING
 
 
 def register_report_configs() -> None:

@@ -1,11 +1,12 @@
 """The data group's schema (conf/data/*.yaml) and the checks its types cannot express.
 
 Training, trainer.quantize (calibration data) and trainer.evaluate (the eval split) compose the same group.
+Every default lives in the YAML options, each of which sets every key (tests/test_config.py checks both).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -22,33 +23,33 @@ DataSource = Choice("DataSource", "embedded pydoc hf")
 class DataConfig:
     source: DataSource = MISSING
     # Hub dataset name, or a builder (`json`, `parquet`, `text`) for local files; inferred from `data_files` when null.
-    path: str | None = None
+    path: str | None = MISSING
     # Dataset configuration name on the hub.
-    name: str | None = None
+    name: str | None = MISSING
     # Local files (a path, a glob, or a list), loaded with the builder their extension names.
-    data_files: Any = None
+    data_files: Any = MISSING
     # Column holding the text.
-    text_field: str = "text"
-    train_split: str = "train"
+    text_field: str = MISSING
+    train_split: str = MISSING
     # Split used for evaluation; when null, `eval_fraction` of the train documents is held out.
-    eval_split: str | None = None
+    eval_split: str | None = MISSING
     # Fraction of documents held out for evaluation when there is no eval split.
-    eval_fraction: float = 0.05
+    eval_fraction: float = MISSING
     # Tokens per training sequence.
-    seq_len: int = 256
+    seq_len: int = MISSING
     # Concatenate documents (separated by EOS) into full windows; false pads each document to seq_len.
-    packing: bool = True
+    packing: bool = MISSING
     # `wordlevel` or `bpe` build a tokenizer from the train split and save it with the run;
     # anything else is an AutoTokenizer name or path; null uses the model's own.
-    tokenizer: str | None = None
+    tokenizer: str | None = MISSING
     # Vocabulary size for a built `bpe` tokenizer.
-    tokenizer_vocab_size: int = 8192
+    tokenizer_vocab_size: int = MISSING
     # Settings of the embedded Markov source (ignored by other sources).
-    markov: dict[str, Any] = field(default_factory=dict)
+    markov: dict[str, Any] = MISSING
     # Where generated corpora are written (relative paths are inside the run directory).
-    cache_dir: str = "data"
+    cache_dir: str = MISSING
     # Processes used to tokenize.
-    num_proc: int = 1
+    num_proc: int = MISSING
 
 
 def register_data_configs() -> None:

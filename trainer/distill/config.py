@@ -1,4 +1,7 @@
-"""The distill group's schema (conf/distill/*.yaml) and the checks its types cannot express."""
+"""The distill group's schema (conf/distill/*.yaml) and the checks its types cannot express.
+
+Every default lives in the YAML options, each of which sets every key (tests/test_config.py checks both).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 from trainer.choices import Choice
 from trainer.errors import ConfigError
@@ -22,32 +26,32 @@ StudentInit = Choice("StudentInit", "model teacher_layers")
 
 @dataclass
 class DistillConfig:
-    name: DistillName = DistillName.none
+    name: DistillName = MISSING
     # The teacher: a HF hub name or directory (an `hf/` export too), or one of our checkpoints
     # (a checkpoints/step_XXXXXXXX directory, its `latest` file, or a run directory).
-    teacher: str | None = None
+    teacher: str | None = MISSING
     # GGUF file inside `teacher` (needs the `gguf` extra).
-    teacher_gguf_file: str | None = None
-    loss: DistillLoss = DistillLoss.forward_kl
+    teacher_gguf_file: str | None = MISSING
+    loss: DistillLoss = MISSING
     # Softens both distributions (logits / T); every loss is multiplied by T^2.
-    temperature: float = 1.0
+    temperature: float = MISSING
     # Weight of the distillation term: loss = (1 - alpha) * cross-entropy + alpha * distillation + hidden.
-    alpha: float = 0.5
+    alpha: float = MISSING
     # jsd: weight of the teacher in the mixture m = beta * teacher + (1 - beta) * student, in (0, 1).
-    beta: float = 0.5
+    beta: float = MISSING
     # Weight of the hidden-state term (0 turns it off).
-    hidden_weight: float = 0.0
-    hidden_loss: HiddenLoss = HiddenLoss.mse
+    hidden_weight: float = MISSING
+    hidden_loss: HiddenLoss = MISSING
     # Teacher layer (1-based) for each student layer, in order; null spreads them evenly (last to last).
-    layer_map: list[int] | None = None
+    layer_map: list[int] | None = MISSING
     # Rows of logits per chunk of the distillation loss; null sizes a chunk at ~64 MiB of logits, 0 all at once.
-    chunk_size: int | None = None
+    chunk_size: int | None = MISSING
     # teacher_layers: the teacher's architecture with every `student_layer_stride`-th layer kept, initialised
     # from those layers.
-    student_init: StudentInit = StudentInit.model
-    student_layer_stride: int = 2
+    student_init: StudentInit = MISSING
+    student_layer_stride: int = MISSING
     # teacher_layers: the 0-based teacher layers to keep, in order (null: every student_layer_stride-th).
-    student_layers: list[int] | None = None
+    student_layers: list[int] | None = MISSING
 
 
 def register_distill_configs() -> None:

@@ -1,15 +1,16 @@
 """The prune group's schemas (conf/prune/*.yaml) and the checks their types cannot express.
 
-Patterns that match no module are checked against the model, in pruner.py.
+Every default lives in the YAML options, each of which sets every key of its schema (tests/test_config.py
+checks both). Patterns that match no module are checked against the model, in pruner.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from trainer.choices import Choice
 from trainer.errors import ConfigError
@@ -22,51 +23,51 @@ NMCriterion = Choice("NMCriterion", "magnitude wanda sparsegpt")
 @dataclass
 class PruneConfig:
     # `none`, `magnitude`, `wanda`, `sparsegpt`, `gmp`, `nm`, `structured` or `keep_zeros` (see trainer/prune/).
-    name: PruneMethod = PruneMethod.none
+    name: PruneMethod = MISSING
     # Fraction of each targeted layer's weights set to zero, in [0, 1) (null where the method fixes it).
-    sparsity: float | None = None
+    sparsity: float | None = MISSING
     # Module-name glob patterns of the layers to prune; null: the linear layers of the transformer blocks.
-    targets: list[str] | None = None
+    targets: list[str] | None = MISSING
     # Per-layer sparsity: {glob pattern: sparsity}; the first matching pattern overrides `sparsity`; null for
     # none. Typed Any so that `prune.layer_sparsity={...}` replaces it whole (a typed dict refuses new keys).
-    layer_sparsity: Any = None
+    layer_sparsity: Any = MISSING
 
 
 @dataclass
 class CalibratedPruneConfig(PruneConfig):
     # Batches of train.micro_batch_size training sequences whose activations calibrate the pruning.
-    calibration_batches: int = 8
+    calibration_batches: int = MISSING
     # SparseGPT: columns per block of the lazy update, and the Hessian damping (fraction of its mean diagonal).
-    block_size: int = 128
-    damp: float = 0.01
+    block_size: int = MISSING
+    damp: float = MISSING
 
 
 @dataclass
 class NMPruneConfig(CalibratedPruneConfig):
     # Keep n weights in every group of m consecutive inputs of a row (sparsity 1 - n/m).
-    n: int = 2
-    m: int = 4
-    criterion: NMCriterion = NMCriterion.magnitude
+    n: int = MISSING
+    m: int = MISSING
+    criterion: NMCriterion = MISSING
 
 
 @dataclass
 class GMPPruneConfig(PruneConfig):
     # Sparsity at start_step; it rises on a cubic to `sparsity` at end_step (null: train.max_steps).
-    initial_sparsity: float = 0.0
-    start_step: int = 0
-    end_step: int | None = None
+    initial_sparsity: float = MISSING
+    start_step: int = MISSING
+    end_step: int | None = MISSING
     # Optimizer steps between mask updates.
-    frequency: int = 10
+    frequency: int = MISSING
 
 
 @dataclass
 class StructuredPruneConfig(PruneConfig):
     # Fraction of attention heads (whole key/value groups under GQA) removed from every layer.
-    heads: float = 0.0
+    heads: float = MISSING
     # Fraction of MLP hidden channels removed from every layer.
-    mlp_channels: float = 0.0
+    mlp_channels: float = MISSING
     # Indices of the transformer layers removed whole.
-    drop_layers: list[int] = field(default_factory=list)
+    drop_layers: list[int] = MISSING
 
 
 def register_prune_configs() -> None:

@@ -1,7 +1,8 @@
 """Quantization's schemas and the checks their types cannot express: the quant group of training (QAT,
 conf/quant/*.yaml) and trainer.quantize's config (PTQ, conf/quantize.yaml).
 
-That QAT's package is installed is checked by trainer.quant.qat, beside the code that imports it.
+Every default lives in the YAML, which sets every key (tests/test_config.py checks both). That QAT's package
+is installed is checked by trainer.quant.qat, beside the code that imports it.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ QuantScheme = Choice("QuantScheme", "int8_dynamic int8_smooth int8_weight int4_w
 
 @dataclass
 class QuantConfig:
-    name: QatScheme = QatScheme.none
+    name: QatScheme = MISSING
     # Linear layers whose names contain one of these stay in float (the LM head always does).
-    keep_float: list[str] = field(default_factory=list)
+    keep_float: list[str] = MISSING
     # int4_weight: weights per quantization group along a row.
-    group_size: int = 32
+    group_size: int = MISSING
 
 
 def register_quant_configs() -> None:
@@ -64,13 +65,13 @@ def validate_quant(cfg: Any) -> None:
 class SmoothConfig:
     # SmoothQuant migration strength: null searches it per group of layers (lowest int8 error on the
     # calibration data); a number in [0, 1] applies it everywhere.
-    alpha: float | None = None
+    alpha: float | None = MISSING
     # Calibration batches (of `batch_size` training sequences of the data group) for the activation ranges.
-    calibration_batches: int = 4
-    batch_size: int = 8
+    calibration_batches: int = MISSING
+    batch_size: int = MISSING
     # Round the blocks' int8 weights with GPTQ (error spread over the columns not yet rounded, from the
     # calibration inputs) rather than to nearest.
-    gptq: bool = True
+    gptq: bool = MISSING
 
 
 @dataclass
@@ -81,20 +82,20 @@ class QuantizeConfig:
     # Directory to write the quantized model into (replaced if it exists).
     output_dir: str = MISSING
     # `auto` (cuda when available), `cpu` or `cuda`.
-    device: str = "auto"
+    device: str = MISSING
     # Linear layers whose names contain one of these stay in float; None: the scheme's default
     # (`[lm_head]`, or `[]` for int8_smooth, which smooths the head and rounds it by GPTQ).
-    keep_float: list[str] | None = None
+    keep_float: list[str] | None = MISSING
     # int4_weight: weights per quantization group.
-    group_size: int = 128
+    group_size: int = MISSING
     # dtype of the float parts (activations, layers kept in float); None: the scheme's (float32; int4_weight
     # bfloat16; sparse24 float16). A GPU runs the int8 schemes fastest in bfloat16.
-    dtype: Dtype | None = None
+    dtype: Dtype | None = MISSING
     smooth: SmoothConfig = field(default_factory=SmoothConfig)
     # The calibration data (int8_smooth): the same data group as training.
     data: DataConfig = MISSING
     # Threads for torch on the CPU (null: torch's default).
-    threads: int | None = None
+    threads: int | None = MISSING
 
 
 def register_quantize_configs() -> None:
