@@ -14,6 +14,10 @@ from hydra import compose, initialize_config_dir
 
 from tests.preloaded import PreloadedServer, preload_enabled
 from trainer.config import register_configs
+from trainer.evaluate_config import register_evaluate_configs
+from trainer.pipeline_config import register_pipeline_configs
+from trainer.quant.config import register_quantize_configs
+from trainer.report_config import register_report_configs
 from trainer.train import CONF_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,12 +51,30 @@ TINY_MARKOV = [
 ]
 TINY = TINY_MODEL + TINY_LOOP + TINY_MARKOV
 
+# Training's schemas, and each other command's own, so that a test can compose any command's config.
 register_configs()
+register_quantize_configs()
+register_evaluate_configs()
+register_report_configs()
+register_pipeline_configs()
 
 
 def compose_config(*overrides: str):
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         return compose("config", overrides=list(overrides))
+
+
+def composition_error(*overrides: str, config: str = "config") -> str:
+    """Hydra's refusal to compose `config` with `overrides`, with OmegaConf's cause under it: for a value
+    outside a closed choice, `Invalid value 'X', expected one of [...]` and `full_key: KEY`."""
+    from hydra.errors import ConfigCompositionException
+
+    with (
+        pytest.raises(ConfigCompositionException) as refused,
+        initialize_config_dir(config_dir=CONF_DIR, version_base=None),
+    ):
+        compose(config, overrides=list(overrides))
+    return f"{refused.value}\n{refused.value.__cause__}"
 
 
 # DeepSpeed JIT-builds its CPU ops (cpu_adam, shm comm) keyed by source paths: one build directory per venv, so

@@ -1,13 +1,27 @@
 """Every shipped config composes; bad input fails before training with a message naming the fix."""
 
+import dataclasses
 import json
+import pickle
+import typing
 from pathlib import Path
 
 import pytest
+from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from tests.conftest import TINY, TINY_LOOP, TINY_MARKOV, TINY_MODEL, compose_config, make_trainer
+from tests.conftest import (
+    TINY,
+    TINY_LOOP,
+    TINY_MARKOV,
+    TINY_MODEL,
+    compose_config,
+    composition_error,
+    make_trainer,
+)
+from trainer.choices import Choice
 from trainer.config import validate_config
 from trainer.errors import ConfigError, DataError, MissingPackageError
 from trainer.train import CONF_DIR
@@ -61,7 +75,6 @@ def test_wrong_type_is_refused():
         ("train.global_batch_size=12", "not divisible"),
         ("model.source=pretrained", "model.name_or_path"),
         ("strategy.deepspeed=5", "must be a mapping"),
-        ("precision.name=fp4", "choose one of fp32"),
         ("precision.min_loss_scale=0", "precision.min_loss_scale"),
         ("strategy.deepspeed={zero_optimization:{stage:2}}", "does not run DeepSpeed"),
     ],
@@ -70,6 +83,109 @@ def test_bad_values_name_the_key(override, fragment):
     cfg = compose_config("train.micro_batch_size=8", "train.global_batch_size=16", override)
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("+", r"\+")):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "override,allowed",
+    [
+        ("precision.name=fp4", "fp32, bf16, fp16, fp8"),
+        ("precision.reduce_dtype=fp64", "float32, bfloat16, float16"),
+        ("strategy.name=zero4", "single, ddp, fsdp, zero1, zero2, zero3"),
+        ("strategy.offload_optimizer=nvme", "none, cpu"),
+        ("scheduler.name=step", "constant, linear, cosine, wsd"),
+        ("train.dtype=float64", "float32, bfloat16, float16"),
+        ("data.source=s3", "embedded, pydoc, hf"),
+        ("model.source=hub", "config, pretrained"),
+        ("logger.wandb.mode=offlne", "online, offline, disabled"),
+        ("quant.name=int2", "none, int8_dynamic, int8_weight, int4_weight"),
+        ("prune.name=random", "none, magnitude, wanda, sparsegpt, gmp, nm, structured, keep_zeros"),
+        ("distill.loss=kl", "forward_kl, reverse_kl, jsd, tvd"),
+    ],
+)
+def test_a_value_outside_a_closed_choice_is_refused_at_composition(override, allowed):
+    key, value = override.split("=")
+    message = composition_error(override)
+    assert f"Invalid value '{value}', expected one of [{allowed}]" in message
+    assert f"full_key: {key}" in message
+
+
+def test_closed_choices_read_as_their_plain_values(tmp_path):
+    """Code compares, formats, json-dumps and keys dicts with them as strings; YAML shows the plain value."""
+    cfg = compose_config("strategy=zero2", "scheduler=wsd", "precision=bf16")
+    name, shape = cfg.strategy.name, cfg.scheduler.decay_shape
+    assert isinstance(name, Choice) and name == "zero2" and name.startswith("zero") and name in ("zero2",)
+    assert (
+        f"strategy={name}" == "strategy=zero2" and format(name, ">6") == " zero2" and str(shape) == "1-sqrt"
+    )
+    assert {"zero2": 1}[name] == 1 and hash(name) == hash("zero2")
+    assert json.loads(json.dumps({name: OmegaConf.to_container(cfg.precision)}))["zero2"]["name"] == "bf16"
+    assert "decay_shape: 1-sqrt" in OmegaConf.to_yaml(cfg) and "name: zero2" in OmegaConf.to_yaml(cfg)
+    OmegaConf.save(cfg, tmp_path / "config.yaml")  # what Hydra writes to .hydra/config.yaml
+    assert OmegaConf.load(tmp_path / "config.yaml").strategy.name == "zero2"
+    assert pickle.loads(pickle.dumps(cfg)).strategy.name is name
+    for choice in Choice.__subclasses__():  # OmegaConf reads a YAML string as a member's name
+        assert all(m.name == m.value for m in choice), choice
+
+
+# ---- each default written once -------------------------------------------------------------------------
+# The rule: a default lives in the YAML under conf/, beside its one-line comment. A schema field that a YAML
+# sets has no default in its dataclass (MISSING), and every YAML sets every key of its schema (`???` where the
+# user must give it). Dataclass defaults remain only for keys no YAML sets: the class an optimizer schema
+# names (`_target_`), and the items of lists and mappings (report targets, pipeline stages).
+
+# Groups of commands' configs; experiment/ holds overrides (no defaults), hydra/ is the submitit plugin's.
+SCHEMA_GROUPS = sorted(
+    p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name not in ("experiment", "hydra")
+)
+SCHEMA_YAMLS = [p.name for p in sorted(Path(CONF_DIR).glob("*.yaml"))] + [
+    f"{g}/{p.name}" for g in SCHEMA_GROUPS for p in sorted((Path(CONF_DIR) / g).glob("*.yaml"))
+]
+
+
+def _default(f: dataclasses.Field) -> typing.Any:
+    """The field's default, or "???" (omegaconf.MISSING) where it has none."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "???" if f.default is dataclasses.MISSING else f.default
+
+
+def _written_twice_or_unset(schema: type, values: dict, key: str, groups: set[str]) -> list[str]:
+    """Keys of `schema` with a default in both the dataclass and the YAML's `values`, or in neither."""
+    problems = []
+    types = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        name = f"{key}{f.name}"
+        if dataclasses.is_dataclass(types[f.name]) and f.name not in groups:
+            # a section of the config (train, latency, smooth, logger.wandb): its keys are checked one by one
+            problems += _written_twice_or_unset(types[f.name], values.get(f.name, {}), f"{name}.", set())
+            continue
+        default = _default(f)
+        if f.name not in values:
+            if default == "???" and f.name not in groups:
+                problems.append(f"{name}: no default in the dataclass or the YAML; set it in the YAML")
+            continue
+        if default == "???":
+            continue
+        given = values[f.name]
+        if given != default:
+            problems.append(f"{name}: the YAML says {given!r}, the dataclass {default!r}; keep the YAML's")
+        else:
+            problems.append(f"{name}: {given!r} is written in both; drop the dataclass default")
+    return problems
+
+
+@pytest.mark.parametrize("path", SCHEMA_YAMLS)
+def test_each_default_is_written_once_in_the_yaml(path):
+    yaml = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / path))  # `???` kept as a value
+    defaults = yaml.pop("defaults")
+    yaml.pop("hydra", None)
+    [schema_name] = [d for d in defaults if isinstance(d, str) and d.startswith("schema")]
+    group = path.rpartition("/")[0]
+    node = ConfigStore.instance().load(f"{group}/{schema_name}.yaml" if group else f"{schema_name}.yaml").node
+    # keys the defaults list fills from a group (`- data: embedded`), not from this file
+    groups = {k for d in defaults if isinstance(d, dict) for k in d}
+    groups = {k.removeprefix("override ").split("/")[-1] for k in groups}
+    assert _written_twice_or_unset(OmegaConf.get_type(node), yaml, "", groups) == []
 
 
 def test_global_batch_must_divide_over_ranks():

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import (
     TINY,
     compose_config,
+    composition_error,
     make_trainer,
     read_metrics,
     run_command,
@@ -156,12 +157,9 @@ def test_default_layer_map_spreads_student_layers_over_the_teacher_last_to_last(
 @pytest.mark.parametrize(
     "override,fragment",
     [
-        ("distill.loss=kl", "distill.loss=kl"),
         ("distill.temperature=0", "distill.temperature"),
         ("distill.alpha=1.5", "distill.alpha"),
         ("distill.beta=1", "distill.beta"),
-        ("distill.hidden_loss=l1", "distill.hidden_loss"),
-        ("distill.student_init=random", "distill.student_init"),
     ],
 )
 def test_bad_distill_values_fail_before_work(override, fragment, kd_config):
@@ -170,6 +168,22 @@ def test_bad_distill_values_fail_before_work(override, fragment, kd_config):
     OmegaConf.update(cfg, key, yaml.safe_load(value))
     with pytest.raises(ConfigError, match=fragment):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "override,allowed",
+    [
+        ("distill.loss=kl", "forward_kl, reverse_kl, jsd, tvd"),
+        ("distill.hidden_loss=l1", "mse, normalized_mse, cosine"),
+        ("distill.student_init=random", "model, teacher_layers"),
+        ("distill.name=dkd", "none, kd"),
+    ],
+)
+def test_a_distill_value_outside_its_choices_is_refused_at_composition(override, allowed):
+    key, value = override.split("=")
+    message = composition_error("distill=kd", "distill.teacher=some/model", override)
+    assert f"Invalid value '{value}', expected one of [{allowed}]" in message
+    assert f"full_key: {key}" in message
 
 
 @pytest.fixture(scope="module")

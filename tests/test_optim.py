@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import compose_config
+from tests.conftest import compose_config, composition_error
 from trainer.config import validate_config
 from trainer.errors import ConfigError
 from trainer.optim import build_optimizer, lr_factor, param_groups, schedule_factor
@@ -76,13 +76,18 @@ def test_wsd_from_the_shipped_config():
     "overrides,fragment",
     [
         (["scheduler=wsd", "scheduler.decay_fraction=0"], r"scheduler\.decay_fraction=0"),
-        (["scheduler=wsd", "scheduler.decay_shape=exp"], "choose one of linear, cosine, 1-sqrt"),
         (["scheduler=cosine", "scheduler.name=wsd"], "choose it with scheduler=wsd"),
     ],
 )
 def test_bad_wsd_settings_are_refused(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
         validate_config(compose_config(*overrides))
+
+
+def test_a_decay_shape_outside_the_choices_is_refused_at_composition():
+    message = composition_error("scheduler=wsd", "scheduler.decay_shape=exp")
+    assert "Invalid value 'exp', expected one of [linear, cosine, 1-sqrt]" in message
+    assert "full_key: scheduler.decay_shape" in message
 
 
 def test_no_weight_decay_on_biases_norms_and_embeddings():

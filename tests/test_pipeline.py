@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.conftest import PYTHON, ROOT, composition_error, subprocess_env
 from trainer.quant import load_quantized
 
 TRAIN_STAGES = [
@@ -224,10 +224,8 @@ def test_a_finished_stage_whose_command_changed_is_refused_naming_the_directory(
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["launcher=slurm"], "launcher=slurm: choose one of fork, subprocess, torchrun"),
         (["only=[evaluate,nope]"], r"no stage named \['nope'\]"),
         (["nproc_per_node=0"], "nproc_per_node=0"),
-        (["chain.stages.report.module=trainer.export"], "stage report: module=trainer.export"),
     ],
 )
 def test_bad_pipeline_config_fails_before_any_stage_runs(overrides, match, tmp_path):
@@ -236,6 +234,30 @@ def test_bad_pipeline_config_fails_before_any_stage_runs(overrides, match, tmp_p
 
     with pytest.raises(ConfigError, match=match):
         compose_pipeline(["chain=compress", f"run_dir={tmp_path}", *overrides])
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "override, allowed",
+    [
+        ("launcher=slurm", "fork, subprocess, torchrun"),
+        (
+            "chain.stages.report.module=trainer.export",
+            "trainer.train, trainer.quantize, trainer.evaluate, trainer.report",
+        ),
+    ],
+)
+def test_a_pipeline_value_outside_its_choices_is_refused_at_composition(override, allowed, tmp_path, capsys):
+    from trainer.pipeline import main
+
+    key, value = override.split("=")
+    message = composition_error("chain=compress", f"run_dir={tmp_path}", override, config="pipeline")
+    assert f"Invalid value '{value}', expected one of [{allowed}]" in message
+    assert f"full_key: {key}" in message
+    # The command says so in one paragraph, with the exit status of a config error, before any stage runs.
+    assert main(["chain=compress", f"run_dir={tmp_path}", override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"Invalid value '{value}'" in err and f"full_key: {key}" in err
     assert not any(tmp_path.iterdir())
 
 

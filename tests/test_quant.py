@@ -24,6 +24,7 @@ from tests.conftest import (
     TINY,
     TINY_MARKOV,
     compose_config,
+    composition_error,
     run_command,
     subprocess_env,
     train_losses,
@@ -162,7 +163,6 @@ def test_each_scheme_runs_in_its_default_dtype_or_the_one_asked_for(scheme, dtyp
         ("int8_smooth", "bfloat16", "its kernels take float32; set dtype=float32 or leave it null"),
         ("int4_weight", "float16", "its kernels take bfloat16"),
         ("sparse24", "float32", "its kernels take float16 or bfloat16"),
-        ("int8_weight", "fp8", "dtype=fp8: choose one of float32, bfloat16, float16"),
     ],
 )
 def test_quantize_refuses_a_dtype_the_scheme_cannot_take_before_loading(scheme, dtype, match, tmp_path):
@@ -176,6 +176,29 @@ def test_quantize_refuses_a_dtype_the_scheme_cannot_take_before_loading(scheme, 
     if scheme in ("int8_smooth", "int8_weight"):  # the others stop earlier on a CPU: they need a GPU
         with pytest.raises(ConfigError, match=match):
             check_quantize_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "config, override, allowed",
+    [
+        ("quantize", "scheme=int3", "int8_dynamic, int8_smooth, int8_weight, int4_weight, sparse24"),
+        ("quantize", "dtype=fp8", "float32, bfloat16, float16"),
+        ("evaluate", "float_dtype=half", "float32, bfloat16, float16"),
+        ("evaluate", "latency.statistic=mean", "median, best"),
+    ],
+)
+def test_quantize_and_evaluate_refuse_a_value_outside_its_choices_at_composition(config, override, allowed):
+    key, value = override.split("=")
+    message = composition_error(override, config=config)
+    assert f"Invalid value '{value}', expected one of [{allowed}]" in message
+    assert f"full_key: {key}" in message
+
+
+def test_the_quantization_functions_name_the_choices_when_called_with_plain_strings():
+    with pytest.raises(ConfigError, match="dtype=fp8: choose one of float32, bfloat16, float16"):
+        scheme_dtype("int8_weight", "fp8")
+    with pytest.raises(ConfigError, match="scheme=int3: choose one of int8_dynamic"):
+        check_scheme("int3", torch.device("cpu"))
 
 
 def test_smoothing_keeps_the_float_function_and_tames_outlier_channels():
@@ -305,9 +328,10 @@ def test_a_sparse24_model_is_saved_as_its_dense_2of4_weights_and_loads_only_on_a
 def test_quantize_command_refuses_a_bad_scheme_or_alpha_before_loading(tmp_path):
     from trainer.quantize import check_quantize_config
 
-    cfg = compose_quantize(f"model_path={tmp_path}", "scheme=int3", f"output_dir={tmp_path / 'q'}")
-    with pytest.raises(ConfigError, match="scheme=int3: choose one of"):
-        check_quantize_config(cfg)
+    message = composition_error(
+        f"model_path={tmp_path}", "scheme=int3", f"output_dir={tmp_path / 'q'}", config="quantize"
+    )
+    assert "Invalid value 'int3', expected one of [int8_dynamic," in message and "full_key: scheme" in message
     cfg = compose_quantize(
         f"model_path={tmp_path}", "scheme=int8_smooth", "smooth.alpha=1.5", f"output_dir={tmp_path}"
     )
@@ -482,9 +506,11 @@ def test_evaluate_runs_float_models_in_float_dtype_and_says_so(exported, tmp_pat
     # The same windows: bfloat16 rounding moves the perplexity a little, not a lot, and not at all in float32.
     fp32, bf16 = runs["float32"]["perplexity"], runs["bfloat16"]["perplexity"]
     assert fp32 != bf16 and bf16 == pytest.approx(fp32, rel=0.02)
-    cfg = compose_evaluate(f"models=[{root / 'hf'}]", f"output={tmp_path / 'x.json'}", "float_dtype=half")
-    with pytest.raises(ConfigError, match="float_dtype=half: choose one of float32, bfloat16, float16"):
-        evaluate_models(cfg)
+    message = composition_error(
+        f"models=[{root / 'hf'}]", f"output={tmp_path / 'x.json'}", "float_dtype=half", config="evaluate"
+    )
+    assert "Invalid value 'half', expected one of [float32, bfloat16, float16]" in message
+    assert "full_key: float_dtype" in message
     assert not (tmp_path / "x.json").exists()
 
 
@@ -542,10 +568,9 @@ def test_latency_statistic_reports_the_median_or_the_fastest_repeat(monkeypatch)
     assert evaluate.prefill_ms(Model(), **run) == pytest.approx(30.0)
     clock([0.05, 0.01, 0.03])
     assert evaluate.prefill_ms(Model(), **run, statistic="best") == pytest.approx(10.0)
-    with pytest.raises(ConfigError, match="latency.statistic=mean: choose median or best"):
-        evaluate.check_evaluate_config(
-            compose_evaluate("models=[.]", "output=x.json", "latency.statistic=mean")
-        )
+    message = composition_error("models=[.]", "output=x.json", "latency.statistic=mean", config="evaluate")
+    assert "Invalid value 'mean', expected one of [median, best]" in message
+    assert "full_key: latency.statistic" in message
 
 
 def test_interleaved_latency_times_every_model_once_per_round_and_skips_the_warmup(monkeypatch):
@@ -683,8 +708,8 @@ def test_report_compare_changes_the_ratios_of_exactly_the_named_rows(variants, t
 
 
 def test_report_targets_say_met_or_by_how_much_they_are_missed(variants, tmp_path):
-    from trainer.config import TargetConfig
     from trainer.report import write_report
+    from trainer.report_config import TargetConfig
 
     targets = [
         TargetConfig(model="pruned", against="dense", max_ratio=1.25, label="one-shot"),
@@ -778,7 +803,6 @@ def test_qat_runs_under_single_and_ddp_and_converts_to_the_fake_quantized_functi
         (["strategy=zero1"], "strategy=zero1 shards or partitions"),
         (["precision=fp8"], "precision=fp8"),
         (["train.export_hf=false"], "train.export_hf=true"),
-        (["quant.name=int2"], "quant.name=int2: choose one of"),
     ],
 )
 def test_qat_refuses_what_it_cannot_do_before_training(overrides, match):
@@ -793,3 +817,9 @@ def test_qat_refuses_what_it_cannot_do_before_training(overrides, match):
         # What depends on the strategy is asked of it, as the trainer does before building the model.
         strategy = build_strategy(cfg, ParallelEnv(0, world_size, 0), torch.device("cpu"))
         QAT(cfg.quant, strategy=strategy, env=ParallelEnv(0, world_size, 0))
+
+
+def test_a_qat_scheme_outside_the_choices_is_refused_at_composition():
+    message = composition_error(*TINY, "quant=int8_weight", "quant.name=int2")
+    assert "Invalid value 'int2', expected one of [none, int8_dynamic, int8_weight, int4_weight]" in message
+    assert "full_key: quant.name" in message

@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from trainer.config import DTYPES, register_configs
 from trainer.data import IGNORE_INDEX, TokenWindows, build_data
 from trainer.data.tokenizer import load_tokenizer
 from trainer.errors import ConfigError
+from trainer.evaluate_config import register_evaluate_configs
 from trainer.quant.serialization import (
     float_source,
     is_quantized_dir,
@@ -48,10 +48,17 @@ from trainer.quant.serialization import (
     read_manifest,
 )
 from trainer.quant.smooth import Int8DynamicLinear
-from trainer.utils import dtype_name, resolve_device, resolve_dtype, write_json_atomic
+from trainer.utils import (
+    dtype_name,
+    register_package_resolver,
+    resolve_device,
+    resolve_dtype,
+    write_json_atomic,
+)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-register_configs()
+register_evaluate_configs()  # its own schemas only: evaluating imports nothing of training's
+register_package_resolver()
 
 
 @torch.no_grad()
@@ -105,9 +112,6 @@ def _prompt(model: nn.Module, batch_size: int, length: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     return torch.randint(3, vocab, (batch_size, length), generator=generator)
-
-
-LATENCY_STATISTICS = ("median", "best")
 
 
 @torch.no_grad()
@@ -220,18 +224,11 @@ def check_evaluate_config(cfg: Any) -> torch.device:
     if missing:
         raise FileNotFoundError(f"models: {', '.join(missing)} not found")
     lat = cfg.latency
-    if lat.statistic not in LATENCY_STATISTICS:
-        raise ConfigError(
-            f"latency.statistic={lat.statistic}: choose median or best (the fastest repeat, least disturbed "
-            "by other work on a shared machine)"
-        )
     for key in ("batch_size", "prefill_len", "decode_tokens", "repeats"):
         if getattr(lat, key) < 1:
             raise ConfigError(f"latency.{key}={getattr(lat, key)}: must be >= 1")
     if lat.warmup < 0 or cfg.batch_size < 1 or cfg.eval_batches < 0:
         raise ConfigError("latency.warmup and eval_batches must be >= 0, batch_size >= 1")
-    if cfg.float_dtype not in DTYPES:
-        raise ConfigError(f"float_dtype={cfg.float_dtype}: choose one of {', '.join(DTYPES)}")
     return resolve_device(cfg.device, key="device")
 
 

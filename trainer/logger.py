@@ -41,7 +41,8 @@ class ExperimentLog:
         if not enabled:
             return
         lcfg = cfg.logger
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        # Closed choices as plain strings: wandb and TensorBoard get no Enum (trainer/choices.py).
+        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(resolved))
         if lcfg.wandb.mode != "disabled":
             self._wandb_run = _init_wandb(lcfg.wandb, run_dir=run_dir, config=resolved)
@@ -81,7 +82,7 @@ def _init_wandb(wcfg: Any, *, run_dir: Path, config: dict):
         entity=wcfg.entity,
         name=wcfg.name or run_dir.name,
         tags=list(wcfg.tags),
-        mode=wcfg.mode,
+        mode=str(wcfg.mode),
         dir=str(run_dir),
         id=run_id,
         resume="allow",  # the same id again continues the run (offline: `wandb sync` appends the parts)

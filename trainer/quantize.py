@@ -16,15 +16,15 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from trainer.config import register_configs
 from trainer.data import build_data
-from trainer.errors import ConfigError
+from trainer.quant.config import register_quantize_configs, validate_quantize
 from trainer.quant.ptq import check_scheme, default_keep_float, quantize_model, scheme_dtype
 from trainer.quant.serialization import float_source, load_float, save_quantized, weights_size
-from trainer.utils import resolve_device
+from trainer.utils import register_package_resolver, resolve_device
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-register_configs()
+register_quantize_configs()  # its own schemas only: quantizing imports nothing of training's
+register_package_resolver()
 
 
 def check_quantize_config(cfg: Any) -> torch.device:
@@ -32,13 +32,7 @@ def check_quantize_config(cfg: Any) -> torch.device:
     device = resolve_device(cfg.device, key="device")
     check_scheme(cfg.scheme, device)
     scheme_dtype(cfg.scheme, cfg.dtype)
-    s = cfg.smooth
-    if s.alpha is not None and not 0.0 <= s.alpha <= 1.0:
-        raise ConfigError(f"smooth.alpha={s.alpha}: must be in [0, 1], or null to search it")
-    if s.calibration_batches < 1 or s.batch_size < 1:
-        raise ConfigError("smooth.calibration_batches and smooth.batch_size must be >= 1")
-    if cfg.group_size < 1:
-        raise ConfigError(f"group_size={cfg.group_size}: must be >= 1, e.g. 128")
+    validate_quantize(cfg)
     if not Path(cfg.model_path).exists():
         raise FileNotFoundError(f"model_path={cfg.model_path} does not exist")
     return device

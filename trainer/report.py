@@ -17,12 +17,13 @@ from typing import Any, NamedTuple
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import TargetConfig, register_configs
 from trainer.errors import ConfigError
-from trainer.utils import require
+from trainer.report_config import Chart, TargetConfig, register_report_configs
+from trainer.utils import register_package_resolver, require
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-register_configs()
+register_report_configs()
+register_package_resolver()
 
 REQUIRED = (
     "name",
@@ -33,7 +34,7 @@ REQUIRED = (
     "prefill_ms",
     "decode_tokens_per_s",
 )
-CHARTS = ("size_bytes", "prefill_ms", "both")
+CHARTS: tuple[str, ...] = tuple(Chart.__members__)  # write_report is also called with plain strings
 AXIS_LABELS = {"size_bytes": "size on disk (MB)", "prefill_ms": "prefill latency (ms)"}
 
 

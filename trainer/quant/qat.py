@@ -31,28 +31,13 @@ from trainer.errors import ConfigError
 from trainer.extensions import Extension
 from trainer.utils import require
 
-QAT_SCHEMES = ("none", "int8_dynamic", "int8_weight", "int4_weight")
 GROUPED_SCHEMES = ("int4_weight",)  # scales per group of quant.group_size weights along a row
 
 
-def check_qat(cfg: Any) -> None:
-    """Refuse what QAT cannot do, before any work (cfg is the whole run config)."""
-    q = cfg.quant
-    if q.name == "none":
-        return
-    if q.name not in QAT_SCHEMES:
-        raise ConfigError(f"quant.name={q.name}: choose one of {', '.join(QAT_SCHEMES)}")
+def check_qat_installed() -> None:
+    """QAT's package, checked with the config before any work (the config's own checks are
+    trainer/quant/config.py's validate_quant)."""
     require("torchao.quantization.qat", extra="quant", package="torchao")
-    if cfg.precision.name == "fp8":
-        raise ConfigError(
-            f"quant={q.name} and precision=fp8 both replace the linear layers; use precision=fp32 or bf16 with QAT"
-        )
-    if not cfg.train.export_hf:
-        raise ConfigError(
-            f"quant={q.name} converts the final hf/ export into quantized/; set train.export_hf=true"
-        )
-    if q.name == "int4_weight" and q.group_size <= 0:
-        raise ConfigError(f"quant.group_size={q.group_size}: must be > 0, e.g. 32")
 
 
 class QAT(Extension):

@@ -1,0 +1,35 @@
+"""Closed choices of the configs: string Enums that Hydra checks when it composes a config.
+
+A schema field typed with a `Choice` refuses any other value at composition, before any work, with an error
+that names the key and lists the allowed values. The members are `str`s whose name is their value, so they
+compare equal to, hash like, print, format and json-dump as the plain string (`cfg.strategy.name == "fsdp"`,
+`f"zero{...}"`, dict keys), and OmegaConf writes them to YAML (`--cfg job`, `.hydra/config.yaml`) by name,
+which is the same string.
+
+Like trainer.errors, this module imports only the standard library: every config module may use it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Choice(str, Enum):
+    """Base of the closed choices; one is made as `Choice("Name", "value1 value2 ...")`."""
+
+    # OmegaConf turns a YAML string into a member by name, so every name is its value ("1-sqrt" included).
+    @staticmethod
+    def _generate_next_value_(name: str, start: int, count: int, last_values: list[str]) -> str:
+        return name
+
+    # Plain values in messages and paths on every Python version (3.10's and 3.12's Enum format differently).
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return self.value.__format__(spec)
+
+
+# The dtypes a config can name: parameters, gradient reductions, quantized models' float parts.
+Dtype = Choice("Dtype", "float32 bfloat16 float16")
+DTYPES: tuple[str, ...] = tuple(Dtype.__members__)  # plain strings, for checks of values not from a config
