@@ -2,7 +2,7 @@
 
 A schema field typed with a `Choice` refuses any other value at composition, before any work, with an error
 that names the key and lists the allowed values. The members are `str`s whose name is their value, so they
-compare equal to, hash like, print, format and json-dump as the plain string (`cfg.strategy.name == "fsdp"`,
+compare equal to, hash like, print, format and json-dump as the plain string (`name == "fp8"`,
 `f"zero{...}"`, dict keys), and OmegaConf writes them to YAML (`--cfg job`, `.hydra/config.yaml`) by name,
 which is the same string.
 
@@ -33,3 +33,7 @@ class Choice(str, Enum):
 # The dtypes a config can name: parameters, gradient reductions, quantized models' float parts.
 Dtype = Choice("Dtype", "float32 bfloat16 float16")
 DTYPES: tuple[str, ...] = tuple(Dtype.__members__)  # plain strings, for checks of values not from a config
+
+# `fp16` scales the loss dynamically; `fp8` is torchao float8 linears, bf16 elsewhere (compute capability 8.9+).
+# Here, not with the training schema, because QAT's checks (trainer/quant/config.py) ask about it too.
+PrecisionName = Choice("PrecisionName", "fp32 bf16 fp16 fp8")

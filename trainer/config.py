@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
-from trainer.choices import Choice, Dtype
+from trainer.choices import Choice, Dtype, PrecisionName
 from trainer.data.config import DataConfig, register_data_configs, validate_data
 from trainer.distill.config import DistillConfig, register_distill_configs, validate_distill
 from trainer.errors import ConfigError
 from trainer.prune.config import PruneConfig, register_prune_configs, validate_prune
 from trainer.quant.config import QuantConfig, register_quant_configs, validate_quant
 from trainer.quant.qat import check_qat_installed
+from trainer.strategies.config import StrategyConfig, register_strategy_configs, validate_strategy
 from trainer.utils import register_package_resolver
 
 # `config`: build a fresh model from `arch` (random init); `pretrained`: load weights from `name_or_path`.
@@ -34,11 +35,6 @@ ModelSource = Choice("ModelSource", "config pretrained")
 # Learning-rate schedules after a linear warmup, and the shape of wsd's final decay.
 SchedulerName = Choice("SchedulerName", "constant linear cosine wsd")
 DecayShape = Choice("DecayShape", "linear cosine 1-sqrt")
-StrategyName = Choice("StrategyName", "single ddp fsdp zero1 zero2 zero3")
-# Where ZeRO keeps optimizer states or parameters: on the device, or in CPU memory (DeepSpeed's offload).
-Offload = Choice("Offload", "none cpu")
-# `fp16` scales the loss dynamically; `fp8` is torchao float8 linears, bf16 elsewhere (compute capability 8.9+).
-PrecisionName = Choice("PrecisionName", "fp32 bf16 fp16 fp8")
 # `offline` needs no account or network (`wandb sync` uploads later); `disabled` does not import wandb.
 WandbMode = Choice("WandbMode", "online offline disabled")
 
@@ -157,29 +153,6 @@ class WSDSchedulerConfig(SchedulerConfig):
     # Warmup-stable-decay: the peak holds until the last `decay_fraction` of the decay_steps horizon.
     decay_fraction: float = MISSING
     decay_shape: DecayShape = MISSING
-
-
-@dataclass
-class StrategyConfig:
-    name: StrategyName = MISSING
-    # Process group backend; null picks nccl on CUDA, gloo on CPU.
-    backend: str | None = MISSING
-    # FSDP: free each block's gathered parameters after its forward (re-gather in backward).
-    reshard_after_forward: bool = MISSING
-    # FSDP: keep sharded parameters, gradients and optimizer states in CPU memory.
-    cpu_offload: bool = MISSING
-    # FSDP: hold unsharded gradients over the micro-batches and reduce-scatter once at the last (less
-    # communication, a whole gradient per rank); false reduce-scatters every micro-batch (sharded gradients).
-    defer_grad_sync: bool = MISSING
-    # FSDP: replica groups; > 1 gives HSDP (shard within world/replicate ranks, replicate across groups).
-    replicate_degree: int = MISSING
-    # ZeRO: the optimizer states (and step).
-    offload_optimizer: Offload = MISSING
-    # ZeRO-3: the parameters.
-    offload_params: Offload = MISSING
-    # ZeRO: extra DeepSpeed config keys merged over the generated config (e.g. {zero_optimization: {...}});
-    # null for none. Typed Any so that `strategy.deepspeed={...}` can bring keys the schema does not know.
-    deepspeed: Any = MISSING
 
 
 @dataclass
@@ -302,7 +275,7 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="schema_adamw_8bit", node=AdamW8bitConfig)
     cs.store(group="scheduler", name="schema", node=SchedulerConfig)
     cs.store(group="scheduler", name="schema_wsd", node=WSDSchedulerConfig)
-    cs.store(group="strategy", name="schema", node=StrategyConfig)
+    register_strategy_configs()
     cs.store(group="precision", name="schema", node=PrecisionConfig)
     cs.store(group="logger", name="schema", node=LoggerConfig)
     register_data_configs()
@@ -324,7 +297,7 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
     validate_data(cfg.data)
     _validate_model(cfg.model)
     _validate_precision(cfg.precision)
-    _validate_strategy(cfg.strategy)
+    validate_strategy(cfg.strategy)
     _validate_checkpoint(cfg.checkpoint)
     if cfg.get("quant") is not None and cfg.quant.name != "none":
         check_qat_installed()  # torchao, only when QAT is asked for
@@ -374,7 +347,7 @@ def _validate_scheduler(s: Any) -> None:
         f"scheduler.decay_steps={s.decay_steps}: must be > 0 or null",
     )
     _check(0.0 <= s.min_lr_ratio <= 1.0, f"scheduler.min_lr_ratio={s.min_lr_ratio}: must be in [0, 1]")
-    if s.name == "wsd":
+    if s.name is SchedulerName.wsd:
         fraction, shape = s.get("decay_fraction"), s.get("decay_shape")
         _check(
             fraction is not None and shape is not None,
@@ -398,20 +371,6 @@ def _validate_precision(pr: Any) -> None:
     _check(
         0 < pr.min_loss_scale <= pr.init_scale,
         f"precision.min_loss_scale={pr.min_loss_scale}: must be > 0 and <= precision.init_scale",
-    )
-
-
-def _validate_strategy(s: Any) -> None:
-    extra = s.deepspeed
-    _check(
-        extra is None or (OmegaConf.is_dict(extra) or isinstance(extra, dict)),
-        f"strategy.deepspeed={extra}: must be a mapping of DeepSpeed keys, e.g. "
-        "'strategy.deepspeed={zero_optimization: {reduce_bucket_size: 50000000}}'",
-    )
-    _check(
-        extra is None or s.name.startswith("zero"),
-        f"strategy.deepspeed is set but strategy={s.name} does not run DeepSpeed; "
-        "use strategy=zero1, zero2 or zero3, or drop strategy.deepspeed",
     )
 
 

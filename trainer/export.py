@@ -97,7 +97,7 @@ def _run_model_config(cfg: Any, tokenizer: Any) -> PretrainedConfig:
         )
     else:
         config = build_model_config(cfg.model, vocab_size=len(tokenizer))
-    if cfg.get("prune") is not None and cfg.prune.name == "structured":
+    if OmegaConf.select(cfg, "prune.name") == "structured":  # runs from before the prune group had no key
         from trainer.prune.structured import pruned_config  # the checkpoint holds the smaller shapes
 
         p = cfg.prune

@@ -65,7 +65,7 @@ def _check(ok: bool, message: str) -> None:
 
 def validate_distill(d: Any) -> None:
     """The distill group's values (its closed choices Hydra has checked)."""
-    if d.name == "none":
+    if d.name is DistillName.none:
         return
     _check(
         bool(d.teacher), "distill=kd needs distill.teacher: a HF name or directory, or a checkpoint of ours"

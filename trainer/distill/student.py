@@ -75,9 +75,10 @@ def student_from_teacher(teacher: PreTrainedModel, *, keep: list[int], dtype: to
 def build_student(
     cfg: Any, *, teacher: PreTrainedModel | None, vocab_size: int, dtype: torch.dtype
 ) -> PreTrainedModel:
-    """The model the run trains: with distill.student_init=teacher_layers, cut from the teacher; else the model group's."""
+    """The student a distillation run trains: with distill.student_init=teacher_layers, cut from the teacher;
+    else the model group's."""
     d = cfg.distill
-    if d.name == "kd" and d.student_init == "teacher_layers":
+    if d.student_init == "teacher_layers":
         keep = kept_layers(
             teacher.config.num_hidden_layers, stride=d.student_layer_stride, layers=d.get("student_layers")
         )

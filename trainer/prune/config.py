@@ -87,7 +87,7 @@ def _check(ok: bool, message: str) -> None:
 def validate_prune(cfg: Any) -> None:
     """The prune group's values (cfg is the whole run config: gmp's schedule reads train.max_steps)."""
     p = cfg.prune
-    if p.name == "none":
+    if p.name is PruneMethod.none:
         return
     fraction = "a fraction in [0, 1), e.g. 0.5"
     if p.name in ("nm", "structured", "keep_zeros"):
@@ -121,13 +121,13 @@ def validate_prune(cfg: Any) -> None:
         _check(p.calibration_batches > 0, f"prune.calibration_batches={p.calibration_batches}: must be >= 1")
         _check(p.block_size > 0, f"prune.block_size={p.block_size}: must be >= 1")
         _check(p.damp > 0, f"prune.damp={p.damp}: must be > 0 (it keeps the Hessian invertible)")
-    if p.name == "nm":
+    if p.name is PruneMethod.nm:
         _check(0 < p.n < p.m, f"prune.n={p.n}, prune.m={p.m}: need 0 < n < m (e.g. 2:4)")
         _check(
             p.block_size % p.m == 0,
             f"prune.block_size={p.block_size} must be a multiple of prune.m={p.m} (groups may not straddle blocks)",
         )
-    if p.name == "gmp":
+    if p.name is PruneMethod.gmp:
         end = cfg.train.max_steps if p.end_step is None else p.end_step
         _check(
             0.0 <= p.initial_sparsity <= p.sparsity,
@@ -139,7 +139,7 @@ def validate_prune(cfg: Any) -> None:
             0 <= p.start_step < end,
             f"prune.start_step={p.start_step}, end step {end}: need 0 <= start_step < end_step (end_step null: train.max_steps)",
         )
-    if p.name == "structured":
+    if p.name is PruneMethod.structured:
         for key in ("heads", "mlp_channels"):
             _check(0.0 <= p[key] < 1.0, f"prune.{key}={p[key]}: must be {fraction}")
         _check(

@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from trainer.choices import Choice, Dtype
+from trainer.choices import Choice, Dtype, PrecisionName
 from trainer.data.config import DataConfig, register_data_configs
 from trainer.errors import ConfigError
 
@@ -41,9 +41,9 @@ def validate_quant(cfg: Any) -> None:
     """Refuse what QAT cannot do, before any work (cfg is the whole run config). What depends on the strategy is
     asked of it when the QAT extension is made (trainer/quant/qat.py)."""
     q = cfg.quant
-    if q.name == "none":
+    if q.name is QatScheme.none:
         return
-    if cfg.precision.name == "fp8":
+    if cfg.precision.name is PrecisionName.fp8:
         raise ConfigError(
             f"quant={q.name} and precision=fp8 both replace the linear layers; use precision=fp32 or bf16 with QAT"
         )
@@ -51,7 +51,7 @@ def validate_quant(cfg: Any) -> None:
         raise ConfigError(
             f"quant={q.name} converts the final hf/ export into quantized/; set train.export_hf=true"
         )
-    if q.name == "int4_weight" and q.group_size <= 0:
+    if q.name is QatScheme.int4_weight and q.group_size <= 0:
         raise ConfigError(f"quant.group_size={q.group_size}: must be > 0, e.g. 32")
 
 
