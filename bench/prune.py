@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -63,6 +62,14 @@ def compose(overrides: list[str]):
         return hydra_compose("config", overrides=overrides)
 
 
+def single_process_strategy():
+    """The trainer's one-process strategy (what the masks ask where the tensors live), on the CPU."""
+    from trainer.distributed import ParallelEnv
+    from trainer.strategies import build_strategy
+
+    return build_strategy(compose(["strategy=single"]), ParallelEnv(), torch.device("cpu"))
+
+
 @torch.no_grad()
 def perplexity(model, windows, *, batch_size: int) -> float:
     model.eval()
@@ -86,7 +93,7 @@ def finetune(model, teacher, train, *, steps, batch_size, lr, kd_ratio, kd_tempe
         wrapper = torch.nn.Module()
         wrapper.model = model  # canonical names drop the wrapper's `model.` as the trainer's do
         enforcer = MaskEnforcer(masks, device=torch.device("cpu"))
-        enforcer.attach(types.SimpleNamespace(name="single"), wrapper, optimizer)
+        enforcer.attach(single_process_strategy(), wrapper, optimizer)
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         lr_now = lr * min(1.0, (step + 1) / max(steps // 10, 1))  # short warmup, then constant
