@@ -217,7 +217,9 @@ TEST_TIERS = {
     "test_multirun_runs_one_job_per_value": {SLOW},
     "test_a_save_killed_half_way_leaves_the_previous_checkpoint_loadable": {SLOW},
     "test_quantize_evaluate_report_commands_compare_float_and_int8": {SLOW},  # quantize, evaluate, report
-    "test_quantizing_and_evaluating_a_checkpoint_import_no_distillation_or_pruning_code": {SLOW},  # 2 commands
+    "test_quantizing_and_evaluating_a_checkpoint_import_no_distillation_or_pruning_code": {
+        SLOW
+    },  # 2 commands
     "test_compiled_model_trains_to_the_same_losses": {SLOW},  # torch.compile (~47 s)
     "test_activation_checkpointing_gives_the_same_losses": {SLOW},  # 18 s measured, 2 shared cores
     "test_wandb_offline_and_tensorboard_log_the_metrics_and_a_resumed_run_continues_the_wandb_run": {SLOW},

@@ -1,4 +1,5 @@
-"""The one training loop. Strategies (with their precision) and extensions (distillation, pruning, QAT) plug in\nthrough small interfaces: trainer/strategies/ and trainer/extensions.py."""
+"""The one training loop. Strategies (with their precision) and extensions (distillation, pruning, QAT) plug in
+through small interfaces: trainer/strategies/ and trainer/extensions.py."""
 
 from __future__ import annotations
 
@@ -104,9 +105,11 @@ class Trainer:
         self.num_params = count_params(self.hf_model)
         self.flops_per_token = flops_per_token(self.hf_model, cfg.data.seq_len)
 
-        module = self._first(
-            "wrap_loss", self.hf_model, loss_chunk_size=t.loss_chunk_size, seed=t.seed
-        ) or CausalLMWithLoss(self.hf_model, loss_chunk_size=t.loss_chunk_size)
+        module = self._first("wrap_loss", self.hf_model, loss_chunk_size=t.loss_chunk_size, seed=t.seed)
+        if (
+            module is None
+        ):  # no extension brings its own loss: the causal-LM loss (fused chunked cross-entropy)
+            module = CausalLMWithLoss(self.hf_model, loss_chunk_size=t.loss_chunk_size)
         self.module, self.optimizer = self.strategy.setup(
             module,
             lambda m: build_optimizer(
@@ -171,9 +174,9 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)  # identical init on every rank
         vocab_size = len(self.data.tokenizer)
-        model = self._first("build_model", vocab_size=vocab_size, dtype=dtype) or build_model(
-            cfg.model, vocab_size=vocab_size, dtype=dtype
-        )
+        model = self._first("build_model", vocab_size=vocab_size, dtype=dtype)
+        if model is None:  # no extension builds it (a distillation student): the model group's
+            model = build_model(cfg.model, vocab_size=vocab_size, dtype=dtype)
         limit = max_seq_len(model)
         if limit is not None and cfg.data.seq_len > limit:
             raise ConfigError(
