@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from trainer.distill.hidden import build_projections, resolve_layer_map
 from trainer.distill.student import build_student
-from trainer.distill.teacher import TeacherModule, check_vocabulary, load_teacher, local_numel
+from trainer.distill.teacher import TeacherModule, check_vocabulary, load_teacher
 from trainer.distill.wrapper import TERMS, DistillationModule, TeacherOutputs
 from trainer.distributed import all_gather_ints, all_reduce_sum
 from trainer.extensions import Extension
@@ -81,7 +81,9 @@ class Distillation(Extension):
 
     def after_setup(self, strategy: Any, module: torch.nn.Module, optimizer: Any) -> None:
         """The teacher placed by the strategy: on the device, or sharded like the student (fsdp, zero3)."""
-        self.teacher = strategy.prepare_frozen(TeacherModule(self.teacher_model, layers=self.layer_map))
+        self.strategy = strategy
+        teacher = TeacherModule(self.teacher_model, layers=self.layer_map, gathered=strategy.gathered)
+        self.teacher = strategy.prepare_frozen(teacher)
         self.teacher_numel = sum(p.numel() for p in self.teacher_model.parameters())
         self.teacher_model = None  # the prepared module holds it (sharded, perhaps); drop the name
 
@@ -105,7 +107,7 @@ class Distillation(Extension):
         if self.cfg.hidden_weight == 0:
             out.pop("hidden_loss")
         out["teacher_params"] = self.teacher_numel
-        out["teacher_params_per_rank"] = all_gather_ints(local_numel(self.teacher), self.device)
+        out["teacher_params_per_rank"] = all_gather_ints(self.strategy.local_numel(self.teacher), self.device)
         return out
 
     def eval_batch(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:

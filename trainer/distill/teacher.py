@@ -9,6 +9,7 @@ strategies), so a teacher larger than one device still fits.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +99,20 @@ class TeacherModule(nn.Module):
     """The teacher as strategies see it: `forward(input_ids)` gives (final hidden states or logits, the
     hidden states of `layers`); `head()` gives the LM head's weight and bias while they are needed."""
 
-    def __init__(self, model: PreTrainedModel, *, layers: list[int]) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        layers: list[int],
+        gathered: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None,
+    ) -> None:
+        """`gathered(module)`: the strategy's context in which a module it placed holds its root parameters whole
+        (the LM head of a sharded teacher); None: nothing to gather."""
         super().__init__()
         self.model = model
         self.layers = list(layers)
         self.fused = supports_fused_loss(model)
+        self.gathered = gathered or (lambda module: contextlib.nullcontext())
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         want = bool(self.layers)
@@ -121,15 +131,9 @@ class TeacherModule(nn.Module):
         if not self.fused:
             yield None, None
             return
-        sharded = hasattr(self, "unshard")  # an FSDP2 module: its root holds the head
-        if sharded:
-            self.unshard()
-        try:
+        with self.gathered(self):  # a sharded teacher's root holds the head
             head = self.model.get_output_embeddings()
             yield head.weight, head.bias
-        finally:
-            if sharded:
-                self.reshard()
 
     @torch.no_grad()
     def eval_loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -139,13 +143,3 @@ class TeacherModule(nn.Module):
             if weight is None:
                 return causal_lm_loss(x, None, None, labels, chunk_size=0, num_targets=1)
             return causal_lm_loss(x, weight, bias, labels, num_targets=1)
-
-
-def local_numel(module: nn.Module) -> int:
-    """Parameter elements this rank holds (a sharded parameter counts its local shard only)."""
-    from torch.distributed.tensor import DTensor
-
-    total = 0
-    for p in module.parameters():
-        total += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
-    return total

@@ -182,6 +182,15 @@ class Strategy:
         """The module to run evaluation forwards on (no gradient-sync hooks)."""
         return module
 
+    def gathered(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        """A context in which a module this strategy placed (`prepare_frozen`) holds its root's parameters
+        whole: a teacher's LM head, read outside its forward. Here they always are."""
+        return contextlib.nullcontext()
+
+    def local_numel(self, module: nn.Module) -> int:
+        """Parameter elements of a module this strategy placed that this rank holds (a shard counts its part)."""
+        return sum(self._local(p)[1].numel() for p in module.parameters())
+
     # ---- what this rank holds -----------------------------------------------------------------------
 
     def _local(self, tensor: torch.Tensor) -> tuple[int, torch.Tensor, bool]:

@@ -9,6 +9,7 @@ across groups.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,6 +44,24 @@ def _row_offset(t: DTensor) -> tuple[int, bool]:
     writer = all(c == 0 for c, p in zip(coords, t.placements, strict=True) if isinstance(p, Replicate))
     row = t.numel() // t.shape[0] if t.ndim else 1
     return (offset[0] * row if t.ndim else 0), writer
+
+
+@contextlib.contextmanager
+def gathered_root(module: nn.Module) -> Iterator[None]:
+    """An FSDP2 root's own parameters (those outside its per-block units) gathered while the context lasts."""
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
+def local_numel(module: nn.Module) -> int:
+    """Parameter elements this rank holds of a module whose parameters may be DTensor shards."""
+    return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in module.parameters())
 
 
 def shard_frozen(
@@ -126,6 +145,9 @@ class FSDPStrategy(Strategy):
         return shard_frozen(
             module, mesh=self.build_mesh(), param_dtype=self.precision.compute_dtype, offload_policy=offload
         )
+
+    def gathered(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        return gathered_root(module)
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the MixedPrecisionPolicy casts the gathered parameters

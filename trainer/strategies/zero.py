@@ -175,6 +175,16 @@ class ZeroStrategy(Strategy):
             offload_policy=CPUOffloadPolicy() if cpu else OffloadPolicy(),
         )
 
+    def gathered(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        from trainer.strategies.fsdp import gathered_root  # zero3's frozen modules are FSDP2 shards
+
+        return gathered_root(module)
+
+    def local_numel(self, module: nn.Module) -> int:
+        from trainer.strategies.fsdp import local_numel
+
+        return local_numel(module)
+
     @property
     def offloads_optimizer(self) -> bool:
         return self.cfg.offload_optimizer == "cpu"
