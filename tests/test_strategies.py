@@ -115,7 +115,7 @@ def test_a_launcher_with_one_process_runs_zero_and_fsdp_like_the_single_process(
     from tests.conftest import PYTHON, ROOT, free_port, subprocess_env
 
     port = ["--master_port", str(free_port())]
-    launch = {  # each runs `python -m trainer.train` in one process, with the launcher's RANK, MASTER_ADDR etc.
+    launch = {  # each runs `python -m trainer.train` in one process, with the launcher's RANK, MASTER_ADDR
         "torchrun": [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "1", *port, "-m"],
         "deepspeed": [PYTHON, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", *port, "--module"],
     }[launcher]

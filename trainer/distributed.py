@@ -52,7 +52,7 @@ def read_env(environ: dict[str, str] | None = None) -> ParallelEnv:
 def init_distributed(
     env: ParallelEnv, *, backend: str | None, device: torch.device, one_rank_group: bool = False
 ) -> None:
-    """The process group of a multi-rank launch; with `one_rank_group`, a one-rank group for a lone process too.
+    """The process group of a multi-rank launch; with `one_rank_group`, a one-rank group for a lone process.
 
     A one-rank group (FSDP or ZeRO on one device, started alone or by a launcher with one process) needs no
     rendezvous, so it uses an in-process store: no address, port or file for the user to set, none to clash.
