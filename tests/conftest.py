@@ -206,6 +206,7 @@ TEST_TIERS = {
     "test_two_ddp_ranks_follow_the_single_process_loss": {SLOW, MULTIRANK},
     # launchers: the deepspeed launcher, launch/ scripts, and the linters of launch/, bench/ and docker/
     "test_the_deepspeed_launcher_runs_the_same_command": {SLOW, MULTIRANK, LAUNCHER},
+    "test_a_launcher_with_one_process_runs_zero_and_fsdp_like_the_single_process": {SLOW, LAUNCHER},
     "test_two_torchrun_sh_nodes_rendezvous_over_loopback_and_train_together": {SLOW, MULTIRANK, LAUNCHER},
     "test_torchrun_sh_refuses_several_nodes_without_a_head_or_a_run_id": {LAUNCHER},
     "test_deepspeed_sh_passes_the_hostfile_and_one_run_dir_to_every_host": {LAUNCHER},

@@ -249,11 +249,6 @@ def test_missing_optional_package_names_the_extra():
         require("a_package_that_does_not_exist", extra="gguf")
 
 
-def test_ddp_alone_says_how_to_launch(tmp_path):
-    with pytest.raises(ConfigError, match="torchrun"):
-        make_trainer(tmp_path, *TINY, "strategy=ddp")
-
-
 def test_gguf_model_without_the_gguf_package_names_the_extra(tmp_path, monkeypatch):
     import sys
 

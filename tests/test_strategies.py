@@ -1,4 +1,5 @@
-"""Every strategy against the single-process reference, with 2 real CPU ranks (gloo) under torchrun.
+"""Every strategy against the single-process reference, with 2 real CPU ranks (gloo) under torchrun, and with
+one process (a one-rank group) started alone or by a launcher.
 
 Tolerance: losses within 1e-4 relative and final weights within 1e-5 absolute of the single-process
 run. The strategies compute the same sums in another order (all-reduce, reduce-scatter, flat
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY, make_trainer, run_command, train_losses
+from tests.conftest import TINY, run_command, train_losses
 from trainer.errors import ConfigError, MissingPackageError
 
 STEPS = 10
@@ -38,11 +39,13 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize(
     "strategy,extra,nproc",
     [(s, [], 2) for s in STRATEGIES]
+    + [(s, [], 1) for s in STRATEGIES]  # one process started alone: a one-rank group
     + [
         ("fsdp", ["train.activation_checkpointing=true"], 2),
         ("fsdp", ["strategy.defer_grad_sync=true"], 2),  # one reduce-scatter per step, not per micro-batch
         ("zero3", ["train.activation_checkpointing=true"], 2),
         ("zero3", ["strategy.offload_optimizer=cpu", "strategy.offload_params=cpu"], 2),
+        ("zero3", ["strategy.offload_optimizer=cpu", "strategy.offload_params=cpu"], 1),  # ZeRO-Infinity
         ("fsdp", ["strategy.replicate_degree=2"], 4),  # HSDP: 2 replicas of 2-way shards
     ],
 )
@@ -65,6 +68,11 @@ def test_strategy_follows_the_single_process_run(strategy, extra, nproc, referen
         (("fsdp", 2), ("zero3", 2)),
         (("zero2", 2), ("single", 1)),
         (("ddp", 2), ("zero1", 2)),
+        # world size 1 (a one-rank group) to 2 and back
+        (("zero3", 1), ("fsdp", 2)),
+        (("fsdp", 1), ("zero1", 2)),
+        (("fsdp", 2), ("zero3", 1)),
+        (("zero2", 2), ("fsdp", 1)),
     ],
 )
 def test_resume_under_another_strategy_and_world_size(first, second, reference, tmp_path):
@@ -98,10 +106,79 @@ def test_metrics_report_each_ranks_peak_memory(reference, tmp_path):
     )
 
 
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_a_launcher_with_one_process_runs_zero_and_fsdp_like_the_single_process(
+    launcher, reference, tmp_path
+):
+    import subprocess
+
+    from tests.conftest import PYTHON, ROOT, free_port, subprocess_env
+
+    port = ["--master_port", str(free_port())]
+    launch = {  # each runs `python -m trainer.train` in one process, with the launcher's RANK, MASTER_ADDR
+        "torchrun": [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "1", *port, "-m"],
+        "deepspeed": [PYTHON, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", *port, "--module"],
+    }[launcher]
+    want = train_losses(reference)
+    for strategy in ("zero3", "fsdp"):
+        run_dir = tmp_path / strategy
+        proc = subprocess.run(
+            [*launch, "trainer.train", *COMMON, f"strategy={strategy}", f"hydra.run.dir={run_dir}"],
+            cwd=ROOT,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "1 rank(s)" in proc.stdout
+        got = train_losses(run_dir)
+        assert sorted(got) == sorted(want)
+        assert all(got[s] == pytest.approx(want[s], rel=1e-4) for s in want), (strategy, want, got)
+
+
+def test_a_lone_process_gets_a_one_rank_group_without_any_setting(monkeypatch):
+    import os
+
+    import torch.distributed as dist
+
+    from trainer.distributed import ParallelEnv, destroy, init_distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "unset")  # recorded, so that the teardown restores what was there
+        monkeypatch.delenv(name)
+    cpu = torch.device("cpu")
+    init_distributed(ParallelEnv(), backend=None, device=cpu)
+    assert not dist.is_initialized()  # the one-process strategy: no group, as before
+    try:
+        init_distributed(ParallelEnv(), backend=None, device=cpu, one_rank_group=True)
+        assert dist.get_world_size() == 1 and dist.get_rank() == 0
+        t = torch.tensor([3.0])
+        dist.all_reduce(t)
+        assert t.item() == 3.0
+        assert "MASTER_ADDR" not in os.environ and "MASTER_PORT" not in os.environ  # no rendezvous
+    finally:
+        destroy()
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_distributed_strategy_alone_says_how_to_launch(strategy, tmp_path):
-    with pytest.raises(ConfigError, match="torchrun --nproc_per_node"):
-        make_trainer(tmp_path, *TINY, f"strategy={strategy}")
+def test_distributed_strategies_accept_a_lone_process(strategy):
+    from tests.conftest import compose_config
+    from trainer.distributed import ParallelEnv
+    from trainer.strategies import build_strategy
+
+    built = build_strategy(compose_config(f"strategy={strategy}"), ParallelEnv(), torch.device("cpu"))
+    assert not built.one_process  # so the loop sets up a one-rank group
+
+
+def test_hsdp_replicas_must_still_divide_a_world_of_one():
+    from tests.conftest import compose_config
+    from trainer.distributed import ParallelEnv
+    from trainer.strategies import build_strategy
+
+    cfg = compose_config("strategy=fsdp", "strategy.replicate_degree=2")
+    with pytest.raises(ConfigError, match="does not divide the world size 1"):
+        build_strategy(cfg, ParallelEnv(), torch.device("cpu"))
 
 
 def test_single_strategy_with_several_ranks_is_refused(tmp_path):
@@ -279,7 +356,8 @@ def test_compile_under_zero3_is_refused_with_the_alternative():
         )
 
 
-def test_fsdp_cpu_offload_on_a_cpu_run_explains_itself():
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_fsdp_cpu_offload_on_a_cpu_run_explains_itself(world_size):
     from tests.conftest import compose_config
     from trainer.distributed import ParallelEnv
     from trainer.strategies import build_strategy
@@ -287,7 +365,7 @@ def test_fsdp_cpu_offload_on_a_cpu_run_explains_itself():
     with pytest.raises(ConfigError, match="strategy.cpu_offload=false"):
         build_strategy(
             compose_config("strategy=fsdp", "strategy.cpu_offload=true"),
-            ParallelEnv(0, 2, 0),
+            ParallelEnv(0, world_size, 0),
             torch.device("cpu"),
         )
 

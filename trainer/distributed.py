@@ -49,15 +49,27 @@ def read_env(environ: dict[str, str] | None = None) -> ParallelEnv:
     return ParallelEnv()
 
 
-def init_distributed(env: ParallelEnv, *, backend: str | None, device: torch.device) -> None:
-    if not env.distributed or dist.is_initialized():
+def init_distributed(
+    env: ParallelEnv, *, backend: str | None, device: torch.device, one_rank_group: bool = False
+) -> None:
+    """The process group of a multi-rank launch; with `one_rank_group`, a one-rank group for a lone process.
+
+    A one-rank group (FSDP or ZeRO on one device, started alone or by a launcher with one process) needs no
+    rendezvous, so it uses an in-process store: no address, port or file for the user to set, none to clash.
+    """
+    if dist.is_initialized() or not (env.distributed or one_rank_group):
         return
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     os.environ.setdefault("RANK", str(env.rank))
     os.environ.setdefault("WORLD_SIZE", str(env.world_size))
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it (srun does not set it)
-    os.environ.setdefault("MASTER_PORT", "29500")
     timeout = timedelta(minutes=30)
+    if not env.distributed:
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+        return
+    os.environ.setdefault("MASTER_PORT", "29500")
     store = _elastic_attempt_store(env, timeout)
     if store is None:
         dist.init_process_group(backend=backend, timeout=timeout)

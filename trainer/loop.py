@@ -84,7 +84,12 @@ class Trainer:
         self.grad_accum = validate_config(cfg, world_size=env.world_size)
         self.device = resolve_device(t.device, env.local_rank)
         self.strategy = build_strategy(cfg, env, self.device)  # fails early on a bad rank count
-        init_distributed(env, backend=cfg.strategy.backend, device=self.device)
+        init_distributed(
+            env,
+            backend=cfg.strategy.backend,
+            device=self.device,
+            one_rank_group=not self.strategy.one_process,
+        )
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             clear_marker(self.run_dir)

@@ -89,8 +89,9 @@ class Strategy:
     """One process, the model as it is; the base of every strategy (override what differs)."""
 
     name = "single"
-    needs_ranks = 1
-    one_process = True  # refuses to run under a multi-process launch
+    # Runs without a process group and refuses a multi-process launch. The others run at any world size, one
+    # included (a one-rank group): to debug a multi-node config on one machine, or offload to fit one device.
+    one_process = True
     # Capabilities other modules ask about instead of comparing names:
     replicated = True  # every rank holds whole parameters, stepped by a torch optimizer over the module's own
     dtensor_parameters = False  # parameters are DTensor shards (FSDP2)
@@ -100,11 +101,6 @@ class Strategy:
         """`cfg` is the whole run config: strategies read `strategy.*` and, for DeepSpeed, `train.*`."""
         self.cfg, self.train_cfg, self.env, self.device = cfg.strategy, cfg.train, env, device
         self.precision = Precision(cfg.precision, device)
-        if env.world_size < self.needs_ranks:
-            raise ConfigError(
-                f"strategy={self.name} needs several ranks but this process is alone; launch with "
-                f"`torchrun --nproc_per_node N -m trainer.train strategy={self.name}` or use strategy=single"
-            )
         if self.one_process and env.world_size > 1:
             raise ConfigError(
                 f"strategy={self.name} runs one process but {env.world_size} were launched; pick a distributed "

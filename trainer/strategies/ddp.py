@@ -13,7 +13,6 @@ from trainer.strategies.base import OptimizerFactory, Strategy
 
 class DDPStrategy(Strategy):
     name = "ddp"
-    needs_ranks = 2
     one_process = False
 
     def setup(

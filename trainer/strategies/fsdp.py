@@ -92,7 +92,6 @@ def shard_frozen(
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
-    needs_ranks = 2
     one_process = False
     replicated = False
     dtensor_parameters = True

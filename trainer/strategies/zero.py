@@ -101,7 +101,6 @@ def deepspeed_config(
 
 
 class ZeroStrategy(Strategy):
-    needs_ranks = 2
     one_process = False
     replicated = False
     flat_partitions = True
