@@ -154,11 +154,14 @@ class Strategy:
         self.precision.scale(loss).backward()
 
     def clip_and_step(
-        self, module: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, *, skip: bool = False
     ) -> torch.Tensor:
         """Clip (when max_norm > 0), step, zero the gradients; returns the total norm before clipping.
 
-        With fp16 the gradients are unscaled first, and a step whose gradients overflowed is skipped.
+        With fp16 the gradients are unscaled first, and a step whose gradients overflowed is skipped by the
+        loss scaler. Otherwise a step whose global norm is not finite is not applied, nor one the caller says
+        to `skip` (its loss was not finite): the weights and optimizer states stay as they were. The norm is
+        global and `skip` is decided from values reduced over ranks, so every rank skips together.
         """
         self.precision.unscale_(optimizer)
         params = [p for p in module.parameters() if p.grad is not None]
@@ -166,7 +169,11 @@ class Strategy:
             params, max_norm if max_norm > 0 else float("inf"), foreach=True
         )
         norm = self._full_norm(norm)
-        self.precision.step(optimizer)
+        if skip or (self.precision.scaler is None and not torch.isfinite(norm)):
+            if self.precision.scaler is not None:
+                self.precision.scaler.update()  # ends the scaler's step that unscale_ began, stepping nothing
+        else:
+            self.precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         return norm
 
