@@ -54,7 +54,7 @@ def test_a_diverging_run_stops_at_the_step_and_keeps_the_last_good_checkpoint(tm
     with pytest.raises(DivergenceError, match=r"step 5: .*diverged") as stopped:
         trainer.train()
     message = str(stopped.value)
-    for remedy in ("optimizer.lr", "precision=bf16", "train.grad_clip", "train.max_nonfinite_steps"):
+    for remedy in ("optimizer.lr", "scheduler.warmup_steps", "train.grad_clip", "train.max_nonfinite_steps"):
         assert remedy in message
     assert latest(tmp_path) == "step_00000004"  # the checkpoint before the bad step stays the one to resume
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [
@@ -152,3 +152,29 @@ def test_a_horizon_that_follows_max_steps_warns_when_a_resume_changes_it(tmp_pat
         warnings.simplefilter("always")
         kept.train()
     assert not [w for w in caught if "horizon" in str(w.message)]
+
+
+def test_non_finite_weights_are_never_saved_or_exported(tmp_path):
+    trainer = make_trainer(tmp_path, *TINY, "train.max_steps=2", "checkpoint.every_steps=1")
+    trainer.train_step()
+    trainer.save()
+    with torch.no_grad():  # as a step that overflowed the weights with finite gradients would leave them
+        next(trainer.module.parameters())[0].fill_(math.inf)
+    trainer.train_step()
+    with pytest.raises(DivergenceError, match=r"step 2: the weights hold non-finite values; a checkpoint"):
+        trainer.save()
+    assert latest(tmp_path) == "step_00000001"
+    assert not (tmp_path / "checkpoints" / "step_00000002").exists()
+    with pytest.raises(DivergenceError, match=r"the hf/ export of them is not written"):
+        trainer.finish({})
+    assert not (tmp_path / "hf").exists()
+
+
+def test_an_fp16_overflow_is_the_loss_scalers_and_not_a_divergence(tmp_path):
+    trainer = make_trainer(
+        tmp_path, *TINY, "precision=fp16", "precision.init_scale=1024", "train.max_steps=4"
+    )
+    poison_step(trainer, 2)  # the scaled gradients overflow: the scaler skips the step and halves the scale
+    summary = trainer.train()
+    assert summary["final_step"] == 4
+    assert trainer.strategy.precision.skipped_steps == 1 and trainer.num_nonfinite_steps == 0

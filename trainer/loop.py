@@ -256,12 +256,11 @@ class Trainer:
                 self.module, self.optimizer, t.grad_clip, skip=not math.isfinite(loss_value)
             )
         )
-        # A step the fp16 scaler skipped for overflowing gradients is its business (it lowers the scale); any
-        # other non-finite loss or norm is divergence, and the strategy did not apply the step.
+        # A step the fp16 scaler skipped as an overflow is its business (it lowers the scale, and stops the run
+        # at its minimum); any other non-finite loss or norm is divergence, and the strategy did not apply it.
         overflowed = self.strategy.precision.skipped_steps > overflows_before
-        self.step_nonfinite = not math.isfinite(loss_value) or (
-            not math.isfinite(grad_norm) and not overflowed
-        )
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        self.step_nonfinite = not finite and not overflowed
         self.step += 1
         for ext in self.extensions:
             ext.after_step(self.step)  # e.g. gradual pruning's mask updates
@@ -417,13 +416,22 @@ class Trainer:
             if latest.is_file()
             else "no checkpoint was saved before it"
         )
+        clipping = (
+            f"a tighter train.grad_clip (now {t.grad_clip:g})"
+            if t.grad_clip > 0
+            else "gradient clipping (train.grad_clip=1.0)"
+        )
+        remedies = [
+            f"a lower optimizer.lr (now {self.cfg.optimizer.lr:g}) or a longer scheduler.warmup_steps "
+            f"(now {self.cfg.scheduler.warmup_steps})",
+            clipping,
+            *(["precision=bf16 (fp16's range is narrow)"] if self.strategy.precision.loss_scaling else []),
+            "train.max_nonfinite_steps=N to skip up to N such steps",
+        ]
         raise DivergenceError(
             f"{what}: the training diverged (not finite; {self.num_nonfinite_steps} such step(s) this run, "
             f"train.max_nonfinite_steps={t.max_nonfinite_steps}). The run stops without saving: {kept}. "
-            f"Remedies: a lower learning rate (optimizer.lr={self.cfg.optimizer.lr:g}) or a longer warmup "
-            f"(scheduler.warmup_steps={self.cfg.scheduler.warmup_steps}); precision=bf16 rather than fp16 "
-            f"(precision={self.strategy.precision.name}); gradient clipping (train.grad_clip="
-            f"{t.grad_clip:g}, e.g. 1.0); or train.max_nonfinite_steps=N to skip a few such steps"
+            f"Remedies: {'; '.join(remedies)}"
         )
 
     def _check_weights_finite(self, what: str) -> None:

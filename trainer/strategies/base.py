@@ -159,7 +159,7 @@ class Strategy:
         """Clip (when max_norm > 0), step, zero the gradients; returns the total norm before clipping.
 
         With fp16 the gradients are unscaled first, and a step whose gradients overflowed is skipped by the
-        loss scaler. Otherwise a step whose global norm is not finite is not applied, nor one the caller says
+        loss scaler. Without it, a step whose global norm is not finite is not applied, nor one the caller says
         to `skip` (its loss was not finite): the weights and optimizer states stay as they were. The norm is
         global and `skip` is decided from values reduced over ranks, so every rank skips together.
         """
@@ -169,10 +169,8 @@ class Strategy:
             params, max_norm if max_norm > 0 else float("inf"), foreach=True
         )
         norm = self._full_norm(norm)
-        if skip or (self.precision.scaler is None and not torch.isfinite(norm)):
-            if self.precision.scaler is not None:
-                self.precision.scaler.update()  # ends the scaler's step that unscale_ began, stepping nothing
-        else:
+        # fp16's scaler decides itself: it skips a step whose gradients overflowed and lowers the scale.
+        if self.precision.scaler is not None or not (skip or not torch.isfinite(norm)):
             self.precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         return norm
