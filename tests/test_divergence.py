@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY, make_trainer
+from tests.conftest import TINY, make_trainer, run_command
 from trainer.errors import DivergenceError
 from trainer.metrics import NONFINITE_KEY, MetricsLog
 
@@ -178,3 +178,27 @@ def test_an_fp16_overflow_is_the_loss_scalers_and_not_a_divergence(tmp_path):
     summary = trainer.train()
     assert summary["final_step"] == 4
     assert trainer.strategy.precision.skipped_steps == 1 and trainer.num_nonfinite_steps == 0
+
+
+def test_two_ranks_stop_together_when_the_run_diverges(tmp_path):
+    # A learning rate of 1e30 sends the weights to ~1e30 in step 1 (finite: saved), and the gradients of step 2
+    # to NaN; both DDP ranks must see it, stop, and leave the step-1 checkpoint as the one to resume.
+    proc = run_command(
+        [
+            *TINY,
+            "strategy=ddp",
+            "optimizer.lr=1e30",
+            "scheduler.warmup_steps=0",
+            "checkpoint.every_steps=1",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        nproc=2,
+        check=False,
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "DivergenceError: step 2: " in output and "the training diverged" in output
+    assert latest(tmp_path) == "step_00000001"
+    assert not (tmp_path / "checkpoints" / "step_00000002").exists() and not (tmp_path / "hf").exists()
+    assert [r["step"] for r in strict_records(tmp_path) if "loss" in r] == [2]  # log_every=2; step 2 as null
