@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY, make_trainer, run_command
+from tests.conftest import TINY, compose_config, free_port, make_trainer, run_command
 from trainer.errors import DivergenceError
 from trainer.metrics import NONFINITE_KEY, MetricsLog
 
@@ -202,3 +202,44 @@ def test_two_ranks_stop_together_when_the_run_diverges(tmp_path):
     assert latest(tmp_path) == "step_00000001"
     assert not (tmp_path / "checkpoints" / "step_00000002").exists() and not (tmp_path / "hf").exists()
     assert [r["step"] for r in strict_records(tmp_path) if "loss" in r] == [2]  # log_every=2; step 2 as null
+
+
+def _rank_with_a_bad_loss_on_rank_1(rank: int, world: int, port: int, run_dir: str, tolerated: int) -> None:
+    """One DDP rank (a spawned process, gloo); only rank 1's loss of step 3 is infinite, its gradients finite."""
+    import os
+
+    from trainer.distributed import ParallelEnv, destroy
+    from trainer.loop import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    out = Path(run_dir) / f"rank{rank}.json"
+    try:
+        cfg = compose_config(
+            *TINY, "strategy=ddp", "checkpoint.every_steps=2", f"train.max_nonfinite_steps={tolerated}"
+        )
+        trainer = Trainer(cfg, run_dir=Path(run_dir), env=ParallelEnv(rank, world, rank))
+        if rank == 1:
+            poison_step(trainer, 3, how="add")
+        try:
+            trainer.train()
+            weights = [p.detach().double().sum().item() for p in trainer.module.parameters()]
+            out.write_text(json.dumps({"finished": trainer.step, "weights": weights}))
+        except DivergenceError as e:
+            out.write_text(json.dumps({"stopped": str(e)}))
+    finally:
+        destroy()
+
+
+@pytest.mark.parametrize("tolerated", [0, 1])
+def test_a_bad_loss_on_one_rank_stops_or_skips_the_step_on_every_rank(tmp_path, tolerated):
+    torch.multiprocessing.spawn(
+        _rank_with_a_bad_loss_on_rank_1, args=(2, free_port(), str(tmp_path), tolerated), nprocs=2, join=True
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    if tolerated == 0:
+        assert all(r["stopped"].startswith("step 3: loss inf") for r in ranks)
+        assert latest(tmp_path) == "step_00000002" and not (tmp_path / "hf").exists()
+    else:  # both ranks skipped step 3 and stayed replicas of each other
+        assert [r["finished"] for r in ranks] == [6, 6]
+        assert ranks[0]["weights"] == ranks[1]["weights"]
+        assert latest(tmp_path) == "step_00000006" and (tmp_path / "hf" / "config.json").is_file()

@@ -309,7 +309,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "data": self.order.state_dict(),
             "precision": self.strategy.precision.state_dict(),
-            "lr_horizon": self._lr_horizon(),  # a resume that changes it is warned (_check_resumed_schedule)
+            "lr_horizon": self._lr_horizon(),  # a resume that changes it is warned (_continue_after_resume)
         }
         return ckpt.save_checkpoint(
             self.ckpt_root,
@@ -465,15 +465,15 @@ class Trainer:
         now = self._lr_horizon()
         if saved is None or saved == now:
             return
-        keep = (
-            f"add scheduler.decay_steps={saved} to keep it"
+        cause = (
+            f"it follows train.max_steps={self.cfg.train.max_steps} while scheduler.decay_steps is null"
             if self.cfg.scheduler.decay_steps is None
-            else f"set scheduler.decay_steps={saved} to keep it"
+            else f"scheduler.decay_steps={self.cfg.scheduler.decay_steps}"
         )
         warnings.warn(
             f"the learning-rate schedule's horizon changed on resume: {saved} steps in {self.resumed_from}, {now} "
-            f"now (it follows train.max_steps={self.cfg.train.max_steps} when scheduler.decay_steps is null), so "
-            f"the learning rate jumps from this step on; {keep}",
+            f"now ({cause}), so the learning rate jumps at this step; set scheduler.decay_steps={saved} to keep "
+            "the schedule the run started with",
             stacklevel=3,
         )
 
