@@ -198,6 +198,8 @@ TEST_TIERS = {
     "test_zero_keeps_no_second_fp32_copy_of_fp32_weights": {SLOW, MULTIRANK},
     "test_two_ranks_follow_the_single_run_and_shard_the_teacher": {SLOW, MULTIRANK},
     "test_each_optimizer_trains_and_resumes_exactly": {SLOW, MULTIRANK},  # strategy=single: 60 s in process
+    "test_two_ranks_stop_together_when_the_run_diverges": {SLOW, MULTIRANK},
+    "test_a_bad_loss_on_one_rank_stops_or_skips_the_step_on_every_rank": {SLOW, MULTIRANK},
     "test_offloaded_zero_optimizers_train_and_resume_exactly": {SLOW, MULTIRANK},  # builds cpu_adam (~100 s)
     "test_mixed_precision_tracks_fp32": {MULTIRANK},
     "test_fp8_linears_train_tracking_fp32_and_export_fp32_weights": {MULTIRANK},

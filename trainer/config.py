@@ -14,11 +14,14 @@ default here (MISSING), and every option of a group sets every key of its schema
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from trainer.choices import Choice, Dtype, PrecisionName
 from trainer.data.config import DataConfig, register_data_configs, validate_data
@@ -185,6 +188,9 @@ class TrainConfig:
     progress_bar: bool = MISSING
     # Write the hf/ export (save_pretrained + tokenizer) when the run ends.
     export_hf: bool = MISSING
+    # Steps with a non-finite loss or gradient norm that are skipped (weights unchanged) before the run stops
+    # with a DivergenceError; fp16's overflow steps, which its loss scaler skips, do not count.
+    max_nonfinite_steps: int = MISSING
 
 
 @dataclass
@@ -291,9 +297,10 @@ def _check(ok: bool, message: str) -> None:
 
 def validate_config(cfg: Any, *, world_size: int = 1) -> int:
     """Check the values that types cannot, group by group; returns the gradient-accumulation steps."""
+    check_known_keys(cfg)
     _validate_train(cfg.train)
     _validate_optimizer(cfg.optimizer)
-    _validate_scheduler(cfg.scheduler)
+    _validate_scheduler(cfg.scheduler, max_steps=cfg.train.max_steps)
     validate_data(cfg.data)
     _validate_model(cfg.model)
     _validate_precision(cfg.precision)
@@ -312,6 +319,28 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
         f"{t.micro_batch_size} x world size {world_size} = {per_step}; pick a global batch that is a multiple of {per_step}",
     )
     return t.global_batch_size // per_step
+
+
+def check_known_keys(cfg: Any, *, path: str = "") -> None:
+    """Refuse a key that no schema has. Hydra lets `+key=value` add a key anywhere, even under a typed node;
+    only a free-form field (typed as a dict or Any in its schema: model.arch, data.markov, strategy.deepspeed,
+    prune.layer_sparsity) takes keys of the user's choosing, so a misspelt `+train.max_step=10` is not ignored."""
+    if not isinstance(cfg, DictConfig):
+        return
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return  # a free-form field
+    known = {f.name for f in dataclasses.fields(schema)}
+    for key in cfg:
+        name = f"{path}{key}"
+        _check(
+            key in known,
+            f"{name}: no such key in the {path.rstrip('.') or 'top-level'} config (added with `+`?); check the "
+            "spelling against `python -m trainer.train --cfg job`. Keys of one's own choosing go under a "
+            "free-form field only: model.arch (the transformers config), data.markov, strategy.deepspeed, "
+            "prune.layer_sparsity",
+        )
+        check_known_keys(cfg._get_node(key), path=f"{name}.")
 
 
 def _validate_train(t: Any) -> None:
@@ -333,15 +362,28 @@ def _validate_train(t: Any) -> None:
         t.loss_chunk_size is None or t.loss_chunk_size >= 0,
         f"train.loss_chunk_size={t.loss_chunk_size}: must be >= 0 or null",
     )
+    _check(
+        t.max_nonfinite_steps >= 0,
+        f"train.max_nonfinite_steps={t.max_nonfinite_steps}: must be >= 0 (0 stops at the first non-finite step)",
+    )
 
 
 def _validate_optimizer(o: Any) -> None:
-    _check(o.lr > 0, f"optimizer.lr={o.lr}: the learning rate must be > 0, e.g. optimizer.lr=3e-4")
+    _check(
+        math.isfinite(o.lr) and o.lr > 0,
+        f"optimizer.lr={o.lr}: the learning rate must be finite and > 0, e.g. optimizer.lr=3e-4",
+    )
     _check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay}: must be >= 0")
 
 
-def _validate_scheduler(s: Any) -> None:
+def _validate_scheduler(s: Any, *, max_steps: int) -> None:
     _check(s.warmup_steps >= 0, f"scheduler.warmup_steps={s.warmup_steps}: must be >= 0")
+    if 0 < max_steps < s.warmup_steps:
+        warnings.warn(
+            f"scheduler.warmup_steps={s.warmup_steps} is longer than the run (train.max_steps={max_steps}): the "
+            f"learning rate never reaches optimizer.lr; lower scheduler.warmup_steps (e.g. to {max(max_steps // 10, 1)})",
+            stacklevel=3,
+        )
     _check(
         s.decay_steps is None or s.decay_steps > 0,
         f"scheduler.decay_steps={s.decay_steps}: must be > 0 or null",

@@ -25,3 +25,8 @@ class LaunchError(RuntimeError):
 
 class LossScaleError(RuntimeError):
     """fp16 overflowed even at the smallest allowed loss scale: the run cannot go on in fp16."""
+
+
+class DivergenceError(RuntimeError):
+    """The loss or the gradient norm went non-finite more often than train.max_nonfinite_steps allows: the run
+    stops on every rank, saving nothing of the diverged weights; the message names the step and the remedies."""

@@ -62,6 +62,11 @@ class ExperimentLog:
                 self._tb_writer.add_scalar(key, value, global_step=step)
             self._tb_writer.flush()
 
+    def drop_after(self, step: int) -> None:
+        """A resumed run: metrics.jsonl forgets the steps after its checkpoint, which it is about to log again
+        (wandb keeps its own history and TensorBoard shows the later point)."""
+        self.jsonl.drop_after(step)
+
     def close(self, *, exit_code: int = 0) -> None:
         self.jsonl.close()
         if self._wandb_run is not None:

@@ -4,8 +4,10 @@ through small interfaces: trainer/strategies/ and trainer/extensions.py."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import validate_config
 from trainer.data import SampleOrder, build_data, rank_micro_batches
 from trainer.distributed import ParallelEnv, all_gather_ints, all_reduce_sum, barrier, init_distributed
-from trainer.errors import ConfigError, DataError
+from trainer.errors import ConfigError, DataError, DivergenceError
 from trainer.extensions import Extension
 from trainer.logger import ExperimentLog
 from trainer.metrics import mfu, peak_flops, peak_memory_bytes
@@ -24,6 +26,7 @@ from trainer.models import CausalLMWithLoss, build_model, count_params, flops_pe
 from trainer.optim import build_optimizer, schedule_factor, set_lr
 from trainer.preemption import Preempted, PreemptionWatch, clear_marker, write_marker
 from trainer.strategies import build_strategy
+from trainer.strategies.base import named_parameters
 from trainer.utils import resolve_device, resolve_dtype
 
 
@@ -235,6 +238,7 @@ class Trainer:
 
         lr = self.lr_at(self.step)
         set_lr(self.optimizer, lr)
+        overflows_before = self.strategy.precision.skipped_steps
         self.module.train()
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)  # synced once per step
         for i, (inputs, labels) in enumerate(batches):
@@ -249,14 +253,24 @@ class Trainer:
                     )
                 self.strategy.backward(self.module, loss)
             loss_sum += loss.detach().float()
-        grad_norm = self.strategy.clip_and_step(self.module, self.optimizer, t.grad_clip)
+        # Each rank's loss_sum is its share of the global mean x world_size (DDP scaling): average it back.
+        # Reduced before the step, so that every rank skips a step with a non-finite loss alike.
+        loss_value = all_reduce_sum(loss_sum).item() / self.env.world_size
+        grad_norm = float(
+            self.strategy.clip_and_step(
+                self.module, self.optimizer, t.grad_clip, skip=not math.isfinite(loss_value)
+            )
+        )
+        # A step the fp16 scaler skipped as an overflow is its business (it lowers the scale, and stops the run
+        # at its minimum); any other non-finite loss or norm is divergence, and the strategy did not apply it.
+        overflowed = self.strategy.precision.skipped_steps > overflows_before
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        self.step_nonfinite = not finite and not overflowed
         self.step += 1
         for ext in self.extensions:
             ext.after_step(self.step)  # e.g. gradual pruning's mask updates
         self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len
-        # Each rank's loss_sum is its share of the global mean x world_size (DDP scaling): average it back.
-        loss_value = all_reduce_sum(loss_sum).item() / self.env.world_size
-        out = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
+        out = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm}
         out |= self._merged("step_metrics")  # distill=kd: each loss term, the teacher's parameters per rank
         return out | self.strategy.precision.metrics()  # fp16: loss_scale, skipped_steps
 
@@ -294,11 +308,13 @@ class Trainer:
         return out
 
     def save(self) -> Path:
+        self._check_weights_finite("a checkpoint")
         state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "data": self.order.state_dict(),
             "precision": self.strategy.precision.state_dict(),
+            "lr_horizon": self._lr_horizon(),  # a resume that changes it is warned (_continue_after_resume)
         }
         return ckpt.save_checkpoint(
             self.ckpt_root,
@@ -334,23 +350,38 @@ class Trainer:
         evaluation: dict[str, float] = {}
         preemption = PreemptionWatch()  # SIGUSR1/SIGTERM: checkpoint at the next step boundary, then exit
         saved_step = -1
-        while self.step < t.max_steps:
-            stats = self.train_step()
-            self._window = (self._window[0], self._window[1] + t.global_batch_size * self.cfg.data.seq_len)
-            bar.update(1)
-            at_end = self.step == t.max_steps
-            if self.step % t.log_every == 0 or at_end:
-                last = self._log_step(stats, bar)
-            if (t.eval_every and self.step % t.eval_every == 0) or at_end:
-                evaluation = self.evaluate()
-                self.log.write({"step": self.step, **evaluation})
-                if self.env.is_main and not at_end:  # the summary reports the last one
-                    bar.write(self._format_eval(evaluation))
-            if (c.every_steps and self.step % c.every_steps == 0) or (at_end and c.at_end):
-                self.save()
-                saved_step = self.step
-            if (signum := preemption.requested(self.device)) is not None and not at_end:
-                self._stop_for_preemption(signum, saved=saved_step == self.step, bar=bar, watch=preemption)
+        self.num_nonfinite_steps = 0  # this run's, a resume starts afresh
+        self._continue_after_resume()
+        try:
+            while self.step < t.max_steps:
+                stats = self.train_step()
+                self._window = (
+                    self._window[0],
+                    self._window[1] + t.global_batch_size * self.cfg.data.seq_len,
+                )
+                bar.update(1)
+                at_end = self.step == t.max_steps
+                if self.step % t.log_every == 0 or at_end or self.step_nonfinite:
+                    last = self._log_step(stats, bar)  # a non-finite step is always on record
+                if self.step_nonfinite:
+                    self._count_nonfinite_step(stats, bar)
+                if (t.eval_every and self.step % t.eval_every == 0) or at_end:
+                    evaluation = self.evaluate()
+                    self.log.write({"step": self.step, **evaluation})
+                    if self.env.is_main and not at_end:  # the summary reports the last one
+                        bar.write(self._format_eval(evaluation))
+                if (c.every_steps and self.step % c.every_steps == 0) or (at_end and c.at_end):
+                    self.save()
+                    saved_step = self.step
+                if (signum := preemption.requested(self.device)) is not None and not at_end:
+                    self._stop_for_preemption(
+                        signum, saved=saved_step == self.step, bar=bar, watch=preemption
+                    )
+        except DivergenceError:
+            bar.close()
+            preemption.close()
+            self.log.close(exit_code=1)
+            raise
         preemption.close()
         bar.close()
         if not evaluation:  # nothing trained this run (max_steps=0, or already complete): where it stands
@@ -368,6 +399,88 @@ class Trainer:
         }
         summary["mfu"] = mfu(summary["tokens_per_s"], self.flops_per_token, self.peak, self.env.world_size)
         return self.finish(summary)
+
+    def _count_nonfinite_step(self, stats: dict[str, Any], bar: tqdm) -> None:
+        """A step with a non-finite loss or gradient norm (the strategy did not apply it): tolerated up to
+        train.max_nonfinite_steps, then the run stops on every rank (the values are reduced over ranks, so
+        every rank counts the same), saving nothing; the last checkpoint stays `latest`."""
+        t = self.cfg.train
+        self.num_nonfinite_steps += 1
+        what = f"step {self.step}: loss {stats['loss']}, gradient norm {stats['grad_norm']}"
+        if self.num_nonfinite_steps <= t.max_nonfinite_steps:
+            if self.env.is_main:
+                bar.write(
+                    f"{what}: not finite, step skipped (weights unchanged); {self.num_nonfinite_steps} of "
+                    f"train.max_nonfinite_steps={t.max_nonfinite_steps} tolerated"
+                )
+            return
+        latest = self.ckpt_root / "latest"
+        kept = (
+            f"the last checkpoint ({self.ckpt_root / latest.read_text().strip()}) is untouched and resume=auto "
+            "continues from it"
+            if latest.is_file()
+            else "no checkpoint was saved before it"
+        )
+        clipping = (
+            f"a tighter train.grad_clip (now {t.grad_clip:g})"
+            if t.grad_clip > 0
+            else "gradient clipping (train.grad_clip=1.0)"
+        )
+        remedies = [
+            f"a lower optimizer.lr (now {self.cfg.optimizer.lr:g}) or a longer scheduler.warmup_steps "
+            f"(now {self.cfg.scheduler.warmup_steps})",
+            clipping,
+            *(["precision=bf16 (fp16's range is narrow)"] if self.strategy.precision.loss_scaling else []),
+            "train.max_nonfinite_steps=N to skip up to N such steps",
+        ]
+        raise DivergenceError(
+            f"{what}: the training diverged (not finite; {self.num_nonfinite_steps} such step(s) this run, "
+            f"train.max_nonfinite_steps={t.max_nonfinite_steps}). The run stops without saving: {kept}. "
+            f"Remedies: {'; '.join(remedies)}"
+        )
+
+    def _check_weights_finite(self, what: str) -> None:
+        """Refuse to write non-finite weights (a step that overflowed them with a finite gradient, or a strategy
+        that applied a non-finite step): one collective, so every rank refuses together."""
+        names = {name for name, _ in named_parameters(self.module)}
+        flags = [
+            torch.isfinite(piece.tensor).all().to(self.device)
+            for piece in self.strategy.pieces(self.module, self.optimizer, names)
+            if piece.kind == "weight"
+        ]
+        local = (~torch.stack(flags)).sum().float() if flags else torch.zeros((), device=self.device)
+        if all_reduce_sum(local).item() > 0:
+            raise DivergenceError(
+                f"step {self.step}: the weights hold non-finite values; {what} of them is not written. The "
+                "training diverged: resume=auto continues from the last checkpoint, with a lower optimizer.lr, "
+                "gradient clipping (train.grad_clip) or precision=bf16 rather than fp16"
+            )
+
+    def _lr_horizon(self) -> int:
+        """The steps the learning-rate schedule decays over: scheduler.decay_steps, or train.max_steps."""
+        return self.cfg.scheduler.decay_steps or self.cfg.train.max_steps
+
+    def _continue_after_resume(self) -> None:
+        """A resumed run: metrics.jsonl drops the records after the checkpoint (this run logs those steps
+        again), and a schedule horizon that differs from the checkpoint's is warned about."""
+        if self.resumed_from is None or not self.env.is_main:
+            return
+        self.log.drop_after(self.step)
+        saved = json.loads((self.resumed_from / ckpt.STATE_FILE).read_text()).get("lr_horizon")
+        now = self._lr_horizon()
+        if saved is None or saved == now:
+            return
+        cause = (
+            f"it follows train.max_steps={self.cfg.train.max_steps} while scheduler.decay_steps is null"
+            if self.cfg.scheduler.decay_steps is None
+            else f"scheduler.decay_steps={self.cfg.scheduler.decay_steps}"
+        )
+        warnings.warn(
+            f"the learning-rate schedule's horizon changed on resume: {saved} steps in {self.resumed_from}, {now} "
+            f"now ({cause}), so the learning rate jumps at this step; set scheduler.decay_steps={saved} to keep "
+            "the schedule the run started with",
+            stacklevel=3,
+        )
 
     def _log_step(self, stats: dict[str, Any], bar: tqdm) -> dict[str, Any]:
         """One metrics.jsonl record: the step's stats, the extensions' (e.g. sparsity), throughput and memory."""
@@ -393,6 +506,11 @@ class Trainer:
         """End-of-run work: the hf/ export, then each extension's (sparsity report, QAT conversion), then the
         summary on the console; returns the summary."""
         if self.cfg.train.export_hf:
+            try:
+                self._check_weights_finite("the hf/ export")
+            except DivergenceError:
+                self.log.close(exit_code=1)
+                raise
             ckpt.export_hf(
                 self.run_dir / "hf",
                 state_dict=self.strategy.full_state_dict(self.module),

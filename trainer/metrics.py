@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 import warnings
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from trainer.utils import write_atomic
 
 # Dense bf16 tensor-core peaks (FLOP/s) of known GPUs, from the vendors' data sheets; the first key found in
 # the device's name wins, so the specific variants come before their family.
@@ -92,10 +95,40 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, num_dev
     return tokens_per_s * flops_per_token / (peak * num_devices)
 
 
+# The key of a record that lists which of its values were not finite (written as null).
+NONFINITE_KEY = "nonfinite"
+
+
+def strict_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as strict JSON can hold it: a NaN or infinite number becomes null, and the keys it happened
+    to are listed under NONFINITE_KEY (json.dumps would write a bare NaN, which strict parsers refuse)."""
+    bad = [k for k, v in record.items() if _has_nonfinite(v)]
+    if not bad:
+        return record
+    return {k: _finite_or_none(v) for k, v in record.items()} | {NONFINITE_KEY: bad}
+
+
+def _has_nonfinite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_has_nonfinite(v) for v in value)
+    return False
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 class MetricsLog:
     """Appends one JSON object per record to metrics.jsonl (only where `enabled`, i.e. on rank 0).
 
-    The file is opened at the first record: a run that fails before training leaves no metrics.jsonl.
+    The file is opened at the first record: a run that fails before training leaves no metrics.jsonl. Every
+    line is strict JSON (`strict_record`).
     """
 
     def __init__(self, path: Path, *, enabled: bool) -> None:
@@ -108,10 +141,29 @@ class MetricsLog:
             return
         if self._file is None:
             self._file = open(self.path, "a")  # noqa: SIM115 - held open for the run
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(strict_record(record), allow_nan=False) + "\n")
         self._file.flush()
+
+    def drop_after(self, step: int) -> None:
+        """Remove the records of steps after `step`: a run resumed from step `step` logs them again, and the
+        ones there came from the weights the checkpoint no longer has (the run went on past it, then stopped)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step]
+        if len(kept) < len(lines):
+            self.close()
+            write_atomic(self.path, "".join(kept))
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _step_of(line: str) -> float:
+    """A metrics.jsonl line's step; a line cut short by a crash (no parseable step) counts as after any step."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf

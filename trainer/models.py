@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from trainer.errors import ConfigError
 from trainer.loss import causal_lm_loss
@@ -19,16 +22,43 @@ def _arch_dict(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.arch) if OmegaConf.is_config(cfg.arch) else dict(cfg.arch)
 
 
+@contextlib.contextmanager
+def _names_the_key(key: str, fix: str) -> Iterator[None]:
+    """transformers' refusal of a model, architecture or path as a ConfigError that names our key and the fix.
+    A ConfigError of ours and an ImportError (a missing package, which names its own install) pass through."""
+    try:
+        yield
+    except (ConfigError, ImportError):
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, AssertionError) as e:
+        raise ConfigError(f"{key}: {type(e).__name__}: {e}; {fix}") from e
+
+
 def build_model_config(cfg: Any, *, vocab_size: int | None = None) -> PretrainedConfig:
     """The transformers config of a model built from scratch; vocab_size comes from the tokenizer."""
     arch = _arch_dict(cfg)
     if cfg.name_or_path:
-        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **arch)
+        with _names_the_key(
+            f"model.name_or_path={cfg.name_or_path}" + (" with model.arch" if arch else ""),
+            "give a hub name or a local directory with a config.json, and model.arch fields its config knows",
+        ):
+            config = AutoConfig.from_pretrained(
+                cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **arch
+            )
     else:
         model_type = arch.pop("model_type", None)
         if model_type is None:
-            raise ValueError("model.arch needs model_type (e.g. llama) when model.name_or_path is null")
-        config = AutoConfig.for_model(model_type, **arch)
+            raise ConfigError("model.arch needs model_type (e.g. llama) when model.name_or_path is null")
+        if model_type not in CONFIG_MAPPING:
+            raise ConfigError(
+                f"model.arch.model_type={model_type}: not a model type this transformers knows; use one of its "
+                "config classes' model_type (llama, mistral, qwen2, gpt2, ...), or model.name_or_path"
+            )
+        with _names_the_key(
+            f"model.arch (model_type={model_type})",
+            f"check the fields against transformers' {model_type} config",
+        ):
+            config = AutoConfig.for_model(model_type, **arch)
     if vocab_size is not None:
         config.vocab_size = -(-vocab_size // 64) * 64  # multiple of 64: faster matmuls, spare ids unused
     return config
@@ -47,14 +77,26 @@ def build_model(
         if cfg.gguf_file:
             require("gguf", extra="gguf")
             kwargs["gguf_file"] = cfg.gguf_file
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+        with _names_the_key(
+            f"model.name_or_path={cfg.name_or_path}"
+            + (f" (model.gguf_file={cfg.gguf_file})" if cfg.gguf_file else "")
+            + (" with model.arch" if kwargs.keys() - {"trust_remote_code", "dtype", "gguf_file"} else ""),
+            "give a hub name or a local directory of a causal LM, and model.arch fields its config knows",
+        ):
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
         if cfg.gguf_file:
             model = _without_gguf_quantizer(model, dtype)
     else:
         config = build_model_config(cfg, vocab_size=vocab_size)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+        with _names_the_key(
+            f"model.arch (model_type={config.model_type})",
+            f"check each model.arch field's name and value against transformers' {type(config).__name__}",
+        ):
+            model = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=cfg.trust_remote_code, dtype=dtype
+            )
     if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer has {vocab_size} tokens but the model's embedding has "
             f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer (data.tokenizer=null)"
         )

@@ -150,11 +150,14 @@ class Strategy:
         self.precision.scale(loss).backward()
 
     def clip_and_step(
-        self, module: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, *, skip: bool = False
     ) -> torch.Tensor:
         """Clip (when max_norm > 0), step, zero the gradients; returns the total norm before clipping.
 
-        With fp16 the gradients are unscaled first, and a step whose gradients overflowed is skipped.
+        With fp16 the gradients are unscaled first, and a step whose gradients overflowed is skipped by the
+        loss scaler. Without it, a step whose global norm is not finite is not applied, nor one the caller says
+        to `skip` (its loss was not finite): the weights and optimizer states stay as they were. The norm is
+        global and `skip` is decided from values reduced over ranks, so every rank skips together.
         """
         self.precision.unscale_(optimizer)
         params = [p for p in module.parameters() if p.grad is not None]
@@ -162,7 +165,9 @@ class Strategy:
             params, max_norm if max_norm > 0 else float("inf"), foreach=True
         )
         norm = self._full_norm(norm)
-        self.precision.step(optimizer)
+        # fp16's scaler decides itself: it skips a step whose gradients overflowed and lowers the scale.
+        if self.precision.scaler is not None or not (skip or not torch.isfinite(norm)):
+            self.precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         return norm
 

@@ -85,7 +85,9 @@ def deepspeed_config(
         "wall_clock_breakdown": False,
     }
     if precision is not None and precision.name == "bf16":
-        config["bf16"] = {"enabled": True}  # bf16 weights and compute, fp32 master partitions
+        # bf16 weights and compute, fp32 master partitions; a step with non-finite gradients is skipped, as
+        # DeepSpeed does in fp32 (the loop stops or tolerates it: train.max_nonfinite_steps)
+        config["bf16"] = {"enabled": True, "check_grad_overflow": True}
     elif precision is not None and precision.name == "fp16":
         config["fp16"] = {
             "enabled": True,
@@ -203,8 +205,11 @@ class ZeroStrategy(Strategy):
         module.step()  # applies the optimizer only at the accumulation boundary
 
     def clip_and_step(
-        self, module: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, *, skip: bool = False
     ) -> torch.Tensor:
+        """The engine stepped at the accumulation boundary, in `backward`, skipping a step whose gradients were
+        not finite; `skip` (a non-finite loss with finite gradients) comes too late here, so the loop checks
+        the weights before it saves them."""
         norm = module.get_global_grad_norm()  # clipping happened inside the boundary step
         if self.precision.loss_scaling:  # DeepSpeed skipped the step itself on overflow: count it
             skipped = module.skipped_steps > self._skipped_seen
