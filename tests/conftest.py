@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -280,12 +281,16 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 def strip_model_description(step: Path, overrides: list[str]) -> None:
     """Make checkpoint `step` one written before checkpoints held config.json and the tokenizer: those files
-    gone, and the run's resolved config beside it (what Hydra writes), which the fallback reads instead."""
+    gone (the checksum manifest too: it came later), and the run's resolved config beside it (what Hydra
+    writes), which the fallback reads instead."""
     from omegaconf import OmegaConf
 
     for f in step.iterdir():
         if f.is_file() and f.name != "trainer_state.json":
             f.unlink()
+    state = json.loads((step / "trainer_state.json").read_text())
+    state.pop("manifest", None)
+    (step / "trainer_state.json").write_text(json.dumps(state))
     run_dir = step.parent.parent
     (run_dir / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(compose_config(*overrides), run_dir / ".hydra" / "config.yaml")

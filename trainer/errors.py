@@ -25,3 +25,8 @@ class LaunchError(RuntimeError):
 
 class LossScaleError(RuntimeError):
     """fp16 overflowed even at the smallest allowed loss scale: the run cannot go on in fp16."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked (damaged, or not the model's); the message names the file or
+    the tensors at fault and the fix."""
