@@ -11,7 +11,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import PYTHON, ROOT, TINY, make_trainer, strip_model_description, subprocess_env
+from tests.conftest import (
+    PYTHON,
+    ROOT,
+    TINY,
+    make_trainer,
+    run_command,
+    strip_model_description,
+    subprocess_env,
+)
 from trainer.checkpoint import complete_checkpoints, resolve_resume
 from trainer.errors import CheckpointError
 
@@ -344,3 +352,31 @@ def test_keep_last_never_removes_the_checkpoint_just_written(tmp_path):
     resumed.train()
     assert [p.name for p in complete_checkpoints(root)] == ["step_00000003", "step_00000004"]
     assert (root / "latest").read_text().strip() == "step_00000003"
+
+
+def test_two_zero2_ranks_refuse_a_deeper_checkpoint_naming_only_the_tensors_no_rank_takes(tmp_path):
+    # ZeRO-2 ranks each read only the optimizer states of their partition: a tensor counts as taken when any
+    # rank takes it, so only the deeper layers' tensors are named.
+    make_trainer(tmp_path, *LAYERS, "model.arch.num_hidden_layers=4", "train.max_steps=2").train()
+    proc = run_command(
+        [
+            *LAYERS,
+            "model.arch.num_hidden_layers=2",
+            "strategy=zero2",
+            "resume=auto",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        nproc=2,
+        check=False,
+    )
+    assert proc.returncode != 0
+    found = re.search(
+        r"holds (\d+) tensor\(s\) that the model and optimizer do not take: (.*?); it was", proc.stderr
+    )
+    assert found, proc.stderr[-3000:]
+    named = re.findall(r"(?:model|optim)/model\.layers\.(\d+)\.", found.group(2))
+    assert len(named) == 5 and set(named) <= {"2", "3"}, found.group(2)
+    # Layers 2 and 3: every weight and its two Adam moments and step (the embeddings and norms are shared).
+    reference = load_file(str(tmp_path / "checkpoints" / "step_00000002" / SHARD))
+    deeper = {name.rsplit("@", 1)[0] for name in reference if re.search(r"layers\.[23]\.", name)}
+    assert int(found.group(1)) == len(deeper)
