@@ -1,16 +1,27 @@
 """Checkpoints: exact resume, crash-safe saves, the model they describe, and the HF export."""
 
 import json
+import re
 import shutil
 import subprocess
 import textwrap
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import PYTHON, ROOT, TINY, make_trainer, strip_model_description, subprocess_env
+from tests.conftest import (
+    PYTHON,
+    ROOT,
+    TINY,
+    make_trainer,
+    run_command,
+    strip_model_description,
+    subprocess_env,
+)
 from trainer.checkpoint import complete_checkpoints, resolve_resume
+from trainer.errors import CheckpointError
 
 EXACT = [*TINY, "scheduler=constant", "optimizer.weight_decay=0.1", "train.export_hf=false"]
 
@@ -151,3 +162,217 @@ def test_a_checkpoint_describes_its_model_and_loads_without_the_run_config(tmp_p
     shutil.rmtree(tmp_path / ".hydra")
     with pytest.raises(FileNotFoundError, match="has no config.json .* pass --run-dir"):
         load_checkpoint_model(step)
+
+
+# ---- damaged checkpoints ------------------------------------------------------------------------------
+
+SAVED = [*TINY, "train.max_steps=4", "checkpoint.every_steps=2", "train.export_hf=false"]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A run with checkpoints at steps 2 and 4, copied fresh for each test that damages one."""
+    run = tmp_path_factory.mktemp("saved")
+    make_trainer(run, *SAVED).train()
+    return run
+
+
+def _copy(saved_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    return run, run / "checkpoints" / "step_00000004"
+
+
+def _truncate(file):
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+def _flip(file):
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte, inside the tensor data: the size and the header stay valid
+    file.write_bytes(bytes(data))
+
+
+SHARD = "shards/rank_00000.safetensors"
+DAMAGES = {
+    "truncated shard": (SHARD, _truncate, r"\d+ bytes where \d+ were written \(truncated"),
+    "flipped bytes in a shard": (SHARD, _flip, "its xxh3_128 checksum differs from the one recorded at save"),
+    "corrupt trainer_state.json": (
+        "trainer_state.json",
+        lambda f: f.write_text('{"step": 4, "tok'),
+        r"\d+ bytes where",
+    ),
+    "missing shard": (SHARD, lambda f: f.unlink(), r"missing \(the manifest lists it\)"),
+    "missing rng file": ("rng/rank_00000.pt", lambda f: f.unlink(), r"missing \(the manifest lists it\)"),
+    "missing manifest": ("manifest.json", lambda f: f.unlink(), "missing, though trainer_state.json says"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_resume_auto_passes_over_a_damaged_checkpoint_naming_the_file(damage, saved_run, tmp_path, capsys):
+    name, damage_file, why = DAMAGES[damage]
+    run, newest = _copy(saved_run, tmp_path)
+    damage_file(newest / name)
+    capsys.readouterr()
+    resumed = make_trainer(run, *SAVED, "train.max_steps=6", "resume=auto")
+    said = capsys.readouterr().out
+    assert resumed.step == 2 and resumed.resumed_from == run / "checkpoints" / "step_00000002"
+    assert re.search(
+        rf"step_00000004 is damaged, passing over it: {re.escape(str(newest / name))}: {why}", said
+    )
+    assert f"resuming from {run / 'checkpoints' / 'step_00000002'}, the newest intact checkpoint" in said
+    # The weights are step 2's, read back independently of the trainer's loader.
+    saved = load_file(str(run / "checkpoints" / "step_00000002" / SHARD))
+    weights = {k: v for k, v in resumed.hf_model.state_dict().items() if f"model/{k}@0" in saved}
+    assert len(weights) > 10
+    for key, value in weights.items():
+        assert torch.equal(value.reshape(-1), saved[f"model/{key}@0"]), key
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "flipped bytes in a shard", "missing rng file"])
+def test_an_explicit_resume_of_a_damaged_checkpoint_is_an_error_naming_the_file(damage, saved_run, tmp_path):
+    name, damage_file, why = DAMAGES[damage]
+    run, newest = _copy(saved_run, tmp_path)
+    damage_file(newest / name)
+    with pytest.raises(
+        CheckpointError, match=rf"resume={re.escape(str(newest))}: the checkpoint is damaged: .*{why}"
+    ):
+        resolve_resume(str(newest), run / "checkpoints")
+    with pytest.raises(CheckpointError, match=re.escape(str(newest / name))):
+        make_trainer(run, *SAVED, f"resume={newest}")
+
+
+def test_export_refuses_a_damaged_checkpoint_naming_the_file(saved_run, tmp_path):
+    from trainer.export import load_checkpoint_model
+
+    run, newest = _copy(saved_run, tmp_path)
+    _flip(newest / SHARD)
+    with pytest.raises(
+        CheckpointError, match=f"{re.escape(str(newest / SHARD))}: its xxh3_128 checksum differs"
+    ):
+        load_checkpoint_model(newest, device="cpu")
+
+
+def test_resume_auto_with_every_checkpoint_damaged_refuses_to_start_afresh(saved_run, tmp_path):
+    run, newest = _copy(saved_run, tmp_path)
+    _truncate(newest / SHARD)
+    _truncate(run / "checkpoints" / "step_00000002" / SHARD)
+    with pytest.raises(CheckpointError, match="every checkpoint in .* is damaged .*resume=none"):
+        resolve_resume("auto", run / "checkpoints")
+
+
+def test_a_checkpoint_from_before_manifests_resumes_unverified_and_says_so_once(saved_run, tmp_path, capsys):
+    run, newest = _copy(saved_run, tmp_path)
+    (newest / "manifest.json").unlink()
+    state = json.loads((newest / "trainer_state.json").read_text())
+    del state["manifest"]
+    (newest / "trainer_state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert resolve_resume("auto", run / "checkpoints") == newest
+    assert resolve_resume("auto", run / "checkpoints") == newest
+    resumed = make_trainer(run, *SAVED, "train.max_steps=6", "resume=auto")
+    assert resumed.step == 4
+    said = capsys.readouterr().out
+    note = f"{newest} has no manifest.json (written before checkpoints held checksums): loading it unverified"
+    assert said.count(note) == 1, said
+
+
+def test_the_manifest_records_every_file_with_its_size_and_an_independent_checksum(saved_run):
+    import xxhash
+
+    step = saved_run / "checkpoints" / "step_00000004"
+    manifest = json.loads((step / "manifest.json").read_text())
+    on_disk = {str(p.relative_to(step)) for p in step.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert manifest["digest"] == "xxh3_128" and set(manifest["files"]) == on_disk
+    for name, entry in manifest["files"].items():
+        data = (step / name).read_bytes()
+        assert entry == {"bytes": len(data), "checksum": xxhash.xxh3_128(data).hexdigest()}, name
+
+
+# ---- a checkpoint that is not the model's -------------------------------------------------------------
+
+LAYERS = [o for o in SAVED if not o.startswith("model.arch.num_hidden_layers")]
+
+
+def test_a_deeper_checkpoint_is_refused_naming_the_tensors_the_model_does_not_take(tmp_path):
+    make_trainer(tmp_path, *LAYERS, "model.arch.num_hidden_layers=4", "train.max_steps=2").train()
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds \d+ tensor\(s\) that the model and optimizer do not take: .*model\.layers\.[23]\.",
+    ):
+        make_trainer(tmp_path, *LAYERS, "model.arch.num_hidden_layers=2", "resume=auto")
+
+
+def test_a_shallower_checkpoint_is_refused_naming_the_tensors_it_lacks(tmp_path):
+    make_trainer(tmp_path, *LAYERS, "model.arch.num_hidden_layers=2", "train.max_steps=2").train()
+    with pytest.raises(
+        CheckpointError,
+        match=r"has no tensor for \d+ name\(s\) the model or optimizer needs: .*model\.layers\.[23]\.",
+    ):
+        make_trainer(tmp_path, *LAYERS, "model.arch.num_hidden_layers=4", "resume=auto")
+
+
+# ---- what a kill during keep_last pruning leaves ------------------------------------------------------
+
+
+def test_leftovers_of_a_kill_during_pruning_are_removed_at_the_next_save(tmp_path):
+    keep = [*TINY, "checkpoint.every_steps=1", "checkpoint.keep_last=3", "train.export_hf=false"]
+    make_trainer(tmp_path, *keep, "train.max_steps=4").train()
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000002", "step_00000003", "step_00000004"]
+    # A step directory rmtree stopped half-way through (trainer_state.json already gone), one renamed for
+    # deletion, and a save's temporary directory.
+    (root / "step_00000001" / "shards").mkdir(parents=True)
+    (root / "step_00000001" / "shards" / "rank_00000.safetensors").write_bytes(b"half")
+    (root / ".step_00000000.deleting" / "rng").mkdir(parents=True)
+    (root / ".step_00000005.tmp" / "shards").mkdir(parents=True)
+    make_trainer(tmp_path, *keep, "train.max_steps=5", "resume=auto").train()
+    assert sorted(p.name for p in root.iterdir()) == [
+        "latest",
+        "step_00000003",
+        "step_00000004",
+        "step_00000005",
+    ]
+    assert resolve_resume("auto", root) == root / "step_00000005"
+
+
+def test_keep_last_never_removes_the_checkpoint_just_written(tmp_path):
+    every = [*TINY, "checkpoint.every_steps=1", "train.export_hf=false"]
+    make_trainer(tmp_path, *every, "train.max_steps=4", "checkpoint.keep_last=0").train()
+    root = tmp_path / "checkpoints"
+    # Back to step 2 and on to 3: the checkpoints after step 3 are another branch, not counted by keep_last.
+    resumed = make_trainer(
+        tmp_path, *every, "train.max_steps=3", "checkpoint.keep_last=1", f"resume={root / 'step_00000002'}"
+    )
+    resumed.train()
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000003", "step_00000004"]
+    assert (root / "latest").read_text().strip() == "step_00000003"
+
+
+def test_two_zero2_ranks_refuse_a_deeper_checkpoint_naming_only_the_tensors_no_rank_takes(tmp_path):
+    # ZeRO-2 ranks each read only the optimizer states of their partition: a tensor counts as taken when any
+    # rank takes it, so only the deeper layers' tensors are named.
+    make_trainer(tmp_path, *LAYERS, "model.arch.num_hidden_layers=4", "train.max_steps=2").train()
+    proc = run_command(
+        [
+            *LAYERS,
+            "model.arch.num_hidden_layers=2",
+            "strategy=zero2",
+            "resume=auto",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        nproc=2,
+        check=False,
+    )
+    assert proc.returncode != 0
+    found = re.search(
+        r"holds (\d+) tensor\(s\) that the model and optimizer do not take: (.*?); it was", proc.stderr
+    )
+    assert found, proc.stderr[-3000:]
+    named = re.findall(r"(?:model|optim)/model\.layers\.(\d+)\.", found.group(2))
+    assert len(named) == 5 and set(named) <= {"2", "3"}, found.group(2)
+    # Layers 2 and 3: every weight and its two Adam moments and step (the embeddings and norms are shared).
+    reference = load_file(str(tmp_path / "checkpoints" / "step_00000002" / SHARD))
+    deeper = {name.rsplit("@", 1)[0] for name in reference if re.search(r"layers\.[23]\.", name)}
+    assert int(found.group(1)) == len(deeper)

@@ -30,3 +30,8 @@ class LossScaleError(RuntimeError):
 class DivergenceError(RuntimeError):
     """The loss or the gradient norm went non-finite more often than train.max_nonfinite_steps allows: the run
     stops on every rank, saving nothing of the diverged weights; the message names the step and the remedies."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked (damaged, or not the model's); the message names the file or
+    the tensors at fault and the fix."""

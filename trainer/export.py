@@ -21,8 +21,17 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from trainer.checkpoint import CONFIG_FILE, WRAPPER_ONLY_PREFIX, describes_model, find_checkpoint
+from trainer.checkpoint import (
+    CONFIG_FILE,
+    WRAPPER_ONLY_PREFIX,
+    checkpoint_problems,
+    describes_model,
+    find_checkpoint,
+    say,
+    unverified_note,
+)
 from trainer.data.tokenizer import load_tokenizer
+from trainer.errors import CheckpointError
 from trainer.models import build_model_config
 from trainer.shards import ShardReader
 
@@ -112,9 +121,18 @@ def load_checkpoint_model(
 
     On the meta device (the default) only the checkpoint's tensors are real: enough to save, not to run.
     Keys that are not the model's (a distillation run's projections) are left out. `run_dir` is read only
-    for a checkpoint without config.json (one written before checkpoints held it).
+    for a checkpoint without config.json (one written before checkpoints held it). The checkpoint's files are
+    verified against its manifest first (every file: the shards hold the optimizer states too), here in one
+    process with no process group, so a teacher loaded on each rank is checksummed by each.
     """
     checkpoint = Path(checkpoint)
+    problems = checkpoint_problems(checkpoint)
+    if problems:
+        raise CheckpointError(
+            f"{checkpoint} is damaged: {'; '.join(problems)}; use another checkpoints/step_XXXXXXXX of its run"
+        )
+    if problems is None:
+        say(unverified_note(checkpoint), once=True)
     config, tokenizer, trust = describe_checkpoint(
         checkpoint, run_dir=run_dir, trust_remote_code=trust_remote_code
     )

@@ -22,6 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from trainer.errors import CheckpointError
+
 
 @dataclass
 class SaveSlice:
@@ -95,6 +97,11 @@ def _own_storage(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
     return t
 
 
+def shard_file(directory: Path, rank: int) -> Path:
+    """The shard file rank `rank` writes in `directory`."""
+    return directory / f"rank_{rank:05d}.safetensors"
+
+
 def write_shards(directory: Path, slices: Iterable[SaveSlice], *, rank: int) -> None:
     tensors, shapes, seen = {}, {}, set()
     for s in slices:
@@ -102,9 +109,7 @@ def write_shards(directory: Path, slices: Iterable[SaveSlice], *, rank: int) -> 
         tensors[name] = _own_storage(s.values.detach().reshape(-1).to("cpu"), seen)
         shapes[s.key] = list(s.shape)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(
-        tensors, str(directory / f"rank_{rank:05d}.safetensors"), metadata={"shapes": json.dumps(shapes)}
-    )
+    save_file(tensors, str(shard_file(directory, rank)), metadata={"shapes": json.dumps(shapes)})
 
 
 class ShardReader:
@@ -140,7 +145,7 @@ class ShardReader:
             parts.append(self._handles[i].get_slice(name)[cursor - p_start : hi - p_start])
             cursor = hi
         if cursor != end:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint tensor {key} lacks elements [{cursor}, {end}): a shard file is missing"
             )
         if not parts:
@@ -148,22 +153,32 @@ class ShardReader:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def load_slices(directory: Path, slices: Iterable[LoadSlice]) -> None:
-    """Fill every slice from the checkpoint, checking that names and shapes agree."""
+def load_slices(directory: Path, slices: Iterable[LoadSlice]) -> set[str]:
+    """Fill every slice from the checkpoint, checking that names and shapes agree; returns the keys of the
+    checkpoint that no slice read (on this rank: a ZeRO rank reads only the optimizer states it holds)."""
     reader = ShardReader(directory)
-    missing = []
+    missing, read = [], set()
     for s in slices:
         if s.key not in reader.shapes:
             missing.append(s.key)
             continue
         if reader.shapes[s.key] != s.shape:
-            raise ValueError(
-                f"checkpoint tensor {s.key} has shape {list(reader.shapes[s.key])} but the model expects {list(s.shape)}; "
-                "resume with the model configuration the checkpoint was saved with"
+            raise CheckpointError(
+                f"checkpoint tensor {s.key} in {directory} has shape {list(reader.shapes[s.key])} but the model "
+                f"expects {list(s.shape)}; resume with the model configuration the checkpoint was saved with"
             )
         s.assign(reader.read(s.key, s.start, s.length))
+        read.add(s.key)
     if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise KeyError(
-            f"the checkpoint has no tensor for {len(missing)} name(s): {shown}; was it saved from another model or optimizer?"
+        raise CheckpointError(
+            f"the checkpoint {directory.parent} has no tensor for {len(missing)} name(s) the model or optimizer "
+            f"needs: {shown(missing)}; it was saved from another model or optimizer: resume with the configuration "
+            "it was saved with, or start afresh (resume=none)"
         )
+    return set(reader.shapes) - read
+
+
+def shown(names: list[str], limit: int = 5) -> str:
+    """The first `limit` names, and how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
