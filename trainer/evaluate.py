@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from trainer.cli import run
 from trainer.data import IGNORE_INDEX, TokenWindows, build_data
 from trainer.data.tokenizer import load_tokenizer
 from trainer.errors import ConfigError
@@ -381,4 +382,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from trainer.checkpoint import CONFIG_FILE, WRAPPER_ONLY_PREFIX, describes_model, find_checkpoint
+from trainer.cli import run
 from trainer.data.tokenizer import load_tokenizer
 from trainer.models import build_model_config
 from trainer.shards import ShardReader
@@ -169,4 +170,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -16,6 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from trainer.cli import run
 from trainer.data import build_data
 from trainer.quant.config import register_quantize_configs, validate_quantize
 from trainer.quant.ptq import check_scheme, default_keep_float, quantize_model, scheme_dtype
@@ -87,4 +88,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.cli import run
 from trainer.errors import ConfigError
 from trainer.report_config import Chart, TargetConfig, register_report_configs
 from trainer.utils import register_package_resolver, require
@@ -283,4 +284,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
