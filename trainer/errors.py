@@ -41,3 +41,7 @@ class InputNotFoundError(TrainerError, FileNotFoundError):
 class CorruptFileError(TrainerError, ValueError):
     """A file the user gave is there but damaged (a truncated safetensors file, a JSON that is not the one
     expected); the message names the file and how to get a good one."""
+
+
+class DeviceError(TrainerError, RuntimeError):
+    """The device a config asks for is not on this machine (`device=cuda` with no GPU visible)."""

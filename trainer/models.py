@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from trainer.errors import ConfigError
 from trainer.loss import causal_lm_loss
-from trainer.utils import require
+from trainer.utils import loading_from, require
 
 
 def _arch_dict(cfg: Any) -> dict[str, Any]:
@@ -23,7 +23,10 @@ def build_model_config(cfg: Any, *, vocab_size: int | None = None) -> Pretrained
     """The transformers config of a model built from scratch; vocab_size comes from the tokenizer."""
     arch = _arch_dict(cfg)
     if cfg.name_or_path:
-        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **arch)
+        with loading_from(cfg.name_or_path, key="model.name_or_path"):
+            config = AutoConfig.from_pretrained(
+                cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **arch
+            )
     else:
         model_type = arch.pop("model_type", None)
         if model_type is None:
@@ -47,7 +50,8 @@ def build_model(
         if cfg.gguf_file:
             require("gguf", extra="gguf")
             kwargs["gguf_file"] = cfg.gguf_file
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+        with loading_from(cfg.name_or_path, key="model.name_or_path"):
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
         if cfg.gguf_file:
             model = _without_gguf_quantizer(model, dtype)
     else:
