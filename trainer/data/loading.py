@@ -284,10 +284,7 @@ def load_splits(cfg: Any, cache_dir: Path) -> tuple[Any, Any, float | None]:
             where = _first_bad_line(data_files, cfg.text_field) if data_files else None
             if where is None:
                 raise
-            raise DataError(
-                f"{where}; fix or remove that line (data.data_files). `datasets` said: "
-                + " ".join(str(e).split())[:200]
-            ) from e
+            raise DataError(f"{where}; fix or remove that line (data.data_files)") from e
         train_split = cfg.train_split
         if train_split not in ds:
             raise DataError(
