@@ -229,6 +229,7 @@ TEST_TIERS = {
     "test_trainer_traceback_shows_the_traceback": {SLOW},
     "test_no_stored_file_makes_a_command_run_a_models_code": {SLOW},
     "test_launch_scripts_use_the_checkouts_venv_when_no_python_is_given_and_say_which": {LAUNCHER},
+    "test_the_pipeline_exits_2_when_a_stage_stops_with_an_explained_error": {SLOW, LAUNCHER},
 }
 
 

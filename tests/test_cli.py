@@ -387,3 +387,15 @@ def test_launch_scripts_use_the_checkouts_venv_when_no_python_is_given_and_say_w
     assert python == "python" and "the active environment /opt/env" in line
     line, python = first_line_and_python(bare | {"PYTHON": "/opt/py/bin/python3"})
     assert python == "/opt/py/bin/python3" and line.endswith("(PYTHON)")
+
+
+def test_the_pipeline_exits_2_when_a_stage_stops_with_an_explained_error(tmp_path, capfd):
+    from trainer.pipeline import main
+
+    # dense_adapted alone: the model it fine-tunes, dense_pretrained's hf/ export, is not there.
+    args = ["chain=compress", "chain.recipes=tiny", f"run_dir={tmp_path}", "launcher=subprocess"]
+    assert main([*args, "only=[dense_adapted]"]) == EXIT_USAGE
+    out = capfd.readouterr().out  # the stage's output, teed to this process's stdout
+    missing = tmp_path / "dense_pretrained" / "hf"
+    assert f"error: model.name_or_path={missing}: no such file or directory" in out
+    assert "Traceback" not in out and "stage dense_adapted failed (exit code 2)" in out
