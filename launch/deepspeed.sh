@@ -12,13 +12,30 @@
 #   --run-id ID          RUN_ID       names the run directory outputs/deepspeed-ID (date and time), passed to
 #                                     every host as hydra.run.dir unless the overrides set one
 #   --dry-run                         print the command instead of running it
-#   PYTHON (python) runs deepspeed.launcher.runner; DEEPSPEED_ARGS adds raw launcher options. Multi-host
+#   PYTHON runs deepspeed.launcher.runner (default: the active environment's python, else the checkout's
+#   .venv, else python; the first line of output, on stderr, names it); DEEPSPEED_ARGS adds raw launcher options. Multi-host
 #   runs need passwordless ssh (pdsh) between the hosts, as the deepspeed launcher does.
 #
 # Example:
 #   printf 'node0 slots=8\nnode1 slots=8\n' > hostfile
 #   launch/deepspeed.sh --hostfile hostfile strategy=zero3 optimizer=adam_deepspeed
 set -euo pipefail
+
+# The interpreter: PYTHON, else the active environment's python (VIRTUAL_ENV, CONDA_PREFIX), else this
+# checkout's .venv (what `make install` builds), else the system's python.
+pick_python() {
+  local venv
+  venv=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/python
+  if [ -n "${PYTHON:-}" ]; then
+    python=$PYTHON python_why="PYTHON"
+  elif [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ]; then
+    python=python python_why="the active environment ${VIRTUAL_ENV:-${CONDA_PREFIX:-}}"
+  elif [ -x "$venv" ]; then
+    python=$venv python_why="the checkout's .venv; PYTHON=... picks another"
+  else
+    python=python python_why="no PYTHON, no active environment and no .venv (make install): the system's"
+  fi
+}
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 die() { echo "deepspeed.sh: $*" >&2; exit 2; }
@@ -55,7 +72,9 @@ for arg in ${overrides[@]+"${overrides[@]}"}; do
 done
 $run_dir_given || overrides+=("hydra.run.dir=outputs/deepspeed-$run_id")
 
-cmd=("${PYTHON:-python}" -m deepspeed.launcher.runner --master_port "$master_port")
+pick_python
+echo "deepspeed.sh: python is $python ($python_why)" >&2
+cmd=("$python" -m deepspeed.launcher.runner --master_port "$master_port")
 [ -z "$hostfile" ] || cmd+=(--hostfile "$hostfile")
 [ -z "$num_gpus" ] || cmd+=(--num_gpus "$num_gpus")
 [ -z "$num_nodes" ] || cmd+=(--num_nodes "$num_nodes")

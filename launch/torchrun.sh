@@ -11,13 +11,30 @@
 #   --run-id ID          RUN_ID          the job's id, the same on every node (SLURM_JOB_ID; needed with
 #                                        several nodes); the run directory is outputs/torchrun-ID
 #   --max-restarts K     MAX_RESTARTS    restarts of failed workers, each resuming (resume=auto) (0)
-#   PYTHON (python) runs torch.distributed.run; TORCHRUN_ARGS adds raw torchrun options.
+#   PYTHON runs torch.distributed.run (default: the active environment's python, else the checkout's .venv,
+#   else python; the first line of output names it); TORCHRUN_ARGS adds raw torchrun options.
 #
 # Examples:
 #   launch/torchrun.sh --nproc-per-node 8 strategy=fsdp
 #   launch/torchrun.sh --nnodes 2 --node-rank 0 --head node0:29500 --run-id exp1 strategy=fsdp   # on node0
 #   launch/torchrun.sh --nnodes 2 --node-rank 1 --head node0:29500 --run-id exp1 strategy=fsdp   # on node1
 set -euo pipefail
+
+# The interpreter: PYTHON, else the active environment's python (VIRTUAL_ENV, CONDA_PREFIX), else this
+# checkout's .venv (what `make install` builds), else the system's python.
+pick_python() {
+  local venv
+  venv=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/python
+  if [ -n "${PYTHON:-}" ]; then
+    python=$PYTHON python_why="PYTHON"
+  elif [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ]; then
+    python=python python_why="the active environment ${VIRTUAL_ENV:-${CONDA_PREFIX:-}}"
+  elif [ -x "$venv" ]; then
+    python=$venv python_why="the checkout's .venv; PYTHON=... picks another"
+  else
+    python=python python_why="no PYTHON, no active environment and no .venv (make install): the system's"
+  fi
+}
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 die() { echo "torchrun.sh: $*" >&2; exit 2; }
@@ -72,8 +89,10 @@ is_host=false
 # The workers catch SIGUSR1 (Slurm's warning before the time limit): checkpoint, then exit for a requeue.
 # The agent must not die of it meanwhile; an ignored signal stays ignored across exec.
 trap '' USR1
+pick_python
+echo "torchrun.sh: python is $python ($python_why)" >&2
 # shellcheck disable=SC2086 # TORCHRUN_ARGS is a list of options
-exec "${PYTHON:-python}" -m torch.distributed.run \
+exec "$python" -m torch.distributed.run \
   --nnodes "$nnodes" \
   --nproc-per-node "$nproc" \
   --rdzv-backend c10d \

@@ -228,6 +228,13 @@ TEST_TIERS = {
     "test_compiled_model_trains_to_the_same_losses": {SLOW},  # torch.compile (~47 s)
     "test_activation_checkpointing_gives_the_same_losses": {SLOW},  # 18 s measured, 2 shared cores
     "test_wandb_offline_and_tensorboard_log_the_metrics_and_a_resumed_run_continues_the_wandb_run": {SLOW},
+    # tests/test_cli.py: a fresh Python process that forks each command (~12-20 s)
+    "test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or_file": {SLOW},
+    "test_under_torchrun_every_rank_exits_2_and_rank_1_stays_quiet": {SLOW},
+    "test_trainer_traceback_shows_the_traceback": {SLOW},
+    "test_no_stored_file_makes_a_command_run_a_models_code": {SLOW},
+    "test_launch_scripts_use_the_checkouts_venv_when_no_python_is_given_and_say_which": {LAUNCHER},
+    "test_the_pipeline_exits_2_when_a_stage_stops_with_an_explained_error": {SLOW, LAUNCHER},
 }
 
 

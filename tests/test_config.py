@@ -245,7 +245,7 @@ def test_tokenizer_needed_when_model_has_none(tmp_path):
 
 
 def test_missing_optional_package_names_the_extra():
-    with pytest.raises(MissingPackageError, match=r"pip install 'trainer\[gguf\]'"):
+    with pytest.raises(MissingPackageError, match=r"pip install 'hydra-llm-trainer\[gguf\]'"):
         require("a_package_that_does_not_exist", extra="gguf")
 
 

@@ -238,7 +238,7 @@ def test_missing_package_names_the_extra(optimizer, extra, monkeypatch):
     package = {"bnb": "bitsandbytes", "deepspeed": "deepspeed"}[extra]
     monkeypatch.setitem(sys.modules, package, None)
     cfg = compose_config(f"optimizer={optimizer}").optimizer
-    with pytest.raises(MissingPackageError, match=rf"pip install 'trainer\[{extra}\]'"):
+    with pytest.raises(MissingPackageError, match=rf"pip install 'hydra-llm-trainer\[{extra}\]'"):
         check_optimizer(cfg, device=torch.device("cuda"))
 
 

@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from trainer.cli import run
 from trainer.data import IGNORE_INDEX, TokenWindows, build_data
 from trainer.data.tokenizer import load_tokenizer
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, InputNotFoundError
 from trainer.evaluate_config import register_evaluate_configs
 from trainer.quant.serialization import (
     float_source,
@@ -222,7 +223,10 @@ def check_evaluate_config(cfg: Any) -> torch.device:
             raise ConfigError(f"names: {', '.join(twice)} given twice; each entry needs its own name")
     missing = [m for m in cfg.models if not Path(m).exists()]
     if missing:
-        raise FileNotFoundError(f"models: {', '.join(missing)} not found")
+        raise InputNotFoundError(
+            f"models: {', '.join(missing)}: no such file or directory; give model paths (a run's hf/ export, "
+            "a checkpoint, a .gguf file or a trainer.quantize output)"
+        )
     lat = cfg.latency
     for key in ("batch_size", "prefill_len", "decode_tokens", "repeats"):
         if getattr(lat, key) < 1:
@@ -381,4 +385,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -8,6 +8,12 @@ tokenizer. No process group and no GPU are needed, and no distillation or prunin
 checkpoint says what the model is. Checkpoints written before they held config.json are rebuilt from
 their run's resolved config (`RUN_DIR/.hydra/config.yaml`, RUN_DIR defaulting to the checkpoint's run
 directory), as before.
+
+A run directory is data, not code: a model's own code runs only when `--trust-remote-code` is on this
+command line (or `model.trust_remote_code=true` on the training command that loads a teacher), never
+because a stored config or config.json says so. The stored config's `model.trust_remote_code` is ignored,
+and the names it holds that point outside the run directory (the model, the tokenizer, a teacher) are
+loaded under the same rule.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from trainer.checkpoint import (
     CONFIG_FILE,
+    STATE_FILE,
     WRAPPER_ONLY_PREFIX,
     checkpoint_problems,
     describes_model,
@@ -30,10 +37,12 @@ from trainer.checkpoint import (
     say,
     unverified_note,
 )
+from trainer.cli import run
 from trainer.data.tokenizer import load_tokenizer
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, ConfigError, CorruptFileError, InputNotFoundError
 from trainer.models import build_model_config
 from trainer.shards import ShardReader
+from trainer.utils import loading_from
 
 
 class ModelDescription(NamedTuple):
@@ -51,59 +60,74 @@ def describe_checkpoint(
     written before it held them, rebuilt from its run's resolved config (`run_dir` is read only then)."""
     checkpoint = Path(checkpoint)
     if describes_model(checkpoint):
-        config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(str(checkpoint), trust_remote_code=trust_remote_code)
+        with loading_from(str(checkpoint)):
+            config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+            tokenizer = load_tokenizer(str(checkpoint), trust_remote_code=trust_remote_code)
         return ModelDescription(config, tokenizer, trust_remote_code)
-    cfg, run_dir = _run_config(checkpoint, run_dir)
+    cfg, run_dir = _run_config(checkpoint, run_dir, trust_remote_code=trust_remote_code)
     tokenizer = _run_tokenizer(cfg, run_dir)
-    trust = trust_remote_code or bool(cfg.model.trust_remote_code)
-    return ModelDescription(_run_model_config(cfg, tokenizer), tokenizer, trust)
+    return ModelDescription(_run_model_config(cfg, tokenizer), tokenizer, trust_remote_code)
 
 
 # ---- checkpoints written before they held config.json: the model rebuilt from the run's config ----------
 
 
 def _run_tokenizer(cfg: Any, run_dir: Path) -> Any:
+    trust = cfg.model.trust_remote_code  # the command line's: _run_config replaced the stored value
     built = run_dir / "tokenizer"
     if (built / "tokenizer.json").is_file():
-        return load_tokenizer(str(built))
+        with loading_from(str(built)):
+            return load_tokenizer(str(built), trust_remote_code=trust)
+    key = "data.tokenizer" if cfg.data.tokenizer else "model.name_or_path"
     name = cfg.data.tokenizer or cfg.model.name_or_path
-    return load_tokenizer(name, trust_remote_code=cfg.model.trust_remote_code)
+    with loading_from(name, key=f"{key} (in {run_dir / '.hydra' / 'config.yaml'})"):
+        return load_tokenizer(name, trust_remote_code=trust)
 
 
-def _run_config(checkpoint: Path, run_dir: Path | None) -> tuple[Any, Path]:
-    """The resolved config of the run a checkpoint belongs to, and that run's directory."""
+def _run_config(checkpoint: Path, run_dir: Path | None, *, trust_remote_code: bool) -> tuple[Any, Path]:
+    """The resolved config of the run a checkpoint belongs to, and that run's directory. Its
+    `model.trust_remote_code` is replaced by the command line's: a stored file never lets code run."""
     run_dir = Path(run_dir) if run_dir else Path(checkpoint).parent.parent
     config_file = run_dir / ".hydra" / "config.yaml"
     if not config_file.is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{checkpoint} has no {CONFIG_FILE} (it was written before checkpoints held one) and {config_file} "
             "was not found: pass --run-dir, the run directory the checkpoint belongs to"
         )
-    return OmegaConf.load(config_file), run_dir
+    try:
+        cfg = OmegaConf.load(config_file)
+        cfg.model.trust_remote_code = trust_remote_code
+    except Exception as e:  # not YAML, or not a run's config
+        raise CorruptFileError(
+            f"{config_file}: not the resolved config of a training run ({' '.join(str(e).split())[:200]}); "
+            "pass --run-dir, the run directory the checkpoint belongs to"
+        ) from e
+    return cfg, run_dir
 
 
 def _run_model_config(cfg: Any, tokenizer: Any) -> PretrainedConfig:
     """The transformers config of the model a run trained: from `model.*` or its distillation student's,
     with the smaller shapes of structured pruning (the only place export imports distill or prune code)."""
+    trust = cfg.model.trust_remote_code  # the command line's: _run_config replaced the stored value
     if cfg.get("distill") and cfg.distill.get("student_init", "model") == "teacher_layers":
         from trainer.distill.student import kept_layers, student_config
 
         d = cfg.distill
         found = find_checkpoint(d.teacher)
         kwargs = {"gguf_file": d.teacher_gguf_file} if d.get("teacher_gguf_file") else {}
-        teacher = (
-            describe_checkpoint(found).config if found else AutoConfig.from_pretrained(d.teacher, **kwargs)
-        )
+        if found:
+            teacher = describe_checkpoint(found, trust_remote_code=trust).config
+        else:
+            with loading_from(d.teacher, key="distill.teacher (in the run's .hydra/config.yaml)"):
+                teacher = AutoConfig.from_pretrained(d.teacher, trust_remote_code=trust, **kwargs)
         keep = kept_layers(
             teacher.num_hidden_layers, stride=d.student_layer_stride, layers=d.get("student_layers")
         )
         config = student_config(teacher, keep=keep)
     elif cfg.model.source == "pretrained":
         kwargs = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
-        config = AutoConfig.from_pretrained(
-            cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code, **kwargs
-        )
+        with loading_from(cfg.model.name_or_path, key="model.name_or_path (in the run's .hydra/config.yaml)"):
+            config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=trust, **kwargs)
     else:
         config = build_model_config(cfg.model, vocab_size=len(tokenizer))
     if OmegaConf.select(cfg, "prune.name") == "structured":  # runs from before the prune group had no key
@@ -164,6 +188,30 @@ def export_checkpoint(
     tokenizer.save_pretrained(str(output))
 
 
+def check_checkpoint(checkpoint: Path) -> None:
+    """A checkpoint step directory, or an error naming what `checkpoint` is instead and what to give."""
+    if not checkpoint.exists():
+        raise InputNotFoundError(
+            f"{checkpoint}: no such file or directory; give a checkpoint, RUN_DIR/checkpoints/step_XXXXXXXX"
+        )
+    if (checkpoint / STATE_FILE).is_file():
+        return
+    latest = find_checkpoint(checkpoint) if checkpoint.is_dir() else None
+    if latest is not None:
+        raise ConfigError(
+            f"{checkpoint} is a run directory (or its checkpoints/), not a checkpoint; give one of its "
+            f"checkpoints, e.g. the latest: python -m trainer.export {latest} OUTPUT_DIR"
+        )
+    if (checkpoint / "config.json").is_file():
+        raise ConfigError(
+            f"{checkpoint} is already an HF model directory (config.json, no {STATE_FILE}): there is nothing "
+            "to export; load it as it is"
+        )
+    raise InputNotFoundError(
+        f"{checkpoint}: not a checkpoint (no {STATE_FILE}); give RUN_DIR/checkpoints/step_XXXXXXXX"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a checkpoints/step_XXXXXXXX directory")
@@ -180,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         help="run the model's own code from the hub (a checkpoint of a model.trust_remote_code=true run)",
     )
     args = parser.parse_args(argv)
+    check_checkpoint(args.checkpoint)
     export_checkpoint(
         args.checkpoint, args.output, run_dir=args.run_dir, trust_remote_code=args.trust_remote_code
     )
@@ -187,4 +236,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -13,9 +13,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, TrainerError
 from trainer.loss import causal_lm_loss
-from trainer.utils import require
+from trainer.utils import loading_from, require
 
 
 def _arch_dict(cfg: Any) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def _names_the_key(key: str, fix: str) -> Iterator[None]:
     A ConfigError of ours and an ImportError (a missing package, which names its own install) pass through."""
     try:
         yield
-    except (ConfigError, ImportError):
+    except (TrainerError, ImportError):  # ours (a path refused by loading_from too), a missing package
         raise
     except (ValueError, KeyError, TypeError, AttributeError, OSError, AssertionError) as e:
         raise ConfigError(f"{key}: {type(e).__name__}: {e}; {fix}") from e
@@ -38,9 +38,12 @@ def build_model_config(cfg: Any, *, vocab_size: int | None = None) -> Pretrained
     """The transformers config of a model built from scratch; vocab_size comes from the tokenizer."""
     arch = _arch_dict(cfg)
     if cfg.name_or_path:
-        with _names_the_key(
-            f"model.name_or_path={cfg.name_or_path}" + (" with model.arch" if arch else ""),
-            "give a hub name or a local directory with a config.json, and model.arch fields its config knows",
+        with (
+            _names_the_key(
+                f"model.name_or_path={cfg.name_or_path}" + (" with model.arch" if arch else ""),
+                "give a hub name or a local directory with a config.json, and model.arch fields its config knows",
+            ),
+            loading_from(cfg.name_or_path, key="model.name_or_path"),
         ):
             config = AutoConfig.from_pretrained(
                 cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **arch
@@ -77,11 +80,14 @@ def build_model(
         if cfg.gguf_file:
             require("gguf", extra="gguf")
             kwargs["gguf_file"] = cfg.gguf_file
-        with _names_the_key(
-            f"model.name_or_path={cfg.name_or_path}"
-            + (f" (model.gguf_file={cfg.gguf_file})" if cfg.gguf_file else "")
-            + (" with model.arch" if kwargs.keys() - {"trust_remote_code", "dtype", "gguf_file"} else ""),
-            "give a hub name or a local directory of a causal LM, and model.arch fields its config knows",
+        with (
+            _names_the_key(
+                f"model.name_or_path={cfg.name_or_path}"
+                + (f" (model.gguf_file={cfg.gguf_file})" if cfg.gguf_file else "")
+                + (" with model.arch" if kwargs.keys() - {"trust_remote_code", "dtype", "gguf_file"} else ""),
+                "give a hub name or a local directory of a causal LM, and model.arch fields its config knows",
+            ),
+            loading_from(cfg.name_or_path, key="model.name_or_path"),
         ):
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
         if cfg.gguf_file:

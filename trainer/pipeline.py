@@ -35,9 +35,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from trainer.cli import EXIT_USAGE, report_error
 from trainer.errors import ConfigError
 from trainer.pipeline_config import register_pipeline_configs
 from trainer.utils import register_package_resolver, write_json_atomic
@@ -241,27 +241,35 @@ def run_pipeline(cfg: Any) -> dict[str, Any]:
         write_json_atomic(
             run_dir / "pipeline.json", {"chain": cfg.chain.name, "seconds": total, "stages": summary}
         )
-    failed = any(s["status"] == "failed" for s in summary.values())
+    failed = [s for s in summary.values() if s["status"] == "failed"]
     print(f"pipeline {cfg.chain.name}: {'failed' if failed else 'finished'} in {total / 60:.1f} min")
     if not failed:
         for path in cfg.chain.outputs:
             print(f"  {path}" + ("" if cfg.dry_run or Path(path).exists() else " (missing)"))
-    return {"failed": failed, "stages": summary, "seconds": total}
+    return {
+        "failed": bool(failed),
+        "code": failed[0]["code"] if failed else 0,
+        "stages": summary,
+        "seconds": total,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit status: 0, 2 for an error the message explains (ours or a stage's, printed as every command
+    prints it: trainer/cli.py), 1 for a stage that failed otherwise."""
     overrides = sys.argv[1:] if argv is None else argv
     try:
         cfg = compose_pipeline(overrides)
         OmegaConf.resolve(cfg)
         result = run_pipeline(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ConfigCompositionException as e:  # e.g. a value outside a closed choice: its cause names the key
-        print("error: " + " ".join(f"{e}: {e.__cause__ or ''}".split()), file=sys.stderr)
-        return 2
-    return 1 if result["failed"] else 0
+    except Exception as err:
+        code = report_error(err)
+        if code is None:
+            raise
+        return code
+    if not result["failed"]:
+        return 0
+    return EXIT_USAGE if result["code"] == EXIT_USAGE else 1
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from trainer.cli import run
 from trainer.data import build_data
+from trainer.errors import InputNotFoundError
 from trainer.quant.config import register_quantize_configs, validate_quantize
 from trainer.quant.ptq import check_scheme, default_keep_float, quantize_model, scheme_dtype
 from trainer.quant.serialization import float_source, load_float, save_quantized, weights_size
@@ -34,7 +36,10 @@ def check_quantize_config(cfg: Any) -> torch.device:
     scheme_dtype(cfg.scheme, cfg.dtype)
     validate_quantize(cfg)
     if not Path(cfg.model_path).exists():
-        raise FileNotFoundError(f"model_path={cfg.model_path} does not exist")
+        raise InputNotFoundError(
+            f"model_path={cfg.model_path}: no such file or directory; give a run's hf/ export, one of its "
+            "checkpoints/step_XXXXXXXX directories or a .gguf file"
+        )
     return device
 
 
@@ -87,4 +92,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

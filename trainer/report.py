@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.errors import ConfigError
+from trainer.cli import run
+from trainer.errors import ConfigError, CorruptFileError, InputNotFoundError
 from trainer.report_config import Chart, TargetConfig, register_report_configs
 from trainer.utils import register_package_resolver, require
 
@@ -39,10 +40,27 @@ AXIS_LABELS = {"size_bytes": "size on disk (MB)", "prefill_ms": "prefill latency
 
 
 def load_entries(path: Path) -> list[dict[str, Any]]:
-    entries = json.loads(Path(path).read_text())
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(
+            f"input={path}: {'a directory' if path.is_dir() else 'no such file'}; give the JSON file "
+            "trainer.evaluate wrote (its output=...)"
+        )
+    try:
+        entries = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(
+            f"input={path}: not JSON ({e}); give the JSON file trainer.evaluate wrote (its output=...), "
+            "or run trainer.evaluate again to write it"
+        ) from e
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"input={path}: expected the non-empty JSON list that trainer.evaluate writes")
     for e in entries:
+        if not isinstance(e, dict):
+            raise ConfigError(
+                f"input={path}: an entry is a JSON {type(e).__name__}, not an object; expected the JSON list "
+                "of objects that trainer.evaluate writes"
+            )
         missing = [k for k in REQUIRED if k not in e]
         if missing:
             raise ConfigError(
@@ -283,4 +301,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,11 +1,13 @@
-"""Small shared helpers: optional packages, dtypes, devices and atomic (crash-safe) file writes."""
+"""Small shared helpers: optional packages, model paths, dtypes, devices and atomic (crash-safe) file writes."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -13,7 +15,17 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from trainer.errors import MissingPackageError
+from trainer.errors import (
+    ConfigError,
+    CorruptFileError,
+    DeviceError,
+    InputNotFoundError,
+    MissingPackageError,
+    TrainerError,
+)
+
+# The distribution's name on PyPI (`trainer` there is another project); the import package stays `trainer`.
+DISTRIBUTION = "hydra-llm-trainer"
 
 
 def require(module: str, *, extra: str, package: str | None = None) -> ModuleType:
@@ -23,7 +35,7 @@ def require(module: str, *, extra: str, package: str | None = None) -> ModuleTyp
     except ImportError as e:
         raise MissingPackageError(
             f"this configuration needs the Python package {package or module!r}, which is not installed; "
-            f"install it with: pip install 'trainer[{extra}]'"
+            f"install it with: pip install '{DISTRIBUTION}[{extra}]' (or, in this checkout, pip install -e '.[{extra}]')"
         ) from e
 
 
@@ -48,6 +60,71 @@ def register_package_resolver() -> None:
     OmegaConf.register_new_resolver("pkg_dir", package_dir, replace=True)
 
 
+def looks_local(name: str) -> bool:
+    """Whether a model or tokenizer name can only be a local path: a hub name is `name` or `org/name`."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or name.endswith(".gguf")
+
+
+def damaged_safetensors(path: Path) -> list[Path]:
+    """The .safetensors files at `path` (a file or a directory) whose header does not read or whose data is
+    shorter than the header says."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    bad = []
+    for f in files:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception:
+            bad.append(f)
+    return bad
+
+
+@contextlib.contextmanager
+def loading_from(name: str, *, key: str | None = None) -> Iterator[None]:
+    """Around a transformers or safetensors load from a path or hub name the user gave (the option `key`):
+    its failures become one error naming the key and the path. A local path that does not exist is refused
+    before transformers takes it for a hub name ("Repo id must be in the form ..."); a name transformers
+    cannot load (no directory, no config.json, not on the hub or the hub not reachable) and a truncated or
+    damaged safetensors file are named with the fix."""
+    name = str(name)
+    where = f"{key}={name}" if key else name
+    fix = (
+        "give a local model directory (with config.json, e.g. a run's hf/ export) or a hub name such as "
+        "HuggingFaceTB/SmolLM2-135M"
+    )
+    if looks_local(name) and not Path(name).expanduser().exists():
+        raise InputNotFoundError(f"{where}: no such file or directory; {fix}")
+    try:
+        yield
+    except TrainerError:
+        raise
+    except OSError as e:
+        reason = " ".join(str(e).split("\n")[0].split())
+        raise InputNotFoundError(f"{where}: nothing could be loaded from there ({reason}); {fix}") from e
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ConfigError(
+            f"{where}: this model needs its own Python code to run (auto_map in its config.json), and that code "
+            "runs only when you ask for it on the command line of the command you run: "
+            "`python -m trainer.export ... --trust-remote-code`, or model.trust_remote_code=true for "
+            "trainer.train (its model and distill.teacher). A stored config or config.json cannot ask for it, "
+            "and trainer.evaluate and trainer.quantize never run it"
+        ) from e
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        bad = damaged_safetensors(Path(name).expanduser()) if Path(name).expanduser().exists() else []
+        files = ", ".join(str(f) for f in bad) or f"a safetensors file of {name}"
+        raise CorruptFileError(
+            f"{files}: truncated or damaged ({e}); copy the file again, or export the model again "
+            f"(python -m trainer.export CHECKPOINT OUTPUT){f' ({where})' if key else ''}"
+        ) from e
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
@@ -63,8 +140,10 @@ def resolve_device(name: str, local_rank: int = 0, *, key: str = "train.device")
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"{key}=cuda but no CUDA device is visible; use {key}=cpu or auto")
+            raise DeviceError(f"{key}=cuda but no CUDA device is visible; use {key}=cpu or auto")
         return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise ConfigError(f"{key}={name}: choose auto, cpu or cuda")
     return torch.device(name)
 
 

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from trainer.data import markov
 from trainer.data.tokenizer import build_bpe_tokenizer, build_wordlevel_tokenizer, load_tokenizer
 from trainer.errors import DataError
-from trainer.utils import write_atomic
+from trainer.utils import loading_from, write_atomic
 
 IGNORE_INDEX = -100
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
@@ -149,15 +149,85 @@ def materialize_pydoc(eval_fraction: float, cache_dir: Path) -> dict[str, str]:
     return files
 
 
+def _patterns(data_files: Any) -> list[str]:
+    if OmegaConf.is_config(data_files):
+        data_files = OmegaConf.to_container(data_files)
+    if isinstance(data_files, dict):
+        return [p for v in data_files.values() for p in ([v] if isinstance(v, str) else v)]
+    return [data_files] if isinstance(data_files, str) else list(data_files)
+
+
+def _local_files(data_files: Any) -> list[str]:
+    import glob
+
+    found = (glob.glob(os.path.expanduser(p)) for p in _patterns(data_files) if "://" not in p)
+    return sorted({f for files in found for f in files})
+
+
+def _bad_line(path: str, text_field: str | None) -> str | None:
+    """The first line of a local JSON-lines or text file that `datasets` cannot read, or whose text field is
+    not a string, as "FILE, line N: why"; None when every line is good."""
+    import gzip
+
+    is_json = Path(path.removesuffix(".gz")).suffix in (".json", ".jsonl")
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{path}, line {number}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+            if not is_json or not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"{path}, line {number}: not JSON ({e.msg}, column {e.colno})"
+            if not isinstance(record, dict):
+                return (
+                    f"{path}, line {number}: a JSON {type(record).__name__}, not an object with a text field"
+                )
+            if text_field is not None and text_field in record and not isinstance(record[text_field], str):
+                value = record[text_field]
+                what = "null" if value is None else f"a {type(value).__name__} ({json.dumps(value)[:40]})"
+                return f"{path}, line {number}: the text field {text_field!r} is {what}, not a string"
+    return None
+
+
+def _first_bad_line(data_files: Any, text_field: str | None) -> str | None:
+    for path in _local_files(data_files):
+        if Path(path.removesuffix(".gz")).suffix in (".json", ".jsonl", ".txt"):
+            found = _bad_line(path, text_field)
+            if found:
+                return found
+    return None
+
+
+def _check_text_field(split: Any, name: str, text_field: str, data_files: Any) -> None:
+    """Every record's text is a string of UTF-8 text: a null, a number or bytes that are not UTF-8 (which
+    `datasets` reads from JSON lines and fails on later) are named, by file and line for local files."""
+    column = split.data.column(text_field)  # the whole table under the split: cheap to ask
+    if column.null_count == 0 and str(column.type) in ("string", "large_string"):
+        try:
+            column.validate(full=True)  # checks the UTF-8 of every string, in C++
+            return
+        except Exception:
+            pass
+    where = _first_bad_line(data_files, text_field) if data_files else None
+    if where is None:
+        values = split[text_field]
+        row = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)  # not UTF-8: raises
+        if row is None:
+            return  # the table's nulls are in rows of the other split
+        what = "null" if values[row] is None else f"a {type(values[row]).__name__}"
+        where = f"the {name} split, row {row}: the text field {text_field!r} is {what}, not a string"
+    raise DataError(f"{where}; every record needs its text as a UTF-8 string: fix or remove that record")
+
+
 def _check_local_files(data_files: Any) -> None:
     """Missing or empty local files are named before `datasets` fails on them less clearly."""
     import glob
 
-    if isinstance(data_files, dict):
-        patterns = [p for v in data_files.values() for p in ([v] if isinstance(v, str) else v)]
-    else:
-        patterns = [data_files] if isinstance(data_files, str) else list(data_files)
-    for pattern in patterns:
+    for pattern in _patterns(data_files):
         if "://" in pattern:
             continue
         matches = glob.glob(os.path.expanduser(pattern))
@@ -210,6 +280,11 @@ def load_splits(cfg: Any, cache_dir: Path) -> tuple[Any, Any, float | None]:
             raise DataError(
                 f"data.data_files={data_files}: no documents could be read; the data is empty"
             ) from e
+        except Exception as e:  # a line that is not JSON or not UTF-8: `datasets` does not say which
+            where = _first_bad_line(data_files, cfg.text_field) if data_files else None
+            if where is None:
+                raise
+            raise DataError(f"{where}; fix or remove that line (data.data_files)") from e
         train_split = cfg.train_split
         if train_split not in ds:
             raise DataError(
@@ -237,6 +312,7 @@ def load_splits(cfg: Any, cache_dir: Path) -> tuple[Any, Any, float | None]:
             )
         if len(split) == 0:
             raise DataError(f"the {name} split is empty; point data at a dataset with documents")
+        _check_text_field(split, name, cfg.text_field, cfg.data_files if cfg.source == "hf" else None)
     return train, evals, floor
 
 
@@ -281,7 +357,8 @@ def build_tokenizer(
         )
     # The model's own tokenizer: a GGUF model carries it inside the .gguf file.
     gguf_file = model_gguf_file if name == model_name_or_path else None
-    return load_tokenizer(name, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    with loading_from(name, key="data.tokenizer" if choice else "model.name_or_path"):
+        return load_tokenizer(name, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
 
 
 def build_data(

@@ -22,7 +22,7 @@ from trainer.errors import ConfigError
 from trainer.export import load_checkpoint_model
 from trainer.loss import causal_lm_loss
 from trainer.models import supports_fused_loss
-from trainer.utils import require
+from trainer.utils import loading_from, require
 
 
 def checkpoint_dir(teacher: str) -> Path | None:
@@ -43,22 +43,20 @@ def _gguf_kwargs(d: Any) -> dict[str, Any]:
 def load_teacher(
     d: Any, *, dtype: torch.dtype, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, Any]:
-    """The frozen teacher (on CPU, in `dtype`) and its tokenizer (None when it has none we can load)."""
+    """The frozen teacher (on CPU, in `dtype`) and its tokenizer (None when it has none we can load).
+
+    `trust_remote_code` is the training command's `model.trust_remote_code`: a teacher's own code runs only
+    then, never because the teacher's run directory or config.json says so (trainer/export.py)."""
     found = checkpoint_dir(d.teacher)
     if found is not None:
         model, tokenizer = load_checkpoint_model(found, device="cpu", trust_remote_code=trust_remote_code)
         model = model.to(dtype)
     else:
         kwargs = _gguf_kwargs(d)
-        try:
+        with loading_from(d.teacher, key="distill.teacher"):
             model = AutoModelForCausalLM.from_pretrained(
                 d.teacher, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
             )
-        except OSError as e:
-            raise ConfigError(
-                f"distill.teacher={d.teacher}: no model found there ({e}); give a HF hub name or directory, "
-                "an hf/ export, or a checkpoint of ours (checkpoints/step_XXXXXXXX or its run directory)"
-            ) from e
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 d.teacher, trust_remote_code=trust_remote_code, **kwargs

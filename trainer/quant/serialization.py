@@ -33,9 +33,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from trainer.data.tokenizer import load_tokenizer
+from trainer.errors import CorruptFileError, InputNotFoundError
 from trainer.quant import smooth
 from trainer.quant.ptq import check_scheme, sparsify_24
-from trainer.utils import require
+from trainer.utils import loading_from, require
 
 MANIFEST = "quantization.json"
 FORMAT = "trainer-quantized"
@@ -117,9 +118,15 @@ def is_quantized_dir(path: Path) -> bool:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    manifest = json.loads((Path(path) / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path / MANIFEST} is not a {FORMAT} manifest")
+    file = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{file}: not JSON ({e}); quantize the model again (trainer.quantize)") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CorruptFileError(
+            f"{file} is not a {FORMAT} manifest; quantize the model again (trainer.quantize)"
+        )
     return manifest
 
 
@@ -127,7 +134,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> P
     """Rebuild a model saved by `save_quantized`, ready to run on `device`."""
     path = Path(path)
     manifest = read_manifest(path)
-    config = AutoConfig.from_pretrained(str(path))
+    with loading_from(str(path)):
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     dtype = getattr(torch, manifest.get("dtype", "float32"))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     smooth.empty_int8_linears(model, manifest.get("int8_linears", []))
@@ -135,7 +143,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> P
     if weights.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(weights))
+        with loading_from(str(weights)):
+            state = load_file(str(weights))
     else:
         require("torchao.quantization", extra="quant", package="torchao")  # registers its safe classes
         with warnings.catch_warnings():
@@ -174,7 +183,7 @@ def float_source(path: str | Path) -> Iterator[tuple[str, str | None]]:
     elif (path / "config.json").is_file():
         yield str(path), None
     else:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{path}: not a model. Give an HF directory (a run's hf/ export, with config.json), a "
             "checkpoints/step_XXXXXXXX directory, a .gguf file, or a directory written by trainer.quantize"
         )
@@ -183,7 +192,10 @@ def float_source(path: str | Path) -> Iterator[tuple[str, str | None]]:
 def load_float(directory: str, gguf_file: str | None = None) -> tuple[PreTrainedModel, Any]:
     """A float32 model and its tokenizer from `float_source`'s answer."""
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+    with loading_from(directory):  # a model's own code never runs here: evaluate and quantize do not trust it
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, trust_remote_code=False, **kwargs
+        )
     _strip_quantization_config(model.config)
     return model.eval(), load_tokenizer_from(directory, gguf_file)
 
@@ -192,11 +204,13 @@ def load_tokenizer_from(directory: str, gguf_file: str | None = None) -> Any:
     if gguf_file:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+        with loading_from(directory):
+            tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=False)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         return tok
-    return load_tokenizer(directory)
+    with loading_from(directory):
+        return load_tokenizer(directory)
 
 
 def load_any(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[PreTrainedModel, Any, int]:

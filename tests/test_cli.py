@@ -1,0 +1,401 @@
+"""Errors a person can read (trainer/cli.py), and run directories that are data, not code.
+
+Every command prints an error that is ours to explain as one paragraph, with no traceback, and exits 2. The
+commands run here as separate processes, each forked by the pipeline's fork launcher from one Python process
+that did the imports once (the commands themselves run as `python -m MODULE`, from scratch).
+
+A crafted local "hub" model whose Python code writes a marker file when imported checks that no stored file
+(a run's .hydra/config.yaml, a checkpoint's config.json) makes our commands run it: only the command line can.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import PYTHON, ROOT, TINY_MARKOV, TINY_MODEL, subprocess_env
+from trainer.cli import EXIT_USAGE, explain, run
+from trainer.errors import (
+    ConfigError,
+    CorruptFileError,
+    DataError,
+    InputNotFoundError,
+    LossScaleError,
+    MissingPackageError,
+    TrainerError,
+)
+
+# Runs each case as `python -m MODULE ARGS` in a child forked by trainer.pipeline's fork launcher, with the
+# case's extra environment; writes [{"code": ..., "output": ...}] as JSON.
+DRIVER = """
+import json, os, sys
+from pathlib import Path
+from trainer.pipeline import preload, run_forked
+cases, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
+preload()
+results = []
+for i, case in enumerate(cases):
+    saved = dict(os.environ)
+    os.environ.update(case.get("env", {}))
+    log = out.parent / f"case{i}.log"
+    code = run_forked(case["module"], case["args"], log)
+    os.environ.clear()
+    os.environ.update(saved)
+    results.append({"code": code, "output": log.read_text() if log.exists() else ""})
+out.write_text(json.dumps(results))
+"""
+
+
+def run_commands(tmp_path: Path, cases: list[dict]) -> list[dict]:
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    env = subprocess_env() | {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    env.pop("TRAINER_TRACEBACK", None)
+    proc = subprocess.run(
+        [PYTHON, "-c", DRIVER, str(tmp_path / "cases.json"), str(tmp_path / "results.json")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((tmp_path / "results.json").read_text())
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error: ")]
+
+
+def assert_explained(result: dict, *names: str) -> None:
+    """Exit status 2, no traceback, one `error:` paragraph that names each of `names`."""
+    output = result["output"]
+    assert result["code"] == EXIT_USAGE, output[-3000:]
+    assert not any(line.startswith("Traceback") for line in output.splitlines()), output[-3000:]
+    assert "HYDRA_FULL_ERROR" not in output, output[-3000:]
+    [line] = error_lines(output)
+    for name in names:
+        assert name in line, (name, line)
+
+
+def tiny_llama_dir(path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.data.tokenizer import build_wordlevel_tokenizer
+
+    config = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+    )
+    LlamaForCausalLM(config).save_pretrained(str(path))
+    build_wordlevel_tokenizer(["a b c d e f"] * 4).save_pretrained(str(path))
+    return path
+
+
+def bad_jsonl(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+GOOD = [json.dumps({"text": f"words {i} and more"}).encode() for i in range(20)]
+LOOP = [*TINY_MARKOV, "data.seq_len=16", "train.max_steps=1"]
+DATA = [*TINY_MODEL, *LOOP, "data.tokenizer=wordlevel"]
+USER_DATA = [*TINY_MODEL, "data.seq_len=16", "train.max_steps=1", "data=hf", "data.tokenizer=wordlevel"]
+
+
+# ---- the handler, in process ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ConfigError, DataError, MissingPackageError, LossScaleError, InputNotFoundError, CorruptFileError],
+)
+def test_each_error_of_ours_prints_one_paragraph_and_exits_2(error, capsys, monkeypatch):
+    monkeypatch.delenv("TRAINER_TRACEBACK", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+
+    def main():
+        raise error("model.x=1: the key and the fix\n\nsecond line")
+
+    with pytest.raises(SystemExit) as exited:
+        run(main)
+    assert exited.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err == "error: model.x=1: the key and the fix\nsecond line\n"
+
+
+def test_a_new_error_type_is_explained_when_it_inherits_the_marker():
+    class CheckpointError(TrainerError, RuntimeError):  # as another module may add to trainer/errors.py
+        pass
+
+    assert explain(CheckpointError("step_00000002/shards: damaged")) == "step_00000002/shards: damaged"
+    assert explain(RuntimeError("a bug")) is None and explain(KeyError("x")) is None
+
+
+def test_a_bug_keeps_its_traceback_and_trainer_traceback_shows_every_one(capsys, monkeypatch):
+    monkeypatch.delenv("TRAINER_TRACEBACK", raising=False)
+
+    def bug():
+        raise KeyError("not ours")
+
+    with pytest.raises(KeyError):
+        run(bug)
+
+    def ours():
+        raise ConfigError("explained")
+
+    monkeypatch.setenv("TRAINER_TRACEBACK", "1")
+    with pytest.raises(ConfigError):
+        run(ours)
+    assert capsys.readouterr().err == ""
+
+
+def test_only_rank_0_prints_and_every_rank_exits_2(capsys, monkeypatch):
+    monkeypatch.delenv("TRAINER_TRACEBACK", raising=False)
+
+    def main():
+        raise ConfigError("train.global_batch_size=7: not divisible")
+
+    for rank, printed in (("1", ""), ("0", "error: train.global_batch_size=7: not divisible\n")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exited:
+            run(main)
+        assert exited.value.code == EXIT_USAGE and capsys.readouterr().err == printed
+
+
+# ---- the commands, as processes ---------------------------------------------------------------------------
+
+
+def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or_file(tmp_path):
+    hf = tiny_llama_dir(tmp_path / "hf")
+    damaged = tiny_llama_dir(tmp_path / "damaged")
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    not_json = bad_jsonl(tmp_path / "not_json.jsonl", [*GOOD[:5], b'{"text": "cut', *GOOD[5:]])
+    not_utf8 = bad_jsonl(tmp_path / "latin1.jsonl", [*GOOD[:7], '{"text": "café"}'.encode("latin-1")])
+    null_text = bad_jsonl(tmp_path / "null.jsonl", [*GOOD[:3], b'{"text": null}', *GOOD[3:]])
+    report_input = tmp_path / "results.json"
+    report_input.write_text("perplexity 3.2\n")
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000004" / "trainer_state.json").write_text("{}")
+    missing = tmp_path / "no" / "such" / "model"
+    cases = [
+        # (module, args, names the message must hold)
+        ("trainer.train", [*DATA, "model.source=foo"], ["model.source=foo", "config, pretrained"]),
+        ("trainer.train", [*DATA, "precision=fp9"], ["precision=fp9", "bf16, fp16, fp32, fp8"]),
+        ("trainer.train", [*DATA, "train.nokey=1"], ["train.nokey"]),
+        ("trainer.train", [*DATA, "train.device=gpu"], ["train.device=gpu", "auto, cpu or cuda"]),
+        (
+            "trainer.train",
+            [*LOOP, "model=hf", f"model.name_or_path={missing}"],
+            [f"model.name_or_path={missing}"],
+        ),
+        ("trainer.train", [*USER_DATA, f"data.data_files={not_json}"], [f"{not_json}, line 6"]),
+        (
+            "trainer.train",
+            [*USER_DATA, f"data.data_files={not_utf8}"],
+            [f"{not_utf8}, line 8", "UTF-8"],
+        ),
+        (
+            "trainer.train",
+            [*USER_DATA, f"data.data_files={null_text}"],
+            [f"{null_text}, line 4", "null"],
+        ),
+        ("trainer.export", [str(missing), str(tmp_path / "out")], [str(missing)]),
+        ("trainer.export", [str(run_dir), str(tmp_path / "out")], [str(run_dir), "step_00000004"]),
+        (
+            "trainer.quantize",
+            [f"model_path={damaged}", "scheme=int8_dynamic", f"output_dir={tmp_path / 'q'}", "device=cpu"],
+            [str(weights), "truncated"],
+        ),
+        ("trainer.evaluate", [f"models=[{missing}]", "device=cpu", "output=e.json"], [str(missing)]),
+        ("trainer.report", [f"input={report_input}", f"output_dir={tmp_path / 'r'}"], [str(report_input)]),
+        ("trainer.pipeline", ["chain=compress", "launcher=slurm"], ["launcher=slurm", "fork, subprocess"]),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(
+            ("trainer.evaluate", [f"models=[{hf}]", "device=cuda", "output=e.json"], ["device=cuda"])
+        )
+    results = run_commands(tmp_path, [{"module": m, "args": a} for m, a, _ in cases])
+    for (module, args, names), result in zip(cases, results, strict=True):
+        print(module, args[-1], error_lines(result["output"]))
+        assert_explained(result, *names)
+
+
+def test_under_torchrun_every_rank_exits_2_and_rank_1_stays_quiet(tmp_path):
+    env = {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    cases = [
+        {"module": "trainer.train", "args": [*DATA, "model.source=foo"], "env": env | {"RANK": str(rank)}}
+        for rank in (0, 1)
+    ]
+    rank0, rank1 = run_commands(tmp_path, cases)
+    assert_explained(rank0, "model.source=foo")
+    assert rank1["code"] == EXIT_USAGE and not error_lines(rank1["output"])
+    assert "Traceback" not in rank1["output"]
+
+
+def test_trainer_traceback_shows_the_traceback(tmp_path):
+    args = ["input=/no/such.json", "output_dir=r"]
+    cases = [{"module": "trainer.report", "args": args, "env": {"TRAINER_TRACEBACK": "1"}}]
+    [result] = run_commands(tmp_path, cases)
+    assert result["code"] == 1 and "Traceback" in result["output"]
+    assert "InputNotFoundError: input=/no/such.json" in result["output"]
+
+
+# ---- a run directory is data, not code --------------------------------------------------------------------
+
+
+def crafted_hub(path: Path, marker: Path) -> Path:
+    """A local model whose own code (auto_map) writes `marker` when it is imported."""
+    path.mkdir(parents=True)
+    write_marker = f"from pathlib import Path\nPath({str(marker)!r}).write_text('the code ran')\n"
+    (path / "configuration_marker.py").write_text(
+        write_marker
+        + textwrap.dedent("""
+            from transformers import LlamaConfig
+
+            class MarkerConfig(LlamaConfig):
+                model_type = "marker_llm"
+            """)
+    )
+    (path / "modeling_marker.py").write_text(
+        write_marker
+        + textwrap.dedent("""
+            from transformers import LlamaForCausalLM
+            from .configuration_marker import MarkerConfig
+
+            class MarkerForCausalLM(LlamaForCausalLM):
+                config_class = MarkerConfig
+            """)
+    )
+    config = {
+        "model_type": "marker_llm",
+        "architectures": ["MarkerForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_marker.MarkerConfig",
+            "AutoModelForCausalLM": "modeling_marker.MarkerForCausalLM",
+        },
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "vocab_size": 64,
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def crafted_run(run_dir: Path, hub: Path) -> Path:
+    """A run directory whose stored config asks for the hub model's own code; its one checkpoint predates
+    checkpoints holding config.json, so the stored config is what describes the model."""
+    from trainer.data.tokenizer import build_wordlevel_tokenizer
+
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(
+        f"model:\n  source: pretrained\n  name_or_path: {hub}\n  gguf_file: null\n  trust_remote_code: true\n"
+        f"data:\n  tokenizer: {hub}\n"
+    )
+    build_wordlevel_tokenizer(["a b c"]).save_pretrained(str(run_dir / "tokenizer"))
+    step = run_dir / "checkpoints" / "step_00000001"
+    (step / "shards").mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    return step
+
+
+def self_describing_checkpoint(step: Path, hub: Path) -> Path:
+    """A checkpoint that holds its own config.json (and the code files beside it) asking for that code."""
+    import shutil
+
+    from trainer.data.tokenizer import build_wordlevel_tokenizer
+
+    (step / "shards").mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    for f in hub.iterdir():
+        shutil.copy(f, step / f.name)
+    build_wordlevel_tokenizer(["a b c"]).save_pretrained(str(step))
+    return step
+
+
+def test_no_stored_file_makes_a_command_run_a_models_code(tmp_path):
+    marker = tmp_path / "MARKER"
+    hub = crafted_hub(tmp_path / "hub", marker)
+    old = crafted_run(tmp_path / "run", hub)
+    new = self_describing_checkpoint(tmp_path / "run2" / "checkpoints" / "step_00000001", hub)
+    out = tmp_path / "out"
+    cases = [
+        ("trainer.export", [str(old), str(out)]),
+        ("trainer.export", [str(new), str(out)]),
+        ("trainer.quantize", [f"model_path={new}", "scheme=int8_dynamic", f"output_dir={out}", "device=cpu"]),
+        ("trainer.evaluate", [f"models=[{new}]", "device=cpu", f"output={out}.json"]),
+        ("trainer.evaluate", [f"models=[{hub}]", "device=cpu", f"output={out}.json"]),
+    ]
+    results = run_commands(tmp_path, [{"module": m, "args": a} for m, a in cases])
+    for (module, args), result in zip(cases, results, strict=True):
+        assert_explained(result, "trust-remote-code")
+        assert not marker.exists(), (module, args)
+
+    # The teacher of a distillation run: the training command's model.trust_remote_code=false holds for a
+    # teacher run directory that says true.
+    from omegaconf import OmegaConf
+
+    from trainer.distill.teacher import load_teacher
+
+    teacher = OmegaConf.create({"teacher": str(old.parent.parent), "teacher_gguf_file": None})
+    with pytest.raises(ConfigError, match="trust-remote-code"):
+        load_teacher(teacher, dtype=torch.float32, trust_remote_code=False)
+    assert not marker.exists()
+
+    # The control: asked for on the command line, the crafted code does run (this test could see it).
+    [asked] = run_commands(
+        tmp_path, [{"module": "trainer.export", "args": [str(old), str(out), "--trust-remote-code"]}]
+    )
+    assert marker.read_text() == "the code ran", asked["output"][-2000:]
+
+
+# ---- the launch scripts' interpreter ----------------------------------------------------------------------
+
+
+def test_launch_scripts_use_the_checkouts_venv_when_no_python_is_given_and_say_which(tmp_path):
+    import shutil
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT / "launch", checkout / "launch")
+    script = [str(checkout / "launch" / "deepspeed.sh"), "--dry-run"]
+    bare = {"PATH": "/usr/bin:/bin"}
+
+    def first_line_and_python(env: dict[str, str]) -> tuple[str, str]:
+        proc = subprocess.run(script, capture_output=True, text=True, env=env, check=True)
+        return proc.stderr.splitlines()[0], proc.stdout.split()[0]
+
+    line, python = first_line_and_python(bare)
+    assert python == "python" and "system's" in line
+    venv = checkout / ".venv" / "bin" / "python"
+    venv.parent.mkdir(parents=True)
+    venv.symlink_to(sys.executable)
+    line, python = first_line_and_python(bare)
+    assert (
+        python == str(venv)
+        and line == f"deepspeed.sh: python is {venv} (the checkout's .venv; PYTHON=... picks another)"
+    )
+    line, python = first_line_and_python(bare | {"VIRTUAL_ENV": "/opt/env"})
+    assert python == "python" and "the active environment /opt/env" in line
+    line, python = first_line_and_python(bare | {"PYTHON": "/opt/py/bin/python3"})
+    assert python == "/opt/py/bin/python3" and line.endswith("(PYTHON)")
+
+
+def test_the_pipeline_exits_2_when_a_stage_stops_with_an_explained_error(tmp_path, capfd):
+    from trainer.pipeline import main
+
+    # dense_adapted alone: the model it fine-tunes, dense_pretrained's hf/ export, is not there.
+    args = ["chain=compress", "chain.recipes=tiny", f"run_dir={tmp_path}", "launcher=subprocess"]
+    assert main([*args, "only=[dense_adapted]"]) == EXIT_USAGE
+    out = capfd.readouterr().out  # the stage's output, teed to this process's stdout
+    missing = tmp_path / "dense_pretrained" / "hf"
+    assert f"error: model.name_or_path={missing}: no such file or directory" in out
+    assert "Traceback" not in out and "stage dense_adapted failed (exit code 2)" in out

@@ -1,0 +1,110 @@
+"""How every command ends when it fails: an error a person can act on prints as one paragraph, exit status 2.
+
+Every entry point (`train`, `export`, `quantize`, `evaluate`, `report`, `pipeline`) runs its `main` through
+`run`. Errors that are ours to explain (any `TrainerError`: a bad config value, unusable data, a missing
+path or package, a damaged file) and Hydra's refusals to compose a config (an option or closed-choice value
+that does not exist, an unknown key, an override it cannot parse) print `error: ` and one paragraph naming
+the key or file and the fix, with no traceback, and the process exits with status 2. Anything else is a bug
+and keeps its traceback (status 1). `TRAINER_TRACEBACK=1` shows the traceback of every error.
+
+Under torchrun every rank exits 2 and rank 0 alone prints, so the message is not repeated once per rank.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from trainer.errors import TrainerError
+
+EXIT_USAGE = 2  # the status of an error the message explains (argparse's too)
+TRACEBACK_VAR = "TRAINER_TRACEBACK"  # set to 1: every error with its traceback, as Python prints it
+
+# OmegaConf's refusal of a value outside a closed choice (an Enum field).
+_ENUM_VALUE = re.compile(r"Invalid value '(?P<value>[^']*)', expected one of \[(?P<allowed>[^\]]*)\]")
+
+
+def _one_paragraph(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _hydra_paragraph(err: Exception) -> str | None:
+    """Hydra's refusal to compose a config, as one paragraph naming the key, or None for another error."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and "/" in err.missing_cfg_file:
+        group, _, name = err.missing_cfg_file.rpartition("/")
+        options = [o for o in err.options or [] if o != "schema"]  # `schema`: each group's registered type
+        allowed = f"; choose one of {', '.join(options)}" if options else ""
+        return f"{group.replace('/', '.')}={name}: there is no such option{allowed} (conf/{group}/)"
+    if isinstance(err, OverrideParseException):
+        reason = _one_paragraph(str(err.message).split("See https://")[0])
+        return (
+            f"the override {err.override!r} cannot be parsed ({reason}); write it as key=value, quoted for "
+            "the shell when it holds brackets or spaces ('key=[a,b]'): "
+            "https://hydra.cc/docs/advanced/override_grammar/basic/"
+        )
+    if not isinstance(err, ConfigCompositionException):
+        return None
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None)
+    match = _ENUM_VALUE.search(str(cause or ""))
+    if key and match:
+        return (
+            f"{key}={match['value']} is not one of the allowed values; choose one of {match['allowed']} "
+            f"(e.g. {key}={match['allowed'].split(',')[0].strip()})"
+        )
+    detail = str(cause or "").strip().split("\n")[0]
+    if key and detail.startswith("Key '") and " not in " in detail:
+        return (
+            f"{key}: there is no such key ({detail}); check its spelling (`--cfg job` after the command "
+            "prints every key and its value)"
+        )
+    return _one_paragraph(f"{err} {detail}" + (f" (key: {key})" if key else ""))
+
+
+def explain(err: BaseException) -> str | None:
+    """The paragraph to print for an error a person can act on; None for one that is a bug."""
+    if isinstance(err, TrainerError):
+        lines = [line.rstrip() for line in str(err).strip().splitlines()]
+        return "\n".join(line for line in lines if line)  # a message's own line breaks stay; no blank lines
+    if isinstance(err, Exception) and "hydra" in sys.modules:
+        return _hydra_paragraph(err)
+    return None
+
+
+def _rank() -> int:
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def run(main: Callable[[], Any]) -> Any:
+    """Call an entry point's `main`; an error `explain` knows prints as one paragraph (rank 0) and exits 2.
+
+    Hydra's `@hydra.main` catches errors itself to print them with "Set the environment variable
+    HYDRA_FULL_ERROR=1"; with that variable set it lets them through to here instead.
+    """
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        return main()
+    except Exception as err:
+        if report_error(err) is None:
+            raise
+        sys.exit(EXIT_USAGE)
+
+
+def report_error(err: BaseException) -> int | None:
+    """Print an error `explain` knows as one paragraph (on rank 0) and return EXIT_USAGE; None, printing
+    nothing, for an error that is a bug or when TRAINER_TRACEBACK asks for the traceback."""
+    message = explain(err)
+    if message is None or os.environ.get(TRACEBACK_VAR, "") not in ("", "0"):
+        return None
+    if _rank() == 0:
+        sys.stdout.flush()
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
