@@ -4,7 +4,8 @@ puts the schemas in Hydra's ConfigStore, and `validate_config` runs each group's
 Every YAML under `conf/` is merged onto a schema dataclass: an unknown key, a wrong type, a value outside a
 closed choice (trainer/choices.py) or a missing required value is a Hydra error at composition. The checks
 add what types cannot express (positive sizes, divisibility), each with a message that names the key and the
-fix. Each feature's schema and checks live in its folder (data/, quant/, prune/, distill/ `config.py`); the
+fix. Each feature's schema and checks live in its folder (data/, quant/, prune/, distill/, strategies/,
+optimizers/ `config.py`); the
 other commands register only their own (trainer.quant.config, evaluate_config, report_config,
 pipeline_config), so that none of them imports training's. The loop's own groups are here.
 
@@ -15,8 +16,6 @@ default here (MISSING), and every option of a group sets every key of its schema
 from __future__ import annotations
 
 import dataclasses
-import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +26,13 @@ from trainer.choices import Choice, Dtype, PrecisionName
 from trainer.data.config import DataConfig, register_data_configs, validate_data
 from trainer.distill.config import DistillConfig, register_distill_configs, validate_distill
 from trainer.errors import ConfigError
+from trainer.optimizers.config import (
+    OptimizerConfig,
+    SchedulerConfig,
+    register_optimizer_configs,
+    validate_optimizer,
+    validate_scheduler,
+)
 from trainer.prune.config import PruneConfig, register_prune_configs, validate_prune
 from trainer.quant.config import QuantConfig, register_quant_configs, validate_quant
 from trainer.quant.qat import check_qat_installed
@@ -35,9 +41,6 @@ from trainer.utils import register_package_resolver
 
 # `config`: build a fresh model from `arch` (random init); `pretrained`: load weights from `name_or_path`.
 ModelSource = Choice("ModelSource", "config pretrained")
-# Learning-rate schedules after a linear warmup, and the shape of wsd's final decay.
-SchedulerName = Choice("SchedulerName", "constant linear cosine wsd")
-DecayShape = Choice("DecayShape", "linear cosine 1-sqrt")
 # `offline` needs no account or network (`wandb sync` uploads later); `disabled` does not import wandb.
 WandbMode = Choice("WandbMode", "online offline disabled")
 
@@ -53,109 +56,6 @@ class ModelConfig:
     arch: dict[str, Any] = MISSING
     # Run model code from the hub; off unless asked for, since it executes downloaded Python.
     trust_remote_code: bool = MISSING
-
-
-@dataclass
-class OptimizerConfig:
-    # Class to build, any optimizer with the torch interface (each schema below names its own).
-    _target_: str = MISSING
-    lr: float = MISSING
-    weight_decay: float = MISSING
-    # Parameters whose names contain one of these get no weight decay (biases, norms, embeddings).
-    no_decay: list[str] = MISSING
-
-
-@dataclass
-class AdamWConfig(OptimizerConfig):
-    _target_: str = "torch.optim.AdamW"
-    betas: list[float] = MISSING
-    eps: float = MISSING
-    # Multi-tensor kernels; `fused` is chosen instead on CUDA.
-    foreach: bool | None = MISSING
-
-
-@dataclass
-class SGDConfig(OptimizerConfig):
-    _target_: str = "torch.optim.SGD"
-    momentum: float = MISSING
-    nesterov: bool = MISSING
-
-
-@dataclass
-class LionConfig(OptimizerConfig):
-    _target_: str = "trainer.optimizers.Lion"
-    betas: list[float] = MISSING
-    foreach: bool | None = MISSING
-
-
-@dataclass
-class AdafactorConfig(OptimizerConfig):
-    _target_: str = "torch.optim.Adafactor"
-    # Exponent of the second-moment decay schedule, beta2_t = 1 - t^beta2_decay.
-    beta2_decay: float = MISSING
-    # (eps1, eps2): the second-moment floor (null: the dtype's eps) and the floor of a parameter's RMS.
-    eps: list[float | None] = MISSING
-    # Clipping threshold of the update's RMS.
-    d: float = MISSING
-    foreach: bool | None = MISSING
-
-
-@dataclass
-class ApexAdamConfig(OptimizerConfig):
-    _target_: str = "apex.optimizers.FusedAdam"
-    betas: list[float] = MISSING
-    eps: float = MISSING
-    bias_correction: bool = MISSING
-    # Decoupled weight decay (AdamW); false adds it to the gradient (Adam with L2).
-    adam_w_mode: bool = MISSING
-
-
-@dataclass
-class ApexLAMBConfig(OptimizerConfig):
-    _target_: str = "apex.optimizers.FusedLAMB"
-    betas: list[float] = MISSING
-    eps: float = MISSING
-    bias_correction: bool = MISSING
-    adam_w_mode: bool = MISSING
-    # LAMB's own clipping of the global gradient norm, after train.grad_clip.
-    max_grad_norm: float = MISSING
-    # NVLAMB: the trust ratio also for parameters without weight decay.
-    use_nvlamb: bool = MISSING
-
-
-@dataclass
-class DeepSpeedAdamConfig(OptimizerConfig):
-    # DeepSpeedCPUAdam replaces it when ZeRO offloads the optimizer (strategy.offload_optimizer=cpu).
-    _target_: str = "deepspeed.ops.adam.FusedAdam"
-    betas: list[float] = MISSING
-    eps: float = MISSING
-    bias_correction: bool = MISSING
-
-
-@dataclass
-class AdamW8bitConfig(OptimizerConfig):
-    _target_: str = "bitsandbytes.optim.AdamW8bit"
-    betas: list[float] = MISSING
-    eps: float = MISSING
-    # Tensors with fewer elements keep 32-bit states.
-    min_8bit_size: int = MISSING
-
-
-@dataclass
-class SchedulerConfig:
-    name: SchedulerName = MISSING
-    warmup_steps: int = MISSING
-    # Steps over which the decay runs; null means train.max_steps (set it to extend a run explicitly).
-    decay_steps: int | None = MISSING
-    # Final learning rate as a fraction of the peak.
-    min_lr_ratio: float = MISSING
-
-
-@dataclass
-class WSDSchedulerConfig(SchedulerConfig):
-    # Warmup-stable-decay: the peak holds until the last `decay_fraction` of the decay_steps horizon.
-    decay_fraction: float = MISSING
-    decay_shape: DecayShape = MISSING
 
 
 @dataclass
@@ -271,16 +171,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     cs.store(group="model", name="schema", node=ModelConfig)
-    cs.store(group="optimizer", name="schema_adamw", node=AdamWConfig)
-    cs.store(group="optimizer", name="schema_sgd", node=SGDConfig)
-    cs.store(group="optimizer", name="schema_lion", node=LionConfig)
-    cs.store(group="optimizer", name="schema_adafactor", node=AdafactorConfig)
-    cs.store(group="optimizer", name="schema_adamw_apex", node=ApexAdamConfig)
-    cs.store(group="optimizer", name="schema_lamb_apex", node=ApexLAMBConfig)
-    cs.store(group="optimizer", name="schema_adam_deepspeed", node=DeepSpeedAdamConfig)
-    cs.store(group="optimizer", name="schema_adamw_8bit", node=AdamW8bitConfig)
-    cs.store(group="scheduler", name="schema", node=SchedulerConfig)
-    cs.store(group="scheduler", name="schema_wsd", node=WSDSchedulerConfig)
+    register_optimizer_configs()
     register_strategy_configs()
     cs.store(group="precision", name="schema", node=PrecisionConfig)
     cs.store(group="logger", name="schema", node=LoggerConfig)
@@ -299,8 +190,8 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
     """Check the values that types cannot, group by group; returns the gradient-accumulation steps."""
     check_known_keys(cfg)
     _validate_train(cfg.train)
-    _validate_optimizer(cfg.optimizer)
-    _validate_scheduler(cfg.scheduler, max_steps=cfg.train.max_steps)
+    validate_optimizer(cfg.optimizer)
+    validate_scheduler(cfg.scheduler, max_steps=cfg.train.max_steps)
     validate_data(cfg.data)
     _validate_model(cfg.model)
     _validate_precision(cfg.precision)
@@ -366,36 +257,6 @@ def _validate_train(t: Any) -> None:
         t.max_nonfinite_steps >= 0,
         f"train.max_nonfinite_steps={t.max_nonfinite_steps}: must be >= 0 (0 stops at the first non-finite step)",
     )
-
-
-def _validate_optimizer(o: Any) -> None:
-    _check(
-        math.isfinite(o.lr) and o.lr > 0,
-        f"optimizer.lr={o.lr}: the learning rate must be finite and > 0, e.g. optimizer.lr=3e-4",
-    )
-    _check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay}: must be >= 0")
-
-
-def _validate_scheduler(s: Any, *, max_steps: int) -> None:
-    _check(s.warmup_steps >= 0, f"scheduler.warmup_steps={s.warmup_steps}: must be >= 0")
-    if 0 < max_steps < s.warmup_steps:
-        warnings.warn(
-            f"scheduler.warmup_steps={s.warmup_steps} is longer than the run (train.max_steps={max_steps}): the "
-            f"learning rate never reaches optimizer.lr; lower scheduler.warmup_steps (e.g. to {max(max_steps // 10, 1)})",
-            stacklevel=3,
-        )
-    _check(
-        s.decay_steps is None or s.decay_steps > 0,
-        f"scheduler.decay_steps={s.decay_steps}: must be > 0 or null",
-    )
-    _check(0.0 <= s.min_lr_ratio <= 1.0, f"scheduler.min_lr_ratio={s.min_lr_ratio}: must be in [0, 1]")
-    if s.name is SchedulerName.wsd:
-        fraction, shape = s.get("decay_fraction"), s.get("decay_shape")
-        _check(
-            fraction is not None and shape is not None,
-            "scheduler.name=wsd needs decay_fraction and decay_shape: choose it with scheduler=wsd",
-        )
-        _check(0.0 < fraction <= 1.0, f"scheduler.decay_fraction={fraction}: must be in (0, 1]")
 
 
 def _validate_model(m: Any) -> None:

@@ -1,6 +1,6 @@
 """The strategy group's schema (conf/strategy/*.yaml) and the checks its types cannot express.
 
-Like every config module it imports no torch: `trainer.config` composes it. The defaults live in the YAMLs.
+The module itself imports no torch: `trainer.config` composes it. The defaults live in the YAMLs.
 """
 
 from __future__ import annotations
