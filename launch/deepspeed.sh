@@ -21,21 +21,9 @@
 #   launch/deepspeed.sh --hostfile hostfile strategy=zero3 optimizer=adam_deepspeed
 set -euo pipefail
 
-# The interpreter: PYTHON, else the active environment's python (VIRTUAL_ENV, CONDA_PREFIX), else this
-# checkout's .venv (what `make install` builds), else the system's python.
-pick_python() {
-  local venv
-  venv=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/python
-  if [ -n "${PYTHON:-}" ]; then
-    python=$PYTHON python_why="PYTHON"
-  elif [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ]; then
-    python=python python_why="the active environment ${VIRTUAL_ENV:-${CONDA_PREFIX:-}}"
-  elif [ -x "$venv" ]; then
-    python=$venv python_why="the checkout's .venv; PYTHON=... picks another"
-  else
-    python=python python_why="no PYTHON, no active environment and no .venv (make install): the system's"
-  fi
-}
+# The interpreter: PYTHON, else the active environment's, else this checkout's .venv (launch/python.sh).
+# shellcheck source=launch/python.sh
+. "$(dirname "${BASH_SOURCE[0]}")/python.sh"
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 die() { echo "deepspeed.sh: $*" >&2; exit 2; }

@@ -461,7 +461,7 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_launch_and_bench_scripts_pass_shellcheck():
-    scripts = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/slurm/train.sbatch"]
+    scripts = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/python.sh", "launch/slurm/train.sbatch"]
     scripts += ["bench/gpu_check.sh", "bench/gpu_wheels.sh"]
     proc = subprocess.run([str(BIN / "shellcheck"), *scripts], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
