@@ -207,7 +207,10 @@ TEST_TIERS = {
     "test_one_shot_masks_hold_through_fine_tuning_on_two_ranks": {SLOW, MULTIRANK},
     "test_qat_runs_under_single_and_ddp_and_converts_to_the_fake_quantized_function": {SLOW, MULTIRANK},
     "test_two_ddp_ranks_follow_the_single_process_loss": {SLOW, MULTIRANK},
-    "test_two_zero2_ranks_refuse_a_deeper_checkpoint_naming_only_the_tensors_no_rank_takes": {SLOW, MULTIRANK},
+    "test_two_zero2_ranks_refuse_a_deeper_checkpoint_naming_only_the_tensors_no_rank_takes": {
+        SLOW,
+        MULTIRANK,
+    },
     # launchers: the deepspeed launcher, launch/ scripts, and the linters of launch/, bench/ and docker/
     "test_the_deepspeed_launcher_runs_the_same_command": {SLOW, MULTIRANK, LAUNCHER},
     "test_a_launcher_with_one_process_runs_zero_and_fsdp_like_the_single_process": {SLOW, LAUNCHER},
@@ -230,7 +233,7 @@ TEST_TIERS = {
     "test_wandb_offline_and_tensorboard_log_the_metrics_and_a_resumed_run_continues_the_wandb_run": {SLOW},
     # tests/test_cli.py: a fresh Python process that forks each command (~12-20 s)
     "test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or_file": {SLOW},
-    "test_under_torchrun_every_rank_exits_2_and_rank_1_stays_quiet": {SLOW},
+    "test_a_two_rank_job_prints_the_error_once_and_exits_2": {MULTIRANK},
     "test_trainer_traceback_shows_the_traceback": {SLOW},
     "test_no_stored_file_makes_a_command_run_a_models_code": {SLOW},
     "test_launch_scripts_use_the_checkouts_venv_when_no_python_is_given_and_say_which": {LAUNCHER},

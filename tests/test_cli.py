@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PYTHON, ROOT, TINY_MARKOV, TINY_MODEL, subprocess_env
+from tests.conftest import PYTHON, ROOT, TINY, TINY_MARKOV, TINY_MODEL, run_command, subprocess_env
 from trainer.cli import EXIT_USAGE, explain, run
 from trainer.errors import (
     ConfigError,
@@ -154,17 +154,26 @@ def test_a_bug_keeps_its_traceback_and_trainer_traceback_shows_every_one(capsys,
     assert capsys.readouterr().err == ""
 
 
-def test_only_rank_0_prints_and_every_rank_exits_2(capsys, monkeypatch):
+def test_rank_0_prints_at_once_another_rank_only_after_the_grace_and_every_rank_exits_2(capsys, monkeypatch):
+    import trainer.cli
+
     monkeypatch.delenv("TRAINER_TRACEBACK", raising=False)
+    waits = []
+    monkeypatch.setattr(trainer.cli.time, "sleep", waits.append)  # a launcher would end rank 1 meanwhile
 
     def main():
         raise ConfigError("train.global_batch_size=7: not divisible")
 
-    for rank, printed in (("1", ""), ("0", "error: train.global_batch_size=7: not divisible\n")):
-        monkeypatch.setenv("RANK", rank)
-        with pytest.raises(SystemExit) as exited:
-            run(main)
-        assert exited.value.code == EXIT_USAGE and capsys.readouterr().err == printed
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exited:
+        run(main)
+    assert exited.value.code == EXIT_USAGE and waits == []
+    assert capsys.readouterr().err == "error: train.global_batch_size=7: not divisible\n"
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exited:
+        run(main)
+    assert exited.value.code == EXIT_USAGE and waits == [trainer.cli.OTHER_RANKS_GRACE_S]
+    assert capsys.readouterr().err == "error (rank 1): train.global_batch_size=7: not divisible\n"
 
 
 # ---- the commands, as processes ---------------------------------------------------------------------------
@@ -227,16 +236,24 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
         assert_explained(result, *names)
 
 
-def test_under_torchrun_every_rank_exits_2_and_rank_1_stays_quiet(tmp_path):
-    env = {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
-    cases = [
-        {"module": "trainer.train", "args": [*DATA, "model.source=foo"], "env": env | {"RANK": str(rank)}}
-        for rank in (0, 1)
-    ]
-    rank0, rank1 = run_commands(tmp_path, cases)
-    assert_explained(rank0, "model.source=foo")
-    assert rank1["code"] == EXIT_USAGE and not error_lines(rank1["output"])
-    assert "Traceback" not in rank1["output"]
+def test_a_two_rank_job_prints_the_error_once_and_exits_2(tmp_path):
+    # Every rank refuses the config, and the launcher ends the other ranks as soon as one fails: rank 0 must
+    # still be the one to say it, once, and the job's status is 2.
+    proc = run_command(
+        [
+            *TINY,
+            "strategy=ddp",
+            "train.micro_batch_size=3",
+            "train.global_batch_size=9",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        nproc=2,
+        check=False,
+    )
+    output = proc.stdout if proc.stdout == proc.stderr else proc.stdout + proc.stderr  # preloaded: one stream
+    assert proc.returncode == EXIT_USAGE and "Traceback" not in output, output[-3000:]
+    [line] = error_lines(output)
+    assert "train.global_batch_size=9 is not divisible" in line
 
 
 def test_trainer_traceback_shows_the_traceback(tmp_path):

@@ -7,7 +7,10 @@ that does not exist, an unknown key, an override it cannot parse) print `error: 
 the key or file and the fix, with no traceback, and the process exits with status 2. Anything else is a bug
 and keeps its traceback (status 1). `TRAINER_TRACEBACK=1` shows the traceback of every error.
 
-Under torchrun every rank exits 2 and rank 0 alone prints, so the message is not repeated once per rank.
+Under torchrun every rank exits 2 and the message is printed once: rank 0 prints at once, the other ranks hold
+their exit for a grace period first. A launcher ends every rank when one fails, so a rank that exited first would
+otherwise get rank 0 killed before it printed; when rank 0 exits, the launcher ends the waiting ranks. A rank still
+alive after the grace (an error rank 0 does not share) prints the message itself, naming its rank.
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 from trainer.errors import TrainerError
 
 EXIT_USAGE = 2  # the status of an error the message explains (argparse's too)
+OTHER_RANKS_GRACE_S = (
+    3.0  # how long ranks other than 0 wait for rank 0 to say it (torchrun checks every 0.1 s)
+)
 TRACEBACK_VAR = "TRAINER_TRACEBACK"  # set to 1: every error with its traceback, as Python prints it
 
 # OmegaConf's refusal of a value outside a closed choice (an Enum field).
@@ -84,7 +91,7 @@ def _rank() -> int:
 
 
 def run(main: Callable[[], Any]) -> Any:
-    """Call an entry point's `main`; an error `explain` knows prints as one paragraph (rank 0) and exits 2.
+    """Call an entry point's `main`; an error `explain` knows prints as one paragraph (once) and exits 2.
 
     Hydra's `@hydra.main` catches errors itself to print them with "Set the environment variable
     HYDRA_FULL_ERROR=1"; with that variable set it lets them through to here instead.
@@ -99,12 +106,17 @@ def run(main: Callable[[], Any]) -> Any:
 
 
 def report_error(err: BaseException) -> int | None:
-    """Print an error `explain` knows as one paragraph (on rank 0) and return EXIT_USAGE; None, printing
-    nothing, for an error that is a bug or when TRAINER_TRACEBACK asks for the traceback."""
+    """Print an error `explain` knows as one paragraph (another rank than 0 after the grace) and return
+    EXIT_USAGE; None, printing nothing, for an error that is a bug or when TRAINER_TRACEBACK asks for the
+    traceback."""
     message = explain(err)
     if message is None or os.environ.get(TRACEBACK_VAR, "") not in ("", "0"):
         return None
-    if _rank() == 0:
-        sys.stdout.flush()
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    rank = _rank()
+    if rank != 0:
+        time.sleep(OTHER_RANKS_GRACE_S)  # rank 0 says it and exits; the launcher then ends this rank
+    sys.stdout.flush()
+    print(
+        f"error: {message}" if rank == 0 else f"error (rank {rank}): {message}", file=sys.stderr, flush=True
+    )
     return EXIT_USAGE
