@@ -233,7 +233,6 @@ TEST_TIERS = {
     "test_wandb_offline_and_tensorboard_log_the_metrics_and_a_resumed_run_continues_the_wandb_run": {SLOW},
     # tests/test_cli.py: a fresh Python process that forks each command (~12-20 s)
     "test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or_file": {SLOW},
-    "test_a_two_rank_job_prints_the_error_once_and_exits_2": {MULTIRANK},
     "test_trainer_traceback_shows_the_traceback": {SLOW},
     "test_no_stored_file_makes_a_command_run_a_models_code": {SLOW},
     "test_launch_scripts_use_the_checkouts_venv_when_no_python_is_given_and_say_which": {LAUNCHER},

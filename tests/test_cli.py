@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PYTHON, ROOT, TINY, TINY_MARKOV, TINY_MODEL, run_command, subprocess_env
+from tests.conftest import PYTHON, ROOT, TINY_MARKOV, TINY_MODEL, subprocess_env
 from trainer.cli import EXIT_USAGE, explain, run
 from trainer.errors import (
     ConfigError,
@@ -234,26 +234,6 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
     for (module, args, names), result in zip(cases, results, strict=True):
         print(module, args[-1], error_lines(result["output"]))
         assert_explained(result, *names)
-
-
-def test_a_two_rank_job_prints_the_error_once_and_exits_2(tmp_path):
-    # Every rank refuses the config, and the launcher ends the other ranks as soon as one fails: rank 0 must
-    # still be the one to say it, once, and the job's status is 2.
-    proc = run_command(
-        [
-            *TINY,
-            "strategy=ddp",
-            "train.micro_batch_size=3",
-            "train.global_batch_size=9",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        nproc=2,
-        check=False,
-    )
-    output = proc.stdout if proc.stdout == proc.stderr else proc.stdout + proc.stderr  # preloaded: one stream
-    assert proc.returncode == EXIT_USAGE and "Traceback" not in output, output[-3000:]
-    [line] = error_lines(output)
-    assert "train.global_batch_size=9 is not divisible" in line
 
 
 def test_trainer_traceback_shows_the_traceback(tmp_path):

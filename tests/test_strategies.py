@@ -279,6 +279,13 @@ def test_batch_that_does_not_divide_over_the_ranks_fails_before_training(tmp_pat
     )
     assert proc.returncode != 0 and "not divisible" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+    # Every rank refuses it and the launcher ends the others as soon as one fails: rank 0 still says it, once,
+    # as one paragraph, and the job's status is 2 (trainer/cli.py).
+    output = proc.stdout if proc.stdout == proc.stderr else proc.stdout + proc.stderr  # preloaded: one stream
+    assert proc.returncode == 2 and "Traceback" not in output
+    assert [line for line in output.splitlines() if line.startswith("error")] == [
+        next(line for line in output.splitlines() if line.startswith("error: train.global_batch_size=9"))
+    ]
 
 
 def test_checkpoint_converts_to_the_same_hf_export(tmp_path):
