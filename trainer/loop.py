@@ -114,9 +114,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.hf_model, cfg.data.seq_len)
 
         module = self._first("wrap_loss", self.hf_model, loss_chunk_size=t.loss_chunk_size, seed=t.seed)
-        if (
-            module is None
-        ):  # no extension brings its own loss: the causal-LM loss (fused chunked cross-entropy)
+        # No extension brings its own loss: the causal-LM loss (fused chunked cross-entropy).
+        if module is None:
             module = CausalLMWithLoss(self.hf_model, loss_chunk_size=t.loss_chunk_size)
         self.module, self.optimizer = self.strategy.setup(
             module,
@@ -344,7 +343,10 @@ class Trainer:
             dynamic_ncols=True,
             desc="train",
         )
-        self._window = (time.perf_counter(), 0)  # (start, tokens) of the current logging window
+        self._window = (
+            time.perf_counter(),
+            self.tokens_seen,
+        )  # (time, tokens) where this logging window began
         run_start, start_step, start_tokens = time.perf_counter(), self.step, self.tokens_seen
         last: dict[str, Any] = {}
         evaluation: dict[str, float] = {}
@@ -355,10 +357,6 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 stats = self.train_step()
-                self._window = (
-                    self._window[0],
-                    self._window[1] + t.global_batch_size * self.cfg.data.seq_len,
-                )
                 bar.update(1)
                 at_end = self.step == t.max_steps
                 if self.step % t.log_every == 0 or at_end or self.step_nonfinite:
@@ -484,8 +482,8 @@ class Trainer:
 
     def _log_step(self, stats: dict[str, Any], bar: tqdm) -> dict[str, Any]:
         """One metrics.jsonl record: the step's stats, the extensions' (e.g. sparsity), throughput and memory."""
-        start, tokens = self._window
-        tokens_per_s = tokens / max(time.perf_counter() - start, 1e-9)
+        start, start_tokens = self._window
+        tokens_per_s = (self.tokens_seen - start_tokens) / max(time.perf_counter() - start, 1e-9)
         peak_per_rank = all_gather_ints(peak_memory_bytes(self.device), self.device)
         record = {
             "step": self.step,
@@ -499,7 +497,7 @@ class Trainer:
         }
         self.log.write(record)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        self._window = (time.perf_counter(), 0)
+        self._window = (time.perf_counter(), self.tokens_seen)
         return record
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
