@@ -228,6 +228,10 @@ def _rank_with_a_bad_loss_on_rank_1(rank: int, world: int, port: int, run_dir: s
         except DivergenceError as e:
             out.write_text(json.dumps({"stopped": str(e)}))
     finally:
+        # Both ranks leave the group together: one tearing it down while the other still runs a collective can
+        # abort the process inside gloo (seen once in a full suite run, SIGABRT at teardown).
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
         destroy()
 
 
