@@ -5,7 +5,9 @@
 # then run there (quant first where device time is short):
 #   device run: command="bash bench/gpu_check.sh probe training", carry=[".whl"], timeout_s=480
 #   device run: command="bash bench/gpu_check.sh quant", carry=[".whl"], timeout_s=360
-# Parts (all by default, else those named): probe (the machine and package versions), training
+# Parts (all by default, else those named): probe (the machine and package versions), mfu (bench/mfu.py: a
+# ~1B Llama under fsdp, zero2 and zero3 in bf16, and fsdp compiled in bf16 and fp8; MFU_VARIANTS, MFU_STEPS and
+# MFU_TIMEOUT change what it runs, MFU_ARGS adds arguments), training
 # (bench/precision.py: fp32, bf16, fp16 and fp8 with AdamW, then the fused optimizers in bf16, against fp32
 # AdamW) and quant (the GPU chain, conf/chain/gpu.yaml: torchao int8 / int4 weight-only and 2:4 sparse kernels
 # against the bf16 model). A part that fails does not stop the next. Results and one log go to $OUT (the
@@ -18,7 +20,7 @@ OUT=${OUT:-bench/out/gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 parts=("$@")
-[[ ${#parts[@]} -eq 0 ]] && parts=(probe training quant)
+[[ ${#parts[@]} -eq 0 ]] && parts=(probe mfu training quant)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -48,7 +50,7 @@ for p in "${parts[@]}"; do
       } >"$OUT/probe.txt" 2>&1
       cat "$OUT/probe.txt" ;;
     training)
-      part precision "$PY" bench/precision.py --precisions fp32 bf16 fp16 fp8 --steps 40 --warmup 10 \
+      part precision "$PY" bench/precision.py --precisions fp32 bf16 fp16 fp8 --steps "${TRAIN_STEPS:-40}" --warmup 10 \
         --out "$OUT/precision.json"
       part fp8_compiled "$PY" bench/precision.py --precisions bf16 fp8 --compile --steps 40 --warmup 15 \
         --out "$OUT/compiled.json"
@@ -56,11 +58,16 @@ for p in "${parts[@]}"; do
         --optimizers adam_deepspeed adamw_8bit adamw_apex lamb_apex --steps 40 --warmup 10 \
         --out "$OUT/optimizers.json"
       grep -A12 "^precision optimizer" "$log" ;;
+    mfu)
+      part mfu "$PY" bench/mfu.py --variants ${MFU_VARIANTS:-fsdp:bf16 zero2:bf16 zero3:bf16 fsdp:bf16:compile \
+        fsdp:fp8:compile} --steps "${MFU_STEPS:-20}" --warmup 5 --timeout "${MFU_TIMEOUT:-180}" --out "$OUT/mfu.json" ${MFU_ARGS:-}
+      for f in bench/out/mfu/*.log; do echo "--- $f"; tail -n 40 "$f"; done >"$OUT/mfu_logs.txt" 2>&1
+      grep -A12 "^variant" "$log" ;;
     quant)
       part chain "$PY" -m trainer.pipeline chain=gpu run_dir=bench/out/gpu_chain
       cp bench/out/gpu_chain/evaluate/results.json "$OUT/evaluate.json"
       cp bench/out/gpu_chain/report/report.md bench/out/gpu_chain/report/report.png "$OUT/"
       cat "$OUT/report.md" ;;
-    *) echo "unknown part $p: choose probe, training or quant" >&2; exit 2 ;;
+    *) echo "unknown part $p: choose probe, mfu, training or quant" >&2; exit 2 ;;
   esac
 done

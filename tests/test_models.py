@@ -73,3 +73,14 @@ def test_pydoc_preset_builds_a_bpe_tokenizer_from_real_text(tmp_path):
     assert data.tokenizer.decode(ids) == text and len(ids) < len(text) / 2
     # ~465 KB of text: hundreds of thousands of tokens, 10% of the topics held out.
     assert len(data.train) * 64 > 100_000 and 0 < len(data.eval) < len(data.train) / 5
+
+
+def test_an_explicit_vocab_size_larger_than_the_tokenizer_is_kept_and_a_smaller_one_is_refused():
+    from trainer.errors import ConfigError
+    from trainer.models import build_model_config
+
+    wide = compose_config("+model.arch.vocab_size=32000").model
+    assert build_model_config(wide, vocab_size=9196).vocab_size == 32000  # spare ids unused, as in Llama 2
+    assert build_model_config(compose_config().model, vocab_size=9196).vocab_size == 9216  # rounded up to 64
+    with pytest.raises(ConfigError, match=r"model.arch.vocab_size=100 is smaller than the tokenizer's 9196"):
+        build_model_config(compose_config("+model.arch.vocab_size=100").model, vocab_size=9196)

@@ -63,7 +63,14 @@ def build_model_config(cfg: Any, *, vocab_size: int | None = None) -> Pretrained
         ):
             config = AutoConfig.for_model(model_type, **arch)
     if vocab_size is not None:
-        config.vocab_size = -(-vocab_size // 64) * 64  # multiple of 64: faster matmuls, spare ids unused
+        rounded = -(-vocab_size // 64) * 64  # multiple of 64: faster matmuls, spare ids unused
+        if "vocab_size" not in arch:
+            config.vocab_size = rounded
+        elif arch["vocab_size"] < vocab_size:
+            raise ConfigError(
+                f"model.arch.vocab_size={arch['vocab_size']} is smaller than the tokenizer's {vocab_size} tokens; "
+                "leave it out (the tokenizer's size, rounded up to a multiple of 64) or give at least that"
+            )
     return config
 
 
