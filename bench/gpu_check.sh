@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# The GPU measurements, for a lent GPU machine (the workplace's `device` tool): two calls of ~5 and ~4 minutes
-# on an H100 (estimated: not yet run there), the second at once while the machine is warm. Prepare here:
+# The GPU measurements, for a lent GPU machine (the workplace's `device` tool). Measured on an H200 on
+# 2026-11-27 (bench/RESULTS.md): the machine started in ~30 s; `probe mfu` took 287 s and `quant training`
+# 395 s (with TRAIN_STEPS=20), so both fit one session's 15 minutes of device time, the second call made at
+# once while the machine is warm. Prepare here:
 #   bench/gpu_wheels.sh                                   # the packages its image lacks, into .whl/
-# then run there (quant first where device time is short):
-#   device run: command="bash bench/gpu_check.sh probe training", carry=[".whl"], timeout_s=480
-#   device run: command="bash bench/gpu_check.sh quant", carry=[".whl"], timeout_s=360
+# then run there:
+#   device run: command="MFU_TIMEOUT=130 bash bench/gpu_check.sh probe mfu", carry=[".whl"], timeout_s=480
+#   device run: command="TRAIN_STEPS=20 bash bench/gpu_check.sh quant training", carry=[".whl"], timeout_s=540
 # Parts (all by default, else those named): probe (the machine and package versions), mfu (bench/mfu.py: a
 # ~1B Llama under fsdp, zero2 and zero3 in bf16, and fsdp compiled in bf16 and fp8; MFU_VARIANTS, MFU_STEPS and
 # MFU_TIMEOUT change what it runs, MFU_ARGS adds arguments), training
 # (bench/precision.py: fp32, bf16, fp16 and fp8 with AdamW, then the fused optimizers in bf16, against fp32
 # AdamW) and quant (the GPU chain, conf/chain/gpu.yaml: torchao int8 / int4 weight-only and 2:4 sparse kernels
 # against the bf16 model). A part that fails does not stop the next. Results and one log go to $OUT (the
-# device tool's; here bench/out/gpu): probe.txt, precision.json, optimizers.json, evaluate.json, report.md,
-# report.png, log.txt. They belong in bench/RESULTS.md with the date and the device.
-#   bash bench/gpu_check.sh [probe] [training] [quant]
+# device tool's; here bench/out/gpu): probe.txt, mfu.json, mfu_logs.txt, precision.json, compiled.json,
+# optimizers.json, evaluate.json, report.md, report.png, log.txt. They belong in bench/RESULTS.md with the date and the device.
+#   bash bench/gpu_check.sh [probe] [mfu] [training] [quant]
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-bench/out/gpu}

@@ -26,9 +26,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from precision import error_line  # bench/ is on the path of a script run from it
+
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out" / "mfu"
-DEFAULT_VARIANTS = ["fsdp:bf16", "fsdp:fp8", "zero2:bf16", "zero3:bf16", "fsdp:bf16:compile", "fsdp:fp8:compile"]
+DEFAULT_VARIANTS = [
+    "fsdp:bf16",
+    "fsdp:fp8",
+    "zero2:bf16",
+    "zero3:bf16",
+    "fsdp:bf16:compile",
+    "fsdp:fp8:compile",
+]
 
 
 def parse_variant(text: str) -> dict[str, Any]:
@@ -36,8 +45,13 @@ def parse_variant(text: str) -> dict[str, Any]:
     unknown = set(flags) - {"compile", "ac"}
     if unknown:
         raise SystemExit(f"variant {text!r}: unknown switch {sorted(unknown)}; use compile and/or ac")
-    return {"variant": text, "strategy": strategy, "precision": precision,
-            "compile": "compile" in flags, "ac": "ac" in flags}
+    return {
+        "variant": text,
+        "strategy": strategy,
+        "precision": precision,
+        "compile": "compile" in flags,
+        "ac": "ac" in flags,
+    }
 
 
 def overrides(v: dict[str, Any], a: argparse.Namespace, run_dir: Path) -> list[str]:
@@ -84,9 +98,7 @@ def run_variant(v: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     row["seconds"] = time.perf_counter() - start
     (OUT / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        lines = (proc.stderr + proc.stdout).strip().splitlines()
-        errors = [line for line in lines if "Error" in line or line.startswith("error:")]
-        row["error"] = (errors[-1] if errors else lines[-1] if lines else "failed")[:300]
+        row["error"] = error_line(proc.stdout + proc.stderr)
         return row
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and "tokens_per_s" in r]
@@ -103,14 +115,21 @@ def run_variant(v: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
 def _partner(r: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The bf16 row with the same strategy and switches as an fp8 row."""
     return next(
-        (b for b in rows if b["precision"] == "bf16" and "error" not in b
-         and (b["strategy"], b["compile"], b["ac"]) == (r["strategy"], r["compile"], r["ac"])),
+        (
+            b
+            for b in rows
+            if b["precision"] == "bf16"
+            and "error" not in b
+            and (b["strategy"], b["compile"], b["ac"]) == (r["strategy"], r["compile"], r["ac"])
+        ),
         None,
     )
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'variant':22} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'loss':>8} {'vs bf16':>8} {'wall s':>7}")
+    print(
+        f"\n{'variant':22} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'loss':>8} {'vs bf16':>8} {'wall s':>7}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:22} did not run: {r['error']}")
@@ -126,7 +145,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="STRATEGY:PRECISION[:compile][:ac]")
+    p.add_argument(
+        "--variants", nargs="+", default=DEFAULT_VARIANTS, help="STRATEGY:PRECISION[:compile][:ac]"
+    )
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=8192)
     p.add_argument("--layers", type=int, default=16)
@@ -139,7 +160,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the speed (compile, allocation)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--timeout", type=int, default=600, help="seconds per variant")
-    p.add_argument("--quick", action="store_true", help="tiny shapes in fp32: a CPU smoke check of the script")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny shapes in fp32: a CPU smoke check of the script"
+    )
     p.add_argument("--out", type=Path, default=OUT / "results.json", help="the results JSON")
     a = p.parse_args(argv)
     if a.quick:

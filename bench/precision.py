@@ -91,9 +91,7 @@ def run_variant(precision: str, optimizer: str, a: argparse.Namespace) -> dict[s
         "seconds": time.perf_counter() - start,
     }
     if proc.returncode != 0:
-        lines = (proc.stderr + proc.stdout).strip().splitlines()
-        errors = [line for line in lines if "Error" in line]
-        row["error"] = (errors[-1] if errors else lines[-1] if lines else "failed")[:300]
+        row["error"] = error_line(proc.stderr + proc.stdout)
         return row
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and r["step"] > a.warmup]
@@ -107,6 +105,15 @@ def run_variant(precision: str, optimizer: str, a: argparse.Namespace) -> dict[s
         "skipped_steps": steps[-1].get("skipped_steps"),
     }
     return row
+
+
+def error_line(output: str) -> str:
+    """Why a run failed, in one line: the trainer's own `error:` paragraph, else the last exception line
+    (not Hydra's "Error executing job with overrides", which precedes every failure)."""
+    lines = [line for line in output.strip().splitlines() if not line.startswith("Error executing job")]
+    ours = [line for line in lines if line.startswith("error:")]
+    errors = ours or [line for line in lines if "Error" in line]
+    return (errors[-1] if errors else lines[-1] if lines else "failed")[:300]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -125,3 +126,21 @@ def test_an_unimportable_optimizer_class_is_named():
     cfg = compose_config("optimizer._target_=torch.optim.NoSuchThing")
     with pytest.raises(ConfigError, match="NoSuchThing"):
         build_optimizer(cfg.optimizer, nn.Linear(2, 2), device=torch.device("cpu"))
+
+
+def test_deepspeed_builds_its_fused_ops_under_an_arch_list_with_hopper_suffixes(monkeypatch):
+    """CUDA images for Hopper set TORCH_CUDA_ARCH_LIST=...9.0a, which DeepSpeed's own JIT builder cannot parse
+    (seen on an H200: adam_deepspeed stopped with "invalid literal for int() with base 10: '0a'")."""
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
+
+    from trainer.optim import deepspeed_parsable_arch_list
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a 10.0f+PTX")
+    builder = FusedAdamBuilder()
+    builder.jit_mode = True
+    with pytest.raises(ValueError, match="invalid literal"):
+        builder.compute_capability_args()
+    with deepspeed_parsable_arch_list():
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0 10.0+PTX"
+        builder.compute_capability_args()  # DeepSpeed rewrites the variable as it goes
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0a 10.0f+PTX"  # the user's value is back

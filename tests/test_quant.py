@@ -542,6 +542,33 @@ def test_evaluate_refuses_names_of_another_length_before_loading(exported, tmp_p
     assert not (tmp_path / "x.json").exists()
 
 
+class _WeightWithoutDequantize(torch.Tensor):
+    """A weight format with no dequantize and no to_dense, as torchao's int4 tile-packed tensor: seen on an
+    H200, where evaluate's parameter count stopped on it."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.dequantize, torch.Tensor.to_dense):
+            raise NotImplementedError(f"{func.__name__} of a {cls.__name__}")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_evaluate_counts_the_nonzeros_of_a_weight_format_without_dequantize():
+    from trainer.evaluate import parameter_counts
+
+    layer = torch.nn.Linear(16, 8, bias=False)
+    with torch.no_grad():
+        layer.weight[:, ::2] = 0  # half the weights zero
+    plain = parameter_counts(layer)
+    layer.weight = torch.nn.Parameter(
+        _WeightWithoutDequantize(layer.weight.detach().clone()), requires_grad=False
+    )
+    with pytest.raises(NotImplementedError):
+        layer.weight.dequantize()
+    assert plain == (128, 64)
+    assert parameter_counts(layer) == plain
+
+
 def test_latency_statistic_reports_the_median_or_the_fastest_repeat(monkeypatch):
     import types
 

@@ -96,12 +96,22 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
             if id(t) in seen:
                 continue
             seen.add(id(t))
-            dense = t
-            if type(t) not in (torch.Tensor, nn.Parameter):  # torchao's quantized, torch's 2:4 tensors
-                dense = t.dequantize() if hasattr(t, "dequantize") else t.to_dense()
+            dense = t if type(t) in (torch.Tensor, nn.Parameter) else _stored_values(t)
             params += t.numel()
             nonzero += int(torch.count_nonzero(dense.detach()))
     return params, nonzero
+
+
+def _stored_values(t: torch.Tensor) -> torch.Tensor:
+    """A quantized or sparse tensor (torchao's, torch's 2:4) as the dense values it stands for. A linear weight
+    whose format implements only the matmul (torchao's int4 tile-packed tensor has no dequantize) goes through
+    the identity: linear(I, W) is W transposed, with the same non-zeros."""
+    try:
+        return t.dequantize() if hasattr(t, "dequantize") else t.to_dense()
+    except NotImplementedError:
+        if t.dim() != 2:
+            raise
+        return torch.nn.functional.linear(torch.eye(t.shape[1], dtype=t.dtype, device=t.device), t)
 
 
 def _sync(device: torch.device) -> None:

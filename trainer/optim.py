@@ -7,10 +7,14 @@ says so before any work starts, naming what to install, the hardware needed, or 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
 import math
+import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,7 +215,35 @@ def build_optimizer(
         else:
             kwargs["foreach"] = True
     groups = param_groups(model, weight_decay=weight_decay, no_decay=no_decay)
-    return cls(groups, **kwargs)
+    with (
+        deepspeed_parsable_arch_list()
+        if cls.__module__.startswith("deepspeed.")
+        else contextlib.nullcontext()
+    ):
+        return cls(groups, **kwargs)  # DeepSpeed's fused ops are JIT-built here
+
+
+# An architecture with a family suffix, as torch accepts it in TORCH_CUDA_ARCH_LIST: 9.0a, 10.0f.
+_ARCH_WITH_SUFFIX = re.compile(r"\b(\d+\.\d+)[a-z]+")
+
+
+@contextlib.contextmanager
+def deepspeed_parsable_arch_list() -> Iterator[None]:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed's JIT builder parses it, for the time of a build.
+
+    DeepSpeed reads each entry as MAJOR.MINOR[+PTX] and stops with "invalid literal for int()" on the family
+    suffixes torch accepts (CUDA images for Hopper set 9.0a): the build gets the plain numbers, and the
+    user's value is back afterwards.
+    """
+    configured = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if configured is None or not _ARCH_WITH_SUFFIX.search(configured):
+        yield
+        return
+    os.environ["TORCH_CUDA_ARCH_LIST"] = _ARCH_WITH_SUFFIX.sub(r"\1", configured)
+    try:
+        yield
+    finally:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = configured
 
 
 # Decay shapes: 1 at progress 0, 0 at progress 1. `1-sqrt` (Hägele et al. 2024) suits a short final decay.
