@@ -9,7 +9,7 @@ Meant for a GPU (bf16 and fp8 matmuls, fused optimizers); on a CPU, bf16 matmuls
 fp32 and fp8 or fused CUDA optimizers cannot run, so `--quick` shrinks everything to a smoke check. A variant
 that cannot run on this machine is reported with the first line of its error, not hidden.
 
-    python bench/precision.py                                   # GPU: ~125M Llama, seq 1024
+    python bench/precision.py                                   # GPU: 91M Llama, seq 1024
     python bench/precision.py --precisions fp32 bf16 fp8 --optimizers adamw adam_deepspeed adamw_apex
     python bench/precision.py --nproc 8 --strategy fsdp          # several GPUs, under torchrun
     python bench/precision.py --quick                            # CPU smoke check, tiny shapes
