@@ -4,7 +4,7 @@ puts the schemas in Hydra's ConfigStore, and `validate_config` runs each group's
 Every YAML under `conf/` is merged onto a schema dataclass: an unknown key, a wrong type, a value outside a
 closed choice (trainer/choices.py) or a missing required value is a Hydra error at composition. The checks
 add what types cannot express (positive sizes, divisibility), each with a message that names the key and the
-fix. Each feature's schema and checks live in its folder (data/, quant/, prune/, distill/, strategies/,
+fix. Each feature's schema and checks live in its folder (data/, quant/, prune/, distill/, peft/, strategies/,
 optimizers/ `config.py`); the
 other commands register only their own (trainer.quant.config, evaluate_config, report_config,
 pipeline_config), so that none of them imports training's. The loop's own groups are here.
@@ -33,6 +33,7 @@ from trainer.optimizers.config import (
     validate_optimizer,
     validate_scheduler,
 )
+from trainer.peft.config import PeftConfig, register_peft_configs, validate_peft
 from trainer.prune.config import PruneConfig, register_prune_configs, validate_prune
 from trainer.quant.config import QuantConfig, register_quant_configs, validate_quant
 from trainer.quant.qat import check_qat_installed
@@ -161,6 +162,7 @@ class Config:
     quant: QuantConfig = MISSING
     prune: PruneConfig = MISSING
     distill: DistillConfig = MISSING
+    peft: PeftConfig = MISSING
     # `none`, `auto` (latest checkpoint of the run directory, if any) or a checkpoint directory.
     resume: str = MISSING
 
@@ -179,6 +181,7 @@ def register_configs() -> None:
     register_quant_configs()
     register_prune_configs()
     register_distill_configs()
+    register_peft_configs()
 
 
 def _check(ok: bool, message: str) -> None:
@@ -202,6 +205,7 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
         validate_quant(cfg)
     validate_prune(cfg)
     validate_distill(cfg.distill)
+    validate_peft(cfg)
     t = cfg.train
     per_step = t.micro_batch_size * world_size
     _check(

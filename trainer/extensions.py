@@ -1,6 +1,6 @@
 """The one shape every loop feature takes: an `Extension` with fixed hook points, called in a fixed order.
 
-Distillation, pruning and quantization-aware training (and, later, adapters) are extensions. The `Trainer`
+Distillation, pruning, quantization-aware training and adapters (LoRA, DoRA) are extensions. The `Trainer`
 keeps one list of the active ones (`trainer.loop.build_extensions`); a feature that is off is absent from the
 list, so the loop has no branch for it. Each hook runs for every extension in list order.
 
@@ -18,11 +18,15 @@ The hooks, in the order a run reaches them:
    for the loss module (the teacher's outputs).
 6. `after_step(step)`: after each optimizer step (gradual pruning updates its masks).
 7. `checkpoint_slices()`: flat-shard tensors saved with each checkpoint (pruning masks); they are restored in
-   `before_wrap` from the checkpoint resumed from.
+   `before_wrap` from the checkpoint resumed from. `checkpoint_state()`: JSON-able entries added to the
+   checkpoint's trainer_state.json (the adapters' base model reference), read back in `before_wrap` too.
 8. `step_metrics()` after each step (cheap, every rank), `log_metrics()` on logging steps (may be a
    collective), `eval_batch(input_ids, labels)` per eval batch and `eval_metrics()` after each evaluation.
-9. `finish(run_dir)`: export-time work once the `hf/` export is written (the sparsity report, QAT's
-   conversion to `quantized/`); `summary_lines()` adds to the final console summary.
+9. `export_weights(state_dict, hf_model)`: the whole weights (on rank 0; other ranks get {}) and the model
+   whose `save_pretrained` writes `hf/`, each extension's answer passed to the next (adapters merged into a
+   plain model). `finish(run_dir)`: export-time work once the `hf/` export is written (the sparsity report,
+   QAT's conversion to `quantized/`, the adapters' `adapter/`); `summary_lines()` adds to the final console
+   summary.
 
 Every hook has a do-nothing default, so an extension defines only the hooks it needs.
 """
@@ -65,6 +69,9 @@ class Extension:
     def checkpoint_slices(self) -> list:
         return []
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {}
+
     def step_metrics(self) -> dict[str, Any]:
         return {}
 
@@ -76,6 +83,11 @@ class Extension:
 
     def eval_metrics(self) -> dict[str, float]:
         return {}
+
+    def export_weights(
+        self, state_dict: dict[str, torch.Tensor], hf_model: nn.Module
+    ) -> tuple[dict[str, torch.Tensor], nn.Module]:
+        return state_dict, hf_model
 
     def finish(self, run_dir: Path) -> None:
         pass

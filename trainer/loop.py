@@ -39,6 +39,8 @@ def build_extensions(
     (`build_model`), before any other hook sees the model; QAT next, so that its fake-quantized linears are in
     place before pruning (pruning calibrates and masks the model as it will train); pruning last, so that its
     masks are restored or computed on the final module structure and attached after the teacher is placed.
+    Adapters (LoRA, DoRA) last: they freeze and adapt the final model (a distillation student included), and
+    their `export_weights` merges the weights every other extension left.
     """
     out: list[Extension] = []
     if cfg.distill.name != "none":
@@ -49,7 +51,9 @@ def build_extensions(
         from trainer.quant.qat import QAT
 
         out.append(QAT(cfg.quant, strategy=strategy, env=env))
-    if cfg.prune.name != "none":
+    # Under adapters the base is frozen: prune=keep_zeros (the only pruning validate_peft lets through) holds
+    # its zeros by itself, and the adapters' extension masks the merged delta.
+    if cfg.prune.name != "none" and cfg.peft.name in ("none",):
         from trainer.prune.pruner import Pruner
 
         t = cfg.train
@@ -64,6 +68,10 @@ def build_extensions(
                 micro_batch_size=t.micro_batch_size,
             )
         )
+    if cfg.peft.name != "none":
+        from trainer.peft.extension import Adapters
+
+        out.append(Adapters(cfg, strategy=strategy, env=env))
     return out
 
 
@@ -314,6 +322,7 @@ class Trainer:
             "data": self.order.state_dict(),
             "precision": self.strategy.precision.state_dict(),
             "lr_horizon": self._lr_horizon(),  # a resume that changes it is warned (_continue_after_resume)
+            **self._merged("checkpoint_state"),  # e.g. the adapters' base model reference
         }
         return ckpt.save_checkpoint(
             self.ckpt_root,
@@ -509,10 +518,13 @@ class Trainer:
             except DivergenceError:
                 self.log.close(exit_code=1)
                 raise
+            state_dict, hf_model = self.strategy.full_state_dict(self.module), self.hf_model
+            for ext in self.extensions:  # e.g. adapters merged into a plain model
+                state_dict, hf_model = ext.export_weights(state_dict, hf_model)
             ckpt.export_hf(
                 self.run_dir / "hf",
-                state_dict=self.strategy.full_state_dict(self.module),
-                hf_model=self.hf_model,
+                state_dict=state_dict,
+                hf_model=hf_model,
                 tokenizer=self.data.tokenizer,
                 env=self.env,
             )

@@ -49,6 +49,12 @@ def named_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(canonical_name(n), p) for n, p in module.named_parameters()]
 
 
+def trained_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters that train, by HF name: what a checkpoint and `pieces` hold. A frozen parameter (an
+    adapter's base) never changes and has no optimizer state: it is rebuilt from the model group, not saved."""
+    return [(n, p) for n, p in named_parameters(module) if p.requires_grad]
+
+
 def group_numbers(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, dict, str]]:
     """A step count kept per param group (apex's fused optimizers): (key, group, "step")."""
     for i, group in enumerate(optimizer.param_groups):
@@ -201,8 +207,9 @@ class Strategy:
     def _held(
         self, module: nn.Module, optimizer: torch.optim.Optimizer
     ) -> Iterator[tuple[str, nn.Parameter, str, str | None, torch.Tensor]]:
-        """(name, parameter, kind, state key, tensor) for each parameter, its gradient and its optimizer states."""
-        for name, p in named_parameters(module):
+        """(name, parameter, kind, state key, tensor) for each trained parameter, its gradient and its optimizer
+        states."""
+        for name, p in trained_parameters(module):
             yield name, p, "weight", None, p
             if p.grad is not None:
                 yield name, p, "grad", None, p.grad
@@ -244,7 +251,7 @@ class Strategy:
     ) -> Iterator[tuple[str, dict, str]]:
         """States kept as Python numbers (key, holder, name): step counts of DeepSpeed's and bitsandbytes'
         optimizers per parameter, of apex's per param group."""
-        for name, p in named_parameters(module):
+        for name, p in trained_parameters(module):
             state = optimizer.state.get(p, {})
             for state_key, value in state.items():
                 if is_number(value):

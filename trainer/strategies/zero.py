@@ -38,6 +38,7 @@ from trainer.strategies.base import (
     group_numbers,
     init_optimizer_state,
     named_parameters,
+    trained_parameters,
 )
 from trainer.utils import require
 
@@ -231,7 +232,7 @@ class ZeroStrategy(Strategy):
         inner, rank = optimizer.optimizer, self.env.rank
         if self.stage != 3:
             group_of = {id(p): i for i, params in enumerate(optimizer.bit16_groups) for p in params}
-        for name, p in named_parameters(module):
+        for name, p in trained_parameters(module):  # a frozen parameter is in no optimizer partition
             if names is not None and name not in names:
                 continue
             if self.stage == 3:
@@ -339,8 +340,9 @@ class ZeroStrategy(Strategy):
             module.empty_partition_cache()
         out = {}
         for name, p in named_parameters(module):
-            if p.dtype != torch.float32:
-                # bf16/fp16 working weights: export the fp32 master, as every other strategy does.
+            if p.dtype != torch.float32 and p.requires_grad:
+                # bf16/fp16 working weights: export the fp32 master, as every other strategy does (a frozen
+                # parameter has none: it is exported as it is held).
                 full = self.deepspeed.utils.safe_get_full_fp32_param(p)  # a collective
                 if self.env.is_main:
                     out[name] = (

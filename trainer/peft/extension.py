@@ -1,0 +1,288 @@
+"""Adapters (LoRA, DoRA) as a loop extension (see trainer/extensions.py for the hooks).
+
+`before_wrap` freezes the base model and injects the peft library's own LoRA layers (`inject_adapter_in_model`,
+`use_dora` for DoRA) into the targeted linears, so that the saved `adapter/` is the peft format by
+construction and `peft.PeftModel.from_pretrained(base, "adapter/")` is its reader. The module names stay those
+of the HF model plus peft's (`q_proj.base_layer.weight`, `q_proj.lora_A.default.weight`): every strategy
+shards, reduces and checkpoints them like any parameter, and, the base being frozen, the optimizer and the
+checkpoints see only the adapters and `peft.train_also` (trainer/strategies/base.py `trained_parameters`).
+
+A checkpoint records which base it adapts (`checkpoint_state`: the model's name and a hash of its weights as
+built); resuming against another base is refused before any training. At the end, `export_weights` merges
+each adapter into its base weight for `hf/` (a plain `AutoModelForCausalLM`; under prune=keep_zeros the
+delta is masked, so the merged weight keeps the base's zeros) and `finish` writes `adapter/`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+from safetensors.torch import save_file
+from torch import nn
+
+from trainer.checkpoint import STATE_FILE
+from trainer.distributed import ParallelEnv, barrier
+from trainer.errors import CheckpointError, ConfigError
+from trainer.extensions import Extension
+
+ADAPTER_DIR = "adapter"
+ADAPTER = "default"  # the peft library's name of the one adapter
+STATE_KEY = "peft"  # in trainer_state.json
+
+
+def select_targets(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the linear modules the globs select; every glob must select at least one.
+
+    A glob without a dot matches the last part of a module's name (`q_proj`), one with dots the whole name
+    (`model.layers.0.*`)."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    out: set[str] = set()
+    for pattern in patterns:
+        hits = [
+            n for n in linears if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, f"*.{pattern}")
+        ]
+        if not hits:
+            examples = sorted({n.rpartition(".")[2] for n in linears})
+            raise ConfigError(
+                f"peft.targets pattern {pattern!r} matches no linear module of this model; its linears are named "
+                f"{examples} (a glob without a dot matches the last name part, e.g. q_proj; with dots the whole "
+                "name, e.g. 'model.layers.0.*')"
+            )
+        out.update(hits)
+    return sorted(out)
+
+
+def select_train_also(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the base parameters the globs select (matched like targets); every glob must select one."""
+    names = [n for n, _ in model.named_parameters()]
+    out: set[str] = set()
+    for pattern in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, f"*.{pattern}")]
+        if not hits:
+            raise ConfigError(
+                f"peft.train_also pattern {pattern!r} matches no parameter of this model; parameter names look "
+                f"like {names[:4]} (e.g. '*norm*' for the norms, lm_head.weight)"
+            )
+        out.update(hits)
+    return sorted(out)
+
+
+def weights_hash(model: nn.Module) -> str:
+    """xxh3-128 of every parameter (name, dtype, shape, bytes) as built: identifies the base exactly, whether
+    loaded from files or initialised from a seed."""
+    h = xxhash.xxh3_128()
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def lora_config(cfg: Any, targets: list[str], *, modules_to_save: list[str] | None = None, **kwargs: Any):
+    from peft import LoraConfig
+
+    p = cfg.peft
+    return LoraConfig(
+        r=int(p.rank),
+        lora_alpha=float(p.alpha),
+        lora_dropout=float(p.dropout),
+        target_modules=list(targets),
+        use_dora=p.name in ("dora",),
+        bias="none",
+        modules_to_save=modules_to_save or None,
+        **kwargs,
+    )
+
+
+def merge_adapters(
+    state_dict: dict[str, torch.Tensor],
+    targets: list[str],
+    *,
+    scaling: float,
+    keep_zeros: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The plain HF weights of an adapted state dict: each target's W + s B A (DoRA: m * (W + s B A) / ||.||
+    per output row), in the adapter's dtype; `keep_zeros`: the delta masked where W is zero, so the merged
+    weight keeps the base's (pruned) zeros. The peft library's `merge_and_unload` computes the same."""
+    out = dict(state_dict)
+    for name in targets:
+        base = out.pop(f"{name}.base_layer.weight")
+        a = out.pop(f"{name}.lora_A.{ADAPTER}.weight")
+        b = out.pop(f"{name}.lora_B.{ADAPTER}.weight")
+        magnitude = out.pop(f"{name}.lora_magnitude_vector.{ADAPTER}.weight", None)
+        w = base.to(a.dtype)
+        merged = w + scaling * (b @ a)
+        if magnitude is not None:
+            merged = (magnitude / torch.linalg.norm(merged, dim=1)).unsqueeze(1) * merged
+        if keep_zeros:
+            merged = torch.where(base == 0, torch.zeros_like(merged), merged)
+        out[f"{name}.weight"] = merged.contiguous()
+        if (bias := out.pop(f"{name}.base_layer.bias", None)) is not None:
+            out[f"{name}.bias"] = bias
+    return out
+
+
+class Adapters(Extension):
+    """LoRA or DoRA adapters for one run (`peft=lora|dora`)."""
+
+    name = "peft"
+
+    def __init__(self, cfg: Any, *, strategy: Any, env: ParallelEnv) -> None:
+        self.cfg, self.env, self.strategy = cfg, env, strategy
+        self.keep_zeros = cfg.prune.name in ("keep_zeros",)
+        self.targets: list[str] = []
+        self.train_also: list[str] = []
+        self.base: dict[str, Any] = {}
+        self.hf_model: nn.Module | None = None
+        self.module: nn.Module | None = None
+        self.adapter_state: dict[str, torch.Tensor] | None = None
+        self.num_trained = self.num_total = 0
+
+    @property
+    def scaling(self) -> float:
+        return float(self.cfg.peft.alpha) / int(self.cfg.peft.rank)
+
+    # ---- before wrapping ---------------------------------------------------------------------------
+
+    def before_wrap(self, model: nn.Module, *, resume: Path | None) -> None:
+        """Check the globs, record the base, refuse a checkpoint of another base, freeze, inject, unfreeze
+        `train_also`, and store the frozen base in `base_dtype`."""
+        from peft import inject_adapter_in_model
+
+        p, m = self.cfg.peft, self.cfg.model
+        self.targets = select_targets(model, list(p.targets))
+        self.train_also = select_train_also(model, list(p.train_also))
+        self.base = {
+            "name_or_path": m.name_or_path if m.source in ("pretrained",) else None,
+            "weights_xxh3_128": weights_hash(model),
+        }
+        if resume is not None:
+            self._check_base(resume)
+        model.requires_grad_(False)
+        inject_adapter_in_model(lora_config(self.cfg, self.targets), model, adapter_name=ADAPTER)
+        params = dict(model.named_parameters())
+        for name in self.train_also:
+            params[name].requires_grad_(True)
+        if p.base_dtype in ("bf16",):  # the adapters and train_also keep train.dtype
+            for param in params.values():
+                if not param.requires_grad:
+                    param.data = param.data.to(torch.bfloat16)
+        self.hf_model = model
+        self.num_trained = sum(x.numel() for x in params.values() if x.requires_grad)
+        self.num_total = sum(x.numel() for x in params.values())
+
+    def _check_base(self, resume: Path) -> None:
+        saved = json.loads((resume / STATE_FILE).read_text()).get(STATE_KEY)
+        if saved is None:
+            raise CheckpointError(
+                f"resume={resume}: the checkpoint holds no adapters (it was saved with peft=none) but "
+                f"peft={self.cfg.peft.name}; resume it with peft=none, or fine-tune its export: "
+                "model=hf model.name_or_path=RUN/hf"
+            )
+        base = saved["base"]
+        if base["weights_xxh3_128"] != self.base["weights_xxh3_128"]:
+            raise CheckpointError(
+                f"resume={resume}: its adapters were trained on another base model (saved: "
+                f"{base['name_or_path'] or 'model.source=config'}, weights hash {base['weights_xxh3_128']}; now: "
+                f"{self.base['name_or_path'] or 'model.source=config'}, {self.base['weights_xxh3_128']}); resume with "
+                "the model group it was saved with (model.*, train.seed for a model built from its config)"
+            )
+
+    # ---- after wrapping, checkpoints ---------------------------------------------------------------
+
+    def after_setup(self, strategy: Any, module: nn.Module, optimizer: Any) -> None:
+        self.strategy, self.module = strategy, module
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        p = self.cfg.peft
+        return {
+            STATE_KEY: {
+                "base": self.base,
+                "name": str(p.name),
+                "rank": int(p.rank),
+                "alpha": float(p.alpha),
+                "targets": self.targets,
+                "train_also": self.train_also,
+            }
+        }
+
+    # ---- exports -----------------------------------------------------------------------------------
+
+    def export_weights(
+        self, state_dict: dict[str, torch.Tensor], hf_model: nn.Module
+    ) -> tuple[dict[str, torch.Tensor], nn.Module]:
+        """The merged plain weights and a plain model to save them with (rank 0; others get {})."""
+        if not state_dict:
+            return state_dict, hf_model
+        self.adapter_state = self.peft_state_dict(state_dict)
+        merged = merge_adapters(state_dict, self.targets, scaling=self.scaling, keep_zeros=self.keep_zeros)
+        return merged, plain_model(hf_model.config, merged)
+
+    def peft_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The peft library's saved keys: `base_model.model.` + the name without the adapter's, and the
+        whole modules of `train_also` (its `modules_to_save`)."""
+        from peft.utils import get_peft_model_state_dict
+
+        out = get_peft_model_state_dict(self.hf_model, state_dict=state_dict, adapter_name=ADAPTER)
+        for module in self.modules_to_save():
+            out |= {k: v for k, v in state_dict.items() if k.startswith(f"{module}.")}
+        return {f"base_model.model.{k}": v.detach().contiguous().clone() for k, v in out.items()}
+
+    def modules_to_save(self) -> list[str]:
+        return sorted({name.rpartition(".")[0] for name in self.train_also})
+
+    def finish(self, run_dir: Path) -> None:
+        """adapter/: adapter_config.json and adapter_model.safetensors, as `PeftModel.save_pretrained` writes."""
+        if self.adapter_state is None:  # no hf/ export gathered the weights
+            full = self.strategy.full_state_dict(self.module)  # a collective
+            self.adapter_state = self.peft_state_dict(full) if full else {}
+        if self.env.is_main:
+            write_adapter(
+                run_dir / ADAPTER_DIR,
+                self.adapter_state,
+                lora_config(
+                    self.cfg,
+                    self.targets,
+                    modules_to_save=self.modules_to_save(),
+                    base_model_name_or_path=self.base["name_or_path"],
+                    inference_mode=True,
+                ),
+            )
+        barrier()
+
+    def summary_lines(self) -> list[str]:
+        share = self.num_trained / max(self.num_total, 1)
+        return [
+            f"peft={self.cfg.peft.name}: {self.num_trained / 1e6:.3f}M of {self.num_total / 1e6:.2f}M parameters "
+            f"trained ({100 * share:.2f}%), rank {self.cfg.peft.rank} on {len(self.targets)} linears; "
+            f"adapter/ (peft format) and hf/ (merged)"
+        ]
+
+
+def plain_model(config: Any, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """The model class of `config` without adapters, holding `state_dict` (built on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    model.tie_weights()
+    return model
+
+
+def write_adapter(out_dir: Path, state_dict: dict[str, torch.Tensor], config: Any) -> None:
+    """Written under a temporary name, then renamed: a half-written adapter/ is never taken for one."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state_dict, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(tmp))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.rename(tmp, out_dir)
