@@ -68,7 +68,8 @@ def validate_peft(cfg: Any) -> None:
     _check(p.rank > 0, f"peft.rank={p.rank}: must be a positive integer, e.g. peft.rank=8")
     _check(p.alpha > 0, f"peft.alpha={p.alpha}: must be > 0 (the delta is scaled by alpha / rank), e.g. 16")
     _check(
-        0.0 <= p.dropout < 1.0, f"peft.dropout={p.dropout}: must be in [0, 1) (0 turns the adapter dropout off)"
+        0.0 <= p.dropout < 1.0,
+        f"peft.dropout={p.dropout}: must be in [0, 1) (0 turns the adapter dropout off)",
     )
     _check(bool(p.targets), "peft.targets is empty: name the linears to adapt, e.g. [q_proj,v_proj]")
     _check(

@@ -1,0 +1,279 @@
+"""LoRA and DoRA adapters (peft=lora|dora): the peft library's layers against their formulas, the merged hf/
+export against the adapted forward, the adapter/ format through the peft library's own reader, adapter-only
+checkpoints that resume exactly, the strategies against the single process, and the refusals.
+
+Multi-rank tolerances are tests/test_strategies.py's: losses within 1e-4 relative, weights within 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from tests.conftest import TINY, compose_config, composition_error, make_trainer, run_command, train_losses
+from trainer.config import validate_config
+from trainer.errors import CheckpointError, ConfigError
+from trainer.peft.extension import ADAPTER, lora_config, merge_adapters, select_targets
+
+pytest.importorskip("peft")
+
+LORA = ["peft=lora", "peft.rank=4", "peft.alpha=8"]
+
+
+class Block(nn.Module):
+    """A one-linear model named like a transformer's projection."""
+
+    def __init__(self, in_features: int = 6, out_features: int = 5) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(in_features, out_features, bias=True)
+
+
+def adapted(name: str, *, rank: int = 2, alpha: float = 3.0) -> tuple[Block, Block]:
+    """A tiny layer and its copy with the peft library's adapter (B non-zero, so the delta is)."""
+    from peft import inject_adapter_in_model
+
+    torch.manual_seed(0)
+    plain = Block()
+    model = Block()
+    model.load_state_dict(plain.state_dict())
+    cfg = compose_config(f"peft={name}", f"peft.rank={rank}", f"peft.alpha={alpha}")
+    inject_adapter_in_model(lora_config(cfg, ["q_proj"]), model, adapter_name=ADAPTER)
+    with torch.no_grad():
+        model.q_proj.lora_B[ADAPTER].weight.normal_()
+        if name == "dora":
+            model.q_proj.lora_magnitude_vector[ADAPTER].weight.uniform_(0.5, 2.0)
+    return plain, model
+
+
+def test_lora_forward_is_w_x_plus_alpha_over_r_b_a_x():
+    plain, model = adapted("lora", rank=2, alpha=3.0)
+    x = torch.randn(4, 6)
+    a, b = model.q_proj.lora_A[ADAPTER].weight, model.q_proj.lora_B[ADAPTER].weight
+    want = plain.q_proj(x) + (3.0 / 2) * x @ a.T @ b.T
+    torch.testing.assert_close(model.q_proj(x), want)
+
+
+def test_dora_forward_is_the_magnitude_times_the_row_normalised_adapted_weight():
+    plain, model = adapted("dora", rank=2, alpha=3.0)
+    x = torch.randn(4, 6)
+    q = model.q_proj
+    w, bias = plain.q_proj.weight, plain.q_proj.bias
+    v = w + (3.0 / 2) * q.lora_B[ADAPTER].weight @ q.lora_A[ADAPTER].weight
+    m = q.lora_magnitude_vector[ADAPTER].weight
+    want = x @ ((m / torch.linalg.norm(v, dim=1)).unsqueeze(1) * v).T + bias
+    torch.testing.assert_close(q(x), want)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_merged_weights_give_the_adapted_forward(name):
+    plain, model = adapted(name)
+    merged = merge_adapters(model.state_dict(), ["q_proj"], scaling=3.0 / 2)
+    assert set(merged) == {"q_proj.weight", "q_proj.bias"}
+    plain.load_state_dict(merged)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(plain.q_proj(x), model.q_proj(x))
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_merge_under_keep_zeros_keeps_exactly_the_base_zeros(name):
+    plain, model = adapted(name)
+    with torch.no_grad():
+        model.q_proj.base_layer.weight[:, ::2] = 0.0  # a pruned base: half its columns
+    merged = merge_adapters(model.state_dict(), ["q_proj"], scaling=1.5, keep_zeros=True)
+    zeros = model.q_proj.base_layer.weight == 0
+    assert (merged["q_proj.weight"][zeros] == 0).all()
+    assert (merged["q_proj.weight"][~zeros] != 0).all()
+
+
+def test_target_globs_match_the_last_name_part_or_the_whole_name():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=40,
+        )
+    )
+    assert select_targets(model, ["q_proj"]) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
+    assert select_targets(model, ["model.layers.1.mlp.*"]) == [
+        f"model.layers.1.mlp.{n}" for n in ("down_proj", "gate_proj", "up_proj")
+    ]
+    with pytest.raises(ConfigError, match="'qproj' matches no linear module.*q_proj"):
+        select_targets(model, ["q_proj", "qproj"])
+
+
+def _run(tmp_path, *overrides: str):
+    trainer = make_trainer(tmp_path, *TINY, *overrides)
+    trainer.train()
+    return trainer
+
+
+def test_only_adapters_train_and_the_checkpoint_and_optimizer_hold_only_them(tmp_path):
+    trainer = _run(tmp_path, *LORA, "peft.train_also=[model.norm.weight]")
+    trained = {n for n, p in trainer.hf_model.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n for n in trained - {"model.norm.weight"})
+    assert "model.norm.weight" in trained
+    optimizer_params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert sum(p.numel() for p in optimizer_params) == sum(
+        p.numel() for p in trainer.hf_model.parameters() if p.requires_grad
+    )
+    state_numel = sum(v.numel() for s in trainer.optimizer.state.values() for v in s.values() if v.dim())
+    assert state_numel == 2 * sum(p.numel() for p in optimizer_params)  # AdamW's two moments, adapter-sized
+    shards = load_file(str(tmp_path / "checkpoints" / "step_00000006" / "shards" / "rank_00000.safetensors"))
+    models = {k.removeprefix("model/").partition("@")[0] for k in shards if k.startswith("model/")}
+    assert models == {n for n in trained}
+    assert all(".base_layer." not in k and "embed_tokens" not in k for k in shards)
+    hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert not any("lora" in k or "base_layer" in k for k in hf)  # a plain model
+
+
+def test_resume_from_an_adapter_checkpoint_is_exact(tmp_path):
+    whole = _run(
+        tmp_path / "whole", *LORA, "train.log_every=1", "scheduler=constant", "scheduler.decay_steps=6"
+    )
+    half = [
+        *LORA,
+        "train.log_every=1",
+        "scheduler=constant",
+        "scheduler.decay_steps=6",
+        "checkpoint.every_steps=3",
+        f"hydra.run.dir={tmp_path / 'half'}",
+    ]
+    _run(tmp_path / "half", *half, "train.max_steps=3")
+    _run(tmp_path / "half", *half, "resume=auto")
+    assert train_losses(tmp_path / "half") == train_losses(tmp_path / "whole")
+    a, b = (
+        load_file(str(tmp_path / "whole" / "hf" / "model.safetensors")),
+        load_file(str(tmp_path / "half" / "hf" / "model.safetensors")),
+    )
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert whole.step == 6
+
+
+def test_resume_against_another_base_or_without_adapters_is_refused_before_training(tmp_path):
+    _run(tmp_path / "lora", *LORA, "train.max_steps=2")
+    with pytest.raises(CheckpointError, match="another base model"):
+        make_trainer(tmp_path / "lora", *TINY, *LORA, "train.seed=7", "resume=auto")
+    with pytest.raises(CheckpointError, match="has no tensor for"):  # the base is not in it
+        make_trainer(tmp_path / "lora", *TINY, "resume=auto")
+    _run(tmp_path / "full", "train.max_steps=2")
+    with pytest.raises(CheckpointError, match="holds no adapters"):
+        make_trainer(tmp_path / "full", *TINY, *LORA, "resume=auto")
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_adapter_dir_loads_with_peft_and_gives_the_same_logits_as_the_merged_hf_export(name, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trainer = _run(tmp_path, f"peft={name}", "peft.rank=4", "peft.train_also=['*norm*']")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_dora"] is (name == "dora") and config["r"] == 4
+    # The base: the adapted model's frozen weights under their plain names.
+    base_state = {
+        k.replace(".base_layer.", "."): v
+        for k, v in trainer.hf_model.state_dict().items()
+        if ".lora_" not in k
+    }
+    base = AutoModelForCausalLM.from_config(trainer.hf_model.config)
+    base.load_state_dict(base_state, strict=False)
+    base.tie_weights()
+    with_adapter = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = torch.randint(0, trainer.hf_model.config.vocab_size, (2, 16))
+    trainer.hf_model.eval()
+    with torch.no_grad():
+        want = trainer.hf_model(ids).logits
+        torch.testing.assert_close(with_adapter(ids).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_base_trains_fp32_adapters_under_bf16_autocast(tmp_path):
+    trainer = _run(tmp_path, *LORA, "peft.base_dtype=bf16", "precision=bf16", "train.max_steps=2")
+    dtypes = {p.dtype for p in trainer.hf_model.parameters() if not p.requires_grad}
+    assert dtypes == {torch.bfloat16}
+    assert {p.dtype for p in trainer.hf_model.parameters() if p.requires_grad} == {torch.float32}
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["peft.rank=0"], "peft.rank=0: must be a positive"),
+        (["peft.alpha=0"], "peft.alpha=0.0: must be > 0"),
+        (["peft.dropout=1.0"], r"peft.dropout=1.0: must be in \[0, 1\)"),
+        (["prune=magnitude", "prune.sparsity=0.5"], "prune=magnitude with peft=lora: the base is frozen"),
+        (["peft.base_dtype=bf16"], "peft.base_dtype=bf16 with precision=fp32"),
+        (["quant=int8_weight"], "quant=int8_weight with peft=lora"),
+    ],
+)
+def test_bad_peft_values_are_refused_before_any_work(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_config(compose_config(*TINY, *LORA, *overrides))
+
+
+def test_nf4_is_not_offered_and_unknown_targets_fail_before_wrapping(tmp_path):
+    assert "nf4" in composition_error("peft=lora", "peft.base_dtype=nf4")
+    with pytest.raises(ConfigError, match="'attn_proj' matches no linear"):
+        make_trainer(tmp_path, *TINY, *LORA, "peft.targets=[attn_proj]")
+    with pytest.raises(ConfigError, match="peft.train_also pattern 'nosuch' matches no parameter"):
+        make_trainer(tmp_path, *TINY, *LORA, "peft.train_also=[nosuch]")
+
+
+# ---- several ranks ------------------------------------------------------------------------------------------
+
+STEPS = 6
+COMMON = [
+    *TINY,
+    *LORA,
+    "peft.train_also=['*norm*']",
+    "train.micro_batch_size=2",
+    "train.log_every=1",
+    "scheduler=constant",
+]
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("lora_single")
+    run_command([*COMMON, f"hydra.run.dir={run_dir}"])
+    return run_dir
+
+
+def _assert_follows(reference, run_dir, steps):
+    want, got = train_losses(reference), train_losses(run_dir)
+    for step in steps:
+        assert got[step] == pytest.approx(want[step], rel=1e-4), (step, want, got)
+    for part in ("hf/model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(reference / part)), load_file(str(run_dir / part))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=f"{part}: {k}")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
+def test_adapters_on_two_ranks_follow_the_single_process(strategy, lora_reference, tmp_path):
+    run_command([*COMMON, f"strategy={strategy}", f"hydra.run.dir={tmp_path}"], nproc=2)
+    _assert_follows(lora_reference, tmp_path, range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("first,second", [(("fsdp", 2), ("single", 1)), (("zero3", 2), ("fsdp", 2))])
+def test_adapter_checkpoint_resumes_under_another_strategy_and_world_size(
+    first, second, lora_reference, tmp_path
+):
+    half = [*COMMON, "checkpoint.every_steps=3", f"hydra.run.dir={tmp_path}"]
+    run_command([*half, f"strategy={first[0]}", "train.max_steps=3"], nproc=first[1])
+    run_command([*half, f"strategy={second[0]}", "resume=auto"], nproc=second[1])
+    _assert_follows(lora_reference, tmp_path, range(4, STEPS + 1))
