@@ -14,7 +14,16 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from tests.conftest import TINY, compose_config, composition_error, make_trainer, run_command, train_losses
+from tests.conftest import (
+    TINY,
+    TINY_LOOP,
+    TINY_MARKOV,
+    compose_config,
+    composition_error,
+    make_trainer,
+    run_command,
+    train_losses,
+)
 from trainer.config import validate_config
 from trainer.errors import CheckpointError, ConfigError
 from trainer.peft.extension import ADAPTER, lora_config, merge_adapters, select_targets
@@ -40,8 +49,8 @@ def adapted(name: str, *, rank: int = 2, alpha: float = 3.0) -> tuple[Block, Blo
     plain = Block()
     model = Block()
     model.load_state_dict(plain.state_dict())
-    cfg = compose_config(f"peft={name}", f"peft.rank={rank}", f"peft.alpha={alpha}")
-    inject_adapter_in_model(lora_config(cfg, ["q_proj"]), model, adapter_name=ADAPTER)
+    config = lora_config(name, rank=rank, alpha=alpha, targets=["q_proj"])
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     with torch.no_grad():
         model.q_proj.lora_B[ADAPTER].weight.normal_()
         if name == "dora":
@@ -277,3 +286,22 @@ def test_adapter_checkpoint_resumes_under_another_strategy_and_world_size(
     run_command([*half, f"strategy={first[0]}", "train.max_steps=3"], nproc=first[1])
     run_command([*half, f"strategy={second[0]}", "resume=auto"], nproc=second[1])
     _assert_follows(lora_reference, tmp_path, range(4, STEPS + 1))
+
+
+def test_export_turns_an_adapter_checkpoint_into_the_runs_hf_and_adapter(tmp_path):
+    from trainer.export import export_checkpoint
+
+    _run(tmp_path / "base", "train.max_steps=0")  # hf/: a pretrained base to adapt
+    base = [*TINY_LOOP, *TINY_MARKOV, "model=hf", f"model.name_or_path={tmp_path / 'base' / 'hf'}"]
+    trainer = make_trainer(tmp_path / "run", *base, "peft=dora", "peft.rank=4", "peft.train_also=['*norm*']")
+    trainer.train()
+    out = tmp_path / "exported"
+    export_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000006", out)
+    for got, want in ((out, tmp_path / "run" / "hf"), (out / "adapter", tmp_path / "run" / "adapter")):
+        name = "adapter_model.safetensors" if got.name == "adapter" else "model.safetensors"
+        a, b = load_file(str(want / name)), load_file(str(got / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base" / "hf") and config["use_dora"]

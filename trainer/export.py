@@ -19,6 +19,7 @@ loaded under the same rule.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -182,10 +183,29 @@ def load_checkpoint_model(
 def export_checkpoint(
     checkpoint: Path, output: Path, *, run_dir: Path | None = None, trust_remote_code: bool = False
 ) -> None:
+    if export_adapters(checkpoint, output, trust_remote_code=trust_remote_code):
+        return
     model, tokenizer = load_checkpoint_model(checkpoint, run_dir=run_dir, trust_remote_code=trust_remote_code)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output), safe_serialization=True)
     tokenizer.save_pretrained(str(output))
+
+
+def export_adapters(checkpoint: Path, output: Path, *, trust_remote_code: bool = False) -> bool:
+    """A checkpoint of a peft=lora|dora run (only adapters, a reference to the base): `output` gets the merged
+    model, `output/adapter/` the adapters in the peft format; False for any other checkpoint. The peft code
+    is imported only for such a checkpoint."""
+    state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
+    if "peft" not in state:
+        return False
+    from trainer.peft.export import export_adapter_checkpoint
+
+    problems = checkpoint_problems(checkpoint)
+    if problems:
+        raise CheckpointError(f"{checkpoint} is damaged: {'; '.join(problems)}")
+    config, tokenizer, trust = describe_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
+    export_adapter_checkpoint(checkpoint, output, config=config, tokenizer=tokenizer, trust_remote_code=trust)
+    return True
 
 
 def check_checkpoint(checkpoint: Path) -> None:

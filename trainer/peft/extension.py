@@ -85,16 +85,25 @@ def weights_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def lora_config(cfg: Any, targets: list[str], *, modules_to_save: list[str] | None = None, **kwargs: Any):
+def lora_config(
+    name: str,
+    *,
+    rank: int,
+    alpha: float,
+    targets: list[str],
+    dropout: float = 0.0,
+    modules_to_save: list[str] | None = None,
+    **kwargs: Any,
+):
+    """The peft library's config of our adapters: `name` is lora or dora, `targets` full module names."""
     from peft import LoraConfig
 
-    p = cfg.peft
     return LoraConfig(
-        r=int(p.rank),
-        lora_alpha=float(p.alpha),
-        lora_dropout=float(p.dropout),
+        r=int(rank),
+        lora_alpha=float(alpha),
+        lora_dropout=float(dropout),
         target_modules=list(targets),
-        use_dora=p.name in ("dora",),
+        use_dora=name in ("dora",),
         bias="none",
         modules_to_save=modules_to_save or None,
         **kwargs,
@@ -149,6 +158,12 @@ class Adapters(Extension):
     def scaling(self) -> float:
         return float(self.cfg.peft.alpha) / int(self.cfg.peft.rank)
 
+    def lora_config(self, **kwargs: Any):
+        p = self.cfg.peft
+        return lora_config(
+            str(p.name), rank=p.rank, alpha=p.alpha, dropout=p.dropout, targets=self.targets, **kwargs
+        )
+
     # ---- before wrapping ---------------------------------------------------------------------------
 
     def before_wrap(self, model: nn.Module, *, resume: Path | None) -> None:
@@ -161,12 +176,13 @@ class Adapters(Extension):
         self.train_also = select_train_also(model, list(p.train_also))
         self.base = {
             "name_or_path": m.name_or_path if m.source in ("pretrained",) else None,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "weights_xxh3_128": weights_hash(model),
         }
         if resume is not None:
             self._check_base(resume)
         model.requires_grad_(False)
-        inject_adapter_in_model(lora_config(self.cfg, self.targets), model, adapter_name=ADAPTER)
+        inject_adapter_in_model(self.lora_config(), model, adapter_name=ADAPTER)
         params = dict(model.named_parameters())
         for name in self.train_also:
             params[name].requires_grad_(True)
@@ -208,8 +224,10 @@ class Adapters(Extension):
                 "name": str(p.name),
                 "rank": int(p.rank),
                 "alpha": float(p.alpha),
+                "dropout": float(p.dropout),
                 "targets": self.targets,
                 "train_also": self.train_also,
+                "keep_zeros": self.keep_zeros,
             }
         }
 
@@ -219,37 +237,32 @@ class Adapters(Extension):
         self, state_dict: dict[str, torch.Tensor], hf_model: nn.Module
     ) -> tuple[dict[str, torch.Tensor], nn.Module]:
         """The merged plain weights and a plain model to save them with (rank 0; others get {})."""
+        # Every rank: the weights are gathered now, `finish` must not gather them again (a collective).
+        self.adapter_state = (
+            peft_state_dict(self.hf_model, state_dict, modules_to_save=self.modules_to_save())
+            if state_dict
+            else {}
+        )
         if not state_dict:
             return state_dict, hf_model
-        self.adapter_state = self.peft_state_dict(state_dict)
         merged = merge_adapters(state_dict, self.targets, scaling=self.scaling, keep_zeros=self.keep_zeros)
         return merged, plain_model(hf_model.config, merged)
 
-    def peft_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The peft library's saved keys: `base_model.model.` + the name without the adapter's, and the
-        whole modules of `train_also` (its `modules_to_save`)."""
-        from peft.utils import get_peft_model_state_dict
-
-        out = get_peft_model_state_dict(self.hf_model, state_dict=state_dict, adapter_name=ADAPTER)
-        for module in self.modules_to_save():
-            out |= {k: v for k, v in state_dict.items() if k.startswith(f"{module}.")}
-        return {f"base_model.model.{k}": v.detach().contiguous().clone() for k, v in out.items()}
-
     def modules_to_save(self) -> list[str]:
-        return sorted({name.rpartition(".")[0] for name in self.train_also})
+        return modules_of(self.train_also)
 
     def finish(self, run_dir: Path) -> None:
         """adapter/: adapter_config.json and adapter_model.safetensors, as `PeftModel.save_pretrained` writes."""
-        if self.adapter_state is None:  # no hf/ export gathered the weights
-            full = self.strategy.full_state_dict(self.module)  # a collective
-            self.adapter_state = self.peft_state_dict(full) if full else {}
+        if self.adapter_state is None:  # no hf/ export gathered the weights (train.export_hf=false)
+            full = self.strategy.full_state_dict(self.module)  # a collective, on every rank
+            self.adapter_state = (
+                peft_state_dict(self.hf_model, full, modules_to_save=self.modules_to_save()) if full else {}
+            )
         if self.env.is_main:
             write_adapter(
                 run_dir / ADAPTER_DIR,
                 self.adapter_state,
-                lora_config(
-                    self.cfg,
-                    self.targets,
+                self.lora_config(
                     modules_to_save=self.modules_to_save(),
                     base_model_name_or_path=self.base["name_or_path"],
                     inference_mode=True,
@@ -264,6 +277,23 @@ class Adapters(Extension):
             f"trained ({100 * share:.2f}%), rank {self.cfg.peft.rank} on {len(self.targets)} linears; "
             f"adapter/ (peft format) and hf/ (merged)"
         ]
+
+
+def modules_of(parameters: list[str]) -> list[str]:
+    return sorted({name.rpartition(".")[0] for name in parameters})
+
+
+def peft_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], *, modules_to_save: list[str]
+) -> dict[str, torch.Tensor]:
+    """The peft library's saved keys of an adapted `model`'s state dict: `base_model.model.` + the name without
+    the adapter's, and the whole modules that train in full (its `modules_to_save`)."""
+    from peft.utils import get_peft_model_state_dict
+
+    out = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=ADAPTER)
+    for module in modules_to_save:
+        out |= {k: v for k, v in state_dict.items() if k.startswith(f"{module}.")}
+    return {f"base_model.model.{k}": v.detach().contiguous().clone() for k, v in out.items()}
 
 
 def plain_model(config: Any, state_dict: dict[str, torch.Tensor]) -> nn.Module:
