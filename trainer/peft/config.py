@@ -63,7 +63,7 @@ def check_peft_installed() -> None:
 def validate_peft(cfg: Any) -> None:
     """The peft group's values and the combinations that cannot work (cfg is the whole run config)."""
     p = cfg.peft
-    if p.name == "none":
+    if p.name is PeftName.none:
         return
     _check(p.rank > 0, f"peft.rank={p.rank}: must be a positive integer, e.g. peft.rank=8")
     _check(p.alpha > 0, f"peft.alpha={p.alpha}: must be > 0 (the delta is scaled by alpha / rank), e.g. 16")
