@@ -1,5 +1,5 @@
-"""What each command imports: evaluating or quantizing a model (a checkpoint included) runs no distillation and
-no pruning code, since a checkpoint describes its model itself."""
+"""What each command imports: evaluating or quantizing a model (a checkpoint included) runs no distillation,
+pruning or adapter code, since a checkpoint describes its model itself."""
 
 import json
 import subprocess
@@ -18,7 +18,7 @@ RUN_AND_LIST = textwrap.dedent(
 
     module, sys.argv = sys.argv[1], sys.argv[1:]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
-    features = ("trainer.distill", "trainer.prune")
+    features = ("trainer.distill", "trainer.prune", "trainer.peft")
     loaded = sorted(m for m in sys.modules if any(m == f or m.startswith(f + ".") for f in features))
     print("IMPORTED " + json.dumps(loaded))
     """
