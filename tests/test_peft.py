@@ -241,53 +241,6 @@ def test_nf4_is_not_offered_and_unknown_targets_fail_before_wrapping(tmp_path):
         make_trainer(tmp_path, *TINY, *LORA, "peft.train_also=[nosuch]")
 
 
-# ---- several ranks ------------------------------------------------------------------------------------------
-
-STEPS = 6
-COMMON = [
-    *TINY,
-    *LORA,
-    "peft.train_also=['*norm*']",
-    "train.micro_batch_size=2",
-    "train.log_every=1",
-    "scheduler=constant",
-]
-
-
-@pytest.fixture(scope="module")
-def lora_reference(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("lora_single")
-    run_command([*COMMON, f"hydra.run.dir={run_dir}"])
-    return run_dir
-
-
-def _assert_follows(reference, run_dir, steps):
-    want, got = train_losses(reference), train_losses(run_dir)
-    for step in steps:
-        assert got[step] == pytest.approx(want[step], rel=1e-4), (step, want, got)
-    for part in ("hf/model.safetensors", "adapter/adapter_model.safetensors"):
-        a, b = load_file(str(reference / part)), load_file(str(run_dir / part))
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=f"{part}: {k}")
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
-def test_adapters_on_two_ranks_follow_the_single_process(strategy, lora_reference, tmp_path):
-    run_command([*COMMON, f"strategy={strategy}", f"hydra.run.dir={tmp_path}"], nproc=2)
-    _assert_follows(lora_reference, tmp_path, range(1, STEPS + 1))
-
-
-@pytest.mark.parametrize("first,second", [(("fsdp", 2), ("single", 1)), (("zero3", 2), ("fsdp", 2))])
-def test_adapter_checkpoint_resumes_under_another_strategy_and_world_size(
-    first, second, lora_reference, tmp_path
-):
-    half = [*COMMON, "checkpoint.every_steps=3", f"hydra.run.dir={tmp_path}"]
-    run_command([*half, f"strategy={first[0]}", "train.max_steps=3"], nproc=first[1])
-    run_command([*half, f"strategy={second[0]}", "resume=auto"], nproc=second[1])
-    _assert_follows(lora_reference, tmp_path, range(4, STEPS + 1))
-
-
 def test_export_turns_an_adapter_checkpoint_into_the_runs_hf_and_adapter(tmp_path):
     from trainer.export import export_checkpoint
 
@@ -305,3 +258,61 @@ def test_export_turns_an_adapter_checkpoint_into_the_runs_hf_and_adapter(tmp_pat
             assert torch.equal(a[k], b[k]), k
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tmp_path / "base" / "hf") and config["use_dora"]
+
+
+# ---- several ranks ------------------------------------------------------------------------------------------
+
+STEPS = 6
+COMMON = [
+    *TINY,
+    "peft.rank=4",
+    "peft.alpha=8",
+    "peft.train_also=['*norm*']",
+    "train.micro_batch_size=2",
+    "train.log_every=1",
+    "scheduler=constant",
+]
+
+
+@pytest.fixture(scope="module")
+def single_runs(tmp_path_factory):
+    """peft name -> its single-process run directory, run on first use."""
+    runs = {}
+
+    def get(name: str):
+        if name not in runs:
+            runs[name] = tmp_path_factory.mktemp(f"{name}_single")
+            run_command([*COMMON, f"peft={name}", f"hydra.run.dir={runs[name]}"])
+        return runs[name]
+
+    return get
+
+
+def _assert_follows(reference, run_dir, steps):
+    want, got = train_losses(reference), train_losses(run_dir)
+    for step in steps:
+        assert got[step] == pytest.approx(want[step], rel=1e-4), (step, want, got)
+    for part in ("hf/model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(reference / part)), load_file(str(run_dir / part))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=f"{part}: {k}")
+
+
+@pytest.mark.parametrize(
+    "name,strategy",
+    [("lora", s) for s in ("ddp", "fsdp", "zero2", "zero3")] + [("dora", "fsdp"), ("dora", "zero3")],
+)
+def test_adapters_on_two_ranks_follow_the_single_process(name, strategy, single_runs, tmp_path):
+    run_command([*COMMON, f"peft={name}", f"strategy={strategy}", f"hydra.run.dir={tmp_path}"], nproc=2)
+    _assert_follows(single_runs(name), tmp_path, range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("first,second", [(("fsdp", 2), ("single", 1)), (("zero3", 2), ("fsdp", 2))])
+def test_adapter_checkpoint_resumes_under_another_strategy_and_world_size(
+    first, second, single_runs, tmp_path
+):
+    half = [*COMMON, "peft=lora", "checkpoint.every_steps=3", f"hydra.run.dir={tmp_path}"]
+    run_command([*half, f"strategy={first[0]}", "train.max_steps=3"], nproc=first[1])
+    run_command([*half, f"strategy={second[0]}", "resume=auto"], nproc=second[1])
+    _assert_follows(single_runs("lora"), tmp_path, range(4, STEPS + 1))
