@@ -260,6 +260,20 @@ def test_export_turns_an_adapter_checkpoint_into_the_runs_hf_and_adapter(tmp_pat
     assert config["base_model_name_or_path"] == str(tmp_path / "base" / "hf") and config["use_dora"]
 
 
+def test_a_pruned_base_fine_tuned_with_adapters_keeps_its_zeros_in_the_merged_export(tmp_path):
+    _run(tmp_path / "pruned", "train.max_steps=0", "prune=magnitude", "prune.sparsity=0.5")
+    base = [*TINY_LOOP, *TINY_MARKOV, "model=hf", f"model.name_or_path={tmp_path / 'pruned' / 'hf'}"]
+    trainer = make_trainer(tmp_path / "run", *base, *LORA, "prune=keep_zeros")
+    assert [ext.name for ext in trainer.extensions] == ["peft"]  # the frozen base keeps its zeros itself
+    trainer.train()
+    pruned = load_file(str(tmp_path / "pruned" / "hf" / "model.safetensors"))
+    merged = load_file(str(tmp_path / "run" / "hf" / "model.safetensors"))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    zeros = pruned[q] == 0
+    assert zeros.float().mean() == pytest.approx(0.5, abs=0.02)
+    assert (merged[q][zeros] == 0).all() and not torch.equal(merged[q], pruned[q])
+
+
 # ---- several ranks ------------------------------------------------------------------------------------------
 
 STEPS = 6
