@@ -19,7 +19,6 @@ from tests.conftest import (
     TINY_LOOP,
     TINY_MARKOV,
     compose_config,
-    composition_error,
     make_trainer,
     run_command,
     train_losses,
@@ -233,8 +232,7 @@ def test_bad_peft_values_are_refused_before_any_work(overrides, match):
         validate_config(compose_config(*TINY, *LORA, *overrides))
 
 
-def test_nf4_is_not_offered_and_unknown_targets_fail_before_wrapping(tmp_path):
-    assert "nf4" in composition_error("peft=lora", "peft.base_dtype=nf4")
+def test_unknown_targets_and_train_also_fail_before_wrapping(tmp_path):
     with pytest.raises(ConfigError, match="'attn_proj' matches no linear"):
         make_trainer(tmp_path, *TINY, *LORA, "peft.targets=[attn_proj]")
     with pytest.raises(ConfigError, match="peft.train_also pattern 'nosuch' matches no parameter"):
@@ -274,6 +272,33 @@ def test_a_pruned_base_fine_tuned_with_adapters_keeps_its_zeros_in_the_merged_ex
     assert (merged[q][zeros] == 0).all() and not torch.equal(merged[q], pruned[q])
 
 
+NF4_MODEL = ["model.arch.hidden_size=128", "model.arch.intermediate_size=256"]
+
+
+def test_nf4_base_trains_lora_and_the_merged_export_is_the_dequantized_base_plus_the_delta(tmp_path):
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
+    from transformers import AutoModelForCausalLM
+
+    trainer = _run(tmp_path, *NF4_MODEL, *LORA, "peft.base_dtype=nf4")
+    layer = trainer.hf_model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer.weight, NF4Tensor)
+    assert not isinstance(trainer.hf_model.model.embed_tokens.weight, NF4Tensor)  # only the adapted linears
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = torch.randint(0, trainer.hf_model.config.vocab_size, (2, 16))
+    trainer.hf_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, trainer.hf_model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_nf4_refuses_dora_and_layers_its_blocks_do_not_divide(tmp_path):
+    with pytest.raises(ConfigError, match="nf4 with peft=dora"):
+        validate_config(compose_config(*TINY, "peft=dora", "peft.base_dtype=nf4"))
+    with pytest.raises(
+        ConfigError, match="model.layers.0.mlp.down_proj has 2048 weights, not a multiple of 16384"
+    ):
+        make_trainer(tmp_path, *TINY, *LORA, "peft.base_dtype=nf4")
+
+
 # ---- several ranks ------------------------------------------------------------------------------------------
 
 STEPS = 6
@@ -293,11 +318,11 @@ def single_runs(tmp_path_factory):
     """peft name -> its single-process run directory, run on first use."""
     runs = {}
 
-    def get(name: str):
-        if name not in runs:
-            runs[name] = tmp_path_factory.mktemp(f"{name}_single")
-            run_command([*COMMON, f"peft={name}", f"hydra.run.dir={runs[name]}"])
-        return runs[name]
+    def get(name: str, *extra: str):
+        if (name, extra) not in runs:
+            runs[name, extra] = tmp_path_factory.mktemp(f"{name}_single")
+            run_command([*COMMON, f"peft={name}", *extra, f"hydra.run.dir={runs[name, extra]}"])
+        return runs[name, extra]
 
     return get
 
@@ -313,13 +338,26 @@ def _assert_follows(reference, run_dir, steps):
             torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=f"{part}: {k}")
 
 
-@pytest.mark.parametrize(
-    "name,strategy",
-    [("lora", s) for s in ("ddp", "fsdp", "zero2", "zero3")] + [("dora", "fsdp"), ("dora", "zero3")],
+# FSDP2 splits an NF4 weight's blocks and scales over the ranks: a model wide enough for 2 shards.
+NF4_WIDE = (
+    "peft.base_dtype=nf4",
+    "model.arch.hidden_size=256",
+    "model.arch.intermediate_size=512",
+    "model.arch.num_attention_heads=4",
+    "model.arch.num_key_value_heads=4",
 )
-def test_adapters_on_two_ranks_follow_the_single_process(name, strategy, single_runs, tmp_path):
-    run_command([*COMMON, f"peft={name}", f"strategy={strategy}", f"hydra.run.dir={tmp_path}"], nproc=2)
-    _assert_follows(single_runs(name), tmp_path, range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize(
+    "name,strategy,extra",
+    [("lora", s, ()) for s in ("ddp", "fsdp", "zero2", "zero3")]
+    + [("dora", "fsdp", ()), ("dora", "zero3", ()), ("lora", "ddp", NF4_WIDE), ("lora", "fsdp", NF4_WIDE)],
+)
+def test_adapters_on_two_ranks_follow_the_single_process(name, strategy, extra, single_runs, tmp_path):
+    run_command(
+        [*COMMON, f"peft={name}", *extra, f"strategy={strategy}", f"hydra.run.dir={tmp_path}"], nproc=2
+    )
+    _assert_follows(single_runs(name, *extra), tmp_path, range(1, STEPS + 1))
 
 
 @pytest.mark.parametrize("first,second", [(("fsdp", 2), ("single", 1)), (("zero3", 2), ("fsdp", 2))])

@@ -20,9 +20,9 @@ from trainer.utils import DISTRIBUTION
 # `none` (every weight trains), `lora` (low-rank deltas B A on frozen linears), `dora` (LoRA with a learned
 # per-output-row magnitude: m * (W + s B A) / ||W + s B A||).
 PeftName = Choice("PeftName", "none lora dora")
-# The frozen base's storage: `float` keeps train.dtype; `bf16` halves its memory (needs precision=bf16).
-# nf4 (QLoRA) is not offered yet.
-BaseDtype = Choice("BaseDtype", "float bf16")
+# The frozen base's storage: `float` keeps train.dtype; `bf16` halves its memory (needs precision=bf16); `nf4`
+# stores the targeted linears' weights in 4-bit NormalFloat (QLoRA; torchao's NF4Tensor).
+BaseDtype = Choice("BaseDtype", "float bf16 nf4")
 
 
 @dataclass
@@ -88,4 +88,14 @@ def validate_peft(cfg: Any) -> None:
         f"peft.base_dtype=bf16 with precision={cfg.precision.name}: a bf16 base computes only under bf16 "
         "autocast; set precision=bf16 (the adapters and their optimizer states stay in train.dtype)",
     )
+    _check(
+        p.base_dtype != "nf4" or p.name in ("lora",),
+        "peft.base_dtype=nf4 with peft=dora: DoRA reads the whole base weight to normalise it, which the peft "
+        "library cannot dequantize from torchao's NF4Tensor; use peft=lora with nf4, or base_dtype=bf16/float",
+    )
     check_peft_installed()
+    if p.base_dtype in ("nf4",) and importlib.util.find_spec("torchao") is None:
+        raise MissingPackageError(
+            "peft.base_dtype=nf4 stores the base in torchao's NF4Tensor; torchao is not installed: "
+            f"pip install '{DISTRIBUTION}[quant]' (or, in this checkout, pip install -e '.[quant]')"
+        )

@@ -74,6 +74,34 @@ def select_train_also(model: nn.Module, patterns: list[str]) -> list[str]:
     return sorted(out)
 
 
+NF4_BLOCK, NF4_SCALER_BLOCK = (
+    64,
+    256,
+)  # torchao's defaults (QLoRA's): 64 weights per scale, 256 scales per scale
+
+
+def to_nf4_weights(model: nn.Module, targets: list[str], *, shards: int = 1) -> None:
+    """The targeted linears' frozen base weights as torchao NF4Tensors (QLoRA); the rest of the base stays.
+
+    `shards`: FSDP2 splits each NF4Tensor's blocks and scales over the ranks, so their counts must divide."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    modules = dict(model.named_modules())
+    unit = NF4_BLOCK * NF4_SCALER_BLOCK * shards
+    bad = [n for n in targets if modules[n].base_layer.weight.numel() % unit]
+    if bad:
+        raise ConfigError(
+            f"peft.base_dtype=nf4: {bad[0]} has {modules[bad[0]].base_layer.weight.numel()} weights, not a "
+            f"multiple of {unit} (NF4 blocks of {NF4_BLOCK} weights, scales quantized {NF4_SCALER_BLOCK} at a time"
+            + (f", split over {shards} FSDP shards" if shards > 1 else "")
+            + f"; {len(bad)} layer(s) like it); leave them out of peft.targets or use peft.base_dtype=bf16"
+        )
+    for name in targets:
+        layer = modules[name].base_layer
+        weight = to_nf4(layer.weight.detach(), NF4_BLOCK, NF4_SCALER_BLOCK)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+
+
 def weights_hash(model: nn.Module) -> str:
     """xxh3-128 of every parameter (name, dtype, shape, bytes) as built: identifies the base exactly, whether
     loaded from files or initialised from a seed."""
@@ -126,12 +154,12 @@ def merge_adapters(
         a = out.pop(f"{name}.lora_A.{ADAPTER}.weight")
         b = out.pop(f"{name}.lora_B.{ADAPTER}.weight")
         magnitude = out.pop(f"{name}.lora_magnitude_vector.{ADAPTER}.weight", None)
-        w = base.to(a.dtype)
+        w = base.to(a.dtype)  # an NF4 base dequantized: the weight the adapter trained against
         merged = w + scaling * (b @ a)
         if magnitude is not None:
             merged = (magnitude / torch.linalg.norm(merged, dim=1)).unsqueeze(1) * merged
         if keep_zeros:
-            merged = torch.where(base == 0, torch.zeros_like(merged), merged)
+            merged = torch.where(w == 0, torch.zeros_like(merged), merged)
         out[f"{name}.weight"] = merged.contiguous()
         if (bias := out.pop(f"{name}.base_layer.bias", None)) is not None:
             out[f"{name}.bias"] = bias
@@ -145,6 +173,11 @@ class Adapters(Extension):
 
     def __init__(self, cfg: Any, *, strategy: Any, env: ParallelEnv) -> None:
         self.cfg, self.env, self.strategy = cfg, env, strategy
+        if cfg.peft.base_dtype in ("nf4",) and strategy.flat_partitions:
+            raise ConfigError(
+                f"peft.base_dtype=nf4 with {strategy}: DeepSpeed cannot partition torchao's NF4Tensor; use "
+                "strategy=fsdp to shard an NF4 base (or single, ddp), or peft.base_dtype=bf16 under ZeRO"
+            )
         self.keep_zeros = cfg.prune.name in ("keep_zeros",)
         self.targets: list[str] = []
         self.train_also: list[str] = []
@@ -190,6 +223,9 @@ class Adapters(Extension):
             for param in params.values():
                 if not param.requires_grad:
                     param.data = param.data.to(torch.bfloat16)
+        elif p.base_dtype in ("nf4",):
+            shards = self.env.world_size if self.strategy.dtensor_parameters else 1
+            to_nf4_weights(model, self.targets, shards=shards)
         self.hf_model = model
         self.num_trained = sum(x.numel() for x in params.values() if x.requires_grad)
         self.num_total = sum(x.numel() for x in params.values())
