@@ -352,6 +352,7 @@ NF4_WIDE = (
     "name,strategy,extra",
     [("lora", s, ()) for s in ("ddp", "fsdp", "zero2", "zero3")]
     + [("dora", "fsdp", ()), ("dora", "zero3", ()), ("lora", "ddp", NF4_WIDE), ("lora", "fsdp", NF4_WIDE)],
+    ids=lambda v: ("nf4" if v else "float") if isinstance(v, tuple) else v,
 )
 def test_adapters_on_two_ranks_follow_the_single_process(name, strategy, extra, single_runs, tmp_path):
     run_command(

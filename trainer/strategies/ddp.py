@@ -19,6 +19,10 @@ class DDPStrategy(Strategy):
         self, module: nn.Module, make_optimizer: OptimizerFactory
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         module = self._prepare(module)
+        # Frozen parameters (an adapter's base) are the same on every rank by construction and get no gradient:
+        # DDP need not broadcast them at start (its flat buckets cannot hold an NF4 base's tensor subclass).
+        frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(module, device_ids=ids)
         return ddp, make_optimizer(ddp)
