@@ -30,6 +30,8 @@ from trainer.peft.extension import ADAPTER, lora_config, merge_adapters, select_
 pytest.importorskip("peft")
 
 LORA = ["peft=lora", "peft.rank=4", "peft.alpha=8"]
+# Wide enough for NF4's blocks (64 weights) and block scales (256 at a time): 128 x 128 weights.
+NF4_MODEL = ["model.arch.hidden_size=128", "model.arch.intermediate_size=256"]
 
 
 class Block(nn.Module):
@@ -239,12 +241,16 @@ def test_unknown_targets_and_train_also_fail_before_wrapping(tmp_path):
         make_trainer(tmp_path, *TINY, *LORA, "peft.train_also=[nosuch]")
 
 
-def test_export_turns_an_adapter_checkpoint_into_the_runs_hf_and_adapter(tmp_path):
+@pytest.mark.parametrize(
+    "adapter", [["peft=dora"], ["peft=lora", "peft.base_dtype=nf4"]], ids=["dora", "lora-nf4"]
+)
+def test_export_turns_an_adapter_checkpoint_into_the_runs_hf_and_adapter(adapter, tmp_path):
     from trainer.export import export_checkpoint
 
-    _run(tmp_path / "base", "train.max_steps=0")  # hf/: a pretrained base to adapt
+    model = NF4_MODEL if "peft.base_dtype=nf4" in adapter else []
+    _run(tmp_path / "base", *model, "train.max_steps=0")  # hf/: a pretrained base to adapt
     base = [*TINY_LOOP, *TINY_MARKOV, "model=hf", f"model.name_or_path={tmp_path / 'base' / 'hf'}"]
-    trainer = make_trainer(tmp_path / "run", *base, "peft=dora", "peft.rank=4", "peft.train_also=['*norm*']")
+    trainer = make_trainer(tmp_path / "run", *base, *adapter, "peft.rank=4", "peft.train_also=['*norm*']")
     trainer.train()
     out = tmp_path / "exported"
     export_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000006", out)
@@ -255,7 +261,8 @@ def test_export_turns_an_adapter_checkpoint_into_the_runs_hf_and_adapter(tmp_pat
         for k in a:
             assert torch.equal(a[k], b[k]), k
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(tmp_path / "base" / "hf") and config["use_dora"]
+    assert config["base_model_name_or_path"] == str(tmp_path / "base" / "hf")
+    assert config["use_dora"] is ("peft=dora" in adapter)
 
 
 def test_a_pruned_base_fine_tuned_with_adapters_keeps_its_zeros_in_the_merged_export(tmp_path):
@@ -270,9 +277,6 @@ def test_a_pruned_base_fine_tuned_with_adapters_keeps_its_zeros_in_the_merged_ex
     zeros = pruned[q] == 0
     assert zeros.float().mean() == pytest.approx(0.5, abs=0.02)
     assert (merged[q][zeros] == 0).all() and not torch.equal(merged[q], pruned[q])
-
-
-NF4_MODEL = ["model.arch.hidden_size=128", "model.arch.intermediate_size=256"]
 
 
 def test_nf4_base_trains_lora_and_the_merged_export_is_the_dequantized_base_plus_the_delta(tmp_path):

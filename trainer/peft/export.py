@@ -25,6 +25,7 @@ from trainer.peft.extension import (
     modules_of,
     peft_state_dict,
     plain_model,
+    store_base,
     weights_hash,
     write_adapter,
 )
@@ -65,11 +66,16 @@ def export_adapter_checkpoint(
             "of its weights differs); export with the base files the run used"
         )
     targets = list(state["targets"])
+    # As in training: the base frozen, then the adapters (created trainable) and train_also trainable.
+    model.requires_grad_(False)
     inject_adapter_in_model(
         lora_config(state["name"], rank=state["rank"], alpha=state["alpha"], targets=targets),
         model,
         adapter_name=ADAPTER,
     )
+    for param in state["train_also"]:
+        model.get_parameter(param).requires_grad_(True)
+    store_base(model, state.get("base_dtype", "float"), targets)  # the base the adapters trained against
     reader = ShardReader(Path(checkpoint) / "shards")
     trained = {
         key.removeprefix("model/"): reader.read(key, 0, math.prod(shape)).view(shape)

@@ -74,6 +74,17 @@ def select_train_also(model: nn.Module, patterns: list[str]) -> list[str]:
     return sorted(out)
 
 
+def store_base(model: nn.Module, base_dtype: str, targets: list[str], *, shards: int = 1) -> None:
+    """The frozen base in `base_dtype` (after injection; the adapters and train_also keep train.dtype): bf16
+    for every frozen parameter, nf4 for the targeted linears' weights, float as it is."""
+    if base_dtype in ("bf16",):
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
+    elif base_dtype in ("nf4",):
+        to_nf4_weights(model, targets, shards=shards)
+
+
 NF4_BLOCK, NF4_SCALER_BLOCK = (
     64,
     256,
@@ -219,13 +230,8 @@ class Adapters(Extension):
         params = dict(model.named_parameters())
         for name in self.train_also:
             params[name].requires_grad_(True)
-        if p.base_dtype in ("bf16",):  # the adapters and train_also keep train.dtype
-            for param in params.values():
-                if not param.requires_grad:
-                    param.data = param.data.to(torch.bfloat16)
-        elif p.base_dtype in ("nf4",):
-            shards = self.env.world_size if self.strategy.dtensor_parameters else 1
-            to_nf4_weights(model, self.targets, shards=shards)
+        shards = self.env.world_size if self.strategy.dtensor_parameters else 1
+        store_base(model, str(p.base_dtype), self.targets, shards=shards)
         self.hf_model = model
         self.num_trained = sum(x.numel() for x in params.values() if x.requires_grad)
         self.num_total = sum(x.numel() for x in params.values())
@@ -264,6 +270,7 @@ class Adapters(Extension):
                 "targets": self.targets,
                 "train_also": self.train_also,
                 "keep_zeros": self.keep_zeros,
+                "base_dtype": str(p.base_dtype),
             }
         }
 
