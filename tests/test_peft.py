@@ -140,10 +140,16 @@ def test_only_adapters_train_and_the_checkpoint_and_optimizer_hold_only_them(tmp
     )
     state_numel = sum(v.numel() for s in trainer.optimizer.state.values() for v in s.values() if v.dim())
     assert state_numel == 2 * sum(p.numel() for p in optimizer_params)  # AdamW's two moments, adapter-sized
-    shards = load_file(str(tmp_path / "checkpoints" / "step_00000006" / "shards" / "rank_00000.safetensors"))
+    shard_file = tmp_path / "checkpoints" / "step_00000006" / "shards" / "rank_00000.safetensors"
+    shards = load_file(str(shard_file))
     models = {k.removeprefix("model/").partition("@")[0] for k in shards if k.startswith("model/")}
     assert models == {n for n in trained}
     assert all(".base_layer." not in k and "embed_tokens" not in k for k in shards)
+    trained_numel = sum(p.numel() for p in optimizer_params)
+    total_numel = sum(p.numel() for p in trainer.hf_model.parameters())
+    assert trained_numel < total_numel / 4
+    # fp32 weights and two moments of what trains, plus the header: far from the whole model's
+    assert shard_file.stat().st_size < 3 * 4 * trained_numel + 64 * 1024
     hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert not any("lora" in k or "base_layer" in k for k in hf)  # a plain model
 
