@@ -240,11 +240,13 @@ def test_bad_peft_values_are_refused_before_any_work(overrides, match):
         validate_config(compose_config(*TINY, *LORA, *overrides))
 
 
-def test_unknown_targets_and_train_also_fail_before_wrapping(tmp_path):
+def test_unknown_or_tied_targets_and_unknown_train_also_fail_before_wrapping(tmp_path):
     with pytest.raises(ConfigError, match="'attn_proj' matches no linear"):
         make_trainer(tmp_path, *TINY, *LORA, "peft.targets=[attn_proj]")
     with pytest.raises(ConfigError, match="peft.train_also pattern 'nosuch' matches no parameter"):
         make_trainer(tmp_path, *TINY, *LORA, "peft.train_also=[nosuch]")
+    with pytest.raises(ConfigError, match="lm_head.weight is tied to model.embed_tokens.weight"):
+        make_trainer(tmp_path, *TINY, *LORA, "peft.targets=[q_proj,lm_head]")
 
 
 @pytest.mark.parametrize(

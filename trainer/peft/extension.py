@@ -56,6 +56,16 @@ def select_targets(model: nn.Module, patterns: list[str]) -> list[str]:
                 "name, e.g. 'model.layers.0.*')"
             )
         out.update(hits)
+    owner = {id(p): n for n, p in model.named_parameters()}  # a tied weight is listed once, by its first name
+    modules = dict(model.named_modules())
+    for name in sorted(out):
+        first = owner[id(modules[name].weight)]
+        if first != f"{name}.weight":
+            raise ConfigError(
+                f"peft.targets: {name}.weight is tied to {first}; an adapter on it would untie them in the merged "
+                f"model. Leave {name} out of peft.targets, or train the shared weight in full: "
+                f"peft.train_also=[{first}]"
+            )
     return sorted(out)
 
 
