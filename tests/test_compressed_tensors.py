@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig, OPTConfig
 
 from trainer.data.tokenizer import build_wordlevel_tokenizer
 from trainer.errors import ConfigError
@@ -295,6 +295,25 @@ def test_an_unknown_scheme_is_refused_naming_the_schemes_and_writes_nothing(toke
 def test_gptq_schemes_without_calibration_are_refused_naming_w8a16(scheme, tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="needs calibration batches.*scheme=w8a16"):
         export_compressed_tensors(tiny_llama(len(tokenizer)), tokenizer, tmp_path / "out", scheme=scheme)
+
+
+def test_w8a8_on_a_model_without_rmsnorm_blocks_is_refused_naming_the_weight_only_schemes(tmp_path):
+    config = OPTConfig(
+        vocab_size=128,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+    )
+    model = AutoModelForCausalLM.from_config(
+        config
+    ).eval()  # LayerNorm, not RMSNorm: nowhere to fold the scales
+    with pytest.raises(ConfigError, match="OPTForCausalLM does not have; use scheme=w8a16 or w4a16"):
+        export_compressed_tensors(
+            model, None, tmp_path / "out", scheme="w8a8", calibration=calibration_batches(128)
+        )
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_int8_smooth_model_is_refused_naming_w8a8_on_the_float_model(tokenizer, tmp_path):

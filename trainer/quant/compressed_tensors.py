@@ -59,7 +59,7 @@ def export_compressed_tensors(
     format (config.json with its `quantization_config`, model.safetensors, the tokenizer's files); returns
     `output_dir`.
 
-    `calibration`: batches of input ids (on the model's device) for SmoothQuant's activation ranges and
+    `calibration`: batches of input ids (moved to the model's device) for SmoothQuant's activation ranges and
     GPTQ's Hessians; needed by w8a8 and w4a16, optional for w8a16 (GPTQ when given, else rounding to
     nearest). `keep_float`: linears whose names contain one of these stay float, besides the LM head.
     `group_size` (w4a16): columns per scale, lowered to the largest divisor of it that divides every
@@ -73,7 +73,8 @@ def export_compressed_tensors(
     """
     bits, act_quant, grouped = _check_scheme(scheme)
     _check_float(model)
-    calibration = list(calibration or [])
+    device = next(model.parameters()).device
+    calibration = [ids.to(device) for ids in calibration or []]
     if scheme in ("w8a8", "w4a16") and not calibration:
         raise ConfigError(
             f"scheme={scheme} rounds its weights by GPTQ{' after SmoothQuant' if act_quant else ''}, which "
@@ -94,7 +95,10 @@ def export_compressed_tensors(
     }
     ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in targets]
     if not targets:
-        raise ConfigError(f"keep_float={keep_float} leaves no linear layer to quantize")
+        raise ConfigError(
+            f"{type(model).__name__} has no nn.Linear layer to quantize outside keep_float={keep}: "
+            "compressed-tensors quantizes Linear modules (GPT-2's Conv1D layers are not); keep fewer layers float"
+        )
     group = _group_size(targets, group_size) if grouped else None
 
     model.eval()
