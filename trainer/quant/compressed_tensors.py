@@ -72,6 +72,9 @@ def export_compressed_tensors(
     name beside `output_dir` and renamed: a failed export leaves nothing at `output_dir`.
     """
     bits, act_quant, grouped = _check_scheme(scheme)
+    ct = require("compressed_tensors", extra="compressed-tensors", package="compressed-tensors")
+    from compressed_tensors.compressors import ModelCompressor
+
     _check_float(model)
     device = next(model.parameters()).device
     calibration = [ids.to(device) for ids in calibration or []]
@@ -83,9 +86,6 @@ def export_compressed_tensors(
         )
     if group_size < 1:
         raise ConfigError(f"group_size={group_size}: must be >= 1, e.g. 128")
-    ct = require("compressed_tensors", extra="compressed-tensors", package="compressed-tensors")
-    from compressed_tensors.compressors import ModelCompressor
-
     keep = ["lm_head", *(keep_float or [])]
     head = model.get_output_embeddings()
     targets = {
