@@ -325,6 +325,16 @@ def test_an_int8_smooth_model_is_refused_naming_w8a8_on_the_float_model(tokenize
         export_compressed_tensors(model, tokenizer, tmp_path / "out", scheme="w8a8", calibration=[])
 
 
+def test_a_torchao_quantized_model_is_refused_naming_the_float_export(tokenizer, tmp_path):
+    pytest.importorskip("torchao")
+    from trainer.quant import quantize_model
+
+    model = tiny_llama(len(tokenizer))
+    quantize_model(model, "int8_weight", keep_float=["lm_head"])
+    with pytest.raises(ConfigError, match="not a float tensor: the model is already quantized.*hf/ export"):
+        export_compressed_tensors(model, tokenizer, tmp_path / "out", scheme="w8a16")
+
+
 def test_a_model_loaded_from_a_compressed_tensors_export_is_refused(exported, tokenizer, tmp_path):
     _, out = exported["w8a16"]
     reloaded = AutoModelForCausalLM.from_pretrained(out)
