@@ -37,3 +37,7 @@ DTYPES: tuple[str, ...] = tuple(Dtype.__members__)  # plain strings, for checks 
 # `fp16` scales the loss dynamically; `fp8` is torchao float8 linears, bf16 elsewhere (compute capability 8.9+).
 # Here, not with the training schema, because QAT's checks (trainer/quant/config.py) ask about it too.
 PrecisionName = Choice("PrecisionName", "fp32 bf16 fp16 fp8")
+
+# Schemes of the compressed-tensors export (trainer/quant/compressed_tensors.py): int8 weights per channel with
+# float activations, int8 weights and activations (per token), int4 weights in groups.
+CompressedTensorsScheme = Choice("CompressedTensorsScheme", "w8a16 w8a8 w4a16")

@@ -27,22 +27,50 @@ def gptq_quantize(
     qmax: int = WEIGHT_QMAX,
     block_size: int = 128,
     damp: float = 0.01,
+    group_size: int | None = None,
+    keep_zeros: bool = False,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 values in -qmax..qmax, fp32 scale per row) of one linear's weight, rounded by GPTQ.
+    """(int8 values in -qmax..qmax, fp32 scales) of one linear's weight, rounded by GPTQ.
 
-    The scales are those of rounding to nearest (row max / qmax); only the rounding differs. With an
-    identity Hessian (uncorrelated inputs) nothing is spread and the result is rounding to nearest.
+    The scales are those of rounding to nearest (max |w| / qmax), one per row, or with `group_size` one per
+    row and group of that many columns (shape rows x groups), taken from the group's weights as updated
+    when the sweep reaches it (as GPTQ's reference code does). Scales are rounded to `scale_dtype` before
+    use, so that one stored in that dtype is the one the values were rounded with. `keep_zeros` keeps
+    every weight that is exactly zero at zero (a pruned model keeps its sparsity; the error of the others
+    is still spread, over the non-zeros). With an identity Hessian (uncorrelated inputs) nothing is spread
+    and the result is rounding to nearest.
     """
     w, hinv = inverse_hessian_factor(weight, hessian, damp=damp)
-    scale = (w.abs().amax(dim=1) / qmax).clamp(min=1e-8)
+    zeros = weight.detach() == 0 if keep_zeros else None
     q = torch.empty_like(w)
+    if group_size is None:
+        scale = _scale(w, qmax, scale_dtype)
+    else:
+        scale = torch.empty(w.shape[0], w.shape[1] // group_size, dtype=torch.float32, device=w.device)
+        block_size = max(block_size // group_size, 1) * group_size  # a group never straddles two blocks
 
     def round_column(w1: torch.Tensor, _hinv1: torch.Tensor, i1: int, i: int) -> torch.Tensor:
-        q[:, i1 + i] = torch.round(w1[:, i] / scale).clamp(-qmax, qmax)
-        return q[:, i1 + i] * scale
+        j = i1 + i
+        if group_size is None:
+            s = scale
+        else:
+            if j % group_size == 0:
+                scale[:, j // group_size] = _scale(w1[:, i : i + group_size], qmax, scale_dtype)
+            s = scale[:, j // group_size]
+        q[:, j] = torch.round(w1[:, i] / s).clamp(-qmax, qmax)
+        if zeros is not None:
+            q[:, j].masked_fill_(zeros[:, j], 0)
+        return q[:, j] * s
 
     sweep_columns(w, hinv, round_column, block_size=block_size)
     return q.to(torch.int8), scale
+
+
+def _scale(w: torch.Tensor, qmax: int, dtype: torch.dtype) -> torch.Tensor:
+    """max |w| / qmax per row, as `dtype` holds it (in fp32); 1 for a row of zeros (any scale rounds it to 0)."""
+    s = (w.abs().amax(dim=1) / qmax).clamp(min=1e-8).to(dtype).float()
+    return s.masked_fill_(s == 0, 1.0)  # 1e-8 is below float16's range
 
 
 @torch.no_grad()
