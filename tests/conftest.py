@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from tests.preloaded import PreloadedServer, preload_enabled
 from trainer.config import register_configs
 from trainer.evaluate_config import register_evaluate_configs
+from trainer.export_config import register_export_configs
 from trainer.pipeline_config import register_pipeline_configs
 from trainer.quant.config import register_quantize_configs
 from trainer.report_config import register_report_configs
@@ -56,6 +57,7 @@ TINY = TINY_MODEL + TINY_LOOP + TINY_MARKOV
 register_configs()
 register_quantize_configs()
 register_evaluate_configs()
+register_export_configs()
 register_report_configs()
 register_pipeline_configs()
 
