@@ -149,6 +149,17 @@ def test_gguf_rotary_rows_are_llama_cpps_permutation_and_transformers_inverts_it
     assert (torch.from_numpy(back) == weight).all()
 
 
+def test_tensor_types_follow_llama_cpp_norms_f32_short_rows_f16_and_a_q8_0_output_under_q4_0():
+    from trainer.gguf_export import tensor_type
+
+    assert tensor_type("blk.0.attn_norm.weight", (32,), "q4_0") == "f32"
+    assert tensor_type("blk.0.attn_q.weight", (32, 32), "q4_0") == "q4_0"
+    assert tensor_type("blk.0.ffn_down.weight", (32, 48), "q8_0") == "f16"  # 48 is not a multiple of 32
+    assert tensor_type("token_embd.weight", (320, 32), "q4_0", is_output=True) == "q8_0"
+    assert tensor_type("token_embd.weight", (320, 32), "bf16", is_output=True) == "bf16"
+    assert tensor_type("blk.0.ffn_down.weight", (32, 48), "bf16") == "bf16"
+
+
 def test_a_model_path_may_be_a_run_a_checkpoint_or_an_hf_export(bpe_run, reference, tmp_path):
     from transformers import AutoModelForCausalLM
 

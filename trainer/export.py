@@ -42,6 +42,7 @@ from trainer.checkpoint_model import (
 )
 from trainer.cli import run
 from trainer.errors import ConfigError, InputNotFoundError
+from trainer.export_config import validate_export
 from trainer.utils import loading_from
 
 __all__ = [  # the checkpoint functions this module has always offered (now in trainer/checkpoint_model.py)
@@ -106,15 +107,15 @@ def calibration_batches(cfg: Any, tokenizer: Any) -> list[torch.Tensor]:
 
 def export(cfg: Any) -> Path:
     """Export cfg.model_path in cfg.format to cfg.output_dir; returns the path written."""
-    from trainer.export_config import validate_export
-
     validate_export(cfg)
     _check_available(cfg.format)
     source = resolve_model_path(Path(cfg.model_path))
     output = Path(cfg.output_dir)
     check_output_dir(output, source=source, overwrite=cfg.overwrite)
     start = time.perf_counter()
-    model, tokenizer = load_model(source, trust_remote_code=cfg.trust_remote_code, run=cfg.format != "hf")
+    model, tokenizer = load_model(
+        source, trust_remote_code=cfg.trust_remote_code, runnable=cfg.format != "hf"
+    )
     with staged(output) as staging:
         EXPORTERS[str(cfg.format)](model, tokenizer, staging, cfg)
     written = sorted(p for p in output.rglob("*") if p.is_file())
@@ -175,12 +176,12 @@ def check_output_dir(output: Path, *, source: Path, overwrite: bool) -> None:
         raise ConfigError(f"output_dir={output} holds the model exported ({source}); give another directory")
 
 
-def load_model(source: Path, *, trust_remote_code: bool, run: bool) -> tuple[Any, Any]:
-    """The model and tokenizer of a checkpoint or an HF directory, in float32 on the CPU (on the meta device
-    where `run` is false and the model is only saved: only a checkpoint's tensors are real then)."""
+def load_model(source: Path, *, trust_remote_code: bool, runnable: bool) -> tuple[Any, Any]:
+    """The model and tokenizer of a checkpoint or an HF directory, in float32 on the CPU (a checkpoint's on
+    the meta device where it is only saved, not `runnable`: only its stored tensors are real then)."""
     if (source / STATE_FILE).is_file():
         return load_checkpoint_model(
-            source, device="cpu" if run else "meta", trust_remote_code=trust_remote_code
+            source, device="cpu" if runnable else "meta", trust_remote_code=trust_remote_code
         )
     from transformers import AutoModelForCausalLM
 
