@@ -264,3 +264,59 @@ def test_compressed_tensors_is_dispatched_to_its_function_or_refused_until_it_ex
     with pytest.raises(ConfigError, match="format=compressed_tensors: this checkout has no"):
         run_export(*args, f"output_dir={tmp_path / 'ct2'}")
     assert not (tmp_path / "ct2").exists()
+
+
+# Run in the interpreter TRAINER_LLAMA_CPP_PYTHON names (default: this one): llama.cpp's own reading of the file,
+# through llama-cpp-python, which compiles llama.cpp and is in no extra. Prints its tokenization of the text and
+# its greedy continuation of the prompt ids.
+LLAMA_CPP_SCRIPT = """
+import json, sys
+from llama_cpp import Llama
+
+path, text, prompt, count = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+llm = Llama(model_path=path, n_ctx=128, n_threads=1, verbose=False)
+ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+continuation = []
+for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
+    continuation.append(token)
+    if len(continuation) == count:
+        break
+print("RESULT " + json.dumps({"ids": ids, "continuation": continuation}))
+"""
+
+
+def test_llama_cpp_reads_the_f32_gguf_tokenizes_like_us_and_continues_greedily_like_us(
+    bpe_run, reference, tmp_path
+):
+    import json
+    import os
+    import pydoc_data.topics
+    import subprocess
+
+    python = os.environ.get("TRAINER_LLAMA_CPP_PYTHON", sys.executable)
+    probe = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"llama-cpp-python is not importable by {python} (set TRAINER_LLAMA_CPP_PYTHON)")
+    model, tokenizer, ids, _ = reference
+    out = run_export(f"model_path={bpe_run}", "format=gguf", "gguf.type=f32", f"output_dir={tmp_path / 'g'}")
+    text = pydoc_data.topics.topics["for"]
+    prompt = ids[0, :16].tolist()
+    proc = subprocess.run(
+        [python, "-c", LLAMA_CPP_SCRIPT, str(out / "model-f32.gguf"), text, json.dumps(prompt), "16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    theirs = json.loads(line.removeprefix("RESULT "))
+    assert theirs["ids"] == tokenizer(text).input_ids
+    with torch.no_grad():
+        ours = model.generate(
+            ids[:, :16],
+            max_new_tokens=16,
+            min_new_tokens=16,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    assert theirs["continuation"] == ours[0, 16:].tolist()

@@ -120,8 +120,9 @@ def export(cfg: Any) -> Path:
         EXPORTERS[str(cfg.format)](model, tokenizer, staging, cfg)
     written = sorted(p for p in output.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in written)
-    what = f"{cfg.format}" + (f" {cfg.gguf.type}" if cfg.format == "gguf" else "")
-    what += f" {cfg.scheme}" if cfg.format == "compressed_tensors" else ""
+    what = f"{cfg.format}" + {"gguf": f" {cfg.gguf.type}", "compressed_tensors": f" {cfg.scheme}"}.get(
+        str(cfg.format), ""
+    )
     shown = written[0] if len(written) == 1 else output
     print(
         f"exported {source} ({what}) in {time.perf_counter() - start:.1f}s: {size / 1e6:.2f} MB -> {shown}",
