@@ -181,9 +181,10 @@ def load_model(source: Path, *, trust_remote_code: bool, runnable: bool) -> tupl
     """The model and tokenizer of a checkpoint or an HF directory, in float32 on the CPU (a checkpoint's on
     the meta device where it is only saved, not `runnable`: only its stored tensors are real then)."""
     if (source / STATE_FILE).is_file():
-        return load_checkpoint_model(
+        model, tokenizer = load_checkpoint_model(
             source, device="cpu" if runnable else "meta", trust_remote_code=trust_remote_code
         )
+        return model.eval(), tokenizer
     from transformers import AutoModelForCausalLM
 
     from trainer.data.tokenizer import load_tokenizer
