@@ -333,6 +333,8 @@ def test_no_stored_file_makes_a_command_run_a_models_code(tmp_path):
     cases = [
         ("trainer.export", [str(old), str(out)]),
         ("trainer.export", [str(new), str(out)]),
+        ("trainer.export", [f"model_path={new}", f"output_dir={out}", "format=gguf"]),
+        ("trainer.export", [f"model_path={hub}", f"output_dir={out}"]),
         ("trainer.quantize", [f"model_path={new}", "scheme=int8_dynamic", f"output_dir={out}", "device=cpu"]),
         ("trainer.evaluate", [f"models=[{new}]", "device=cpu", f"output={out}.json"]),
         ("trainer.evaluate", [f"models=[{hub}]", "device=cpu", f"output={out}.json"]),
