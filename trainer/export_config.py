@@ -1,6 +1,6 @@
 """trainer.export's schema (conf/export.yaml). Beside the command, as each command's schema is, in a module
-that imports only Hydra, trainer.choices and the data group's schema: registering or composing it needs no
-model code and nothing of training's.
+that imports only Hydra, trainer.choices, trainer.errors and the data group's schema: registering or
+composing it needs no model code and nothing of training's.
 
 Every default lives in conf/export.yaml, which sets every key (tests/test_config.py checks both).
 """
