@@ -231,9 +231,6 @@ TEST_TIERS = {
         SLOW
     },  # 2 commands
     "test_exporting_a_checkpoint_imports_no_distillation_or_pruning_code": {SLOW},  # a fresh Python process
-    "test_llama_cpp_reads_the_f32_gguf_tokenizes_like_us_and_continues_greedily_like_us": {
-        SLOW
-    },  # loads llama.cpp
     "test_compiled_model_trains_to_the_same_losses": {SLOW},  # torch.compile (~47 s)
     "test_activation_checkpointing_gives_the_same_losses": {SLOW},  # 18 s measured, 2 shared cores
     "test_wandb_offline_and_tensorboard_log_the_metrics_and_a_resumed_run_continues_the_wandb_run": {SLOW},
