@@ -288,11 +288,13 @@ print("RESULT " + json.dumps({"ids": ids, "logits": logits, "continuation": cont
 """
 
 
-def test_llama_cpp_reads_the_f32_gguf_tokenizes_computes_and_continues_greedily_like_us(
+def test_llama_cpp_reads_every_gguf_type_tokenizes_computes_and_continues_greedily_like_us(
     bpe_run, reference, tmp_path
 ):
-    """llama.cpp on the f32 file: our ids on pydoc text; our logits on 16 tokens (measured difference 1.8e-7,
-    checked at 1e-5); and, on a model with random N(0, 0.3) matrices (the 6-step model repeats one token, which
+    """llama.cpp on the f32 file: our ids on pydoc text; our logits on 16 tokens (measured difference 1.2e-7,
+    checked at 1e-5); the other types within the bounds of transformers' reading (measured: f16 3.1e-4, bf16
+    2.3e-3, q8_0 6.4e-3, q4_0 4.9e-2: llama.cpp also rounds the activations to 8 bits for q8_0 and q4_0
+    matrices); and, on a model with random N(0, 0.3) matrices (the 6-step model repeats one token, which
     would test little), our greedy continuation of 16 tokens through its KV cache (measured: identical)."""
     import json
     import os
@@ -324,7 +326,21 @@ def test_llama_cpp_reads_the_f32_gguf_tokenizes_computes_and_continues_greedily_
     theirs = llama_cpp(out / "model-f32.gguf")
     assert theirs["ids"] == tokenizer(text).input_ids
     with torch.no_grad():
-        torch.testing.assert_close(torch.tensor(theirs["logits"]), model(prompt).logits[0], atol=1e-5, rtol=0)
+        expected = model(prompt).logits[0]
+    print(f"llama.cpp f32: max |logit error| = {(torch.tensor(theirs['logits']) - expected).abs().max():.1e}")
+    torch.testing.assert_close(torch.tensor(theirs["logits"]), expected, atol=1e-5, rtol=0)
+
+    for gguf_type, bound in RELATIVE_BOUND.items():  # the other types, within transformers' bounds
+        out = run_export(
+            f"model_path={bpe_run}",
+            "format=gguf",
+            f"gguf.type={gguf_type}",
+            f"output_dir={tmp_path / gguf_type}",
+        )
+        got = torch.tensor(llama_cpp(out / f"model-{gguf_type}.gguf")["logits"])
+        error = ((got - expected).abs().max() / expected.abs().max()).item()
+        print(f"llama.cpp {gguf_type}: max |logit error| / max |logit| = {error:.2e}")
+        assert error < bound, gguf_type
 
     torch.manual_seed(0)
     scrambled = AutoModelForCausalLM.from_config(model.config).eval()
