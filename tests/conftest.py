@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from tests.preloaded import PreloadedServer, preload_enabled
 from trainer.config import register_configs
 from trainer.evaluate_config import register_evaluate_configs
+from trainer.export_config import register_export_configs
 from trainer.pipeline_config import register_pipeline_configs
 from trainer.quant.config import register_quantize_configs
 from trainer.report_config import register_report_configs
@@ -56,6 +57,7 @@ TINY = TINY_MODEL + TINY_LOOP + TINY_MARKOV
 register_configs()
 register_quantize_configs()
 register_evaluate_configs()
+register_export_configs()
 register_report_configs()
 register_pipeline_configs()
 
@@ -230,6 +232,7 @@ TEST_TIERS = {
     "test_quantizing_and_evaluating_a_checkpoint_import_no_distillation_or_pruning_code": {
         SLOW
     },  # 2 commands
+    "test_exporting_a_checkpoint_imports_no_distillation_or_pruning_code": {SLOW},  # a fresh Python process
     "test_compiled_model_trains_to_the_same_losses": {SLOW},  # torch.compile (~47 s)
     "test_activation_checkpointing_gives_the_same_losses": {SLOW},  # 18 s measured, 2 shared cores
     "test_wandb_offline_and_tensorboard_log_the_metrics_and_a_resumed_run_continues_the_wandb_run": {SLOW},

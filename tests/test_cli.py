@@ -218,6 +218,11 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
         ("trainer.export", [str(missing), str(tmp_path / "out")], [str(missing)]),
         ("trainer.export", [str(run_dir), str(tmp_path / "out")], [str(run_dir), "step_00000004"]),
         (
+            "trainer.export",
+            [f"model_path={missing}", f"output_dir={tmp_path / 'out'}"],
+            [f"model_path={missing}"],
+        ),
+        (
             "trainer.quantize",
             [f"model_path={damaged}", "scheme=int8_dynamic", f"output_dir={tmp_path / 'q'}", "device=cpu"],
             [str(weights), "truncated"],
@@ -328,6 +333,8 @@ def test_no_stored_file_makes_a_command_run_a_models_code(tmp_path):
     cases = [
         ("trainer.export", [str(old), str(out)]),
         ("trainer.export", [str(new), str(out)]),
+        ("trainer.export", [f"model_path={new}", f"output_dir={out}", "format=gguf"]),
+        ("trainer.export", [f"model_path={hub}", f"output_dir={out}"]),
         ("trainer.quantize", [f"model_path={new}", "scheme=int8_dynamic", f"output_dir={out}", "device=cpu"]),
         ("trainer.evaluate", [f"models=[{new}]", "device=cpu", f"output={out}.json"]),
         ("trainer.evaluate", [f"models=[{hub}]", "device=cpu", f"output={out}.json"]),

@@ -69,3 +69,9 @@ def test_quantizing_and_evaluating_a_checkpoint_import_no_distillation_or_prunin
     )
     assert got == []
     assert [e["scheme"] for e in json.loads(output.read_text())] == ["float", "int8_smooth"]
+
+
+def test_exporting_a_checkpoint_imports_no_distillation_or_pruning_code(checkpoint, tmp_path):
+    got = imported_features("trainer.export", f"model_path={checkpoint}", f"output_dir={tmp_path / 'hf'}")
+    assert got == []
+    assert (tmp_path / "hf" / "config.json").is_file()

@@ -297,7 +297,7 @@ def unverified_note(path: Path) -> str:
 def find_checkpoint(path: str | Path) -> Path | None:
     """The complete checkpoint that `path` names: a step directory, the `latest` pointer file, or a run
     directory (its newest complete checkpoint). None when it names none of ours (e.g. a HF model directory).
-    Not verified here: loading it does that (`trainer.export.load_checkpoint_model`)."""
+    Not verified here: loading it does that (`trainer.checkpoint_model.load_checkpoint_model`)."""
     path = Path(path)
     if path.is_file():  # only the `latest` pointer names a checkpoint
         return None if path.name != LATEST else find_checkpoint(path.parent / path.read_text().strip())

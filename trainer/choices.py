@@ -38,6 +38,11 @@ DTYPES: tuple[str, ...] = tuple(Dtype.__members__)  # plain strings, for checks 
 # Here, not with the training schema, because QAT's checks (trainer/quant/config.py) ask about it too.
 PrecisionName = Choice("PrecisionName", "fp32 bf16 fp16 fp8")
 
+# trainer.export's formats (trainer/export_config.py): an HF directory, one llama.cpp GGUF file, or a
+# compressed-tensors directory (vLLM's quantized format).
+ExportFormat = Choice("ExportFormat", "hf gguf compressed_tensors")
+# The tensor types of a GGUF export (llama.cpp's names): float, or 8-/4-bit blocks of 32 weights with one scale.
+GgufType = Choice("GgufType", "f32 f16 bf16 q8_0 q4_0")
 # Schemes of the compressed-tensors export (trainer/quant/compressed_tensors.py): int8 weights per channel with
 # float activations, int8 weights and activations (per token), int4 weights in groups.
 CompressedTensorsScheme = Choice("CompressedTensorsScheme", "w8a16 w8a8 w4a16")

@@ -1,202 +1,238 @@
-"""Convert any checkpoint (any strategy, any world size) to a consolidated HF export.
+"""Write a model in another format: an HF directory, a llama.cpp GGUF file, or compressed-tensors.
 
+    python -m trainer.export model_path=DIR format=hf|gguf|compressed_tensors output_dir=OUT \
+        [overwrite=false] [gguf.type=f32|f16|bf16|q8_0|q4_0] [scheme=w8a16|w8a8|w4a16] [trust_remote_code=false]
     python -m trainer.export CHECKPOINT_DIR OUTPUT_DIR [--run-dir RUN_DIR] [--trust-remote-code]
 
-The model is rebuilt on the meta device from the config.json the checkpoint holds, filled tensor by
-tensor from the shard files and written with `save_pretrained` (safetensors) beside the checkpoint's
-tokenizer. No process group and no GPU are needed, and no distillation or pruning code runs: the
-checkpoint says what the model is. Checkpoints written before they held config.json are rebuilt from
-their run's resolved config (`RUN_DIR/.hydra/config.yaml`, RUN_DIR defaulting to the checkpoint's run
-directory), as before.
+The first form (conf/export.yaml, schema in trainer/export_config.py) takes an hf/ export, a checkpoint or a
+run directory (its latest checkpoint, else its hf/), and writes OUT through a staging directory beside it that
+is renamed at the end: a failed export leaves nothing under OUT, and an OUT that exists and is not empty is
+refused unless overwrite=true. Each format is one function in EXPORTERS, `(model, tokenizer, staging_dir,
+cfg)`, its module imported when it is asked for: hf (`save_pretrained`), gguf (trainer/gguf_export.py) and
+compressed_tensors (`trainer.quant.compressed_tensors.export_compressed_tensors`).
 
-A run directory is data, not code: a model's own code runs only when `--trust-remote-code` is on this
-command line (or `model.trust_remote_code=true` on the training command that loads a teacher), never
-because a stored config or config.json says so. The stored config's `model.trust_remote_code` is ignored,
-and the names it holds that point outside the run directory (the model, the tokenizer, a teacher) are
-loaded under the same rule.
+The second form, as before, is format=hf of one checkpoint (any strategy, any world size), written into
+OUTPUT_DIR as it is; `--run-dir` is read only for a checkpoint written before checkpoints held config.json
+(trainer/checkpoint_model.py). In both forms a model's own code runs only when this command line asks for it
+(`--trust-remote-code`, `trust_remote_code=true`), never because a stored config says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from omegaconf import OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from omegaconf import DictConfig
 
-from trainer.checkpoint import (
-    CONFIG_FILE,
-    STATE_FILE,
-    WRAPPER_ONLY_PREFIX,
-    checkpoint_problems,
-    describes_model,
-    find_checkpoint,
-    say,
-    unverified_note,
-)
+from trainer import checkpoint_model
+from trainer.checkpoint import STATE_FILE, checkpoint_problems, find_checkpoint
+from trainer.checkpoint_model import ModelDescription, describe_checkpoint, load_checkpoint_model
 from trainer.cli import run
-from trainer.data.tokenizer import load_tokenizer
-from trainer.errors import CheckpointError, ConfigError, CorruptFileError, InputNotFoundError
-from trainer.models import build_model_config
-from trainer.shards import ShardReader
-from trainer.utils import loading_from
+from trainer.errors import CheckpointError, ConfigError, InputNotFoundError
+from trainer.export_config import validate_export
+from trainer.utils import loading_from, staged
+
+__all__ = [  # the checkpoint functions this module has always offered (now in trainer/checkpoint_model.py)
+    "EXPORTERS",
+    "ModelDescription",
+    "export_adapters",
+    "describe_checkpoint",
+    "export",
+    "export_checkpoint",
+    "load_checkpoint_model",
+    "main",
+]
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-class ModelDescription(NamedTuple):
-    """What the model a checkpoint holds is, without its weights."""
-
-    config: PretrainedConfig
-    tokenizer: Any
-    trust_remote_code: bool  # building it runs the model's own code from the hub
+# ---- the formats: (model, tokenizer, staging directory, cfg) -> None, each module imported when asked -------
 
 
-def describe_checkpoint(
-    checkpoint: Path, *, run_dir: Path | None = None, trust_remote_code: bool = False
-) -> ModelDescription:
-    """The model a checkpoint holds: from its own config.json and tokenizer files, or, for a checkpoint
-    written before it held them, rebuilt from its run's resolved config (`run_dir` is read only then)."""
-    checkpoint = Path(checkpoint)
-    if describes_model(checkpoint):
-        with loading_from(str(checkpoint)):
-            config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
-            tokenizer = load_tokenizer(str(checkpoint), trust_remote_code=trust_remote_code)
-        return ModelDescription(config, tokenizer, trust_remote_code)
-    cfg, run_dir = _run_config(checkpoint, run_dir, trust_remote_code=trust_remote_code)
-    tokenizer = _run_tokenizer(cfg, run_dir)
-    return ModelDescription(_run_model_config(cfg, tokenizer), tokenizer, trust_remote_code)
+def _write_hf(model: Any, tokenizer: Any, out: Path, cfg: Any) -> None:
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
 
 
-# ---- checkpoints written before they held config.json: the model rebuilt from the run's config ----------
+def _write_gguf(model: Any, tokenizer: Any, out: Path, cfg: Any) -> None:
+    from trainer.gguf_export import export_gguf
+
+    export_gguf(model, tokenizer, out, gguf_type=str(cfg.gguf.type), name=Path(cfg.model_path).resolve().name)
 
 
-def _run_tokenizer(cfg: Any, run_dir: Path) -> Any:
-    trust = cfg.model.trust_remote_code  # the command line's: _run_config replaced the stored value
-    built = run_dir / "tokenizer"
-    if (built / "tokenizer.json").is_file():
-        with loading_from(str(built)):
-            return load_tokenizer(str(built), trust_remote_code=trust)
-    key = "data.tokenizer" if cfg.data.tokenizer else "model.name_or_path"
-    name = cfg.data.tokenizer or cfg.model.name_or_path
-    with loading_from(name, key=f"{key} (in {run_dir / '.hydra' / 'config.yaml'})"):
-        return load_tokenizer(name, trust_remote_code=trust)
+def _write_compressed_tensors(model: Any, tokenizer: Any, out: Path, cfg: Any) -> None:
+    from trainer.quant.compressed_tensors import export_compressed_tensors
 
-
-def _run_config(checkpoint: Path, run_dir: Path | None, *, trust_remote_code: bool) -> tuple[Any, Path]:
-    """The resolved config of the run a checkpoint belongs to, and that run's directory. Its
-    `model.trust_remote_code` is replaced by the command line's: a stored file never lets code run."""
-    run_dir = Path(run_dir) if run_dir else Path(checkpoint).parent.parent
-    config_file = run_dir / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        raise InputNotFoundError(
-            f"{checkpoint} has no {CONFIG_FILE} (it was written before checkpoints held one) and {config_file} "
-            "was not found: pass --run-dir, the run directory the checkpoint belongs to"
-        )
-    try:
-        cfg = OmegaConf.load(config_file)
-        cfg.model.trust_remote_code = trust_remote_code
-    except Exception as e:  # not YAML, or not a run's config
-        raise CorruptFileError(
-            f"{config_file}: not the resolved config of a training run ({' '.join(str(e).split())[:200]}); "
-            "pass --run-dir, the run directory the checkpoint belongs to"
-        ) from e
-    return cfg, run_dir
-
-
-def _run_model_config(cfg: Any, tokenizer: Any) -> PretrainedConfig:
-    """The transformers config of the model a run trained: from `model.*` or its distillation student's,
-    with the smaller shapes of structured pruning (the only place export imports distill or prune code)."""
-    trust = cfg.model.trust_remote_code  # the command line's: _run_config replaced the stored value
-    if cfg.get("distill") and cfg.distill.get("student_init", "model") == "teacher_layers":
-        from trainer.distill.student import kept_layers, student_config
-
-        d = cfg.distill
-        found = find_checkpoint(d.teacher)
-        kwargs = {"gguf_file": d.teacher_gguf_file} if d.get("teacher_gguf_file") else {}
-        if found:
-            teacher = describe_checkpoint(found, trust_remote_code=trust).config
-        else:
-            with loading_from(d.teacher, key="distill.teacher (in the run's .hydra/config.yaml)"):
-                teacher = AutoConfig.from_pretrained(d.teacher, trust_remote_code=trust, **kwargs)
-        keep = kept_layers(
-            teacher.num_hidden_layers, stride=d.student_layer_stride, layers=d.get("student_layers")
-        )
-        config = student_config(teacher, keep=keep)
-    elif cfg.model.source == "pretrained":
-        kwargs = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
-        with loading_from(cfg.model.name_or_path, key="model.name_or_path (in the run's .hydra/config.yaml)"):
-            config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=trust, **kwargs)
-    else:
-        config = build_model_config(cfg.model, vocab_size=len(tokenizer))
-    if OmegaConf.select(cfg, "prune.name") == "structured":  # runs from before the prune group had no key
-        from trainer.prune.structured import pruned_config  # the checkpoint holds the smaller shapes
-
-        p = cfg.prune
-        config = pruned_config(config, heads=p.heads, mlp_channels=p.mlp_channels, layers=list(p.drop_layers))
-    return config
-
-
-def load_checkpoint_model(
-    checkpoint: Path, *, run_dir: Path | None = None, device: str = "meta", trust_remote_code: bool = False
-) -> tuple[Any, Any]:
-    """The HF model a checkpoint holds, filled from its shards, and its tokenizer.
-
-    On the meta device (the default) only the checkpoint's tensors are real: enough to save, not to run.
-    Keys that are not the model's (a distillation run's projections) are left out. `run_dir` is read only
-    for a checkpoint without config.json (one written before checkpoints held it). The checkpoint's files are
-    verified against its manifest first (every file: the shards hold the optimizer states too), here in one
-    process with no process group, so a teacher loaded on each rank is checksummed by each.
-    """
-    checkpoint = Path(checkpoint)
-    problems = checkpoint_problems(checkpoint)
-    if problems:
-        raise CheckpointError(
-            f"{checkpoint} is damaged: {'; '.join(problems)}; use another checkpoints/step_XXXXXXXX of its run"
-        )
-    if problems is None:
-        say(unverified_note(checkpoint), once=True)
-    config, tokenizer, trust = describe_checkpoint(
-        checkpoint, run_dir=run_dir, trust_remote_code=trust_remote_code
+    export_compressed_tensors(
+        model, tokenizer, out, scheme=str(cfg.scheme), calibration=calibration_batches(cfg, tokenizer)
     )
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
-    reader = ShardReader(checkpoint / "shards")
-    state = {
-        key.removeprefix("model/"): reader.read(key, 0, math.prod(shape)).view(shape)
-        for key, shape in reader.shapes.items()
-        if key.startswith("model/") and not key.startswith(f"model/{WRAPPER_ONLY_PREFIX}")
-    }
-    result = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()  # a tied LM head is not in the checkpoint: it is the embedding
-    loaded = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in state}
-    missing = [k for k in result.missing_keys if id(model.get_parameter(k)) not in loaded]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"checkpoint and model disagree: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+
+
+EXPORTERS: dict[str, Callable[[Any, Any, Path, Any], None]] = {
+    "hf": _write_hf,
+    "gguf": _write_gguf,
+    "compressed_tensors": _write_compressed_tensors,
+}
+
+
+def calibration_batches(cfg: Any, tokenizer: Any) -> list[torch.Tensor]:
+    """The first calibration.batches x calibration.batch_size training sequences of the data group, tokenized
+    with the model's own tokenizer: LongTensors of [batch_size, data.seq_len] token ids."""
+    from trainer.data import build_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(str(Path(tmp) / "tokenizer"))
+        data_cfg = cfg.data.copy()
+        data_cfg.tokenizer = str(Path(tmp) / "tokenizer")
+        data = build_data(data_cfg, run_dir=Path(tmp))
+    c = cfg.calibration
+    return list(data.train.inputs[: c.batches * c.batch_size].split(c.batch_size))
+
+
+# ---- the Hydra form ---------------------------------------------------------------------------------------
+
+
+def export(cfg: Any) -> Path:
+    """Export cfg.model_path in cfg.format to cfg.output_dir; returns the path written."""
+    validate_export(cfg)
+    source = resolve_model_path(Path(cfg.model_path))
+    output = Path(cfg.output_dir)
+    check_output_dir(output, source=source, overwrite=cfg.overwrite)
+    start, named = time.perf_counter(), source
+    with contextlib.ExitStack() as stack:
+        if is_adapter_checkpoint(source):  # the merged model is what the formats take
+            merged = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            export_adapters(source, merged, trust_remote_code=cfg.trust_remote_code)
+            if cfg.format == "hf":  # the merged model and adapter/, as the training run writes them
+                with staged(output) as staging:
+                    shutil.copytree(merged, staging, dirs_exist_ok=True)
+                return _report(cfg, named, output, start)
+            source = merged
+        model, tokenizer = load_model(
+            source, trust_remote_code=cfg.trust_remote_code, runnable=cfg.format != "hf"
         )
-    return model, tokenizer
+        with staged(output) as staging:
+            EXPORTERS[str(cfg.format)](model, tokenizer, staging, cfg)
+    return _report(cfg, named, output, start)
+
+
+def _report(cfg: Any, source: Path, output: Path, start: float) -> Path:
+    written = sorted(p for p in output.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in written)
+    what = f"{cfg.format}" + {"gguf": f" {cfg.gguf.type}", "compressed_tensors": f" {cfg.scheme}"}.get(
+        str(cfg.format), ""
+    )
+    shown = written[0] if len(written) == 1 else output
+    print(
+        f"exported {source} ({what}) in {time.perf_counter() - start:.1f}s: {size / 1e6:.2f} MB -> {shown}",
+        flush=True,
+    )
+    return output
+
+
+def resolve_model_path(path: Path) -> Path:
+    """The checkpoint or HF directory `path` names: itself, or for a run directory its latest checkpoint,
+    else its hf/ export."""
+    if not path.exists():
+        raise InputNotFoundError(
+            f"model_path={path}: no such file or directory; give a run's hf/ export, one of its "
+            "checkpoints/step_XXXXXXXX directories or the run directory"
+        )
+    found = find_checkpoint(path)
+    if found is not None:
+        return found
+    if (path / "config.json").is_file():
+        return path
+    if (path / "hf" / "config.json").is_file():
+        return path / "hf"
+    raise InputNotFoundError(
+        f"model_path={path}: not a model (no config.json, no {STATE_FILE}, no checkpoints/ or hf/); give a "
+        "run's hf/ export, one of its checkpoints/step_XXXXXXXX directories or the run directory"
+    )
+
+
+def check_output_dir(output: Path, *, source: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output_dir={output} is a file; give a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"output_dir={output} exists and is not empty; give another directory, or overwrite=true to "
+            "replace it"
+        )
+    out, src = output.resolve(), source.resolve()
+    if out == src or src.is_relative_to(out):
+        raise ConfigError(f"output_dir={output} holds the model exported ({source}); give another directory")
+
+
+def load_model(source: Path, *, trust_remote_code: bool, runnable: bool) -> tuple[Any, Any]:
+    """The model and tokenizer of a checkpoint or an HF directory, in float32 on the CPU (a checkpoint's on
+    the meta device where it is only saved, not `runnable`: only its stored tensors are real then)."""
+    if (source / STATE_FILE).is_file():
+        model, tokenizer = load_checkpoint_model(
+            source, device="cpu" if runnable else "meta", trust_remote_code=trust_remote_code
+        )
+        return model.eval(), tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from trainer.data.tokenizer import load_tokenizer
+
+    with loading_from(str(source), key="model_path"):
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+        tokenizer = load_tokenizer(str(source), trust_remote_code=trust_remote_code)
+    return model.eval(), tokenizer
+
+
+def _hydra_main() -> None:
+    import hydra
+
+    from trainer.export_config import register_export_configs
+    from trainer.utils import register_package_resolver
+
+    register_export_configs()  # its own schemas only: exporting imports nothing of training's
+    register_package_resolver()
+
+    @hydra.main(version_base=None, config_path=CONF_DIR, config_name="export")
+    def hydra_main(cfg: DictConfig) -> None:
+        export(cfg)
+
+    hydra_main()
+
+
+# ---- the positional form (format=hf of one checkpoint, as before) -----------------------------------------
 
 
 def export_checkpoint(
     checkpoint: Path, output: Path, *, run_dir: Path | None = None, trust_remote_code: bool = False
 ) -> None:
-    if export_adapters(checkpoint, output, trust_remote_code=trust_remote_code):
-        return
-    model, tokenizer = load_checkpoint_model(checkpoint, run_dir=run_dir, trust_remote_code=trust_remote_code)
-    output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(output), safe_serialization=True)
-    tokenizer.save_pretrained(str(output))
+    """The HF export of one checkpoint into `output`; for an adapter checkpoint (peft=lora|dora) the merged
+    model, with the adapters in the peft format in `output/adapter/`."""
+    if not export_adapters(checkpoint, output, trust_remote_code=trust_remote_code):
+        checkpoint_model.export_checkpoint(
+            checkpoint, output, run_dir=run_dir, trust_remote_code=trust_remote_code
+        )
+
+
+def is_adapter_checkpoint(path: Path) -> bool:
+    state = Path(path) / STATE_FILE
+    return state.is_file() and "peft" in json.loads(state.read_text())
 
 
 def export_adapters(checkpoint: Path, output: Path, *, trust_remote_code: bool = False) -> bool:
     """A checkpoint of a peft=lora|dora run (only adapters, a reference to the base): `output` gets the merged
     model, `output/adapter/` the adapters in the peft format; False for any other checkpoint. The peft code
     is imported only for such a checkpoint."""
-    state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
-    if "peft" not in state:
+    if not is_adapter_checkpoint(checkpoint):
         return False
     from trainer.peft.export import export_adapter_checkpoint
 
@@ -232,8 +268,12 @@ def check_checkpoint(checkpoint: Path) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _positional_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Other formats and inputs: python -m trainer.export model_path=DIR format=FORMAT output_dir=OUT "
+        "(conf/export.yaml)",
+    )
     parser.add_argument("checkpoint", type=Path, help="a checkpoints/step_XXXXXXXX directory")
     parser.add_argument("output", type=Path, help="directory to write the HF export into")
     parser.add_argument(
@@ -253,6 +293,27 @@ def main(argv: list[str] | None = None) -> None:
         args.checkpoint, args.output, run_dir=args.run_dir, trust_remote_code=args.trust_remote_code
     )
     print(f"exported {args.checkpoint} to {args.output}")
+
+
+_HYDRA_FLAGS = ("--cfg", "-c", "--info", "--hydra-help", "--resolve", "--package", "-p")
+
+
+def is_hydra_form(argv: list[str]) -> bool:
+    """`key=value` overrides (or Hydra's own flags) rather than the positional CHECKPOINT OUTPUT."""
+    return any(a in _HYDRA_FLAGS or ("=" in a and not a.startswith("-")) for a in argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not is_hydra_form(argv):
+        _positional_main(argv)
+        return
+    saved = sys.argv
+    sys.argv = [saved[0], *argv]  # Hydra reads its overrides from sys.argv
+    try:
+        _hydra_main()
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -177,3 +179,30 @@ def write_atomic(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, value: Any) -> None:
     """`value` as indented JSON, written by `write_atomic`."""
     write_atomic(path, json.dumps(value, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def staged(output: Path) -> Iterator[Path]:
+    """A staging directory beside `output`, renamed to it when the block succeeds (replacing what was there)
+    and removed, with any parent directory made for it, when the block fails."""
+    made = [p for p in [output.parent, *output.parent.parents] if not p.exists()]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp's is 0o700; the export gets a plain directory's mode
+    try:
+        yield staging
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in made:  # innermost first
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -18,8 +18,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from trainer.checkpoint import find_checkpoint
+from trainer.checkpoint_model import load_checkpoint_model
 from trainer.errors import ConfigError
-from trainer.export import load_checkpoint_model
 from trainer.loss import causal_lm_loss
 from trainer.models import supports_fused_loss
 from trainer.utils import loading_from, require
@@ -46,7 +46,7 @@ def load_teacher(
     """The frozen teacher (on CPU, in `dtype`) and its tokenizer (None when it has none we can load).
 
     `trust_remote_code` is the training command's `model.trust_remote_code`: a teacher's own code runs only
-    then, never because the teacher's run directory or config.json says so (trainer/export.py)."""
+    then, never because the teacher's run directory or config.json says so (trainer/checkpoint_model.py)."""
     found = checkpoint_dir(d.teacher)
     if found is not None:
         model, tokenizer = load_checkpoint_model(found, device="cpu", trust_remote_code=trust_remote_code)

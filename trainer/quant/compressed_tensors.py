@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-import shutil
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,7 +34,7 @@ from trainer.errors import ConfigError
 from trainer.models import transformer_blocks
 from trainer.quant import smooth
 from trainer.quant.gptq import gptq_quantize
-from trainer.utils import require
+from trainer.utils import require, staged
 
 SCHEMES: tuple[str, ...] = tuple(CompressedTensorsScheme.__members__)
 # (bits, activations quantized, one scale per group of columns) of each scheme.
@@ -116,10 +115,7 @@ def export_compressed_tensors(
     state = _compressed_state_dict(model, quantized, ct_scheme)
 
     output_dir = Path(output_dir)
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged(output_dir) as tmp:
         model_config = copy.deepcopy(model.config)
         if hasattr(model_config, "quantization_config"):  # a GGUF-loaded model's: its weights are floats
             del model_config.quantization_config
@@ -132,11 +128,6 @@ def export_compressed_tensors(
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(output_dir, ignore_errors=True)
-    tmp.rename(output_dir)
     return output_dir
 
 

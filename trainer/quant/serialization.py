@@ -175,7 +175,7 @@ def float_source(path: str | Path) -> Iterator[tuple[str, str | None]]:
         require("gguf", extra="gguf")
         yield str(path.parent), path.name
     elif (path / "trainer_state.json").is_file():
-        from trainer.export import export_checkpoint
+        from trainer.checkpoint_model import export_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
             export_checkpoint(path, Path(tmp) / "hf")

@@ -1,0 +1,348 @@
+"""trainer.export's formats: GGUF read back by transformers' own GGUF loader (the format is llama.cpp's, so
+its reader is the test), the inputs a model_path may name, the refusals, and the compressed-tensors dispatch.
+
+The model is a tiny Llama (hidden 32, 2 layers) trained 6 steps on pydoc text with a 300-token byte-level BPE
+tokenizer whose ids stop short of the model's 320 embeddings (the padding ids GGUF names `[PADn]`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import gguf  # in the dev extra: a missing package fails these tests rather than skipping them
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tests.conftest import TINY_LOOP, TINY_MODEL, composition_error, make_trainer
+from trainer.errors import ConfigError
+from trainer.train import CONF_DIR
+
+BPE = [*TINY_MODEL, *TINY_LOOP, "data=pydoc", "data.tokenizer_vocab_size=300"]
+
+# Largest |logit difference| of the GGUF model read back by transformers over the reference's largest |logit|,
+# on 64 tokens of pydoc text. Measured on this model (2026-11-27, gguf 0.19, transformers 5.24, CPU): f16
+# 1.9e-4, bf16 1.6e-3, q8_0 5.4e-3, q4_0 4.8e-2 (its output matrix q8_0); the bounds leave 4-6x of margin. f32
+# is exact up to float32 summation order (measured 0.0), checked with atol 1e-5.
+RELATIVE_BOUND = {"f16": 1e-3, "bf16": 1e-2, "q8_0": 3e-2, "q4_0": 0.2}
+
+
+def export_config(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose("export", overrides=list(overrides))
+
+
+def run_export(*overrides: str) -> Path:
+    from trainer.export import export
+
+    return export(export_config(*overrides))
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("bpe_run")
+    make_trainer(run, *BPE).train()
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(bpe_run):
+    """Our model (from hf/), our tokenizer, and 64 tokens of pydoc text with the model's logits on them."""
+    import pydoc_data.topics
+
+    from transformers import AutoModelForCausalLM
+
+    from trainer.data.tokenizer import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(bpe_run / "hf", dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(str(bpe_run / "hf"))
+    text = pydoc_data.topics.topics["assignment"]
+    ids = torch.tensor([tokenizer(text).input_ids[:64]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    return model, tokenizer, ids, logits
+
+
+def load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".partial" in p.name)
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "f16", "bf16", "q8_0", "q4_0"])
+def test_transformers_gguf_loader_reads_each_type_with_logits_within_its_measured_bound(
+    bpe_run, reference, tmp_path, gguf_type
+):
+    _, _, ids, expected = reference
+    out = run_export(
+        f"model_path={bpe_run}", "format=gguf", f"gguf.type={gguf_type}", f"output_dir={tmp_path / 'g'}"
+    )
+    [path] = list(out.iterdir())
+    assert path.name == f"model-{gguf_type}.gguf"
+    model, _ = load_gguf(path)
+    with torch.no_grad():
+        got = model(ids).logits
+    if gguf_type == "f32":
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    else:
+        error = ((got - expected).abs().max() / expected.abs().max()).item()
+        print(f"{gguf_type}: max |logit error| / max |logit| = {error:.2e}")
+        assert error < RELATIVE_BOUND[gguf_type]
+    assert leftovers(tmp_path) == []
+
+
+def test_gguf_holds_llamas_names_types_and_metadata_and_no_output_when_tied(bpe_run, reference, tmp_path):
+    model = reference[0]
+    out = run_export(
+        f"model_path={bpe_run / 'hf'}", "format=gguf", "gguf.type=q4_0", f"output_dir={tmp_path}/g"
+    )
+    reader = gguf.GGUFReader(out / "model-q4_0.gguf")
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert "output.weight" not in kinds  # tied: llama.cpp uses token_embd
+    assert kinds["token_embd.weight"] == "Q8_0"  # the output matrix keeps 8 bits under q4_0
+    assert kinds["blk.0.attn_q.weight"] == kinds["blk.1.ffn_down.weight"] == "Q4_0"
+    assert kinds["blk.0.attn_norm.weight"] == kinds["output_norm.weight"] == "F32"
+    assert len(kinds) == 2 + 9 * model.config.num_hidden_layers
+
+    def field(key):
+        f = reader.fields[key]
+        return f.contents()
+
+    assert field("general.architecture") == "llama"
+    assert field("llama.block_count") == 2 and field("llama.embedding_length") == 32
+    assert field("llama.attention.head_count_kv") == 2 and field("llama.rope.dimension_count") == 16
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == model.config.vocab_size == 320 and tokens[-1] == "[PAD319]"
+
+
+def test_gguf_tokenizer_gives_our_ids_on_pydoc_text(bpe_run, reference, tmp_path):
+    import pydoc_data.topics
+
+    _, ours, _, _ = reference
+    out = run_export(f"model_path={bpe_run}", "format=gguf", "gguf.type=f32", f"output_dir={tmp_path / 'g'}")
+    _, theirs = load_gguf(out / "model-f32.gguf")
+    texts = list(pydoc_data.topics.topics.values())
+    assert [theirs(t).input_ids for t in texts] == [ours(t).input_ids for t in texts]
+    assert theirs.eos_token == ours.eos_token and theirs.pad_token == ours.pad_token
+
+
+def test_gguf_rotary_rows_are_llama_cpps_permutation_and_transformers_inverts_it():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from trainer.gguf_export import permute_rotary_rows
+
+    weight = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(16, 3)  # 2 heads of 8 rows
+    permuted = permute_rotary_rows(weight, 2)
+    # per head, the rotate-half pairs (i, i + 4) become neighbours (2i, 2i + 1)
+    assert permuted[:8, 0].tolist() == [0, 12, 3, 15, 6, 18, 9, 21]
+    back = LlamaTensorProcessor()._reverse_permute_weights(permuted.numpy(), 2, 2)
+    assert (torch.from_numpy(back) == weight).all()
+
+
+def test_tensor_types_follow_llama_cpp_norms_f32_short_rows_f16_and_a_q8_0_output_under_q4_0():
+    from trainer.gguf_export import tensor_type
+
+    assert tensor_type("blk.0.attn_norm.weight", (32,), "q4_0") == "f32"
+    assert tensor_type("blk.0.attn_q.weight", (32, 32), "q4_0") == "q4_0"
+    assert tensor_type("blk.0.ffn_down.weight", (32, 48), "q8_0") == "f16"  # 48 is not a multiple of 32
+    assert tensor_type("token_embd.weight", (320, 32), "q4_0", is_output=True) == "q8_0"
+    assert tensor_type("token_embd.weight", (320, 32), "bf16", is_output=True) == "bf16"
+    assert tensor_type("blk.0.ffn_down.weight", (32, 48), "bf16") == "bf16"
+
+
+def test_a_model_path_may_be_a_run_a_checkpoint_or_an_hf_export(bpe_run, reference, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, _, ids, expected = reference
+    step = bpe_run / "checkpoints" / "step_00000006"
+    for name, source in [("run", bpe_run), ("step", step), ("hf", bpe_run / "hf")]:
+        out = run_export(f"model_path={source}", f"output_dir={tmp_path / name}")  # format=hf by default
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_the_positional_form_still_exports_a_checkpoint_to_hf(bpe_run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from trainer.export import is_hydra_form, main
+
+    step = bpe_run / "checkpoints" / "step_00000006"
+    assert not is_hydra_form([str(step), str(tmp_path / "out"), "--run-dir", str(bpe_run)])
+    assert is_hydra_form([f"model_path={step}", "output_dir=o"])
+    main([str(step), str(tmp_path / "out")])
+    assert f"exported {step} to {tmp_path / 'out'}" in capsys.readouterr().out
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "override,allowed", [("format=onnx", "hf, gguf, compressed_tensors"), ("gguf.type=q2_k", "f32, f16")]
+)
+def test_an_unknown_format_or_gguf_type_is_refused_at_composition(override, allowed):
+    message = composition_error("model_path=m", "output_dir=o", override, config="export")
+    assert override.split("=")[0] in message and allowed in message
+
+
+def test_bad_exports_are_refused_with_the_reason_and_leave_no_file(bpe_run, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from trainer.data.tokenizer import build_wordlevel_tokenizer, load_tokenizer
+
+    # Not a Llama: a tiny GPT-2 beside the run's BPE tokenizer.
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=320)).save_pretrained(gpt2)
+    load_tokenizer(str(bpe_run / "hf")).save_pretrained(str(gpt2))
+    # A Llama with data=embedded's word-level tokenizer.
+    words = tmp_path / "words"
+    shutil.copytree(bpe_run / "hf", words)
+    for f in words.glob("tokenizer*"):
+        f.unlink()
+    build_wordlevel_tokenizer(["a b c"]).save_pretrained(str(words))
+    # A non-empty output directory.
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+
+    nested = tmp_path / "nested" / "out"
+    cases = [
+        ([f"model_path={gpt2}", "format=gguf", f"output_dir={nested}"], "LlamaForCausalLM"),
+        ([f"model_path={words}", "format=gguf", f"output_dir={nested}"], "word-level"),
+        ([f"model_path={bpe_run}", "format=gguf", f"output_dir={full}"], "not empty"),
+        ([f"model_path={bpe_run}", "scheme=w8a8", f"output_dir={nested}"], "format=compressed_tensors only"),
+        ([f"model_path={bpe_run}", "format=compressed_tensors", f"output_dir={nested}"], "needs a scheme"),
+        ([f"model_path={bpe_run}", f"output_dir={bpe_run}", "overwrite=true"], "holds the model"),
+    ]
+    for overrides, reason in cases:
+        with pytest.raises(ConfigError, match=reason):
+            run_export(*overrides)
+        assert not (tmp_path / "nested").exists(), overrides  # not even the parent made for it
+    assert (full / "keep.txt").read_text() == "mine" and leftovers(tmp_path) == []
+    assert sorted(p.name for p in bpe_run.iterdir()) == sorted(
+        ["checkpoints", "data", "hf", "metrics.jsonl", "resolved_config.yaml", "tokenizer"]
+    )
+
+    # overwrite=true replaces the directory as a whole
+    run_export(f"model_path={bpe_run}", "format=gguf", f"output_dir={full}", "overwrite=true")
+    assert sorted(p.name for p in full.iterdir()) == ["model-f16.gguf"]
+
+
+def test_compressed_tensors_export_of_a_run_loads_in_transformers_close_to_the_float_model(bpe_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = ["data=pydoc", "data.tokenizer_vocab_size=300", "data.seq_len=32"]
+    out = run_export(
+        f"model_path={bpe_run}",
+        "format=compressed_tensors",
+        "scheme=w8a8",
+        *data,
+        "calibration.batches=2",
+        "calibration.batch_size=3",
+        f"output_dir={tmp_path / 'ct'}",
+    )
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors"
+    assert config["config_groups"]["group_0"]["input_activations"]["dynamic"] is True  # per-token int8
+    ids = torch.arange(3, 35).unsqueeze(0)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(bpe_run / "hf").eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    assert (got - want).abs().max() / want.abs().max() < 0.05  # int8 weights and activations: measured ~1e-2
+
+
+# Run in the interpreter TRAINER_LLAMA_CPP_PYTHON names (default: this one): llama.cpp's own reading of a file,
+# through llama-cpp-python, which compiles llama.cpp and is in no extra. Its KV cache in f32 (type 0), not
+# llama.cpp's default f16, so that an f32 file's logits compare at float32 precision. Prints its tokenization of
+# the text, its logits on the prompt ids and its greedy continuation of them.
+LLAMA_CPP_SCRIPT = """
+import json, sys
+from llama_cpp import Llama
+
+path, text, prompt, count = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+llm = Llama(model_path=path, n_ctx=128, n_threads=1, logits_all=True, type_k=0, type_v=0, verbose=False)
+ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+llm.eval(prompt)
+logits = llm.scores[: len(prompt)].tolist()
+continuation = []
+for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
+    continuation.append(token)
+    if len(continuation) == count:
+        break
+print("RESULT " + json.dumps({"ids": ids, "logits": logits, "continuation": continuation}))
+"""
+
+
+def test_llama_cpp_reads_every_gguf_type_tokenizes_computes_and_continues_greedily_like_us(
+    bpe_run, reference, tmp_path
+):
+    """llama.cpp on the f32 file: our ids on pydoc text; our logits on 16 tokens (measured difference 1.2e-7,
+    checked at 1e-5); the other types within the bounds of transformers' reading (measured: f16 3.1e-4, bf16
+    2.3e-3, q8_0 6.4e-3, q4_0 4.9e-2: llama.cpp also rounds the activations to 8 bits for q8_0 and q4_0
+    matrices); and, on a model with random N(0, 0.3) matrices (the 6-step model repeats one token, which
+    would test little), our greedy continuation of 16 tokens through its KV cache (measured: identical)."""
+    import json
+    import os
+    import pydoc_data.topics
+    import subprocess
+
+    from transformers import AutoModelForCausalLM
+
+    from trainer.gguf_export import export_gguf
+
+    python = os.environ.get("TRAINER_LLAMA_CPP_PYTHON", sys.executable)
+    probe = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"llama-cpp-python is not importable by {python} (set TRAINER_LLAMA_CPP_PYTHON)")
+    model, tokenizer, ids, _ = reference
+    text = pydoc_data.topics.topics["for"]
+    prompt = ids[:, :16]
+
+    def llama_cpp(path: Path) -> dict:
+        args = [str(path), text, json.dumps(prompt[0].tolist()), "16"]
+        proc = subprocess.run(
+            [python, "-c", LLAMA_CPP_SCRIPT, *args], capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        [line] = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        return json.loads(line.removeprefix("RESULT "))
+
+    out = run_export(f"model_path={bpe_run}", "format=gguf", "gguf.type=f32", f"output_dir={tmp_path / 'g'}")
+    theirs = llama_cpp(out / "model-f32.gguf")
+    assert theirs["ids"] == tokenizer(text).input_ids
+    with torch.no_grad():
+        expected = model(prompt).logits[0]
+    print(f"llama.cpp f32: max |logit error| = {(torch.tensor(theirs['logits']) - expected).abs().max():.1e}")
+    torch.testing.assert_close(torch.tensor(theirs["logits"]), expected, atol=1e-5, rtol=0)
+
+    for gguf_type, bound in RELATIVE_BOUND.items():  # the other types, within transformers' bounds
+        out = run_export(
+            f"model_path={bpe_run}",
+            "format=gguf",
+            f"gguf.type={gguf_type}",
+            f"output_dir={tmp_path / gguf_type}",
+        )
+        got = torch.tensor(llama_cpp(out / f"model-{gguf_type}.gguf")["logits"])
+        error = ((got - expected).abs().max() / expected.abs().max()).item()
+        print(f"llama.cpp {gguf_type}: max |logit error| / max |logit| = {error:.2e}")
+        assert error < bound, gguf_type
+
+    torch.manual_seed(0)
+    scrambled = AutoModelForCausalLM.from_config(model.config).eval()
+    with torch.no_grad():
+        for p in scrambled.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+        ours = scrambled.generate(
+            prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )[0, 16:].tolist()
+    theirs = llama_cpp(export_gguf(scrambled, tokenizer, tmp_path / "scrambled", gguf_type="f32"))
+    assert len(set(ours)) > 4  # a continuation that depends on the attention, not one token repeated
+    assert theirs["continuation"] == ours
