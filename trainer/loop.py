@@ -53,7 +53,8 @@ def build_extensions(
         out.append(QAT(cfg.quant, strategy=strategy, env=env))
     # Under adapters the base is frozen: prune=keep_zeros (the only pruning validate_peft lets through) holds
     # its zeros by itself, and the adapters' extension masks the merged delta.
-    if cfg.prune.name != "none" and cfg.peft.name in ("none",):
+    adapters = cfg.peft.name != "none"
+    if cfg.prune.name != "none" and not adapters:
         from trainer.prune.pruner import Pruner
 
         t = cfg.train
@@ -68,7 +69,7 @@ def build_extensions(
                 micro_batch_size=t.micro_batch_size,
             )
         )
-    if cfg.peft.name != "none":
+    if adapters:
         from trainer.peft.extension import Adapters
 
         out.append(Adapters(cfg, strategy=strategy, env=env))
