@@ -17,6 +17,7 @@ from tests.preloaded import PreloadedServer, preload_enabled
 from trainer.config import register_configs
 from trainer.evaluate_config import register_evaluate_configs
 from trainer.pipeline_config import register_pipeline_configs
+from trainer.prepare_data_config import register_prepare_data_configs
 from trainer.quant.config import register_quantize_configs
 from trainer.report_config import register_report_configs
 from trainer.train import CONF_DIR
@@ -58,6 +59,7 @@ register_quantize_configs()
 register_evaluate_configs()
 register_report_configs()
 register_pipeline_configs()
+register_prepare_data_configs()
 
 
 def compose_config(*overrides: str):

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from trainer import checkpoint as ckpt
 from trainer.config import validate_config
-from trainer.data import SampleOrder, build_data, rank_micro_batches
+from trainer.data import build_data, rank_micro_batches
 from trainer.distributed import ParallelEnv, all_gather_ints, all_reduce_sum, barrier, init_distributed
 from trainer.errors import ConfigError, DataError, DivergenceError
 from trainer.extensions import Extension
@@ -129,7 +129,8 @@ class Trainer:
             self.module.compile()  # in place: state-dict keys stay as they are
         torch.manual_seed(t.seed + env.rank)  # dropout differs per rank, reproducibly
 
-        self.order = SampleOrder(len(self.data.train), seed=t.seed)
+        # A pure function of the seed and the count consumed (an in-memory permutation, or a weighted mixture).
+        self.order = self.data.train.order(seed=t.seed)
         self.step = 0
         self.tokens_seen = 0
         self.resumed_from = self._resume(resume)

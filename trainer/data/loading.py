@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from trainer.data import markov
+from trainer.data.order import SampleOrder
 from trainer.data.tokenizer import build_bpe_tokenizer, build_wordlevel_tokenizer, load_tokenizer
 from trainer.errors import DataError
 from trainer.utils import loading_from, write_atomic
@@ -40,12 +41,17 @@ class TokenWindows:
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inputs[indices], self.labels[indices]
 
+    def order(self, *, seed: int) -> SampleOrder:
+        """The training order over these windows (a fresh permutation per epoch)."""
+        return SampleOrder(len(self), seed=seed)
+
 
 @dataclass
 class Data:
     tokenizer: Any
-    train: TokenWindows
-    eval: TokenWindows
+    # TokenWindows, or a data=tokenized Mixture: both give len(), batch(indices) and order(seed=).
+    train: Any
+    eval: Any
     # Entropy rate of the source in nats/token when it is known (the embedded corpus), else None.
     entropy_floor: float | None = None
 
@@ -371,7 +377,17 @@ def build_data(
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
 ) -> Data:
-    """Load, tokenize and pack. Rank 0 writes generated files and the tokenizer first; the others then read them."""
+    """Load, tokenize and pack. Rank 0 writes generated files and the tokenizer first; the others then read them.
+
+    data=tokenized reads prepared datasets instead (every rank maps the same files; nothing is written).
+    """
+    if cfg.source == "tokenized":
+        from trainer.data.tokenized import build_tokenized
+
+        tokenizer, train, evals = build_tokenized(
+            cfg, model_name_or_path=model_name_or_path, trust_remote_code=trust_remote_code
+        )
+        return Data(tokenizer=tokenizer, train=train, eval=evals)
     cache_dir = Path(cfg.cache_dir) if os.path.isabs(cfg.cache_dir) else run_dir / cfg.cache_dir
     tokenizer_dir = run_dir / "tokenizer"
     if is_main:
