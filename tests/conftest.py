@@ -209,6 +209,10 @@ TEST_TIERS = {
     "test_one_shot_masks_hold_through_fine_tuning_on_two_ranks": {SLOW, MULTIRANK},
     "test_qat_runs_under_single_and_ddp_and_converts_to_the_fake_quantized_function": {SLOW, MULTIRANK},
     "test_two_ddp_ranks_follow_the_single_process_loss": {SLOW, MULTIRANK},
+    "test_resume_on_two_ddp_ranks_continues_the_single_process_run": {
+        SLOW,
+        MULTIRANK,
+    },  # 3 runs of data=tokenized
     "test_two_zero2_ranks_refuse_a_deeper_checkpoint_naming_only_the_tensors_no_rank_takes": {
         SLOW,
         MULTIRANK,

@@ -51,7 +51,8 @@ def calibration_batches(cfg: Any, tokenizer_dir: str) -> list[torch.Tensor]:
     with tempfile.TemporaryDirectory() as tmp:
         data = build_data(data_cfg, run_dir=Path(tmp))
     s = cfg.smooth
-    inputs = data.train.inputs[: s.calibration_batches * s.batch_size]
+    # The first sequences through `batch`, which every kind of windows has (data=tokenized reads them from disk).
+    inputs = data.train.batch(torch.arange(min(len(data.train), s.calibration_batches * s.batch_size)))[0]
     return list(inputs.split(s.batch_size))
 
 
