@@ -11,7 +11,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import TINY_LOOP, TINY_MODEL, compose_config, make_trainer, run_command, train_losses
+from tests.conftest import (
+    TINY_LOOP,
+    TINY_MODEL,
+    compose_config,
+    make_trainer,
+    read_metrics,
+    run_command,
+    train_losses,
+)
 from trainer.config import validate_config
 from trainer.data import pack, pad_each
 from trainer.data import prepare as prepare_module
@@ -260,12 +268,24 @@ def test_bad_weights_are_refused_naming_the_key(weights, message):
 TRAIN = [*TINY_MODEL, *TINY_LOOP, "data=tokenized", "scheduler=constant", "train.export_hf=false"]
 
 
+class RecordingOrder:
+    """An order that records the global sample ids of each step taken (not those the prefetcher peeks at)."""
+
+    def __init__(self, order) -> None:
+        self.order, self.taken = order, []
+
+    def take(self, count: int) -> torch.Tensor:
+        ids = self.order.take(count)
+        self.taken.append(ids.tolist())
+        return ids
+
+    def __getattr__(self, name: str):
+        return getattr(self.order, name)
+
+
 def _recording_order(trainer) -> list[list[int]]:
-    """The global sample ids of each step the trainer takes from now on."""
-    taken: list[list[int]] = []
-    take = trainer.order.take
-    trainer.order.take = lambda n: taken.append(take(n).tolist()) or torch.tensor(taken[-1])
-    return taken
+    trainer.order = RecordingOrder(trainer.order)
+    return trainer.order.taken
 
 
 def test_resume_continues_with_exactly_the_next_samples_and_losses(prepared, tmp_path):
@@ -282,6 +302,8 @@ def test_resume_continues_with_exactly_the_next_samples_and_losses(prepared, tmp
     assert got == want[10:]
     a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
     assert [b[s] for s in range(1, 21)] == [a[s] for s in range(1, 21)]
+    waits = [r["data_wait_s"] for r in read_metrics(tmp_path / "a") if "loss" in r]
+    assert len(waits) == 20 and all(0 <= w < 1 for w in waits)
 
 
 def test_resume_with_other_weights_is_refused_naming_them_unless_allowed(prepared, tmp_path, capsys):

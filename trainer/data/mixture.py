@@ -150,6 +150,14 @@ class MixtureOrder:
         self.consumed += count
         return torch.from_numpy(ids)
 
+    def peek(self, count: int) -> torch.Tensor:
+        """The next `count` sample ids, without consuming them."""
+        consumed = self.consumed
+        try:
+            return self.take(count)
+        finally:
+            self.consumed = consumed
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "consumed": self.consumed,
