@@ -237,6 +237,17 @@ def test_a_tokenizer_other_than_the_prepared_one_is_refused(corpus, prepared, tm
             f"data.path={prepared}",
             f"data.tokenizer={other / 'tokenizer'}",
         )
+    # Prepared with a named tokenizer (a directory, as a model's), training that names it is accepted.
+    named = run_prepare(root / "part-0.jsonl", tmp_path / "named", f"tokenizer={other / 'tokenizer'}")
+    trainer = make_trainer(
+        tmp_path / "ok",
+        *TINY_MODEL,
+        *TINY_LOOP,
+        "data=tokenized",
+        f"data.path={named}",
+        f"data.tokenizer={other / 'tokenizer'}",
+    )
+    assert len(trainer.data.tokenizer) == read_meta(named)["tokenizer"]["vocab_size"]
     with pytest.raises(DataError, match="prepared with another tokenizer"):
         make_trainer(
             tmp_path / "run",
