@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from tests.conftest import (
     TINY_LOOP,
+    TINY_MARKOV,
     TINY_MODEL,
     compose_config,
     make_trainer,
@@ -341,3 +342,43 @@ def test_resume_on_two_ddp_ranks_continues_the_single_process_run(prepared, tmp_
     want, got = train_losses(tmp_path / "straight"), train_losses(tmp_path / "b")
     for step in range(1, 9):
         assert got[step] == pytest.approx(want[step], rel=1e-4), (step, want, got)
+
+
+# ---- one path for every source -----------------------------------------------------------------------------
+
+# The first step's loss of each preset on the in-memory path, before the presets went through prepared datasets
+# (commit 8ebdcd1, this test's settings): the model sees the same tokens in the same order.
+FIRST_STEP_LOSS_BEFORE = {
+    "embedded": 4.851063251495361,
+    "embedded, packing=false": 4.858948707580566,
+    "pydoc": 6.250010967254639,
+}
+PRESETS = {
+    "embedded": [*TINY_MODEL, *TINY_LOOP, *TINY_MARKOV],
+    "embedded, packing=false": [*TINY_MODEL, *TINY_LOOP, *TINY_MARKOV, "data.packing=false"],
+    "pydoc": [*TINY_MODEL, *TINY_LOOP, "data=pydoc", "data.tokenizer_vocab_size=512", "data.seq_len=32"],
+}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_the_presets_read_through_a_prepared_cache_give_the_first_step_loss_of_before(preset, tmp_path):
+    from trainer.data.loading import load_splits, tokenize
+
+    trainer = make_trainer(tmp_path, *PRESETS[preset], "train.max_steps=1")
+    data, cfg = trainer.data, trainer.cfg.data
+    assert list((tmp_path / "data").glob("prepared-*/meta.json"))  # the cache, in the run directory
+    # Every window is the in-memory path's (tokenized with datasets.map, packed or padded in memory).
+    train, _, _ = load_splits(cfg, tmp_path / "data")
+    docs = tokenize(train, data.tokenizer, cfg.text_field, 1)
+    tok = data.tokenizer
+    before = (
+        pack(docs, cfg.seq_len, tok.eos_token_id)
+        if cfg.packing
+        else pad_each(docs, cfg.seq_len, tok.eos_token_id, tok.pad_token_id)
+    )
+    everything = torch.arange(len(before))
+    assert len(data.train) == len(before)
+    assert all(
+        torch.equal(a, b) for a, b in zip(data.train.batch(everything), before.batch(everything), strict=True)
+    )
+    assert trainer.train_step()["loss"] == pytest.approx(FIRST_STEP_LOSS_BEFORE[preset], rel=1e-5)

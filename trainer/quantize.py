@@ -48,11 +48,11 @@ def calibration_batches(cfg: Any, tokenizer_dir: str) -> list[torch.Tensor]:
     the model's own tokenizer."""
     data_cfg = cfg.data.copy()
     data_cfg.tokenizer = tokenizer_dir
+    s = cfg.smooth
     with tempfile.TemporaryDirectory() as tmp:
         data = build_data(data_cfg, run_dir=Path(tmp))
-    s = cfg.smooth
-    # The first sequences through `batch`, which every kind of windows has (data=tokenized reads them from disk).
-    inputs = data.train.batch(torch.arange(min(len(data.train), s.calibration_batches * s.batch_size)))[0]
+        # The first sequences, read from the tokenized cache in the temporary directory while it is there.
+        inputs = data.train.batch(torch.arange(min(len(data.train), s.calibration_batches * s.batch_size)))[0]
     return list(inputs.split(s.batch_size))
 
 

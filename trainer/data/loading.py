@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -367,6 +367,12 @@ def build_tokenizer(
         return load_tokenizer(name, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
 
 
+def _column(split: Any, field: str) -> Iterator[Any]:
+    """A split's text column, a thousand rows at a time (not the whole column as one list)."""
+    for rows in split.iter(batch_size=1000):
+        yield from rows[field]
+
+
 def build_data(
     cfg: Any,
     *,
@@ -401,9 +407,27 @@ def build_data(
         tokenizer = build_tokenizer(
             cfg, train, tokenizer_dir, model_name_or_path, trust_remote_code, model_gguf_file
         )
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # One path for every source: the splits are tokenized once into a prepared dataset in the cache (reused
+    # while the text, the tokenizer and the settings are the same), and read like data=tokenized's.
+    from trainer.data.prepare import write_splits
+    from trainer.data.prepared import DocumentWindows, PackedWindows, PreparedSplit, read_meta, tokenizer_hash
+
+    settings = OmegaConf.to_container(cfg, enum_to_str=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    for key in ("seq_len", "packing", "num_proc", "allow_changed", "cache_dir"):
+        settings.pop(key, None)
+    key = [settings, tokenizer_hash(tokenizer), train._fingerprint, evals._fingerprint]
+    prepared = cache_dir / f"prepared-{_config_hash(key)}"
+    if is_main:
+        texts = {"train": _column(train, cfg.text_field), "eval": _column(evals, cfg.text_field)}
+        write_splits(prepared, texts, tokenizer, num_proc=cfg.num_proc, description={"data": settings})
+    barrier()
+    meta = read_meta(prepared, key="data.cache_dir")
     windows = []
-    for split in (train, evals):
-        docs = tokenize(split, tokenizer, cfg.text_field, cfg.num_proc)
-        windows.append(pack(docs, cfg.seq_len, eos) if cfg.packing else pad_each(docs, cfg.seq_len, eos, pad))
+    for split in ("train", "eval"):
+        reader = PreparedSplit(prepared, split, meta)
+        windows.append(
+            PackedWindows(reader, cfg.seq_len)
+            if cfg.packing
+            else DocumentWindows(reader, cfg.seq_len, tokenizer.pad_token_id)
+        )
     return Data(tokenizer=tokenizer, train=windows[0], eval=windows[1], entropy_floor=floor)

@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import os
+import shutil
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from trainer.errors import ConfigError, DataError
 from trainer.utils import write_json_atomic
 
 BUILT = ("bpe", "wordlevel")
+CACHE_SHARD_TOKENS = 1 << 26  # the in-memory presets' cache: a few shards at most
 
 
 def _package_version() -> str:
@@ -159,11 +162,16 @@ def _encode(texts: list[str]) -> list[np.ndarray]:
 
 
 def _ordered_map(
-    chunks: Iterator[tuple[Any, list[str]]], *, num_proc: int, tokenizer_dir: str
+    chunks: Iterator[tuple[Any, list[str]]], *, num_proc: int, tokenizer_dir: str, tokenizer: Any = None
 ) -> Iterator[tuple[Any, list[np.ndarray]]]:
-    """(tag, token arrays) for each (tag, texts), in order; at most 2 x num_proc batches in flight."""
+    """(tag, token arrays) for each (tag, texts), in order; at most 2 x num_proc batches in flight. One
+    process: `tokenizer` when given (else the one saved in tokenizer_dir)."""
     if num_proc <= 1:
-        _load_worker_tokenizer(tokenizer_dir)
+        global _TOKENIZER
+        if tokenizer is None:
+            _load_worker_tokenizer(tokenizer_dir)
+        else:
+            _TOKENIZER = tokenizer
         for tag, texts in chunks:
             yield tag, _encode(texts)
         return
@@ -336,4 +344,80 @@ def prepare(cfg: Any) -> Path:
         f"{sum(len(splits[s]['shards']) for s in SPLITS)} shard(s)",
         flush=True,
     )
+    return out
+
+
+def write_splits(
+    out: Path, texts: dict[str, Iterable[str]], tokenizer: Any, *, num_proc: int, description: dict[str, Any]
+) -> Path:
+    """A prepared dataset of the given splits' texts, tokenized by `tokenizer` (the in-memory presets' cache).
+
+    Written under a temporary name and renamed when complete, so a half-written one is never read; one that
+    is there already is kept.
+    """
+    if (out / META_FILE).is_file():
+        return out
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+    vocab_size, eos = len(tokenizer), tokenizer.eos_token_id
+    dtype = token_dtype(vocab_size)
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        (tmp / split).mkdir()
+        shards: list[dict[str, Any]] = []
+        buffer: list[np.ndarray] = []
+        buffered = 0
+
+        def batches(split: str = split) -> Iterator[tuple[None, list[str]]]:
+            chunk: list[str] = []
+            for text in texts[split]:
+                chunk.append(text if isinstance(text, str) else "")
+                if len(chunk) >= 1000:
+                    yield None, chunk
+                    chunk = []
+            if chunk:
+                yield None, chunk
+
+        encoded = _ordered_map(
+            batches(), num_proc=num_proc, tokenizer_dir=str(tmp / TOKENIZER_DIR), tokenizer=tokenizer
+        )
+        for _, ids in encoded:
+            for doc in ids:
+                if len(doc) == 0:
+                    continue
+                buffer.append(np.append(doc, np.uint32(eos)))
+                buffered += len(doc) + 1
+                if buffered >= CACHE_SHARD_TOKENS:
+                    shards.append(write_shard(tmp / split, len(shards), buffer, dtype))
+                    buffer, buffered = [], 0
+        if buffer:
+            shards.append(write_shard(tmp / split, len(shards), buffer, dtype))
+        splits[split] = {
+            "documents": sum(r["documents"] for r in shards),
+            "tokens": sum(r["tokens"] for r in shards),
+            "shards": shards,
+        }
+    meta = {
+        "format": FORMAT,
+        "package_version": _package_version(),
+        "tokenizer": {
+            "name": getattr(tokenizer, "name_or_path", None) or "built",
+            "hash": tokenizer_hash(tokenizer),
+            "vocab_size": vocab_size,
+            "eos_id": eos,
+            "pad_id": tokenizer.pad_token_id,
+        },
+        "dtype": dtype.name,
+        "source": description,
+        "settings": {"source": description},
+        "documents": sum(v["documents"] for v in splits.values()),
+        "tokens": sum(v["tokens"] for v in splits.values()),
+        "splits": splits,
+    }
+    meta["fingerprint"] = fingerprint(meta)
+    write_json_atomic(tmp / META_FILE, meta)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
     return out

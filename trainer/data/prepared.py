@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import xxhash
 
+from trainer.data.order import SampleOrder
 from trainer.errors import DataError
 
 FORMAT = "trainer-prepared/1"
@@ -200,6 +201,10 @@ class PackedWindows:
     def __len__(self) -> int:
         return max(0, (self.split.num_tokens - 1) // self.seq_len)
 
+    def order(self, *, seed: int) -> SampleOrder:
+        """The in-memory presets' order over these windows: a fresh permutation per epoch."""
+        return SampleOrder(len(self), seed=seed)
+
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.seq_len
         rows = np.empty((len(indices), L + 1), dtype=np.int64)
@@ -217,6 +222,9 @@ class DocumentWindows:
 
     def __len__(self) -> int:
         return self.split.num_documents
+
+    def order(self, *, seed: int) -> SampleOrder:
+        return SampleOrder(len(self), seed=seed)
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.seq_len
