@@ -235,7 +235,10 @@ TEST_TIERS = {
         SLOW
     },  # 2 commands
     "test_compiled_model_trains_to_the_same_losses": {SLOW},  # torch.compile (~47 s)
-    "test_activation_checkpointing_gives_the_same_losses": {SLOW},  # 18 s measured, 2 shared cores
+    "test_activation_checkpointing_gives_the_same_losses": {SLOW},
+    "test_two_prepares_are_byte_identical_whatever_the_number_of_processes": {
+        SLOW
+    },  # spawns 2 tokenizer processes  # 18 s measured, 2 shared cores
     "test_wandb_offline_and_tensorboard_log_the_metrics_and_a_resumed_run_continues_the_wandb_run": {SLOW},
     # tests/test_cli.py: a fresh Python process that forks each command (~12-20 s)
     "test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or_file": {SLOW},

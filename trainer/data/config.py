@@ -60,7 +60,8 @@ class DataConfig:
     tokenizer_vocab_size: int = MISSING
     # Settings of the embedded Markov source (ignored by other sources).
     markov: dict[str, Any] = MISSING
-    # Where generated corpora are written (relative paths are inside the run directory).
+    # Where generated corpora and the tokenized cache (a prepared dataset, reused while its text, tokenizer and
+    # settings are the same) are written; relative paths are inside the run directory.
     cache_dir: str = MISSING
     # Processes used to tokenize.
     num_proc: int = MISSING

@@ -357,7 +357,7 @@ def write_splits(
     """
     if (out / META_FILE).is_file():
         return out
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # per process: runs sharing a cache_dir
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
@@ -418,6 +418,9 @@ def write_splits(
     }
     meta["fingerprint"] = fingerprint(meta)
     write_json_atomic(tmp / META_FILE, meta)
-    shutil.rmtree(out, ignore_errors=True)
+    if (out / META_FILE).is_file():  # another run sharing the cache finished first: the same bytes
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    shutil.rmtree(out, ignore_errors=True)  # what a killed run left, if anything
     os.replace(tmp, out)
     return out
