@@ -180,6 +180,46 @@ def test_a_prepare_killed_mid_way_continues_where_it_stopped_to_the_same_bytes(
     assert directory_bytes(tmp_path / "ds") == directory_bytes(prepared)
 
 
+def test_parquet_text_files_and_a_streamed_dataset_directory_give_the_tokens_of_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = documents(60, seed=1)
+    tok = (
+        f"tokenizer={run_prepare(write_jsonl(tmp_path / 'a.jsonl', texts), tmp_path / 'jsonl') / 'tokenizer'}"
+    )
+    pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet", row_group_size=7)
+    (tmp_path / "a.txt").write_text("\n".join(texts) + "\n")  # one document per line
+    (tmp_path / "hub").mkdir()
+    write_jsonl(tmp_path / "hub" / "train.jsonl", texts)
+    want = directory_bytes(run_prepare(tmp_path / "a.jsonl", tmp_path / "again", tok))
+    for name, source in (
+        ("parquet", "data_files=" + str(tmp_path / "a.parquet")),
+        ("txt", "data_files=" + str(tmp_path / "a.txt")),
+    ):
+        out = prepare(
+            prepare_config(
+                source, f"output_dir={tmp_path / name}", tok, "eval_fraction=0.1", "shard_tokens=500"
+            )
+        )
+        got = directory_bytes(out)
+        assert got.keys() == want.keys()
+        assert all(got[k] == want[k] for k in got if k != "meta.json"), name
+    # A dataset `datasets` loads by path (here a local directory, as a hub name), streamed.
+    streamed = prepare(
+        prepare_config(
+            f"path={tmp_path / 'hub'}",
+            "streaming=true",
+            f"output_dir={tmp_path / 'hub_out'}",
+            tok,
+            "eval_fraction=0.1",
+            "shard_tokens=500",
+        )
+    )
+    got = directory_bytes(streamed)
+    assert all(got[k] == want[k] for k in got if k != "meta.json")
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from trainer.data import documents
@@ -63,6 +64,13 @@ def check_settings(cfg: Any) -> None:
         if not ok:
             raise ConfigError(message)
 
+    if OmegaConf.is_config(cfg):
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        check(
+            not missing,
+            f"{', '.join(missing)} required: e.g. python -m trainer.prepare_data 'data_files=corpus/*.jsonl' "
+            "tokenizer=NAME_OR_DIR output_dir=DIR (tokenizer: a tokenizer name or directory, or bpe / wordlevel)",
+        )
     check(bool(cfg.output_dir), "output_dir is required: the directory the prepared dataset is written to")
     check(
         (cfg.data_files is not None) != (cfg.path is not None),
