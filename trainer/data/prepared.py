@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,17 @@ def read_meta(directory: Path, *, key: str = "data.path") -> dict[str, Any]:
     return meta
 
 
+def _advise(array: np.memmap, advice: int, start: int = 0, length: int | None = None) -> None:
+    """madvise over bytes [start, start + length) of a memmap's mapping, widened to whole pages."""
+    mapping = getattr(array, "_mmap", None)
+    if mapping is None or len(mapping) == 0:
+        return
+    first = start - start % mmap.PAGESIZE
+    stop = len(mapping) if length is None else min(len(mapping), start + length)
+    if stop > first:
+        mapping.madvise(advice, first, stop - first)
+
+
 class PreparedSplit:
     """One split of a prepared dataset as a token stream and a list of documents, read through memmaps."""
 
@@ -164,6 +176,7 @@ class PreparedSplit:
     def _bin(self, i: int) -> np.memmap:
         if i not in self._bins:
             self._bins[i] = np.memmap(self.directory / f"{self.names[i]}.bin", dtype=self.dtype, mode="r")
+            _advise(self._bins[i], mmap.MADV_RANDOM)  # no readahead around a window read at random
         return self._bins[i]
 
     def _idx(self, i: int) -> np.memmap:
@@ -179,7 +192,16 @@ class PreparedSplit:
         while pos < stop:
             begin = int(self.token_starts[shard])
             end = min(stop, int(self.token_starts[shard + 1]))
-            out[pos - start : end - start] = self._bin(shard)[pos - begin : end - begin]
+            tokens = self._bin(shard)
+            out[pos - start : end - start] = tokens[pos - begin : end - begin]
+            # The pages just read leave this process's mapping (they stay in the page cache): its resident
+            # memory does not grow with the part of the corpus read so far.
+            _advise(
+                tokens,
+                mmap.MADV_DONTNEED,
+                (pos - begin) * self.dtype.itemsize,
+                (end - pos) * self.dtype.itemsize,
+            )
             pos, shard = end, shard + 1
         return out
 
@@ -188,7 +210,10 @@ class PreparedSplit:
         shard = int(np.searchsorted(self.doc_starts, d, side="right")) - 1
         local = d - int(self.doc_starts[shard])
         a, b = (int(x) for x in self._idx(shard)[local : local + 2])
-        return np.asarray(self._bin(shard)[a:b], dtype=np.int64)
+        tokens = self._bin(shard)
+        out = np.asarray(tokens[a:b], dtype=np.int64)
+        _advise(tokens, mmap.MADV_DONTNEED, a * self.dtype.itemsize, (b - a) * self.dtype.itemsize)
+        return out
 
 
 class PackedWindows:
