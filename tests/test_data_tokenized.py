@@ -25,7 +25,7 @@ from trainer.config import validate_config
 from trainer.data import pack, pad_each
 from trainer.data import prepare as prepare_module
 from trainer.data.prepare import is_eval, prepare
-from trainer.data.prepared import META_FILE, PROGRESS_FILE, PreparedSplit, read_meta
+from trainer.data.prepared import META_FILE, PROGRESS_FILE, PreparedSplit, ShardWriter, read_meta
 from trainer.data.tokenizer import load_tokenizer
 from trainer.errors import ConfigError, DataError
 from trainer.train import CONF_DIR
@@ -152,16 +152,16 @@ def test_a_prepare_killed_mid_way_continues_where_it_stopped_to_the_same_bytes(
     corpus, prepared, tmp_path, monkeypatch
 ):
     root, _ = corpus
-    written = []
-    real_write = prepare_module.write_shard
 
-    def dying_write(directory, number, docs, dtype):
-        if len(written) == 16:
-            raise KeyboardInterrupt  # the kill, between two shards
-        written.append(number)
-        return real_write(directory, number, docs, dtype)
+    class DyingWriter(ShardWriter):
+        """Killed half-way through the 17th shard: 16 recorded, one partial file left behind."""
 
-    monkeypatch.setattr(prepare_module, "write_shard", dying_write)
+        def add(self, tokens):
+            super().add(tokens)
+            if self.name == "shard_00016" and len(self.ends) > 3:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "ShardWriter", DyingWriter)
     with pytest.raises(KeyboardInterrupt):
         run_prepare(root / "*.jsonl", tmp_path / "ds")
     assert (tmp_path / "ds" / PROGRESS_FILE).is_file() and not (tmp_path / "ds" / META_FILE).exists()
@@ -171,7 +171,8 @@ def test_a_prepare_killed_mid_way_continues_where_it_stopped_to_the_same_bytes(
     progress = json.loads((tmp_path / "ds" / PROGRESS_FILE).read_text())
     done = sum(r["documents"] for s in progress["splits"].values() for r in s["shards"])
     assert done > 200
-    monkeypatch.setattr(prepare_module, "write_shard", real_write)
+    assert list((tmp_path / "ds").glob("*/.shard_00016.bin.*.tmp"))  # the partial shard, never recorded
+    monkeypatch.setattr(prepare_module, "ShardWriter", ShardWriter)
     encoded = []
     real_encode = prepare_module._encode
     monkeypatch.setattr(prepare_module, "_encode", lambda texts: encoded.extend(texts) or real_encode(texts))

@@ -33,10 +33,11 @@ from trainer.data.prepared import (
     PROGRESS_FILE,
     SPLITS,
     TOKENIZER_DIR,
+    ShardWriter,
     fingerprint,
+    remove_partial_shards,
     token_dtype,
     tokenizer_hash,
-    write_shard,
 )
 from trainer.data.tokenizer import build_bpe_tokenizer, build_wordlevel_tokenizer, load_tokenizer
 from trainer.errors import ConfigError, DataError
@@ -170,10 +171,17 @@ def _encode(texts: list[str]) -> list[np.ndarray]:
 
 
 def _ordered_map(
-    chunks: Iterator[tuple[Any, list[str]]], *, num_proc: int, tokenizer_dir: str, tokenizer: Any = None
+    chunks: Iterator[tuple[Any, list[str]]],
+    *,
+    num_proc: int,
+    tokenizer_dir: str,
+    tokenizer: Any = None,
+    start_method: str = "spawn",
 ) -> Iterator[tuple[Any, list[np.ndarray]]]:
     """(tag, token arrays) for each (tag, texts), in order; at most 2 x num_proc batches in flight. One
-    process: `tokenizer` when given (else the one saved in tokenizer_dir)."""
+    process: `tokenizer` when given (else the one saved in tokenizer_dir). `fork` starts the processes
+    without importing anything again (the prepare_data command); `spawn` is for a process that may hold
+    threads (a training run's cache)."""
     if num_proc <= 1:
         global _TOKENIZER
         if tokenizer is None:
@@ -183,7 +191,9 @@ def _ordered_map(
         for tag, texts in chunks:
             yield tag, _encode(texts)
         return
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold tokenizer threads
+    if start_method not in multiprocessing.get_all_start_methods():
+        start_method = "spawn"
+    ctx = multiprocessing.get_context(start_method)
     with ctx.Pool(num_proc, initializer=_load_worker_tokenizer, initargs=(tokenizer_dir,)) as pool:
         pending: deque = deque()
         for tag, texts in chunks:
@@ -268,17 +278,16 @@ def prepare(cfg: Any) -> Path:
         }
     for split in SPLITS:
         (out / split).mkdir(exist_ok=True)
+        remove_partial_shards(out / split)
     splits = progress["splits"]
     covered = {s: splits[s]["covered"] for s in SPLITS}
-    buffers: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    buffered = dict.fromkeys(SPLITS, 0)
+    writers: dict[str, ShardWriter | None] = dict.fromkeys(SPLITS)
 
     def flush(split: str, upto: int) -> None:
-        record = write_shard(out / split, len(splits[split]["shards"]), buffers[split], dtype)
-        splits[split]["shards"].append(record)
+        splits[split]["shards"].append(writers[split].close())
         splits[split]["covered"] = upto
         write_json_atomic(progress_file, progress)
-        buffers[split], buffered[split] = [], 0
+        writers[split] = None
 
     def chunks() -> Iterator[tuple[list[tuple[int, str]], list[str]]]:
         tags: list[tuple[int, str]] = []
@@ -300,15 +309,19 @@ def prepare(cfg: Any) -> Path:
         desc="prepare", unit=" docs", initial=done_docs, disable=not cfg.progress_bar, dynamic_ncols=True
     )
     start, new_tokens, last = time.perf_counter(), 0, -1
-    for tags, ids in _ordered_map(chunks(), num_proc=cfg.num_proc, tokenizer_dir=str(out / TOKENIZER_DIR)):
+    encoded = _ordered_map(
+        chunks(), num_proc=cfg.num_proc, tokenizer_dir=str(out / TOKENIZER_DIR), start_method="fork"
+    )
+    for tags, ids in encoded:
         for (index, split), doc in zip(tags, ids, strict=True):
             last = max(last, index)
             if len(doc) == 0:
                 continue  # an empty document: nothing to learn from (as the in-memory path drops it)
-            buffers[split].append(np.append(doc, np.uint32(eos)))
-            buffered[split] += len(doc) + 1
+            if writers[split] is None:
+                writers[split] = ShardWriter(out / split, len(splits[split]["shards"]), dtype)
+            writers[split].add(np.append(doc, np.uint32(eos)))
             new_tokens += len(doc) + 1
-            if buffered[split] >= cfg.shard_tokens:
+            if writers[split].num_tokens >= cfg.shard_tokens:
                 flush(split, index + 1)
         bar.update(len(tags))
         seconds = max(time.perf_counter() - start, 1e-9)
@@ -317,7 +330,7 @@ def prepare(cfg: Any) -> Path:
         )
     bar.close()
     for split in SPLITS:
-        if buffers[split]:
+        if writers[split] is not None:
             flush(split, last + 1)
     meta = {
         "format": FORMAT,
@@ -375,8 +388,7 @@ def write_splits(
     for split in SPLITS:
         (tmp / split).mkdir()
         shards: list[dict[str, Any]] = []
-        buffer: list[np.ndarray] = []
-        buffered = 0
+        writer: ShardWriter | None = None
 
         def batches(split: str = split) -> Iterator[tuple[None, list[str]]]:
             chunk: list[str] = []
@@ -395,13 +407,14 @@ def write_splits(
             for doc in ids:
                 if len(doc) == 0:
                     continue
-                buffer.append(np.append(doc, np.uint32(eos)))
-                buffered += len(doc) + 1
-                if buffered >= CACHE_SHARD_TOKENS:
-                    shards.append(write_shard(tmp / split, len(shards), buffer, dtype))
-                    buffer, buffered = [], 0
-        if buffer:
-            shards.append(write_shard(tmp / split, len(shards), buffer, dtype))
+                if writer is None:
+                    writer = ShardWriter(tmp / split, len(shards), dtype)
+                writer.add(np.append(doc, np.uint32(eos)))
+                if writer.num_tokens >= CACHE_SHARD_TOKENS:
+                    shards.append(writer.close())
+                    writer = None
+        if writer is not None:
+            shards.append(writer.close())
         splits[split] = {
             "documents": sum(r["documents"] for r in shards),
             "tokens": sum(r["tokens"] for r in shards),
