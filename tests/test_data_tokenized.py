@@ -219,6 +219,18 @@ def test_parquet_text_files_and_a_streamed_dataset_directory_give_the_tokens_of_
     )
     got = directory_bytes(streamed)
     assert all(got[k] == want[k] for k in got if k != "meta.json")
+    # A dataset's own eval split, by name, instead of eval_fraction.
+    write_jsonl(tmp_path / "hub" / "validation.jsonl", texts[:5])
+    named = prepare(
+        prepare_config(
+            f"path={tmp_path / 'hub'}",
+            "eval_split=validation",
+            f"output_dir={tmp_path / 'named_split'}",
+            tok,
+        )
+    )
+    meta = read_meta(named)
+    assert (meta["splits"]["train"]["documents"], meta["splits"]["eval"]["documents"]) == (60, 5)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
