@@ -18,6 +18,7 @@ from trainer.config import register_configs
 from trainer.evaluate_config import register_evaluate_configs
 from trainer.export_config import register_export_configs
 from trainer.pipeline_config import register_pipeline_configs
+from trainer.prepare_data_config import register_prepare_data_configs
 from trainer.quant.config import register_quantize_configs
 from trainer.report_config import register_report_configs
 from trainer.train import CONF_DIR
@@ -60,6 +61,7 @@ register_evaluate_configs()
 register_export_configs()
 register_report_configs()
 register_pipeline_configs()
+register_prepare_data_configs()
 
 
 def compose_config(*overrides: str):
@@ -211,6 +213,10 @@ TEST_TIERS = {
     "test_two_ddp_ranks_follow_the_single_process_loss": {SLOW, MULTIRANK},
     "test_adapters_on_two_ranks_follow_the_single_process": {SLOW, MULTIRANK},
     "test_adapter_checkpoint_resumes_under_another_strategy_and_world_size": {SLOW, MULTIRANK},
+    "test_resume_on_two_ddp_ranks_continues_the_single_process_run": {
+        SLOW,
+        MULTIRANK,
+    },  # 3 data=tokenized runs
     "test_two_zero2_ranks_refuse_a_deeper_checkpoint_naming_only_the_tensors_no_rank_takes": {
         SLOW,
         MULTIRANK,
@@ -234,7 +240,10 @@ TEST_TIERS = {
     },  # 2 commands
     "test_exporting_a_checkpoint_imports_no_distillation_or_pruning_code": {SLOW},  # a fresh Python process
     "test_compiled_model_trains_to_the_same_losses": {SLOW},  # torch.compile (~47 s)
-    "test_activation_checkpointing_gives_the_same_losses": {SLOW},  # 18 s measured, 2 shared cores
+    "test_activation_checkpointing_gives_the_same_losses": {SLOW},
+    "test_two_prepares_are_byte_identical_whatever_the_number_of_processes": {
+        SLOW
+    },  # spawns 2 tokenizer processes  # 18 s measured, 2 shared cores
     "test_wandb_offline_and_tensorboard_log_the_metrics_and_a_resumed_run_continues_the_wandb_run": {SLOW},
     # tests/test_cli.py: a fresh Python process that forks each command (~12-20 s)
     "test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or_file": {SLOW},

@@ -45,6 +45,8 @@ def test_every_shipped_config_composes_and_validates(group, option):
         overrides.append("model.name_or_path=some/model")
     if (group, option) == ("distill", "kd"):
         overrides.append("distill.teacher=some/model")
+    if (group, option) == ("data", "tokenized"):
+        overrides.append("data.path=some/prepared_dir")
     cfg = compose_config(*overrides)
     assert validate_config(cfg) >= 1
 
@@ -94,7 +96,7 @@ def test_bad_values_name_the_key(override, fragment):
         ("strategy.offload_optimizer=nvme", "none, cpu"),
         ("scheduler.name=step", "constant, linear, cosine, wsd"),
         ("train.dtype=float64", "float32, bfloat16, float16"),
-        ("data.source=s3", "embedded, pydoc, hf"),
+        ("data.source=s3", "embedded, pydoc, hf, tokenized"),
         ("model.source=hub", "config, pretrained"),
         ("logger.wandb.mode=offlne", "online, offline, disabled"),
         ("quant.name=int2", "none, int8_dynamic, int8_weight, int4_weight"),

@@ -87,15 +87,12 @@ EXPORTERS: dict[str, Callable[[Any, Any, Path, Any], None]] = {
 def calibration_batches(cfg: Any, tokenizer: Any) -> list[torch.Tensor]:
     """The first calibration.batches x calibration.batch_size training sequences of the data group, tokenized
     with the model's own tokenizer: LongTensors of [batch_size, data.seq_len] token ids."""
-    from trainer.data import build_data
+    from trainer.data import first_training_batches
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(str(Path(tmp) / "tokenizer"))
-        data_cfg = cfg.data.copy()
-        data_cfg.tokenizer = str(Path(tmp) / "tokenizer")
-        data = build_data(data_cfg, run_dir=Path(tmp))
     c = cfg.calibration
-    return list(data.train.inputs[: c.batches * c.batch_size].split(c.batch_size))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return first_training_batches(cfg.data, tokenizer=tmp, num_batches=c.batches, batch_size=c.batch_size)
 
 
 # ---- the Hydra form ---------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from trainer import checkpoint as ckpt
 from trainer.config import validate_config
-from trainer.data import SampleOrder, build_data, rank_micro_batches
+from trainer.data import build_data
+from trainer.data.prefetch import Prefetcher
 from trainer.distributed import ParallelEnv, all_gather_ints, all_reduce_sum, barrier, init_distributed
 from trainer.errors import ConfigError, DataError, DivergenceError
 from trainer.extensions import Extension
@@ -138,7 +139,13 @@ class Trainer:
             self.module.compile()  # in place: state-dict keys stay as they are
         torch.manual_seed(t.seed + env.rank)  # dropout differs per rank, reproducibly
 
-        self.order = SampleOrder(len(self.data.train), seed=t.seed)
+        # A pure function of the seed and the count consumed (an in-memory permutation, or a weighted mixture).
+        self.order = self.data.train.order(seed=t.seed)
+        # The next step's micro-batches are assembled on a thread while this one trains.
+        self.prefetcher = Prefetcher(
+            self.data.train, micro_batch_size=t.micro_batch_size, rank=env.rank, world_size=env.world_size
+        )
+        self._data_wait = (0.0, 0)  # (seconds waited for batches, steps) since the last metrics record
         self.step = 0
         self.tokens_seen = 0
         self.resumed_from = self._resume(resume)
@@ -230,14 +237,11 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over a global batch: accumulate micro-batches, clip, step."""
         t = self.cfg.train
-        global_indices = self.order.take(t.global_batch_size)
-        micro = rank_micro_batches(
-            global_indices,
-            micro_batch_size=t.micro_batch_size,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
+        # This rank's micro-batches of the next global batch (prefetched); the last step prefetches nothing.
+        batches, waited = self.prefetcher.next_batches(
+            self.order, t.global_batch_size, prefetch=self.step + 1 < t.max_steps
         )
-        batches = [self.data.train.batch(idx) for idx in micro]
+        self._data_wait = (self._data_wait[0] + waited, self._data_wait[1] + 1)
         # The loss is the mean over every target token of the global batch, whatever the padding per micro-batch.
         local_targets = sum(int((labels != -100).sum()) for _, labels in batches)
         num_targets = int(all_reduce_sum(torch.tensor(local_targets, device=self.device)).item())
@@ -388,9 +392,11 @@ class Trainer:
         except DivergenceError:
             bar.close()
             preemption.close()
+            self.prefetcher.close()
             self.log.close(exit_code=1)
             raise
         preemption.close()
+        self.prefetcher.close()
         bar.close()
         if not evaluation:  # nothing trained this run (max_steps=0, or already complete): where it stands
             evaluation = self.evaluate()
@@ -504,10 +510,13 @@ class Trainer:
             "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, self.env.world_size),
             "peak_mem_bytes": max(peak_per_rank),
             "peak_mem_bytes_per_rank": peak_per_rank,
+            # Seconds per step the training thread waited for its batches (prefetching hides the rest).
+            "data_wait_s": self._data_wait[0] / max(self._data_wait[1], 1),
         }
         self.log.write(record)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         self._window = (time.perf_counter(), self.tokens_seen)
+        self._data_wait = (0.0, 0)
         return record
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:

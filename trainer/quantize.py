@@ -7,7 +7,6 @@ reload and run. int8_smooth calibrates on the training sequences of the configur
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from trainer.cli import run
-from trainer.data import build_data
+from trainer.data import first_training_batches
 from trainer.errors import InputNotFoundError
 from trainer.quant.config import register_quantize_configs, validate_quantize
 from trainer.quant.ptq import check_scheme, default_keep_float, quantize_model, scheme_dtype
@@ -44,15 +43,12 @@ def check_quantize_config(cfg: Any) -> torch.device:
 
 
 def calibration_batches(cfg: Any, tokenizer_dir: str) -> list[torch.Tensor]:
-    """The first calibration_batches x batch_size training sequences of the data group, tokenized with
-    the model's own tokenizer."""
-    data_cfg = cfg.data.copy()
-    data_cfg.tokenizer = tokenizer_dir
-    with tempfile.TemporaryDirectory() as tmp:
-        data = build_data(data_cfg, run_dir=Path(tmp))
+    """The first smooth.calibration_batches x smooth.batch_size training sequences of the data group, tokenized
+    with the model's own tokenizer."""
     s = cfg.smooth
-    inputs = data.train.inputs[: s.calibration_batches * s.batch_size]
-    return list(inputs.split(s.batch_size))
+    return first_training_batches(
+        cfg.data, tokenizer=tokenizer_dir, num_batches=s.calibration_batches, batch_size=s.batch_size
+    )
 
 
 def quantize(cfg: Any) -> Path:

@@ -1,6 +1,14 @@
 """Data: text sources, tokenizers, packing and the resumable sample order."""
 
-from trainer.data.loading import IGNORE_INDEX, Data, TokenWindows, build_data, pack, pad_each
+from trainer.data.loading import (
+    IGNORE_INDEX,
+    Data,
+    TokenWindows,
+    build_data,
+    first_training_batches,
+    pack,
+    pad_each,
+)
 from trainer.data.order import SampleOrder, rank_micro_batches
 
 __all__ = [
@@ -9,6 +17,7 @@ __all__ = [
     "SampleOrder",
     "TokenWindows",
     "build_data",
+    "first_training_batches",
     "pack",
     "pad_each",
     "rank_micro_batches",

@@ -15,15 +15,29 @@ from omegaconf import MISSING
 from trainer.choices import Choice
 from trainer.errors import ConfigError
 
-# `embedded` (generated Markov corpus), `pydoc` (CPython's pydoc topics), `hf` (hub dataset or local files).
-DataSource = Choice("DataSource", "embedded pydoc hf")
+# `embedded` (generated Markov corpus), `pydoc` (CPython's pydoc topics), `hf` (hub dataset or local files),
+# `tokenized` (directories written by `python -m trainer.prepare_data`, read through memmaps).
+DataSource = Choice("DataSource", "embedded pydoc hf tokenized")
+
+
+@dataclass
+class SourceConfig:
+    """One prepared dataset of a `data=tokenized` mixture: `{path: DIR, weight: W}`."""
+
+    # A directory written by `python -m trainer.prepare_data`.
+    path: str = MISSING
+    # Its share of the training samples (weights are normalized to sum to 1).
+    weight: float = MISSING
 
 
 @dataclass
 class DataConfig:
     source: DataSource = MISSING
     # Hub dataset name, or a builder (`json`, `parquet`, `text`) for local files; inferred from `data_files` when null.
+    # data=tokenized: the one prepared directory to train on (or use `sources`).
     path: str | None = MISSING
+    # data=tokenized: a weighted mixture of prepared directories, [{path: DIR, weight: W}, ...] (instead of path).
+    sources: list[SourceConfig] = MISSING
     # Dataset configuration name on the hub.
     name: str | None = MISSING
     # Local files (a path, a glob, or a list), loaded with the builder their extension names.
@@ -46,10 +60,14 @@ class DataConfig:
     tokenizer_vocab_size: int = MISSING
     # Settings of the embedded Markov source (ignored by other sources).
     markov: dict[str, Any] = MISSING
-    # Where generated corpora are written (relative paths are inside the run directory).
+    # Where generated corpora and the tokenized cache (a prepared dataset, reused while its text, tokenizer and
+    # settings are the same) are written; relative paths are inside the run directory.
     cache_dir: str = MISSING
     # Processes used to tokenize.
     num_proc: int = MISSING
+    # Resume a checkpoint trained on other data (sources, weights, tokenizer, seq_len) on purpose: training
+    # continues on this data from the checkpoint's global sample count (data=tokenized).
+    allow_changed: bool = MISSING
 
 
 def register_data_configs() -> None:
@@ -65,3 +83,18 @@ def validate_data(d: Any) -> None:
     """The data group's values (the source is a closed choice: Hydra has checked it)."""
     _check(d.seq_len > 1, f"data.seq_len={d.seq_len}: must be at least 2")
     _check(0.0 < d.eval_fraction < 1.0, f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
+    if d.source == "tokenized":
+        _check(
+            bool(d.sources) != (d.path is not None),
+            "data=tokenized reads prepared directories: give data.path=DIR, or "
+            "'data.sources=[{path: DIR1, weight: 0.7}, {path: DIR2, weight: 0.3}]', one of them",
+        )
+        weights = [float(s.weight) for s in d.sources]
+        for i, w in enumerate(weights):
+            _check(
+                w >= 0 and w != float("inf"), f"data.sources[{i}].weight={w}: must be a finite number >= 0"
+            )
+        _check(
+            not weights or sum(weights) > 0,
+            f"data.sources: every weight is 0 ({weights}); give at least one source a positive weight",
+        )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from trainer.data import markov
+from trainer.data.order import SampleOrder
 from trainer.data.tokenizer import build_bpe_tokenizer, build_wordlevel_tokenizer, load_tokenizer
 from trainer.errors import DataError
 from trainer.utils import loading_from, write_atomic
@@ -40,12 +41,17 @@ class TokenWindows:
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inputs[indices], self.labels[indices]
 
+    def order(self, *, seed: int) -> SampleOrder:
+        """The training order over these windows (a fresh permutation per epoch)."""
+        return SampleOrder(len(self), seed=seed)
+
 
 @dataclass
 class Data:
     tokenizer: Any
-    train: TokenWindows
-    eval: TokenWindows
+    # TokenWindows, or a data=tokenized Mixture: both give len(), batch(indices) and order(seed=).
+    train: Any
+    eval: Any
     # Entropy rate of the source in nats/token when it is known (the embedded corpus), else None.
     entropy_floor: float | None = None
 
@@ -361,6 +367,12 @@ def build_tokenizer(
         return load_tokenizer(name, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
 
 
+def _column(split: Any, field: str) -> Iterator[Any]:
+    """A split's text column, a thousand rows at a time (not the whole column as one list)."""
+    for rows in split.iter(batch_size=1000):
+        yield from rows[field]
+
+
 def build_data(
     cfg: Any,
     *,
@@ -371,7 +383,17 @@ def build_data(
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
 ) -> Data:
-    """Load, tokenize and pack. Rank 0 writes generated files and the tokenizer first; the others then read them."""
+    """Load, tokenize and pack. Rank 0 writes generated files and the tokenizer first; the others then read them.
+
+    data=tokenized reads prepared datasets instead (every rank maps the same files; nothing is written).
+    """
+    if cfg.source == "tokenized":
+        from trainer.data.tokenized import build_tokenized
+
+        tokenizer, train, evals = build_tokenized(
+            cfg, model_name_or_path=model_name_or_path, trust_remote_code=trust_remote_code
+        )
+        return Data(tokenizer=tokenizer, train=train, eval=evals)
     cache_dir = Path(cfg.cache_dir) if os.path.isabs(cfg.cache_dir) else run_dir / cfg.cache_dir
     tokenizer_dir = run_dir / "tokenizer"
     if is_main:
@@ -385,9 +407,43 @@ def build_data(
         tokenizer = build_tokenizer(
             cfg, train, tokenizer_dir, model_name_or_path, trust_remote_code, model_gguf_file
         )
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # One path for every source: the splits are tokenized once into a prepared dataset in the cache (reused
+    # while the text, the tokenizer and the settings are the same), and read like data=tokenized's.
+    from trainer.data.prepare import write_splits
+    from trainer.data.prepared import DocumentWindows, PackedWindows, PreparedSplit, read_meta, tokenizer_hash
+
+    settings = OmegaConf.to_container(cfg, enum_to_str=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    for key in ("seq_len", "packing", "num_proc", "allow_changed", "cache_dir"):
+        settings.pop(key, None)
+    key = [settings, tokenizer_hash(tokenizer), train._fingerprint, evals._fingerprint]
+    prepared = cache_dir / f"prepared-{_config_hash(key)}"
+    if is_main:
+        texts = {"train": _column(train, cfg.text_field), "eval": _column(evals, cfg.text_field)}
+        write_splits(prepared, texts, tokenizer, num_proc=cfg.num_proc, description={"data": settings})
+    barrier()
+    meta = read_meta(prepared, key="data.cache_dir")
     windows = []
-    for split in (train, evals):
-        docs = tokenize(split, tokenizer, cfg.text_field, cfg.num_proc)
-        windows.append(pack(docs, cfg.seq_len, eos) if cfg.packing else pad_each(docs, cfg.seq_len, eos, pad))
+    for split in ("train", "eval"):
+        reader = PreparedSplit(prepared, split, meta)
+        windows.append(
+            PackedWindows(reader, cfg.seq_len)
+            if cfg.packing
+            else DocumentWindows(reader, cfg.seq_len, tokenizer.pad_token_id)
+        )
     return Data(tokenizer=tokenizer, train=windows[0], eval=windows[1], entropy_floor=floor)
+
+
+def first_training_batches(
+    cfg: Any, *, tokenizer: str, num_batches: int, batch_size: int
+) -> list[torch.Tensor]:
+    """The first num_batches x batch_size training windows of data group `cfg`, tokenized with `tokenizer` (a
+    model's own, by name or directory): input ids [batch_size, seq_len] per batch, for the offline tools'
+    calibration (SmoothQuant, GPTQ). Tokenized in a temporary directory, read while it is there."""
+    import tempfile
+
+    data_cfg = cfg.copy()
+    data_cfg.tokenizer = tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        train = build_data(data_cfg, run_dir=Path(tmp)).train
+        inputs = train.batch(torch.arange(min(len(train), num_batches * batch_size)))[0]
+    return list(inputs.split(batch_size))

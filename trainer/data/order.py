@@ -38,6 +38,14 @@ class SampleOrder:
             count -= n
         return torch.cat(parts)
 
+    def peek(self, count: int) -> torch.Tensor:
+        """The next `count` sample indices, without consuming them."""
+        consumed = self.consumed
+        try:
+            return self.take(count)
+        finally:
+            self.consumed = consumed
+
     def state_dict(self) -> dict[str, int]:
         return {"consumed": self.consumed, "seed": self.seed, "num_samples": self.num_samples}
 

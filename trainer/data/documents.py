@@ -1,0 +1,146 @@
+"""Documents streamed from a source, one text at a time: local json/jsonl/parquet/text files (a path, a glob or
+a list of them, read in sorted order) or a hub dataset (`datasets`, streaming when asked). Nothing larger than
+one file's read buffer (a parquet row group) is held.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from trainer.errors import DataError
+
+FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+def patterns(data_files: Any) -> list[str]:
+    if OmegaConf.is_config(data_files):
+        data_files = OmegaConf.to_container(data_files)
+    if data_files is None:
+        return []
+    return [data_files] if isinstance(data_files, str) else [str(p) for p in data_files]
+
+
+def local_files(data_files: Any, *, key: str = "data_files") -> list[str]:
+    """The files the patterns name, each pattern's sorted, in the patterns' order; a pattern that matches
+    nothing, an unknown format or all-empty input is refused."""
+    out: list[str] = []
+    for pattern in patterns(data_files):
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise DataError(f"{key}: {pattern!r} matches no file; check the path")
+        for m in matches:
+            if _format(m) is None:
+                raise DataError(
+                    f"{key}: cannot tell the format of {m!r}; give .jsonl/.json, .parquet or .txt files"
+                )
+            if m not in out:
+                out.append(m)
+    if out and all(os.path.getsize(f) == 0 for f in out):
+        raise DataError(
+            f"{key}={patterns(data_files)}: every file is empty; point it at files with documents"
+        )
+    return out
+
+
+def _format(path: str) -> str | None:
+    return FORMATS.get(Path(path.removesuffix(".gz")).suffix)
+
+
+def _open(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _json_texts(path: str, text_field: str) -> Iterator[str]:
+    with _open(path) as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(
+                    f"{path}, line {number}: not a JSON line ({e}); fix or remove that line"
+                ) from e
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"{path}, line {number}: a JSON {type(record).__name__}, not an object with a text field"
+                )
+            if text_field not in record:
+                raise DataError(
+                    f"{path}, line {number}: no text field {text_field!r} (its keys: {sorted(record)[:10]}); "
+                    "set text_field to the key holding the text"
+                )
+            value = record[text_field]
+            if not isinstance(value, str):
+                what = "null" if value is None else f"a {type(value).__name__}"
+                raise DataError(
+                    f"{path}, line {number}: the text field {text_field!r} is {what}, not a string"
+                )
+            yield value
+
+
+def _text_lines(path: str) -> Iterator[str]:
+    """One document per line, as `datasets`' text builder reads a .txt file."""
+    with _open(path) as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}, line {number}: not UTF-8 text ({e})") from e
+
+
+def _parquet_texts(path: str, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path)
+    if text_field not in f.schema_arrow.names:
+        raise DataError(
+            f"{path}: no column {text_field!r} (its columns: {f.schema_arrow.names}); set text_field"
+        )
+    row = 0
+    for batch in f.iter_batches(columns=[text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            if not isinstance(value, str):
+                raise DataError(f"{path}, row {row}: the text field {text_field!r} is not a string")
+            row += 1
+            yield value
+
+
+def file_texts(files: list[str], text_field: str) -> Iterator[str]:
+    for path in files:
+        kind = _format(path)
+        if kind == "json":
+            yield from _json_texts(path, text_field)
+        elif kind == "parquet":
+            yield from _parquet_texts(path, text_field)
+        else:
+            yield from _text_lines(path)
+
+
+def hub_texts(path: str, name: str | None, split: str, text_field: str, *, streaming: bool) -> Iterator[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(path, name, split=split, streaming=streaming)
+    except ValueError as e:
+        raise DataError(f"path={path}: cannot load split {split!r} ({e})") from e
+    for row, record in enumerate(ds):
+        if text_field not in record:
+            raise DataError(
+                f"path={path}, split {split}, row {row}: no text field {text_field!r} "
+                f"(its fields: {sorted(record)}); set text_field"
+            )
+        value = record[text_field]
+        if not isinstance(value, str):
+            raise DataError(
+                f"path={path}, split {split}, row {row}: the text field {text_field!r} is not a string"
+            )
+        yield value

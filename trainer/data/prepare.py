@@ -1,0 +1,447 @@
+"""Tokenize a source once into a prepared dataset (trainer/data/prepared.py has the format); the work of
+`python -m trainer.prepare_data`.
+
+Deterministic: documents are read in a fixed order (files sorted within each pattern), document i of the
+source goes to eval when floor((i + 1) f) > floor(i f) (f = eval_fraction: evenly spread, exactly f of them,
+decided without reading ahead), and the tokenizer processes return their batches in order. Each shard is
+written atomically and recorded in progress.json; a run started again on the same output_dir with the same
+settings skips (without tokenizing) every document already in a recorded shard, so a killed run continues
+where it stopped and writes the same bytes. meta.json is written last, and progress.json then removed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from trainer.data import documents
+from trainer.data.prepared import (
+    FORMAT,
+    META_FILE,
+    PROGRESS_FILE,
+    SPLITS,
+    TOKENIZER_DIR,
+    ShardWriter,
+    fingerprint,
+    remove_partial_shards,
+    token_dtype,
+    tokenizer_hash,
+)
+from trainer.data.tokenizer import build_bpe_tokenizer, build_wordlevel_tokenizer, load_tokenizer
+from trainer.errors import ConfigError, DataError
+from trainer.utils import write_json_atomic
+
+BUILT = ("bpe", "wordlevel")
+CACHE_SHARD_TOKENS = 1 << 26  # the in-memory presets' cache: a few shards at most
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hydra-llm-trainer")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def is_eval(index: int, fraction: float) -> bool:
+    return math.floor((index + 1) * fraction) > math.floor(index * fraction)
+
+
+def check_settings(cfg: Any) -> None:
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    if OmegaConf.is_config(cfg):
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        check(
+            not missing,
+            f"{', '.join(missing)} required: e.g. python -m trainer.prepare_data 'data_files=corpus/*.jsonl' "
+            "tokenizer=NAME_OR_DIR output_dir=DIR (tokenizer: a tokenizer name or directory, or bpe / wordlevel)",
+        )
+    check(bool(cfg.output_dir), "output_dir is required: the directory the prepared dataset is written to")
+    check(
+        (cfg.data_files is not None) != (cfg.path is not None),
+        "give data_files (local files or globs) or path (a hub dataset name), one of them",
+    )
+    check(bool(cfg.tokenizer), "tokenizer is required: a tokenizer name or directory, or bpe / wordlevel")
+    check(cfg.shard_tokens > 0, f"shard_tokens={cfg.shard_tokens}: must be a positive number of tokens")
+    check(cfg.num_proc >= 1, f"num_proc={cfg.num_proc}: must be >= 1")
+    check(cfg.batch_docs >= 1, f"batch_docs={cfg.batch_docs}: must be >= 1")
+    if cfg.eval_split is None:
+        check(
+            0.0 < cfg.eval_fraction < 1.0,
+            f"eval_fraction={cfg.eval_fraction}: must be in (0, 1) (or name an eval_split of a hub dataset)",
+        )
+    else:
+        check(
+            cfg.path is not None,
+            "eval_split names a split of a hub dataset: give path=NAME, or eval_fraction",
+        )
+
+
+class Source:
+    """The documents of the source as (index, split, text), the same every time it is read."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.files = documents.local_files(cfg.data_files) if cfg.data_files is not None else None
+
+    def describe(self) -> dict[str, Any]:
+        c = self.cfg
+        if self.files is not None:
+            return {"data_files": [str(Path(f).resolve()) for f in self.files], "text_field": c.text_field}
+        return {
+            "path": c.path,
+            "name": c.name,
+            "split": c.split,
+            "eval_split": c.eval_split,
+            "text_field": c.text_field,
+        }
+
+    def _texts(self, split: str) -> Iterator[str]:
+        c = self.cfg
+        if self.files is not None:
+            return documents.file_texts(self.files, c.text_field)
+        return documents.hub_texts(c.path, c.name, split, c.text_field, streaming=c.streaming)
+
+    def __iter__(self) -> Iterator[tuple[int, str, str]]:
+        c = self.cfg
+        if c.eval_split is not None:
+            index = 0
+            for split, name in (("train", c.split), ("eval", c.eval_split)):
+                for text in self._texts(name):
+                    yield index, split, text
+                    index += 1
+            return
+        for index, text in enumerate(self._texts(c.split)):
+            yield index, "eval" if is_eval(index, c.eval_fraction) else "train", text
+
+    def check(self) -> None:
+        """Read the source once before writing anything: a bad line or field fails here, with its file and
+        line; empty input, or a split that would get no document, too. (A hub dataset: its first record.)"""
+        counts = dict.fromkeys(SPLITS, 0)
+        if self.files is None:
+            for _, split, _ in self:
+                counts[split] += 1
+                if counts["train"] and counts["eval"]:
+                    return
+        else:
+            for _, split, _ in self:
+                counts[split] += 1
+        if not any(counts.values()):
+            raise DataError(f"{self.describe()}: no documents could be read; the input is empty")
+        for split in SPLITS:
+            if counts[split] == 0 and self.files is not None:
+                raise DataError(
+                    f"the {split} split gets no document of the {sum(counts.values())} read "
+                    f"(eval_fraction={self.cfg.eval_fraction}); raise eval_fraction or add documents"
+                )
+
+
+# ---- tokenizer processes ---------------------------------------------------------------------------------
+
+_TOKENIZER: Any = None
+
+
+def _load_worker_tokenizer(directory: str) -> None:
+    import os
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: num_proc processes in all
+    global _TOKENIZER
+    _TOKENIZER = load_tokenizer(directory)
+
+
+def _encode(texts: list[str]) -> list[np.ndarray]:
+    ids = _TOKENIZER(texts, add_special_tokens=False)["input_ids"]
+    return [np.asarray(x, dtype=np.uint32) for x in ids]
+
+
+def _ordered_map(
+    chunks: Iterator[tuple[Any, list[str]]],
+    *,
+    num_proc: int,
+    tokenizer_dir: str,
+    tokenizer: Any = None,
+    start_method: str = "spawn",
+) -> Iterator[tuple[Any, list[np.ndarray]]]:
+    """(tag, token arrays) for each (tag, texts), in order; at most 2 x num_proc batches in flight. One
+    process: `tokenizer` when given (else the one saved in tokenizer_dir). `fork` starts the processes
+    without importing anything again (the prepare_data command); `spawn` is for a process that may hold
+    threads (a training run's cache)."""
+    if num_proc <= 1:
+        global _TOKENIZER
+        if tokenizer is None:
+            _load_worker_tokenizer(tokenizer_dir)
+        else:
+            _TOKENIZER = tokenizer
+        for tag, texts in chunks:
+            yield tag, _encode(texts)
+        return
+    if start_method not in multiprocessing.get_all_start_methods():
+        start_method = "spawn"
+    ctx = multiprocessing.get_context(start_method)
+    with ctx.Pool(num_proc, initializer=_load_worker_tokenizer, initargs=(tokenizer_dir,)) as pool:
+        pending: deque = deque()
+        for tag, texts in chunks:
+            pending.append((tag, pool.apply_async(_encode, (texts,))))
+            if len(pending) >= 2 * num_proc:
+                tag0, result = pending.popleft()
+                yield tag0, result.get()
+        while pending:
+            tag0, result = pending.popleft()
+            yield tag0, result.get()
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+
+
+def _settings(cfg: Any, source: Source) -> dict[str, Any]:
+    return {
+        "source": source.describe(),
+        "tokenizer": cfg.tokenizer,
+        "tokenizer_vocab_size": cfg.tokenizer_vocab_size if cfg.tokenizer in BUILT else None,
+        "shard_tokens": cfg.shard_tokens,
+        "eval_fraction": cfg.eval_fraction if cfg.eval_split is None else None,
+    }
+
+
+def _tokenizer(cfg: Any, source: Source, out: Path, resuming: bool) -> Any:
+    """Build (bpe, wordlevel: from the train documents) or load the tokenizer, and save it in output_dir."""
+    directory = out / TOKENIZER_DIR
+    if resuming and (directory / "tokenizer_config.json").is_file():
+        return load_tokenizer(str(directory))
+    if cfg.tokenizer in BUILT:
+        texts = (text for _, split, text in source if split == "train")
+        tok = (
+            build_wordlevel_tokenizer(texts)
+            if cfg.tokenizer == "wordlevel"
+            else build_bpe_tokenizer(texts, cfg.tokenizer_vocab_size)
+        )
+    else:
+        tok = load_tokenizer(cfg.tokenizer)
+    tok.save_pretrained(str(directory))
+    return load_tokenizer(str(directory))  # as the workers and training load it: the same hash
+
+
+def prepare(cfg: Any) -> Path:
+    """Write the prepared dataset `cfg.output_dir` (continuing an interrupted run); returns its path."""
+    check_settings(cfg)
+    out = Path(cfg.output_dir)
+    source = Source(cfg)
+    settings = _settings(cfg, source)
+    if (out / META_FILE).is_file():
+        meta = json.loads((out / META_FILE).read_text())
+        if meta.get("settings") == settings:
+            print(f"{out} is already prepared with these settings", flush=True)
+            return out
+        raise DataError(
+            f"output_dir={out} holds a dataset prepared with other settings ({meta.get('settings')}); "
+            "give another output_dir, or remove that one"
+        )
+    progress_file = out / PROGRESS_FILE
+    progress = json.loads(progress_file.read_text()) if progress_file.is_file() else None
+    resuming = progress is not None and progress.get("settings") == settings
+    if progress is not None and not resuming:
+        raise DataError(
+            f"output_dir={out} holds an unfinished prepare_data run with other settings; run it with the "
+            "settings it started with, or remove the directory"
+        )
+    source.check()  # before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer(cfg, source, out, resuming)
+    vocab_size, eos = len(tok), tok.eos_token_id
+    dtype = token_dtype(vocab_size)
+    tok_hash = tokenizer_hash(tok)
+    if resuming and progress["tokenizer_hash"] != tok_hash:
+        raise DataError(
+            f"{out / TOKENIZER_DIR}: not the tokenizer the unfinished run started with; remove {out}"
+        )
+    if not resuming:
+        progress = {
+            "settings": settings,
+            "tokenizer_hash": tok_hash,
+            "splits": {s: {"shards": [], "covered": 0} for s in SPLITS},
+        }
+    for split in SPLITS:
+        (out / split).mkdir(exist_ok=True)
+        remove_partial_shards(out / split)
+    splits = progress["splits"]
+    covered = {s: splits[s]["covered"] for s in SPLITS}
+    writers: dict[str, ShardWriter | None] = dict.fromkeys(SPLITS)
+
+    def flush(split: str, upto: int) -> None:
+        splits[split]["shards"].append(writers[split].close())
+        splits[split]["covered"] = upto
+        write_json_atomic(progress_file, progress)
+        writers[split] = None
+
+    def chunks() -> Iterator[tuple[list[tuple[int, str]], list[str]]]:
+        tags: list[tuple[int, str]] = []
+        texts: list[str] = []
+        for index, split, text in source:
+            if index < covered[split]:
+                continue  # in a shard a previous run wrote
+            tags.append((index, split))
+            texts.append(text)
+            if len(texts) >= cfg.batch_docs:
+                yield tags, texts
+                tags, texts = [], []
+        if texts:
+            yield tags, texts
+
+    done_docs = sum(r["documents"] for s in SPLITS for r in splits[s]["shards"])
+    done_tokens = sum(r["tokens"] for s in SPLITS for r in splits[s]["shards"])
+    bar = tqdm(
+        desc="prepare", unit=" docs", initial=done_docs, disable=not cfg.progress_bar, dynamic_ncols=True
+    )
+    start, new_tokens, last = time.perf_counter(), 0, -1
+    encoded = _ordered_map(
+        chunks(), num_proc=cfg.num_proc, tokenizer_dir=str(out / TOKENIZER_DIR), start_method="fork"
+    )
+    for tags, ids in encoded:
+        for (index, split), doc in zip(tags, ids, strict=True):
+            last = max(last, index)
+            if len(doc) == 0:
+                continue  # an empty document: nothing to learn from (as the in-memory path drops it)
+            if writers[split] is None:
+                writers[split] = ShardWriter(out / split, len(splits[split]["shards"]), dtype)
+            writers[split].add(np.append(doc, np.uint32(eos)))
+            new_tokens += len(doc) + 1
+            if writers[split].num_tokens >= cfg.shard_tokens:
+                flush(split, index + 1)
+        bar.update(len(tags))
+        seconds = max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix(
+            tokens=f"{done_tokens + new_tokens:,}", tok_s=f"{new_tokens / seconds:,.0f}", refresh=False
+        )
+    bar.close()
+    for split in SPLITS:
+        if writers[split] is not None:
+            flush(split, last + 1)
+    meta = {
+        "format": FORMAT,
+        "package_version": _package_version(),
+        "tokenizer": {
+            "name": cfg.tokenizer,
+            "hash": tok_hash,
+            "vocab_size": vocab_size,
+            "eos_id": eos,
+            "pad_id": tok.pad_token_id,
+        },
+        "dtype": dtype.name,
+        "source": source.describe(),
+        "settings": settings,
+        "documents": sum(r["documents"] for s in SPLITS for r in splits[s]["shards"]),
+        "tokens": sum(r["tokens"] for s in SPLITS for r in splits[s]["shards"]),
+        "splits": {
+            s: {
+                "documents": sum(r["documents"] for r in splits[s]["shards"]),
+                "tokens": sum(r["tokens"] for r in splits[s]["shards"]),
+                "shards": splits[s]["shards"],
+            }
+            for s in SPLITS
+        },
+    }
+    meta["fingerprint"] = fingerprint(meta)
+    write_json_atomic(out / META_FILE, meta)
+    progress_file.unlink()
+    print(
+        f"{out}: {meta['splits']['train']['documents']:,} train / {meta['splits']['eval']['documents']:,} eval "
+        f"documents, {meta['tokens']:,} tokens ({dtype.name}) in "
+        f"{sum(len(splits[s]['shards']) for s in SPLITS)} shard(s)",
+        flush=True,
+    )
+    return out
+
+
+def write_splits(
+    out: Path, texts: dict[str, Iterable[str]], tokenizer: Any, *, num_proc: int, description: dict[str, Any]
+) -> Path:
+    """A prepared dataset of the given splits' texts, tokenized by `tokenizer` (the in-memory presets' cache).
+
+    Written under a temporary name and renamed when complete, so a half-written one is never read; one that
+    is there already is kept.
+    """
+    if (out / META_FILE).is_file():
+        return out
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # per process: runs sharing a cache_dir
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+    vocab_size, eos = len(tokenizer), tokenizer.eos_token_id
+    dtype = token_dtype(vocab_size)
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        (tmp / split).mkdir()
+        shards: list[dict[str, Any]] = []
+        writer: ShardWriter | None = None
+
+        def batches(split: str = split) -> Iterator[tuple[None, list[str]]]:
+            chunk: list[str] = []
+            for text in texts[split]:
+                chunk.append(text if isinstance(text, str) else "")
+                if len(chunk) >= 1000:
+                    yield None, chunk
+                    chunk = []
+            if chunk:
+                yield None, chunk
+
+        encoded = _ordered_map(
+            batches(), num_proc=num_proc, tokenizer_dir=str(tmp / TOKENIZER_DIR), tokenizer=tokenizer
+        )
+        for _, ids in encoded:
+            for doc in ids:
+                if len(doc) == 0:
+                    continue
+                if writer is None:
+                    writer = ShardWriter(tmp / split, len(shards), dtype)
+                writer.add(np.append(doc, np.uint32(eos)))
+                if writer.num_tokens >= CACHE_SHARD_TOKENS:
+                    shards.append(writer.close())
+                    writer = None
+        if writer is not None:
+            shards.append(writer.close())
+        splits[split] = {
+            "documents": sum(r["documents"] for r in shards),
+            "tokens": sum(r["tokens"] for r in shards),
+            "shards": shards,
+        }
+    meta = {
+        "format": FORMAT,
+        "package_version": _package_version(),
+        "tokenizer": {
+            "name": getattr(tokenizer, "name_or_path", None) or "built",
+            "hash": tokenizer_hash(tokenizer),
+            "vocab_size": vocab_size,
+            "eos_id": eos,
+            "pad_id": tokenizer.pad_token_id,
+        },
+        "dtype": dtype.name,
+        "source": description,
+        "settings": {"source": description},
+        "documents": sum(v["documents"] for v in splits.values()),
+        "tokens": sum(v["tokens"] for v in splits.values()),
+        "splits": splits,
+    }
+    meta["fingerprint"] = fingerprint(meta)
+    write_json_atomic(tmp / META_FILE, meta)
+    if (out / META_FILE).is_file():  # another run sharing the cache finished first: the same bytes
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    shutil.rmtree(out, ignore_errors=True)  # what a killed run left, if anything
+    os.replace(tmp, out)
+    return out
