@@ -14,7 +14,8 @@
 # AdamW) and quant (the GPU chain, conf/chain/gpu.yaml: torchao int8 / int4 weight-only and 2:4 sparse kernels
 # against the bf16 model). A part that fails does not stop the next. Results and one log go to $OUT (the
 # device tool's; here bench/out/gpu): probe.txt, mfu.json, mfu_logs.txt, precision.json, compiled.json,
-# optimizers.json, evaluate.json, report.md, report.png, log.txt. They belong in bench/RESULTS.md with the date and the device.
+# optimizers.json, evaluate.json, report.md, report.png, log.txt. They belong in bench/RESULTS.md with the
+# date and the device.
 #   bash bench/gpu_check.sh [probe] [mfu] [training] [quant]
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -61,8 +62,10 @@ for p in "${parts[@]}"; do
         --out "$OUT/optimizers.json"
       grep -A12 "^precision optimizer" "$log" ;;
     mfu)
-      part mfu "$PY" bench/mfu.py --variants ${MFU_VARIANTS:-fsdp:bf16 zero2:bf16 zero3:bf16 fsdp:bf16:compile \
-        fsdp:fp8:compile} --steps "${MFU_STEPS:-20}" --warmup 5 --timeout "${MFU_TIMEOUT:-180}" --out "$OUT/mfu.json" ${MFU_ARGS:-}
+      read -r -a variants <<<"${MFU_VARIANTS:-fsdp:bf16 zero2:bf16 zero3:bf16 fsdp:bf16:compile fsdp:fp8:compile}"
+      read -r -a extra <<<"${MFU_ARGS:-}"
+      part mfu "$PY" bench/mfu.py --variants "${variants[@]}" --steps "${MFU_STEPS:-20}" --warmup 5 \
+        --timeout "${MFU_TIMEOUT:-180}" --out "$OUT/mfu.json" "${extra[@]}"
       for f in bench/out/mfu/*.log; do echo "--- $f"; tail -n 40 "$f"; done >"$OUT/mfu_logs.txt" 2>&1
       grep -A12 "^variant" "$log" ;;
     quant)
