@@ -102,7 +102,9 @@ def test_an_interrupted_training_stage_resumes_from_its_checkpoint(chain):
 
 def test_running_the_chain_again_skips_every_finished_stage(chain):
     third = chain["logs"][2]
-    assert third.count("done before, skipped") == len(TRAIN_STAGES) + len(QUANT_STAGES) + 2
+    assert (
+        third.count("done before, skipped") == len(TRAIN_STAGES) + len(QUANT_STAGES) + len(EXPORT_STAGES) + 2
+    )
     assert "$ python -m" not in third  # nothing ran
 
 
@@ -364,7 +366,7 @@ def test_dry_run_prints_every_command_and_writes_nothing(tmp_path, capsys):
     OmegaConf.resolve(cfg)
     result = run_pipeline(cfg)
     out = capsys.readouterr().out
-    assert [s["status"] for s in result["stages"].values()] == ["dry_run"] * 19
+    assert [s["status"] for s in result["stages"].values()] == ["dry_run"] * 23
     assert (
         f"python -m trainer.train +experiment=smollm2/finetune model.name_or_path={tmp_path}/run/dense_pretrained/hf"
         in out
