@@ -242,7 +242,8 @@ def check_evaluate_config(cfg: Any) -> torch.device:
     if missing:
         raise InputNotFoundError(
             f"models: {', '.join(missing)}: no such file or directory; give model paths (a run's hf/ export, "
-            "a checkpoint, a trainer.quantize output, a .gguf file or a directory holding one, or a compressed-tensors export)"
+            "a checkpoint, a trainer.quantize output, a .gguf file or a directory holding one, or a "
+            "compressed-tensors export)"
         )
     for m in cfg.models:  # before any model is measured: a bad path is not found only after the others
         p = Path(m)

@@ -2,8 +2,8 @@
 
 A chain (conf/chain/NAME.yaml) is an ordered list of stages. Each stage is one ordinary command with its
 Hydra overrides (`trainer.train`, `trainer.quantize`, `trainer.export`, `trainer.evaluate` or
-`trainer.report`), so any stage can be run alone: the pipeline prints the exact command line before running it. Stages read each other's
-outputs through `${run_dir}`:
+`trainer.report`), so any stage can be run alone: the pipeline prints the exact command line before running
+it. Stages read each other's outputs through `${run_dir}`:
 
 - a `trainer.train` stage runs in RUN_DIR/STAGE (`hydra.run.dir`) with `resume=auto`, so an interrupted
   stage continues from its last checkpoint when the chain is run again;

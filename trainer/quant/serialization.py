@@ -186,8 +186,8 @@ def float_source(path: str | Path) -> Iterator[tuple[str, str | None]]:
     else:
         raise InputNotFoundError(
             f"{path}: not a model. Give an HF directory (a run's hf/ export, with config.json), a "
-            "checkpoints/step_XXXXXXXX directory, a .gguf file (or a directory holding one), a compressed-tensors "
-            "directory or a directory written by trainer.quantize"
+            "checkpoints/step_XXXXXXXX directory, a .gguf file (or a directory holding one), a "
+            "compressed-tensors directory or a directory written by trainer.quantize"
         )
 
 
@@ -225,8 +225,8 @@ def compressed_tensors_scheme(path: Path) -> str | None:
 
 
 def load_compressed_tensors(directory: Path) -> PreTrainedModel:
-    """A compressed-tensors directory through transformers with the compressed-tensors package: its layers
-    load compressed and decompress in the forward where there is no kernel (the CPU)."""
+    """A compressed-tensors directory through transformers with the compressed-tensors package, which
+    decompresses the weights to float where it has no kernel (the CPU)."""
     require("compressed_tensors", extra="compressed-tensors", package="compressed-tensors")
     with loading_from(str(directory)), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the quantization_config from the model will be used": what we want
