@@ -53,6 +53,8 @@ TINY_MARKOV = [
     "data.markov.mean_doc_words=40",
 ]
 TINY = TINY_MODEL + TINY_LOOP + TINY_MARKOV
+# pydoc text with a 300-token byte-level BPE (GGUF describes it; the embedded corpus's word-level one it cannot).
+BPE = [*TINY_MODEL, *TINY_LOOP, "data=pydoc", "data.tokenizer_vocab_size=300"]
 
 # Training's schemas, and each other command's own, so that a test can compose any command's config.
 register_configs()
@@ -107,6 +109,14 @@ def make_trainer(run_dir: Path, *overrides: str):
     from trainer.loop import Trainer
 
     return Trainer(compose_config(*overrides), run_dir=run_dir, env=ParallelEnv())
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory) -> Path:
+    """A tiny Llama trained 6 steps on pydoc text with the BPE above (its 300 ids short of 320 embeddings)."""
+    run = tmp_path_factory.mktemp("bpe_run")
+    make_trainer(run, *BPE).train()
+    return run
 
 
 def free_port() -> int:

@@ -17,11 +17,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import TINY_LOOP, TINY_MODEL, composition_error, make_trainer
+from tests.conftest import composition_error
 from trainer.errors import ConfigError
 from trainer.train import CONF_DIR
-
-BPE = [*TINY_MODEL, *TINY_LOOP, "data=pydoc", "data.tokenizer_vocab_size=300"]
 
 # Largest |logit difference| of the GGUF model read back by transformers over the reference's largest |logit|,
 # on 64 tokens of pydoc text. Measured on this model (2026-11-27, gguf 0.19, transformers 5.24, CPU): f16
@@ -39,13 +37,6 @@ def run_export(*overrides: str) -> Path:
     from trainer.export import export
 
     return export(export_config(*overrides))
-
-
-@pytest.fixture(scope="module")
-def bpe_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("bpe_run")
-    make_trainer(run, *BPE).train()
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,12 @@ QUANT_STAGES = [
     "student_kd_int8w",
     "sparsegpt_50_ft_kd_int8w",
 ]
+EXPORT_STAGES = [
+    "dense_adapted_ct_w8a16",
+    "dense_adapted_ct_w8a8",
+    "sparsegpt_50_ft_kd_ct_w8a16",
+    "sparsegpt_50_ft_kd_ct_w8a8",
+]
 ONE_SHOT = ["magnitude_50", "wanda_50", "sparsegpt_50", "magnitude_2of4", "wanda_2of4", "sparsegpt_2of4"]
 
 
@@ -96,12 +102,14 @@ def test_an_interrupted_training_stage_resumes_from_its_checkpoint(chain):
 
 def test_running_the_chain_again_skips_every_finished_stage(chain):
     third = chain["logs"][2]
-    assert third.count("done before, skipped") == len(TRAIN_STAGES) + len(QUANT_STAGES) + 2
+    assert (
+        third.count("done before, skipped") == len(TRAIN_STAGES) + len(QUANT_STAGES) + len(EXPORT_STAGES) + 2
+    )
     assert "$ python -m" not in third  # nothing ran
 
 
 def test_every_stage_leaves_its_marker_and_each_training_stage_an_export_that_reloads(chain):
-    for stage in [*TRAIN_STAGES, *QUANT_STAGES, "evaluate", "report"]:
+    for stage in [*TRAIN_STAGES, *QUANT_STAGES, *EXPORT_STAGES, "evaluate", "report"]:
         record = json.loads((chain["dir"] / stage / "stage.json").read_text())
         assert record["command"].startswith("python -m trainer.")
     layers = {stage: hf(chain, stage).config.num_hidden_layers for stage in TRAIN_STAGES}
@@ -171,6 +179,7 @@ def test_evaluate_has_one_entry_per_variant_and_report_states_each_target(chain)
         *ONE_SHOT,
         *TRAIN_STAGES[-2:],
         *QUANT_STAGES,
+        *EXPORT_STAGES,
     ]
     by_name = {e["name"]: e for e in entries}
     dense = by_name["dense_adapted"]
@@ -180,12 +189,19 @@ def test_evaluate_has_one_entry_per_variant_and_report_states_each_target(chain)
         assert by_name[stage]["nonzero_params"] == pytest.approx(want, abs=16)
     assert by_name["student_kd"]["params"] < dense["params"]
     assert by_name["dense_adapted_int8w"]["size_bytes"] < 0.55 * dense["size_bytes"]
+    for (
+        stage
+    ) in EXPORT_STAGES:  # reloaded by transformers + compressed-tensors, compared with their float model
+        entry, scheme = by_name[stage], stage.rsplit("_", 1)[1]
+        assert entry["scheme"] == f"compressed-tensors {scheme}" and "compressed-tensors" in entry["runtime"]
+        assert entry["size_bytes"] < 0.6 * by_name[stage.split("_ct_")[0]]["size_bytes"]
     report = (chain["dir"] / "report" / "report.md").read_text()
     assert "## Targets" in report
     for label in (
         "best one-shot 50% unstructured",
         "2:4 after pruning-aware fine-tuning",
         "distilled student",
+        "compressed-tensors W8A8 within 3% (dense)",
     ):
         assert label in report
     assert (chain["dir"] / "report" / "report.png").stat().st_size > 0
@@ -242,8 +258,8 @@ def test_bad_pipeline_config_fails_before_any_stage_runs(overrides, match, tmp_p
     [
         ("launcher=slurm", "fork, subprocess, torchrun"),
         (
-            "chain.stages.report.module=trainer.export",
-            "trainer.train, trainer.quantize, trainer.evaluate, trainer.report",
+            "chain.stages.report.module=trainer.pipeline",
+            "trainer.train, trainer.quantize, trainer.export, trainer.evaluate, trainer.report",
         ),
     ],
 )
@@ -292,7 +308,7 @@ def test_every_stage_of_the_chain_composes_and_validates_as_its_command_would(
     cfg = compose_pipeline([f"chain={chain}", f"chain.recipes={recipes}", f"run_dir={tmp_path}"])
     OmegaConf.resolve(cfg)
     primary = {"trainer.train": "config", "trainer.quantize": "quantize", "trainer.evaluate": "evaluate"}
-    primary["trainer.report"] = "report"
+    primary |= {"trainer.report": "report", "trainer.export": "export"}
     for name, stage in cfg.chain.stages.items():
         args = [a for a in stage_args(cfg, name, stage) if not a.startswith("hydra.")]
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
@@ -312,10 +328,12 @@ def test_every_stage_of_the_chain_composes_and_validates_as_its_command_would(
             for path, model in zip(stage_cfg.models, stage_cfg.names, strict=True):
                 assert path.split("/")[-2] == model and model in cfg.chain.stages and model != name, path
             producers = [
-                n for n, s in cfg.chain.stages.items() if s.module in ("trainer.train", "trainer.quantize")
+                n
+                for n, s in cfg.chain.stages.items()
+                if s.module in ("trainer.train", "trainer.quantize", "trainer.export")
             ]
             # compress leaves out student_init (a cut of the teacher, untrained); gpu evaluates every model
-            assert len(stage_cfg.names) == {"compress": 16, "gpu": len(producers)}[chain]
+            assert len(stage_cfg.names) == {"compress": 20, "gpu": len(producers)}[chain]
             if recipes == "gpu":
                 assert stage_cfg.device == "cuda" and stage_cfg.float_dtype == "bfloat16"
         if stage.module == "trainer.report":
@@ -348,7 +366,7 @@ def test_dry_run_prints_every_command_and_writes_nothing(tmp_path, capsys):
     OmegaConf.resolve(cfg)
     result = run_pipeline(cfg)
     out = capsys.readouterr().out
-    assert [s["status"] for s in result["stages"].values()] == ["dry_run"] * 19
+    assert [s["status"] for s in result["stages"].values()] == ["dry_run"] * 23
     assert (
         f"python -m trainer.train +experiment=smollm2/finetune model.name_or_path={tmp_path}/run/dense_pretrained/hf"
         in out

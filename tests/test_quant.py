@@ -659,8 +659,9 @@ def test_evaluate_writes_after_each_model_and_resume_measures_only_what_changed(
     root, _, _ = exported
     hf, copy, broken, out = root / "hf", tmp_path / "copy", tmp_path / "broken", tmp_path / "eval.json"
     shutil.copytree(hf, copy)
-    broken.mkdir()  # exists, but holds no model: loading it fails after the first model is measured
-    with pytest.raises(FileNotFoundError, match="not a model"):
+    broken.mkdir()  # looks like a model (a config.json), but loading it fails after the first model is measured
+    (broken / "config.json").write_text('{"model_type": "llama"')
+    with pytest.raises(FileNotFoundError, match="nothing could be loaded from there"):
         evaluate_models(compose_evaluate(f"models=[{hf},{broken}]", "names=[dense,broken]", f"output={out}"))
     [first] = json.loads(out.read_text())  # the first model's entry was written before the failure
     assert first["name"] == "dense" and first["settings"]["eval_batches"] == 0

@@ -1,12 +1,16 @@
 """Evaluate models side by side: `python -m trainer.evaluate 'models=[DIR,...]' output=FILE.json`.
 
-For each model (dense, distilled, pruned or quantized; an hf/ export, a checkpoint, a .gguf file or a
-trainer.quantize output) one JSON entry with:
+For each model (dense, distilled, pruned or quantized; an hf/ export, a checkpoint, a trainer.quantize output,
+or what `trainer.export` wrote: a .gguf file or a directory holding one, a compressed-tensors directory) one
+JSON entry with:
 
 - `perplexity`: exp of the mean next-token cross-entropy over the eval split of the configured data
   group (the same windows training evaluates on), tokenized with the first model's tokenizer;
 - `params` (parameters of the stored model, a tied embedding counted once) and `nonzero_params`;
-- `size_bytes`: the weight files on disk;
+- `size_bytes`: the weight files on disk (an export's as written: the .gguf file, the compressed safetensors);
+- `scheme`: `float`, the trainer.quantize scheme, `gguf TYPE` or `compressed-tensors SCHEME`; `runtime`, for
+  an export, what computed its numbers (transformers' GGUF loader, which dequantizes to float32; transformers
+  with the compressed-tensors package, which decompresses on the CPU), None for our own models;
 - `prefill_ms`: median time of one forward over `latency.batch_size` x `latency.prefill_len` tokens;
 - `decode_tokens_per_s`: tokens generated per second, one at a time with the KV cache, after a prefill
   (with `latency.interleave=true` both are timed after every perplexity, each round timing every model
@@ -42,7 +46,9 @@ from trainer.data.tokenizer import load_tokenizer
 from trainer.errors import ConfigError, InputNotFoundError
 from trainer.evaluate_config import register_evaluate_configs
 from trainer.quant.serialization import (
+    compressed_tensors_scheme,
     float_source,
+    gguf_in,
     is_quantized_dir,
     load_any,
     load_tokenizer_from,
@@ -52,6 +58,7 @@ from trainer.quant.smooth import Int8DynamicLinear
 from trainer.utils import (
     dtype_name,
     register_package_resolver,
+    require,
     resolve_device,
     resolve_dtype,
     write_json_atomic,
@@ -235,8 +242,17 @@ def check_evaluate_config(cfg: Any) -> torch.device:
     if missing:
         raise InputNotFoundError(
             f"models: {', '.join(missing)}: no such file or directory; give model paths (a run's hf/ export, "
-            "a checkpoint, a .gguf file or a trainer.quantize output)"
+            "a checkpoint, a trainer.quantize output, a .gguf file or a directory holding one, or a "
+            "compressed-tensors export)"
         )
+    for m in cfg.models:  # before any model is measured: a bad path is not found only after the others
+        p = Path(m)
+        if gguf_in(p) is None and not any((p / f).is_file() for f in ("config.json", "trainer_state.json")):
+            raise InputNotFoundError(
+                f"models: {m}: not a model (no config.json, no checkpoint, no .gguf file); give a run's hf/ "
+                "export, a checkpoint, a trainer.quantize output, a .gguf file or a directory holding one, or "
+                "a compressed-tensors export"
+            )
     lat = cfg.latency
     for key in ("batch_size", "prefill_len", "decode_tokens", "repeats"):
         if getattr(lat, key) < 1:
@@ -278,9 +294,36 @@ def previous_entries(output: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def gguf_type(file: Path) -> str:
+    """The type a GGUF file's matrices were written in (its general.file_type: f32, f16, q8_0, ...)."""
+    gguf = require("gguf", extra="gguf")
+    field = gguf.GGUFReader(file).fields.get("general.file_type")
+    if field is None:
+        return "?"
+    return gguf.LlamaFileType(int(field.contents())).name.split("_", 1)[1].lower()
+
+
+def describe_model(path: str) -> tuple[str, str | None]:
+    """(scheme, runtime) of a model path: `float`, a trainer.quantize scheme, `gguf TYPE` or
+    `compressed-tensors SCHEME`; the runtime says what computes the numbers of an export (None: our own)."""
+    p = Path(path)
+    if is_quantized_dir(p):
+        return read_manifest(p)["scheme"], None
+    ct = compressed_tensors_scheme(p)
+    if ct:
+        return (
+            f"compressed-tensors {ct}",
+            "transformers + compressed-tensors (weights decompressed to float32)",
+        )
+    file = gguf_in(p)
+    if file is not None:
+        return f"gguf {gguf_type(file)}", "dequantized to float32 by transformers' GGUF loader"
+    return "float", None
+
+
 def load_tokenizer_of(path: str) -> Any:
     """The tokenizer of any model path `evaluate` accepts, without loading the weights."""
-    if is_quantized_dir(Path(path)):
+    if is_quantized_dir(Path(path)) or compressed_tensors_scheme(Path(path)):
         return load_tokenizer(str(path))
     with float_source(path) as (directory, gguf_file):
         return load_tokenizer_from(directory, gguf_file)
@@ -326,10 +369,10 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
             if (path, name) in kept:
                 print(f"{name}: kept from previous run ({output})", flush=True)
                 continue
-            scheme = read_manifest(Path(path))["scheme"] if is_quantized_dir(Path(path)) else "float"
+            scheme, runtime = describe_model(path)
             where = torch.device("cpu") if scheme == "int8_smooth" else device  # fbgemm kernels
             model, tokenizer, size = load_any(path, device=where)
-            if scheme == "float":
+            if scheme == "float" or scheme.startswith("gguf"):  # a GGUF file loads dequantized
                 model.to(resolve_dtype(cfg.float_dtype))
             if data is None:  # the first model's tokenizer tokenizes the eval data for all
                 if path != str(cfg.models[0]):  # the first model's entry was kept
@@ -352,6 +395,7 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
                 "name": name,
                 "path": path,
                 "scheme": scheme,
+                "runtime": runtime,
                 "perplexity": ppl,
                 "eval_loss": loss,
                 "eval_tokens": tokens,

@@ -39,7 +39,8 @@ class LatencyConfig:
 
 @dataclass
 class EvaluateConfig:
-    # Model paths: hf/ exports, checkpoints, .gguf files or trainer.quantize outputs.
+    # Model paths: hf/ exports, checkpoints, trainer.quantize outputs, trainer.export outputs (a .gguf file or a
+    # directory holding one, a compressed-tensors directory).
     models: list[str] = MISSING
     # JSON file to write (one entry per model).
     output: str = MISSING

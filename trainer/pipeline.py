@@ -1,9 +1,9 @@
 """Run a chain of stages: `python -m trainer.pipeline chain=NAME [run_dir=DIR] [only=[STAGE,...]] [dry_run=true]`.
 
 A chain (conf/chain/NAME.yaml) is an ordered list of stages. Each stage is one ordinary command with its
-Hydra overrides (`trainer.train`, `trainer.quantize`, `trainer.evaluate` or `trainer.report`), so any stage
-can be run alone: the pipeline prints the exact command line before running it. Stages read each other's
-outputs through `${run_dir}`:
+Hydra overrides (`trainer.train`, `trainer.quantize`, `trainer.export`, `trainer.evaluate` or
+`trainer.report`), so any stage can be run alone: the pipeline prints the exact command line before running
+it. Stages read each other's outputs through `${run_dir}`:
 
 - a `trainer.train` stage runs in RUN_DIR/STAGE (`hydra.run.dir`) with `resume=auto`, so an interrupted
   stage continues from its last checkpoint when the chain is run again;
@@ -97,6 +97,7 @@ def preload() -> None:
     import transformers  # noqa: F401
 
     import trainer.evaluate  # noqa: F401
+    import trainer.export  # noqa: F401
     import trainer.loop  # noqa: F401
     import trainer.quantize  # noqa: F401
     import trainer.report  # noqa: F401

@@ -16,7 +16,9 @@ from omegaconf import MISSING
 from trainer.choices import Choice
 
 # The commands a stage can run.
-StageModule = Choice("StageModule", "trainer.train trainer.quantize trainer.evaluate trainer.report")
+StageModule = Choice(
+    "StageModule", "trainer.train trainer.quantize trainer.export trainer.evaluate trainer.report"
+)
 # fork (each stage forked from this process, imports done once; subprocesses where a GPU is visible),
 # subprocess (python -m) or torchrun.
 Launcher = Choice("Launcher", "fork subprocess torchrun")

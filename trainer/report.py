@@ -113,6 +113,16 @@ def markdown_table(entries: list[dict[str, Any]], bases: list[dict[str, Any]]) -
     return head + "\n".join(rows) + "\n"
 
 
+def runtimes_section(entries: list[dict[str, Any]]) -> str:
+    """What computed the numbers of the exports (entries with a `runtime`): another loader than ours."""
+    lines = [f"- {e['name']}: {e['runtime']}" for e in entries if e.get("runtime")]
+    return (
+        "\nExports, measured after reloading through their format's own reader:\n\n" + "\n".join(lines) + "\n"
+        if lines
+        else ""
+    )
+
+
 @dataclass
 class TargetResult:
     label: str
@@ -274,6 +284,7 @@ def write_report(
     text = (
         f"# Compression report\n\nFrom `{input_path}` (written by `trainer.evaluate`).\n\n{setting}\n\n"
         + markdown_table(entries, bases)
+        + runtimes_section(entries)
         + (f"\n{targets_section(results)}" if results else "")
         + "\n![perplexity against size and latency](report.png)\n"
     )

@@ -171,9 +171,10 @@ def float_source(path: str | Path) -> Iterator[tuple[str, str | None]]:
     to a temporary directory for the duration).
     """
     path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
+    gguf_file = gguf_in(path)
+    if gguf_file is not None:
         require("gguf", extra="gguf")
-        yield str(path.parent), path.name
+        yield str(gguf_file.parent), gguf_file.name
     elif (path / "trainer_state.json").is_file():
         from trainer.checkpoint_model import export_checkpoint
 
@@ -185,8 +186,54 @@ def float_source(path: str | Path) -> Iterator[tuple[str, str | None]]:
     else:
         raise InputNotFoundError(
             f"{path}: not a model. Give an HF directory (a run's hf/ export, with config.json), a "
-            "checkpoints/step_XXXXXXXX directory, a .gguf file, or a directory written by trainer.quantize"
+            "checkpoints/step_XXXXXXXX directory, a .gguf file (or a directory holding one), a "
+            "compressed-tensors directory or a directory written by trainer.quantize"
         )
+
+
+def gguf_in(path: Path) -> Path | None:
+    """The GGUF file `path` names: itself, or the one .gguf file of a directory without config.json (what
+    `trainer.export format=gguf` writes); None for anything else. A directory of several is refused."""
+    if path.is_file():
+        return path if path.suffix == ".gguf" else None
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        raise InputNotFoundError(
+            f"{path} holds {len(found)} GGUF files ({', '.join(f.name for f in found)}); give one of them, "
+            f"e.g. {found[0]}"
+        )
+    return found[0] if found else None
+
+
+def compressed_tensors_scheme(path: Path) -> str | None:
+    """`w8a16`, `w8a8`, `w4a16`... for a directory whose config.json has a compressed-tensors
+    quantization_config (weight bits, activation bits or 16), else None."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+        return None
+    groups = list((qc.get("config_groups") or {}).values())
+    if not groups:
+        return "compressed-tensors"
+    weights, acts = groups[0].get("weights") or {}, groups[0].get("input_activations") or {}
+    return f"w{weights.get('num_bits', '?')}a{acts.get('num_bits', 16)}"
+
+
+def load_compressed_tensors(directory: Path) -> PreTrainedModel:
+    """A compressed-tensors directory through transformers with the compressed-tensors package, which
+    decompresses the weights to float where it has no kernel (the CPU)."""
+    require("compressed_tensors", extra="compressed-tensors", package="compressed-tensors")
+    with loading_from(str(directory)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the quantization_config from the model will be used": what we want
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory), dtype=torch.float32, trust_remote_code=False
+        )
+    return model.eval()
 
 
 def load_float(directory: str, gguf_file: str | None = None) -> tuple[PreTrainedModel, Any]:
@@ -218,6 +265,10 @@ def load_any(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[P
     path = Path(path)
     if is_quantized_dir(path):
         return load_quantized(path, device=device), load_tokenizer(str(path)), weights_size(path)
+    if compressed_tensors_scheme(path):
+        with loading_from(str(path)):
+            tokenizer = load_tokenizer(str(path))
+        return load_compressed_tensors(path).to(device), tokenizer, weights_size(path)
     with float_source(path) as (directory, gguf_file):
         model, tokenizer = load_float(directory, gguf_file)
         size = weights_size(Path(directory) / gguf_file if gguf_file else Path(directory))
