@@ -337,3 +337,24 @@ def test_llama_cpp_reads_every_gguf_type_tokenizes_computes_and_continues_greedi
     theirs = llama_cpp(export_gguf(scrambled, tokenizer, tmp_path / "scrambled", gguf_type="f32"))
     assert len(set(ours)) > 4  # a continuation that depends on the attention, not one token repeated
     assert theirs["continuation"] == ours
+
+
+def test_an_export_stopped_by_sigterm_leaves_nothing_beside_its_output(tmp_path):
+    """A scheduler's kill mid-export (seen: a `.NAME.*.partial` staging directory left behind)."""
+    import signal
+    import subprocess
+
+    script = (
+        "import sys, time\nfrom pathlib import Path\nfrom trainer.utils import staged\n"
+        "with staged(Path(sys.argv[1])) as d:\n"
+        "    (d / 'model.safetensors').write_bytes(b'0' * 1024)\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    out = tmp_path / "exports" / "model"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    assert len(list((tmp_path / "exports").iterdir())) == 1  # the staging directory
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []  # no staging directory, and not the parent made for it

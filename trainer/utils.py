@@ -8,7 +8,9 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -184,11 +186,14 @@ def write_json_atomic(path: Path, value: Any) -> None:
 @contextlib.contextmanager
 def staged(output: Path) -> Iterator[Path]:
     """A staging directory beside `output`, renamed to it when the block succeeds (replacing what was there)
-    and removed, with any parent directory made for it, when the block fails."""
+    and removed, with any parent directory made for it, when the block fails or the process is stopped with
+    SIGTERM (a scheduler's kill; in the main thread, where a handler can be set)."""
     made = [p for p in [output.parent, *output.parent.parents] if not p.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp's is 0o700; the export gets a plain directory's mode
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
         yield staging
         if output.exists():
@@ -200,6 +205,13 @@ def staged(output: Path) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 parent.rmdir()
         raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `staged`, which removes what it wrote
 
 
 def _umask() -> int:
