@@ -18,7 +18,7 @@ so that no variant's peak includes the GGUF dequantization. For each variant it 
 
 Ratios are against `full` of the same run, and the issue's targets are said met or missed.
 
-    python bench/peft.py                       # SmolLM2-135M, 20 steps of 2 x 256 tokens, ~15 min on 2 cores
+    python bench/peft.py                       # SmolLM2-135M, 10 steps of 2 x 256 tokens, ~8 min a variant
     python bench/peft.py --variants full lora qlora dora --steps 30
     python bench/peft.py --quick               # CPU smoke check: a tiny model built from its config, ~1 min
 """
@@ -40,12 +40,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out" / "peft"
 
-# name -> (overrides, learning-rate key): adapters train at --adapter-lr, full fine-tuning at --full-lr.
+# name -> overrides: adapters train at --adapter-lr, full fine-tuning at --full-lr.
 VARIANTS: dict[str, list[str]] = {
     "full": ["peft=none"],
     "lora": ["peft=lora", "peft.rank=16", "peft.alpha=16"],
     "qlora": ["peft=lora", "peft.rank=16", "peft.alpha=16", "peft.base_dtype=nf4"],
     "dora": ["peft=dora", "peft.rank=16", "peft.alpha=16"],
+    "lora8": ["peft=lora", "peft.rank=8", "peft.alpha=8"],  # the default rank: half the adapter state
 }
 # The issue's targets: (label, variant, metric, max ratio against full).
 TARGETS = [
@@ -268,13 +269,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=["full", "lora", "qlora", "dora"], choices=list(VARIANTS))
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=2, help="sequences per step (no accumulation)")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--full-lr", type=float, default=1e-4, help="full fine-tuning's (the smollm2 recipe's)")
     p.add_argument("--adapter-lr", type=float, default=1e-3, help="LoRA's, QLoRA's and DoRA's (10x full's)")
     p.add_argument("--warmup-lr-steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2, help="steps left out of tokens/s")
-    p.add_argument("--eval-batches", type=int, default=16, help="held-out batches of --batch x --seq-len")
+    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches of --batch x --seq-len")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per variant")
     p.add_argument("--base", type=Path, default=None, help="a float hf/ of SmolLM2 (default: OUT/base/hf)")
