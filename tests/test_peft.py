@@ -306,9 +306,26 @@ def test_nf4_refuses_dora_and_layers_its_blocks_do_not_divide(tmp_path):
     with pytest.raises(ConfigError, match="nf4 with peft=dora"):
         validate_config(compose_config(*TINY, "peft=dora", "peft.base_dtype=nf4"))
     with pytest.raises(
-        ConfigError, match="model.layers.0.mlp.down_proj has 2048 weights, not a multiple of 16384"
+        ConfigError, match="model.layers.0.mlp.down_proj has 2048 weights, not a multiple of 4096"
     ):
         make_trainer(tmp_path, *TINY, *LORA, "peft.base_dtype=nf4")
+
+
+def test_nf4_quantizes_scales_fewer_at_a_time_where_256_does_not_divide(tmp_path):
+    """64 x 64 attention weights hold 64 blocks: their scales are quantized 64 at a time, the 64 x 256 MLP's
+    256 at a time (QLoRA's), and the merged export is still the dequantized base plus the delta."""
+    from transformers import AutoModelForCausalLM
+
+    narrow = ["model.arch.hidden_size=64", "model.arch.intermediate_size=256"]
+    trainer = _run(tmp_path, *narrow, *LORA, "peft.base_dtype=nf4")
+    block = trainer.hf_model.model.layers[0]
+    assert block.self_attn.q_proj.base_layer.weight.scaler_block_size == 64
+    assert block.mlp.up_proj.base_layer.weight.scaler_block_size == 256
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = torch.randint(0, trainer.hf_model.config.vocab_size, (2, 16))
+    trainer.hf_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, trainer.hf_model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 # ---- several ranks ------------------------------------------------------------------------------------------

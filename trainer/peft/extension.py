@@ -95,10 +95,15 @@ def store_base(model: nn.Module, base_dtype: str, targets: list[str], *, shards:
         to_nf4_weights(model, targets, shards=shards)
 
 
-NF4_BLOCK, NF4_SCALER_BLOCK = (
-    64,
-    256,
-)  # torchao's defaults (QLoRA's): 64 weights per scale, 256 scales per scale
+NF4_BLOCK = 64  # weights per scale (QLoRA's, torchao's default)
+# Scales quantized together: QLoRA's 256 where it divides, else the largest of these that does (SmolLM2's
+# 576 x 576 attention weights have 5184 blocks: 64 divides them, 256 does not).
+NF4_SCALER_BLOCKS = (256, 128, 64)
+
+
+def nf4_scaler_block(numel: int, *, shards: int = 1) -> int | None:
+    """The scaler block of a weight of `numel` elements split over `shards` FSDP shards (None: none divides)."""
+    return next((s for s in NF4_SCALER_BLOCKS if numel % (NF4_BLOCK * s * shards) == 0), None)
 
 
 def to_nf4_weights(model: nn.Module, targets: list[str], *, shards: int = 1) -> None:
@@ -108,18 +113,22 @@ def to_nf4_weights(model: nn.Module, targets: list[str], *, shards: int = 1) -> 
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
     modules = dict(model.named_modules())
-    unit = NF4_BLOCK * NF4_SCALER_BLOCK * shards
-    bad = [n for n in targets if modules[n].base_layer.weight.numel() % unit]
+    bad = [
+        n for n in targets if nf4_scaler_block(modules[n].base_layer.weight.numel(), shards=shards) is None
+    ]
     if bad:
+        unit = NF4_BLOCK * NF4_SCALER_BLOCKS[-1] * shards
         raise ConfigError(
             f"peft.base_dtype=nf4: {bad[0]} has {modules[bad[0]].base_layer.weight.numel()} weights, not a "
-            f"multiple of {unit} (NF4 blocks of {NF4_BLOCK} weights, scales quantized {NF4_SCALER_BLOCK} at a time"
+            f"multiple of {unit} (NF4 blocks of {NF4_BLOCK} weights, scales quantized at least "
+            f"{NF4_SCALER_BLOCKS[-1]} at a time"
             + (f", split over {shards} FSDP shards" if shards > 1 else "")
             + f"; {len(bad)} layer(s) like it); leave them out of peft.targets or use peft.base_dtype=bf16"
         )
     for name in targets:
         layer = modules[name].base_layer
-        weight = to_nf4(layer.weight.detach(), NF4_BLOCK, NF4_SCALER_BLOCK)
+        scaler_block = nf4_scaler_block(layer.weight.numel(), shards=shards)
+        weight = to_nf4(layer.weight.detach(), NF4_BLOCK, scaler_block)
         layer.weight = nn.Parameter(weight, requires_grad=False)
 
 
