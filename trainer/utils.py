@@ -160,14 +160,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, fsync it, rename it over `path` and fsync the directory:
-    a reader never sees half a file, and after a crash the file is either the old one or the new one."""
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write `text` (or bytes) to a temporary file beside `path`, fsync it, rename it over `path` and fsync the
+    directory: a reader never sees half a file, and after a crash the file is either the old one or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
     try:
-        with open(tmp, "w") as f:
+        with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

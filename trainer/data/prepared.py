@@ -27,6 +27,7 @@ import xxhash
 
 from trainer.data.order import SampleOrder
 from trainer.errors import DataError
+from trainer.utils import write_atomic
 
 FORMAT = "trainer-prepared/1"
 META_FILE = "meta.json"
@@ -56,28 +57,14 @@ def bytes_checksum(data: bytes) -> str:
     return xxhash.xxh3_128(data).hexdigest()
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Temporary file, fsync, rename: a reader (or a continued run) never sees half a shard."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_shard(directory: Path, number: int, docs: list[np.ndarray], dtype: np.dtype) -> dict[str, Any]:
     """Write one shard (its .idx first: the .bin's rename completes it) and return its meta.json record."""
     lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
     tokens = np.concatenate(docs).astype(dtype, copy=False).tobytes()
     name = shard_name(number)
-    write_bytes_atomic(directory / f"{name}.idx", offsets.tobytes())
-    write_bytes_atomic(directory / f"{name}.bin", tokens)
+    write_atomic(directory / f"{name}.idx", offsets.tobytes())
+    write_atomic(directory / f"{name}.bin", tokens)
     return {
         "name": name,
         "documents": len(docs),
@@ -113,7 +100,7 @@ class ShardWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        write_bytes_atomic(self.directory / f"{self.name}.idx", np.array(self.ends, dtype="<i8").tobytes())
+        write_atomic(self.directory / f"{self.name}.idx", np.array(self.ends, dtype="<i8").tobytes())
         os.replace(self.tmp, self.directory / f"{self.name}.bin")  # the .bin's rename completes the shard
         return {
             "name": self.name,
