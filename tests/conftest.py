@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -331,3 +332,25 @@ def strip_model_description(step: Path, overrides: list[str]) -> None:
     run_dir = step.parent.parent
     (run_dir / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(compose_config(*overrides), run_dir / ".hydra" / "config.yaml")
+
+
+def tiny_llama(vocab_size: int, *, dtype: Any = None, seed: int = 0) -> Any:
+    """A 2-block Llama (hidden 64, grouped-query attention, tied embeddings) with a wide init, in eval mode, in
+    `dtype` (default float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(seed)
+    # dtype= as from_pretrained sets it: the rotary frequencies stay float32 (.to(dtype) would round them).
+    return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32).eval()

@@ -19,8 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig, OPTConfig
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig, OPTConfig
 
+from tests.conftest import tiny_llama
 from trainer.data.tokenizer import build_wordlevel_tokenizer
 from trainer.errors import ConfigError
 from trainer.quant.compressed_tensors import (
@@ -40,23 +41,6 @@ TEXT = (
     "the old man reads a long book by the window as the rain falls on the quiet town "
 ) * 4
 FORMATS = {"w8a16": "pack-quantized", "w8a8": "int-quantized", "w4a16": "pack-quantized"}
-
-
-def tiny_llama(vocab_size: int, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        initializer_range=0.1,
-    )
-    torch.manual_seed(seed)
-    # dtype= as from_pretrained sets it: the rotary frequencies stay float32 (.to(dtype) would round them).
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tests.conftest import (
     PYTHON,
@@ -27,6 +26,7 @@ from tests.conftest import (
     composition_error,
     run_command,
     subprocess_env,
+    tiny_llama,
     train_losses,
 )
 from trainer.config import validate_config
@@ -49,19 +49,7 @@ DATA = [*TINY_MARKOV, "data.seq_len=32"]
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        initializer_range=0.1,
-    )
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_llama(128, seed=seed)
 
 
 def fixed_inputs(batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
