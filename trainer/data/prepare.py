@@ -11,6 +11,7 @@ where it stopped and writes the same bytes. meta.json is written last, and progr
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import multiprocessing
@@ -165,9 +166,20 @@ def _load_worker_tokenizer(directory: str) -> None:
     _TOKENIZER = load_tokenizer(directory)
 
 
-def _encode(texts: list[str]) -> list[np.ndarray]:
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The token ids of `texts`, concatenated, and where each text's ids end: two arrays cross the process
+    boundary in one pickle each, not one small array per document."""
     ids = _TOKENIZER(texts, add_special_tokens=False)["input_ids"]
-    return [np.asarray(x, dtype=np.uint32) for x in ids]
+    ends = np.cumsum([len(x) for x in ids], dtype=np.int64)
+    flat = np.fromiter(
+        itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(ends[-1]) if len(ends) else 0
+    )
+    return flat, ends
+
+
+def _split(encoded: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
+    flat, ends = encoded
+    return np.split(flat, ends[:-1])  # views, one per text
 
 
 def _ordered_map(
@@ -189,7 +201,7 @@ def _ordered_map(
         else:
             _TOKENIZER = tokenizer
         for tag, texts in chunks:
-            yield tag, _encode(texts)
+            yield tag, _split(_encode(texts))
         return
     if start_method not in multiprocessing.get_all_start_methods():
         start_method = "spawn"
@@ -200,10 +212,10 @@ def _ordered_map(
             pending.append((tag, pool.apply_async(_encode, (texts,))))
             if len(pending) >= 2 * num_proc:
                 tag0, result = pending.popleft()
-                yield tag0, result.get()
+                yield tag0, _split(result.get())
         while pending:
             tag0, result = pending.popleft()
-            yield tag0, result.get()
+            yield tag0, _split(result.get())
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
