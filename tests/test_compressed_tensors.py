@@ -32,8 +32,6 @@ from trainer.quant.compressed_tensors import (
 )
 from trainer.quant.gptq import gptq_quantize
 
-ct = pytest.importorskip("compressed_tensors")
-
 LOGITS_BOUND = 1e-5  # relative L2 error of transformers' logits against ours (measured: 0.0)
 PPL_BOUND = 0.005  # relative perplexity difference (measured: 0.0)
 TEXT = (
@@ -310,8 +308,7 @@ def test_an_int8_smooth_model_is_refused_naming_w8a8_on_the_float_model(tokenize
 
 
 def test_a_torchao_quantized_model_is_refused_naming_the_float_export(tokenizer, tmp_path):
-    pytest.importorskip("torchao")
-    from trainer.quant import quantize_model
+    from trainer.quant import quantize_model  # torchao: in the dev extra
 
     model = tiny_llama(len(tokenizer))
     quantize_model(model, "int8_weight", keep_float=["lm_head"])

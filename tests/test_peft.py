@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import peft  # noqa: F401  (in the dev extra: a missing package fails these tests, never skips them)
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -26,8 +27,6 @@ from tests.conftest import (
 from trainer.config import validate_config
 from trainer.errors import CheckpointError, ConfigError
 from trainer.peft.extension import ADAPTER, lora_config, merge_adapters, select_targets
-
-pytest.importorskip("peft")
 
 LORA = ["peft=lora", "peft.rank=4", "peft.alpha=8"]
 # Wide enough for NF4's blocks (64 weights) and block scales (256 at a time): 128 x 128 weights.
