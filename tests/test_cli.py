@@ -230,6 +230,21 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
         ("trainer.evaluate", [f"models=[{missing}]", "device=cpu", "output=e.json"], [str(missing)]),
         ("trainer.report", [f"input={report_input}", f"output_dir={tmp_path / 'r'}"], [str(report_input)]),
         ("trainer.pipeline", ["chain=compress", "launcher=slurm"], ["launcher=slurm", "fork, subprocess"]),
+        (
+            "trainer.prepare_data",
+            [f"data_files={not_json}", "tokenizer=wordlevel", f"output_dir={tmp_path / 'p1'}"],
+            [f"{not_json}, line 6"],
+        ),
+        (
+            "trainer.prepare_data",
+            [f"data_files={missing}.jsonl", "tokenizer=wordlevel", f"output_dir={tmp_path / 'p2'}"],
+            [f"{missing}.jsonl"],
+        ),
+        (
+            "trainer.prepare_data",
+            [f"data_files={not_json}", "tokenizer=wordlevel", "output_dir=o", "num_proc=0"],
+            ["num_proc=0"],
+        ),
     ]
     if not torch.cuda.is_available():
         cases.append(

@@ -301,6 +301,25 @@ def test_nf4_base_trains_lora_and_the_merged_export_is_the_dequantized_base_plus
         torch.testing.assert_close(merged(ids).logits, trainer.hf_model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("base_dtype", ["float", "bf16", "nf4"])
+def test_a_base_stored_in_another_dtype_leaves_no_page_of_the_float_checkpoint_mapped(tmp_path, base_dtype):
+    """transformers maps the checkpoint file; the float weights an nf4 or bf16 base replaced would stay
+    resident while any tensor still views into the file. A float base is the file's weights themselves."""
+    import gc
+
+    _run(tmp_path / "base", *NF4_MODEL, "train.max_steps=0")
+    file = tmp_path / "base" / "hf" / "model.safetensors"
+    base = [*TINY_LOOP, *TINY_MARKOV, "model=hf", f"model.name_or_path={file.parent}"]
+    precision = ["precision=bf16"] if base_dtype == "bf16" else []  # a bf16 base computes under autocast
+    trainer = make_trainer(tmp_path / "run", *base, *LORA, *precision, f"peft.base_dtype={base_dtype}")
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        mapped = str(file) in maps.read()
+    assert mapped is (base_dtype == "float")
+    trainer.train()  # and the copies train
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_nf4_refuses_dora_and_layers_its_blocks_do_not_divide(tmp_path):
     with pytest.raises(ConfigError, match="nf4 with peft=dora"):
         validate_config(compose_config(*TINY, "peft=dora", "peft.base_dtype=nf4"))

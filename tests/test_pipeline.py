@@ -310,6 +310,8 @@ def test_every_stage_of_the_chain_composes_and_validates_as_its_command_would(
     primary = {"trainer.train": "config", "trainer.quantize": "quantize", "trainer.evaluate": "evaluate"}
     primary |= {"trainer.report": "report", "trainer.export": "export"}
     for name, stage in cfg.chain.stages.items():
+        if stage.recipes is not None and recipes not in stage.recipes:
+            continue  # left out of this recipe's chain (test_a_stage_of_other_recipes_is_left_out)
         args = [a for a in stage_args(cfg, name, stage) if not a.startswith("hydra.")]
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
             stage_cfg = compose(primary[stage.module], overrides=args)
@@ -332,8 +334,14 @@ def test_every_stage_of_the_chain_composes_and_validates_as_its_command_would(
                 for n, s in cfg.chain.stages.items()
                 if s.module in ("trainer.train", "trainer.quantize", "trainer.export")
             ]
-            # compress leaves out student_init (a cut of the teacher, untrained); gpu evaluates every model
-            assert len(stage_cfg.names) == {"compress": 20, "gpu": len(producers)}[chain]
+            # compress leaves out student_init (a cut of the teacher, untrained); its export table has the two
+            # float models, their int8, 3 compressed-tensors schemes and 5 GGUF types; gpu evaluates every model
+            expected = (
+                {"evaluate": 20, "evaluate_exports": 20}
+                if chain == "compress"
+                else {"evaluate": len(producers)}
+            )
+            assert len(stage_cfg.names) == expected[name]
             if recipes == "gpu":
                 assert stage_cfg.device == "cuda" and stage_cfg.float_dtype == "bfloat16"
         if stage.module == "trainer.report":
@@ -366,13 +374,37 @@ def test_dry_run_prints_every_command_and_writes_nothing(tmp_path, capsys):
     OmegaConf.resolve(cfg)
     result = run_pipeline(cfg)
     out = capsys.readouterr().out
-    assert [s["status"] for s in result["stages"].values()] == ["dry_run"] * 23
+    assert [s["status"] for s in result["stages"].values()] == ["dry_run"] * 37
     assert (
         f"python -m trainer.train +experiment=smollm2/finetune model.name_or_path={tmp_path}/run/dense_pretrained/hf"
         in out
     )
     assert f"hydra.run.dir={tmp_path}/run/dense_adapted resume=auto" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_of_other_recipes_is_left_out(tmp_path, capsys):
+    """GGUF stages belong to the smollm2 recipes (the tiny recipe's word-level tokenizer has no GGUF form), and
+    so do the export table's; the tiny chain runs without them and says so."""
+    from omegaconf import OmegaConf
+
+    from trainer.pipeline import compose_pipeline, run_pipeline
+
+    runs = {}
+    for recipes in ("smollm2", "tiny"):
+        cfg = compose_pipeline(
+            ["chain=compress", f"chain.recipes={recipes}", f"run_dir={tmp_path}", "dry_run=true"]
+        )
+        OmegaConf.resolve(cfg)
+        runs[recipes] = set(run_pipeline(cfg)["stages"])
+    out = capsys.readouterr().out
+    smollm2_only = {n for n in runs["smollm2"] if "gguf" in n or "w4a16" in n} | {
+        "evaluate_exports",
+        "report_exports",
+    }
+    assert len(smollm2_only) == 14 and smollm2_only <= runs["smollm2"]
+    assert runs["tiny"] == runs["smollm2"] - smollm2_only
+    assert "not for the tiny recipes, left out: dense_adapted_ct_w4a16," in out
 
 
 def test_fork_runs_the_stages_as_subprocesses_where_a_gpu_is_visible(monkeypatch):

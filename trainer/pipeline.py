@@ -185,7 +185,12 @@ def run_pipeline(cfg: Any) -> dict[str, Any]:
     """Run the stages in order, skipping finished ones; stops at the first failing stage."""
     run_dir = Path(cfg.run_dir)
     stages = cfg.chain.stages
+    recipes = cfg.chain.recipes
     selected = [n for n in stages if not cfg.only or n in cfg.only]
+    other_recipes = [
+        n for n in selected if stages[n].recipes is not None and recipes not in stages[n].recipes
+    ]
+    selected = [n for n in selected if n not in other_recipes]
     launcher = effective_launcher(cfg.launcher)
     print(
         f"pipeline {cfg.chain.name}: {len(selected)} stage(s) in {run_dir}"
@@ -196,6 +201,8 @@ def run_pipeline(cfg: Any) -> dict[str, Any]:
             else ""
         )
     )
+    if other_recipes:
+        print(f"  not for the {recipes} recipes, left out: {', '.join(other_recipes)}")
     summary: dict[str, Any] = {}
     start = time.perf_counter()
     for i, name in enumerate(selected, 1):

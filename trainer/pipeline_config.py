@@ -31,6 +31,9 @@ class StageConfig:
     args: list[str] = field(default_factory=list)
     # One line on what the stage is for, printed when it runs.
     about: str = ""
+    # The recipes (chain.recipes) the stage belongs to; null: every recipe. E.g. GGUF exports need a tokenizer
+    # GGUF can describe, which the tiny recipe's word-level one is not.
+    recipes: list[str] | None = None
 
 
 @dataclass

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data.mixture import MixtureOrder, blend, check_weights, permute
+from trainer.data.mixture import Mixture, MixtureOrder, blend, check_weights, permute
 from trainer.errors import DataError
 
 IDENTITY = {"sources": [], "seq_len": 8, "packing": True, "tokenizer": "x"}
@@ -73,3 +73,26 @@ def test_weights_that_are_negative_or_all_zero_are_refused():
     with pytest.raises(DataError, match="every weight is 0"):
         check_weights([0.0, 0.0])
     assert check_weights([0.0, 3.0, 1.0]) == [0.0, 0.75, 0.25]
+
+
+class Windows:
+    """`size` windows of 2 tokens, each [source, index]."""
+
+    def __init__(self, source: int, size: int) -> None:
+        self.source, self.size = source, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def batch(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.stack([torch.full_like(ids, self.source), ids], dim=1)
+        return rows, rows
+
+
+def test_the_eval_windows_of_a_mixture_come_in_turns_so_a_limited_eval_sees_every_source():
+    mixture = Mixture([Windows(0, 3), Windows(1, 1), Windows(2, 2)], [1.0] * 3, identity={}, in_turns=True)
+    inputs, _ = mixture.batch(torch.arange(len(mixture)))
+    assert inputs.tolist() == [[0, 0], [1, 0], [2, 0], [0, 1], [2, 1], [0, 2]]
+    # the training view of the same windows is one source after the other
+    plain = Mixture([Windows(0, 3), Windows(1, 1), Windows(2, 2)], [1.0] * 3, identity={})
+    assert plain.batch(torch.arange(3))[0][:, 0].tolist() == [0, 0, 0]

@@ -210,9 +210,20 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def round_robin(sizes: list[int]) -> np.ndarray:
+    """The ids of sources of these sizes (laid out one after another) taken in turns: the first window of
+    each source, then the second of each, ...; a source that runs out drops out of the turns."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    turn = np.concatenate([np.arange(n, dtype=np.int64) * len(sizes) + s for s, n in enumerate(sizes)])
+    ids = np.concatenate([offsets[s] + np.arange(n, dtype=np.int64) for s, n in enumerate(sizes)])
+    return ids[np.argsort(turn, kind="stable")]
+
+
 class Mixture:
     """Several sources' windows as one indexable set: id = offset of the source + the window within it.
-    `order(seed=)` gives the weighted training order over it; evaluation reads the ids 0..len-1 in turn."""
+    `order(seed=)` gives the weighted training order over it; evaluation reads the ids 0..len-1 in turn.
+    `in_turns`: id k is the k-th window of round_robin (the eval split: a limited evaluation, the first
+    train.eval_batches batches, then sees every source and not only the first)."""
 
     def __init__(
         self,
@@ -221,11 +232,13 @@ class Mixture:
         *,
         identity: dict[str, Any],
         allow_changed: bool = False,
+        in_turns: bool = False,
     ) -> None:
         self.windows, self.weights = windows, weights
         self.identity, self.allow_changed = identity, allow_changed
         self.sizes = [len(w) for w in windows]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.turns = round_robin(self.sizes) if in_turns and len(windows) > 1 else None
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -237,6 +250,8 @@ class Mixture:
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids = indices.numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
+        if self.turns is not None:
+            ids = self.turns[ids]
         sources = np.searchsorted(self.offsets, ids, side="right") - 1
         parts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
         for s in np.unique(sources).tolist():

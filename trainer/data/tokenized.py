@@ -2,7 +2,7 @@
 
 One source (`data.path`) or a weighted mixture (`data.sources`); the train windows are a `Mixture`, whose
 `order(seed=)` is the weighted, resumable training order (trainer/data/mixture.py), and the eval windows are
-every source's eval split, one after the other.
+every source's eval split, taken in turns (a window of each source, then the next of each).
 """
 
 from __future__ import annotations
@@ -104,5 +104,5 @@ def build_tokenized(
     return (
         tokenizer,
         Mixture(train, weights, identity=identity, allow_changed=allow),
-        Mixture(evals, [1.0] * len(evals), identity=identity),
+        Mixture(evals, [1.0] * len(evals), identity=identity, in_turns=True),
     )

@@ -93,6 +93,24 @@ def store_base(model: nn.Module, base_dtype: str, targets: list[str], *, shards:
                 param.data = param.data.to(torch.bfloat16)
     elif base_dtype in ("nf4",):
         to_nf4_weights(model, targets, shards=shards)
+    if base_dtype in ("bf16", "nf4"):
+        copy_out_of_checkpoint_file(model)
+
+
+def copy_out_of_checkpoint_file(model: nn.Module) -> None:
+    """Give every plain CPU tensor of the model its own memory, so that the checkpoint file transformers mapped
+    at loading is unmapped. The float weights a bf16/nf4 base replaced would otherwise stay resident for the
+    whole run: the file's pages stay mapped while any tensor (the embedding, a norm) still views into it."""
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if id(tensor) in seen or type(tensor.data) is not torch.Tensor or tensor.device.type != "cpu":
+                continue  # tied (done), an NF4Tensor (its own memory), or on a device (copied there)
+            seen.add(id(tensor))
+            if isinstance(tensor, nn.Parameter):
+                tensor.data = tensor.data.clone()
+            else:
+                setattr(module, name, tensor.clone())
 
 
 NF4_BLOCK = 64  # weights per scale (QLoRA's, torchao's default)
