@@ -301,6 +301,28 @@ def test_nf4_base_trains_lora_and_the_merged_export_is_the_dequantized_base_plus
         torch.testing.assert_close(merged(ids).logits, trainer.hf_model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def _lora_losses(run_dir, *variant: str) -> dict[int, float]:
+    """Per-step losses of 3 LoRA steps of 8 sequences (2 micro-batches of 4 unless `variant` says otherwise)."""
+    common = [*LORA, "scheduler=constant", "train.log_every=1", "train.max_steps=3", "train.export_hf=false"]
+    _run(run_dir, *common, *variant)
+    return train_losses(run_dir)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [["train.activation_checkpointing=true"], ["train.micro_batch_size=8"]],
+    ids=["activation_checkpointing", "no_accumulation"],
+)
+def test_lora_trains_to_the_same_losses_recomputed_or_unaccumulated(tmp_path, variant):
+    want, got = _lora_losses(tmp_path / "plain"), _lora_losses(tmp_path / "variant", *variant)
+    assert len(want) == 3 and got == pytest.approx(want, rel=1e-4)
+
+
+def test_lora_compiled_trains_to_the_same_losses(tmp_path):
+    want, got = _lora_losses(tmp_path / "eager"), _lora_losses(tmp_path / "compiled", "train.compile=true")
+    assert len(want) == 3 and got == pytest.approx(want, rel=1e-4)
+
+
 @pytest.mark.parametrize("base_dtype", ["float", "bf16", "nf4"])
 def test_a_base_stored_in_another_dtype_leaves_no_page_of_the_float_checkpoint_mapped(tmp_path, base_dtype):
     """transformers maps the checkpoint file; the float weights an nf4 or bf16 base replaced would stay
