@@ -236,13 +236,16 @@ def test_parquet_text_files_and_a_streamed_dataset_directory_give_the_tokens_of_
 # ---- bad input ---------------------------------------------------------------------------------------------
 
 
-def test_a_corrupt_jsonl_line_is_named_by_file_and_line_before_anything_is_written(tmp_path):
-    bad = write_jsonl(tmp_path / "bad.jsonl", documents(20))
+@pytest.mark.parametrize("num_proc", [1, 3])
+def test_a_corrupt_jsonl_line_is_named_by_file_and_line_before_anything_is_written(tmp_path, num_proc):
+    """The first bad line of the file, whichever process reads it (3: the file is checked in 12 ranges)."""
+    bad = write_jsonl(tmp_path / "bad.jsonl", documents(200))
     lines = bad.read_text().splitlines()
-    lines[12] = '{"text": "cut off'
+    lines[120] = '{"text": "cut off'
+    lines[170] = "not json at all"
     bad.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=rf"{bad}, line 13: not a JSON line"):
-        run_prepare(bad, tmp_path / "out")
+    with pytest.raises(DataError, match=rf"{bad}, line 121: not a JSON line"):
+        run_prepare(bad, tmp_path / "out", f"num_proc={num_proc}")
     assert not (tmp_path / "out").exists()
 
 

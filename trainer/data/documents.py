@@ -58,9 +58,18 @@ def _open(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def _json_texts(path: str, text_field: str) -> Iterator[str]:
+def _json_texts(
+    path: str, text_field: str, *, start: int = 0, end: int | None = None, first_line: int = 1
+) -> Iterator[str]:
+    """The text of each JSON line; of the lines in bytes [start, end) only, when given (`start` at the
+    beginning of a line, numbered `first_line`)."""
     with _open(path) as f:
-        for number, raw in enumerate(f, 1):
+        f.seek(start)
+        position = start
+        for number, raw in enumerate(f, first_line):
+            if end is not None and position >= end:
+                return
+            position += len(raw)
             if not raw.strip():
                 continue
             try:
@@ -85,6 +94,37 @@ def _json_texts(path: str, text_field: str) -> Iterator[str]:
                     f"{path}, line {number}: the text field {text_field!r} is {what}, not a string"
                 )
             yield value
+
+
+def line_ranges(path: str, parts: int) -> list[tuple[int, int, int]]:
+    """(start, end, number of the first line) of about `parts` byte ranges of a file, each cut at a line end,
+    that together hold every line once."""
+    size = os.path.getsize(path)
+    cuts, line = [(0, 1)], 1
+    with open(path, "rb") as f:
+        for k in range(1, parts):
+            target = size * k // parts
+            if target <= cuts[-1][0]:
+                continue
+            f.seek(cuts[-1][0])
+            line += f.read(target - cuts[-1][0]).count(b"\n")
+            rest = f.readline()  # to the end of the line the cut falls in
+            if not rest:
+                break
+            line += rest.endswith(b"\n")
+            cuts.append((target + len(rest), line))
+    cuts = [c for c in cuts if c[0] < size] or [(0, 1)]
+    return [(s, e, first) for (s, first), (e, _) in zip(cuts, [*cuts[1:], (size, 0)], strict=True)]
+
+
+def count_json_range(path: str, text_field: str, start: int, end: int, first_line: int) -> int:
+    """The documents of JSON lines in bytes [start, end), every line checked as `file_texts` checks it."""
+    return sum(1 for _ in _json_texts(path, text_field, start=start, end=end, first_line=first_line))
+
+
+def splittable(path: str) -> bool:
+    """Whether a file's documents can be counted in byte ranges (an uncompressed JSON-lines file)."""
+    return _format(path) == "json" and not path.endswith(".gz") and path.endswith(".jsonl")
 
 
 def _text_lines(path: str) -> Iterator[str]:

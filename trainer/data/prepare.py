@@ -128,12 +128,14 @@ class Source:
                     yield index, split, text
                     index += 1
             return
+        fraction = float(c.eval_fraction)  # read once: a config access costs ~100 us, a document ~1 us here
         for index, text in enumerate(self._texts(c.split)):
-            yield index, "eval" if is_eval(index, c.eval_fraction) else "train", text
+            yield index, "eval" if is_eval(index, fraction) else "train", text
 
-    def check(self) -> None:
+    def check(self, *, num_proc: int = 1) -> None:
         """Read the source once before writing anything: a bad line or field fails here, with its file and
-        line; empty input, or a split that would get no document, too. (A hub dataset: its first record.)"""
+        line; empty input, or a split that would get no document, too. (A hub dataset: its first record.)
+        JSON-lines files are read in `num_proc` processes, in byte ranges."""
         counts = dict.fromkeys(SPLITS, 0)
         if self.files is None:
             for _, split, _ in self:
@@ -141,8 +143,9 @@ class Source:
                 if counts["train"] and counts["eval"]:
                     return
         else:
-            for _, split, _ in self:
-                counts[split] += 1
+            fraction = float(self.cfg.eval_fraction)
+            for index in range(self._count_documents(num_proc)):
+                counts["eval" if is_eval(index, fraction) else "train"] += 1
         if not any(counts.values()):
             raise DataError(f"{self.describe()}: no documents could be read; the input is empty")
         for split in SPLITS:
@@ -151,6 +154,23 @@ class Source:
                     f"the {split} split gets no document of the {sum(counts.values())} read "
                     f"(eval_fraction={self.cfg.eval_fraction}); raise eval_fraction or add documents"
                 )
+
+    def _count_documents(self, num_proc: int) -> int:
+        """The local files' documents, each checked; the first bad line (in file order) is the error."""
+        field = str(self.cfg.text_field)
+        if num_proc <= 1 or not all(documents.splittable(f) for f in self.files):
+            return sum(1 for _ in documents.file_texts(self.files, field))
+        ranges = [(f, field, *r) for f in self.files for r in documents.line_ranges(f, 4 * num_proc)]
+        ctx = multiprocessing.get_context(
+            "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        )
+        with ctx.Pool(num_proc) as pool:
+            # in order: a bad line in an early range is raised before any later one's
+            return sum(pool.imap(_count_range, ranges))
+
+
+def _count_range(args: tuple[str, str, int, int, int]) -> int:
+    return documents.count_json_range(*args)
 
 
 # ---- tokenizer processes ---------------------------------------------------------------------------------
@@ -272,7 +292,7 @@ def prepare(cfg: Any) -> Path:
             f"output_dir={out} holds an unfinished prepare_data run with other settings; run it with the "
             "settings it started with, or remove the directory"
         )
-    source.check()  # before anything is written
+    source.check(num_proc=int(cfg.num_proc))  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer(cfg, source, out, resuming)
     vocab_size, eos = len(tok), tok.eos_token_id
@@ -301,6 +321,8 @@ def prepare(cfg: Any) -> Path:
         write_json_atomic(progress_file, progress)
         writers[split] = None
 
+    batch_docs, shard_tokens = int(cfg.batch_docs), int(cfg.shard_tokens)  # read once, not per document
+
     def chunks() -> Iterator[tuple[list[tuple[int, str]], list[str]]]:
         tags: list[tuple[int, str]] = []
         texts: list[str] = []
@@ -309,7 +331,7 @@ def prepare(cfg: Any) -> Path:
                 continue  # in a shard a previous run wrote
             tags.append((index, split))
             texts.append(text)
-            if len(texts) >= cfg.batch_docs:
+            if len(texts) >= batch_docs:
                 yield tags, texts
                 tags, texts = [], []
         if texts:
@@ -333,7 +355,7 @@ def prepare(cfg: Any) -> Path:
                 writers[split] = ShardWriter(out / split, len(splits[split]["shards"]), dtype)
             writers[split].add(np.append(doc, np.uint32(eos)))
             new_tokens += len(doc) + 1
-            if writers[split].num_tokens >= cfg.shard_tokens:
+            if writers[split].num_tokens >= shard_tokens:
                 flush(split, index + 1)
         bar.update(len(tags))
         seconds = max(time.perf_counter() - start, 1e-9)
