@@ -24,7 +24,7 @@ from tests.conftest import (
 from trainer.config import validate_config
 from trainer.data import pack, pad_each
 from trainer.data import prepare as prepare_module
-from trainer.data.prepare import is_eval, prepare
+from trainer.data.prepare import batch_encoder, is_eval, prepare
 from trainer.data.prepared import META_FILE, PROGRESS_FILE, PreparedSplit, ShardWriter, read_meta
 from trainer.data.tokenizer import load_tokenizer
 from trainer.errors import ConfigError, DataError
@@ -139,6 +139,23 @@ def test_prepare_then_read_gives_the_direct_tokenization_of_each_document_with_e
     assert all(
         torch.equal(a, b) for a, b in zip(data.eval.batch(everything), padded.batch(everything), strict=True)
     )
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordlevel"])
+def test_the_batch_encoder_gives_the_ids_of_the_tokenizers_own_call(kind, tmp_path):
+    """Even where the saved Rust tokenizer truncates (transformers turns that off for each call) and where the
+    text holds a special token's string."""
+    from pydoc_data.topics import topics
+
+    from trainer.data.tokenizer import build_bpe_tokenizer, build_wordlevel_tokenizer
+
+    texts = [topics[k] for k in sorted(topics)[:60]]
+    tok = build_bpe_tokenizer(texts, 500) if kind == "bpe" else build_wordlevel_tokenizer(texts)
+    texts = [*texts, f"two {tok.eos_token} documents", ""]
+    want = tok(texts, add_special_tokens=False)["input_ids"]
+    tok.backend_tokenizer.enable_truncation(8)
+    assert batch_encoder(tok)(texts) == want
+    assert tok(texts, add_special_tokens=False)["input_ids"] == want  # and the tokenizer is as it was
 
 
 def test_two_prepares_are_byte_identical_whatever_the_number_of_processes(corpus, prepared, tmp_path):

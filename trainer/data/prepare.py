@@ -175,21 +175,42 @@ def _count_range(args: tuple[str, str, int, int, int]) -> int:
 
 # ---- tokenizer processes ---------------------------------------------------------------------------------
 
-_TOKENIZER: Any = None
+_ENCODE: Any = None  # texts -> their token ids, in this process
+
+
+def batch_encoder(tokenizer: Any) -> Any:
+    """texts -> token ids without special tokens, as `tokenizer(texts, add_special_tokens=False)` gives them.
+    Where the tokenizer is transformers' plain fast tokenizer (no Python of its own around the Rust one), the
+    Rust tokenizer's encode_batch_fast, which computes no character offsets: 1.5x faster on pydoc text."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (
+        isinstance(tokenizer, TokenizersBackend)
+        and type(tokenizer)._encode_plus is TokenizersBackend._encode_plus
+        and hasattr(backend, "encode_batch_fast")
+    ):
+        # what transformers' _encode_plus sets before each call: no truncation or padding, special tokens
+        # in the text split or not as the tokenizer says
+        backend.no_truncation()
+        backend.no_padding()
+        backend.encode_special_tokens = bool(tokenizer.split_special_tokens)
+        return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def _load_worker_tokenizer(directory: str) -> None:
     import os
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: num_proc processes in all
-    global _TOKENIZER
-    _TOKENIZER = load_tokenizer(directory)
+    global _ENCODE
+    _ENCODE = batch_encoder(load_tokenizer(directory))
 
 
 def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The token ids of `texts`, concatenated, and where each text's ids end: two arrays cross the process
     boundary in one pickle each, not one small array per document."""
-    ids = _TOKENIZER(texts, add_special_tokens=False)["input_ids"]
+    ids = _ENCODE(texts)
     ends = np.cumsum([len(x) for x in ids], dtype=np.int64)
     flat = np.fromiter(
         itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(ends[-1]) if len(ends) else 0
@@ -215,11 +236,11 @@ def _ordered_map(
     without importing anything again (the prepare_data command); `spawn` is for a process that may hold
     threads (a training run's cache)."""
     if num_proc <= 1:
-        global _TOKENIZER
+        global _ENCODE
         if tokenizer is None:
             _load_worker_tokenizer(tokenizer_dir)
         else:
-            _TOKENIZER = tokenizer
+            _ENCODE = batch_encoder(tokenizer)
         for tag, texts in chunks:
             yield tag, _split(_encode(texts))
         return
