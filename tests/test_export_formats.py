@@ -139,6 +139,48 @@ def test_gguf_rotary_rows_are_llama_cpps_permutation_and_transformers_inverts_it
     assert (torch.from_numpy(back) == weight).all()
 
 
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # with head size 16: wavelengths 6.3 (kept), 20 and 63 (interpolated), 199 and over (divided by 8)
+    "original_max_position_embeddings": 64,
+}
+
+
+def llama3_model(reference, rope: dict | None = None):
+    from transformers import AutoModelForCausalLM
+
+    config = reference[0].config.to_dict() | {"rope_parameters": rope or LLAMA3_ROPE}
+    config = type(reference[0].config).from_dict(config)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(reference, tmp_path):
+    """transformers' own Llama 3 frequencies are the default ones divided by the factors the file holds."""
+    from trainer.gguf_export import export_gguf
+
+    model = llama3_model(reference)
+    path = export_gguf(model, reference[1], tmp_path, gguf_type="f32")
+    [factors] = [t.data for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight"]
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    default = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    scaled = model.model.rotary_emb.inv_freq.double()
+    want = default / scaled
+    assert want[0] == 1.0 and want[-1] == pytest.approx(8.0) and 1 < want[1] < 8  # all three regions
+    torch.testing.assert_close(torch.from_numpy(factors.copy()).double(), want, rtol=1e-6, atol=0)
+    # a scaling GGUF has no form for is refused before anything is written
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    with pytest.raises(
+        ConfigError, match="rope_type=yarn: only the default rope, linear scaling and Llama 3's"
+    ):
+        export_gguf(llama3_model(reference, yarn), reference[1], tmp_path / "yarn", gguf_type="f32")
+    assert not (tmp_path / "yarn").exists()
+
+
 def test_tensor_types_follow_llama_cpp_norms_f32_short_rows_f16_and_a_q8_0_output_under_q4_0():
     from trainer.gguf_export import tensor_type
 
@@ -278,7 +320,8 @@ def test_llama_cpp_reads_every_gguf_type_tokenizes_computes_and_continues_greedi
     checked at 1e-5); the other types within the bounds of transformers' reading (measured: f16 3.1e-4, bf16
     2.3e-3, q8_0 6.4e-3, q4_0 4.9e-2: llama.cpp also rounds the activations to 8 bits for q8_0 and q4_0
     matrices); and, on a model with random N(0, 0.3) matrices (the 6-step model repeats one token, which
-    would test little), our greedy continuation of 16 tokens through its KV cache (measured: identical)."""
+    would test little), our greedy continuation of 16 tokens through its KV cache (measured: identical), and
+    with Llama 3's rope scaling our logits (measured difference 1.2e-05, against 5.0 without the scaling)."""
     import json
     import os
     import pydoc_data.topics
@@ -337,6 +380,21 @@ def test_llama_cpp_reads_every_gguf_type_tokenizes_computes_and_continues_greedi
     theirs = llama_cpp(export_gguf(scrambled, tokenizer, tmp_path / "scrambled", gguf_type="f32"))
     assert len(set(ours)) > 4  # a continuation that depends on the attention, not one token repeated
     assert theirs["continuation"] == ours
+
+    # Llama 3's rope scaling, as llama.cpp applies the file's frequency factors (the same random matrices)
+    llama3 = llama3_model(reference)
+    llama3.load_state_dict(scrambled.state_dict())
+    with torch.no_grad():
+        expected = llama3(prompt).logits[0]
+        unscaled = (scrambled(prompt).logits[0] - expected).abs().max().item()
+    theirs = torch.tensor(
+        llama_cpp(export_gguf(llama3, tokenizer, tmp_path / "llama3", gguf_type="f32"))["logits"]
+    )
+    print(
+        f"llama.cpp llama3 rope: max |logit error| = {(theirs - expected).abs().max():.1e} (unscaled: {unscaled:.1e})"
+    )
+    assert unscaled > 1e-2  # the scaling changes these positions' logits
+    torch.testing.assert_close(theirs, expected, atol=1e-4, rtol=0)
 
 
 def test_an_export_stopped_by_sigterm_leaves_nothing_beside_its_output(tmp_path):

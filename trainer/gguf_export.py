@@ -20,7 +20,8 @@ conventions of llama.cpp's `convert_hf_to_gguf.py`:
   matrix (the embedding when tied) q8_0, since llama-quantize keeps it at more bits (6) too.
 
 What GGUF cannot describe is refused before anything is written, saying why: another architecture than
-LlamaForCausalLM, biases, an activation other than silu, a rope scaling other than linear, and a tokenizer
+LlamaForCausalLM, biases, an activation other than silu, a rope scaling other than linear or Llama 3's (written
+as llama.cpp's `rope_freqs` factors), and a tokenizer
 other than byte-level BPE (the word-level vocabulary of `data=embedded` has no GGUF tokenizer model: llama.cpp
 knows SentencePiece, byte-level BPE, WordPiece and Unigram vocabularies, none of which splits on whitespace
 and maps an unseen word to one unknown token).
@@ -45,7 +46,9 @@ _PRE_TOKENIZERS = {
     (_BYTE_LEVEL,): "gpt-2",  # GPT-2's split (our data=pydoc/hf tokenizers)
     (("Digits", True), _BYTE_LEVEL): "smollm",  # digits one by one, then GPT-2's split (SmolLM2)
 }
-_UNSUPPORTED_ROPE = "rope_type={rope_type}: only the default rope and linear scaling are written to GGUF"
+_UNSUPPORTED_ROPE = (
+    "rope_type={rope_type}: only the default rope, linear scaling and Llama 3's scaling are written to GGUF"
+)
 FIX = "export it with format=hf and convert that with llama.cpp's convert_hf_to_gguf.py"
 
 
@@ -80,6 +83,9 @@ def export_gguf(model: Any, tokenizer: Any, output_dir: Path, *, gguf_type: str,
     if scaling is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling)
+    freq_factors = llama3_rope_factors(config, head_dim)
+    if freq_factors is not None:  # llama.cpp divides each rotary frequency by its factor
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freq_factors)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(_FILE_TYPES[gguf_type](gguf))
@@ -166,16 +172,37 @@ def check_gguf_model(model: Any) -> None:
     _rope(config)
 
 
-def _rope(config: Any) -> tuple[float, float | None]:
-    """(rope theta, linear scaling factor or None); other scalings refused."""
+def _rope_parameters(config: Any) -> tuple[dict[str, Any], str]:
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    return params, params.get("rope_type", params.get("type", "default"))
+
+
+def _rope(config: Any) -> tuple[float, float | None]:
+    """(rope theta, linear scaling factor or None); scalings GGUF has no form for refused."""
+    params, rope_type = _rope_parameters(config)
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
+    if rope_type in ("default", "llama3"):  # llama3: per-frequency factors, llama3_rope_factors
         return float(theta), None
     if rope_type == "linear":
         return float(theta), float(params["factor"])
     raise ConfigError(f"format=gguf: {_UNSUPPORTED_ROPE.format(rope_type=rope_type)}; {FIX}")
+
+
+def llama3_rope_factors(config: Any, head_dim: int) -> np.ndarray | None:
+    """Llama 3's rope scaling as the factor each rotary frequency is divided by (llama.cpp's `rope_freqs`
+    tensor), None for another rope. Llama 3 keeps the frequencies whose wavelength is under
+    original_max_position_embeddings / high_freq_factor, divides those over .../ low_freq_factor by `factor`,
+    and interpolates between the two in 1/wavelength."""
+    params, rope_type = _rope_parameters(config)
+    if rope_type != "llama3":
+        return None
+    theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    factor, low, high = (float(params[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    context = float(params["original_max_position_embeddings"])
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelength = 2 * np.pi / inv_freq
+    smooth = np.clip((context / wavelength - low) / (high - low), 0.0, 1.0)  # 0: long waves, 1: short
+    return (1.0 / ((1.0 - smooth) / factor + smooth)).astype(np.float32)
 
 
 def _tied(model: Any) -> bool:
