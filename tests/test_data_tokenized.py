@@ -141,6 +141,28 @@ def test_prepare_then_read_gives_the_direct_tokenization_of_each_document_with_e
     )
 
 
+def test_eval_data_files_are_written_whole_as_the_eval_split(corpus, tmp_path):
+    root, texts = corpus
+    out = run_prepare(root / "part-0.jsonl", tmp_path / "out", f"eval_data_files={root / 'part-1.jsonl'}")
+    tok = load_tokenizer(str(out / "tokenizer"))
+    meta = read_meta(out)
+    for split, docs in (("train", texts[:250]), ("eval", texts[250:])):
+        want = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in docs if t]
+        reader = PreparedSplit(out, split, meta)
+        assert [reader.document(d).tolist() for d in range(reader.num_documents)] == want
+    assert meta["settings"]["eval_fraction"] is None
+    assert meta["source"]["eval_data_files"] == [str((root / "part-1.jsonl").resolve())]
+    with pytest.raises(ConfigError, match="eval_data_files are local files written as the eval split"):
+        prepare(
+            prepare_config(
+                "path=some/dataset",
+                f"eval_data_files={root}",
+                f"output_dir={tmp_path / 'x'}",
+                "tokenizer=bpe",
+            )
+        )
+
+
 @pytest.mark.parametrize("kind", ["bpe", "wordlevel"])
 def test_the_batch_encoder_gives_the_ids_of_the_tokenizers_own_call(kind, tmp_path):
     """Even where the saved Rust tokenizer truncates (transformers turns that off for each call) and where the

@@ -25,6 +25,8 @@ class PrepareDataConfig:
     split: str = MISSING
     # The hub dataset's split written as eval; null holds out `eval_fraction` of the documents.
     eval_split: str | None = MISSING
+    # Local files written as the eval split, whole (with data_files; null: eval_split or eval_fraction).
+    eval_data_files: Any = MISSING
     # Fraction of the documents (evenly spread) written to the eval split when eval_split is null.
     eval_fraction: float = MISSING
     # Stream the hub dataset (nothing larger than a buffer held) instead of downloading it whole first.

@@ -82,10 +82,17 @@ def check_settings(cfg: Any) -> None:
     check(cfg.shard_tokens > 0, f"shard_tokens={cfg.shard_tokens}: must be a positive number of tokens")
     check(cfg.num_proc >= 1, f"num_proc={cfg.num_proc}: must be >= 1")
     check(cfg.batch_docs >= 1, f"batch_docs={cfg.batch_docs}: must be >= 1")
-    if cfg.eval_split is None:
+    if cfg.eval_data_files is not None:
+        check(
+            cfg.data_files is not None and cfg.eval_split is None,
+            "eval_data_files are local files written as the eval split: give them with data_files (for a hub "
+            "dataset, eval_split names its eval split)",
+        )
+    elif cfg.eval_split is None:
         check(
             0.0 < cfg.eval_fraction < 1.0,
-            f"eval_fraction={cfg.eval_fraction}: must be in (0, 1) (or name an eval_split of a hub dataset)",
+            f"eval_fraction={cfg.eval_fraction}: must be in (0, 1) (or name an eval_split of a hub dataset, "
+            "or give eval_data_files)",
         )
     else:
         check(
@@ -100,11 +107,19 @@ class Source:
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         self.files = documents.local_files(cfg.data_files) if cfg.data_files is not None else None
+        self.eval_files = (
+            documents.local_files(cfg.eval_data_files, key="eval_data_files")
+            if cfg.eval_data_files is not None
+            else None
+        )
 
     def describe(self) -> dict[str, Any]:
         c = self.cfg
         if self.files is not None:
-            return {"data_files": [str(Path(f).resolve()) for f in self.files], "text_field": c.text_field}
+            out = {"data_files": [str(Path(f).resolve()) for f in self.files], "text_field": c.text_field}
+            if self.eval_files is not None:
+                out["eval_data_files"] = [str(Path(f).resolve()) for f in self.eval_files]
+            return out
         return {
             "path": c.path,
             "name": c.name,
@@ -119,12 +134,17 @@ class Source:
             return documents.file_texts(self.files, c.text_field)
         return documents.hub_texts(c.path, c.name, split, c.text_field, streaming=c.streaming)
 
+    def _eval_texts(self) -> Iterator[str]:
+        if self.eval_files is not None:
+            return documents.file_texts(self.eval_files, self.cfg.text_field)
+        return self._texts(self.cfg.eval_split)
+
     def __iter__(self) -> Iterator[tuple[int, str, str]]:
         c = self.cfg
-        if c.eval_split is not None:
+        if c.eval_split is not None or self.eval_files is not None:
             index = 0
-            for split, name in (("train", c.split), ("eval", c.eval_split)):
-                for text in self._texts(name):
+            for split, texts in (("train", lambda: self._texts(c.split)), ("eval", self._eval_texts)):
+                for text in texts():
                     yield index, split, text
                     index += 1
             return
@@ -142,9 +162,12 @@ class Source:
                 counts[split] += 1
                 if counts["train"] and counts["eval"]:
                     return
+        elif self.eval_files is not None:
+            counts["train"] = self._count_documents(self.files, num_proc)
+            counts["eval"] = self._count_documents(self.eval_files, num_proc)
         else:
             fraction = float(self.cfg.eval_fraction)
-            for index in range(self._count_documents(num_proc)):
+            for index in range(self._count_documents(self.files, num_proc)):
                 counts["eval" if is_eval(index, fraction) else "train"] += 1
         if not any(counts.values()):
             raise DataError(f"{self.describe()}: no documents could be read; the input is empty")
@@ -155,12 +178,12 @@ class Source:
                     f"(eval_fraction={self.cfg.eval_fraction}); raise eval_fraction or add documents"
                 )
 
-    def _count_documents(self, num_proc: int) -> int:
-        """The local files' documents, each checked; the first bad line (in file order) is the error."""
+    def _count_documents(self, files: list[str], num_proc: int) -> int:
+        """The documents of local files, each checked; the first bad line (in file order) is the error."""
         field = str(self.cfg.text_field)
-        if num_proc <= 1 or not all(documents.splittable(f) for f in self.files):
-            return sum(1 for _ in documents.file_texts(self.files, field))
-        ranges = [(f, field, *r) for f in self.files for r in documents.line_ranges(f, 4 * num_proc)]
+        if num_proc <= 1 or not all(documents.splittable(f) for f in files):
+            return sum(1 for _ in documents.file_texts(files, field))
+        ranges = [(f, field, *r) for f in files for r in documents.line_ranges(f, 4 * num_proc)]
         ctx = multiprocessing.get_context(
             "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         )
@@ -268,7 +291,9 @@ def _settings(cfg: Any, source: Source) -> dict[str, Any]:
         "tokenizer": cfg.tokenizer,
         "tokenizer_vocab_size": cfg.tokenizer_vocab_size if cfg.tokenizer in BUILT else None,
         "shard_tokens": cfg.shard_tokens,
-        "eval_fraction": cfg.eval_fraction if cfg.eval_split is None else None,
+        "eval_fraction": cfg.eval_fraction
+        if cfg.eval_split is None and cfg.eval_data_files is None
+        else None,
     }
 
 
