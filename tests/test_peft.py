@@ -342,6 +342,23 @@ def test_a_base_stored_in_another_dtype_leaves_no_page_of_the_float_checkpoint_m
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_nf4_base_weights_are_within_nf4s_error_of_the_float_base(tmp_path):
+    """Each weight within 0.16 of its 64-weight block's absmax: half the widest gap between NF4's 16 levels
+    (-1 and -0.696: 0.152), plus the rounding of the block's scale to 8 bits (measured: 0.153)."""
+    float_base = make_trainer(tmp_path / "float", *TINY, *NF4_MODEL, *LORA).hf_model
+    nf4_base = make_trainer(tmp_path / "nf4", *TINY, *NF4_MODEL, *LORA, "peft.base_dtype=nf4").hf_model
+    floats = dict(float_base.named_modules())
+    checked = 0
+    for name, module in nf4_base.named_modules():
+        if hasattr(module, "base_layer"):
+            want = floats[name].base_layer.weight.detach().reshape(-1, 64)
+            got = module.base_layer.weight.get_original_weight().reshape(-1, 64)
+            error = ((got - want).abs() / want.abs().amax(dim=1, keepdim=True)).max().item()
+            assert 0 < error <= 0.16, name
+            checked += 1
+    assert checked == 2 * 7  # every projection of both blocks
+
+
 def test_nf4_refuses_dora_and_layers_its_blocks_do_not_divide(tmp_path):
     with pytest.raises(ConfigError, match="nf4 with peft=dora"):
         validate_config(compose_config(*TINY, "peft=dora", "peft.base_dtype=nf4"))
