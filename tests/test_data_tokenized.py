@@ -272,6 +272,20 @@ def test_parquet_text_files_and_a_streamed_dataset_directory_give_the_tokens_of_
     assert (meta["splits"]["train"]["documents"], meta["splits"]["eval"]["documents"]) == (60, 5)
 
 
+def test_checking_a_hub_dataset_with_a_named_eval_split_reads_one_record_of_each(monkeypatch):
+    read = []
+
+    def texts(self, split):  # a split of a thousand records, each read noted
+        for i in range(1000):
+            read.append(split)
+            yield f"doc {i}"
+
+    monkeypatch.setattr(prepare_module.Source, "_texts", texts)
+    cfg = prepare_config("path=some/dataset", "eval_split=validation", "output_dir=o", "tokenizer=bpe")
+    prepare_module.Source(cfg).check()
+    assert read == ["train", "validation"]
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------
 
 

@@ -157,7 +157,10 @@ class Source:
         line; empty input, or a split that would get no document, too. (A hub dataset: its first record.)
         JSON-lines files are read in `num_proc` processes, in byte ranges."""
         counts = dict.fromkeys(SPLITS, 0)
-        if self.files is None:
+        if self.files is None and self.cfg.eval_split is not None:  # the first record of each split
+            for split, texts in (("train", self._texts(self.cfg.split)), ("eval", self._eval_texts())):
+                counts[split] = int(next(iter(texts), None) is not None)
+        elif self.files is None:
             for _, split, _ in self:
                 counts[split] += 1
                 if counts["train"] and counts["eval"]:
