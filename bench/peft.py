@@ -8,8 +8,10 @@ so that no variant's peak includes the GGUF dequantization. For each variant it 
 
 - peak memory: the largest `peak_mem_bytes` of its `metrics.jsonl` (on CPU the process's peak resident set,
   VmHWM: everything the process ever held at once, the Python interpreter, torch and the data included, model
-  loading too); and beside it the largest resident set this script sampled (every 50 ms, from
-  /proc/PID/status) between the first and the last step record: the steady training peak, loading excluded;
+  loading too); that peak less the import floor (the VmHWM of a process that only imports what the run imports:
+  the interpreter and the libraries, which a GPU's max_memory_allocated does not count either); and the
+  largest resident set this script sampled (every 50 ms, from /proc/PID/status) between the first and the last
+  step record: the steady training peak, loading excluded;
 - optimizer state: the bytes of the `optim/*` tensors in the run's last checkpoint (the flat-shard
   safetensors files hold exactly the optimizer's state tensors: AdamW's two moments and step per trained
   parameter), read from the files' headers; the `model/*` tensors there are the trained parameters;
@@ -55,6 +57,8 @@ VARIANTS: dict[str, list[str]] = {
 TARGETS = [
     ("LoRA peak memory <= 0.6x full", "lora", "peak_mem_bytes", 0.6),
     ("QLoRA peak memory <= 0.45x full", "qlora", "peak_mem_bytes", 0.45),
+    ("LoRA peak memory above the imports <= 0.6x full", "lora", "peak_above_imports_bytes", 0.6),
+    ("QLoRA peak memory above the imports <= 0.45x full", "qlora", "peak_above_imports_bytes", 0.45),
     ("LoRA optimizer state <= 3% of full", "lora", "optimizer_state_bytes", 0.03),
     ("QLoRA optimizer state <= 3% of full", "qlora", "optimizer_state_bytes", 0.03),
     ("LoRA (peft.rank's default, 8) optimizer state <= 3% of full", "lora8", "optimizer_state_bytes", 0.03),
@@ -136,6 +140,23 @@ class RssSampler:
         self._thread.join()
 
 
+# What each variant's process imports before it loads a model: the trainer, and the adapters' packages.
+IMPORTS = {"full": [], "lora": ["peft"], "lora8": ["peft"], "dora": ["peft"], "qlora": ["peft", "torchao"]}
+
+
+def import_floor(name: str, a: argparse.Namespace) -> int:
+    """The resident set of a process that imports what the variant's run imports and nothing more: the part
+    of its peak that is Python, torch and the libraries, which a GPU's max_memory_allocated never counts."""
+    modules = ["trainer.train", "trainer.loop", *IMPORTS.get(name, [])]
+    script = (
+        f"import {', '.join(modules)}\n"
+        "print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(a.threads))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+    return int(proc.stdout.split()[-1]) if proc.returncode == 0 else 0
+
+
 def watch_steps(metrics: Path, proc: subprocess.Popen, times: dict[str, float]) -> None:
     """Note when the first and the last step records appear in metrics.jsonl (wall clock)."""
     while proc.poll() is None:
@@ -209,8 +230,11 @@ def run_variant(name: str, a: argparse.Namespace) -> dict[str, Any]:
     evals = [r for r in records if "eval_loss" in r]
     timed = [r for r in steps if r["step"] > a.warmup] or steps
     training = [rss for t, rss in sampler.samples if times.get("first", 0) <= t <= times.get("last", 0)]
+    floor = import_floor(name, a)
     row |= {
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in steps),
+        "import_floor_bytes": floor,
+        "peak_above_imports_bytes": max(r["peak_mem_bytes"] for r in steps) - floor,
         "peak_rss_training_bytes": max(training) if training else None,
         "rss_before_training_bytes": max(
             (rss for t, rss in sampler.samples if t < times.get("first", 0)), default=None
@@ -253,7 +277,8 @@ def print_table(rows: list[dict[str, Any]]) -> list[str]:
     """The table and the targets, as printed (also returned for the results JSON)."""
     full = next((r for r in rows if r["variant"] == "full" and "error" not in r), None)
     lines = [
-        f"{'variant':8} {'trained':>12} {'peak GB':>8} {'x full':>7} {'train GB':>9} {'optim MB':>10} "
+        f"{'variant':8} {'trained':>12} {'peak GB':>8} {'x full':>7} {'>imports':>8} {'x full':>7} "
+        f"{'train GB':>9} {'optim MB':>10} "
         f"{'x full':>8} {'eval ppl':>9} {'x full':>7} {'tokens/s':>9} {'x full':>7} {'loss':>7}"
     ]
 
@@ -268,6 +293,7 @@ def print_table(rows: list[dict[str, Any]]) -> list[str]:
             continue
         lines.append(
             f"{r['variant']:8} {r['trained_params']:12,} {gb(r['peak_mem_bytes']):>8} {ratio(r, 'peak_mem_bytes'):>7}"
+            f" {gb(r['peak_above_imports_bytes']):>8} {ratio(r, 'peak_above_imports_bytes'):>7}"
             f" {gb(r['peak_rss_training_bytes']):>9} {r['optimizer_state_bytes'] / 1e6:10.2f}"
             f" {ratio(r, 'optimizer_state_bytes', '8.4f'):>8} {r['eval_ppl']:9.3f} {ratio(r, 'eval_ppl'):>7}"
             f" {r['tokens_per_s']:9.1f} {ratio(r, 'tokens_per_s', '6.2f'):>7} {r['final_loss']:7.4f}"
