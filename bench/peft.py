@@ -231,7 +231,7 @@ def run_variant(name: str, a: argparse.Namespace) -> dict[str, Any]:
     timed = [r for r in steps if r["step"] > a.warmup] or steps
     training = [rss for t, rss in sampler.samples if times.get("first", 0) <= t <= times.get("last", 0)]
     # on a GPU peak_mem_bytes is CUDA's max_memory_allocated, which holds no interpreter or library
-    on_gpu = any(x.replace(" ", "") in ("train.device=cuda", "train.device=auto") for x in a.set)
+    on_gpu = any(x.replace(" ", "") == "train.device=cuda" for x in a.set)
     floor = 0 if on_gpu else import_floor(name, a)
     row |= {
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in steps),
