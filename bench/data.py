@@ -58,15 +58,7 @@ def run_child(module: str, args: list[str]) -> tuple[int, str]:
 
 def synthesize(out: Path, num_tokens: int, tokenizer_dir: Path, *, shard_tokens: int = 1 << 28) -> Path:
     """A prepared dataset of uniform random tokens (documents of 1,000 tokens ending in EOS), 1% of it eval."""
-    from trainer.data.prepared import (
-        FORMAT,
-        META_FILE,
-        TOKENIZER_DIR,
-        fingerprint,
-        token_dtype,
-        tokenizer_hash,
-        write_shard,
-    )
+    from trainer.data.prepared import META_FILE, TOKENIZER_DIR, make_meta, token_dtype, write_shard
     from trainer.data.tokenizer import load_tokenizer
 
     if (out / META_FILE).is_file():
@@ -75,7 +67,7 @@ def synthesize(out: Path, num_tokens: int, tokenizer_dir: Path, *, shard_tokens:
     vocab, eos, dtype = len(tok), tok.eos_token_id, token_dtype(len(tok))
     tok.save_pretrained(str(out / TOKENIZER_DIR))
     rng = np.random.default_rng(0)
-    splits = {}
+    shards_of = {}
     for split, tokens in (("train", num_tokens), ("eval", max(num_tokens // 100, 100_000))):
         (out / split).mkdir(parents=True, exist_ok=True)
         shards, left = [], tokens
@@ -88,29 +80,16 @@ def synthesize(out: Path, num_tokens: int, tokenizer_dir: Path, *, shard_tokens:
             docs = np.split(stream, ends[:-1])
             shards.append(write_shard(out / split, len(shards), docs, dtype))
             left -= n
-        splits[split] = {
-            "documents": sum(r["documents"] for r in shards),
-            "tokens": sum(r["tokens"] for r in shards),
-            "shards": shards,
-        }
-    meta = {
-        "format": FORMAT,
-        "package_version": "bench",
-        "tokenizer": {
-            "name": "bench",
-            "hash": tokenizer_hash(tok),
-            "vocab_size": vocab,
-            "eos_id": eos,
-            "pad_id": tok.pad_token_id,
-        },
-        "dtype": dtype.name,
-        "source": {"synthetic": num_tokens},
-        "settings": {},
-        "documents": sum(s["documents"] for s in splits.values()),
-        "tokens": sum(s["tokens"] for s in splits.values()),
-        "splits": splits,
-    }
-    meta["fingerprint"] = fingerprint(meta)
+        shards_of[split] = shards
+    meta = make_meta(
+        tokenizer=tok,
+        tokenizer_name="bench",
+        dtype=dtype,
+        source={"synthetic": num_tokens},
+        settings={},
+        shards=shards_of,
+        package_version="bench",
+    )
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return out
 

@@ -29,13 +29,12 @@ from tqdm import tqdm
 
 from trainer.data import documents
 from trainer.data.prepared import (
-    FORMAT,
     META_FILE,
     PROGRESS_FILE,
     SPLITS,
     TOKENIZER_DIR,
     ShardWriter,
-    fingerprint,
+    make_meta,
     remove_partial_shards,
     token_dtype,
     tokenizer_hash,
@@ -415,31 +414,15 @@ def prepare(cfg: Any) -> Path:
     for split in SPLITS:
         if writers[split] is not None:
             flush(split, last + 1)
-    meta = {
-        "format": FORMAT,
-        "package_version": _package_version(),
-        "tokenizer": {
-            "name": cfg.tokenizer,
-            "hash": tok_hash,
-            "vocab_size": vocab_size,
-            "eos_id": eos,
-            "pad_id": tok.pad_token_id,
-        },
-        "dtype": dtype.name,
-        "source": source.describe(),
-        "settings": settings,
-        "documents": sum(r["documents"] for s in SPLITS for r in splits[s]["shards"]),
-        "tokens": sum(r["tokens"] for s in SPLITS for r in splits[s]["shards"]),
-        "splits": {
-            s: {
-                "documents": sum(r["documents"] for r in splits[s]["shards"]),
-                "tokens": sum(r["tokens"] for r in splits[s]["shards"]),
-                "shards": splits[s]["shards"],
-            }
-            for s in SPLITS
-        },
-    }
-    meta["fingerprint"] = fingerprint(meta)
+    meta = make_meta(
+        tokenizer=tok,
+        tokenizer_name=cfg.tokenizer,
+        dtype=dtype,
+        source=source.describe(),
+        settings=settings,
+        shards={s: splits[s]["shards"] for s in SPLITS},
+        package_version=_package_version(),
+    )
     write_json_atomic(out / META_FILE, meta)
     progress_file.unlink()
     print(
@@ -467,7 +450,7 @@ def write_splits(
     tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
     vocab_size, eos = len(tokenizer), tokenizer.eos_token_id
     dtype = token_dtype(vocab_size)
-    splits: dict[str, Any] = {}
+    shards_of: dict[str, list[dict[str, Any]]] = {}
     for split in SPLITS:
         (tmp / split).mkdir()
         shards: list[dict[str, Any]] = []
@@ -498,29 +481,16 @@ def write_splits(
                     writer = None
         if writer is not None:
             shards.append(writer.close())
-        splits[split] = {
-            "documents": sum(r["documents"] for r in shards),
-            "tokens": sum(r["tokens"] for r in shards),
-            "shards": shards,
-        }
-    meta = {
-        "format": FORMAT,
-        "package_version": _package_version(),
-        "tokenizer": {
-            "name": getattr(tokenizer, "name_or_path", None) or "built",
-            "hash": tokenizer_hash(tokenizer),
-            "vocab_size": vocab_size,
-            "eos_id": eos,
-            "pad_id": tokenizer.pad_token_id,
-        },
-        "dtype": dtype.name,
-        "source": description,
-        "settings": {"source": description},
-        "documents": sum(v["documents"] for v in splits.values()),
-        "tokens": sum(v["tokens"] for v in splits.values()),
-        "splits": splits,
-    }
-    meta["fingerprint"] = fingerprint(meta)
+        shards_of[split] = shards
+    meta = make_meta(
+        tokenizer=tokenizer,
+        tokenizer_name=getattr(tokenizer, "name_or_path", None) or "built",
+        dtype=dtype,
+        source=description,
+        settings={"source": description},
+        shards=shards_of,
+        package_version=_package_version(),
+    )
     write_json_atomic(tmp / META_FILE, meta)
     if (out / META_FILE).is_file():  # another run sharing the cache finished first: the same bytes
         shutil.rmtree(tmp, ignore_errors=True)

@@ -127,6 +127,46 @@ def fingerprint(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def make_meta(
+    *,
+    tokenizer: Any,
+    tokenizer_name: str,
+    dtype: np.dtype,
+    source: dict[str, Any],
+    settings: dict[str, Any],
+    shards: dict[str, list[dict[str, Any]]],
+    package_version: str,
+) -> dict[str, Any]:
+    """meta.json of a prepared dataset whose splits hold these shard records (write_shard's, ShardWriter's)."""
+    splits = {
+        s: {
+            "documents": sum(r["documents"] for r in shards[s]),
+            "tokens": sum(r["tokens"] for r in shards[s]),
+            "shards": shards[s],
+        }
+        for s in SPLITS
+    }
+    meta = {
+        "format": FORMAT,
+        "package_version": package_version,
+        "tokenizer": {
+            "name": tokenizer_name,
+            "hash": tokenizer_hash(tokenizer),
+            "vocab_size": len(tokenizer),
+            "eos_id": tokenizer.eos_token_id,
+            "pad_id": tokenizer.pad_token_id,
+        },
+        "dtype": np.dtype(dtype).name,
+        "source": source,
+        "settings": settings,
+        "documents": sum(v["documents"] for v in splits.values()),
+        "tokens": sum(v["tokens"] for v in splits.values()),
+        "splits": splits,
+    }
+    meta["fingerprint"] = fingerprint(meta)
+    return meta
+
+
 def read_meta(directory: Path, *, key: str = "data.path") -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
