@@ -160,8 +160,20 @@ def run_command(
             cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
         )
     if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        assert proc.returncode == 0, failure_report(proc)
     return proc
+
+
+def failure_report(proc) -> str:
+    """A failed job's output for the assertion: each rank's exit code, the first traceback in the output (with
+    several ranks, the first rank to fail is usually the cause: the others then fail in a collective), the end."""
+    output = proc.stdout if proc.stdout == proc.stderr else proc.stdout + proc.stderr
+    codes = getattr(proc, "rank_codes", None)
+    head = f"exit codes by rank: {codes}\n" if codes else f"exit code {proc.returncode}\n"
+    first = output.find("Traceback (most recent call last)")
+    if 0 <= first < len(output) - 4000:
+        head += "first traceback:\n" + output[first : first + 4000] + "\n[...]\n"
+    return head + "end of the output:\n" + output[-4000:]
 
 
 _SERVER: PreloadedServer | None = None

@@ -128,7 +128,9 @@ class PreloadedServer:
         returncode = next((c for c in codes if c != 0), 0)
         output = log.read_text()
         # The ranks' stdout and stderr share one log (as a terminal shows them): it is given as both.
-        return subprocess.CompletedProcess(args, returncode, stdout=output, stderr=output)
+        done = subprocess.CompletedProcess(args, returncode, stdout=output, stderr=output)
+        done.rank_codes = codes  # -9: killed after another rank failed (as torchrun does)
+        return done
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
