@@ -66,7 +66,15 @@ def _write_hf(model: Any, tokenizer: Any, out: Path, cfg: Any) -> None:
 def _write_gguf(model: Any, tokenizer: Any, out: Path, cfg: Any) -> None:
     from trainer.gguf_export import export_gguf
 
-    export_gguf(model, tokenizer, out, gguf_type=str(cfg.gguf.type), name=Path(cfg.model_path).resolve().name)
+    keep = cfg.gguf.keep_float
+    export_gguf(
+        model,
+        tokenizer,
+        out,
+        gguf_type=str(cfg.gguf.type),
+        name=Path(cfg.model_path).resolve().name,
+        keep_float=None if keep is None else list(keep),
+    )
 
 
 def _write_compressed_tensors(model: Any, tokenizer: Any, out: Path, cfg: Any) -> None:

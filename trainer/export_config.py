@@ -22,6 +22,8 @@ from trainer.errors import ConfigError
 class GgufConfig:
     # Tensor type of the matrices; norms and other 1-D tensors stay f32.
     type: GgufType = MISSING
+    # Matrices (HF name substrings) kept f16 under q8_0/q4_0; None: [lm_head], as trainer.quantize keeps it.
+    keep_float: list[str] | None = MISSING
 
 
 @dataclass

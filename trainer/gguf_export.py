@@ -16,8 +16,10 @@ conventions of llama.cpp's `convert_hf_to_gguf.py`:
   rotate-half layout to the interleaved pairs llama.cpp's rope works on (transformers' GGUF loader
   permutes them back); no `output` for tied embeddings, which llama.cpp reads as tied;
 - types: norms and 1-D tensors f32; the matrices in the asked type (quantized by `gguf.quants`), a matrix
-  whose rows do not divide into the type's blocks f16 as llama.cpp's converter keeps it; with q4_0 the output
-  matrix (the embedding when tied) q8_0, since llama-quantize keeps it at more bits (6) too.
+  whose rows do not divide into the type's blocks f16 as llama.cpp's converter keeps it. Under q8_0 and
+  q4_0 the matrices named in `keep_float` stay f16: by default the LM head (the embedding when tied), as
+  `trainer.quantize` keeps it float; with it quantized (`keep_float=[]`), q4_0 stores it q8_0, since
+  llama-quantize keeps the output matrix at more bits (6) too.
 
 What GGUF cannot describe is refused before anything is written, saying why: another architecture than
 LlamaForCausalLM, biases, an activation other than silu, a rope scaling other than linear or Llama 3's (written
@@ -56,14 +58,34 @@ def gguf_file_name(gguf_type: str) -> str:
     return f"model-{gguf_type}.gguf"
 
 
-def export_gguf(model: Any, tokenizer: Any, output_dir: Path, *, gguf_type: str, name: str = "model") -> Path:
-    """Write `output_dir/model-TYPE.gguf` (through a temporary file renamed at the end); returns its path."""
+def export_gguf(
+    model: Any,
+    tokenizer: Any,
+    output_dir: Path,
+    *,
+    gguf_type: str,
+    name: str = "model",
+    keep_float: list[str] | None = None,
+) -> Path:
+    """Write `output_dir/model-TYPE.gguf` (through a temporary file renamed at the end); returns its path.
+
+    `keep_float`: matrices whose HF names contain one of these stay f16 under a quantized type (None: the LM
+    head, `trainer.quantize`'s default; a tied embedding is the LM head's matrix, so it follows the head)."""
     require("gguf", extra="gguf")
     import gguf
 
     config = model.config
     check_gguf_model(model)
     vocab = gguf_vocabulary(tokenizer, vocab_size=config.vocab_size)  # refuses before anything is written
+    keep = DEFAULT_KEEP_FLOAT if keep_float is None else list(keep_float)
+    head_name = _output_weight_name(model)
+    matrices = [n for n, t in model.state_dict().items() if t.dim() == 2] + [head_name]
+    unmatched = [k for k in keep if not any(k in n for n in matrices)]
+    if unmatched:
+        raise ConfigError(
+            f"gguf.keep_float={unmatched}: no matrix of the model has that in its name (they are named like "
+            f"{head_name} or model.layers.0.mlp.down_proj.weight); correct the names or leave them out"
+        )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
@@ -108,7 +130,10 @@ def export_gguf(model: Any, tokenizer: Any, output_dir: Path, *, gguf_type: str,
         elif gguf_name.endswith("attn_k.weight"):
             data = permute_rotary_rows(data, config.num_key_value_heads)
         is_output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
-        qtype = tensor_type(gguf_name, tuple(data.shape), gguf_type, is_output=is_output)
+        float_kept = any(k in n for k in keep for n in ([hf_name, head_name] if is_output else [hf_name]))
+        qtype = tensor_type(
+            gguf_name, tuple(data.shape), gguf_type, is_output=is_output, keep_float=float_kept
+        )
         array = gguf.quants.quantize(data.numpy(), getattr(gguf.GGMLQuantizationType, qtype.upper()))
         raw = getattr(gguf.GGMLQuantizationType, qtype.upper()) if array.dtype == np.uint8 else None
         writer.add_tensor(gguf_name, array, raw_dtype=raw)
@@ -131,14 +156,25 @@ def export_gguf(model: Any, tokenizer: Any, output_dir: Path, *, gguf_type: str,
 
 # ---- what can be written ----------------------------------------------------------------------------------
 
-_BLOCKS = {"q8_0": 32, "q4_0": 32}  # weights per block (ggml's QK8_0, QK4_0)
+_BLOCKS = {"q8_0": 32, "q4_0": 32}  # weights per block (ggml's QK8_0, QK4_0): the quantized types
+DEFAULT_KEEP_FLOAT = ["lm_head"]  # trainer.quantize's default (trainer.quant.ptq.default_keep_float)
 
 
-def tensor_type(gguf_name: str, shape: tuple[int, ...], gguf_type: str, *, is_output: bool = False) -> str:
+def tensor_type(
+    gguf_name: str,
+    shape: tuple[int, ...],
+    gguf_type: str,
+    *,
+    is_output: bool = False,
+    keep_float: bool = False,
+) -> str:
     """The type one tensor is stored in, llama.cpp's way: 1-D tensors (norms) f32; a matrix in `gguf_type`,
-    the output matrix at q8_0 under q4_0, and f16 where its rows do not divide into the type's blocks."""
+    but f16 where it is kept float under a quantized type or its rows do not divide into the type's blocks,
+    and the output matrix at q8_0 under q4_0."""
     if len(shape) < 2 or gguf_name.endswith("_norm.weight"):
         return "f32"
+    if keep_float and gguf_type in _BLOCKS:
+        return "f16"
     if gguf_type == "q4_0" and is_output:
         gguf_type = "q8_0"
     block = _BLOCKS.get(gguf_type, 1)
@@ -210,6 +246,15 @@ def _tied(model: Any) -> bool:
     return (
         out is None or out.weight is emb.weight or bool(getattr(model.config, "tie_word_embeddings", False))
     )
+
+
+def _output_weight_name(model: Any) -> str:
+    """The LM head's weight under its HF name (`lm_head.weight` for Llama), which keep_float is matched against."""
+    head = model.get_output_embeddings()
+    name = (
+        next((n for n, m in model.named_modules() if m is head), "lm_head") if head is not None else "lm_head"
+    )
+    return f"{name}.weight"
 
 
 # ---- the tokenizer ----------------------------------------------------------------------------------------
