@@ -55,3 +55,25 @@ def test_no_gradient_work_under_no_grad():
     with torch.no_grad():
         out = causal_lm_loss(h, w, b, labels, chunk_size=4)
     assert out.grad_fn is None
+
+
+def test_a_frozen_lm_head_costs_no_weight_gradient_and_leaves_the_hidden_gradient_exact():
+    # LoRA and QLoRA freeze the LM head: the fused loss must not build its [vocab, hidden] gradient (a third of
+    # the loss's matmuls, and a buffer the size of the head), while the hidden states' gradient is unchanged.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def run(frozen: bool):
+        h, w, _, labels = _inputs(bias=False)
+        w.requires_grad_(not frozen)
+        ref = F.cross_entropy(h @ w.t(), labels, ignore_index=IGNORE_INDEX)
+        (want,) = torch.autograd.grad(ref, (h,))
+        with FlopCounterMode(display=False) as counter:
+            out = causal_lm_loss(h, w, None, labels, chunk_size=5)
+        (got,) = torch.autograd.grad(out, (h,))
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        return counter.get_total_flops()
+
+    trained, frozen = run(False), run(True)
+    n, d, v = 23, 8, 30
+    assert trained == 3 * 2 * n * d * v  # logits, hidden's gradient, weight's gradient
+    assert frozen == 2 * 2 * n * d * v

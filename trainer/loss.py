@@ -17,13 +17,18 @@ IGNORE_INDEX = -100
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, scale: float, need_grad: bool):
+    def forward(
+        ctx, hidden, weight, bias, labels, chunk_size: int, scale: float, needs: tuple[bool, bool, bool]
+    ):
+        # needs: whether hidden, weight and bias want gradients. A frozen LM head (LoRA, QLoRA, a distilled
+        # student's tied head kept) gets none: no [vocab, hidden] accumulator and a third fewer matmuls.
+        need_hidden, need_weight, need_bias = needs[0], needs[1], needs[2] and bias is not None
         n = hidden.shape[0]
         fp32 = weight.dtype == torch.float32
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None  # fp32 accumulator, created by the first chunk's matmul
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if (need_grad and bias is not None) else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         for start in range(0, n, chunk_size):
             h = hidden[start : start + chunk_size]
             target = labels[start : start + chunk_size]
@@ -37,7 +42,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             total = exp.sum(dim=1, keepdim=True)
             lse = (row_max + total.log()).squeeze(1)
             loss += ((lse - target_logit) * valid).sum()
-            if not need_grad:
+            if not (need_hidden or need_weight or need_bias):
                 continue
             # d loss / d logits = (softmax - onehot) * weight of the row
             coef = valid * scale
@@ -45,33 +50,33 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             rows = torch.arange(h.shape[0], device=h.device)
             grad_logits[rows, safe_target] -= coef
             g = grad_logits if fp32 else grad_logits.to(hidden.dtype)
-            torch.mm(g, weight, out=grad_hidden[start : start + chunk_size])
-            chunk_grad = g.t() @ h
-            if grad_weight is None:
-                grad_weight = chunk_grad if fp32 else chunk_grad.float()
-            else:
-                grad_weight += chunk_grad
-            if grad_bias is not None:
+            if need_hidden:
+                torch.mm(g, weight, out=grad_hidden[start : start + chunk_size])
+            if need_weight:
+                chunk_grad = g.t() @ h
+                if grad_weight is None:
+                    grad_weight = chunk_grad if fp32 else chunk_grad.float()
+                else:
+                    grad_weight += chunk_grad
+            if need_bias:
                 grad_bias += grad_logits.sum(0)
-        if need_grad:
-            if grad_weight is None:
-                grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-            ctx.save_for_backward(
-                grad_hidden,
-                grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype),
-            )
+        if need_weight and grad_weight is None:
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        ctx.save_for_backward(
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+        )
         return loss * scale
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grads = ctx.saved_tensors  # hidden's, weight's and bias's, None where not wanted
         # The saved gradients are ours alone: scale them in place (grad_output is 1 for a plain .backward()).
-        grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
-        grad_weight.mul_(grad_output.to(grad_weight.dtype))
-        if grad_bias is not None:
-            grad_bias.mul_(grad_output.to(grad_bias.dtype))
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        for grad in grads:
+            if grad is not None:
+                grad.mul_(grad_output.to(grad.dtype))
+        return *grads, None, None, None, None
 
 
 def auto_chunk_size(vocab_size: int, *, target_bytes: int = 64 * 2**20) -> int:
@@ -101,7 +106,12 @@ def causal_lm_loss(
         logits = x.reshape(-1, x.shape[-1]).float()
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") * scale
     hidden = x.reshape(-1, x.shape[-1])
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
     if chunk_size is None:
         chunk_size = auto_chunk_size(weight.shape[0])
     chunk = chunk_size if chunk_size > 0 else hidden.shape[0]
@@ -113,5 +123,5 @@ def causal_lm_loss(
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            return _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, scale, need_grad)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, scale, need_grad)
+            return _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, scale, needs)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, scale, needs)

@@ -157,7 +157,7 @@ def weights_hash(model: nn.Module) -> str:
     for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
         t = p.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # read in place: no copy of the tensor
     return h.hexdigest()
 
 
