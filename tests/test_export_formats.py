@@ -24,8 +24,7 @@ from trainer.train import CONF_DIR
 # Largest |logit difference| of the GGUF model read back by transformers over the reference's largest |logit|,
 # on 64 tokens of pydoc text. Measured on this model (2026-11-27, gguf 0.19, transformers 5.24, CPU): f16
 # 1.9e-4, bf16 1.6e-3, q8_0 2.1e-3, q4_0 4.8e-2 (the LM head's matrix f16; q8_0 5.4e-3 with it quantized); the
-# bounds leave 4-6x of margin. f32
-# is exact up to float32 summation order (measured 0.0), checked with atol 1e-5.
+# bounds leave 4-6x of margin. f32 is exact up to float32 summation order (measured 0.0), checked with atol 1e-5.
 RELATIVE_BOUND = {"f16": 1e-3, "bf16": 1e-2, "q8_0": 1e-2, "q4_0": 0.2}
 
 
@@ -99,9 +98,8 @@ def test_gguf_holds_llamas_names_types_and_metadata_and_no_output_when_tied(bpe_
     reader = gguf.GGUFReader(out / "model-q4_0.gguf")
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert "output.weight" not in kinds  # tied: llama.cpp uses token_embd
-    assert (
-        kinds["token_embd.weight"] == "F16"
-    )  # the LM head's matrix stays float, as trainer.quantize keeps it
+    # The LM head's matrix (tied: the embedding) stays float, as trainer.quantize keeps it.
+    assert kinds["token_embd.weight"] == "F16"
     assert kinds["blk.0.attn_q.weight"] == kinds["blk.1.ffn_down.weight"] == "Q4_0"
     assert kinds["blk.0.attn_norm.weight"] == kinds["output_norm.weight"] == "F32"
     assert len(kinds) == 2 + 9 * model.config.num_hidden_layers

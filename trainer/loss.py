@@ -20,8 +20,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(
         ctx, hidden, weight, bias, labels, chunk_size: int, scale: float, needs: tuple[bool, bool, bool]
     ):
-        # needs: whether hidden, weight and bias want gradients. A frozen LM head (LoRA, QLoRA, a distilled
-        # student's tied head kept) gets none: no [vocab, hidden] accumulator and a third fewer matmuls.
+        # needs: whether hidden, weight and bias want gradients. A frozen LM head (LoRA and QLoRA freeze it)
+        # gets none: no [vocab, hidden] accumulator, and a third fewer matmuls.
         need_hidden, need_weight, need_bias = needs[0], needs[1], needs[2] and bias is not None
         n = hidden.shape[0]
         fp32 = weight.dtype == torch.float32
