@@ -208,7 +208,27 @@ class FSDPStrategy(Strategy):
         self._reshard(module)
         out = {}
         for name, p in named_parameters(module):
-            full = p.full_tensor() if isinstance(p, DTensor) else p  # a collective: every rank takes part
+            full = _full_tensor(p) if isinstance(p, DTensor) else p  # a collective: every rank takes part
             if self.env.is_main:
                 out[name] = full.detach().cpu()
         return out
+
+
+def _full_tensor(param: DTensor) -> torch.Tensor:
+    """The whole of a sharded parameter. A quantized shard (torchao's NF4Tensor, a QLoRA base) is dequantized
+    first and gathered as a plain tensor: gathering the NF4Tensor itself goes through torchao's handlers of the
+    functional all-gather, which corrupted the heap under gloo about once in twenty 2-rank runs (glibc's
+    "malloc(): unaligned tcache chunk detected", then SIGABRT). The whole weight is the same either way: the
+    shards are whole NF4 blocks, dequantized exactly as the gathered tensor would be."""
+    local = param.to_local()
+    if not hasattr(local, "get_original_weight"):
+        return param.full_tensor()
+    dense = DTensor.from_local(
+        local.get_original_weight(),
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+    return dense.full_tensor()
