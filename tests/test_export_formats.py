@@ -366,7 +366,11 @@ def test_llama_cpp_reads_every_gguf_type_tokenizes_computes_and_continues_greedi
     python = os.environ.get("TRAINER_LLAMA_CPP_PYTHON", sys.executable)
     probe = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
     if probe.returncode != 0:
-        pytest.skip(f"llama-cpp-python is not importable by {python} (set TRAINER_LLAMA_CPP_PYTHON)")
+        pytest.skip(
+            f"llama-cpp-python is not importable by {python}: it compiles llama.cpp when installed (22.5 min "
+            "on 2 cores), so make test does not install it; `pip install llama-cpp-python` into a venv and set "
+            "TRAINER_LLAMA_CPP_PYTHON to its python to run this check"
+        )
     model, tokenizer, ids, _ = reference
     text = pydoc_data.topics.topics["for"]
     prompt = ids[:, :16]

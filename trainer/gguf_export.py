@@ -79,7 +79,8 @@ def export_gguf(
     vocab = gguf_vocabulary(tokenizer, vocab_size=config.vocab_size)  # refuses before anything is written
     keep = DEFAULT_KEEP_FLOAT if keep_float is None else list(keep_float)
     head_name = _output_weight_name(model)
-    matrices = [n for n, t in model.state_dict().items() if t.dim() == 2] + [head_name]
+    state = model.state_dict()
+    matrices = [n for n, t in state.items() if t.dim() == 2] + [head_name]
     unmatched = [k for k in keep if not any(k in n for n in matrices)]
     if unmatched:
         raise ConfigError(
@@ -116,7 +117,7 @@ def export_gguf(
 
     tied = _tied(model)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    for hf_name, tensor in model.state_dict().items():
+    for hf_name, tensor in state.items():
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue  # recomputed from the metadata
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))

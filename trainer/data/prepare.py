@@ -422,6 +422,7 @@ def prepare(cfg: Any) -> Path:
         settings=settings,
         shards={s: splits[s]["shards"] for s in SPLITS},
         package_version=_package_version(),
+        known_hash=tok_hash,
     )
     write_json_atomic(out / META_FILE, meta)
     progress_file.unlink()

@@ -136,8 +136,10 @@ def make_meta(
     settings: dict[str, Any],
     shards: dict[str, list[dict[str, Any]]],
     package_version: str,
+    known_hash: str | None = None,
 ) -> dict[str, Any]:
-    """meta.json of a prepared dataset whose splits hold these shard records (write_shard's, ShardWriter's)."""
+    """meta.json of a prepared dataset whose splits hold these shard records (write_shard's, ShardWriter's).
+    `known_hash`: the tokenizer's `tokenizer_hash`, where the caller has computed it already."""
     splits = {
         s: {
             "documents": sum(r["documents"] for r in shards[s]),
@@ -151,7 +153,7 @@ def make_meta(
         "package_version": package_version,
         "tokenizer": {
             "name": tokenizer_name,
-            "hash": tokenizer_hash(tokenizer),
+            "hash": known_hash or tokenizer_hash(tokenizer),
             "vocab_size": len(tokenizer),
             "eos_id": tokenizer.eos_token_id,
             "pad_id": tokenizer.pad_token_id,
