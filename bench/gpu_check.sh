@@ -9,14 +9,16 @@
 #   device run: command="TRAIN_STEPS=20 bash bench/gpu_check.sh quant training", carry=[".whl"], timeout_s=540
 #   device run: command="bash bench/gpu_check.sh peft", carry=[".whl"], timeout_s=300   (not yet run: its time is a guess)
 # Parts (all by default, else those named): probe (the machine and package versions), mfu (bench/mfu.py: a
-# ~1B Llama under fsdp, zero2 and zero3 in bf16, and fsdp compiled in bf16 and fp8; MFU_VARIANTS, MFU_STEPS and
+# ~1B Llama under fsdp, zero2 and zero3 in bf16, and fsdp compiled in bf16 and fp8, those two profiled over their
+# last 3 steps (trainer.profiling: where the time goes, by kind); MFU_VARIANTS, MFU_STEPS and
 # MFU_TIMEOUT change what it runs, MFU_ARGS adds arguments), training
 # (bench/precision.py: fp32, bf16, fp16 and fp8 with AdamW, then the fused optimizers in bf16, against fp32
 # AdamW) and quant (the GPU chain, conf/chain/gpu.yaml: torchao int8 / int4 weight-only and 2:4 sparse kernels
 # against the bf16 model), peft (bench/peft.py in bf16 on SmolLM2-135M's shape built from its config, the
 # issue 19 table: full, LoRA and QLoRA peak memory, optimizer state, tokens/s; not yet run on a GPU). A part
 # that fails does not stop the next. Results and one log go to $OUT (the
-# device tool's; here bench/out/gpu): probe.txt, mfu.json, mfu_logs.txt, precision.json, compiled.json,
+# device tool's; here bench/out/gpu): probe.txt, mfu.json, mfu_logs.txt, profile_VARIANT_{summary.json,ops.txt},
+# precision.json, compiled.json,
 # optimizers.json, peft.json, evaluate.json, report.md, report.png, log.txt. They belong in bench/RESULTS.md with the
 # date and the device.
 #   bash bench/gpu_check.sh [probe] [mfu] [training] [peft] [quant]
@@ -65,12 +67,18 @@ for p in "${parts[@]}"; do
         --out "$OUT/optimizers.json"
       grep -A12 "^precision optimizer" "$log" ;;
     mfu)
-      read -r -a variants <<<"${MFU_VARIANTS:-fsdp:bf16 zero2:bf16 zero3:bf16 fsdp:bf16:compile fsdp:fp8:compile}"
+      read -r -a variants <<<"${MFU_VARIANTS:-fsdp:bf16 zero2:bf16 zero3:bf16 fsdp:bf16:compile:profile fsdp:fp8:compile:profile}"
       read -r -a extra <<<"${MFU_ARGS:-}"
       part mfu "$PY" bench/mfu.py --variants "${variants[@]}" --steps "${MFU_STEPS:-20}" --warmup 5 \
         --timeout "${MFU_TIMEOUT:-180}" --out "$OUT/mfu.json" "${extra[@]}"
       for f in bench/out/mfu/*.log; do echo "--- $f"; tail -n 40 "$f"; done >"$OUT/mfu_logs.txt" 2>&1
-      grep -A12 "^variant" "$log" ;;
+      for d in bench/out/mfu/*/profile; do  # the traces stay there: too big to carry back
+        [[ -d $d ]] || continue
+        v=$(basename "$(dirname "$d")")
+        cp "$d/rank0_summary.json" "$OUT/profile_${v}_summary.json"
+        cp "$d/rank0_ops.txt" "$OUT/profile_${v}_ops.txt"
+      done
+      grep -A18 "^variant" "$log" ;;
     peft)
       part peft "$PY" bench/peft.py --smollm2-shape --variants full lora qlora --steps "${PEFT_STEPS:-20}" \
         --warmup 5 --batch 8 --seq-len 1024 --eval-batches 2 --out-dir bench/out/peft_gpu \

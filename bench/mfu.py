@@ -3,15 +3,17 @@
 Every variant is the real command, `python -m trainer.train` with overrides, in its own process, on the same
 model (hidden 2048, 16 layers, MLP 8192, 32 query and 8 key/value heads, vocabulary 32,000: 1.04B parameters,
 Llama 3.2 1B's shape with a 32k vocabulary), data (pydoc, packed into sequences of 2048), seed and steps. A
-variant is STRATEGY:PRECISION[:compile][:ac] (ac: activation checkpointing). This script reads back the
-variant's `metrics.jsonl`: tokens/s and MFU (median of the logged steps after --warmup; MFU against the
+variant is STRATEGY:PRECISION[:compile][:ac][:profile] (ac: activation checkpointing; profile: torch.profiler
+over the last PROFILE_STEPS steps, trainer.profiling). This script reads back the variant's `metrics.jsonl`:
+tokens/s and MFU (median of the logged steps after --warmup, the profiled ones left out; MFU against the
 device's dense bf16 data-sheet peak, trainer.metrics.GPU_PEAK_FLOPS), peak memory and the loss at the last
-step, which compares precisions at equal steps on the same data. fp8 is set against bf16 with the same
-strategy and switches. A variant that fails or runs out of time is reported with the first line of its
-error, and the next one runs.
+step, which compares precisions at equal steps on the same data, and, when profiled, how busy the device was
+and that time by kind (matmul, attention, communication...). fp8 is set against bf16 with the same strategy
+and switches. A variant that fails or runs out of time is reported with the first line of its error, and the
+next one runs.
 
     python bench/mfu.py                                           # GPU: the default table
-    python bench/mfu.py --variants fsdp:bf16 fsdp:fp8:compile --steps 30
+    python bench/mfu.py --variants fsdp:bf16 fsdp:fp8:compile:profile --steps 30
     python bench/mfu.py --quick                                   # CPU smoke check, tiny shapes, fp32
 """
 
@@ -38,20 +40,22 @@ DEFAULT_VARIANTS = [
     "fsdp:bf16:compile",
     "fsdp:fp8:compile",
 ]
+PROFILE_STEPS = 3  # the last steps of a :profile variant, left out of its speed
+SWITCHES = {"compile", "ac", "profile"}
 
 
 def parse_variant(text: str) -> dict[str, Any]:
     strategy, precision, *flags = text.split(":")
-    unknown = set(flags) - {"compile", "ac"}
+    unknown = set(flags) - SWITCHES
     if unknown:
-        raise SystemExit(f"variant {text!r}: unknown switch {sorted(unknown)}; use compile and/or ac")
-    return {
-        "variant": text,
-        "strategy": strategy,
-        "precision": precision,
-        "compile": "compile" in flags,
-        "ac": "ac" in flags,
-    }
+        raise SystemExit(
+            f"variant {text!r}: unknown switch {sorted(unknown)}; use {', '.join(sorted(SWITCHES))}"
+        )
+    return {"variant": text, "strategy": strategy, "precision": precision} | {s: s in flags for s in SWITCHES}
+
+
+def profiled_steps(v: dict[str, Any], a: argparse.Namespace) -> range:
+    return range(a.steps - PROFILE_STEPS + 1, a.steps + 1) if v["profile"] else range(0)
 
 
 def overrides(v: dict[str, Any], a: argparse.Namespace, run_dir: Path) -> list[str]:
@@ -83,7 +87,15 @@ def overrides(v: dict[str, Any], a: argparse.Namespace, run_dir: Path) -> list[s
         f"train.compile={str(v['compile']).lower()}",
         f"train.activation_checkpointing={str(v['ac']).lower()}",
         f"hydra.run.dir={run_dir}",
-    ]
+    ] + (
+        [
+            "profile.enabled=true",
+            f"profile.start_step={profiled_steps(v, a).start}",
+            f"profile.steps={PROFILE_STEPS}",
+        ]
+        if v["profile"]
+        else []
+    )
 
 
 def run_variant(v: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
@@ -102,14 +114,18 @@ def run_variant(v: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         return row
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and "tokens_per_s" in r]
-    timed = [r for r in steps if r["step"] > a.warmup] or steps
-    return row | {
+    timed = [r for r in steps if r["step"] > a.warmup and r["step"] not in profiled_steps(v, a)] or steps
+    row |= {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
         "mfu": statistics.median(r["mfu"] for r in timed) if timed[-1].get("mfu") is not None else None,
         "peak_mem_gib": max(r["peak_mem_bytes"] for r in steps) / 2**30,
         "final_loss": steps[-1]["loss"],
         "steps": steps[-1]["step"],
     }
+    if v["profile"]:
+        row["time_by_kind"] = json.loads((run_dir / "profile" / "rank0_summary.json").read_text())
+        row["time_by_kind"]["ops"] = str(run_dir / "profile" / "rank0_ops.txt")
+    return row
 
 
 def _partner(r: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -141,6 +157,16 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{r['variant']:22} {r['tokens_per_s']:10,.0f} {mfu} {r['peak_mem_gib']:9.2f} {r['final_loss']:8.4f}"
             f" {ratio} {r['seconds']:7.0f}"
         )
+    profiled = [r for r in rows if "time_by_kind" in r]
+    if profiled:
+        print("\nwhere the time goes (the profiled steps; share of the device's busy time):")
+    for r in profiled:
+        p = r["time_by_kind"]
+        shares = sorted(p["by_kind_share"].items(), key=lambda kv: -kv[1])
+        kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares if v >= 0.005)
+        print(
+            f"{r['variant']:22} busy {100 * p['busy_fraction']:.0f}% of {p['wall_s']:.2f} s: {kinds}; {p['ops']}"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -168,6 +194,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.quick:
         a.hidden, a.intermediate, a.layers, a.heads, a.kv_heads = 64, 128, 2, 4, 2
         a.vocab, a.seq_len, a.batch, a.steps, a.warmup = 10240, 128, 2, 6, 2
+    if any(parse_variant(v)["profile"] for v in a.variants) and a.steps < a.warmup + PROFILE_STEPS + 1:
+        p.error(
+            f"a :profile variant profiles its last {PROFILE_STEPS} steps, which leave the speed: --steps must be at "
+            f"least --warmup + {PROFILE_STEPS + 1} ({a.warmup + PROFILE_STEPS + 1})"
+        )
     return a
 
 

@@ -218,7 +218,7 @@ TEST_TIERS = {
     "test_strategy_follows_the_single_process_run": {SLOW, MULTIRANK},
     "test_resume_under_another_strategy_and_world_size": {SLOW, MULTIRANK},
     "test_two_ranks_to_one_and_back_to_two": {SLOW, MULTIRANK},
-    "test_metrics_report_each_ranks_peak_memory": {SLOW, MULTIRANK},
+    "test_two_ranks_report_each_ranks_peak_memory_and_write_each_ranks_profile": {SLOW, MULTIRANK},
     "test_single_strategy_with_several_ranks_is_refused": {MULTIRANK},
     "test_batch_that_does_not_divide_over_the_ranks_fails_before_training": {MULTIRANK},
     "test_checkpoint_converts_to_the_same_hf_export": {SLOW, MULTIRANK},

@@ -6,6 +6,7 @@ run. The strategies compute the same sums in another order (all-reduce, reduce-s
 partitions), so results agree to float32 rounding, not bitwise.
 """
 
+import json
 import re
 
 import pytest
@@ -98,14 +99,21 @@ def test_two_ranks_to_one_and_back_to_two(reference, tmp_path):
     assert got[STEPS] == pytest.approx(want[STEPS], rel=1e-4)
 
 
-def test_metrics_report_each_ranks_peak_memory(reference, tmp_path):
-    run_command([*COMMON, "strategy=ddp", "train.max_steps=2", f"hydra.run.dir={tmp_path}"], nproc=2)
+def test_two_ranks_report_each_ranks_peak_memory_and_write_each_ranks_profile(reference, tmp_path):
+    profile = ["profile.enabled=true", "profile.start_step=2", "profile.steps=1"]
+    run_command(
+        [*COMMON, "strategy=ddp", "train.max_steps=2", *profile, f"hydra.run.dir={tmp_path}"], nproc=2
+    )
     from tests.conftest import read_metrics
 
     record = next(r for r in read_metrics(tmp_path) if "loss" in r)
     assert len(record["peak_mem_bytes_per_rank"]) == 2 and record["peak_mem_bytes"] == max(
         record["peak_mem_bytes_per_rank"]
     )
+    for rank in (0, 1):
+        summary = json.loads((tmp_path / "profile" / f"rank{rank}_summary.json").read_text())
+        # DDP's gradient all-reduce over gloo is the communication each rank records
+        assert summary["steps"] == [2, 2] and summary["by_kind_s"]["communication"] > 0
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])

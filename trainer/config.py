@@ -34,6 +34,7 @@ from trainer.optimizers.config import (
     validate_scheduler,
 )
 from trainer.peft.config import PeftConfig, register_peft_configs, validate_peft
+from trainer.profiling import ProfileConfig, validate_profile
 from trainer.prune.config import PruneConfig, register_prune_configs, validate_prune
 from trainer.quant.config import QuantConfig, register_quant_configs, validate_quant
 from trainer.quant.qat import check_qat_installed
@@ -147,8 +148,8 @@ class LoggerConfig:
 @dataclass
 class Config:
     # The groups (model ... precision, logger ... distill) are options picked by conf/config.yaml's defaults
-    # list; train, checkpoint, metrics and resume are set in conf/config.yaml itself. The order is the order
-    # of `--cfg job` and .hydra/config.yaml.
+    # list; train, checkpoint, metrics, profile and resume are set in conf/config.yaml itself. The order is the
+    # order of `--cfg job` and .hydra/config.yaml.
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     optimizer: OptimizerConfig = MISSING
@@ -158,6 +159,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     logger: LoggerConfig = MISSING
     quant: QuantConfig = MISSING
     prune: PruneConfig = MISSING
@@ -200,6 +202,7 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
     _validate_precision(cfg.precision)
     validate_strategy(cfg.strategy)
     _validate_checkpoint(cfg.checkpoint)
+    validate_profile(cfg.profile, max_steps=cfg.train.max_steps)
     if cfg.get("quant") is not None and cfg.quant.name != "none":
         check_qat_installed()  # torchao, only when QAT is asked for
         validate_quant(cfg)

@@ -26,6 +26,7 @@ from trainer.metrics import mfu, peak_flops, peak_memory_bytes
 from trainer.models import CausalLMWithLoss, build_model, count_params, flops_per_token, max_seq_len
 from trainer.optim import build_optimizer, schedule_factor, set_lr
 from trainer.preemption import Preempted, PreemptionWatch, clear_marker, write_marker
+from trainer.profiling import StepProfiler, describe
 from trainer.strategies import build_strategy
 from trainer.strategies.base import named_parameters
 from trainer.utils import resolve_device, resolve_dtype
@@ -368,9 +369,15 @@ class Trainer:
         saved_step = -1
         self.num_nonfinite_steps = 0  # this run's, a resume starts afresh
         self._continue_after_resume()
+        profiler = StepProfiler(
+            self.cfg.profile, out_dir=self.run_dir / "profile", rank=self.env.rank, device=self.device
+        )
         try:
             while self.step < t.max_steps:
+                profiler.before_step(self.step + 1)
                 stats = self.train_step()
+                if (profiled := profiler.after_step(self.step)) is not None and self.env.is_main:
+                    bar.write(describe(profiled, self.run_dir / "profile"))
                 bar.update(1)
                 at_end = self.step == t.max_steps
                 if self.step % t.log_every == 0 or at_end or self.step_nonfinite:
@@ -390,11 +397,13 @@ class Trainer:
                         signum, saved=saved_step == self.step, bar=bar, watch=preemption
                     )
         except DivergenceError:
+            profiler.close()
             bar.close()
             preemption.close()
             self.prefetcher.close()
             self.log.close(exit_code=1)
             raise
+        profiler.close()
         preemption.close()
         self.prefetcher.close()
         bar.close()
