@@ -17,8 +17,8 @@
 # against the bf16 model), peft (bench/peft.py in bf16 on SmolLM2-135M's shape built from its config, the
 # issue 19 table: full, LoRA and QLoRA peak memory, optimizer state, tokens/s; not yet run on a GPU). A part
 # that fails does not stop the next. Results and one log go to $OUT (the
-# device tool's; here bench/out/gpu): probe.txt, mfu.json, mfu_logs.txt, profile_VARIANT_{summary.json,ops.txt},
-# precision.json, compiled.json,
+# device tool's; here bench/out/gpu): probe.txt, mfu.json, mfu_logs.txt, ops_VARIANT.txt (a profiled variant's
+# op table), precision.json, compiled.json,
 # optimizers.json, peft.json, evaluate.json, report.md, report.png, log.txt. They belong in bench/RESULTS.md with the
 # date and the device.
 #   bash bench/gpu_check.sh [probe] [mfu] [training] [peft] [quant]
@@ -72,11 +72,9 @@ for p in "${parts[@]}"; do
       part mfu "$PY" bench/mfu.py --variants "${variants[@]}" --steps "${MFU_STEPS:-20}" --warmup 5 \
         --timeout "${MFU_TIMEOUT:-180}" --out "$OUT/mfu.json" "${extra[@]}"
       for f in bench/out/mfu/*.log; do echo "--- $f"; tail -n 40 "$f"; done >"$OUT/mfu_logs.txt" 2>&1
-      for d in bench/out/mfu/*/profile; do  # the traces stay there: too big to carry back
-        [[ -d $d ]] || continue
-        v=$(basename "$(dirname "$d")")
-        cp "$d/rank0_summary.json" "$OUT/profile_${v}_summary.json"
-        cp "$d/rank0_ops.txt" "$OUT/profile_${v}_ops.txt"
+      # mfu.json holds each profile's summary; the op tables come back too, the traces are too big to
+      for d in bench/out/mfu/*/profile; do
+        [[ -d $d ]] && cp "$d/rank0_ops.txt" "$OUT/ops_$(basename "$(dirname "$d")").txt"
       done
       grep -A18 "^variant" "$log" ;;
     peft)
