@@ -253,6 +253,7 @@ TEST_TIERS = {
     "test_dockerfile_passes_hadolint": {LAUNCHER},
     "test_launch_and_bench_scripts_pass_shellcheck": {LAUNCHER},
     # one process, but a fresh one (imports first) or a long one
+    "test_deepspeed_on_cpu_compiles_no_shared_memory_all_reduce": {SLOW},  # a job of the preloaded server
     "test_train_command_writes_metrics_checkpoints_and_hf_export": {SLOW},
     "test_cfg_job_prints_the_resolved_config": {SLOW},
     "test_multirun_runs_one_job_per_value": {SLOW},

@@ -116,6 +116,16 @@ def test_two_ranks_report_each_ranks_peak_memory_and_write_each_ranks_profile(re
         assert summary["steps"] == [2, 2] and summary["by_kind_s"]["communication"] > 0
 
 
+def test_deepspeed_on_cpu_compiles_no_shared_memory_all_reduce(tmp_path, monkeypatch):
+    """DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce (inference only, ~45 s on 2 cores) on its
+    first initialize in a fresh extensions directory, unless the strategy tells it not to."""
+    extensions = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    proc = run_command([*COMMON, "strategy=zero1", "train.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert "done: 1 steps" in proc.stdout and "shm_comm" not in proc.stdout
+    assert not extensions.exists() or not any(extensions.iterdir())
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_a_launcher_with_one_process_runs_zero_and_fsdp_like_the_single_process(
     launcher, reference, tmp_path

@@ -50,6 +50,17 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed's communication backend, created on its first initialize, JIT-compiles a shared-memory all-reduce
+    on CPU (~45 s on 2 cores, once per TORCH_EXTENSIONS_DIR) that serves only its inference all-reduce, which
+    training never calls. Marking the op incompatible makes DeepSpeed skip it, as on a machine that cannot build
+    it; the collectives go through torch.distributed as before."""
+    from deepspeed import ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def deepspeed_config(
     *,
     stage: int,
@@ -148,6 +159,8 @@ class ZeroStrategy(Strategy):
             precision=self.precision_cfg,
         )
         torch_optimizer = make_optimizer(module)
+        if self.device.type == "cpu":
+            _skip_shm_comm_build()
         engine, optimizer, _, _ = self.deepspeed.initialize(
             model=module, optimizer=torch_optimizer, config=config, dist_init_required=False
         )
