@@ -298,14 +298,16 @@ class Trainer:
         mine = torch.arange(self.env.rank, n, self.env.world_size)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         model = self.strategy.eval_module(self.module)
-        # Every rank runs the same number of forwards (sharded strategies gather parameters collectively);
-        # a rank out of data runs a masked batch that adds nothing.
+        # Every rank runs the same number of forwards (sharded strategies gather parameters collectively). A short
+        # last batch, or a rank out of data, is filled up with masked rows that add nothing: every batch has one
+        # shape, so a compiled model does not recompile for the last one.
         num_batches = math.ceil(math.ceil(n / self.env.world_size) / t.micro_batch_size)
         for b in range(num_batches):
             chunk = mine[b * t.micro_batch_size : (b + 1) * t.micro_batch_size]
-            inputs, labels = self.data.eval.batch(chunk if len(chunk) else torch.zeros(1, dtype=torch.long))
-            if not len(chunk):
-                labels = torch.full_like(labels, -100)
+            real = len(chunk)
+            filler = torch.zeros(t.micro_batch_size - real, dtype=torch.long)  # sequence 0, masked below
+            inputs, labels = self.data.eval.batch(torch.cat([chunk, filler]))
+            labels[real:] = -100
             inputs, labels = inputs.to(self.device), labels.to(self.device)
             with self.strategy.forward_context():
                 loss_sum = model(inputs, labels, num_targets=1)
