@@ -54,6 +54,7 @@ def test_a_profiled_window_records_exactly_its_steps_and_writes_trace_ops_and_su
         ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>", "optimizer"),
         ("triton_poi_fused_add_mul_silu_0", "compiled"),
         ("aten::add", "other"),
+        ("aten::broadcast_tensors", "other"),
     ],
 )
 def test_each_op_or_kernel_has_the_kind_its_name_says(name, kind):

@@ -57,7 +57,7 @@ def validate_profile(p: Any, *, max_steps: int) -> None:
 # a communication or attention kernel is not taken for the matmul inside it.
 KINDS = (
     ("communication", ("nccl", "gloo", "c10d", "all_gather", "allgather", "reduce_scatter", "all_reduce",
-                       "allreduce", "broadcast", "alltoall")),
+                       "allreduce", "alltoall")),  # not "broadcast": aten::broadcast_tensors is elementwise glue
     ("attention", ("flash", "attention", "fmha", "sdpa")),
     ("matmul", ("gemm", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "_scaled_mm", "cutlass", "xmma",
                 "nvjet", "cublas", "matmul")),
