@@ -31,6 +31,10 @@ from typing import Any
 from precision import error_line  # bench/ is on the path of a script run from it
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # the trainer/ of this checkout
+from trainer.profiling import busy_line  # noqa: E402
+
 OUT = REPO / "bench" / "out" / "mfu"
 DEFAULT_VARIANTS = [
     "fsdp:bf16",
@@ -161,12 +165,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     if profiled:
         print("\nwhere the time goes (the profiled steps; share of the device's busy time):")
     for r in profiled:
-        p = r["time_by_kind"]
-        shares = sorted(p["by_kind_share"].items(), key=lambda kv: -kv[1])
-        kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares if v >= 0.005)
-        print(
-            f"{r['variant']:22} busy {100 * p['busy_fraction']:.0f}% of {p['wall_s']:.2f} s: {kinds}; {p['ops']}"
-        )
+        print(f"{r['variant']:22} {busy_line(r['time_by_kind'])}; {r['time_by_kind']['ops']}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -379,7 +379,7 @@ class Trainer:
                 profiler.before_step(self.step + 1)
                 stats = self.train_step()
                 if (profiled := profiler.after_step(self.step)) is not None and self.env.is_main:
-                    bar.write(describe(profiled, self.run_dir / "profile"))
+                    bar.write(describe(profiled, profiler.out_dir))
                 bar.update(1)
                 at_end = self.step == t.max_steps
                 if self.step % t.log_every == 0 or at_end or self.step_nonfinite:

@@ -175,13 +175,15 @@ class StepProfiler:
         return summary
 
 
-def describe(summary: dict[str, Any], out_dir: Path) -> str:
-    """One line for the console: the window, the busy share and the biggest kinds."""
-    first, last = summary["steps"]
-    what = "GPU kernels" if summary["device"] == "cuda" else "CPU ops"
+def busy_line(summary: dict[str, Any]) -> str:
+    """A summary's busy share of the wall time and its kinds, largest first: `busy 83% of 0.91 s; matmul 61%, ...`."""
     shares = sorted(summary["by_kind_share"].items(), key=lambda kv: -kv[1])
     kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares if v >= 0.005)
-    return (
-        f"profile of steps {first}-{last}: {out_dir} ({what} busy {100 * summary['busy_fraction']:.0f}% of "
-        f"{summary['wall_s']:.2f} s; {kinds})"
-    )
+    return f"busy {100 * summary['busy_fraction']:.0f}% of {summary['wall_s']:.2f} s; {kinds}"
+
+
+def describe(summary: dict[str, Any], out_dir: Path) -> str:
+    """One line for the console: the window, what was busy and how."""
+    first, last = summary["steps"]
+    what = "GPU kernels" if summary["device"] == "cuda" else "CPU ops"
+    return f"profile of steps {first}-{last}: {out_dir} ({what} {busy_line(summary)})"

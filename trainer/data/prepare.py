@@ -187,8 +187,7 @@ class Source:
         if num_proc <= 1 or not all(documents.splittable(f) for f in files):
             return sum(1 for _ in documents.file_texts(files, field))
         ranges = [(f, field, *r) for f in files for r in documents.line_ranges(f, 4 * num_proc)]
-        start_method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with worker_pool(start_method, num_proc) as pool:
+        with worker_pool("fork", num_proc) as pool:
             # in order: a bad line in an early range is raised before any later one's
             return sum(pool.imap(_count_range, ranges))
 
@@ -198,7 +197,10 @@ def worker_pool(start_method: str, num_proc: int, **kwargs: Any) -> Iterator[Any
     """A multiprocessing pool that its workers leave by finishing their tasks (close, join), also when the caller
     raised, e.g. a bad line a worker found. `with Pool()` terminates instead: a worker killed while it holds the
     lock of the pool's result queue leaves the pool's teardown waiting for that lock forever (reproduced: about
-    one bad-line error in a few hundred). Ctrl-C still terminates the workers."""
+    one bad-line error in a few hundred). Ctrl-C still terminates the workers. A start method the platform
+    lacks (fork on macOS and Windows) falls back to spawn."""
+    if start_method not in multiprocessing.get_all_start_methods():
+        start_method = "spawn"
     pool = multiprocessing.get_context(start_method).Pool(num_proc, **kwargs)
     interrupted = False
     try:
@@ -288,8 +290,6 @@ def _ordered_map(
         for tag, texts in chunks:
             yield tag, _split(_encode(texts))
         return
-    if start_method not in multiprocessing.get_all_start_methods():
-        start_method = "spawn"
     with worker_pool(
         start_method, num_proc, initializer=_load_worker_tokenizer, initargs=(tokenizer_dir,)
     ) as pool:
