@@ -304,11 +304,11 @@ def backward_micro_steps(trainer: Any) -> list[dict[str, Any]]:
         world_size=env.world_size,
     )
     batches = [trainer.data.train.batch(idx) for idx in micro]
-    local = torch.tensor(sum(int((labels != -100).sum()) for _, labels in batches), device=trainer.device)
+    local = torch.tensor(sum(int((labels != -100).sum()) for _, labels, _ in batches), device=trainer.device)
     num_targets_per_rank = int(all_reduce_sum(local).item()) / env.world_size
     module.train()
     summaries = []
-    for i, (inputs, labels) in enumerate(batches):
+    for i, (inputs, labels, _) in enumerate(batches):
         last = i == len(batches) - 1
         with trainer.strategy.accumulation_context(module, sync=last):
             loss = module(

@@ -459,7 +459,7 @@ def save_windows(cfg: Any, work: Path, steps: int, batch: int) -> tuple[Path, in
         )
     order = SampleOrder(len(data.train), seed=cfg.train.seed)
     idx = torch.cat([order.take(batch) for _ in range(steps)])
-    inputs, labels = data.train.batch(idx)
+    inputs, labels, _ = data.train.batch(idx)
     path = work / "windows.pt"
     torch.save({"inputs": inputs.clone(), "labels": labels.clone()}, path)
     return path, len(data.tokenizer)

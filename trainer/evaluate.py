@@ -79,8 +79,10 @@ def perplexity(
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     for start in range(0, n, batch_size):
-        inputs, labels = windows.batch(torch.arange(start, min(start + batch_size, n)))
-        logits = model(input_ids=inputs.to(device), use_cache=False).logits.float().cpu()
+        inputs, labels, positions = windows.batch(torch.arange(start, min(start + batch_size, n)))
+        # A chat dataset's packed conversations: positions restart at each one, and attention keeps to it.
+        kwargs = {} if positions is None else {"position_ids": positions.to(device)}
+        logits = model(input_ids=inputs.to(device), use_cache=False, **kwargs).logits.float().cpu()
         total += F.cross_entropy(
             logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         ).double()

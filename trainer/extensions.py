@@ -14,14 +14,14 @@ The hooks, in the order a run reaches them:
    (distillation's mixed loss). The first non-None wins; None: the plain causal-LM loss.
 4. `after_setup(strategy, module, optimizer)`: the strategy has placed the model and built the optimizer
    (pruning attaches its masks to what each rank holds, distillation has its teacher placed like the student).
-5. `forward_inputs(input_ids)`: a context around each training forward that yields extra keyword arguments
+5. `forward_inputs(input_ids, position_ids)`: a context around each training forward that yields extra keyword arguments
    for the loss module (the teacher's outputs).
 6. `after_step(step)`: after each optimizer step (gradual pruning updates its masks).
 7. `checkpoint_slices()`: flat-shard tensors saved with each checkpoint (pruning masks); they are restored in
    `before_wrap` from the checkpoint resumed from. `checkpoint_state()`: JSON-able entries added to the
    checkpoint's trainer_state.json (the adapters' base model reference), read back in `before_wrap` too.
 8. `step_metrics()` after each step (cheap, every rank), `log_metrics()` on logging steps (may be a
-   collective), `eval_batch(input_ids, labels)` per eval batch and `eval_metrics()` after each evaluation.
+   collective), `eval_batch(input_ids, labels, position_ids)` per eval batch and `eval_metrics()` after each evaluation.
 9. `export_weights(state_dict, hf_model)`: the whole weights (on rank 0; other ranks get {}) and the model
    whose `save_pretrained` writes `hf/`, each extension's answer passed to the next (adapters merged into a
    plain model). `finish(run_dir)`: export-time work once the `hf/` export is written (the sparsity report,
@@ -60,7 +60,9 @@ class Extension:
         pass
 
     @contextlib.contextmanager
-    def forward_inputs(self, input_ids: torch.Tensor) -> Iterator[dict[str, Any]]:
+    def forward_inputs(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> Iterator[dict[str, Any]]:
         yield {}
 
     def after_step(self, step: int) -> None:
@@ -78,7 +80,9 @@ class Extension:
     def log_metrics(self) -> dict[str, Any]:
         return {}
 
-    def eval_batch(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+    def eval_batch(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> None:
         pass
 
     def eval_metrics(self) -> dict[str, float]:

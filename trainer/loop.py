@@ -22,6 +22,7 @@ from trainer.distributed import ParallelEnv, all_gather_ints, all_reduce_sum, ba
 from trainer.errors import ConfigError, DataError, DivergenceError
 from trainer.extensions import Extension
 from trainer.logger import ExperimentLog
+from trainer.loss import IGNORE_INDEX
 from trainer.metrics import mfu, peak_flops, peak_memory_bytes
 from trainer.models import CausalLMWithLoss, build_model, count_params, flops_per_token, max_seq_len
 from trainer.optim import build_optimizer, schedule_factor, set_lr
@@ -149,6 +150,8 @@ class Trainer:
         self._data_wait = (0.0, 0)  # (seconds waited for batches, steps) since the last metrics record
         self.step = 0
         self.tokens_seen = 0
+        # Conversations' packing (trainer/data/conversations.py): printed at the start, logged with each step.
+        self.packing: dict[str, Any] = dict(getattr(self.data.train, "stats", None) or {})
         self.resumed_from = self._resume(resume)
         self.peak = peak_flops(self.device, cfg.metrics.peak_flops)
 
@@ -244,7 +247,7 @@ class Trainer:
         )
         self._data_wait = (self._data_wait[0] + waited, self._data_wait[1] + 1)
         # The loss is the mean over every target token of the global batch, whatever the padding per micro-batch.
-        local_targets = sum(int((labels != -100).sum()) for _, labels in batches)
+        local_targets = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
         num_targets = int(all_reduce_sum(torch.tensor(local_targets, device=self.device)).item())
         # Data-parallel strategies average gradients over ranks: scale each rank's share up to match.
         num_targets_per_rank = num_targets / self.env.world_size
@@ -254,15 +257,20 @@ class Trainer:
         overflows_before = self.strategy.precision.skipped_steps
         self.module.train()
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)  # synced once per step
-        for i, (inputs, labels) in enumerate(batches):
+        for i, batch in enumerate(batches):
             with self.strategy.accumulation_context(self.module, sync=i == len(batches) - 1):
-                inputs = inputs.to(self.device)
+                inputs = batch.inputs.to(self.device)
+                positions = None if batch.position_ids is None else batch.position_ids.to(self.device)
                 with self.strategy.forward_context(), contextlib.ExitStack() as stack:
                     extra: dict[str, Any] = {}
                     for ext in self.extensions:  # e.g. the teacher's outputs for distillation
-                        extra |= stack.enter_context(ext.forward_inputs(inputs))
+                        extra |= stack.enter_context(ext.forward_inputs(inputs, positions))
                     loss = self.module(
-                        inputs, labels.to(self.device), num_targets=num_targets_per_rank, **extra
+                        inputs,
+                        batch.labels.to(self.device),
+                        num_targets=num_targets_per_rank,
+                        position_ids=positions,
+                        **extra,
                     )
                 self.strategy.backward(self.module, loss)
             loss_sum += loss.detach().float()
@@ -306,15 +314,16 @@ class Trainer:
             chunk = mine[b * t.micro_batch_size : (b + 1) * t.micro_batch_size]
             real = len(chunk)
             filler = torch.zeros(t.micro_batch_size - real, dtype=torch.long)  # sequence 0, masked below
-            inputs, labels = self.data.eval.batch(torch.cat([chunk, filler]))
-            labels[real:] = -100
-            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            batch = self.data.eval.batch(torch.cat([chunk, filler]))
+            batch.labels[real:] = IGNORE_INDEX
+            inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
+            positions = None if batch.position_ids is None else batch.position_ids.to(self.device)
             with self.strategy.forward_context():
-                loss_sum = model(inputs, labels, num_targets=1)
+                loss_sum = model(inputs, labels, num_targets=1, position_ids=positions)
                 for ext in self.extensions:
-                    ext.eval_batch(inputs, labels)  # e.g. the teacher's loss
+                    ext.eval_batch(inputs, labels, positions)  # e.g. the teacher's loss
             totals[0] += loss_sum.double()
-            totals[1] += int((labels != -100).sum())
+            totals[1] += int((labels != IGNORE_INDEX).sum())
         all_reduce_sum(totals)
         loss = (totals[0] / totals[1]).item()
         out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))} | self._merged("eval_metrics")
@@ -517,6 +526,7 @@ class Trainer:
             **stats,
             **self._merged("log_metrics"),  # e.g. the achieved sparsity of the pruned layers (a collective)
             "tokens": self.tokens_seen,
+            **({"packing_efficiency": self.packing["packing_efficiency"]} if self.packing else {}),
             "tokens_per_s": tokens_per_s,
             "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, self.env.world_size),
             "peak_mem_bytes": max(peak_per_rank),
@@ -585,6 +595,15 @@ class Trainer:
             + (f"peak {self.peak / 1e9:.0f} GFLOP/s per device" if self.peak else "peak unknown (no MFU)"),
             flush=True,
         )
+        if self.packing:
+            p = self.packing
+            print(
+                f"conversations packed whole: {100 * p['packing_efficiency']:.1f}% of the train windows' tokens are "
+                f"not padding; {p['truncated']} truncated and {p['dropped']} dropped for data.seq_len="
+                f"{self.cfg.data.seq_len} (data.truncation={self.cfg.data.truncation}), "
+                f"{p['lost_trainable']} trained tokens lost with them",
+                flush=True,
+            )
 
     @staticmethod
     def _format_eval(e: dict[str, float]) -> str:

@@ -170,11 +170,19 @@ class CausalLMWithLoss(nn.Module):
         self.loss_chunk_size = loss_chunk_size
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, num_targets: int | None = None
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        num_targets: int | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sum of token cross-entropies divided by `num_targets` (the global batch's count), or the mean."""
+        """Sum of token cross-entropies divided by `num_targets` (the global batch's count), or the mean.
+        `position_ids` that restart within a row keep its documents apart: no attention mask and no KV cache
+        are passed, which is when transformers builds the block-diagonal mask from them."""
         if self.fused:
-            hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+            hidden = self.model.base_model(
+                input_ids=input_ids, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
             head = self.model.get_output_embeddings()
             return causal_lm_loss(
                 hidden,
@@ -184,7 +192,7 @@ class CausalLMWithLoss(nn.Module):
                 chunk_size=self.loss_chunk_size,
                 num_targets=num_targets,
             )
-        logits = self.model(input_ids=input_ids, use_cache=False).logits
+        logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
         return causal_lm_loss(logits, None, None, labels, chunk_size=0, num_targets=num_targets)
 
 

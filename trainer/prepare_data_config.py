@@ -12,9 +12,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from trainer.data.config import ChatFields
+
 
 @dataclass
-class PrepareDataConfig:
+class PrepareDataConfig(ChatFields):
     # Local files: a path, a glob, or a list of them (.jsonl/.json, .parquet, .txt; .gz too), read in order.
     data_files: Any = MISSING
     # A hub dataset name instead of data_files.

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from trainer.data.mixture import Mixture, MixtureOrder, blend, check_weights, permute
+from trainer.data.prepared import Batch
 from trainer.errors import DataError
 
 IDENTITY = {"sources": [], "seq_len": 8, "packing": True, "tokenizer": "x"}
@@ -84,14 +85,14 @@ class Windows:
     def __len__(self) -> int:
         return self.size
 
-    def batch(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, ids: torch.Tensor) -> Batch:
         rows = torch.stack([torch.full_like(ids, self.source), ids], dim=1)
-        return rows, rows
+        return Batch(rows, rows)
 
 
 def test_the_eval_windows_of_a_mixture_come_in_turns_so_a_limited_eval_sees_every_source():
     mixture = Mixture([Windows(0, 3), Windows(1, 1), Windows(2, 2)], [1.0] * 3, identity={}, in_turns=True)
-    inputs, _ = mixture.batch(torch.arange(len(mixture)))
+    inputs, _, _ = mixture.batch(torch.arange(len(mixture)))
     assert inputs.tolist() == [[0, 0], [1, 0], [2, 0], [0, 1], [2, 1], [0, 2]]
     # the training view of the same windows is one source after the other
     plain = Mixture([Windows(0, 3), Windows(1, 1), Windows(2, 2)], [1.0] * 3, identity={})

@@ -18,6 +18,34 @@ from trainer.errors import ConfigError
 # `embedded` (generated Markov corpus), `pydoc` (CPython's pydoc topics), `hf` (hub dataset or local files),
 # `tokenized` (directories written by `python -m trainer.prepare_data`, read through memmaps).
 DataSource = Choice("DataSource", "embedded pydoc hf tokenized")
+# `text`: a document per row (pretraining); `messages`: a list of {role, content} per row; `prompt_completion`: a
+# prompt and a completion per row (a user turn and an assistant turn). The last two are chat-template rendered.
+DataFormat = Choice("DataFormat", "text messages prompt_completion")
+# The loss mask of a conversation: `assistant` every assistant turn (content and end-of-turn token), `last` the
+# final assistant turn, `all` every token.
+TrainOn = Choice("TrainOn", "assistant last all")
+# A conversation longer than data.seq_len: cut to its first seq_len tokens, or left out.
+Truncation = Choice("Truncation", "truncate drop")
+
+
+@dataclass
+class ChatFields:
+    """How rows of a conversational source read (trainer.prepare_data and data=hf share them)."""
+
+    format: DataFormat = MISSING
+    # format=messages: the field holding each row's list of messages, and the keys of each message.
+    messages_field: str = MISSING
+    role_key: str = MISSING
+    content_key: str = MISSING
+    # The source's roles -> the template's (system, user, assistant, tool); {} keeps those four as they are.
+    roles: dict[str, str] = MISSING
+    # format=prompt_completion: the fields of the prompt (a user turn) and the completion (the assistant's).
+    prompt_field: str = MISSING
+    completion_field: str = MISSING
+    # A Jinja chat template file instead of the tokenizer's own.
+    chat_template: str | None = MISSING
+    # Which tokens of a conversation are trained: assistant, last or all.
+    train_on: TrainOn = MISSING
 
 
 @dataclass
@@ -31,7 +59,7 @@ class SourceConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(ChatFields):
     source: DataSource = MISSING
     # Hub dataset name, or a builder (`json`, `parquet`, `text`) for local files; inferred from `data_files` when null.
     # data=tokenized: the one prepared directory to train on (or use `sources`).
@@ -52,7 +80,12 @@ class DataConfig:
     # Tokens per training sequence.
     seq_len: int = MISSING
     # Concatenate documents (separated by EOS) into full windows; false pads each document to seq_len.
+    # Conversations: packed whole into windows (best-fit decreasing), or one per window.
     packing: bool = MISSING
+    # Text windows: positions restart and attention stops at each document's EOS (conversations always are).
+    document_mask: bool = MISSING
+    # A conversation longer than seq_len: truncate (its first seq_len tokens) or drop it.
+    truncation: Truncation = MISSING
     # `wordlevel` or `bpe` build a tokenizer from the train split and save it with the run;
     # anything else is an AutoTokenizer name or path; null uses the model's own.
     tokenizer: str | None = MISSING
@@ -83,6 +116,17 @@ def validate_data(d: Any) -> None:
     """The data group's values (the source is a closed choice: Hydra has checked it)."""
     _check(d.seq_len > 1, f"data.seq_len={d.seq_len}: must be at least 2")
     _check(0.0 < d.eval_fraction < 1.0, f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
+    _check(
+        d.format == "text" or d.source == "hf",
+        f"data.format={d.format} reads conversations from user data: use it with data=hf (or prepare them "
+        f"with `python -m trainer.prepare_data format={d.format}` and train with data=tokenized); "
+        f"data={d.source} is text",
+    )
+    _check(
+        d.format == "text" or d.tokenizer not in ("bpe", "wordlevel"),
+        f"data.format={d.format} renders conversations with a chat template and its special tokens: train with "
+        f"the model's tokenizer (data.tokenizer=null, or a name/path), not a built {d.tokenizer} one",
+    )
     if d.source == "tokenized":
         _check(
             bool(d.sources) != (d.path is not None),

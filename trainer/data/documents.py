@@ -9,7 +9,7 @@ import glob
 import gzip
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +58,34 @@ def _open(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+# What a row holds: a text field's name (format=text), or a function (record, where) -> the row's value that
+# checks the record and names `where` (its file and line, or its row) in its error (a conversation's messages).
+Field = str | Callable[[Any, str], Any]
+
+
+def _text_of(record: Any, where: str, text_field: str) -> str:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a JSON {type(record).__name__}, not an object with a text field")
+    if text_field not in record:
+        raise DataError(
+            f"{where}: no text field {text_field!r} (its keys: {sorted(record)[:10]}); "
+            "set text_field to the key holding the text"
+        )
+    value = record[text_field]
+    if not isinstance(value, str):
+        what = "null" if value is None else f"a {type(value).__name__}"
+        raise DataError(f"{where}: the text field {text_field!r} is {what}, not a string")
+    return value
+
+
+def _value(record: Any, where: str, field: Field) -> Any:
+    return _text_of(record, where, field) if isinstance(field, str) else field(record, where)
+
+
 def _json_texts(
-    path: str, text_field: str, *, start: int = 0, end: int | None = None, first_line: int = 1
-) -> Iterator[str]:
-    """The text of each JSON line; of the lines in bytes [start, end) only, when given (`start` at the
+    path: str, field: Field, *, start: int = 0, end: int | None = None, first_line: int = 1
+) -> Iterator[Any]:
+    """The value (`field`) of each JSON line; of the lines in bytes [start, end) only, when given (`start` at the
     beginning of a line, numbered `first_line`)."""
     with _open(path) as f:
         f.seek(start)
@@ -78,22 +102,7 @@ def _json_texts(
                 raise DataError(
                     f"{path}, line {number}: not a JSON line ({e}); fix or remove that line"
                 ) from e
-            if not isinstance(record, dict):
-                raise DataError(
-                    f"{path}, line {number}: a JSON {type(record).__name__}, not an object with a text field"
-                )
-            if text_field not in record:
-                raise DataError(
-                    f"{path}, line {number}: no text field {text_field!r} (its keys: {sorted(record)[:10]}); "
-                    "set text_field to the key holding the text"
-                )
-            value = record[text_field]
-            if not isinstance(value, str):
-                what = "null" if value is None else f"a {type(value).__name__}"
-                raise DataError(
-                    f"{path}, line {number}: the text field {text_field!r} is {what}, not a string"
-                )
-            yield value
+            yield _value(record, f"{path}, line {number}", field)
 
 
 def line_ranges(path: str, parts: int) -> list[tuple[int, int, int]]:
@@ -117,9 +126,9 @@ def line_ranges(path: str, parts: int) -> list[tuple[int, int, int]]:
     return [(s, e, first) for (s, first), (e, _) in zip(cuts, [*cuts[1:], (size, 0)], strict=True)]
 
 
-def count_json_range(path: str, text_field: str, start: int, end: int, first_line: int) -> int:
+def count_json_range(path: str, field: Field, start: int, end: int, first_line: int) -> int:
     """The documents of JSON lines in bytes [start, end), every line checked as `file_texts` checks it."""
-    return sum(1 for _ in _json_texts(path, text_field, start=start, end=end, first_line=first_line))
+    return sum(1 for _ in _json_texts(path, field, start=start, end=end, first_line=first_line))
 
 
 def splittable(path: str) -> bool:
@@ -137,35 +146,47 @@ def _text_lines(path: str) -> Iterator[str]:
                 raise DataError(f"{path}, line {number}: not UTF-8 text ({e})") from e
 
 
-def _parquet_texts(path: str, text_field: str) -> Iterator[str]:
+def _parquet_texts(path: str, field: Field) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
     f = pq.ParquetFile(path)
-    if text_field not in f.schema_arrow.names:
-        raise DataError(
-            f"{path}: no column {text_field!r} (its columns: {f.schema_arrow.names}); set text_field"
-        )
+    if isinstance(field, str):
+        if field not in f.schema_arrow.names:
+            raise DataError(
+                f"{path}: no column {field!r} (its columns: {f.schema_arrow.names}); set text_field"
+            )
+        row = 0
+        for batch in f.iter_batches(columns=[field], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                if not isinstance(value, str):
+                    raise DataError(f"{path}, row {row}: the text field {field!r} is not a string")
+                row += 1
+                yield value
+        return
     row = 0
-    for batch in f.iter_batches(columns=[text_field], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            if not isinstance(value, str):
-                raise DataError(f"{path}, row {row}: the text field {text_field!r} is not a string")
+    for batch in f.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            yield field(record, f"{path}, row {row}")
             row += 1
-            yield value
 
 
-def file_texts(files: list[str], text_field: str) -> Iterator[str]:
+def file_texts(files: list[str], field: Field) -> Iterator[Any]:
+    """Each row's value, file after file: the text of a text field, or what the `field` function reads."""
     for path in files:
         kind = _format(path)
         if kind == "json":
-            yield from _json_texts(path, text_field)
+            yield from _json_texts(path, field)
         elif kind == "parquet":
-            yield from _parquet_texts(path, text_field)
-        else:
+            yield from _parquet_texts(path, field)
+        elif isinstance(field, str):
             yield from _text_lines(path)
+        else:
+            raise DataError(
+                f"{path}: a .txt file holds one text per line, not conversations; give .jsonl or .parquet"
+            )
 
 
-def hub_texts(path: str, name: str | None, split: str, text_field: str, *, streaming: bool) -> Iterator[str]:
+def hub_texts(path: str, name: str | None, split: str, field: Field, *, streaming: bool) -> Iterator[Any]:
     import datasets
 
     try:
@@ -173,14 +194,15 @@ def hub_texts(path: str, name: str | None, split: str, text_field: str, *, strea
     except ValueError as e:
         raise DataError(f"path={path}: cannot load split {split!r} ({e})") from e
     for row, record in enumerate(ds):
-        if text_field not in record:
+        where = f"path={path}, split {split}, row {row}"
+        if not isinstance(field, str):
+            yield field(record, where)
+            continue
+        if field not in record:
             raise DataError(
-                f"path={path}, split {split}, row {row}: no text field {text_field!r} "
-                f"(its fields: {sorted(record)}); set text_field"
+                f"{where}: no text field {field!r} (its fields: {sorted(record)}); set text_field"
             )
-        value = record[text_field]
+        value = record[field]
         if not isinstance(value, str):
-            raise DataError(
-                f"path={path}, split {split}, row {row}: the text field {text_field!r} is not a string"
-            )
+            raise DataError(f"{where}: the text field {field!r} is not a string")
         yield value

@@ -20,11 +20,12 @@ from omegaconf import OmegaConf
 
 from trainer.data import markov
 from trainer.data.order import SampleOrder
+from trainer.data.prepared import Batch
 from trainer.data.tokenizer import build_bpe_tokenizer, build_wordlevel_tokenizer, load_tokenizer
 from trainer.errors import DataError
+from trainer.loss import IGNORE_INDEX
 from trainer.utils import loading_from, write_atomic
 
-IGNORE_INDEX = -100
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 
 
@@ -38,8 +39,8 @@ class TokenWindows:
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inputs[indices], self.labels[indices]
+    def batch(self, indices: torch.Tensor) -> Batch:
+        return Batch(self.inputs[indices], self.labels[indices])
 
     def order(self, *, seed: int) -> SampleOrder:
         """The training order over these windows (a fresh permutation per epoch)."""
@@ -311,6 +312,10 @@ def load_splits(cfg: Any, cache_dir: Path) -> tuple[Any, Any, float | None]:
     else:
         evals = ds[eval_split]
     for name, split in (("train", train), ("eval", evals)):
+        if len(split) == 0:
+            raise DataError(f"the {name} split is empty; point data at a dataset with documents")
+        if cfg.format != "text":
+            continue  # each conversation is read and checked as it is tokenized (trainer.data.chat)
         if cfg.text_field not in split.column_names:
             raise DataError(
                 f"the {name} split has no text field {cfg.text_field!r}; its columns: {split.column_names}; "
@@ -373,6 +378,37 @@ def _column(split: Any, field: str) -> Iterator[Any]:
         yield from rows[field]
 
 
+def _conversations(split: Any, name: str, cfg: Any) -> Iterator[list[dict[str, Any]]]:
+    """A split's rows as conversations (format=messages or prompt_completion), each checked as it is read."""
+    from trainer.data.prepare import row_field
+
+    read = row_field(cfg)
+    for i, record in enumerate(split):
+        yield read(record, f"the {name} split of data.data_files/data.path, row {i}")
+
+
+def windows_of(reader: Any, cfg: Any, tokenizer: Any, *, chat: bool) -> Any:
+    """The training or eval windows of one prepared split as the data group says: whole conversations, packed or
+    one per window; text windows cut from the stream (document-masked or not), or one padded per document."""
+    from trainer.data.prepared import DocumentWindows, PackedWindows
+
+    if chat:
+        from trainer.data.conversations import ConversationWindows
+
+        return ConversationWindows(
+            reader,
+            cfg.seq_len,
+            pad_id=tokenizer.pad_token_id,
+            packing=bool(cfg.packing),
+            truncation=str(cfg.truncation),
+        )
+    if cfg.packing:
+        return PackedWindows(
+            reader, cfg.seq_len, document_mask_eos=tokenizer.eos_token_id if cfg.document_mask else None
+        )
+    return DocumentWindows(reader, cfg.seq_len, tokenizer.pad_token_id)
+
+
 def build_data(
     cfg: Any,
     *,
@@ -410,27 +446,52 @@ def build_data(
     # One path for every source: the splits are tokenized once into a prepared dataset in the cache (reused
     # while the text, the tokenizer and the settings are the same), and read like data=tokenized's.
     from trainer.data.prepare import write_splits
-    from trainer.data.prepared import DocumentWindows, PackedWindows, PreparedSplit, read_meta, tokenizer_hash
+    from trainer.data.prepared import PreparedSplit, read_meta, tokenizer_hash
 
+    chat = cfg.format != "text"
+    if chat:
+        from trainer.data.chat import ChatEncoder, template_hash
+        from trainer.data.prepare import chat_template_of
+
+        template = chat_template_of(cfg)
+        if template is not None:  # the run's tokenizer (saved with checkpoints and hf/) carries it
+            tokenizer.chat_template = template
+        ChatEncoder(tokenizer, train_on=str(cfg.train_on))  # no chat template: refused before any work
     settings = OmegaConf.to_container(cfg, enum_to_str=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    for key in ("seq_len", "packing", "num_proc", "allow_changed", "cache_dir"):
+    for key in (
+        "seq_len",
+        "packing",
+        "num_proc",
+        "allow_changed",
+        "cache_dir",
+        "document_mask",
+        "truncation",
+    ):
         settings.pop(key, None)
+    if chat:
+        settings["chat_template"] = template_hash(tokenizer.chat_template)
     key = [settings, tokenizer_hash(tokenizer), train._fingerprint, evals._fingerprint]
     prepared = cache_dir / f"prepared-{_config_hash(key)}"
     if is_main:
-        texts = {"train": _column(train, cfg.text_field), "eval": _column(evals, cfg.text_field)}
-        write_splits(prepared, texts, tokenizer, num_proc=cfg.num_proc, description={"data": settings})
+        if chat:
+            texts = {"train": _conversations(train, "train", cfg), "eval": _conversations(evals, "eval", cfg)}
+        else:
+            texts = {"train": _column(train, cfg.text_field), "eval": _column(evals, cfg.text_field)}
+        write_splits(
+            prepared,
+            texts,
+            tokenizer,
+            num_proc=cfg.num_proc,
+            description={"data": settings},
+            train_on=str(cfg.train_on) if chat else None,
+        )
     barrier()
     meta = read_meta(prepared, key="data.cache_dir")
-    windows = []
-    for split in ("train", "eval"):
-        reader = PreparedSplit(prepared, split, meta)
-        windows.append(
-            PackedWindows(reader, cfg.seq_len)
-            if cfg.packing
-            else DocumentWindows(reader, cfg.seq_len, tokenizer.pad_token_id)
-        )
-    return Data(tokenizer=tokenizer, train=windows[0], eval=windows[1], entropy_floor=floor)
+    train_windows, eval_windows = (
+        windows_of(PreparedSplit(prepared, split, meta), cfg, tokenizer, chat=chat)
+        for split in ("train", "eval")
+    )
+    return Data(tokenizer=tokenizer, train=train_windows, eval=eval_windows, entropy_floor=floor)
 
 
 def first_training_batches(
@@ -445,5 +506,5 @@ def first_training_batches(
     data_cfg.tokenizer = tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         train = build_data(data_cfg, run_dir=Path(tmp)).train
-        inputs = train.batch(torch.arange(min(len(train), num_batches * batch_size)))[0]
+        inputs = train.batch(torch.arange(min(len(train), num_batches * batch_size))).inputs
     return list(inputs.split(batch_size))

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.data.prepared import Batch
 from trainer.errors import DataError
 
 _ROUNDS = 4
@@ -201,6 +202,8 @@ def identity_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[
     for key in ("seq_len", "packing", "tokenizer"):
         if saved.get(key) != now.get(key):
             out.append(f"{key} was {saved.get(key)}, now {now.get(key)}")
+    if "truncation" in saved and saved["truncation"] != now.get("truncation"):  # it decides the windows
+        out.append(f"truncation was {saved['truncation']}, now {now.get('truncation')}")
     return out
 
 
@@ -248,19 +251,39 @@ class Mixture:
             self.sizes, self.weights, seed=seed, identity=self.identity, allow_changed=self.allow_changed
         )
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def stats(self) -> dict[str, float]:
+        """The packing of conversation sources (trainer.data.conversations), summed over them: what the loop
+        prints and logs; {} when no source packs conversations."""
+        parts = [w.stats for w in self.windows if getattr(w, "stats", None)]
+        if not parts:
+            return {}
+        tokens, slots = sum(p["tokens"] for p in parts), sum(p["slots"] for p in parts)
+        return {
+            "packing_efficiency": tokens / max(slots, 1),
+            **{
+                k: sum(p[k] for p in parts)
+                for k in ("tokens", "slots", "truncated", "dropped", "lost_trainable")
+            },
+        }
+
+    def batch(self, indices: torch.Tensor) -> Batch:
         ids = indices.numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
         if self.turns is not None:
             ids = self.turns[ids]
         sources = np.searchsorted(self.offsets, ids, side="right") - 1
-        parts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []
+        parts: list[tuple[np.ndarray, Batch]] = []
         for s in np.unique(sources).tolist():
             rows = np.flatnonzero(sources == s)
-            inputs, labels = self.windows[s].batch(torch.from_numpy(ids[rows] - self.offsets[s]))
-            parts.append((rows, inputs, labels))
-        inputs = torch.empty((len(ids), parts[0][1].shape[1]), dtype=torch.long)
+            parts.append((rows, self.windows[s].batch(torch.from_numpy(ids[rows] - self.offsets[s]))))
+        inputs = torch.empty((len(ids), parts[0][1].inputs.shape[1]), dtype=torch.long)
         labels = torch.empty_like(inputs)
-        for rows, x, y in parts:
-            inputs[torch.from_numpy(rows)] = x
-            labels[torch.from_numpy(rows)] = y
-        return inputs, labels
+        # A row of a source without document masking is one sequence: positions 0..L-1, as the model's own.
+        with_positions = any(b.position_ids is not None for _, b in parts)
+        positions = torch.arange(inputs.shape[1]).repeat(len(ids), 1) if with_positions else None
+        for rows, b in parts:
+            at = torch.from_numpy(rows)
+            inputs[at], labels[at] = b.inputs, b.labels
+            if positions is not None and b.position_ids is not None:
+                positions[at] = b.position_ids
+        return Batch(inputs, labels, positions)

@@ -12,6 +12,7 @@ where it stopped and writes the same bytes. meta.json is written last, and progr
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -29,6 +30,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from trainer.data import documents
+from trainer.data.chat import DROP_NO_TRAINABLE, ChatEncoder, row_messages, template_hash
 from trainer.data.prepared import (
     META_FILE,
     PROGRESS_FILE,
@@ -79,6 +81,11 @@ def check_settings(cfg: Any) -> None:
         "give data_files (local files or globs) or path (a hub dataset name), one of them",
     )
     check(bool(cfg.tokenizer), "tokenizer is required: a tokenizer name or directory, or bpe / wordlevel")
+    check(
+        cfg.format == "text" or cfg.tokenizer not in BUILT,
+        f"format={cfg.format} renders conversations with a chat template and its special tokens: give the "
+        f"model's tokenizer (tokenizer=NAME_OR_DIR), not a built {cfg.tokenizer} one",
+    )
     check(cfg.shard_tokens > 0, f"shard_tokens={cfg.shard_tokens}: must be a positive number of tokens")
     check(cfg.num_proc >= 1, f"num_proc={cfg.num_proc}: must be >= 1")
     check(cfg.batch_docs >= 1, f"batch_docs={cfg.batch_docs}: must be >= 1")
@@ -101,11 +108,59 @@ def check_settings(cfg: Any) -> None:
         )
 
 
+def chat_fields(cfg: Any) -> dict[str, Any]:
+    """How a conversational source's rows read (what meta.json and the settings record)."""
+    roles = OmegaConf.to_container(cfg.roles) if OmegaConf.is_config(cfg.roles) else dict(cfg.roles or {})
+    if cfg.format == "prompt_completion":
+        return {
+            "format": str(cfg.format),
+            "prompt_field": cfg.prompt_field,
+            "completion_field": cfg.completion_field,
+        }
+    return {
+        "format": str(cfg.format),
+        "messages_field": cfg.messages_field,
+        "role_key": cfg.role_key,
+        "content_key": cfg.content_key,
+        "roles": roles,
+    }
+
+
+def row_field(cfg: Any) -> documents.Field:
+    """What a row of the source is read as: the text field's name, or a reader of its conversation."""
+    if cfg.format == "text":
+        return str(cfg.text_field)
+    f = chat_fields(cfg)
+    return functools.partial(
+        row_messages,
+        fmt=f["format"],
+        messages_field=str(cfg.messages_field),
+        role_key=str(cfg.role_key),
+        content_key=str(cfg.content_key),
+        roles=f.get("roles", {}),
+        prompt_field=str(cfg.prompt_field),
+        completion_field=str(cfg.completion_field),
+    )
+
+
+def chat_template_of(cfg: Any) -> str | None:
+    """The text of chat_template=PATH, or None (the tokenizer's own)."""
+    if cfg.chat_template is None:
+        return None
+    path = Path(str(cfg.chat_template)).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"chat_template={cfg.chat_template}: no such file; give the path of a Jinja chat template"
+        )
+    return path.read_text()
+
+
 class Source:
     """The documents of the source as (index, split, text), the same every time it is read."""
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+        self.field = row_field(cfg)
         self.files = documents.local_files(cfg.data_files) if cfg.data_files is not None else None
         self.eval_files = (
             documents.local_files(cfg.eval_data_files, key="eval_data_files")
@@ -115,28 +170,23 @@ class Source:
 
     def describe(self) -> dict[str, Any]:
         c = self.cfg
+        fields = {"text_field": c.text_field} if c.format == "text" else chat_fields(c)
         if self.files is not None:
-            out = {"data_files": [str(Path(f).resolve()) for f in self.files], "text_field": c.text_field}
+            out = {"data_files": [str(Path(f).resolve()) for f in self.files], **fields}
             if self.eval_files is not None:
                 out["eval_data_files"] = [str(Path(f).resolve()) for f in self.eval_files]
             return out
-        return {
-            "path": c.path,
-            "name": c.name,
-            "split": c.split,
-            "eval_split": c.eval_split,
-            "text_field": c.text_field,
-        }
+        return {"path": c.path, "name": c.name, "split": c.split, "eval_split": c.eval_split, **fields}
 
     def _texts(self, split: str) -> Iterator[str]:
         c = self.cfg
         if self.files is not None:
-            return documents.file_texts(self.files, c.text_field)
-        return documents.hub_texts(c.path, c.name, split, c.text_field, streaming=c.streaming)
+            return documents.file_texts(self.files, self.field)
+        return documents.hub_texts(c.path, c.name, split, self.field, streaming=c.streaming)
 
     def _eval_texts(self) -> Iterator[str]:
         if self.eval_files is not None:
-            return documents.file_texts(self.eval_files, self.cfg.text_field)
+            return documents.file_texts(self.eval_files, self.field)
         return self._texts(self.cfg.eval_split)
 
     def __iter__(self) -> Iterator[tuple[int, str, str]]:
@@ -183,7 +233,7 @@ class Source:
 
     def _count_documents(self, files: list[str], num_proc: int) -> int:
         """The documents of local files, each checked; the first bad line (in file order) is the error."""
-        field = str(self.cfg.text_field)
+        field = self.field
         if num_proc <= 1 or not all(documents.splittable(f) for f in files):
             return sum(1 for _ in documents.file_texts(files, field))
         ranges = [(f, field, *r) for f in files for r in documents.line_ranges(f, 4 * num_proc)]
@@ -222,6 +272,7 @@ def _count_range(args: tuple[str, str, int, int, int]) -> int:
 # ---- tokenizer processes ---------------------------------------------------------------------------------
 
 _ENCODE: Any = None  # texts -> their token ids, in this process
+_CHAT: ChatEncoder | None = None  # conversations -> token ids and masks, in this process
 
 
 def batch_encoder(tokenizer: Any) -> Any:
@@ -245,28 +296,43 @@ def batch_encoder(tokenizer: Any) -> Any:
     return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _load_worker_tokenizer(directory: str) -> None:
+def _set_encoders(tokenizer: Any, train_on: str | None) -> None:
+    """This process's encoders; `train_on`: conversations (rendered with the tokenizer's chat template)."""
+    global _ENCODE, _CHAT
+    _CHAT = ChatEncoder(tokenizer, train_on=train_on) if train_on is not None else None
+    _ENCODE = batch_encoder(tokenizer)
+
+
+def _load_worker_tokenizer(directory: str, train_on: str | None = None) -> None:
     import os
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: num_proc processes in all
-    global _ENCODE
-    _ENCODE = batch_encoder(load_tokenizer(directory))
+    _set_encoders(load_tokenizer(directory), train_on)
 
 
-def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The token ids of `texts`, concatenated, and where each text's ids end: two arrays cross the process
-    boundary in one pickle each, not one small array per document."""
-    ids = _ENCODE(texts)
+def _encode(texts: list[Any]) -> tuple[np.ndarray, ...]:
+    """The token ids of `texts` (or of conversations, with their masks), concatenated, and where each one's ids
+    end: a few arrays cross the process boundary in one pickle each, not one small array per document."""
+    if _CHAT is not None:
+        pairs = [_CHAT.encode(messages) for messages in texts]
+        ids, masks = [p[0] for p in pairs], [p[1] for p in pairs]
+    else:
+        ids, masks = _ENCODE(texts), None
     ends = np.cumsum([len(x) for x in ids], dtype=np.int64)
-    flat = np.fromiter(
-        itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(ends[-1]) if len(ends) else 0
-    )
-    return flat, ends
+    count = int(ends[-1]) if len(ends) else 0
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=count)
+    if masks is None:
+        return flat, ends
+    return flat, ends, np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint8)
 
 
-def _split(encoded: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
-    flat, ends = encoded
-    return np.split(flat, ends[:-1])  # views, one per text
+def _split(encoded: tuple[np.ndarray, ...]) -> list[Any]:
+    """One token array per text; (tokens, mask) per conversation. Views, not copies."""
+    if len(encoded) == 2:
+        flat, ends = encoded
+        return np.split(flat, ends[:-1])
+    flat, ends, masks = encoded
+    return list(zip(np.split(flat, ends[:-1]), np.split(masks, ends[:-1]), strict=True))
 
 
 def _ordered_map(
@@ -276,22 +342,23 @@ def _ordered_map(
     tokenizer_dir: str,
     tokenizer: Any = None,
     start_method: str = "spawn",
-) -> Iterator[tuple[Any, list[np.ndarray]]]:
+    train_on: str | None = None,
+) -> Iterator[tuple[Any, list[Any]]]:
     """(tag, token arrays) for each (tag, texts), in order; at most 2 x num_proc batches in flight. One
     process: `tokenizer` when given (else the one saved in tokenizer_dir). `fork` starts the processes
     without importing anything again (the prepare_data command); `spawn` is for a process that may hold
-    threads (a training run's cache)."""
+    threads (a training run's cache). `train_on`: the texts are conversations, encoded with their masks
+    (`_split`'s pairs) by the tokenizer's chat template."""
     if num_proc <= 1:
-        global _ENCODE
         if tokenizer is None:
-            _load_worker_tokenizer(tokenizer_dir)
+            _load_worker_tokenizer(tokenizer_dir, train_on)
         else:
-            _ENCODE = batch_encoder(tokenizer)
+            _set_encoders(tokenizer, train_on)
         for tag, texts in chunks:
             yield tag, _split(_encode(texts))
         return
     with worker_pool(
-        start_method, num_proc, initializer=_load_worker_tokenizer, initargs=(tokenizer_dir,)
+        start_method, num_proc, initializer=_load_worker_tokenizer, initargs=(tokenizer_dir, train_on)
     ) as pool:
         pending: deque = deque()
         for tag, texts in chunks:
@@ -307,8 +374,15 @@ def _ordered_map(
 # ---- the run ---------------------------------------------------------------------------------------------
 
 
-def _settings(cfg: Any, source: Source) -> dict[str, Any]:
-    return {
+def _settings(cfg: Any, source: Source, template: str | None) -> dict[str, Any]:
+    chat = (
+        {}
+        if cfg.format == "text"
+        else {
+            "chat": {"template": template_hash(template) if template else None, "train_on": str(cfg.train_on)}
+        }
+    )
+    return chat | {
         "source": source.describe(),
         "tokenizer": cfg.tokenizer,
         "tokenizer_vocab_size": cfg.tokenizer_vocab_size if cfg.tokenizer in BUILT else None,
@@ -319,8 +393,9 @@ def _settings(cfg: Any, source: Source) -> dict[str, Any]:
     }
 
 
-def _tokenizer(cfg: Any, source: Source, out: Path, resuming: bool) -> Any:
-    """Build (bpe, wordlevel: from the train documents) or load the tokenizer, and save it in output_dir."""
+def _tokenizer(cfg: Any, source: Source, out: Path, resuming: bool, template: str | None = None) -> Any:
+    """Build (bpe, wordlevel: from the train documents) or load the tokenizer, and save it in output_dir (with
+    `template`, chat_template=PATH's text, as its chat template: training and generation render with it)."""
     directory = out / TOKENIZER_DIR
     if resuming and (directory / "tokenizer_config.json").is_file():
         return load_tokenizer(str(directory))
@@ -333,6 +408,8 @@ def _tokenizer(cfg: Any, source: Source, out: Path, resuming: bool) -> Any:
         )
     else:
         tok = load_tokenizer(cfg.tokenizer)
+    if template is not None:
+        tok.chat_template = template
     tok.save_pretrained(str(directory))
     return load_tokenizer(str(directory))  # as the workers and training load it: the same hash
 
@@ -342,7 +419,9 @@ def prepare(cfg: Any) -> Path:
     check_settings(cfg)
     out = Path(cfg.output_dir)
     source = Source(cfg)
-    settings = _settings(cfg, source)
+    chat = cfg.format != "text"
+    template = chat_template_of(cfg) if chat else None
+    settings = _settings(cfg, source, template)
     if (out / META_FILE).is_file():
         meta = json.loads((out / META_FILE).read_text())
         if meta.get("settings") == settings:
@@ -361,8 +440,11 @@ def prepare(cfg: Any) -> Path:
             "settings it started with, or remove the directory"
         )
     source.check(num_proc=int(cfg.num_proc))  # before anything is written
+    train_on = str(cfg.train_on) if chat else None
+    if chat:  # a tokenizer with no chat template (and none given) fails here, before anything is written
+        ChatEncoder(load_tokenizer(cfg.tokenizer), template=template, train_on=train_on)
     out.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer(cfg, source, out, resuming)
+    tok = _tokenizer(cfg, source, out, resuming, template)
     vocab_size, eos = len(tok), tok.eos_token_id
     dtype = token_dtype(vocab_size)
     tok_hash = tokenizer_hash(tok)
@@ -374,7 +456,7 @@ def prepare(cfg: Any) -> Path:
         progress = {
             "settings": settings,
             "tokenizer_hash": tok_hash,
-            "splits": {s: {"shards": [], "covered": 0} for s in SPLITS},
+            "splits": {s: {"shards": [], "covered": 0, "dropped": {}} for s in SPLITS},
         }
     for split in SPLITS:
         (out / split).mkdir(exist_ok=True)
@@ -382,10 +464,20 @@ def prepare(cfg: Any) -> Path:
     splits = progress["splits"]
     covered = {s: splits[s]["covered"] for s in SPLITS}
     writers: dict[str, ShardWriter | None] = dict.fromkeys(SPLITS)
+    # Conversations dropped (no trained token) since the split's last shard: recorded with the next one, so
+    # that a continued run, which reads again the rows after it, counts each row once.
+    dropped = dict.fromkeys(SPLITS, 0)
+
+    def count_dropped(split: str) -> None:
+        if dropped[split]:
+            counts = splits[split]["dropped"]
+            counts[DROP_NO_TRAINABLE] = counts.get(DROP_NO_TRAINABLE, 0) + dropped[split]
+            dropped[split] = 0
 
     def flush(split: str, upto: int) -> None:
         splits[split]["shards"].append(writers[split].close())
         splits[split]["covered"] = upto
+        count_dropped(split)
         write_json_atomic(progress_file, progress)
         writers[split] = None
 
@@ -412,17 +504,29 @@ def prepare(cfg: Any) -> Path:
     )
     start, new_tokens, last = time.perf_counter(), 0, -1
     encoded = _ordered_map(
-        chunks(), num_proc=cfg.num_proc, tokenizer_dir=str(out / TOKENIZER_DIR), start_method="fork"
+        chunks(),
+        num_proc=cfg.num_proc,
+        tokenizer_dir=str(out / TOKENIZER_DIR),
+        start_method="fork",
+        train_on=train_on,
     )
     for tags, ids in encoded:
         for (index, split), doc in zip(tags, ids, strict=True):
             last = max(last, index)
-            if len(doc) == 0:
+            if chat:
+                doc, mask = doc
+                if not mask[1:].any():  # nothing to learn from: no trained target
+                    dropped[split] += 1
+                    continue
+            elif len(doc) == 0:
                 continue  # an empty document: nothing to learn from (as the in-memory path drops it)
             if writers[split] is None:
-                writers[split] = ShardWriter(out / split, len(splits[split]["shards"]), dtype)
-            writers[split].add(np.append(doc, np.uint32(eos)))
-            new_tokens += len(doc) + 1
+                writers[split] = ShardWriter(out / split, len(splits[split]["shards"]), dtype, masked=chat)
+            if chat:
+                writers[split].add(doc, mask)  # as the template rendered it: its end-of-turn, no EOS added
+            else:
+                writers[split].add(np.append(doc, np.uint32(eos)))
+            new_tokens += len(doc) + (not chat)
             if writers[split].num_tokens >= shard_tokens:
                 flush(split, index + 1)
         bar.update(len(tags))
@@ -434,6 +538,20 @@ def prepare(cfg: Any) -> Path:
     for split in SPLITS:
         if writers[split] is not None:
             flush(split, last + 1)
+        count_dropped(split)
+        if chat and not splits[split]["shards"]:
+            raise DataError(
+                f"the {split} split has no conversation with a trained token ({splits[split]['dropped']} dropped); "
+                f"check train_on={train_on}, the roles (an assistant turn is what trains) and eval_fraction"
+            )
+    chat_meta = None
+    if chat:
+        chat_meta = {
+            **settings["chat"],
+            "format": str(cfg.format),
+            "template_hash": template_hash(tok.chat_template),
+            "dropped": {s: splits[s]["dropped"] for s in SPLITS},
+        }
     meta = make_meta(
         tokenizer=tok,
         tokenizer_name=cfg.tokenizer,
@@ -443,22 +561,39 @@ def prepare(cfg: Any) -> Path:
         shards={s: splits[s]["shards"] for s in SPLITS},
         package_version=_package_version(),
         known_hash=tok_hash,
+        chat=chat_meta,
     )
     write_json_atomic(out / META_FILE, meta)
     progress_file.unlink()
+    what = "conversations" if chat else "documents"
     print(
         f"{out}: {meta['splits']['train']['documents']:,} train / {meta['splits']['eval']['documents']:,} eval "
-        f"documents, {meta['tokens']:,} tokens ({dtype.name}) in "
+        f"{what}, {meta['tokens']:,} tokens ({dtype.name}) in "
         f"{sum(len(splits[s]['shards']) for s in SPLITS)} shard(s)",
         flush=True,
     )
+    if chat:
+        c = meta["chat"]
+        print(
+            f"trained tokens: {c['trainable_tokens']['train']:,} train "
+            f"({100 * c['trainable_fraction']['train']:.1f}%), {c['trainable_tokens']['eval']:,} eval; rows dropped "
+            f"with no trained token: {sum(sum(d.values()) for d in c['dropped'].values()):,}",
+            flush=True,
+        )
     return out
 
 
 def write_splits(
-    out: Path, texts: dict[str, Iterable[str]], tokenizer: Any, *, num_proc: int, description: dict[str, Any]
+    out: Path,
+    texts: dict[str, Iterable[Any]],
+    tokenizer: Any,
+    *,
+    num_proc: int,
+    description: dict[str, Any],
+    train_on: str | None = None,
 ) -> Path:
-    """A prepared dataset of the given splits' texts, tokenized by `tokenizer` (the in-memory presets' cache).
+    """A prepared dataset of the given splits' texts, tokenized by `tokenizer` (the in-memory presets' cache);
+    with `train_on`, of conversations (message lists) rendered by the tokenizer's chat template, with masks.
 
     Written under a temporary name and renamed when complete, so a half-written one is never read; one that
     is there already is kept.
@@ -471,16 +606,19 @@ def write_splits(
     tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
     vocab_size, eos = len(tokenizer), tokenizer.eos_token_id
     dtype = token_dtype(vocab_size)
+    chat = train_on is not None
     shards_of: dict[str, list[dict[str, Any]]] = {}
+    dropped: dict[str, dict[str, int]] = {}
     for split in SPLITS:
         (tmp / split).mkdir()
         shards: list[dict[str, Any]] = []
         writer: ShardWriter | None = None
+        dropped[split] = {DROP_NO_TRAINABLE: 0}
 
-        def batches(split: str = split) -> Iterator[tuple[None, list[str]]]:
-            chunk: list[str] = []
+        def batches(split: str = split) -> Iterator[tuple[None, list[Any]]]:
+            chunk: list[Any] = []
             for text in texts[split]:
-                chunk.append(text if isinstance(text, str) else "")
+                chunk.append(text if chat or isinstance(text, str) else "")
                 if len(chunk) >= 1000:
                     yield None, chunk
                     chunk = []
@@ -488,15 +626,25 @@ def write_splits(
                 yield None, chunk
 
         encoded = _ordered_map(
-            batches(), num_proc=num_proc, tokenizer_dir=str(tmp / TOKENIZER_DIR), tokenizer=tokenizer
+            batches(),
+            num_proc=num_proc,
+            tokenizer_dir=str(tmp / TOKENIZER_DIR),
+            tokenizer=tokenizer,
+            train_on=train_on,
         )
         for _, ids in encoded:
             for doc in ids:
-                if len(doc) == 0:
+                mask = None
+                if chat:
+                    doc, mask = doc
+                    if not mask[1:].any():
+                        dropped[split][DROP_NO_TRAINABLE] += 1
+                        continue
+                elif len(doc) == 0:
                     continue
                 if writer is None:
-                    writer = ShardWriter(tmp / split, len(shards), dtype)
-                writer.add(np.append(doc, np.uint32(eos)))
+                    writer = ShardWriter(tmp / split, len(shards), dtype, masked=chat)
+                writer.add(doc if chat else np.append(doc, np.uint32(eos)), mask)
                 if writer.num_tokens >= CACHE_SHARD_TOKENS:
                     shards.append(writer.close())
                     writer = None
@@ -511,6 +659,13 @@ def write_splits(
         settings={"source": description},
         shards=shards_of,
         package_version=_package_version(),
+        chat=None
+        if not chat
+        else {
+            "train_on": train_on,
+            "template_hash": template_hash(tokenizer.chat_template),
+            "dropped": dropped,
+        },
     )
     write_json_atomic(tmp / META_FILE, meta)
     if (out / META_FILE).is_file():  # another run sharing the cache finished first: the same bytes

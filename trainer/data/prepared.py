@@ -6,9 +6,12 @@
     DIR/tokenizer/            the tokenizer the documents were tokenized with (save_pretrained)
     DIR/{train,eval}/shard_NNNNN.bin   token ids, raw little-endian uint16 (a vocabulary of <= 65536) or uint32
     DIR/{train,eval}/shard_NNNNN.idx   int64 document boundaries within the shard: [0, end_1, ..., end_n]
+    DIR/{train,eval}/shard_NNNNN.mask  conversations only (meta.json's `chat`): one uint8 per token, 1 where the
+                              token is a trained target (an assistant's content and end-of-turn), with its own
+                              checksum in the shard's record (`mask_checksum`) and in the fingerprint
 
-Every document ends with EOS and lies whole in one shard; a shard is closed once it holds `shard_tokens`
-tokens or more. The reader maps shards with numpy.memmap and only slices them, so what a run holds in memory
+Every text document ends with EOS (a conversation ends as its chat template renders it) and lies whole in one
+shard; a shard is closed once it holds `shard_tokens` tokens or more. The reader maps shards with numpy.memmap and only slices them, so what a run holds in memory
 does not grow with the corpus.
 """
 
@@ -19,7 +22,7 @@ import json
 import mmap
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +30,7 @@ import xxhash
 
 from trainer.data.order import SampleOrder
 from trainer.errors import DataError
+from trainer.loss import IGNORE_INDEX
 from trainer.utils import write_atomic
 
 FORMAT = "trainer-prepared/1"
@@ -34,7 +38,17 @@ META_FILE = "meta.json"
 PROGRESS_FILE = "progress.json"
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "eval")
-IGNORE_INDEX = -100
+
+
+class Batch(NamedTuple):
+    """A micro-batch of windows: input ids and next-token labels [rows, seq_len] (IGNORE_INDEX where no loss is
+    taken), and position ids that restart at each document of a packed window (None: one document per row, the
+    model's own 0..L-1). Restarting positions with no attention mask is what makes transformers' attention keep
+    packed documents apart."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor | None = None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -78,36 +92,46 @@ class ShardWriter:
     way), the index kept as the documents' ends; `close` puts both in place and returns the meta.json record.
     Memory: 8 bytes per document, whatever the shard's size."""
 
-    def __init__(self, directory: Path, number: int, dtype: np.dtype) -> None:
+    def __init__(self, directory: Path, number: int, dtype: np.dtype, *, masked: bool = False) -> None:
         self.directory, self.name, self.dtype = Path(directory), shard_name(number), dtype
         self.tmp = self.directory / f".{self.name}.bin.{os.getpid()}.tmp"
         self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed by close or abort)
         self.hasher = xxhash.xxh3_128()
         self.ends = [0]
+        self.masked, self.trainable = masked, 0  # a conversation dataset: its trained tokens, in the record
+        if masked:
+            self.mask_tmp = self.directory / f".{self.name}.mask.{os.getpid()}.tmp"
+            self.mask_file = open(self.mask_tmp, "wb")  # noqa: SIM115 (closed by close)
+            self.mask_hasher = xxhash.xxh3_128()
 
     @property
     def num_tokens(self) -> int:
         return self.ends[-1]
 
-    def add(self, tokens: np.ndarray) -> None:
-        """One document's tokens, its EOS included."""
+    def add(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """One document's tokens (a text's EOS included), and a conversation's mask of trained tokens."""
         data = tokens.astype(self.dtype, copy=False).tobytes()
         self.file.write(data)
         self.hasher.update(data)
         self.ends.append(self.ends[-1] + len(tokens))
+        if self.masked:
+            bits = mask.astype(np.uint8, copy=False).tobytes()
+            self.mask_file.write(bits)
+            self.mask_hasher.update(bits)
+            self.trainable += int(mask.sum())
 
     def close(self) -> dict[str, Any]:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        record = {"name": self.name, "documents": len(self.ends) - 1, "tokens": self.ends[-1]}
+        for file in (self.file, self.mask_file) if self.masked else (self.file,):
+            file.flush()
+            os.fsync(file.fileno())
+            file.close()
         write_atomic(self.directory / f"{self.name}.idx", np.array(self.ends, dtype="<i8").tobytes())
+        if self.masked:
+            os.replace(self.mask_tmp, self.directory / f"{self.name}.mask")
+            record |= {"mask_checksum": self.mask_hasher.hexdigest(), "trainable": self.trainable}
         os.replace(self.tmp, self.directory / f"{self.name}.bin")  # the .bin's rename completes the shard
-        return {
-            "name": self.name,
-            "documents": len(self.ends) - 1,
-            "tokens": self.ends[-1],
-            "checksum": self.hasher.hexdigest(),
-        }
+        return record | {"checksum": self.hasher.hexdigest()}
 
 
 def remove_partial_shards(directory: Path) -> None:
@@ -124,6 +148,8 @@ def fingerprint(meta: dict[str, Any]) -> str:
         "dtype": meta["dtype"],
         "splits": {s: [r["checksum"] for r in meta["splits"][s]["shards"]] for s in meta["splits"]},
     }
+    if meta.get("chat"):  # a conversation dataset: its masks are its data too
+        what["masks"] = {s: [r["mask_checksum"] for r in meta["splits"][s]["shards"]] for s in meta["splits"]}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -137,9 +163,12 @@ def make_meta(
     shards: dict[str, list[dict[str, Any]]],
     package_version: str,
     known_hash: str | None = None,
+    chat: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """meta.json of a prepared dataset whose splits hold these shard records (write_shard's, ShardWriter's).
-    `known_hash`: the tokenizer's `tokenizer_hash`, where the caller has computed it already."""
+    `known_hash`: the tokenizer's `tokenizer_hash`, where the caller has computed it already. `chat`: a
+    conversation dataset's settings (format, template hash, train_on) and its rows dropped per split and
+    reason, to which the trained-token counts are added."""
     splits = {
         s: {
             "documents": sum(r["documents"] for r in shards[s]),
@@ -165,6 +194,13 @@ def make_meta(
         "tokens": sum(v["tokens"] for v in splits.values()),
         "splits": splits,
     }
+    if chat is not None:
+        trainable = {s: sum(r["trainable"] for r in shards[s]) for s in SPLITS}
+        meta["chat"] = {
+            **chat,
+            "trainable_tokens": trainable,
+            "trainable_fraction": {s: trainable[s] / max(splits[s]["tokens"], 1) for s in SPLITS},
+        }
     meta["fingerprint"] = fingerprint(meta)
     return meta
 
@@ -221,15 +257,20 @@ class PreparedSplit:
         self.doc_starts = np.concatenate([[0], np.cumsum(docs)])
         self.num_tokens = int(self.token_starts[-1])
         self.num_documents = int(self.doc_starts[-1])
+        self.masked = bool(meta.get("chat"))  # a conversation dataset: a .mask beside each .bin
         self._bins: dict[int, np.memmap] = {}
         self._idxs: dict[int, np.memmap] = {}
+        self._masks: dict[int, np.memmap] = {}
         for i, name in enumerate(self.names):
             self._check_shard(i, name, int(counts[i]), int(docs[i]))
 
     def _check_shard(self, i: int, name: str, tokens: int, docs: int) -> None:
         """Each file's byte length against meta.json, and the index's end against the shard's tokens."""
         bin_file, idx_file = self.directory / f"{name}.bin", self.directory / f"{name}.idx"
-        for file, want in ((bin_file, tokens * self.dtype.itemsize), (idx_file, (docs + 1) * 8)):
+        files = [(bin_file, tokens * self.dtype.itemsize), (idx_file, (docs + 1) * 8)]
+        if self.masked:
+            files.append((self.directory / f"{name}.mask", tokens))
+        for file, want in files:
             if not file.is_file():
                 raise DataError(f"{file}: missing (meta.json lists it); prepare the dataset again")
             size = file.stat().st_size
@@ -256,6 +297,18 @@ class PreparedSplit:
             self._idxs[i] = np.memmap(self.directory / f"{self.names[i]}.idx", dtype="<i8", mode="r")
         return self._idxs[i]
 
+    def _mask(self, i: int) -> np.memmap:
+        if i not in self._masks:
+            self._masks[i] = np.memmap(self.directory / f"{self.names[i]}.mask", dtype=np.uint8, mode="r")
+            _advise(self._masks[i], mmap.MADV_RANDOM)
+        return self._masks[i]
+
+    def document_lengths(self) -> np.ndarray:
+        """Every document's token count, in order (from the indexes: no token is read)."""
+        return np.concatenate(
+            [np.diff(np.asarray(self._idx(i))) for i in range(len(self.names))] or [[]]
+        ).astype(np.int64)
+
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of the split's stream (the shards one after the other), as int64."""
         out = np.empty(stop - start, dtype=np.int64)
@@ -279,21 +332,41 @@ class PreparedSplit:
 
     def document(self, d: int) -> np.ndarray:
         """Document d's tokens (its EOS included), as int64."""
-        shard = int(np.searchsorted(self.doc_starts, d, side="right")) - 1
-        local = d - int(self.doc_starts[shard])
-        a, b = (int(x) for x in self._idx(shard)[local : local + 2])
+        shard, a, b = self._where(d)
         tokens = self._bin(shard)
         out = np.asarray(tokens[a:b], dtype=np.int64)
         _advise(tokens, mmap.MADV_DONTNEED, a * self.dtype.itemsize, (b - a) * self.dtype.itemsize)
         return out
 
+    def document_mask(self, d: int) -> np.ndarray:
+        """A conversation's trained-token mask (bool), aligned with `document(d)`."""
+        shard, a, b = self._where(d)
+        return np.asarray(self._mask(shard)[a:b]) != 0
+
+    def _where(self, d: int) -> tuple[int, int, int]:
+        shard = int(np.searchsorted(self.doc_starts, d, side="right")) - 1
+        local = d - int(self.doc_starts[shard])
+        a, b = (int(x) for x in self._idx(shard)[local : local + 2])
+        return shard, a, b
+
+
+def restart_positions(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Position ids that restart after each EOS of each row: every document of a packed window (and the part of
+    one a window starts in) counts its positions from 0, and attention keeps to it (document masking)."""
+    index = torch.arange(inputs.shape[1]).expand_as(inputs)
+    starts = torch.zeros_like(inputs, dtype=torch.bool)
+    starts[:, 1:] = inputs[:, :-1] == eos_id
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
 
 class PackedWindows:
     """Windows cut from the concatenated stream as `pack` does: window i reads tokens [iL, (i+1)L) and predicts
-    [iL+1, (i+1)L+1); (tokens - 1) // L windows, every token an input once and a target once."""
+    [iL+1, (i+1)L+1); (tokens - 1) // L windows, every token an input once and a target once. `document_mask_eos`:
+    the EOS id after which positions restart and attention does not reach back (data.document_mask); None: the
+    window is one sequence, as in pretraining without document masking."""
 
-    def __init__(self, split: PreparedSplit, seq_len: int) -> None:
-        self.split, self.seq_len = split, seq_len
+    def __init__(self, split: PreparedSplit, seq_len: int, *, document_mask_eos: int | None = None) -> None:
+        self.split, self.seq_len, self.eos = split, seq_len, document_mask_eos
 
     def __len__(self) -> int:
         return max(0, (self.split.num_tokens - 1) // self.seq_len)
@@ -302,13 +375,15 @@ class PackedWindows:
         """The in-memory presets' order over these windows: a fresh permutation per epoch."""
         return SampleOrder(len(self), seed=seed)
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: torch.Tensor) -> Batch:
         L = self.seq_len
         rows = np.empty((len(indices), L + 1), dtype=np.int64)
         for row, i in enumerate(indices.tolist()):
             rows[row] = self.split.tokens(i * L, i * L + L + 1)
         t = torch.from_numpy(rows)
-        return t[:, :-1].clone(), t[:, 1:].clone()
+        inputs = t[:, :-1].clone()
+        positions = None if self.eos is None else restart_positions(inputs, self.eos)
+        return Batch(inputs, t[:, 1:].clone(), positions)
 
 
 class DocumentWindows:
@@ -323,7 +398,7 @@ class DocumentWindows:
     def order(self, *, seed: int) -> SampleOrder:
         return SampleOrder(len(self), seed=seed)
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: torch.Tensor) -> Batch:
         L = self.seq_len
         inputs = torch.full((len(indices), L), self.pad_id, dtype=torch.long)
         labels = torch.full((len(indices), L), IGNORE_INDEX, dtype=torch.long)
@@ -332,4 +407,4 @@ class DocumentWindows:
             n = len(ids) - 1
             inputs[row, :n] = ids[:n]
             labels[row, :n] = ids[1:]
-        return inputs, labels
+        return Batch(inputs, labels)

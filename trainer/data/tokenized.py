@@ -10,15 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from trainer.data.loading import windows_of
 from trainer.data.mixture import Mixture, check_weights
-from trainer.data.prepared import (
-    TOKENIZER_DIR,
-    DocumentWindows,
-    PackedWindows,
-    PreparedSplit,
-    read_meta,
-    tokenizer_hash,
-)
+from trainer.data.prepared import TOKENIZER_DIR, PreparedSplit, read_meta, tokenizer_hash
 from trainer.data.tokenizer import load_tokenizer
 from trainer.errors import DataError
 from trainer.utils import loading_from
@@ -75,16 +69,11 @@ def build_tokenized(
                 f"with tokenizer={first / TOKENIZER_DIR}"
             )
     tokenizer = _tokenizer(cfg, first, metas[0], model_name_or_path, trust_remote_code)
-    pad = tokenizer.pad_token_id
     train, evals = [], []
     for (path, weight, key), meta in zip(entries, metas, strict=True):
         for split, out in (("train", train), ("eval", evals)):
             reader = PreparedSplit(Path(path), split, meta)
-            windows = (
-                PackedWindows(reader, cfg.seq_len)
-                if cfg.packing
-                else DocumentWindows(reader, cfg.seq_len, pad)
-            )
+            windows = windows_of(reader, cfg, tokenizer, chat=bool(meta.get("chat")))
             if split == "train" and weight > 0 and len(windows) == 0:
                 raise DataError(
                     f"{key}={path}: its train split gives no sequence of data.seq_len={cfg.seq_len} tokens "
@@ -98,6 +87,7 @@ def build_tokenized(
         ],
         "seq_len": int(cfg.seq_len),
         "packing": bool(cfg.packing),
+        "truncation": str(cfg.truncation),
         "tokenizer": metas[0]["tokenizer"]["hash"],
     }
     allow = bool(cfg.allow_changed)

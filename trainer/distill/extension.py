@@ -88,10 +88,12 @@ class Distillation(Extension):
         self.teacher_model = None  # the prepared module holds it (sharded, perhaps); drop the name
 
     @contextlib.contextmanager
-    def forward_inputs(self, input_ids: torch.Tensor) -> Iterator[dict[str, Any]]:
+    def forward_inputs(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> Iterator[dict[str, Any]]:
         """The teacher's outputs for the student's forward, under no_grad; a sharded head is gathered meanwhile."""
         with torch.no_grad():
-            x, states = self.teacher(input_ids)
+            x, states = self.teacher(input_ids, position_ids)
         with self.teacher.head() as (weight, bias):
             yield {"teacher": TeacherOutputs(x, weight, bias, states)}
 
@@ -110,10 +112,12 @@ class Distillation(Extension):
         out["teacher_params_per_rank"] = all_gather_ints(self.strategy.local_numel(self.teacher), self.device)
         return out
 
-    def eval_batch(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+    def eval_batch(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> None:
         if self._teacher_eval is not None:
             return  # a frozen teacher on the same eval split: measured once
-        self._eval_sums[0] += self.teacher.eval_loss_sum(input_ids, labels).double()
+        self._eval_sums[0] += self.teacher.eval_loss_sum(input_ids, labels, position_ids).double()
         self._eval_sums[1] += int((labels != -100).sum())
 
     def eval_metrics(self) -> dict[str, float]:

@@ -112,13 +112,18 @@ class TeacherModule(nn.Module):
         self.fused = supports_fused_loss(model)
         self.gathered = gathered or (lambda module: contextlib.nullcontext())
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The teacher's final hidden states (or logits) and the mapped layers' states; `position_ids` as the
+        student's, so that it sees the same positions and the same document mask."""
         want = bool(self.layers)
+        kwargs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
         if self.fused:
-            out = self.model.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=want)
+            out = self.model.base_model(**kwargs, output_hidden_states=want)
             x = out.last_hidden_state
         else:
-            out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=want)
+            out = self.model(**kwargs, output_hidden_states=want)
             x = out.logits
         return x, [out.hidden_states[i] for i in self.layers]
 
@@ -134,9 +139,11 @@ class TeacherModule(nn.Module):
             yield head.weight, head.bias
 
     @torch.no_grad()
-    def eval_loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def eval_loss_sum(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The teacher's summed token cross-entropy on a batch (for its perplexity beside the student's)."""
-        x, _ = self(input_ids)
+        x, _ = self(input_ids, position_ids)
         with self.head() as (weight, bias):
             if weight is None:
                 return causal_lm_loss(x, None, None, labels, chunk_size=0, num_targets=1)

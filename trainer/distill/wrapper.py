@@ -65,20 +65,29 @@ class DistillationModule(CausalLMWithLoss):
         input_ids: torch.Tensor,
         labels: torch.Tensor,
         num_targets: float | None = None,
+        position_ids: torch.Tensor | None = None,
         teacher: TeacherOutputs | None = None,
     ) -> torch.Tensor:
         if teacher is None:  # evaluation: the student's own cross-entropy
-            return super().forward(input_ids, labels, num_targets)
+            return super().forward(input_ids, labels, num_targets, position_ids)
         want_states = self.hidden_weight > 0
         if self.fused:
             out = self.model.base_model(
-                input_ids=input_ids, use_cache=False, output_hidden_states=want_states
+                input_ids=input_ids,
+                position_ids=position_ids,
+                use_cache=False,
+                output_hidden_states=want_states,
             )
             x = out.last_hidden_state
             head = self.model.get_output_embeddings()
             weight, bias = head.weight, head.bias
         else:
-            out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                use_cache=False,
+                output_hidden_states=want_states,
+            )
             x, weight, bias = out.logits, None, None
         # One pass over the student's logits gives both terms (and the gradient of their mix).
         loss, ce, kd = mixed_distillation_loss(
