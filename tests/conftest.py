@@ -214,6 +214,10 @@ FIXTURE_TIERS = {
 }
 # By test function. A case parametrized to one process (nproc=1, strategy=single) is not multirank.
 TEST_TIERS = {
+    "test_sharded_ranks_follow_the_single_process_on_packed_conversations": {SLOW, MULTIRANK},
+    "test_a_compiled_models_packed_logits_equal_each_conversations_logits_alone": {SLOW},  # ~35 s of compile
+    "test_bad_conversational_input_exits_2_with_one_paragraph_naming_the_fix": {SLOW},  # a fresh process
+    "test_the_first_step_loss_and_gradients_are_the_mean_over_the_trained_tokens_of_the_global_batch": {SLOW},
     # several ranks, each a job of the preloaded server, a torchrun or a spawned process
     "test_strategy_follows_the_single_process_run": {SLOW, MULTIRANK},
     "test_resume_under_another_strategy_and_world_size": {SLOW, MULTIRANK},

@@ -130,14 +130,16 @@ def test_prepare_then_read_gives_the_direct_tokenization_of_each_document_with_e
     packed = pack(docs, 16, tok.eos_token_id)
     assert len(data.eval) == len(packed)
     assert all(
-        torch.equal(a, b) for a, b in zip(data.eval.batch(everything)[:2], packed.batch(everything)[:2], strict=True)
+        torch.equal(a, b)
+        for a, b in zip(data.eval.batch(everything)[:2], packed.batch(everything)[:2], strict=True)
     )
     cfg.data.packing = False
     data = build_data(cfg.data, run_dir=prepared)
     padded = pad_each(docs, 16, tok.eos_token_id, tok.pad_token_id)
     everything = torch.arange(len(data.eval))
     assert all(
-        torch.equal(a, b) for a, b in zip(data.eval.batch(everything)[:2], padded.batch(everything)[:2], strict=True)
+        torch.equal(a, b)
+        for a, b in zip(data.eval.batch(everything)[:2], padded.batch(everything)[:2], strict=True)
     )
 
 
@@ -488,6 +490,7 @@ def test_the_presets_read_through_a_prepared_cache_give_the_first_step_loss_of_b
     everything = torch.arange(len(before))
     assert len(data.train) == len(before)
     assert all(
-        torch.equal(a, b) for a, b in zip(data.train.batch(everything)[:2], before.batch(everything)[:2], strict=True)
+        torch.equal(a, b)
+        for a, b in zip(data.train.batch(everything)[:2], before.batch(everything)[:2], strict=True)
     )
     assert trainer.train_step()["loss"] == pytest.approx(FIRST_STEP_LOSS_BEFORE[preset], rel=1e-5)

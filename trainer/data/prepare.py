@@ -439,10 +439,10 @@ def prepare(cfg: Any) -> Path:
             f"output_dir={out} holds an unfinished prepare_data run with other settings; run it with the "
             "settings it started with, or remove the directory"
         )
-    source.check(num_proc=int(cfg.num_proc))  # before anything is written
     train_on = str(cfg.train_on) if chat else None
-    if chat:  # a tokenizer with no chat template (and none given) fails here, before anything is written
+    if chat:  # a tokenizer with no chat template (and none given) fails here, before anything is read
         ChatEncoder(load_tokenizer(cfg.tokenizer), template=template, train_on=train_on)
+    source.check(num_proc=int(cfg.num_proc))  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer(cfg, source, out, resuming, template)
     vocab_size, eos = len(tok), tok.eos_token_id
@@ -547,8 +547,8 @@ def prepare(cfg: Any) -> Path:
     chat_meta = None
     if chat:
         chat_meta = {
-            **settings["chat"],
             "format": str(cfg.format),
+            "train_on": train_on,
             "template_hash": template_hash(tok.chat_template),
             "dropped": {s: splits[s]["dropped"] for s in SPLITS},
         }

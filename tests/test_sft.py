@@ -1,0 +1,392 @@
+"""Supervised fine-tuning on conversations: prepare_data's masks, whole-conversation packing, document masking
+(packed conversations never see each other), the loss over trained tokens of the global batch, and bad input.
+
+The tokenizer is SmolLM2-135M-Instruct's (real ChatML template, default system prompt, pad == eos); the model is
+a tiny Llama on its vocabulary."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.chat_fixtures import saved_smollm2_tokenizer, with_template
+from tests.conftest import TINY_MODEL, compose_config, make_trainer, run_command, tiny_llama, train_losses
+from tests.test_cli import assert_explained, run_commands
+from tests.test_data_tokenized import prepare_config
+from trainer.data.chat import ChatEncoder
+from trainer.data.conversations import ConversationWindows, best_fit_decreasing
+from trainer.data.prepare import prepare
+from trainer.data.prepared import PreparedSplit, read_meta
+from trainer.data.tokenizer import load_tokenizer
+from trainer.loss import IGNORE_INDEX
+
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+    "sigma",
+]
+
+
+def conversation_rows(num: int, *, seed: int = 0) -> list[dict]:
+    """Word-reversal conversations of one or two assistant turns (trained-token counts from ~3 to ~40), a
+    long one now and then, and every 25th row without an assistant turn (nothing to train: dropped)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num):
+        words = rng.sample(WORDS, rng.randint(2, 12 if i % 10 else 18))
+        messages = [
+            {"role": "user", "content": "Reverse: " + " ".join(words)},
+            {"role": "assistant", "content": " ".join(reversed(words))},
+        ]
+        if i % 3 == 0:
+            messages += [
+                {"role": "user", "content": "Its first word?"},
+                {"role": "assistant", "content": words[-1]},
+            ]
+        if i % 25 == 7:
+            messages = messages[:1]
+        rows.append({"messages": messages})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def smol_dir(tmp_path_factory) -> Path:
+    return saved_smollm2_tokenizer(tmp_path_factory.mktemp("smollm2_tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def chat_jsonl(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in conversation_rows(300)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_prepared(chat_jsonl, smol_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "chat"
+    return prepare(
+        prepare_config(
+            f"data_files={chat_jsonl}",
+            f"tokenizer={smol_dir}",
+            f"output_dir={out}",
+            "format=messages",
+            "eval_fraction=0.1",
+        )
+    )
+
+
+def test_prepare_data_stores_each_conversations_tokens_and_mask_and_counts_them_in_meta(
+    chat_prepared, chat_jsonl, smol_dir
+):
+    meta = read_meta(chat_prepared)
+    tok = load_tokenizer(str(smol_dir))
+    encoder = ChatEncoder(tok)
+    rows = [json.loads(line)["messages"] for line in chat_jsonl.read_text().splitlines()]
+    kept = [r for r in rows if any(m["role"] == "assistant" for m in r)]
+    train = PreparedSplit(chat_prepared, "train", meta)
+    evals = PreparedSplit(chat_prepared, "eval", meta)
+    assert train.num_documents + evals.num_documents == len(kept)
+    # the eval split holds rows 9, 19, ... of the source (evenly spread): compare the train split's in order
+    train_rows = [r for i, r in enumerate(rows) if (i + 1) % 10 and any(m["role"] == "assistant" for m in r)]
+    for d, messages in enumerate(train_rows):
+        ids, mask = encoder.encode(messages)
+        assert train.document(d).tolist() == ids.tolist()
+        assert train.document_mask(d).tolist() == mask.astype(bool).tolist()
+    chat = meta["chat"]
+    assert chat["format"] == "messages" and chat["train_on"] == "assistant"
+    assert sum(sum(d.values()) for d in chat["dropped"].values()) == len(rows) - len(kept) == 12
+    trained = sum(int(train.document_mask(d).sum()) for d in range(train.num_documents))
+    assert chat["trainable_tokens"]["train"] == trained
+    assert chat["trainable_fraction"]["train"] == pytest.approx(trained / train.num_tokens)
+    assert chat["template_hash"] and (chat_prepared / "train" / "shard_00000.mask").is_file()
+
+
+def test_best_fit_decreasing_keeps_every_item_whole_within_capacity_and_fills_windows():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 400, size=2000)  # conversations of 20-400 tokens into 1024-token windows
+    bins = best_fit_decreasing(lengths, 1024)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(lengths[b].sum() <= 1024 for b in bins)
+    assert lengths.sum() / (len(bins) * 1024) >= 0.95  # against padding each row to the longest: ~0.5
+    assert bins == best_fit_decreasing(lengths, 1024)  # deterministic
+
+
+def test_packed_windows_hold_whole_conversations_with_restarting_positions_and_masked_labels(chat_prepared):
+    meta = read_meta(chat_prepared)
+    split = PreparedSplit(chat_prepared, "train", meta)
+    windows = ConversationWindows(split, 256, pad_id=2, packing=True, truncation="truncate")
+    assert windows.stats["truncated"] == 0 and windows.stats["packing_efficiency"] > 0.9
+    seen = []
+    for w in range(len(windows)):
+        batch = windows.batch(torch.tensor([w]))
+        at = 0
+        for d in windows.window(w):
+            ids, mask = split.document(d), split.document_mask(d)
+            n = len(ids)
+            assert batch.inputs[0, at : at + n].tolist() == ids.tolist()  # whole, never split
+            assert batch.position_ids[0, at : at + n].tolist() == list(range(n))
+            want = np.where(mask[1:], ids[1:], IGNORE_INDEX).tolist() + [IGNORE_INDEX]
+            assert batch.labels[0, at : at + n].tolist() == want
+            seen.append(d)
+            at += n
+        assert (batch.labels[0, at:] == IGNORE_INDEX).all() and (batch.inputs[0, at:] == 2).all()
+    assert sorted(seen) == list(range(split.num_documents))
+
+
+def test_conversations_longer_than_seq_len_are_truncated_or_dropped_counting_the_trained_tokens_lost(
+    chat_prepared,
+):
+    split = PreparedSplit(chat_prepared, "train", read_meta(chat_prepared))
+    lengths = split.document_lengths()
+    L = int(np.percentile(lengths, 80))
+    long = [d for d in range(split.num_documents) if lengths[d] > L]
+    cut = ConversationWindows(split, L, pad_id=2, packing=True, truncation="truncate")
+    assert cut.stats["truncated"] == len(long) > 0
+    assert cut.stats["lost_trainable"] == sum(int(split.document_mask(d)[L:].sum()) for d in long)
+    dropped = ConversationWindows(split, L, pad_id=2, packing=False, truncation="drop")
+    assert dropped.stats["dropped"] == len(long) and len(dropped) == split.num_documents - len(long)
+    assert dropped.stats["lost_trainable"] == sum(int(split.document_mask(d)[1:].sum()) for d in long)
+
+
+def isolated_logits(model, windows, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the packed window's logits at its conversations' tokens, each conversation's logits run alone)."""
+    batch = windows.batch(torch.tensor([w]))
+    packed = model(input_ids=batch.inputs, position_ids=batch.position_ids, use_cache=False).logits[0]
+    parts, alone = [], []
+    at = 0
+    for d in windows.window(w):
+        ids = torch.from_numpy(windows.split.document(d))[None]
+        alone.append(model(input_ids=ids, use_cache=False).logits[0])
+        parts.append(packed[at : at + ids.shape[1]])
+        at += ids.shape[1]
+    return torch.cat(parts), torch.cat(alone)
+
+
+def check_isolation(chat_prepared, mode: str) -> None:
+    split = PreparedSplit(chat_prepared, "train", read_meta(chat_prepared))
+    windows = ConversationWindows(split, 256, pad_id=2, packing=True, truncation="truncate")
+    w = max(range(len(windows)), key=lambda i: len(windows.window(i)))
+    assert len(windows.window(w)) >= 3
+    model = tiny_llama(49152)
+    if mode == "activation_checkpointing":
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # checkpointing acts in training mode; the tiny Llama has no dropout
+    with torch.set_grad_enabled(mode == "activation_checkpointing"):
+        reference = isolated_logits(model, windows, w)[1]
+        if mode == "compiled":
+            model.forward = torch.compile(model.forward)
+        packed, _ = isolated_logits(model, windows, w)
+    torch.testing.assert_close(packed, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["eager", "activation_checkpointing"])
+def test_a_packed_windows_logits_equal_each_conversations_logits_alone(chat_prepared, mode):
+    check_isolation(chat_prepared, mode)
+
+
+def test_a_compiled_models_packed_logits_equal_each_conversations_logits_alone(chat_prepared):
+    check_isolation(chat_prepared, "compiled")
+
+
+CHAT_RUN = [
+    *TINY_MODEL,
+    "data=tokenized",
+    "data.seq_len=128",
+    "train.max_steps=3",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=0",
+    "train.progress_bar=false",
+    "checkpoint.every_steps=0",
+    "train.export_hf=false",
+    "scheduler=constant",
+]
+
+
+@torch.no_grad()
+def reference_loss(model, windows, indices: list[int]) -> float:
+    """The mean cross-entropy over every trained token of these windows, each conversation run alone."""
+    total, count = 0.0, 0
+    for w in indices:
+        for d in windows.window(w):
+            ids = torch.from_numpy(windows.split.document(d))
+            mask = torch.from_numpy(windows.split.document_mask(d))
+            logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1]
+            losses = F.cross_entropy(logits, ids[1:], reduction="none")
+            total += float(losses[mask[1:]].sum())
+            count += int(mask[1:].sum())
+    return total / count
+
+
+def test_the_first_step_loss_and_gradients_are_the_mean_over_the_trained_tokens_of_the_global_batch(
+    chat_prepared, tmp_path
+):
+    """Whatever the split into micro-batches (16 sequences at once or 4 x 4 accumulated): the same loss and
+    gradients (plain SGD: the step is -lr x the gradient), and the loss is the mean over trained tokens of the
+    conversations run alone, rows with ~3 to ~40 trained tokens alike."""
+    grads = []
+    for micro in (16, 4):
+        trainer = make_trainer(
+            tmp_path / f"micro{micro}",
+            *CHAT_RUN,
+            f"data.path={chat_prepared}",
+            "train.global_batch_size=16",
+            f"train.micro_batch_size={micro}",
+            "optimizer=sgd",
+            "train.grad_clip=0",
+        )
+        indices = trainer.order.peek(16).tolist()
+        want = reference_loss(trainer.hf_model, trainer.data.train.windows[0], indices)
+        before = [p.detach().clone() for p in trainer.hf_model.parameters()]
+        assert trainer.train_step()["loss"] == pytest.approx(want, rel=1e-5)
+        lr = trainer.lr_at(0)
+        grads.append(
+            [(b - p.detach()) / lr for b, p in zip(before, trainer.hf_model.parameters(), strict=True)]
+        )
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_the_eval_loss_is_taken_over_trained_tokens_of_conversations_alone(chat_prepared, tmp_path):
+    trainer = make_trainer(
+        tmp_path,
+        *CHAT_RUN,
+        f"data.path={chat_prepared}",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+    )
+    windows = trainer.data.eval.windows[0]
+    want = reference_loss(trainer.hf_model, windows, list(range(len(windows))))
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(want, rel=1e-5)
+
+
+def sharded_run(chat_prepared) -> list[str]:
+    return [*CHAT_RUN, f"data.path={chat_prepared}", "train.global_batch_size=16", "train.micro_batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def single_chat_run(chat_prepared, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("single_chat")
+    run_command([*sharded_run(chat_prepared), f"hydra.run.dir={run_dir}"])
+    return run_dir
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_sharded_ranks_follow_the_single_process_on_packed_conversations(
+    chat_prepared, single_chat_run, strategy, tmp_path
+):
+    """2 ranks x micro 4 x 2 accumulation against 1 rank x micro 4 x 4: packed conversations keep to
+    themselves under sharding (the single process's do: the tests above), and the loss normalisation spans
+    ranks."""
+    run_command([*sharded_run(chat_prepared), f"strategy={strategy}", f"hydra.run.dir={tmp_path}"], nproc=2)
+    single, sharded = train_losses(single_chat_run), train_losses(tmp_path)
+    assert sorted(sharded) == [1, 2, 3]
+    for step in single:
+        assert sharded[step] == pytest.approx(single[step], rel=1e-4), (single, sharded)
+
+
+def test_data_hf_reads_the_conversations_prepare_data_writes(chat_prepared, chat_jsonl, smol_dir, tmp_path):
+    from trainer.data import build_data
+
+    def conversations(*windows) -> list[tuple[int, ...]]:
+        """Every conversation the windows hold, as (its tokens, then its trained tokens), sorted."""
+        out = []
+        for w in windows:
+            for d in w.docs.tolist():
+                ids, mask = w.split.document(d), w.split.document_mask(d)
+                out.append((*ids.tolist(), -1, *ids[mask].tolist()))
+        return sorted(out)
+
+    cfg = compose_config(*CHAT_RUN, f"data.path={chat_prepared}")
+    tokenized = build_data(cfg.data, run_dir=tmp_path / "tokenized")
+    cfg = compose_config(
+        *[o.replace("data=tokenized", "data=hf") for o in CHAT_RUN],
+        f"data.data_files={chat_jsonl}",
+        "data.format=messages",
+        f"data.tokenizer={smol_dir}",
+    )
+    hf = build_data(cfg.data, run_dir=tmp_path / "hf")
+    # data=hf holds out a random share for eval, prepare_data every tenth row: the same conversations in all
+    assert conversations(hf.train, hf.eval) == conversations(
+        tokenized.train.windows[0], tokenized.eval.windows[0]
+    )
+
+
+def test_bad_conversational_input_exits_2_with_one_paragraph_naming_the_fix(smol_dir, tmp_path):
+    bare = tmp_path / "bare_tokenizer"
+    with_template(load_tokenizer(str(smol_dir)), None).save_pretrained(str(bare))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    rows = {
+        "good": [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+        * 20,
+        "role": [{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}] * 3,
+        "empty": [
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"messages": []},
+        ],
+        "field": [{"conversation": []}],
+    }
+    files = {}
+    for name, r in rows.items():
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(x) + "\n" for x in r))
+
+    def prep(data, tokenizer=smol_dir, *extra):
+        out = tmp_path / f"out_{len(cases)}"
+        return [
+            f"data_files={files[data]}",
+            f"tokenizer={tokenizer}",
+            f"output_dir={out}",
+            "format=messages",
+            *extra,
+        ]
+
+    cases: list = []
+    for args, names in [
+        (prep("good", bare), ["has no chat template", "chat_template=PATH"]),
+        (prep("role"), [f"{files['role']}, line 1", "'bot'", "roles="]),
+        (prep("empty"), [f"{files['empty']}, line 2", "empty conversation"]),
+        (prep("field"), [f"{files['field']}, line 1", "'messages'", "messages_field"]),
+        (prep("good", "bpe"), ["format=messages", "model's tokenizer"]),
+    ]:
+        cases.append(("trainer.prepare_data", args, names))
+    cases.append(
+        ("trainer.train", ["data=pydoc", "data.format=messages"], ["data.format=messages", "data=hf"])
+    )
+    results = run_commands(tmp_path, [{"module": m, "args": a} for m, a, _ in cases])
+    for (module, args, names), result in zip(cases, results, strict=True):
+        assert_explained(result, *names)
+        if module == "trainer.prepare_data":  # refused before anything is written
+            assert not list(Path(args[2].removeprefix("output_dir=")).glob("*/shard_*"))
+
+
+def test_chat_settings_compose_and_a_built_tokenizer_is_refused_for_conversations():
+    from trainer.config import validate_config
+    from trainer.errors import ConfigError
+
+    cfg = compose_config(
+        "data=hf", "data.format=prompt_completion", "data.tokenizer=bpe", "data.data_files=x.jsonl"
+    )
+    with pytest.raises(ConfigError, match="model's tokenizer"):
+        validate_config(cfg, world_size=1)
