@@ -390,3 +390,25 @@ def test_chat_settings_compose_and_a_built_tokenizer_is_refused_for_conversation
     )
     with pytest.raises(ConfigError, match="model's tokenizer"):
         validate_config(cfg, world_size=1)
+
+
+def test_a_teacher_equal_to_the_student_sees_the_same_positions_and_mask_its_divergence_is_zero(
+    chat_prepared, tmp_path
+):
+    """KD on packed conversations: a student cut from every layer of the teacher is the teacher, so the
+    divergence is 0 only if the teacher sees the student's positions and document mask, on the CE's tokens."""
+    teacher = tmp_path / "teacher"
+    common = [*CHAT_RUN, f"data.path={chat_prepared}", "train.global_batch_size=8", "train.micro_batch_size=4"]
+    make_trainer(teacher, *common, "train.max_steps=1").train()
+    student = make_trainer(
+        tmp_path / "student",
+        *common,
+        "distill=kd",
+        f"distill.teacher={teacher}",
+        "distill.alpha=0.5",
+        "distill.student_init=teacher_layers",
+        "distill.student_layer_stride=1",
+    )
+    stats = student.train_step()
+    assert stats["kd_loss"] == pytest.approx(0.0, abs=1e-8)  # without the positions: ~1e-5
+    assert stats["ce_loss"] > 1.0 and stats["loss"] == pytest.approx(0.5 * stats["ce_loss"], rel=1e-5)
