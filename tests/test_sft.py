@@ -398,7 +398,12 @@ def test_a_teacher_equal_to_the_student_sees_the_same_positions_and_mask_its_div
     """KD on packed conversations: a student cut from every layer of the teacher is the teacher, so the
     divergence is 0 only if the teacher sees the student's positions and document mask, on the CE's tokens."""
     teacher = tmp_path / "teacher"
-    common = [*CHAT_RUN, f"data.path={chat_prepared}", "train.global_batch_size=8", "train.micro_batch_size=4"]
+    common = [
+        *CHAT_RUN,
+        f"data.path={chat_prepared}",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+    ]
     make_trainer(teacher, *common, "train.max_steps=1").train()
     student = make_trainer(
         tmp_path / "student",
