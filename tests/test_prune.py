@@ -513,3 +513,20 @@ def test_structured_pruning_of_gpt2_is_refused_naming_its_fused_conv1d():
         _pruner("prune=structured", "prune.heads=0.5").prepare(
             _tiny_gpt2(), train_data=None, micro_batch_size=1, resume=None
         )
+
+
+def test_a_gpt2_run_prunes_its_conv1d_layers_and_exports_the_zeros(tmp_path):
+    """The run that crashed on a ZeroDivisionError (no layer targeted): wanda on every Conv1D, masks held."""
+    make_trainer(
+        tmp_path,
+        *TINY,
+        "model.arch.model_type=gpt2",
+        "prune=wanda",
+        "prune.calibration_batches=2",
+        "train.max_steps=2",
+    ).train()
+    report = json.loads((tmp_path / "sparsity.json").read_text())
+    assert len(report["layers"]) == 8 and report["sparsity"] == pytest.approx(0.5)
+    c_attn = load_file(str(tmp_path / "hf" / "model.safetensors"))["transformer.h.0.attn.c_attn.weight"]
+    assert c_attn.shape == (32, 96)  # [in, out]: wanda removes half of each output's inputs, a column here
+    assert ((c_attn == 0).sum(0) == 16).all()
