@@ -163,11 +163,6 @@ def as_weight_layout(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.T.contiguous() if is_conv1d(module) else tensor
 
 
-def linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of every linear layer of `model`, nn.Linear and GPT-2 Conv1D alike."""
-    return ((n, m) for n, m in model.named_modules() if is_linear(m))
-
-
 def conv1d_to_linear(conv: nn.Module) -> nn.Linear:
     """An nn.Linear computing what a GPT-2 Conv1D computes (the weight transposed, the same bias)."""
     w = conv.weight.detach()
