@@ -455,3 +455,70 @@ def test_adapter_checkpoint_resumes_under_another_strategy_and_world_size(
     run_command([*half, f"strategy={first[0]}", "train.max_steps=3"], nproc=first[1])
     run_command([*half, f"strategy={second[0]}", "resume=auto"], nproc=second[1])
     _assert_follows(single_runs("lora"), tmp_path, range(4, STEPS + 1))
+
+
+# ---- GPT-2: Conv1D layers, adapted by the peft library with fan_in_fan_out -----------------------------
+
+GPT2 = ["model.arch.model_type=gpt2", "peft.targets=[c_attn]"]
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_a_gpt2_conv1d_merges_to_the_forward_the_peft_library_computes(name):
+    from peft import inject_adapter_in_model
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    plain, model = nn.Module(), nn.Module()
+    plain.c_attn = Conv1D(9, 6)  # 6 inputs, 9 outputs: weight stored 6 x 9
+    model.c_attn = Conv1D(9, 6)
+    model.load_state_dict(plain.state_dict())
+    config = lora_config(name, rank=2, alpha=3.0, targets=["c_attn"], fan_in_fan_out=True)
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    with torch.no_grad():
+        model.c_attn.lora_B[ADAPTER].weight.normal_()
+        if name == "dora":
+            model.c_attn.lora_magnitude_vector[ADAPTER].weight.uniform_(0.5, 2.0)
+    merged = merge_adapters(model.state_dict(), ["c_attn"], scaling=1.5, conv1d=["c_attn"])
+    assert merged["c_attn.weight"].shape == (6, 9)
+    plain.load_state_dict(merged)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(plain.c_attn(x), model.c_attn(x))
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_gpt2_adapters_on_c_attn_load_with_peft_and_give_the_merged_exports_logits(name, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trainer = _run(tmp_path, *GPT2, f"peft={name}", "peft.rank=4", "train.max_steps=2")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and sorted(config["target_modules"]) == [
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.1.attn.c_attn",
+    ]
+    base = AutoModelForCausalLM.from_config(trainer.hf_model.config)  # a fresh GPT-2 given the frozen base
+    base.load_state_dict(
+        {
+            k.replace(".base_layer.", "."): v
+            for k, v in trainer.hf_model.state_dict().items()
+            if ".lora_" not in k
+        },
+        strict=False,
+    )
+    base.tie_weights()
+    ids = torch.randint(0, trainer.hf_model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        base_logits = base.eval()(ids).logits
+    with_adapter = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()  # adapts `base` in place
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    trainer.hf_model.eval()
+    with torch.no_grad():
+        want = merged(ids).logits
+        assert not torch.allclose(want, base_logits, atol=1e-4)  # the adapters changed the model
+        torch.testing.assert_close(with_adapter(ids).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(trainer.hf_model(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_conv1d_with_an_nf4_base_is_refused_before_wrapping(tmp_path):
+    with pytest.raises(ConfigError, match=r"peft.base_dtype=nf4 with GPT-2 Conv1D targets .*bf16 or float"):
+        make_trainer(tmp_path, *TINY, *GPT2, *LORA, "peft.base_dtype=nf4")

@@ -417,3 +417,116 @@ def test_gmp_raises_sparsity_on_schedule_and_never_revives_a_pruned_weight(tmp_p
     ]
     torch.set_num_threads(threads)
     assert history == pytest.approx(want, abs=1e-3)  # floor() per layer: within one weight in a thousand
+
+
+# ---- GPT-2: Conv1D layers are linears with transposed weights ------------------------------------------
+
+
+def _tiny_gpt2(layers=2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=layers, n_head=2, n_positions=64, vocab_size=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+def _with_linears(model):
+    """A copy of a GPT-2 whose Conv1D layers are nn.Linear holding the transposed weights (the reference)."""
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        if isinstance(m, Conv1D):
+            linear = torch.nn.Linear(m.weight.shape[0], m.weight.shape[1])
+            with torch.no_grad():
+                linear.weight.copy_(m.weight.T)
+                linear.bias.copy_(m.bias)
+            out.set_submodule(name, linear)
+    return out
+
+
+class _Windows:
+    """Training windows as the pruner's calibration reads them (`len`, `batch(indices)`)."""
+
+    def __init__(self, num=8, seq_len=12, vocab=64):
+        self.ids = torch.randint(0, vocab, (num, seq_len), generator=torch.Generator().manual_seed(1))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def batch(self, index):
+        return self.ids[index], self.ids[index]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["prune=magnitude"],
+        ["prune=wanda", "prune.calibration_batches=2"],
+        ["prune=sparsegpt", "prune.calibration_batches=2", "prune.block_size=16"],
+        ["prune=nm", "prune.block_size=16"],
+        ["prune=nm", "prune.criterion=wanda", "prune.calibration_batches=2", "prune.block_size=16"],
+    ],
+    ids=["magnitude", "wanda", "sparsegpt", "nm", "nm-wanda"],
+)
+def test_gpt2_conv1d_is_pruned_as_the_linear_holding_its_transposed_weight(overrides):
+    gpt2 = _tiny_gpt2()
+    reference = _with_linears(gpt2)
+    pruned = {}
+    for model in (gpt2, reference):
+        pruner = _pruner(*overrides)
+        pruner.prepare(model, train_data=_Windows(), micro_batch_size=2, resume=None)
+        pruned[model] = pruner.masks
+    assert set(pruned[gpt2]) == set(pruned[reference]) and len(pruned[gpt2]) == 8  # 4 Conv1D x 2 blocks
+    for name, keep in pruned[gpt2].items():
+        conv, linear = gpt2.get_parameter(name), reference.get_parameter(name)
+        assert keep.shape == conv.shape and torch.equal(keep, pruned[reference][name].T), name
+        torch.testing.assert_close(conv, linear.T, rtol=0, atol=1e-6)  # sparsegpt's updates too
+        if "nm" in overrides[0]:  # 2 of every 4 consecutive inputs of an output: along Conv1D's rows
+            assert int((conv.T.reshape(-1, 4) != 0).sum(1).max()) <= 2
+
+
+def test_a_pruning_config_that_selects_no_layer_is_refused_naming_the_layers_there_are():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = torch.nn.Parameter(torch.ones(4, 4))  # 2-D, but no linear layer
+
+    class Model(torch.nn.Module):
+        _no_split_modules = ["Block"]
+
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(8, 4)
+            self.blocks = torch.nn.ModuleList([Block()])
+
+    with pytest.raises(
+        ConfigError, match=r"prune.targets=null .* blocks hold none .*Embedding.* \['embed'\]"
+    ):
+        _pruner("prune=wanda").prepare(Model(), train_data=None, micro_batch_size=1, resume=None)
+
+
+def test_structured_pruning_of_gpt2_is_refused_naming_its_fused_conv1d():
+    with pytest.raises(ConfigError, match=r"model_type=gpt2's GPT2Block is not one .*fused GPT-2 Conv1D"):
+        _pruner("prune=structured", "prune.heads=0.5").prepare(
+            _tiny_gpt2(), train_data=None, micro_batch_size=1, resume=None
+        )
+
+
+def test_a_gpt2_run_prunes_its_conv1d_layers_and_exports_the_zeros(tmp_path):
+    """The run that crashed on a ZeroDivisionError (no layer targeted): wanda on every Conv1D, masks held."""
+    make_trainer(
+        tmp_path,
+        *TINY,
+        "model.arch.model_type=gpt2",
+        "prune=wanda",
+        "prune.calibration_batches=2",
+        "train.max_steps=2",
+    ).train()
+    report = json.loads((tmp_path / "sparsity.json").read_text())
+    assert len(report["layers"]) == 8 and report["sparsity"] == pytest.approx(0.5)
+    c_attn = load_file(str(tmp_path / "hf" / "model.safetensors"))["transformer.h.0.attn.c_attn.weight"]
+    assert c_attn.shape == (32, 96)  # [in, out]: wanda removes half of each output's inputs, a column here
+    assert ((c_attn == 0).sum(0) == 16).all()

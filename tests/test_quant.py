@@ -839,3 +839,79 @@ def test_a_qat_scheme_outside_the_choices_is_refused_at_composition():
     message = composition_error(*TINY, "quant=int8_weight", "quant.name=int2")
     assert "Invalid value 'int2', expected one of [none, int8_dynamic, int8_weight, int4_weight]" in message
     assert "full_key: quant.name" in message
+
+
+# ---- GPT-2: Conv1D layers are quantized as the nn.Linear they equal, or refused -----------------------
+
+
+def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.1)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight", "int8_dynamic"])
+def test_gpt2_conv1d_layers_are_quantized_and_reload_with_logits_close_to_float(scheme, tmp_path):
+    model = tiny_gpt2()
+    ids = fixed_inputs()
+    with torch.no_grad():
+        want = model(ids).logits
+        quantized = copy.deepcopy(model)
+        info = quantize_model(quantized, scheme, keep_float=["lm_head"])
+        in_memory = quantized(ids).logits
+        save_quantized(tmp_path / scheme, quantized, info)
+        reloaded = load_quantized(tmp_path / scheme)
+        got = reloaded(ids).logits
+    assert torch.equal(got, in_memory)
+    err = relative_error(got, want)
+    assert 0 < err < BOUND[scheme], err
+    manifest = read_manifest(tmp_path / scheme)
+    assert len(manifest["conv1d_as_linear"]) == 8  # c_attn, c_proj, c_fc, mlp.c_proj in each of 2 blocks
+    c_attn = reloaded.transformer.h[0].attn.c_attn
+    assert type(c_attn.weight).__name__ == "Int8Tensor" and c_attn.weight.shape == (192, 64)  # [out, in]
+    float_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert (tmp_path / scheme / manifest["weights"]).stat().st_size < 0.6 * float_bytes
+
+
+def test_a_scheme_that_would_quantize_no_layer_is_refused_naming_the_layer_types():
+    with pytest.raises(ConfigError, match=r"scheme=int8_weight finds no linear layer .*Conv1D, .*Embedding"):
+        quantize_model(tiny_gpt2(), "int8_weight", keep_float=["lm_head", "c_"])
+
+
+def test_int8_smooth_and_qat_refuse_gpt2_naming_what_they_need():
+    from trainer.quant.qat import prepare_qat
+
+    with pytest.raises(ConfigError, match="int8_smooth folds its scales into Llama-style decoder blocks"):
+        quantize_model(tiny_gpt2(), "int8_smooth", keep_float=[], calibration=[fixed_inputs()])
+    q = OmegaConf.create({"name": "int8_weight", "keep_float": [], "group_size": 32})
+    with pytest.raises(ConfigError, match=r"QAT.*Conv1D layers are not nn.Linear.*trainer.quantize"):
+        prepare_qat(tiny_gpt2(), q)
+
+
+def test_quantize_command_refusing_a_model_with_nothing_to_quantize_prints_one_paragraph_exit_2(
+    exported, tmp_path
+):
+    _, _, data = exported
+    gpt2 = tmp_path / "gpt2"
+    tiny_gpt2().save_pretrained(gpt2)
+    data.tokenizer.save_pretrained(gpt2)
+    args = [
+        f"model_path={gpt2}",
+        "scheme=int8_weight",
+        "keep_float=[lm_head,c_]",
+        f"output_dir={tmp_path / 'q'}",
+    ]
+    proc = subprocess.run(
+        [PYTHON, "-m", "trainer.quantize", *args],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert "finds no linear layer of GPT2LMHeadModel" in line and "Traceback" not in proc.stderr
+    assert not (tmp_path / "q").exists()

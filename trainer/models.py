@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.pytorch_utils import Conv1D
 
 from trainer.errors import ConfigError, TrainerError
 from trainer.loss import causal_lm_loss
@@ -137,6 +138,45 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
             "sharding, pruning and distillation work per block"
         )
     return blocks
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's `Conv1D` (transformers.pytorch_utils): a linear layer y = x W + b whose weight is stored
+    [in, out], transposed relative to nn.Linear's [out, in]."""
+    return isinstance(module, Conv1D)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An nn.Linear (or subclass) or a GPT-2 Conv1D: what pruning, adapters and quantization treat as a linear."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """A linear layer's weight in nn.Linear orientation [out, in]: a transposed view of a Conv1D's (writing
+    to it writes the layer's weight)."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def as_weight_layout(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor computed in nn.Linear orientation [out, in] (a mask, an updated weight) in the layout of
+    `module.weight`: transposed back for a Conv1D."""
+    return tensor.T.contiguous() if is_conv1d(module) else tensor
+
+
+def conv1d_to_linear(conv: nn.Module) -> nn.Linear:
+    """An nn.Linear computing what a GPT-2 Conv1D computes (the weight transposed, the same bias)."""
+    w = conv.weight.detach()
+    linear = nn.Linear(w.shape[0], w.shape[1], bias=conv.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w.T)
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias.detach())
+    return linear
+
+
+def layer_types(model: nn.Module) -> list[str]:
+    """The class names of the leaf modules of `model`, sorted (for messages that say what a model is made of)."""
+    return sorted({type(m).__name__ for m in model.modules() if not next(m.children(), None)})
 
 
 def max_seq_len(model: PreTrainedModel) -> int | None:

@@ -166,7 +166,7 @@ def convert_to_fp8(model: nn.Module) -> int:
     swapped = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
     if swapped == 0:
         raise ConfigError(
-            "precision=fp8 found no linear layer with both dimensions divisible by 16 to run in fp8; "
-            "use precision=bf16 for this model"
+            "precision=fp8 found no nn.Linear layer with both dimensions divisible by 16 to run in fp8 (GPT-2's "
+            "Conv1D layers are not nn.Linear); use precision=bf16 for this model"
         )
     return swapped

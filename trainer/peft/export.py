@@ -20,6 +20,7 @@ from trainer.peft.extension import (
     ADAPTER,
     ADAPTER_DIR,
     STATE_KEY,
+    conv1d_targets,
     lora_config,
     merge_adapters,
     modules_of,
@@ -66,10 +67,17 @@ def export_adapter_checkpoint(
             "of its weights differs); export with the base files the run used"
         )
     targets = list(state["targets"])
+    conv1d = conv1d_targets(model, targets)
     # As in training: the base frozen, then the adapters (created trainable) and train_also trainable.
     model.requires_grad_(False)
     inject_adapter_in_model(
-        lora_config(state["name"], rank=state["rank"], alpha=state["alpha"], targets=targets),
+        lora_config(
+            state["name"],
+            rank=state["rank"],
+            alpha=state["alpha"],
+            targets=targets,
+            fan_in_fan_out=bool(conv1d),
+        ),
         model,
         adapter_name=ADAPTER,
     )
@@ -89,7 +97,11 @@ def export_adapter_checkpoint(
         )
     full = {k: v.detach() for k, v in model.state_dict().items()}
     merged = merge_adapters(
-        full, targets, scaling=state["alpha"] / state["rank"], keep_zeros=state.get("keep_zeros", False)
+        full,
+        targets,
+        scaling=state["alpha"] / state["rank"],
+        keep_zeros=state.get("keep_zeros", False),
+        conv1d=conv1d,
     )
     output.mkdir(parents=True, exist_ok=True)
     plain = plain_model(config, merged)
@@ -105,6 +117,7 @@ def export_adapter_checkpoint(
             alpha=state["alpha"],
             dropout=state.get("dropout", 0.0),
             targets=targets,
+            fan_in_fan_out=bool(conv1d),
             modules_to_save=modules,
             base_model_name_or_path=name,
             inference_mode=True,

@@ -19,6 +19,7 @@ import fnmatch
 import json
 import os
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from trainer.checkpoint import STATE_FILE
 from trainer.distributed import ParallelEnv, barrier
 from trainer.errors import CheckpointError, ConfigError
 from trainer.extensions import Extension
+from trainer.models import is_conv1d, is_linear, layer_types
 
 ADAPTER_DIR = "adapter"
 ADAPTER = "default"  # the peft library's name of the one adapter
@@ -41,8 +43,8 @@ def select_targets(model: nn.Module, patterns: list[str]) -> list[str]:
     """Names of the linear modules the globs select; every glob must select at least one.
 
     A glob without a dot matches the last part of a module's name (`q_proj`), one with dots the whole name
-    (`model.layers.0.*`)."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    (`model.layers.0.*`). GPT-2's Conv1D layers are linears (the peft library adapts them, fan_in_fan_out)."""
+    linears = [n for n, m in model.named_modules() if is_linear(m)]
     out: set[str] = set()
     for pattern in patterns:
         hits = [
@@ -51,9 +53,10 @@ def select_targets(model: nn.Module, patterns: list[str]) -> list[str]:
         if not hits:
             examples = sorted({n.rpartition(".")[2] for n in linears})
             raise ConfigError(
-                f"peft.targets pattern {pattern!r} matches no linear module of this model; its linears are named "
-                f"{examples} (a glob without a dot matches the last name part, e.g. q_proj; with dots the whole "
-                "name, e.g. 'model.layers.0.*')"
+                f"peft.targets pattern {pattern!r} matches no linear module (nn.Linear, GPT-2's Conv1D) of "
+                f"{type(model).__name__}; its linears are named {examples} (a glob without a dot matches the last "
+                "name part, e.g. q_proj; with dots the whole name, e.g. 'model.layers.0.*'); its layer types are "
+                f"{', '.join(layer_types(model))}"
             )
         out.update(hits)
     owner = {id(p): n for n, p in model.named_parameters()}  # a tied weight is listed once, by its first name
@@ -67,6 +70,21 @@ def select_targets(model: nn.Module, patterns: list[str]) -> list[str]:
                 f"peft.train_also=[{first}]"
             )
     return sorted(out)
+
+
+def conv1d_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """The targets that are GPT-2 Conv1D layers (their weights stored [in, out]), before injection."""
+    return [n for n in targets if is_conv1d(model.get_submodule(n))]
+
+
+def check_conv1d_base(conv1d: list[str], base_dtype: str) -> None:
+    """QLoRA's NF4 base is torchao's NF4Tensor, which computes as an nn.Linear weight only."""
+    if conv1d and base_dtype in ("nf4",):
+        raise ConfigError(
+            f"peft.base_dtype=nf4 with GPT-2 Conv1D targets ({conv1d[0]}, {len(conv1d)} in all): torchao's "
+            "NF4Tensor computes only as an nn.Linear weight, and Conv1D multiplies by its weight transposed; "
+            "use peft.base_dtype=bf16 or float for this model"
+        )
 
 
 def select_train_also(model: nn.Module, patterns: list[str]) -> list[str]:
@@ -169,9 +187,11 @@ def lora_config(
     targets: list[str],
     dropout: float = 0.0,
     modules_to_save: list[str] | None = None,
+    fan_in_fan_out: bool = False,
     **kwargs: Any,
 ):
-    """The peft library's config of our adapters: `name` is lora or dora, `targets` full module names."""
+    """The peft library's config of our adapters: `name` is lora or dora, `targets` full module names;
+    `fan_in_fan_out` when they are GPT-2 Conv1D layers (weights stored [in, out])."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -182,6 +202,7 @@ def lora_config(
         use_dora=name in ("dora",),
         bias="none",
         modules_to_save=modules_to_save or None,
+        fan_in_fan_out=bool(fan_in_fan_out),
         **kwargs,
     )
 
@@ -192,10 +213,13 @@ def merge_adapters(
     *,
     scaling: float,
     keep_zeros: bool = False,
+    conv1d: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
     """The plain HF weights of an adapted state dict: each target's W + s B A (DoRA: m * (W + s B A) / ||.||
     per output row), in the adapter's dtype; `keep_zeros`: the delta masked where W is zero, so the merged
-    weight keeps the base's (pruned) zeros. The peft library's `merge_and_unload` computes the same."""
+    weight keeps the base's (pruned) zeros. The targets named in `conv1d` are GPT-2 Conv1D layers, whose W is
+    stored transposed: merged in nn.Linear orientation, stored back as theirs. The peft library's
+    `merge_and_unload` computes the same."""
     out = dict(state_dict)
     for name in targets:
         base = out.pop(f"{name}.base_layer.weight")
@@ -203,12 +227,14 @@ def merge_adapters(
         b = out.pop(f"{name}.lora_B.{ADAPTER}.weight")
         magnitude = out.pop(f"{name}.lora_magnitude_vector.{ADAPTER}.weight", None)
         w = base.to(a.dtype)  # an NF4 base dequantized: the weight the adapter trained against
+        if name in conv1d:
+            w = w.T
         merged = w + scaling * (b @ a)
         if magnitude is not None:
             merged = (magnitude / torch.linalg.norm(merged, dim=1)).unsqueeze(1) * merged
         if keep_zeros:
             merged = torch.where(w == 0, torch.zeros_like(merged), merged)
-        out[f"{name}.weight"] = merged.contiguous()
+        out[f"{name}.weight"] = (merged.T if name in conv1d else merged).contiguous()
         if (bias := out.pop(f"{name}.base_layer.bias", None)) is not None:
             out[f"{name}.bias"] = bias
     return out
@@ -228,6 +254,7 @@ class Adapters(Extension):
             )
         self.keep_zeros = cfg.prune.name in ("keep_zeros",)
         self.targets: list[str] = []
+        self.conv1d: list[str] = []  # the targets that are GPT-2 Conv1D layers
         self.train_also: list[str] = []
         self.base: dict[str, Any] = {}
         self.hf_model: nn.Module | None = None
@@ -242,7 +269,13 @@ class Adapters(Extension):
     def lora_config(self, **kwargs: Any):
         p = self.cfg.peft
         return lora_config(
-            str(p.name), rank=p.rank, alpha=p.alpha, dropout=p.dropout, targets=self.targets, **kwargs
+            str(p.name),
+            rank=p.rank,
+            alpha=p.alpha,
+            dropout=p.dropout,
+            targets=self.targets,
+            fan_in_fan_out=bool(self.conv1d),
+            **kwargs,
         )
 
     # ---- before wrapping ---------------------------------------------------------------------------
@@ -254,6 +287,8 @@ class Adapters(Extension):
 
         p, m = self.cfg.peft, self.cfg.model
         self.targets = select_targets(model, list(p.targets))
+        self.conv1d = conv1d_targets(model, self.targets)
+        check_conv1d_base(self.conv1d, str(p.base_dtype))
         self.train_also = select_train_also(model, list(p.train_also))
         self.base = {
             "name_or_path": m.name_or_path if m.source in ("pretrained",) else None,
@@ -325,7 +360,9 @@ class Adapters(Extension):
         )
         if not state_dict:
             return state_dict, hf_model
-        merged = merge_adapters(state_dict, self.targets, scaling=self.scaling, keep_zeros=self.keep_zeros)
+        merged = merge_adapters(
+            state_dict, self.targets, scaling=self.scaling, keep_zeros=self.keep_zeros, conv1d=self.conv1d
+        )
         return merged, plain_model(hf_model.config, merged)
 
     def modules_to_save(self) -> list[str]:

@@ -18,7 +18,7 @@ from trainer.calibration import InputStats, calibration_batches, update_blocks_s
 from trainer.distributed import ParallelEnv, all_reduce_sum
 from trainer.errors import ConfigError
 from trainer.extensions import Extension
-from trainer.models import transformer_blocks
+from trainer.models import as_weight_layout, is_linear, layer_types, linear_weight, transformer_blocks
 from trainer.prune.masks import (
     MaskEnforcer,
     broadcast_masks,
@@ -44,12 +44,22 @@ def _is_prunable(module: nn.Module) -> bool:
 def select_targets(model: nn.Module, patterns: list[str] | None) -> dict[str, nn.Module]:
     """Modules to prune by name: every glob must match at least one module with a 2-D weight.
 
-    With no patterns: the linear layers inside the transformer blocks (not embeddings, not the LM head).
+    With no patterns: the linear layers inside the transformer blocks (not embeddings, not the LM head);
+    GPT-2's Conv1D counts as a linear (models.is_linear). Selecting nothing is an error, never a no-op.
     """
+    named = dict(model.named_modules())
     if patterns is None:
         inside = {id(m) for b in transformer_blocks(model) for m in b.modules()}
-        return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in inside}
-    named = dict(model.named_modules())
+        found = {n: m for n, m in named.items() if is_linear(m) and id(m) in inside}
+        if not found:
+            prunable = [n for n, m in named.items() if _is_prunable(m)]
+            raise ConfigError(
+                f"prune.targets=null selects the linear layers (nn.Linear, GPT-2's Conv1D) of the transformer "
+                f"blocks, and {type(model).__name__}'s blocks hold none (its layer types: "
+                f"{', '.join(layer_types(model))}); its layers with a 2-D weight are {prunable[:6]}: name the "
+                "ones to prune with prune.targets"
+            )
+        return found
     out: dict[str, nn.Module] = {}
     for pattern in patterns:
         hits = {n: m for n, m in named.items() if n and fnmatch.fnmatchcase(n, pattern) and _is_prunable(m)}
@@ -67,6 +77,12 @@ def select_targets(model: nn.Module, patterns: list[str] | None) -> dict[str, nn
                 f"prune.targets: {n}.weight is tied to another parameter; target that one instead"
             )
     return out
+
+
+def _linear_view(module: nn.Module) -> torch.Tensor:
+    """The weight the per-row criteria (wanda, n:m, sparsegpt) compare in: [out, in], inputs along dim 1
+    (a transposed view of a GPT-2 Conv1D's [in, out] weight; an embedding's as it is)."""
+    return linear_weight(module) if is_linear(module) else module.weight
 
 
 def _sparsity_for(name: str, cfg: Any) -> float:
@@ -180,14 +196,15 @@ class Pruner(Extension):
         c = self.cfg
         if self.method in CALIBRATED or (self.method == "nm" and c.criterion != "magnitude"):
             inside = {id(m) for b in transformer_blocks(model) for m in b.modules()}
-            outside = [n for n, m in targets.items() if id(m) not in inside or not isinstance(m, nn.Linear)]
+            outside = [n for n, m in targets.items() if id(m) not in inside or not is_linear(m)]
             if outside:
                 raise ConfigError(
                     f"prune={self.method} calibrates linear layers inside the transformer blocks; {outside[:3]} "
                     "is not one: narrow prune.targets or use prune=magnitude for it"
                 )
         if self.method == "nm":
-            bad = [(n, m.weight.shape[1]) for n, m in targets.items() if m.weight.shape[1] % c.m]
+            inputs = {n: _linear_view(m).shape[1] for n, m in targets.items()}
+            bad = [(n, k) for n, k in inputs.items() if k % c.m]
             if bad:
                 raise ConfigError(
                     f"prune=nm with m={c.m}: {bad[0][0]} has {bad[0][1]} input features, not a multiple of {c.m} "
@@ -234,9 +251,9 @@ class Pruner(Extension):
             nm = (c.n, c.m) if self.method == "nm" else None
             if criterion == "magnitude":
                 for name, m in self._weights(targets):
-                    w = m.weight.detach()
+                    w = _linear_view(m).detach()
                     keep = nm_mask(w.abs(), *nm) if nm else magnitude_mask(w, self.target_sparsity[name])
-                    masks[name] = keep.cpu()
+                    masks[name] = as_weight_layout(m, keep).cpu()
             else:
                 batches = calibration_batches(
                     train_data, num_batches=c.calibration_batches, batch_size=micro_batch_size, seed=self.seed
@@ -246,7 +263,7 @@ class Pruner(Extension):
 
                 def prune_layer(name: str, module: nn.Module, stats: InputStats) -> None:
                     key = f"{name}.weight"
-                    w = module.weight
+                    w = _linear_view(module)  # Conv1D: a transposed view; written through below
                     if criterion == "wanda":
                         keep = (
                             nm_mask(wanda_scores(w, stats.sq_norm), *nm)
@@ -267,7 +284,7 @@ class Pruner(Extension):
                         )
                     with torch.no_grad():
                         w.copy_(new)
-                    masks[key] = keep.cpu()
+                    masks[key] = as_weight_layout(module, keep).cpu()
 
                 update_blocks_sequentially(
                     model, batches, targets, prune_layer, with_hessian=criterion == "sparsegpt"

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from trainer.errors import ConfigError
-from trainer.models import transformer_blocks
+from trainer.models import is_conv1d, transformer_blocks
 
 
 def _sliced(linear: nn.Linear, index: torch.Tensor, *, dim: int) -> nn.Linear:
@@ -42,15 +42,21 @@ def _layer_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     raise ConfigError(f"cannot find the list of transformer layers of {type(model).__name__}")
 
 
-def _check_llama_like(block: nn.Module) -> None:
+def _check_llama_like(block: nn.Module, model_type: str) -> None:
     attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
     need = [(attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj"))]
     if any(
         m is None or not all(isinstance(getattr(m, n, None), nn.Linear) for n in names) for m, names in need
     ):
         raise ConfigError(
-            f"prune=structured knows Llama-style blocks (self_attn.q/k/v/o_proj, mlp.gate/up/down_proj); "
-            f"{type(block).__name__} is not one: use an unstructured method (prune=magnitude, wanda, sparsegpt, nm)"
+            f"prune=structured (heads, MLP channels, layers) knows Llama-style blocks (self_attn.q/k/v/o_proj as "
+            f"nn.Linear, mlp.gate/up/down_proj); model_type={model_type}'s {type(block).__name__} is not one"
+            + (
+                " (its attention holds q, k and v in one fused GPT-2 Conv1D, which it does not slice)"
+                if any(is_conv1d(m) for m in block.modules())
+                else ""
+            )
+            + ": use an unstructured method (prune=magnitude, wanda, sparsegpt, nm)"
         )
 
 
@@ -158,7 +164,7 @@ def prune_structured(
 ) -> dict[str, Any]:
     """Shrink `model` in place; returns what was removed (for the report)."""
     for block in transformer_blocks(model):
-        _check_llama_like(block)
+        _check_llama_like(block, getattr(model.config, "model_type", type(model).__name__))
     before = sum(p.numel() for p in model.parameters())
     if layers:
         drop_layers(model, list(layers))

@@ -31,7 +31,7 @@ from torch import nn
 from trainer.calibration import InputStats, update_blocks_sequentially
 from trainer.choices import CompressedTensorsScheme
 from trainer.errors import ConfigError
-from trainer.models import transformer_blocks
+from trainer.models import is_conv1d, transformer_blocks
 from trainer.quant import smooth
 from trainer.quant.gptq import gptq_quantize
 from trainer.utils import require, staged
@@ -94,9 +94,16 @@ def export_compressed_tensors(
     }
     ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in targets]
     if not targets:
+        conv1d = any(is_conv1d(m) for m in model.modules())
         raise ConfigError(
             f"{type(model).__name__} has no nn.Linear layer to quantize outside keep_float={keep}: "
-            "compressed-tensors quantizes Linear modules (GPT-2's Conv1D layers are not); keep fewer layers float"
+            "compressed-tensors quantizes Linear modules; "
+            + (
+                "GPT-2's Conv1D layers are not, and their transposed weights are not what its readers (vLLM, "
+                "transformers) expect of a Linear: quantize this model with trainer.quantize instead"
+                if conv1d
+                else "keep fewer layers float"
+            )
         )
     group = _group_size(targets, group_size) if grouped else None
 

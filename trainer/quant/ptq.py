@@ -9,7 +9,9 @@
 | sparse24      | 2:4 semi-structured      | float16 or bfloat16       | torchao SemiSparseWeightConfig, CUDA (compute capability 8.0+) |
 
 Layers whose names contain one of `keep_float` are left in float (default_keep_float: the LM head, but
-for int8_smooth). "float" is the model's dtype, set before quantizing (scheme_dtype: float32 by default,
+for int8_smooth). GPT-2's Conv1D layers (a linear with its weight stored [in, out]) become the equivalent
+nn.Linear first, which every kernel here takes (the manifest lists them, so that loading builds the same);
+a scheme that would quantize no layer at all is refused, never saved as a "quantized" float model. "float" is the model's dtype, set before quantizing (scheme_dtype: float32 by default,
 bfloat16 or float16 where the kernels need it or a GPU runs faster with it). Each check runs before any
 model is loaded, so a scheme that cannot run here fails at once with what it needs.
 """
@@ -25,6 +27,7 @@ from torch import nn
 
 from trainer.choices import DTYPES
 from trainer.errors import ConfigError
+from trainer.models import conv1d_to_linear, is_conv1d, layer_types
 from trainer.quant import smooth
 from trainer.quant.config import QuantScheme
 from trainer.quant.gptq import quantize_blocks_gptq, quantize_head_gptq
@@ -107,6 +110,26 @@ def _filter(keep_float: list[str]) -> Callable[[nn.Module, str], bool]:
     return lambda module, fqn: isinstance(module, nn.Linear) and not any(k in fqn for k in keep_float)
 
 
+def conv1d_as_linear(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Replace the GPT-2 Conv1D layers at `names` by the nn.Linear that computes the same; returns the names."""
+    names = list(names)
+    for name in names:
+        model.set_submodule(name, conv1d_to_linear(model.get_submodule(name)))
+    return names
+
+
+def check_targets(model: nn.Module, scheme: str, keep_float: list[str]) -> int:
+    """How many layers `scheme` will quantize; none is an error naming what the model is made of."""
+    count = sum(_filter(keep_float)(m, n) for n, m in model.named_modules())
+    if count == 0:
+        raise ConfigError(
+            f"scheme={scheme} finds no linear layer of {type(model).__name__} to quantize outside "
+            f"keep_float={keep_float} (its layer types: {', '.join(layer_types(model))}); nothing would be "
+            "quantized: keep fewer layers in float (keep_float=[]), or quantize a model with linear layers"
+        )
+    return count
+
+
 def torchao_config(scheme: str, *, group_size: int = 128) -> Any:
     """The torchao config object of a torchao scheme."""
     q = require("torchao.quantization", extra="quant", package="torchao")
@@ -134,7 +157,7 @@ def check_2_4_sparse(model: nn.Module, keep_float: list[str]) -> None:
         if _filter(keep_float)(module, name):
             w = module.weight.detach()
             if w.shape[1] % 4 or (w.reshape(-1, 4) != 0).sum(1).max() > 2:
-                raise ValueError(
+                raise ConfigError(
                     f"scheme=sparse24: {name}.weight is not 2:4 sparse (at most 2 non-zeros in every 4 "
                     "consecutive weights of a row); prune the model to a 2:4 pattern first"
                 )
@@ -156,6 +179,7 @@ def quantize_model(
     info: dict[str, Any] = {"scheme": scheme, "keep_float": list(keep_float)}
     model.to(scheme_dtype(scheme, dtype))
     if scheme == "int8_smooth":
+        check_targets(model, scheme, keep_float)
         calibration = list(calibration)
         head = model.get_output_embeddings()
         head_name = next((n for n, m in model.named_modules() if m is head), "")
@@ -174,6 +198,10 @@ def quantize_model(
         info["alpha"] = alpha if alpha is not None else "searched"
         info["rounding"] = "gptq" if gptq else "nearest"
         return info
+    conv1d = [n for n, m in model.named_modules() if is_conv1d(m) and not any(k in n for k in keep_float)]
+    if conv1d:
+        info["conv1d_as_linear"] = conv1d_as_linear(model, conv1d)
+    check_targets(model, scheme, keep_float)
     if scheme == "sparse24":
         check_2_4_sparse(model, keep_float)
         sparsify_24(model, keep_float)

@@ -29,6 +29,7 @@ from torch import nn
 from trainer.distributed import barrier
 from trainer.errors import ConfigError
 from trainer.extensions import Extension
+from trainer.models import is_conv1d, layer_types
 from trainer.utils import require
 
 GROUPED_SCHEMES = ("int4_weight",)  # scales per group of quant.group_size weights along a row
@@ -105,8 +106,17 @@ def prepare_qat(model: nn.Module, q: Any) -> int:
     _apply(model, q, "prepare")
     swapped = sum(type(m).__name__ == "FakeQuantizedLinear" for m in model.modules())
     if swapped == 0:
+        conv1d = any(is_conv1d(m) for m in model.modules())
         raise ConfigError(
-            f"quant={q.name} found no linear layer to fake-quantize (quant.keep_float={list(q.keep_float)})"
+            f"quant={q.name} (QAT) fake-quantizes nn.Linear layers and finds none in {type(model).__name__} "
+            f"outside the LM head and quant.keep_float={list(q.keep_float)} (its layer types: "
+            f"{', '.join(layer_types(model))})"
+            + (
+                "; GPT-2's Conv1D layers are not nn.Linear and QAT does not convert them: train with quant=none "
+                "and quantize the hf/ export with trainer.quantize, which does"
+                if conv1d
+                else "; keep fewer layers in float"
+            )
         )
     return swapped
 

@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from trainer.data.tokenizer import load_tokenizer
 from trainer.errors import CorruptFileError, InputNotFoundError
 from trainer.quant import smooth
-from trainer.quant.ptq import check_scheme, sparsify_24
+from trainer.quant.ptq import check_scheme, conv1d_as_linear, sparsify_24
 from trainer.utils import loading_from, require
 
 MANIFEST = "quantization.json"
@@ -138,6 +138,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> P
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     dtype = getattr(torch, manifest.get("dtype", "float32"))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    conv1d_as_linear(model, manifest.get("conv1d_as_linear", []))  # GPT-2's, quantized as nn.Linear
     smooth.empty_int8_linears(model, manifest.get("int8_linears", []))
     weights = path / manifest["weights"]
     if weights.suffix == ".safetensors":

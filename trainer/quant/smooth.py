@@ -24,6 +24,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from trainer.errors import ConfigError
+
 # Weights use 7 bits (-63..63): without VNNI, fbgemm sums pairs of uint8 x int8 products in int16
 # (vpmaddubsw), which saturates for 255 * 127 * 2 but not for 255 * 63 * 2 = 32130. Measured on AVX2:
 # 8-bit weights with 8-bit activations lose up to 8% to saturation, 8-bit weights with 7-bit
@@ -137,7 +139,7 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
             return False
 
     if layers is None or not len(layers) or not all(has(b, p) for b in layers for p in needed):
-        raise ValueError(
+        raise ConfigError(
             f"scheme=int8_smooth folds its scales into Llama-style decoder blocks ({', '.join(needed)}); "
             f"{type(model).__name__} does not have them. Use scheme=int8_dynamic or scheme=int8_weight"
         )
@@ -145,7 +147,7 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
         for name in ("input_layernorm", "post_attention_layernorm"):
             norm = block.get_submodule(name)
             if not _scales_into_weight(norm):
-                raise ValueError(
+                raise ConfigError(
                     f"scheme=int8_smooth folds scales into RMSNorm weights (y = w * x / rms(x)); {name} is a "
                     f"{type(norm).__name__}. Use scheme=int8_dynamic or scheme=int8_weight"
                 )
@@ -157,12 +159,12 @@ def final_norm_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     norm = getattr(getattr(model, "base_model", model), "norm", None)
     head = model.get_output_embeddings()
     if not _scales_into_weight(norm):
-        raise ValueError(
+        raise ConfigError(
             f"scheme=int8_smooth with the LM head in int8 folds its scales into the final RMSNorm; "
             f"{type(model).__name__} has none. Keep the head in float: keep_float=[lm_head]"
         )
     if type(head) is not nn.Linear:
-        raise ValueError(f"the LM head is a {type(head).__name__}, not a linear layer; keep it in float")
+        raise ConfigError(f"the LM head is a {type(head).__name__}, not a linear layer; keep it in float")
     return norm, head
 
 
