@@ -296,10 +296,13 @@ def single_chat_run(chat_prepared, tmp_path_factory) -> Path:
 def test_sharded_ranks_follow_the_single_process_on_packed_conversations(
     chat_prepared, single_chat_run, strategy, tmp_path
 ):
-    """2 ranks x micro 4 x 2 accumulation against 1 rank x micro 4 x 4: packed conversations keep to
-    themselves under sharding (the single process's do: the tests above), and the loss normalisation spans
-    ranks."""
-    run_command([*sharded_run(chat_prepared), f"strategy={strategy}", f"hydra.run.dir={tmp_path}"], nproc=2)
+    """2 ranks x 8 sequences (fsdp) or 2 ranks x 4 x 2 accumulated (zero3) against 1 rank x 4 x 4: packed
+    conversations keep to themselves under sharding (the single process's do: the tests above), and the loss
+    normalisation spans micro-batches and ranks."""
+    micro = ["train.micro_batch_size=8"] if strategy == "fsdp" else []  # 2 ranks x 8, or 2 ranks x 4 x 2
+    run_command(
+        [*sharded_run(chat_prepared), f"strategy={strategy}", *micro, f"hydra.run.dir={tmp_path}"], nproc=2
+    )
     single, sharded = train_losses(single_chat_run), train_losses(tmp_path)
     assert sorted(sharded) == [1, 2, 3]
     for step in single:
@@ -417,3 +420,43 @@ def test_a_teacher_equal_to_the_student_sees_the_same_positions_and_mask_its_div
     stats = student.train_step()
     assert stats["kd_loss"] == pytest.approx(0.0, abs=1e-8)  # without the positions: ~1e-5
     assert stats["ce_loss"] > 1.0 and stats["loss"] == pytest.approx(0.5 * stats["ce_loss"], rel=1e-5)
+
+
+def test_pruning_calibrates_on_packed_conversations_each_seeing_only_itself(chat_prepared):
+    """Wanda's and SparseGPT's input statistics over packed windows equal those over every conversation (and
+    the padding) run alone: calibration keeps the document mask too."""
+    from trainer.calibration import calibration_batches, update_blocks_sequentially
+
+    split = PreparedSplit(chat_prepared, "train", read_meta(chat_prepared))
+    windows = ConversationWindows(split, 256, pad_id=2, packing=True, truncation="truncate")
+    model = tiny_llama(49152)
+    targets = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))}
+
+    def stats_of(batches) -> dict[str, torch.Tensor]:
+        out = {}
+        update_blocks_sequentially(
+            model, batches, targets, lambda n, _m, s: out.__setitem__(n, s.hessian), with_hessian=True
+        )
+        return out
+
+    packed = calibration_batches(windows, num_batches=2, batch_size=2, seed=0)
+    alone = []
+    for batch in packed:
+        for row in range(batch.inputs.shape[0]):
+            starts = (batch.position_ids[row] == 0).nonzero().flatten().tolist() + [batch.inputs.shape[1]]
+            alone += [batch.inputs[row : row + 1, a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    want, got = stats_of(alone), stats_of(packed)
+    for name in targets:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4)
+
+
+def test_trainer_evaluate_measures_a_chat_dataset_over_its_trained_tokens(chat_prepared, tmp_path):
+    from trainer.data import build_data
+    from trainer.evaluate import perplexity
+
+    data = build_data(compose_config(*CHAT_RUN, f"data.path={chat_prepared}").data, run_dir=tmp_path)
+    model = tiny_llama(49152)
+    ppl, loss, count = perplexity(model, data.eval, batch_size=4)
+    windows = data.eval.windows[0]
+    assert loss == pytest.approx(reference_loss(model, windows, list(range(len(windows)))), rel=1e-5)
+    assert count == read_meta(chat_prepared)["chat"]["trainable_tokens"]["eval"]

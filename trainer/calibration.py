@@ -1,6 +1,6 @@
 """Layer-by-layer calibration, shared by one-shot pruning (Wanda, SparseGPT) and GPTQ quantization.
 
-- `calibration_batches`: input ids drawn from the run's own training windows;
+- `calibration_batches`: batches drawn from the run's own training windows (input and position ids);
 - `InputStats`: what a linear layer's inputs look like (per-input squared norms for Wanda, X^T X for
   SparseGPT and GPTQ), summed over the calibration tokens;
 - `update_blocks_sequentially`: the model's blocks in order, each calibrated on the outputs of the blocks
@@ -19,14 +19,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from trainer.data.prepared import Batch
 from trainer.models import transformer_blocks
 
 
-def calibration_batches(train, *, num_batches: int, batch_size: int, seed: int) -> list[torch.Tensor]:
-    """`num_batches` batches of input ids drawn without replacement from the training windows (seeded)."""
+def calibration_batches(train, *, num_batches: int, batch_size: int, seed: int) -> list[Batch]:
+    """`num_batches` batches drawn without replacement from the training windows (seeded): their input ids and
+    position ids, so that packed conversations are calibrated on as they train, each seeing only itself."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train), generator=g)[: num_batches * batch_size]
-    return [train.batch(order[i : i + batch_size])[0] for i in range(0, len(order), batch_size)]
+    return [train.batch(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
 @dataclass
@@ -83,9 +85,11 @@ def update_blocks_sequentially(
     was_training = model.training
     model.eval()
     try:
-        for ids in batches:
+        for batch in batches:
+            ids, positions = (batch.inputs, batch.position_ids) if isinstance(batch, Batch) else (batch, None)
+            kwargs = {} if positions is None else {"position_ids": positions.to(device)}  # the document mask
             with contextlib.suppress(_Stop):
-                model(input_ids=ids.to(device), use_cache=False)
+                model(input_ids=ids.to(device), use_cache=False, **kwargs)
     finally:
         handle.remove()
     # Each batch's block input, and the other arguments the model passed to its blocks (masks, rotary angles).
