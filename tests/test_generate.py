@@ -261,6 +261,15 @@ def test_an_adapter_on_its_base_generates_what_the_merged_export_does(lora_run, 
     assert templated["prompt"].startswith("<|im_start|>user\nw1 w2<|im_end|>")
 
 
+def test_a_run_directory_its_checkpoint_and_its_hf_export_generate_the_same(tmp_path):
+    make_trainer(tmp_path, *TINY, "train.max_steps=2").train()
+    raw = ["chat=false", "prompt=the", "max_new_tokens=6"]
+    want = run_generate(f"model={tmp_path / 'hf'}", *raw)
+    assert want[0][0]["new_tokens"] > 0
+    for model in (tmp_path, tmp_path / "checkpoints" / "step_00000002", tmp_path / "checkpoints" / "latest"):
+        assert run_generate(f"model={model}", *raw) == want, model
+
+
 def test_the_smollm2_gguf_answers_a_prompt_under_its_default_system_prompt(tmp_path):
     from trainer.utils import package_dir
 
