@@ -155,6 +155,12 @@ def test_completion_ends_at_the_templates_end_of_turn_token_which_is_not_printed
     _, new, tok = reference(path, MESSAGES, max_new_tokens=8)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert end_of_turn_id(tok, CHATML) == im_end
+    # Llama 3's shape: the content trimmed, the end-of-turn token with no newline after it.
+    trimming = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>{% endfor %}"
+    )
+    assert end_of_turn_id(tok, trimming) == im_end
+    assert end_of_turn_id(tok, "{% for m in messages %}{{ m['content'] }}\n{% endfor %}") is None
     # The LM head's <|im_end|> row becomes 1.5x the row of the third greedy token: <|im_end|> outscores it
     # there (a positive top logit), if not earlier. Only the logits change, not the hidden states.
     model = AutoModelForCausalLM.from_pretrained(str(path))
