@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from tests.conftest import (
     tiny_llama,
 )
 from trainer.cli import EXIT_USAGE
-from trainer.errors import MissingPackageError
+from trainer.errors import ConfigError, InputNotFoundError, MissingPackageError
 
 CHATML = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -261,6 +262,14 @@ def test_an_adapter_on_its_base_generates_what_the_merged_export_does(lora_run, 
         (run, []),  # the run directory: its latest checkpoint, an adapter checkpoint merged on the fly
     ]:
         assert run_generate(f"model={model_path}", *extra, *raw) == want, model_path
+    # An adapter whose config names no base (a base built from a config), or a base that is not there.
+    orphan = tmp_path / "adapter"
+    shutil.copytree(run / "adapter", orphan)
+    (orphan / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": None}))
+    with pytest.raises(ConfigError, match=r"names no base model.*base=PATH.*merged hf/"):
+        run_generate(f"model={orphan}", *raw)
+    with pytest.raises(InputNotFoundError, match=f"base: {tmp_path / 'nothing'}: no such file"):
+        run_generate(f"model={orphan}", f"base={tmp_path / 'nothing'}", *raw)
     [templated], _ = run_generate(
         f"model={run / 'adapter'}", f"chat_template={template}", "prompt=w1 w2", "max_new_tokens=4"
     )

@@ -249,7 +249,8 @@ def base_of(adapter: Path, base: str | None) -> Path:
     base = base if base is not None else named
     if not base:
         raise ConfigError(
-            f"model={adapter}: {file} names no base model; give the one it adapts with base=PATH"
+            f"model={adapter}: {file} names no base model (its base was built from a config, model.source=config); "
+            "give the one it adapts with base=PATH, or generate with the run's merged hf/ instead"
         )
     if not Path(base).exists():
         raise InputNotFoundError(
