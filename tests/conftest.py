@@ -18,6 +18,7 @@ from tests.preloaded import PreloadedServer, preload_enabled
 from trainer.config import register_configs
 from trainer.evaluate_config import register_evaluate_configs
 from trainer.export_config import register_export_configs
+from trainer.generate_config import register_generate_configs
 from trainer.pipeline_config import register_pipeline_configs
 from trainer.prepare_data_config import register_prepare_data_configs
 from trainer.quant.config import register_quantize_configs
@@ -65,6 +66,7 @@ register_export_configs()
 register_report_configs()
 register_pipeline_configs()
 register_prepare_data_configs()
+register_generate_configs()
 
 
 def compose_config(*overrides: str):
@@ -281,6 +283,9 @@ TEST_TIERS = {
     "test_no_stored_file_makes_a_command_run_a_models_code": {SLOW},
     "test_launch_scripts_use_the_checkouts_venv_when_no_python_is_given_and_say_which": {LAUNCHER},
     "test_the_pipeline_exits_2_when_a_stage_stops_with_an_explained_error": {SLOW, LAUNCHER},
+    # tests/test_generate.py: fresh Python processes; the SmolLM2 GGUF takes ~20 s to load on 2 cores
+    "test_bad_inputs_exit_2_with_one_paragraph_naming_the_key_or_file": {SLOW},
+    "test_the_smollm2_gguf_answers_a_prompt_under_its_default_system_prompt": {SLOW},
 }
 
 

@@ -29,9 +29,14 @@ from trainer.utils import require
 
 USER = TINY_MODEL + TINY_LOOP
 
+# Directories of conf/ that hold one command's own config, not a group: trainer.generate's (in conf/, its
+# `model=PATH` would be taken for an option of the model group).
+COMMAND_DIRS = ("generate",)
 # The training config's groups (chain/ and experiment/ belong to trainer.pipeline: tests/test_pipeline.py).
 GROUPS = sorted(
-    p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name not in ("chain", "experiment")
+    p.name
+    for p in Path(CONF_DIR).iterdir()
+    if p.is_dir() and p.name not in ("chain", "experiment", *COMMAND_DIRS)
 )
 
 
@@ -137,11 +142,15 @@ def test_closed_choices_read_as_their_plain_values(tmp_path):
 
 # Groups of commands' configs; experiment/ holds overrides (no defaults), hydra/ is the submitit plugin's.
 SCHEMA_GROUPS = sorted(
-    p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name not in ("experiment", "hydra")
+    p.name
+    for p in Path(CONF_DIR).iterdir()
+    if p.is_dir() and p.name not in ("experiment", "hydra", *COMMAND_DIRS)
 )
-SCHEMA_YAMLS = [p.name for p in sorted(Path(CONF_DIR).glob("*.yaml"))] + [
-    f"{g}/{p.name}" for g in SCHEMA_GROUPS for p in sorted((Path(CONF_DIR) / g).glob("*.yaml"))
-]
+SCHEMA_YAMLS = (
+    [p.name for p in sorted(Path(CONF_DIR).glob("*.yaml"))]
+    + [f"{d}/{p.name}" for d in COMMAND_DIRS for p in sorted((Path(CONF_DIR) / d).glob("*.yaml"))]
+    + [f"{g}/{p.name}" for g in SCHEMA_GROUPS for p in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]
+)
 
 
 def _default(f: dataclasses.Field) -> typing.Any:
@@ -183,6 +192,7 @@ def test_each_default_is_written_once_in_the_yaml(path):
     yaml.pop("hydra", None)
     [schema_name] = [d for d in defaults if isinstance(d, str) and d.startswith("schema")]
     group = path.rpartition("/")[0]
+    group = "" if group in COMMAND_DIRS else group  # a command's config: its schema is at the root
     node = ConfigStore.instance().load(f"{group}/{schema_name}.yaml" if group else f"{schema_name}.yaml").node
     # keys the defaults list fills from a group (`- data: embedded`), not from this file
     groups = {k for d in defaults if isinstance(d, dict) for k in d}

@@ -42,16 +42,14 @@ from torch import nn
 
 from trainer.cli import run
 from trainer.data import IGNORE_INDEX, TokenWindows, build_data
-from trainer.data.tokenizer import load_tokenizer
 from trainer.errors import ConfigError, InputNotFoundError
 from trainer.evaluate_config import register_evaluate_configs
 from trainer.quant.serialization import (
     compressed_tensors_scheme,
-    float_source,
     gguf_in,
     is_quantized_dir,
     load_any,
-    load_tokenizer_from,
+    load_tokenizer_of,
     read_manifest,
 )
 from trainer.quant.smooth import Int8DynamicLinear
@@ -321,14 +319,6 @@ def describe_model(path: str) -> tuple[str, str | None]:
     if file is not None:
         return f"gguf {gguf_type(file)}", "dequantized to float32 by transformers' GGUF loader"
     return "float", None
-
-
-def load_tokenizer_of(path: str) -> Any:
-    """The tokenizer of any model path `evaluate` accepts, without loading the weights."""
-    if is_quantized_dir(Path(path)) or compressed_tensors_scheme(Path(path)):
-        return load_tokenizer(str(path))
-    with float_source(path) as (directory, gguf_file):
-        return load_tokenizer_from(directory, gguf_file)
 
 
 def evaluate_models(cfg: Any) -> list[dict[str, Any]]:

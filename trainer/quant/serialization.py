@@ -261,6 +261,21 @@ def load_tokenizer_from(directory: str, gguf_file: str | None = None) -> Any:
         return load_tokenizer(directory)
 
 
+def load_tokenizer_of(path: str | Path) -> Any:
+    """The tokenizer of any model path `load_any` accepts, without loading the weights (a checkpoint's from
+    its own files, or its run's config)."""
+    path = Path(path)
+    if is_quantized_dir(path) or compressed_tensors_scheme(path):
+        with loading_from(str(path)):
+            return load_tokenizer(str(path))
+    if gguf_in(path) is None and (path / "trainer_state.json").is_file():
+        from trainer.checkpoint_model import describe_checkpoint
+
+        return describe_checkpoint(path).tokenizer
+    with float_source(path) as (directory, gguf_file):
+        return load_tokenizer_from(directory, gguf_file)
+
+
 def load_any(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[PreTrainedModel, Any, int]:
     """(model, tokenizer, bytes of weights on disk) for any model path `evaluate` accepts."""
     path = Path(path)
