@@ -22,6 +22,7 @@ from trainer.data import markov
 from trainer.data.order import SampleOrder
 from trainer.data.prepared import Batch
 from trainer.data.tokenizer import build_bpe_tokenizer, build_wordlevel_tokenizer, load_tokenizer
+from trainer.data.windows import windows_of
 from trainer.errors import DataError
 from trainer.loss import IGNORE_INDEX
 from trainer.utils import loading_from, write_atomic
@@ -385,28 +386,6 @@ def _conversations(split: Any, name: str, cfg: Any) -> Iterator[list[dict[str, A
     read = row_field(cfg)
     for i, record in enumerate(split):
         yield read(record, f"the {name} split of data.data_files/data.path, row {i}")
-
-
-def windows_of(reader: Any, cfg: Any, tokenizer: Any, *, chat: bool) -> Any:
-    """The training or eval windows of one prepared split as the data group says: whole conversations, packed or
-    one per window; text windows cut from the stream (document-masked or not), or one padded per document."""
-    from trainer.data.prepared import DocumentWindows, PackedWindows
-
-    if chat:
-        from trainer.data.conversations import ConversationWindows
-
-        return ConversationWindows(
-            reader,
-            cfg.seq_len,
-            pad_id=tokenizer.pad_token_id,
-            packing=bool(cfg.packing),
-            truncation=str(cfg.truncation),
-        )
-    if cfg.packing:
-        return PackedWindows(
-            reader, cfg.seq_len, document_mask_eos=tokenizer.eos_token_id if cfg.document_mask else None
-        )
-    return DocumentWindows(reader, cfg.seq_len, tokenizer.pad_token_id)
 
 
 def build_data(

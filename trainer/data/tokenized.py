@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trainer.data.loading import windows_of
 from trainer.data.mixture import Mixture, check_weights
 from trainer.data.prepared import TOKENIZER_DIR, PreparedSplit, read_meta, tokenizer_hash
 from trainer.data.tokenizer import load_tokenizer
+from trainer.data.windows import windows_of
 from trainer.errors import DataError
 from trainer.utils import loading_from
 
