@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import TINY, make_trainer, read_metrics, run_command, strip_model_description
 from trainer.config import validate_config
+from trainer.data.prepared import Batch
 from trainer.errors import ConfigError
 from trainer.prune.methods import magnitude_mask, nm_mask, sparsegpt_prune, wanda_mask
 from trainer.prune.schedule import gmp_sparsity, is_update_step
@@ -457,7 +458,7 @@ class _Windows:
         return len(self.ids)
 
     def batch(self, index):
-        return self.ids[index], self.ids[index]
+        return Batch(self.ids[index], self.ids[index])
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ OUTPUT_DIR` writes two conversational datasets as JSON lines ({"messages": [{rol
   topic is held out whole for eval: its text is never trained on.
 - `reverse.{train,eval}.jsonl`: a task a tiny model learns from scratch: "Reverse: w1 ... wn" answered by the
   words in reverse order, over a small vocabulary; the eval items are word sequences the train split lacks, so
-  exact-match accuracy on them measures what was learned, not what was memorized.
+  exact-match accuracy on them measures what was learned, not what was memorized. `reverse_tokenizer/` is a
+  tokenizer for it: a word per token, ChatML's special tokens and template (a real chat template, with its
+  end-of-turn token as EOS), so that a tiny model on a vocabulary of a few dozen trains in seconds.
 """
 
 from __future__ import annotations
@@ -104,6 +106,34 @@ def reverse_conversations(
     return out
 
 
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def reverse_tokenizer(directory: Path) -> Path:
+    """A word-level tokenizer for the reversal task with ChatML's special tokens and template, saved."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
+    words = ["system", "user", "assistant", "Reverse:", *REVERSE_WORDS]
+    vocab = {w: i for i, w in enumerate([*special, *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<|pad|>", eos_token="<|im_end|>", unk_token="<|unk|>"
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    tok.save_pretrained(str(directory))
+    return Path(directory)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -116,6 +146,7 @@ def write_all(directory: Path) -> list[Path]:
     for name, splits in (("pydoc_qa", pydoc_conversations()), ("reverse", reverse_conversations())):
         for split, rows in splits.items():
             written.append(write_jsonl(Path(directory) / f"{name}.{split}.jsonl", rows))
+    reverse_tokenizer(Path(directory) / "reverse_tokenizer")
     return written
 
 
