@@ -460,3 +460,43 @@ def test_trainer_evaluate_measures_a_chat_dataset_over_its_trained_tokens(chat_p
     windows = data.eval.windows[0]
     assert loss == pytest.approx(reference_loss(model, windows, list(range(len(windows)))), rel=1e-5)
     assert count == read_meta(chat_prepared)["chat"]["trainable_tokens"]["eval"]
+
+
+@pytest.mark.parametrize("adapter", ["peft=lora", "peft=dora", "peft.base_dtype=nf4"])
+def test_adapters_train_on_packed_conversations_from_the_base_models_loss(adapter, chat_prepared, tmp_path):
+    """LoRA, DoRA and QLoRA start as the base model (B = 0): the first step's loss is the base's mean over
+    the trained tokens of conversations run alone, and the adapters then learn."""
+    extra = ["peft=lora", adapter] if adapter.startswith("peft.") else [adapter]
+    if "nf4" in adapter:  # NF4 quantizes whole blocks of 64 x 64 weights
+        extra += ["model.arch.hidden_size=64", "model.arch.intermediate_size=64"]
+    trainer = make_trainer(
+        tmp_path,
+        *CHAT_RUN,
+        f"data.path={chat_prepared}",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        *extra,
+    )
+    indices = trainer.order.peek(8).tolist()
+    want = reference_loss(trainer.hf_model, trainer.data.train.windows[0], indices)
+    losses = [trainer.train_step()["loss"] for _ in range(3)]
+    tolerance = 1e-4 if "nf4" in adapter else 1e-5  # NF4: the same quantized base, dequantized per call
+    assert losses[0] == pytest.approx(want, rel=tolerance)
+    assert losses[-1] < losses[0]
+
+
+def test_a_resumed_chat_run_continues_with_exactly_the_losses_of_a_straight_one(chat_prepared, tmp_path):
+    common = [
+        *CHAT_RUN,
+        f"data.path={chat_prepared}",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "scheduler.decay_steps=6",
+    ]
+    make_trainer(tmp_path / "a", *common, "train.max_steps=6").train()
+    make_trainer(tmp_path / "b", *common, "train.max_steps=3").train()
+    make_trainer(tmp_path / "b", *common, "train.max_steps=6", "resume=auto").train()
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert [b[s] for s in range(1, 7)] == [a[s] for s in range(1, 7)]
+    with pytest.raises(Exception, match="truncation was truncate, now drop"):  # other windows: refused
+        make_trainer(tmp_path / "b", *common, "train.max_steps=7", "resume=auto", "data.truncation=drop")
