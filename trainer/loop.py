@@ -291,7 +291,8 @@ class Trainer:
         for ext in self.extensions:
             ext.after_step(self.step)  # e.g. gradual pruning's mask updates
         self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len
-        out = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm}
+        # target_tokens: the tokens the loss was taken on (all but padding for text; the trained ones of SFT)
+        out = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "target_tokens": num_targets}
         out |= self._merged("step_metrics")  # distill=kd: each loss term, the teacher's parameters per rank
         return out | self.strategy.precision.metrics()  # fp16: loss_scale, skipped_steps
 

@@ -63,12 +63,10 @@ class ConversationWindows:
         self.split, self.seq_len, self.pad_id = split, seq_len, pad_id
         lengths = split.document_lengths()
         too_long = np.flatnonzero(lengths > seq_len)
-        lost = sum(int(split.document_mask(int(d))[seq_len:].sum()) for d in too_long)
-        if truncation == "drop":
-            lost = sum(int(split.document_mask(int(d))[1:].sum()) for d in too_long)
-            keep = np.flatnonzero(lengths <= seq_len)
-        else:
-            keep = np.arange(len(lengths))
+        # The trained tokens the long ones lose: all (dropped), or those past seq_len (truncated).
+        first_lost = 1 if truncation == "drop" else seq_len
+        lost = sum(int(split.document_mask(int(d))[first_lost:].sum()) for d in too_long)
+        keep = np.flatnonzero(lengths <= seq_len) if truncation == "drop" else np.arange(len(lengths))
         kept_lengths = np.minimum(lengths[keep], seq_len)
         if packing:
             bins = [keep[b] for b in best_fit_decreasing(kept_lengths, seq_len)]
