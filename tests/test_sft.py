@@ -501,3 +501,21 @@ def test_a_resumed_chat_run_continues_with_exactly_the_losses_of_a_straight_one(
     assert [b[s] for s in range(1, 7)] == [a[s] for s in range(1, 7)]
     with pytest.raises(Exception, match="truncation was truncate, now drop"):  # other windows: refused
         make_trainer(tmp_path / "b", *common, "train.max_steps=7", "resume=auto", "data.truncation=drop")
+
+
+def test_prepare_data_writes_the_same_conversations_and_masks_with_several_processes(
+    chat_prepared, chat_jsonl, smol_dir, tmp_path
+):
+    out = prepare(
+        prepare_config(
+            f"data_files={chat_jsonl}",
+            f"tokenizer={smol_dir}",
+            f"output_dir={tmp_path / 'two'}",
+            "format=messages",
+            "eval_fraction=0.1",
+            "num_proc=2",
+            "batch_docs=16",
+        )
+    )
+    assert read_meta(out)["fingerprint"] == read_meta(chat_prepared)["fingerprint"]  # tokens and masks
+    assert read_meta(out)["chat"] == read_meta(chat_prepared)["chat"]
