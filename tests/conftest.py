@@ -219,6 +219,7 @@ TEST_TIERS = {
     "test_bad_conversational_input_exits_2_with_one_paragraph_naming_the_fix": {SLOW},  # a fresh process
     "test_the_first_step_loss_and_gradients_are_the_mean_over_the_trained_tokens_of_the_global_batch": {SLOW},
     "test_a_teacher_equal_to_the_student_sees_the_same_positions_and_mask_its_divergence_is_zero": {SLOW},
+    "test_our_loss_equals_trls_on_the_same_conversations_packed_and_not": {SLOW},  # imports TRL (~10 s)
     # several ranks, each a job of the preloaded server, a torchrun or a spawned process
     "test_strategy_follows_the_single_process_run": {SLOW, MULTIRANK},
     "test_resume_under_another_strategy_and_world_size": {SLOW, MULTIRANK},
