@@ -16,12 +16,13 @@ It prints three results:
    packed and not packed, with the trained-token counts and how many conversations' tokens and masks differ.
 2. Throughput: trainable (assistant-target) tokens per second of each side's real training loop, each side in
    its own subprocess, alternated (ours first in odd repeats, TRL first in even ones), the first ``--warmup``
-   steps untimed; peak memory is each worker's VmHWM.
+   steps untimed; peak memory is each worker's VmHWM (also after each step, to tell a growing allocator cache
+   from what a step needs).
 3. Packing: our windows' non-padding fraction (``ConversationWindows.stats``) against padding each micro-batch's
    conversations to its longest one (the same batches), and TRL's packed rows'.
 
     .venv/bin/python bench/sft.py --quick                    # smoke check, tiny Llama, < 1 minute
-    .venv/bin/python bench/sft.py                            # SmolLM2-135M, fp32, a few minutes on 2 cores
+    .venv/bin/python bench/sft.py --threads 2                # SmolLM2-135M, fp32: ~23 min on 2 shared cores
     .venv/bin/python bench/sft.py --model tiny --hidden 256 --layers 4 --repeats 2
 """
 
@@ -86,7 +87,7 @@ CHATML_GENERATION_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-REALISTIC = dict(model="smollm2", steps=6, warmup=2, batch=4, seq_len=512, repeats=1, loss_conversations=8)
+REALISTIC = dict(model="smollm2", steps=5, warmup=2, batch=4, seq_len=512, repeats=2, loss_conversations=8)
 QUICK = dict(
     model="tiny", steps=5, warmup=2, batch=2, seq_len=256, repeats=1, loss_conversations=8, threads=1
 )
@@ -385,7 +386,7 @@ def our_overrides(spec: Spec) -> list[str]:
         "train.device=cpu",
         "train.log_every=1",
         "train.eval_every=0",
-        "train.eval_batches=0",
+        "train.eval_batches=1",  # the loop evaluates at the end (untimed): one batch, not the whole split
         "train.progress_bar=false",
         "train.export_hf=false",
         "checkpoint.every_steps=0",
@@ -421,16 +422,19 @@ def run_ours(spec: Spec) -> dict[str, Any]:
     losses: list[float] = []
     train_step = trainer.train_step
     clock = StepClock(spec)
+    peaks: list[float] = []  # VmHWM after each step
 
     def timed_step() -> dict[str, float]:
         stats = train_step()
         clock.step_end()
+        peaks.append(peak_rss_mib())
         losses.append(stats["loss"])
         return stats
 
     trainer.train_step = timed_step  # type: ignore[method-assign]
     trainer.train()
     return {
+        "peak_rss_mib_per_step": peaks,
         "marks": clock.marks,
         "trained": trained,
         "slots": slots,
@@ -466,10 +470,12 @@ def run_trl(spec: Spec) -> dict[str, Any]:
     clock = StepClock(spec)
     trained: list[int] = []
     slots: list[int] = []
+    peaks: list[float] = []  # VmHWM after each step
 
     class Clock(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             clock.step_end()
+            peaks.append(peak_rss_mib())
 
     class Counted(SFTTrainer):
         def compute_loss(self, model: Any, inputs: Any, *a: Any, **k: Any) -> Any:
@@ -489,6 +495,7 @@ def run_trl(spec: Spec) -> dict[str, Any]:
     trl.train()
     losses = [h["loss"] for h in trl.state.log_history if "loss" in h]
     return {
+        "peak_rss_mib_per_step": peaks,
         "marks": clock.marks,
         "trained": trained,
         "slots": slots,
@@ -554,6 +561,8 @@ def timed(result: dict[str, Any], spec: Spec) -> dict[str, float]:
         "setup_rss_mib": result["setup"],
         "loss_first": result["losses"][0],
         "loss_last": result["losses"][-1],
+        "peak_rss_mib_per_step": result.get("peak_rss_mib_per_step"),
+        "step_seconds": [b - a for a, b in zip(marks[:-1], marks[1:], strict=True)],
     }
 
 
@@ -632,6 +641,9 @@ def print_report(report: dict[str, Any]) -> None:
             f"   {side:<5} {r['trainable_tokens_per_s']:>15,.1f} {runs:>20} {r['slot_tokens_per_s']:>10,.0f} "
             f"{r['peak_rss_mib']:>9,.0f} {r['loss_first']:>8.4f} {r['loss_last']:>8.4f}"
         )
+    for side in ("ours", "trl"):
+        steps = report["throughput"][side]["peak_rss_mib_per_step"] or []
+        print(f"   {side} peak MiB after each step (last run): {', '.join(f'{x:,.0f}' for x in steps)}")
     c = report["comparison"]
     print(
         f"   ours / TRL: {c['speed']:.2f}x trainable tokens/s (target >= {TARGET_SPEED}x: "
@@ -772,6 +784,7 @@ def main(argv: list[str] | None = None) -> None:
             "setup_rss_mib": max(r["setup_rss_mib"] for r in rs),
             "loss_first": rs[0]["loss_first"],
             "loss_last": rs[0]["loss_last"],
+            "peak_rss_mib_per_step": rs[-1]["peak_rss_mib_per_step"],
             "all": rs,
         }
     ours, trl = throughput["ours"], throughput["trl"]
