@@ -361,6 +361,7 @@ class Spec:
     prepared: str
     conversations: str
     work_dir: str
+    activation_checkpointing: bool = True  # both sides: TRL's default (SFTConfig), ours set to match
     threads: int | None = None
     profile: bool = False
     overrides: list[str] = field(default_factory=list)
@@ -384,6 +385,7 @@ def our_overrides(spec: Spec) -> list[str]:
         f"train.seed={spec.seed}",
         "train.dtype=float32",
         "train.device=cpu",
+        f"train.activation_checkpointing={str(spec.activation_checkpointing).lower()}",
         "train.log_every=1",
         "train.eval_every=0",
         "train.eval_batches=1",  # the loop evaluates at the end (untimed): one batch, not the whole split
@@ -466,6 +468,7 @@ def run_trl(spec: Spec) -> dict[str, Any]:
         max_grad_norm=1.0,
         logging_steps=1,
         seed=spec.seed,
+        gradient_checkpointing=spec.activation_checkpointing,  # TRL's default is True
     )
     clock = StepClock(spec)
     trained: list[int] = []
@@ -629,7 +632,8 @@ def print_report(report: dict[str, Any]) -> None:
     print(SEMANTICS)
     print(
         f"\n2. throughput: {s['model_desc']}, fp32 on CPU, {s['threads']} threads; batch {s['batch']} x {s['seq_len']} "
-        f"tokens, {s['steps']} steps ({s['warmup']} untimed), {s['repeats']} repeat(s), alternated"
+        f"tokens, {s['steps']} steps ({s['warmup']} untimed), {s['repeats']} repeat(s), alternated; activation "
+        f"checkpointing {'on' if s['activation_checkpointing'] else 'off'} on both sides"
     )
     print(
         f"   {'side':<5} {'trainable tok/s':>15} {'(runs)':>20} {'slot tok/s':>10} {'peak MiB':>9} {'loss@1':>8} {'loss@end':>8}"
@@ -684,6 +688,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="runs per side, alternated; the median is reported")
     p.add_argument("--loss-conversations", type=int, help="conversations the losses are compared on")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: all cores)")
+    p.add_argument(
+        "--activation-checkpointing",
+        type=_throughput.parse_bool,
+        default=True,
+        help="on both sides (default true: TRL's SFTConfig default, ours set to match)",
+    )
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="torch.profiler table of each side's timed steps")
@@ -755,6 +765,7 @@ def main(argv: list[str] | None = None) -> None:
         conversations=str(jsonl),
         threads=a.threads,
         profile=a.profile,
+        activation_checkpointing=a.activation_checkpointing,
     )
     specs = {
         "ours": Spec(kind="ours", label="ours", work_dir=str(work / "ours"), **common),
@@ -807,6 +818,7 @@ def main(argv: list[str] | None = None) -> None:
         **{
             k: getattr(a, k)
             for k in ("model", "steps", "warmup", "batch", "seq_len", "repeats", "lr", "seed")
+            + ("activation_checkpointing",)
         },
         "model_desc": model_desc,
         "num_params": num_params,
