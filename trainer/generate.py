@@ -229,7 +229,7 @@ def load_model(path: Path, *, device: torch.device, dtype: torch.dtype) -> Any:
     quantized = is_quantized_dir(path)
     if quantized and read_manifest(path)["scheme"] == "int8_smooth":
         device = torch.device("cpu")
-    model, _, _ = load_any(path, device=device)
+    model, _, _ = load_any(path, device=device, with_tokenizer=False)  # the caller has the tokenizer
     if not quantized and not compressed_tensors_scheme(path):
         model.to(dtype)
     return model.eval()

@@ -237,15 +237,17 @@ def load_compressed_tensors(directory: Path) -> PreTrainedModel:
     return model.eval()
 
 
-def load_float(directory: str, gguf_file: str | None = None) -> tuple[PreTrainedModel, Any]:
-    """A float32 model and its tokenizer from `float_source`'s answer."""
+def load_float(
+    directory: str, gguf_file: str | None = None, *, with_tokenizer: bool = True
+) -> tuple[PreTrainedModel, Any]:
+    """A float32 model and its tokenizer (None: `with_tokenizer=False`) from `float_source`'s answer."""
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     with loading_from(directory):  # a model's own code never runs here: evaluate and quantize do not trust it
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch.float32, trust_remote_code=False, **kwargs
         )
     _strip_quantization_config(model.config)
-    return model.eval(), load_tokenizer_from(directory, gguf_file)
+    return model.eval(), load_tokenizer_from(directory, gguf_file) if with_tokenizer else None
 
 
 def load_tokenizer_from(directory: str, gguf_file: str | None = None) -> Any:
@@ -276,17 +278,23 @@ def load_tokenizer_of(path: str | Path) -> Any:
         return load_tokenizer_from(directory, gguf_file)
 
 
-def load_any(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[PreTrainedModel, Any, int]:
-    """(model, tokenizer, bytes of weights on disk) for any model path `evaluate` accepts."""
+def load_any(
+    path: str | Path, *, device: str | torch.device = "cpu", with_tokenizer: bool = True
+) -> tuple[PreTrainedModel, Any, int]:
+    """(model, tokenizer, bytes of weights on disk) for any model path `evaluate` accepts; the tokenizer is
+    None with `with_tokenizer=False` (a caller that has loaded it: a GGUF file's takes seconds to parse)."""
     path = Path(path)
     if is_quantized_dir(path):
-        return load_quantized(path, device=device), load_tokenizer(str(path)), weights_size(path)
+        tokenizer = load_tokenizer(str(path)) if with_tokenizer else None
+        return load_quantized(path, device=device), tokenizer, weights_size(path)
     if compressed_tensors_scheme(path):
-        with loading_from(str(path)):
-            tokenizer = load_tokenizer(str(path))
+        tokenizer = None
+        if with_tokenizer:
+            with loading_from(str(path)):
+                tokenizer = load_tokenizer(str(path))
         return load_compressed_tensors(path).to(device), tokenizer, weights_size(path)
     with float_source(path) as (directory, gguf_file):
-        model, tokenizer = load_float(directory, gguf_file)
+        model, tokenizer = load_float(directory, gguf_file, with_tokenizer=with_tokenizer)
         size = weights_size(Path(directory) / gguf_file if gguf_file else Path(directory))
     return model.to(device), tokenizer, size
 
