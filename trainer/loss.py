@@ -96,7 +96,8 @@ def causal_lm_loss(
     """Token cross-entropy summed over non-ignored labels and divided by `num_targets` (default: their count).
 
     With `weight` given, `x` holds final hidden states [..., D] and the logits x @ weight.T + bias are
-    formed `chunk_size` rows at a time (None: about 64 MiB of logits per chunk; 0: all at once); with `weight=None`, `x` is already the logits [..., V]. `labels` are the
+    formed `chunk_size` rows at a time (None: about 64 MiB of logits per chunk; 0: all at once), for the rows
+    with a target only; with `weight=None`, `x` is already the logits [..., V]. `labels` are the
     next-token ids aligned with `x` (already shifted), IGNORE_INDEX where no loss is taken.
     """
     labels = labels.reshape(-1)
@@ -106,6 +107,12 @@ def causal_lm_loss(
         logits = x.reshape(-1, x.shape[-1]).float()
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") * scale
     hidden = x.reshape(-1, x.shape[-1])
+    if not torch.compiler.is_compiling():
+        # Only the rows that carry a target go through the LM head: an SFT batch trains a fraction of its
+        # tokens (an assistant's), padding none. (Under compile the row count would be a dynamic shape.)
+        keep = labels != IGNORE_INDEX
+        if not bool(keep.all()):
+            hidden, labels = hidden[keep], labels[keep]
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and hidden.requires_grad,
