@@ -122,6 +122,14 @@ def bpe_run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct's tokenizer (real ChatML template, pad == eos), parsed from its GGUF once a session."""
+    from tests.chat_fixtures import saved_smollm2_tokenizer
+
+    return saved_smollm2_tokenizer(tmp_path_factory.mktemp("smollm2_tokenizer"))
+
+
 def free_port() -> int:
     import socket
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.chat_fixtures import saved_smollm2_tokenizer, with_template
+from tests.chat_fixtures import with_template
 from tests.conftest import TINY_MODEL, compose_config, make_trainer, run_command, tiny_llama, train_losses
 from tests.test_cli import assert_explained, run_commands
 from tests.test_data_tokenized import prepare_config
@@ -71,8 +71,8 @@ def conversation_rows(num: int, *, seed: int = 0) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def smol_dir(tmp_path_factory) -> Path:
-    return saved_smollm2_tokenizer(tmp_path_factory.mktemp("smollm2_tokenizer"))
+def smol_dir(smollm2_tokenizer_dir) -> Path:
+    return smollm2_tokenizer_dir
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from tests.chat_fixtures import (
     CONVERSATIONS,
     LLAMA3_SPECIAL,
     LLAMA3_TEMPLATE,
-    saved_smollm2_tokenizer,
     with_template,
 )
 from trainer.data.chat import ChatEncoder, TemplateError, row_messages
@@ -19,10 +18,10 @@ from trainer.errors import DataError
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
+def smol(smollm2_tokenizer_dir):
     from trainer.data.tokenizer import load_tokenizer
 
-    return load_tokenizer(str(saved_smollm2_tokenizer(tmp_path_factory.mktemp("smollm2_tokenizer"))))
+    return load_tokenizer(str(smollm2_tokenizer_dir))
 
 
 def trained_runs(tokenizer, ids: np.ndarray, mask: np.ndarray) -> list[str]:
