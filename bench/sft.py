@@ -74,19 +74,6 @@ TARGET_SPEED = 1.3  # ours / TRL's trainable tokens per second
 TARGET_PACKING = 0.95
 LOSS_RTOL = 1e-4
 
-# ChatML as SmolLM2 writes it, with generation markers around what the assistant writes (its content and
-# <|im_end|>), as TRL's assistant_only_loss needs (tests/chat_fixtures.py has the same template).
-CHATML_GENERATION_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
 REALISTIC = dict(model="smollm2", steps=5, warmup=2, batch=4, seq_len=512, repeats=2, loss_conversations=8)
 QUICK = dict(
     model="tiny", steps=5, warmup=2, batch=2, seq_len=256, repeats=1, loss_conversations=8, threads=1
@@ -212,6 +199,7 @@ def load_model(directory: Path) -> Any:
 
 def trl_tokenizer(tokenizer_dir: Path) -> Any:
     """SmolLM2's tokenizer with the marked ChatML template (the same text once the system message is explicit)."""
+    from trainer.data.instructions import CHATML_GENERATION_TEMPLATE
     from trainer.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tokenizer_dir))

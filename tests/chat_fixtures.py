@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from trainer.data.instructions import CHATML_GENERATION_TEMPLATE  # noqa: F401 (re-exported for the tests)
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Llama 3's chat template, less its tool-calling branches: BOS, a header per message, <|eot_id|> after each.
@@ -21,19 +23,6 @@ LLAMA3_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-
-# ChatML with generation markers around what the assistant writes (its content and <|im_end|>), as TRL's
-# templates for assistant_only_loss mark it.
-CHATML_GENERATION_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 # Conversations whose contents tokenize differently in context: leading spaces, newlines, punctuation that BPE
 # merges with what the template writes around it, non-ASCII, several assistant turns.

@@ -114,6 +114,22 @@ CHATML_TEMPLATE = (
 )
 
 
+# ChatML with `{% generation %}` markers around what the assistant writes (its content and <|im_end|>): the same
+# tokens as SmolLM2's template given an explicit system message, for tools that need the markers (TRL's
+# assistant_only_loss, transformers' return_assistant_tokens_mask); this project's masks do not.
+CHATML_GENERATION_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
 def reverse_tokenizer(directory: Path) -> Path:
     """A word-level tokenizer for the reversal task with ChatML's special tokens and template, saved."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
