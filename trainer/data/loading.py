@@ -322,8 +322,6 @@ def load_splits(cfg: Any, cache_dir: Path) -> tuple[Any, Any, float | None]:
                 f"the {name} split has no text field {cfg.text_field!r}; its columns: {split.column_names}; "
                 "set data.text_field to the column holding the text"
             )
-        if len(split) == 0:
-            raise DataError(f"the {name} split is empty; point data at a dataset with documents")
         _check_text_field(split, name, cfg.text_field, cfg.data_files if cfg.source == "hf" else None)
     return train, evals, floor
 

@@ -393,7 +393,9 @@ def _settings(cfg: Any, source: Source, template: str | None) -> dict[str, Any]:
     }
 
 
-def _tokenizer(cfg: Any, source: Source, out: Path, resuming: bool, template: str | None = None) -> Any:
+def _tokenizer(
+    cfg: Any, source: Source, out: Path, resuming: bool, template: str | None = None, loaded: Any = None
+) -> Any:
     """Build (bpe, wordlevel: from the train documents) or load the tokenizer, and save it in output_dir (with
     `template`, chat_template=PATH's text, as its chat template: training and generation render with it)."""
     directory = out / TOKENIZER_DIR
@@ -407,7 +409,7 @@ def _tokenizer(cfg: Any, source: Source, out: Path, resuming: bool, template: st
             else build_bpe_tokenizer(texts, cfg.tokenizer_vocab_size)
         )
     else:
-        tok = load_tokenizer(cfg.tokenizer)
+        tok = loaded if loaded is not None else load_tokenizer(cfg.tokenizer)
     if template is not None:
         tok.chat_template = template
     tok.save_pretrained(str(directory))
@@ -440,11 +442,13 @@ def prepare(cfg: Any) -> Path:
             "settings it started with, or remove the directory"
         )
     train_on = str(cfg.train_on) if chat else None
+    loaded = None
     if chat:  # a tokenizer with no chat template (and none given) fails here, before anything is read
-        ChatEncoder(load_tokenizer(cfg.tokenizer), template=template, train_on=train_on)
+        loaded = load_tokenizer(cfg.tokenizer)
+        ChatEncoder(loaded, template=template, train_on=train_on)
     source.check(num_proc=int(cfg.num_proc))  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer(cfg, source, out, resuming, template)
+    tok = _tokenizer(cfg, source, out, resuming, template, loaded)
     vocab_size, eos = len(tok), tok.eos_token_id
     dtype = token_dtype(vocab_size)
     tok_hash = tokenizer_hash(tok)
