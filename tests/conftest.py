@@ -225,6 +225,10 @@ FIXTURE_TIERS = {
 # By test function. A case parametrized to one process (nproc=1, strategy=single) is not multirank.
 TEST_TIERS = {
     "test_sharded_ranks_follow_the_single_process_on_packed_conversations": {SLOW, MULTIRANK},
+    "test_a_packed_windows_logits_equal_each_conversations_alone_under_fsdp_and_zero3_on_two_ranks": {
+        SLOW,
+        MULTIRANK,
+    },
     "test_a_compiled_models_packed_logits_equal_each_conversations_logits_alone": {SLOW},  # ~35 s of compile
     "test_bad_conversational_input_exits_2_with_one_paragraph_naming_the_fix": {SLOW},  # a fresh process
     "test_the_first_step_loss_and_gradients_are_the_mean_over_the_trained_tokens_of_the_global_batch": {SLOW},

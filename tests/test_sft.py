@@ -309,6 +309,49 @@ def test_sharded_ranks_follow_the_single_process_on_packed_conversations(
         assert sharded[step] == pytest.approx(single[step], rel=1e-4), (single, sharded)
 
 
+def _sharded_isolation(rank: int, port: int, chat_prepared: str, out: str) -> None:
+    """One of 2 ranks: under fsdp, then zero3, the sharded model's logits of the packed window with the most
+    conversations against each of its conversations run alone, written to out/STRATEGY-RANK.json."""
+    import os
+
+    from trainer.distributed import ParallelEnv, destroy
+    from trainer.loop import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    try:
+        for strategy in ("fsdp", "zero3"):
+            cfg = compose_config(*sharded_run(Path(chat_prepared)), f"strategy={strategy}")
+            trainer = Trainer(cfg, run_dir=Path(out) / strategy, env=ParallelEnv(rank, 2, rank))
+            windows = trainer.data.train.windows[0]
+            w = max(range(len(windows)), key=lambda i: len(windows.window(i)))
+            # the model inside the strategy's wrapper, its root's own parameters (embedding, head) gathered
+            with torch.no_grad(), trainer.strategy.gathered(trainer.module):
+                packed, alone = isolated_logits(trainer.hf_model, windows, w)
+            result = {
+                "conversations": len(windows.window(w)),
+                "max_diff": float((packed - alone).abs().max()),
+            }
+            (Path(out) / f"{strategy}-{rank}.json").write_text(json.dumps(result))
+            del trainer
+    finally:
+        destroy()
+
+
+def test_a_packed_windows_logits_equal_each_conversations_alone_under_fsdp_and_zero3_on_two_ranks(
+    chat_prepared, tmp_path
+):
+    from tests.conftest import free_port
+
+    torch.multiprocessing.spawn(
+        _sharded_isolation, args=(free_port(), str(chat_prepared), str(tmp_path)), nprocs=2, join=True
+    )
+    for strategy in ("fsdp", "zero3"):
+        for rank in (0, 1):
+            result = json.loads((tmp_path / f"{strategy}-{rank}.json").read_text())
+            assert result["conversations"] >= 3
+            assert result["max_diff"] <= 1e-5, (strategy, rank, result)
+
+
 def test_data_hf_reads_the_conversations_prepare_data_writes(chat_prepared, chat_jsonl, smol_dir, tmp_path):
     from trainer.data import build_data
 
