@@ -2,7 +2,7 @@
 
 Both sides get the same model (initial weights saved once and loaded by both), the same conversations (the
 pydoc_qa train split of ``trainer.data.instructions``, with SmolLM2's tokenizer and ChatML template), the same
-global batch and sequence length, both packed (ours: whole conversations best-fit-decreasing into ``--seq-len``
+global batch and sequence length, both packed (ours: whole conversations best-fit-decreasing, least-full repacked, into ``--seq-len``
 windows with restarting position ids; TRL: ``packing_strategy="bfd"``, padding-free with position ids), and
 the loss on assistant tokens only (ours: masks from rendered prefixes; TRL: ``assistant_only_loss`` with the
 ChatML template carrying ``{% generation %}`` markers). SmolLM2's template adds a default system prompt to a

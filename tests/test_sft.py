@@ -20,7 +20,7 @@ from tests.conftest import TINY_MODEL, compose_config, make_trainer, run_command
 from tests.test_cli import assert_explained, run_commands
 from tests.test_data_tokenized import prepare_config
 from trainer.data.chat import ChatEncoder
-from trainer.data.conversations import ConversationWindows, best_fit_decreasing
+from trainer.data.conversations import ConversationWindows, best_fit_decreasing, pack_whole
 from trainer.data.prepare import prepare
 from trainer.data.prepared import PreparedSplit, read_meta
 from trainer.data.tokenizer import load_tokenizer
@@ -122,14 +122,26 @@ def test_prepare_data_stores_each_conversations_tokens_and_mask_and_counts_them_
     assert chat["template_hash"] and (chat_prepared / "train" / "shard_00000.mask").is_file()
 
 
-def test_best_fit_decreasing_keeps_every_item_whole_within_capacity_and_fills_windows():
+def test_packing_keeps_every_item_whole_within_capacity_and_fills_windows():
     rng = np.random.default_rng(0)
-    lengths = rng.integers(20, 400, size=2000)  # conversations of 20-400 tokens into 1024-token windows
-    bins = best_fit_decreasing(lengths, 1024)
-    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
-    assert all(lengths[b].sum() <= 1024 for b in bins)
-    assert lengths.sum() / (len(bins) * 1024) >= 0.95  # against padding each row to the longest: ~0.5
-    assert bins == best_fit_decreasing(lengths, 1024)  # deterministic
+    for lengths, capacity in [
+        (rng.integers(20, 400, size=2000), 1024),  # conversations of 20-400 tokens into 1024-token windows
+        (rng.integers(100, 300, size=2000), 512),  # alike lengths: best-fit decreasing leaves 2% empty
+    ]:
+        bins = pack_whole(lengths, capacity)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        assert all(lengths[b].sum() <= capacity for b in bins)
+        assert len(bins) <= len(best_fit_decreasing(lengths, capacity))
+        assert lengths.sum() / (len(bins) * capacity) >= 0.99  # against padding each row to the longest: ~0.5
+        assert bins == pack_whole(lengths, capacity)  # deterministic: every rank builds the same windows
+
+
+def test_repacking_finds_the_fewer_windows_best_fit_decreasing_misses():
+    # Best-fit decreasing: [4, 4], [4, 3, 3], [3, 3, 3], [3]. Three windows of [4, 3, 3] hold them all.
+    lengths = np.array([4, 4, 4, 3, 3, 3, 3, 3, 3])
+    assert len(best_fit_decreasing(lengths, 10)) == 4
+    bins = pack_whole(lengths, 10)
+    assert sorted(sorted(lengths[b].tolist()) for b in bins) == [[3, 3, 4]] * 3
 
 
 def test_packed_windows_hold_whole_conversations_with_restarting_positions_and_masked_labels(chat_prepared):

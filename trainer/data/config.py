@@ -80,7 +80,7 @@ class DataConfig(ChatFields):
     # Tokens per training sequence.
     seq_len: int = MISSING
     # Concatenate documents (separated by EOS) into full windows; false pads each document to seq_len.
-    # Conversations: packed whole into windows (best-fit decreasing), or one per window.
+    # Conversations: packed whole into windows (best-fit decreasing, least-full repacked), or one per window.
     packing: bool = MISSING
     # Text windows: positions restart and attention stops at each document's EOS (conversations always are).
     document_mask: bool = MISSING

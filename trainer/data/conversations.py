@@ -1,7 +1,7 @@
 """Conversations of a prepared chat dataset as training windows: packed whole, never split, never seen by each other.
 
-Each window holds whole conversations (best-fit-decreasing into `seq_len` slots, or one per window without
-packing), the rest padded. A conversation of n tokens fills n slots: its tokens as inputs, the next token as each
+Each window holds whole conversations (best-fit-decreasing into `seq_len` slots, then its least-full windows
+repacked into fewer; or one per window without packing), the rest padded. A conversation of n tokens fills n slots: its tokens as inputs, the next token as each
 one's label where the mask says that token is trained (IGNORE_INDEX elsewhere, and at its last token, whose next
 token belongs to no one), and positions 0..n-1. The restarting positions, with no attention mask, are what
 transformers needs to keep packed documents apart (document masking); the padding is a document of its own.
@@ -54,6 +54,70 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
+def fullest_subset(lengths: list[int], gap: int) -> list[int]:
+    """Indices of a subset of `lengths` with the largest sum <= gap (subset sums as bitsets; the last item
+    that reaches the sum is taken first, so the choice is deterministic)."""
+    reach = [1]  # reach[i]: bit s set when some subset of lengths[:i] sums to s
+    within = (1 << (gap + 1)) - 1
+    for n in lengths:
+        reach.append((reach[-1] | (reach[-1] << n)) & within)
+    total = reach[-1].bit_length() - 1
+    chosen = []
+    for i in range(len(lengths) - 1, -1, -1):
+        if not (reach[i] >> total) & 1:  # total is out of reach without item i: take it
+            chosen.append(i)
+            total -= lengths[i]
+    return chosen
+
+
+def minimum_slack(items: list[int], lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Bins of `items`, each opened with the longest item left and filled with the subset of the rest that
+    leaves the least free space (Gupta and Ho's minimum bin slack). Exact per bin: for small pools only."""
+    left = sorted(items, key=lambda i: (-int(lengths[i]), i))
+    bins = []
+    while left:
+        first, rest = left[0], left[1:]
+        picked = set(fullest_subset([int(lengths[i]) for i in rest], capacity - int(lengths[first])))
+        bins.append([first, *(rest[j] for j in sorted(picked))])
+        left = [item for j, item in enumerate(rest) if j not in picked]
+    return bins
+
+
+def repack_least_full(
+    bins: list[list[int]], lengths: np.ndarray, capacity: int, *, max_pool: int = 128
+) -> list[list[int]]:
+    """Fewer bins: the k least-full bins' items repacked by minimum slack, kept when they need fewer than k
+    bins; k doubles (up to max_pool) while they do not. Best-fit decreasing leaves its slack spread over many
+    bins when lengths are alike (three 150-token conversations per 512-token window, none of the rest fitting
+    the 62 left); this gathers it. The work is capped by the number of items: deterministic on every rank."""
+    bins = [list(b) for b in bins]
+    fills = np.array([int(lengths[b].sum()) for b in bins], dtype=np.int64)
+    lower_bound = -(-int(np.sum(lengths)) // capacity)
+    budget = 50 * len(lengths) + 100_000  # subset-sum steps (about items^2 / 2k a try), over all tries
+    k = 4
+    while len(bins) > lower_bound and k <= min(max_pool, len(bins)) and budget > 0:
+        pool = np.sort(np.argpartition(fills, k - 1)[:k]) if k < len(bins) else np.arange(len(bins))
+        if fills[pool].sum() > (k - 1) * capacity:  # these k cannot fit in k - 1 bins
+            k *= 2
+            continue
+        items = [i for b in pool.tolist() for i in bins[b]]
+        budget -= len(items) ** 2 // (2 * k)
+        repacked = minimum_slack(items, lengths, capacity)
+        if len(repacked) >= k:
+            k *= 2
+            continue
+        kept = np.setdiff1d(np.arange(len(bins)), pool)
+        bins = [bins[b] for b in kept.tolist()] + repacked
+        fills = np.concatenate([fills[kept], [int(lengths[b].sum()) for b in repacked]])
+        k = 4
+    return bins
+
+
+def pack_whole(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Bins of item indices holding every item whole within `capacity`: best-fit decreasing, then repacked."""
+    return repack_least_full(best_fit_decreasing(lengths, capacity), np.asarray(lengths), capacity)
+
+
 class ConversationWindows:
     """Windows of whole conversations from one split of a prepared chat dataset (see the module docstring)."""
 
@@ -69,7 +133,7 @@ class ConversationWindows:
         keep = np.flatnonzero(lengths <= seq_len) if truncation == "drop" else np.arange(len(lengths))
         kept_lengths = np.minimum(lengths[keep], seq_len)
         if packing:
-            bins = [keep[b] for b in best_fit_decreasing(kept_lengths, seq_len)]
+            bins = [keep[b] for b in pack_whole(kept_lengths, seq_len)]
         else:
             bins = [keep[i : i + 1] for i in range(len(keep))]
         # The windows as one flat list of conversations and where each window's start.
