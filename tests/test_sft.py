@@ -197,28 +197,31 @@ def isolated_logits(model, windows, w: int, *, packed_forward=None) -> tuple[tor
     return torch.cat(parts), torch.cat(alone)
 
 
-def check_isolation(chat_prepared, mode: str) -> None:
+def check_isolation(chat_prepared, *, compiled: bool, checkpointing: bool) -> None:
     split = PreparedSplit(chat_prepared, "train", read_meta(chat_prepared))
     windows = ConversationWindows(split, 256, pad_id=2, packing=True, truncation="truncate")
     w = max(range(len(windows)), key=lambda i: len(windows.window(i)))
     assert len(windows.window(w)) >= 3
     model = tiny_llama(49152)
-    if mode == "activation_checkpointing":
+    if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # checkpointing acts in training mode; the tiny Llama has no dropout
-    compiled = torch.compile(model) if mode == "compiled" else None  # the packed window only: one graph
-    with torch.set_grad_enabled(mode == "activation_checkpointing"):
-        packed, alone = isolated_logits(model, windows, w, packed_forward=compiled)
+    packed_forward = torch.compile(model) if compiled else None  # the packed window only: one graph
+    with torch.set_grad_enabled(checkpointing):
+        packed, alone = isolated_logits(model, windows, w, packed_forward=packed_forward)
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["eager", "activation_checkpointing"])
-def test_a_packed_windows_logits_equal_each_conversations_logits_alone(chat_prepared, mode):
-    check_isolation(chat_prepared, mode)
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["eager", "activation_checkpointing"])
+def test_a_packed_windows_logits_equal_each_conversations_logits_alone(chat_prepared, checkpointing):
+    check_isolation(chat_prepared, compiled=False, checkpointing=checkpointing)
 
 
-def test_a_compiled_models_packed_logits_equal_each_conversations_logits_alone(chat_prepared):
-    check_isolation(chat_prepared, "compiled")
+@pytest.mark.parametrize(
+    "checkpointing", [False, True], ids=["compiled", "compiled_activation_checkpointing"]
+)
+def test_a_compiled_models_packed_logits_equal_each_conversations_logits_alone(chat_prepared, checkpointing):
+    check_isolation(chat_prepared, compiled=True, checkpointing=checkpointing)
 
 
 CHAT_RUN = [
