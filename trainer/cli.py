@@ -41,7 +41,16 @@ def _one_paragraph(text: str) -> str:
 def _hydra_paragraph(err: Exception) -> str | None:
     """Hydra's refusal to compose a config, as one paragraph naming the key, or None for another error."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import MissingMandatoryValue
 
+    if isinstance(
+        err, MissingMandatoryValue
+    ):  # a `???` key the command line did not set, read by the command
+        key = getattr(err, "full_key", None) or "a required key"
+        return (
+            f"{key} is required and was not given; add {key}=VALUE to the command line (the command's YAML in "
+            "conf/ says what it takes; `--cfg job` prints every key, ??? marking the required ones)"
+        )
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and "/" in err.missing_cfg_file:
         group, _, name = err.missing_cfg_file.rpartition("/")
         options = [o for o in err.options or [] if o != "schema"]  # `schema`: each group's registered type
