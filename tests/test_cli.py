@@ -512,3 +512,23 @@ def test_the_pipeline_exits_2_when_a_stage_stops_with_an_explained_error(tmp_pat
     missing = tmp_path / "dense_pretrained" / "hf"
     assert f"error: model.name_or_path={missing}: no such file or directory" in out
     assert "Traceback" not in out and "stage dense_adapted failed (exit code 2)" in out
+
+
+def test_a_list_element_holding_equals_is_refused_with_the_quoted_form_that_works():
+    """`'train_args=[strategy=fsdp,precision=bf16]'` is not Hydra's grammar: the message gives the form that
+    is, and that form (and the example in conf/pipeline.yaml's comment) composes to the list meant."""
+    import re
+    import shlex
+
+    from trainer.pipeline import compose_pipeline
+
+    with pytest.raises(Exception) as refused:
+        compose_pipeline(["chain=compress", "train_args=[strategy=fsdp,precision=bf16]"])
+    message = explain(refused.value)
+    assert message is not None and "train_args=[strategy=fsdp,precision=bf16]" in message
+    [suggested] = re.findall(r'"train_args=[^"]*"', message)
+    cfg = compose_pipeline(["chain=compress", *shlex.split(suggested)])  # as the shell passes it
+    assert list(cfg.train_args) == ["strategy=fsdp", "precision=bf16"]
+    [example] = re.findall(r'"train_args=[^"]*"', (ROOT / "conf" / "pipeline.yaml").read_text())
+    cfg = compose_pipeline(["chain=compress", *shlex.split(example)])
+    assert list(cfg.train_args) == ["train.device=cuda", "precision=bf16"]
