@@ -78,6 +78,7 @@ def build_model_config(cfg: Any, *, vocab_size: int | None = None) -> Pretrained
             _names_the_key(
                 f"model.name_or_path={cfg.name_or_path}" + (" with model.arch" if arch else ""),
                 "give a hub name or a local directory with a config.json, and model.arch fields its config knows",
+                arch=arch,
             ),
             loading_from(cfg.name_or_path, key="model.name_or_path"),
         ):
@@ -132,6 +133,7 @@ def build_model(
                 + (f" (model.gguf_file={cfg.gguf_file})" if cfg.gguf_file else "")
                 + (" with model.arch" if kwargs.keys() - {"trust_remote_code", "dtype", "gguf_file"} else ""),
                 "give a hub name or a local directory of a causal LM, and model.arch fields its config knows",
+                arch=_arch_dict(cfg),
             ),
             loading_from(cfg.name_or_path, key="model.name_or_path"),
         ):
