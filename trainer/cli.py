@@ -52,9 +52,8 @@ def _hydra_paragraph(err: Exception) -> str | None:
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import MissingMandatoryValue
 
-    if isinstance(
-        err, MissingMandatoryValue
-    ):  # a `???` key the command line did not set, read by the command
+    # A `???` key the command line did not set, read by the command.
+    if isinstance(err, MissingMandatoryValue):
         key = getattr(err, "full_key", None) or "a required key"
         return (
             f"{key} is required and was not given; add {key}=VALUE to the command line (the command's YAML in "

@@ -443,9 +443,8 @@ def prepare(cfg: Any) -> Path:
         )
     train_on = str(cfg.train_on) if chat else None
     loaded = None
-    if (
-        cfg.tokenizer not in BUILT
-    ):  # a path or name that loads no tokenizer fails here, before anything is read
+    # A path or name that loads no tokenizer (or one without EOS) fails here, before anything is read.
+    if cfg.tokenizer not in BUILT:
         with loading_from(cfg.tokenizer, key="tokenizer"):
             loaded = load_tokenizer(cfg.tokenizer)
     if chat:  # as does a tokenizer with no chat template (and none given)
