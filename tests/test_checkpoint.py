@@ -262,6 +262,52 @@ def test_resume_auto_with_every_checkpoint_damaged_refuses_to_start_afresh(saved
         resolve_resume("auto", run / "checkpoints")
 
 
+def test_a_resume_with_another_seq_len_is_refused_naming_both_lengths(saved_run, tmp_path):
+    from trainer.errors import ConfigError
+
+    run, newest = _copy(saved_run, tmp_path)
+    expected = f"data.seq_len=16: the checkpoint {newest} was taken with data.seq_len=32"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        make_trainer(run, *SAVED, "data.seq_len=16", "resume=auto")
+
+
+def test_a_disk_that_fills_during_a_save_names_the_file_and_leaves_the_previous_checkpoint_loadable(
+    saved_run, tmp_path, monkeypatch
+):
+    import errno
+    import os
+
+    from trainer import checkpoint
+
+    run, newest = _copy(saved_run, tmp_path)
+    real_write = checkpoint.write_shards
+    full = []
+
+    def write_until_the_disk_is_full(directory, slices, rank):
+        slices = list(slices)
+        real_write(directory, slices[: len(slices) // 2], rank=rank)  # part of the file is on disk
+        full.append(checkpoint.shard_file(directory, rank))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(full[-1]))
+
+    monkeypatch.setattr(checkpoint, "write_shards", write_until_the_disk_is_full)
+    trainer = make_trainer(run, *SAVED, "train.max_steps=6", "resume=auto")
+    with pytest.raises(CheckpointError) as refused:
+        trainer.train()
+    message = str(refused.value)
+    assert message.startswith(f"{full[0]}: the disk is full") and "step 6" in message
+    assert f"the previous checkpoint, {newest}, is intact" in message
+    monkeypatch.undo()
+    root = run / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000004"]
+    resumed = make_trainer(run, *SAVED, "train.max_steps=6", "resume=auto")
+    assert resumed.step == 4
+    saved = load_file(str(newest / SHARD))  # read back independently of the trainer's loader
+    weights = {k: v for k, v in resumed.hf_model.state_dict().items() if f"model/{k}@0" in saved}
+    assert len(weights) > 10
+    for key, value in weights.items():
+        assert torch.equal(value.reshape(-1), saved[f"model/{key}@0"]), key
+
+
 def test_a_checkpoint_from_before_manifests_resumes_unverified_and_says_so_once(saved_run, tmp_path, capsys):
     run, newest = _copy(saved_run, tmp_path)
     (newest / "manifest.json").unlink()

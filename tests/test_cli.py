@@ -107,6 +107,40 @@ DATA = [*TINY_MODEL, *LOOP, "data.tokenizer=wordlevel"]
 USER_DATA = [*TINY_MODEL, "data.seq_len=16", "train.max_steps=1", "data=hf", "data.tokenizer=wordlevel"]
 
 
+class RunsCode:
+    """Pickled, it names a global (print) that torch's safe loader refuses, as a pickle that runs code would."""
+
+    def __reduce__(self):
+        return (print, ("this pickle ran code",))
+
+
+def pickled_model_dir(path: Path, hf: Path) -> Path:
+    """A model directory whose only weights are a pickle torch.load(weights_only=True) refuses."""
+    import shutil
+
+    shutil.copytree(hf, path, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "hook": RunsCode()}, path / "pytorch_model.bin")
+    return path
+
+
+def tokenizer_without_eos(path: Path) -> Path:
+    from trainer.data.tokenizer import build_wordlevel_tokenizer
+
+    tokenizer = build_wordlevel_tokenizer(["a b c d e f"] * 4)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def checkpoint_of_seq_len(run_dir: Path, seq_len: int) -> Path:
+    """A run directory whose one checkpoint says it was taken with data.seq_len=`seq_len` (its trainer_state.json,
+    as a save writes it: the refusal comes before anything else of the checkpoint is read)."""
+    step = run_dir / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps({"step": 2, "seq_len": seq_len}))
+    return step
+
+
 # ---- the handler, in process ------------------------------------------------------------------------------
 
 
@@ -244,6 +278,66 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
             "trainer.prepare_data",
             [f"data_files={not_json}", "tokenizer=wordlevel", "output_dir=o", "num_proc=0"],
             ["num_proc=0"],
+        ),
+    ]
+    # Issue 31's second round: the inputs that still ended in a traceback.
+    good = bad_jsonl(tmp_path / "good.jsonl", GOOD)
+    not_parquet = bad_jsonl(tmp_path / "data.parquet", GOOD[:3])
+    hub_dir = tmp_path / "hub_dataset"  # a dataset directory data.path names, as a hub dataset's files
+    hub_dir.mkdir()
+    bad_jsonl(hub_dir / "train.json", [*GOOD[:2], '{"text": "café"}'.encode("latin-1")])
+    pickled = pickled_model_dir(tmp_path / "pickled", hf)
+    no_eos = tokenizer_without_eos(tmp_path / "no_eos")
+    checkpoint_of_seq_len(tmp_path / "run32", 32)
+    prepare = ["tokenizer=wordlevel", "eval_fraction=0.2"]
+    cases += [
+        ("trainer.train", [*DATA, f"resume={missing}"], [f"resume={missing}", "no such file"]),
+        (
+            "trainer.train",
+            [*DATA, f"hydra.run.dir={tmp_path / 'run32'}", "resume=auto"],
+            ["data.seq_len=16", "data.seq_len=32"],
+        ),
+        ("trainer.train", [*DATA, "data.markov.num_words=0"], ["error: data.markov.num_words=0"]),
+        ("trainer.quantize", ["scheme=int8_dynamic", "output_dir=q"], ["model_path is required"]),
+        (
+            "trainer.train",
+            [*DATA, "model.arch.num_attention_heads=3"],
+            ["model.arch.hidden_size=32", "model.arch.num_attention_heads=3"],
+        ),
+        ("trainer.train", [*DATA, "model.arch.num_key_value_heads=3"], ["model.arch.num_key_value_heads=3"]),
+        ("trainer.train", [*DATA, "optimizer.betas=[1.5,0.95]"], ["optimizer.betas=[1.5, 0.95]", "[0, 1)"]),
+        ("trainer.train", [*USER_DATA, f"data.path={missing}"], [f"data.path={missing}"]),
+        ("trainer.train", [*USER_DATA, f"data.data_files={not_parquet}"], [f"{not_parquet}: not a Parquet"]),
+        (
+            "trainer.prepare_data",
+            [f"data_files={not_parquet}", *prepare, f"output_dir={tmp_path / 'p3'}"],
+            [f"{not_parquet}: not a Parquet"],
+        ),
+        (
+            "trainer.prepare_data",
+            [f"data_files={good}", f"tokenizer={missing}", f"output_dir={tmp_path / 'p4'}"],
+            [f"tokenizer={missing}: no such file"],
+        ),
+        (
+            "trainer.quantize",
+            [f"model_path={pickled}", "scheme=int8_dynamic", f"output_dir={tmp_path / 'q'}", "device=cpu"],
+            [f"{pickled / 'pytorch_model.bin'}: refused", "could run code"],
+        ),
+        (
+            "trainer.train",
+            [*USER_DATA, f"data.path={hub_dir}"],
+            [f"{hub_dir / 'train.json'}, line 3", "UTF-8"],
+        ),
+        ("trainer.train", [*DATA, f"data.tokenizer={no_eos}"], [str(no_eos), "no EOS token"]),
+        (
+            "trainer.prepare_data",
+            [
+                f"data_files={good}",
+                f"tokenizer={no_eos}",
+                "eval_fraction=0.2",
+                f"output_dir={tmp_path / 'p5'}",
+            ],
+            [str(no_eos), "no EOS token"],
         ),
     ]
     if not torch.cuda.is_available():
@@ -418,3 +512,23 @@ def test_the_pipeline_exits_2_when_a_stage_stops_with_an_explained_error(tmp_pat
     missing = tmp_path / "dense_pretrained" / "hf"
     assert f"error: model.name_or_path={missing}: no such file or directory" in out
     assert "Traceback" not in out and "stage dense_adapted failed (exit code 2)" in out
+
+
+def test_a_list_element_holding_equals_is_refused_with_the_quoted_form_that_works():
+    """`'train_args=[strategy=fsdp,precision=bf16]'` is not Hydra's grammar: the message gives the form that
+    is, and that form (and the example in conf/pipeline.yaml's comment) composes to the list meant."""
+    import re
+    import shlex
+
+    from trainer.pipeline import compose_pipeline
+
+    with pytest.raises(Exception) as refused:
+        compose_pipeline(["chain=compress", "train_args=[strategy=fsdp,precision=bf16]"])
+    message = explain(refused.value)
+    assert message is not None and "train_args=[strategy=fsdp,precision=bf16]" in message
+    [suggested] = re.findall(r'"train_args=[^"]*"', message)
+    cfg = compose_pipeline(["chain=compress", *shlex.split(suggested)])  # as the shell passes it
+    assert list(cfg.train_args) == ["strategy=fsdp", "precision=bf16"]
+    [example] = re.findall(r'"train_args=[^"]*"', (ROOT / "conf" / "pipeline.yaml").read_text())
+    cfg = compose_pipeline(["chain=compress", *shlex.split(example)])
+    assert list(cfg.train_args) == ["train.device=cuda", "precision=bf16"]

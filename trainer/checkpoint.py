@@ -26,13 +26,16 @@ loop state and the model description, and `torch.load(weights_only=True)` for RN
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from trainer.distributed import ParallelEnv, barrier
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, InputNotFoundError
 from trainer.shards import load_slices, shard_file, shown, write_shards
 from trainer.utils import fsync_dir, write_atomic, write_json_atomic
 
@@ -121,6 +124,62 @@ def save_checkpoint(
     step = int(trainer_state["step"])
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp"
+    with _disk_full_explained(root, tmp, step):
+        return _write_checkpoint(
+            root,
+            final,
+            tmp,
+            strategy,
+            module,
+            optimizer,
+            trainer_state,
+            env,
+            hf_config,
+            tokenizer,
+            keep_last,
+            extra_slices,
+        )
+
+
+@contextlib.contextmanager
+def _disk_full_explained(root: Path, tmp: Path, step: int) -> Iterator[None]:
+    """A disk that fills during a save: the partial save is removed (freeing what it took) and the error names
+    the file and the checkpoint that is still there, since the save is atomic and `latest` was not moved."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest = root / LATEST
+        previous = latest.read_text().strip() if latest.is_file() else None
+        intact = (
+            f"the previous checkpoint, {root / previous}, is intact ({latest} still names it): resume=auto "
+            "continues from it"
+            if previous
+            else "no earlier checkpoint of this run exists"
+        )
+        raise CheckpointError(
+            f"{e.filename or tmp}: the disk is full ({e.strerror}) while saving the checkpoint of step {step}; "
+            f"nothing of that save is kept, and {intact}; free space on the disk of {root} (or keep fewer "
+            "checkpoints with checkpoint.keep_last, or give hydra.run.dir on a larger disk) and run again"
+        ) from e
+
+
+def _write_checkpoint(
+    root: Path,
+    final: Path,
+    tmp: Path,
+    strategy: Any,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    env: ParallelEnv,
+    hf_config: PretrainedConfig,
+    tokenizer: Any,
+    keep_last: int,
+    extra_slices: list | None,
+) -> Path:
     if env.is_main:
         root.mkdir(parents=True, exist_ok=True)
         remove_leftovers(root)  # of a save or a deletion that a kill interrupted
@@ -352,11 +411,19 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
         return None
     path = Path(resume)
     if path.is_file() and path.name != LATEST:
-        raise FileNotFoundError(f"resume={resume}: a file, but not a checkpoints/{LATEST} pointer")
+        raise InputNotFoundError(
+            f"resume={resume}: a file, but not a checkpoints/{LATEST} pointer; give a checkpoints/step_XXXXXXXX "
+            "directory, `auto`, or `none`"
+        )
     if path.is_file():
         path = path.parent / path.read_text().strip()
+    if not path.exists():
+        raise InputNotFoundError(
+            f"resume={resume}: no such file or directory; give a checkpoints/step_XXXXXXXX directory, "
+            "`auto` (the run directory's newest, hydra.run.dir), or `none`"
+        )
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"resume={resume}: not a complete checkpoint (no {STATE_FILE}); give a checkpoints/step_XXXXXXXX "
             "directory, `auto`, or `none`"
         )

@@ -38,10 +38,27 @@ def _one_paragraph(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _quoted_list_form(override: str) -> str | None:
+    """`key=[a=1,b=2]` as Hydra parses it, `"key=['a=1','b=2']"`; None for an override without such a list."""
+    key, _, value = override.partition("=")
+    if not (value.startswith("[") and value.endswith("]") and "=" in value):
+        return None
+    elements = [e.strip().strip("'\"") for e in value[1:-1].split(",")]
+    return '"' + key + "=[" + ",".join(f"'{e}'" for e in elements) + ']"'
+
+
 def _hydra_paragraph(err: Exception) -> str | None:
     """Hydra's refusal to compose a config, as one paragraph naming the key, or None for another error."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import MissingMandatoryValue
 
+    # A `???` key the command line did not set, read by the command.
+    if isinstance(err, MissingMandatoryValue):
+        key = getattr(err, "full_key", None) or "a required key"
+        return (
+            f"{key} is required and was not given; add {key}=VALUE to the command line (the command's YAML in "
+            "conf/ says what it takes; `--cfg job` prints every key, ??? marking the required ones)"
+        )
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and "/" in err.missing_cfg_file:
         group, _, name = err.missing_cfg_file.rpartition("/")
         options = [o for o in err.options or [] if o != "schema"]  # `schema`: each group's registered type
@@ -49,6 +66,12 @@ def _hydra_paragraph(err: Exception) -> str | None:
         return f"{group.replace('/', '.')}={name}: there is no such option{allowed} (conf/{group}/)"
     if isinstance(err, OverrideParseException):
         reason = _one_paragraph(str(err.message).split("See https://")[0])
+        quoted = _quoted_list_form(str(err.override))
+        if quoted:
+            return (
+                f"the override {err.override!r} cannot be parsed: an element of a list that holds `=` must be "
+                f"quoted inside the brackets; write it as {quoted} (the double quotes are for the shell)"
+            )
         return (
             f"the override {err.override!r} cannot be parsed ({reason}); write it as key=value, quoted for "
             "the shell when it holds brackets or spaces ('key=[a,b]'): "

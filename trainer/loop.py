@@ -113,6 +113,8 @@ class Trainer:
         self.log = ExperimentLog(cfg, run_dir=self.run_dir, enabled=env.is_main)
         self.ckpt_root = self.run_dir / "checkpoints"
         resume = ckpt.resolve_resume(cfg.resume, self.ckpt_root)
+        if resume is not None:
+            self._check_same_seq_len(resume)  # before the data is tokenized and packed again
 
         self.data = self._load_data()
         dtype = resolve_dtype(t.dtype)
@@ -218,6 +220,20 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         return model
+
+    def _check_same_seq_len(self, path: Path) -> None:
+        """The data position is a count of packed sequences: another data.seq_len packs other sequences, so
+        the checkpoint's position means nothing in them. (data=tokenized records seq_len in its mixture's
+        identity and checks it itself, where data.allow_changed=true lets a run go on.)"""
+        if self.cfg.data.source == "tokenized":
+            return
+        saved = json.loads((path / ckpt.STATE_FILE).read_text()).get("seq_len")  # None: an older checkpoint
+        if saved is not None and saved != self.cfg.data.seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.cfg.data.seq_len}: the checkpoint {path} was taken with data.seq_len={saved}, "
+                f"and its data position counts sequences of that length; resume with data.seq_len={saved}, or "
+                "start a new run (resume=none, or another hydra.run.dir) to train on the new length"
+            )
 
     def _resume(self, path: Path | None) -> Path | None:
         """Restore model, optimizer, RNG and loop state from the checkpoint `path`, if any."""
@@ -340,6 +356,7 @@ class Trainer:
             "data": self.order.state_dict(),
             "precision": self.strategy.precision.state_dict(),
             "lr_horizon": self._lr_horizon(),  # a resume that changes it is warned (_continue_after_resume)
+            "seq_len": self.cfg.data.seq_len,  # a resume that changes it is refused (_check_same_seq_len)
             **self._merged("checkpoint_state"),  # e.g. the adapters' base model reference
         }
         return ckpt.save_checkpoint(

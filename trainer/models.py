@@ -23,16 +23,51 @@ def _arch_dict(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.arch) if OmegaConf.is_config(cfg.arch) else dict(cfg.arch)
 
 
+def _arch_keys_in(message: str, arch: dict[str, Any]) -> list[str]:
+    """The model.arch fields a transformers message is about: `hidden_size` in "The hidden size (32) ..." or
+    "Field 'hidden_size' ...", `num_attention_heads` in "... the number of attention heads (3)"."""
+    text = message.lower()
+    return [
+        f"model.arch.{key}={value}"
+        for key, value in arch.items()
+        if key in text or all(word in text for word in key.split("_") if word != "num")
+    ]
+
+
 @contextlib.contextmanager
-def _names_the_key(key: str, fix: str) -> Iterator[None]:
+def _names_the_key(key: str, fix: str, *, arch: dict[str, Any] | None = None) -> Iterator[None]:
     """transformers' refusal of a model, architecture or path as a ConfigError that names our key and the fix.
-    A ConfigError of ours and an ImportError (a missing package, which names its own install) pass through."""
+    A ConfigError of ours and an ImportError (a missing package, which names its own install) pass through.
+    A config class's own validation (huggingface_hub's strict dataclasses: heads that do not divide the hidden
+    size, a field of the wrong type) is named by the model.arch fields its message is about."""
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         yield
     except (TrainerError, ImportError):  # ours (a path refused by loading_from too), a missing package
         raise
+    except StrictDataclassError as e:
+        reason = " ".join(str(e.__cause__ or e).split())
+        named = ", ".join(_arch_keys_in(reason, arch or {})) or key
+        raise ConfigError(f"{named}: transformers refuses this architecture ({reason}); {fix}") from e
     except (ValueError, KeyError, TypeError, AttributeError, OSError, AssertionError) as e:
         raise ConfigError(f"{key}: {type(e).__name__}: {e}; {fix}") from e
+
+
+def _check_heads(config: PretrainedConfig, *, from_arch: bool) -> None:
+    """Query heads in groups of key/value heads: transformers builds a model whose attention then fails at
+    the first forward when they do not divide ("The size of tensor a (2) must match ... b (3)")."""
+    heads, kv_heads = (
+        getattr(config, "num_attention_heads", None),
+        getattr(config, "num_key_value_heads", None),
+    )
+    if isinstance(heads, int) and isinstance(kv_heads, int) and (kv_heads < 1 or heads % kv_heads):
+        where = "model.arch" if from_arch else "the model's config.json"
+        raise ConfigError(
+            f"{where}.num_key_value_heads={kv_heads}: must divide {where}.num_attention_heads={heads} (each "
+            f"key/value head serves a group of query heads); pick a divisor of {heads}, e.g. "
+            f"model.arch.num_key_value_heads={heads}"
+        )
 
 
 def build_model_config(cfg: Any, *, vocab_size: int | None = None) -> PretrainedConfig:
@@ -43,6 +78,7 @@ def build_model_config(cfg: Any, *, vocab_size: int | None = None) -> Pretrained
             _names_the_key(
                 f"model.name_or_path={cfg.name_or_path}" + (" with model.arch" if arch else ""),
                 "give a hub name or a local directory with a config.json, and model.arch fields its config knows",
+                arch=arch,
             ),
             loading_from(cfg.name_or_path, key="model.name_or_path"),
         ):
@@ -61,8 +97,11 @@ def build_model_config(cfg: Any, *, vocab_size: int | None = None) -> Pretrained
         with _names_the_key(
             f"model.arch (model_type={model_type})",
             f"check the fields against transformers' {model_type} config",
+            arch=arch,
         ):
             config = AutoConfig.for_model(model_type, **arch)
+    heads_given = "num_key_value_heads" in arch or "num_attention_heads" in arch
+    _check_heads(config, from_arch=heads_given or not cfg.name_or_path)
     if vocab_size is not None:
         rounded = -(-vocab_size // 64) * 64  # multiple of 64: faster matmuls, spare ids unused
         if "vocab_size" not in arch:
@@ -94,6 +133,7 @@ def build_model(
                 + (f" (model.gguf_file={cfg.gguf_file})" if cfg.gguf_file else "")
                 + (" with model.arch" if kwargs.keys() - {"trust_remote_code", "dtype", "gguf_file"} else ""),
                 "give a hub name or a local directory of a causal LM, and model.arch fields its config knows",
+                arch=_arch_dict(cfg),
             ),
             loading_from(cfg.name_or_path, key="model.name_or_path"),
         ):

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import signal
 import tempfile
@@ -20,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from trainer.errors import (
+    CheckpointError,
     ConfigError,
     CorruptFileError,
     DeviceError,
@@ -86,6 +88,25 @@ def damaged_safetensors(path: Path) -> list[Path]:
     return bad
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # torch.save / pickle files, not safetensors
+
+
+def _refused_pickle(path: Path, err: Exception, where: str | None) -> str:
+    """A model's weights that only exist as a pickle torch's safe loader refuses: the file, why, the fix."""
+    files = [path] if path.is_file() else [f for g in PICKLE_WEIGHTS for f in sorted(path.glob(g))]
+    named = ", ".join(str(f) for f in files) or f"the pickle weights of {path}"
+    detail = next((line for line in str(err).splitlines() if "WeightsUnpickler error" in line), "")
+    reason = detail.split("error:", 1)[-1].split(" was not", 1)[0].strip()
+    return (
+        f"{named}: refused by torch's safe loader (weights_only) because loading it could run code"
+        + (f" ({reason})" if reason else "")
+        + "; it is never loaded any other way. Give a model whose weights are .safetensors, or, only if you "
+        "trust where the file came from, convert it once yourself (load it with torch.load(weights_only=False) "
+        "and save the state dict with safetensors.torch.save_file as model.safetensors beside config.json)"
+        + (f" ({where})" if where else "")
+    )
+
+
 @contextlib.contextmanager
 def loading_from(name: str, *, key: str | None = None) -> Iterator[None]:
     """Around a transformers or safetensors load from a path or hub name the user gave (the option `key`):
@@ -118,6 +139,8 @@ def loading_from(name: str, *, key: str | None = None) -> Iterator[None]:
             "trainer.train (its model and distill.teacher). A stored config or config.json cannot ask for it, "
             "and trainer.evaluate and trainer.quantize never run it"
         ) from e
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refusing a pickle's globals
+        raise CheckpointError(_refused_pickle(Path(name).expanduser(), e, where if key else None)) from e
     except Exception as e:
         if type(e).__name__ != "SafetensorError":
             raise

@@ -127,6 +127,8 @@ def validate_data(d: Any) -> None:
         f"data.format={d.format} renders conversations with a chat template and its special tokens: train with "
         f"the model's tokenizer (data.tokenizer=null, or a name/path), not a built {d.tokenizer} one",
     )
+    if d.source == "embedded":
+        _validate_markov(d.markov)
     if d.source == "tokenized":
         _check(
             bool(d.sources) != (d.path is not None),
@@ -142,3 +144,19 @@ def validate_data(d: Any) -> None:
             not weights or sum(weights) > 0,
             f"data.sources: every weight is 0 ({weights}); give at least one source a positive weight",
         )
+
+
+def _validate_markov(m: Any) -> None:
+    """The generated corpus's settings, each named before the corpus is generated."""
+    num_words = m.get("num_words", 1)
+    _check(num_words >= 1, f"data.markov.num_words={num_words}: must be at least 1 (the source's vocabulary)")
+    successors = m.get("successors", 1)
+    _check(
+        1 <= successors <= num_words,
+        f"data.markov.successors={successors}: must be between 1 and data.markov.num_words={num_words}",
+    )
+    mean_doc_words = m.get("mean_doc_words", 2)
+    _check(mean_doc_words > 1, f"data.markov.mean_doc_words={mean_doc_words}: must be > 1")
+    for key in ("train_tokens", "eval_tokens"):
+        value = m.get(key, 1)
+        _check(value >= 1, f"data.markov.{key}={value}: must be at least 1 (words generated)")

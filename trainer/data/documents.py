@@ -147,9 +147,16 @@ def _text_lines(path: str) -> Iterator[str]:
 
 
 def _parquet_texts(path: str, field: Field) -> Iterator[Any]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    f = pq.ParquetFile(path)
+    try:
+        f = pq.ParquetFile(path)
+    except pyarrow.ArrowInvalid as e:  # "Parquet magic bytes not found in footer": it names no file
+        raise DataError(
+            f"{path}: not a Parquet file, though its name ends in .parquet ({e}); write it again as Parquet, or "
+            "give it the extension of its real format (.jsonl, .txt)"
+        ) from e
     if isinstance(field, str):
         if field not in f.schema_arrow.names:
             raise DataError(

@@ -25,7 +25,7 @@ from trainer.data.tokenizer import build_bpe_tokenizer, build_wordlevel_tokenize
 from trainer.data.windows import windows_of
 from trainer.errors import DataError
 from trainer.loss import IGNORE_INDEX
-from trainer.utils import loading_from, write_atomic
+from trainer.utils import loading_from, looks_local, write_atomic
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 
@@ -231,6 +231,33 @@ def _check_text_field(split: Any, name: str, text_field: str, data_files: Any) -
     raise DataError(f"{where}; every record needs its text as a UTF-8 string: fix or remove that record")
 
 
+def _files_under(path: str | None) -> list[str] | None:
+    """The files of a local dataset directory (or the one file) that data.path names; None for a hub name."""
+    if path is None or not os.path.exists(os.path.expanduser(path)):
+        return None
+    root = Path(path).expanduser()
+    if root.is_file():
+        return [str(root)]
+    return sorted(str(f) for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
+
+
+def _check_parquet_files(files: Any) -> None:
+    """A file named .parquet must be one: pyarrow's "Parquet magic bytes not found" names no file."""
+    for path in _local_files(files) if files else []:
+        if not path.endswith(".parquet"):
+            continue
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(os.path.getsize(path) - 4, 0))
+            tail = f.read(4)
+        if head != b"PAR1" or tail != b"PAR1":
+            raise DataError(
+                f"{path}: not a Parquet file, though its name ends in .parquet (it lacks Parquet's PAR1 marks at "
+                "its start and end: another format, or a copy cut short); write it again as Parquet, or give it "
+                "the extension of its real format (.jsonl, .txt, .csv)"
+            )
+
+
 def _check_local_files(data_files: Any) -> None:
     """Missing or empty local files are named before `datasets` fails on them less clearly."""
     import glob
@@ -251,6 +278,7 @@ def load_splits(cfg: Any, cache_dir: Path) -> tuple[Any, Any, float | None]:
 
     floor = None
     eval_split = cfg.eval_split
+    local = None  # data=hf's local files
     if cfg.source == "embedded":
         files, floor = materialize_embedded(cfg, cache_dir)
         ds = datasets.load_dataset("json", data_files=files)
@@ -282,17 +310,31 @@ def load_splits(cfg: Any, cache_dir: Path) -> tuple[Any, Any, float | None]:
             path = _BUILDERS[ext]
         if data_files:
             _check_local_files(data_files)
+        elif looks_local(path) and not os.path.exists(os.path.expanduser(path)):
+            raise DataError(
+                f"data.path={path}: no such file or directory; give a local dataset directory, a hub dataset "
+                "name (org/name), or local files with data.data_files=PATH"
+            )
+        local = data_files or _files_under(path)  # the local files read, to name a bad one
+        _check_parquet_files(local)
+        key = "data.data_files" if data_files else "data.path"
         try:
             ds = datasets.load_dataset(path, cfg.name, data_files=data_files)
         except StopIteration as e:  # what `datasets` raises on a file with no rows
             raise DataError(
-                f"data.data_files={data_files}: no documents could be read; the data is empty"
+                f"{key}={data_files or path}: no documents could be read; the data is empty"
             ) from e
         except Exception as e:  # a line that is not JSON or not UTF-8: `datasets` does not say which
-            where = _first_bad_line(data_files, cfg.text_field) if data_files else None
-            if where is None:
-                raise
-            raise DataError(f"{where}; fix or remove that line (data.data_files)") from e
+            where = _first_bad_line(local, cfg.text_field) if local else None
+            if where is not None:
+                raise DataError(f"{where}; fix or remove that line ({key})") from e
+            if isinstance(e, FileNotFoundError) and not data_files:
+                reason = " ".join(str(e).split())
+                raise DataError(
+                    f"data.path={path}: no dataset found there ({reason}); give a local dataset directory, a hub "
+                    "dataset name (org/name), or local files with data.data_files=PATH"
+                ) from e
+            raise
         train_split = cfg.train_split
         if train_split not in ds:
             raise DataError(
@@ -322,7 +364,7 @@ def load_splits(cfg: Any, cache_dir: Path) -> tuple[Any, Any, float | None]:
                 f"the {name} split has no text field {cfg.text_field!r}; its columns: {split.column_names}; "
                 "set data.text_field to the column holding the text"
             )
-        _check_text_field(split, name, cfg.text_field, cfg.data_files if cfg.source == "hf" else None)
+        _check_text_field(split, name, cfg.text_field, local)
     return train, evals, floor
 
 

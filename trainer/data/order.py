@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from trainer.errors import ConfigError
+
 
 class SampleOrder:
     def __init__(self, num_samples: int, *, seed: int, consumed: int = 0) -> None:
@@ -51,9 +53,10 @@ class SampleOrder:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["num_samples"] != self.num_samples:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint was taken on {state['num_samples']} training sequences but the data now gives "
-                f"{self.num_samples}; resume with the same data and data.seq_len"
+                f"{self.num_samples}, so its data position means nothing in them; resume with the data and the "
+                "data.seq_len it was taken with, or start a new run (resume=none)"
             )
         self.seed = state["seed"]
         self.consumed = state["consumed"]

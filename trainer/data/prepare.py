@@ -44,7 +44,7 @@ from trainer.data.prepared import (
 )
 from trainer.data.tokenizer import build_bpe_tokenizer, build_wordlevel_tokenizer, load_tokenizer
 from trainer.errors import ConfigError, DataError
-from trainer.utils import write_json_atomic
+from trainer.utils import loading_from, write_json_atomic
 
 BUILT = ("bpe", "wordlevel")
 CACHE_SHARD_TOKENS = 1 << 26  # the in-memory presets' cache: a few shards at most
@@ -443,8 +443,11 @@ def prepare(cfg: Any) -> Path:
         )
     train_on = str(cfg.train_on) if chat else None
     loaded = None
-    if chat:  # a tokenizer with no chat template (and none given) fails here, before anything is read
-        loaded = load_tokenizer(cfg.tokenizer)
+    # A path or name that loads no tokenizer (or one without EOS) fails here, before anything is read.
+    if cfg.tokenizer not in BUILT:
+        with loading_from(cfg.tokenizer, key="tokenizer"):
+            loaded = load_tokenizer(cfg.tokenizer)
+    if chat:  # as does a tokenizer with no chat template (and none given)
         ChatEncoder(loaded, template=template, train_on=train_on)
     source.check(num_proc=int(cfg.num_proc))  # before anything is written
     out.mkdir(parents=True, exist_ok=True)

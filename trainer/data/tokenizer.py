@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from trainer.errors import ConfigError
+
 EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<|unk|>"
 
 
@@ -49,9 +51,11 @@ def load_tokenizer(
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
     if tok.eos_token_id is None:
-        raise ValueError(
-            f"tokenizer {name_or_path!r} has no EOS token, which packing puts between documents; "
-            "pick a tokenizer with one, or build one with data.tokenizer=bpe"
+        raise ConfigError(
+            f"tokenizer {name_or_path}: it has no EOS token (eos_token in its tokenizer_config.json), which "
+            "marks where each document ends; pick a tokenizer that has one (data.tokenizer=NAME for "
+            "trainer.train, tokenizer=NAME for trainer.prepare_data), set its eos_token, or build one from the "
+            "data (data.tokenizer=bpe, tokenizer=bpe)"
         )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

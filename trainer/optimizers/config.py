@@ -147,6 +147,16 @@ def validate_optimizer(o: Any) -> None:
         f"optimizer.lr={o.lr}: the learning rate must be finite and > 0, e.g. optimizer.lr=3e-4",
     )
     _check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay}: must be >= 0")
+    if "betas" in o:  # every Adam-like optimizer refuses them outside [0, 1), once the model is built
+        betas = list(o.betas)
+        _check(
+            len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+            f"optimizer.betas={betas}: must be two decay rates, each in [0, 1), e.g. optimizer.betas=[0.9,0.95]",
+        )
+    if "eps" in o and isinstance(o.eps, float | int):
+        _check(o.eps >= 0, f"optimizer.eps={o.eps}: must be >= 0, e.g. optimizer.eps=1e-8")
+    if "momentum" in o:
+        _check(o.momentum >= 0, f"optimizer.momentum={o.momentum}: must be >= 0")
 
 
 def validate_scheduler(s: Any, *, max_steps: int) -> None:
