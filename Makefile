@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,deepspeed
+EXTRAS ?= dev,deepspeed,eval
 comma := ,
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst ],,$(subst [,,$(subst =,_,$(TORCH))))-$(subst $(comma),_,$(EXTRAS))

@@ -238,6 +238,8 @@ TEST_TIERS = {
     "test_our_loss_equals_trls_on_the_same_conversations_packed_and_not": {SLOW},  # imports TRL (~10 s)
     # ~12 s of CPU: a Hydra composition per command README.md and docs/ show
     "test_every_documented_command_composes_and_passes_the_commands_own_checks": {SLOW},
+    "test_evaluate_tasks_give_the_accuracy_lm_evals_own_command_line_gives_on_the_same_directory": {SLOW},
+    "test_bad_task_options_are_refused_before_any_model_loads": {SLOW},  # indexes lm-eval's tasks (~10 s)
     # several ranks, each a job of the preloaded server, a torchrun or a spawned process
     "test_strategy_follows_the_single_process_run": {SLOW, MULTIRANK},
     "test_resume_under_another_strategy_and_world_size": {SLOW, MULTIRANK},

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from tests.conftest import ROOT
 from trainer.errors import InputNotFoundError
 from trainer.train import CONF_DIR
 
@@ -49,21 +50,49 @@ def exports(bpe_run, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def results(bpe_run, exports, tmp_path_factory):
+def int8_weight(bpe_run, tmp_path_factory) -> Path:
+    from trainer.quantize import quantize
+
+    out = tmp_path_factory.mktemp("int8_weight") / "quantized"
+    return quantize(
+        compose_with("quantize", f"model_path={bpe_run / 'hf'}", f"output_dir={out}", "scheme=int8_weight")
+    )
+
+
+@pytest.fixture(scope="module")
+def results(bpe_run, exports, int8_weight, tmp_path_factory):
+    from trainer.checkpoint import find_checkpoint
     from trainer.evaluate import evaluate_models
 
     out = tmp_path_factory.mktemp("eval") / "results.json"
-    models = [bpe_run / "hf", exports["f32"], exports["q8_0"], exports["w8a16"]]
+    checkpoint = find_checkpoint(bpe_run)
+    models = [bpe_run / "hf", exports["f32"], exports["q8_0"], exports["w8a16"], checkpoint, int8_weight]
     cfg = compose_with(
         "evaluate",
         *DATA,
         *LATENCY,
         "eval_batches=4",
         f"models=[{','.join(str(m) for m in models)}]",
-        "names=[dense,dense_gguf_f32,dense_gguf_q8_0,dense_ct_w8a16]",
+        "names=[dense,dense_gguf_f32,dense_gguf_q8_0,dense_ct_w8a16,dense_checkpoint,dense_int8_weight]",
         f"output={out}",
+        # every kind of model through lm-eval's harness, on the local task (the first 40 examples)
+        "tasks=[pydoc_endings]",
+        f"lm_eval.include_path={ROOT / 'lm_eval_tasks'}",
+        "lm_eval.limit=40",
     )
     return out, {e["name"]: e for e in evaluate_models(cfg)}
+
+
+def test_every_kind_of_model_gets_the_local_tasks_accuracy_the_same_weights_the_same_answers(results):
+    _, by_name = results
+    acc = {name: e["tasks"]["pydoc_endings"]["acc"] for name, e in by_name.items()}
+    # the same float weights (hf/, the checkpoint, the f32 GGUF): the same answers to the last example
+    assert acc["dense_checkpoint"] == acc["dense_gguf_f32"] == acc["dense"]
+    # rounded weights whose perplexity moved < 0.2% (above) answer the same but for an example or two of 40
+    for name in ("dense_gguf_q8_0", "dense_ct_w8a16", "dense_int8_weight"):
+        assert abs(acc[name] - acc["dense"]) <= 2 / 40, (name, acc)
+        assert by_name[name]["tasks"]["pydoc_endings"]["examples"] == 40
+    assert by_name["dense_int8_weight"]["scheme"] == "int8_weight"
 
 
 def test_a_gguf_f32_export_evaluates_to_the_float_models_perplexity_and_q8_0_within_its_bound(
@@ -109,6 +138,8 @@ def test_the_report_shows_the_exports_as_rows_beside_their_model_with_what_ran_t
         "dense_gguf_f32",
         "dense_gguf_q8_0",
         "dense_ct_w8a16",
+        "dense_checkpoint",
+        "dense_int8_weight",
     ]
     assert "| gguf q8_0 | dense |" in text and "| compressed-tensors w8a16 | dense |" in text
     assert "dense_gguf_q8_0: dequantized to float32 by transformers' GGUF loader" in text

@@ -16,7 +16,10 @@ JSON entry with:
   (with `latency.interleave=true` both are timed after every perplexity, each round timing every model
   once, so that a slow spell of the machine does not land on one model);
 - `dtype`: the dtype its float parts run in (float models: `float_dtype`; quantized ones: their manifest's);
-- `settings`: what the numbers depend on besides the model (eval data, batch sizes, latency, device).
+- `settings`: what the numbers depend on besides the model (eval data, batch sizes, latency, device);
+- with `tasks=[...]`, `tasks`: each lm-evaluation-harness task's metrics and their standard errors (acc,
+  acc_stderr, acc_norm, ...), its example count, version and config hash; and `lm_eval`: its version, few-shot,
+  limit and seed (trainer/downstream.py: the model object goes to lm-eval's HF wrapper).
 
 `name` is the model directory's name or the one `names` gives. The output is rewritten after each
 model; with `resume=true` an existing output's entries with the same path, name and settings are kept
@@ -42,6 +45,7 @@ from torch import nn
 
 from trainer.cli import run
 from trainer.data import IGNORE_INDEX, TokenWindows, build_data
+from trainer.downstream import accuracy_line, check_tasks, evaluate_tasks
 from trainer.errors import ConfigError, InputNotFoundError
 from trainer.evaluate_config import register_evaluate_configs
 from trainer.quant.serialization import (
@@ -279,6 +283,9 @@ def eval_settings(cfg: Any, device: torch.device) -> dict[str, Any]:
         "float_dtype": cfg.float_dtype,
         "threads": torch.get_num_threads(),
     }
+    if cfg.tasks:
+        settings["tasks"] = list(cfg.tasks)
+        settings["lm_eval"] = OmegaConf.to_container(cfg.lm_eval, resolve=True)
     return json.loads(json.dumps(settings))  # as read back from the JSON, so that == compares like with like
 
 
@@ -324,6 +331,8 @@ def describe_model(path: str) -> tuple[str, str | None]:
 def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
     """Measure each model and write `cfg.output` after each one; with `cfg.resume`, keep what matches."""
     device = check_evaluate_config(cfg)
+    # the tasks are checked before any model loads: an unknown one is not found after an hour of perplexities
+    tasks = check_tasks(list(cfg.tasks), cfg.lm_eval) if cfg.tasks else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     output = Path(cfg.output)
@@ -351,7 +360,8 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
         print(
             f"{entry['name']}: ppl {entry['perplexity']:.3f}, {entry['params'] / 1e6:.2f}M params "
             f"({entry['nonzero_params'] / max(entry['params'], 1):.1%} non-zero), {entry['size_bytes'] / 1e6:.2f} MB, "
-            f"prefill {entry['prefill_ms']:.1f} ms, decode {entry['decode_tokens_per_s']:.1f} tok/s",
+            f"prefill {entry['prefill_ms']:.1f} ms, decode {entry['decode_tokens_per_s']:.1f} tok/s"
+            + (f"; {accuracy_line(entry['tasks'])}" if "tasks" in entry else ""),
             flush=True,
         )
 
@@ -367,9 +377,8 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
             if scheme == "float" or scheme.startswith("gguf"):  # a GGUF file loads dequantized
                 model.to(resolve_dtype(cfg.float_dtype))
             if data is None:  # the first model's tokenizer tokenizes the eval data for all
-                if path != str(cfg.models[0]):  # the first model's entry was kept
-                    tokenizer = load_tokenizer_of(cfg.models[0])
-                tokenizer.save_pretrained(str(Path(tmp) / "tokenizer_src"))
+                first = tokenizer if path == str(cfg.models[0]) else load_tokenizer_of(cfg.models[0])
+                first.save_pretrained(str(Path(tmp) / "tokenizer_src"))  # (the first model's entry was kept)
                 data_cfg = cfg.data.copy()
                 data_cfg.tokenizer = str(Path(tmp) / "tokenizer_src")
                 data = build_data(data_cfg, run_dir=Path(tmp))
@@ -407,6 +416,10 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
             }
             if data.entropy_floor is not None:
                 entry["entropy_floor"] = data.entropy_floor
+            if tasks is not None:
+                entry.update(
+                    evaluate_tasks(model, tokenizer, cfg.tasks, cfg.lm_eval, tasks)
+                )  # its own tokenizer
             if lat.interleave:
                 print(f"{name}: ppl {ppl:.3f}; timed with the others once all are loaded", flush=True)
                 held.append(((path, name), entry, model))

@@ -38,6 +38,20 @@ class LatencyConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    # Examples in each task's prompt; null: each task's own default.
+    num_fewshot: int | None = MISSING
+    # Examples per task (a quick look); null: all of them.
+    limit: int | None = MISSING
+    # Requests per forward.
+    batch_size: int = MISSING
+    # A directory of the user's own task YAMLs (lm-eval's format), found beside lm-eval's own tasks.
+    include_path: str | None = MISSING
+    # Seed of Python's, numpy's and torch's generators and of the few-shot sampling.
+    seed: int = MISSING
+
+
+@dataclass
 class EvaluateConfig:
     # Model paths: hf/ exports, checkpoints, trainer.quantize outputs, trainer.export outputs (a .gguf file or a
     # directory holding one, a compressed-tensors directory).
@@ -61,6 +75,9 @@ class EvaluateConfig:
     names: list[str] | None = MISSING
     # Keep the entries of an existing `output` measured with the same path, name and settings.
     resume: bool = MISSING
+    # lm-evaluation-harness tasks run on each model (the `eval` extra); empty: none.
+    tasks: list[str] = MISSING
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
 
 def register_evaluate_configs() -> None:

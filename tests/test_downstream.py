@@ -1,0 +1,131 @@
+"""Downstream accuracy through lm-evaluation-harness: `trainer.evaluate tasks=[...]` against lm-eval's own
+command line on the same directory, the local task's data, and bad input.
+
+The task is lm_eval_tasks/pydoc_endings (made here from pydoc topics: no download); the model a tiny Llama on
+SmolLM2's tokenizer, saved as transformers saves it, so that lm-eval's command line loads it by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.conftest import ROOT, subprocess_env, tiny_llama
+from trainer.data.choice_tasks import NUM_CHOICES, pydoc_endings
+from trainer.errors import ConfigError, InputNotFoundError, MissingPackageError
+from trainer.train import CONF_DIR
+
+TASKS = ROOT / "lm_eval_tasks"
+LATENCY = ["latency.prefill_len=8", "latency.decode_tokens=2", "latency.repeats=1", "latency.warmup=0"]
+LIMIT = 24  # examples of the task: enough that a chance-level model gets some right and some wrong
+
+
+def evaluate_config(model: Path, output: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose(
+            "evaluate",
+            overrides=[
+                f"models=[{model}]",
+                f"output={output}",
+                "data=pydoc",
+                "data.seq_len=32",
+                "eval_batches=1",
+                *LATENCY,
+                *overrides,
+            ],
+        )
+
+
+@pytest.fixture(scope="module")
+def hf_dir(smollm2_tokenizer_dir, tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny_hf")
+    tiny_llama(49152).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir)).save_pretrained(str(out))
+    return out
+
+
+def test_the_local_task_is_the_generators_output_four_distinct_endings_the_answer_anywhere():
+    lines = (TASKS / "pydoc_endings.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert rows == pydoc_endings()  # the committed rows are what `python -m trainer.data.choice_tasks` writes
+    assert len(rows) == 400
+    for row in rows:
+        assert len(set(row["choices"])) == NUM_CHOICES and row["context"]
+    labels = [row["label"] for row in rows]
+    assert all(labels.count(k) > len(rows) / NUM_CHOICES / 2 for k in range(NUM_CHOICES))  # no favoured slot
+
+
+def test_evaluate_tasks_give_the_accuracy_lm_evals_own_command_line_gives_on_the_same_directory(
+    hf_dir, tmp_path
+):
+    from trainer.evaluate import evaluate_models
+
+    cfg = evaluate_config(
+        hf_dir,
+        tmp_path / "ours.json",
+        "tasks=[pydoc_endings]",
+        f"lm_eval.include_path={TASKS}",
+        f"lm_eval.limit={LIMIT}",
+    )
+    [entry] = evaluate_models(cfg)
+    ours = entry["tasks"]["pydoc_endings"]
+    assert ours["examples"] == LIMIT and entry["lm_eval"]["version"]
+    assert json.loads((tmp_path / "ours.json").read_text())[0]["tasks"] == entry["tasks"]
+
+    cli = [
+        *(sys.executable, "-m", "lm_eval", "run", "--model", "hf"),
+        *("--model_args", f"pretrained={hf_dir},dtype=float32"),
+        *("--tasks", "pydoc_endings", "--include_path", str(TASKS), "--limit", str(LIMIT)),
+        *("--batch_size", "8", "--seed", "1234", "--device", "cpu", "--output_path", str(tmp_path / "cli")),
+    ]
+    proc = subprocess.run(cli, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [results_file] = (tmp_path / "cli").rglob("results_*.json")
+    theirs = json.loads(results_file.read_text())["results"]["pydoc_endings"]
+    for metric in ("acc", "acc_norm"):
+        assert ours[metric] == pytest.approx(theirs[f"{metric},none"], abs=1e-12)
+        assert ours[f"{metric}_stderr"] == pytest.approx(theirs[f"{metric}_stderr,none"], abs=1e-12)
+    assert 0 < ours["acc"] * LIMIT < LIMIT  # a count of right answers that can disagree either way
+
+
+def test_bad_task_options_are_refused_before_any_model_loads(hf_dir, tmp_path, monkeypatch):
+    import trainer.evaluate as evaluate
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the task options were checked")
+
+    monkeypatch.setattr(evaluate, "load_any", no_load)
+    empty = tmp_path / "no_tasks"
+    empty.mkdir()
+    (empty / "notes.yaml").write_text("title: not a task\n")
+    cases = [
+        (
+            ["tasks=[pydoc_ending]", f"lm_eval.include_path={TASKS}"],
+            ConfigError,
+            "did you mean pydoc_endings",
+        ),
+        (["tasks=[pydoc_endings]", f"lm_eval.include_path={empty}"], ConfigError, "holds no lm-eval task"),
+        (
+            ["tasks=[pydoc_endings]", f"lm_eval.include_path={tmp_path / 'none'}"],
+            InputNotFoundError,
+            "no such",
+        ),
+        (
+            ["tasks=[pydoc_endings]", f"lm_eval.include_path={TASKS}", "lm_eval.limit=0"],
+            ConfigError,
+            "limit=0",
+        ),
+    ]
+    for overrides, error, message in cases:
+        with pytest.raises(error, match=message):
+            evaluate.evaluate_models(evaluate_config(hf_dir, tmp_path / "out.json", *overrides))
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # not installed
+    with pytest.raises(MissingPackageError, match=r"\[eval\]"):
+        evaluate.evaluate_models(evaluate_config(hf_dir, tmp_path / "out.json", "tasks=[pydoc_endings]"))
