@@ -129,3 +129,29 @@ def test_bad_task_options_are_refused_before_any_model_loads(hf_dir, tmp_path, m
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # not installed
     with pytest.raises(MissingPackageError, match=r"\[eval\]"):
         evaluate.evaluate_models(evaluate_config(hf_dir, tmp_path / "out.json", "tasks=[pydoc_endings]"))
+
+
+def test_the_report_puts_each_tasks_accuracy_the_mean_and_its_difference_to_the_baseline_beside_perplexity(
+    tmp_path,
+):
+    from trainer.report import pareto_front, write_report
+
+    def entry(name: str, ppl: float, size: float, accs: dict[str, tuple[float, float]]) -> dict:
+        tasks = {t: {"acc": a, "acc_stderr": e, "examples": 100} for t, (a, e) in accs.items()}
+        return {
+            **dict(name=name, perplexity=ppl, params=10, nonzero_params=10, size_bytes=size),
+            **dict(prefill_ms=1.0, decode_tokens_per_s=1.0, tasks=tasks, lm_eval={"version": "0.4.13"}),
+        }
+
+    entries = [
+        entry("dense", 20.0, 4e6, {"a": (0.60, 0.03), "b": (0.40, 0.04)}),
+        entry("pruned", 1200.0, 2e6, {"a": (0.50, 0.03), "b": (0.30, 0.04)}),
+    ]
+    (tmp_path / "in.json").write_text(json.dumps(entries))
+    text = write_report(tmp_path / "in.json", tmp_path / "out").path.read_text()
+    # mean 0.40, standard error sqrt(0.03^2 + 0.04^2) / 2 = 0.025; against dense: -10.0 points, ± sqrt(2) x 2.5
+    assert "| pruned | dense | 0.500 ± 0.030 | 0.300 ± 0.040 | 0.400 ± 0.025 | -10.0 ± 3.5 pts |" in text
+    assert "| dense | dense | 0.600 ± 0.030 | 0.400 ± 0.040 | 0.500 ± 0.025 |  |" in text
+    assert (tmp_path / "out" / "report.png").stat().st_size > 0
+    # (size, perplexity): the smallest, then each one better than all smaller ones
+    assert pareto_front([(4, 20), (2, 1200), (3, 30), (4, 10), (5, 15)]) == [1, 2, 3]

@@ -2,9 +2,11 @@
 
 Reads the JSON that trainer.evaluate wrote (the numbers are never typed in) and writes `report.md`, a
 markdown table with each model's perplexity, size, latency and their ratios to a baseline entry (or to
-the entry `compare` names for it), and `report.png`, perplexity against size on disk and against
-prefill latency. `targets` (limits on ratios between two entries) add a Targets section to report.md
-and one printed line each.
+the entry `compare` names for it); where evaluate ran lm-eval tasks, a table of each task's accuracy with its
+standard error, the mean, and the difference to the same baseline; and `report.png`, perplexity (log axis)
+against size on disk and against prefill latency, each model a numbered point, the Pareto front drawn and the
+baselines as reference lines, with a panel of mean accuracy against size when there are tasks. `targets`
+(limits on ratios between two entries) add a Targets section to report.md and one printed line each.
 """
 
 from __future__ import annotations
@@ -111,6 +113,72 @@ def markdown_table(entries: list[dict[str, Any]], bases: list[dict[str, Any]]) -
             f"| {e['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x |"
         )
     return head + "\n".join(rows) + "\n"
+
+
+def task_metric(scores: dict[str, Any]) -> str | None:
+    """The accuracy a task reports: acc_norm where lm-eval gives it (length-normalised, what papers quote for
+    hellaswag, arc and openbookqa), else acc; None for a task with neither."""
+    return next((m for m in ("acc_norm", "acc") if isinstance(scores.get(m), (int, float))), None)
+
+
+def mean_accuracy(entry: dict[str, Any], tasks: list[str]) -> tuple[float, float] | None:
+    """(mean accuracy over `tasks`, its standard error from the tasks' own), or None if a task is missing."""
+    values = []
+    for task in tasks:
+        scores = entry.get("tasks", {}).get(task, {})
+        metric = task_metric(scores)
+        if metric is None:
+            return None
+        values.append((scores[metric], scores.get(f"{metric}_stderr") or 0.0))
+    n = len(values)
+    return sum(v for v, _ in values) / n, sum(e * e for _, e in values) ** 0.5 / n
+
+
+def accuracy_section(entries: list[dict[str, Any]], bases: list[dict[str, Any]]) -> str:
+    """Each lm-eval task's accuracy ± standard error per model, the mean, and the mean's difference to the
+    entry's baseline (± the two standard errors combined, as if independent). Empty without tasks."""
+    tasks = sorted({t for e in entries for t, scores in e.get("tasks", {}).items() if task_metric(scores)})
+    if not tasks:
+        return ""
+    metrics = {t: next(task_metric(e["tasks"][t]) for e in entries if t in e.get("tasks", {})) for t in tasks}
+    head = (
+        "| model | compared with | "
+        + " | ".join(f"{t} ({metrics[t]})" for t in tasks)
+        + " | mean | vs base |\n| --- | --- | "
+        + " | ".join("---:" for _ in tasks)
+        + " | ---: | ---: |\n"
+    )
+    rows = []
+    for e, base in zip(entries, bases, strict=True):
+        cells = []
+        for t in tasks:
+            scores = e.get("tasks", {}).get(t, {})
+            m = task_metric(scores)
+            err = scores.get(f"{m}_stderr") if m else None
+            cells.append("" if m is None else f"{scores[m]:.3f}" + (f" ± {err:.3f}" if err else ""))
+        mean, mean_base = mean_accuracy(e, tasks), mean_accuracy(base, tasks)
+        if mean is None:
+            rows.append(f"| {e['name']} | {base['name']} | " + " | ".join(cells) + " | | |")
+            continue
+        delta = ""
+        if mean_base is not None and base is not e:
+            delta = f"{100 * (mean[0] - mean_base[0]):+.1f} ± {100 * (mean[1] ** 2 + mean_base[1] ** 2) ** 0.5:.1f} pts"
+        rows.append(
+            f"| {e['name']} | {base['name']} | "
+            + " | ".join(cells)
+            + f" | {mean[0]:.3f} ± {mean[1]:.3f} | {delta} |"
+        )
+    examples = sorted(
+        {e["tasks"][t].get("examples") for e in entries for t in tasks if t in e.get("tasks", {})} - {None}
+    )
+    versions = sorted({e["lm_eval"]["version"] for e in entries if "lm_eval" in e})
+    return (
+        f"\nDownstream accuracy (lm-evaluation-harness {', '.join(versions) or '?'}; examples per task: "
+        f"{', '.join(map(str, examples)) or '?'}); ± is the standard error lm-eval reports:\n\n"
+        + head
+        + "\n".join(rows)
+        + "\n"
+    )
 
 
 def runtimes_section(entries: list[dict[str, Any]]) -> str:
@@ -223,26 +291,106 @@ def targets_section(results: list[TargetResult]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def write_chart(entries: list[dict[str, Any]], out: Path, *, chart: str) -> None:
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (lower is better on each), by x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best_y = [], float("inf")
+    for i in order:
+        if points[i][1] < best_y:
+            front.append(i)
+            best_y = points[i][1]
+    return front
+
+
+def label_lifts(xs: dict[int, float], ys: dict[int, float], *, log_y: bool) -> list[int]:
+    """For each point (in xs order), how many label heights to lift its number so that it does not land on
+    the number of an earlier point close to it (within 4% of the panel in x and y)."""
+    import math
+
+    def spread(values: list[float]) -> tuple[float, float]:
+        return min(values), (max(values) - min(values)) or 1.0
+
+    ty = {i: math.log(v) if log_y and v > 0 else v for i, v in ys.items()}
+    (x0, dx), (y0, dy) = spread(list(xs.values())), spread(list(ty.values()))
+    placed: list[tuple[float, float]] = []  # (x, y + lift) of the numbers so far, in panel fractions
+    lifts = []
+    for i in xs:
+        x, y = (xs[i] - x0) / dx, (ty[i] - y0) / dy
+        lift = 0
+        while any(abs(x - px) < 0.04 and abs(y + 0.05 * lift - py) < 0.04 for px, py in placed):
+            lift += 1
+        placed.append((x, y + 0.05 * lift))
+        lifts.append(lift)
+    return lifts
+
+
+def write_chart(
+    entries: list[dict[str, Any]], out: Path, *, chart: str, bases: list[dict[str, Any]] | None = None
+) -> None:
+    """Perplexity (log axis: one diverged model cannot squeeze the rest into a line) against each x, every
+    model a numbered point listed in the legend (labels never overlap), the Pareto front joined, and each
+    baseline's perplexity a dashed reference line; with lm-eval tasks, a panel of mean accuracy against size."""
     matplotlib = require("matplotlib", extra="dev")
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    bases = bases or [entries[0]] * len(entries)
+    tasks = sorted({t for e in entries for t, scores in e.get("tasks", {}).items() if task_metric(scores)})
+    accuracy = [mean_accuracy(e, tasks) if tasks else None for e in entries]
     axes_keys = ["size_bytes", "prefill_ms"] if chart == "both" else [chart]
-    fig, axes = plt.subplots(1, len(axes_keys), figsize=(6 * len(axes_keys), 4.5), squeeze=False)
-    for ax, key in zip(axes[0], axes_keys, strict=True):
+    panels = [*((k, "perplexity") for k in axes_keys)]
+    if any(a is not None for a in accuracy):
+        panels.append(("size_bytes", "accuracy"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5.0), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
+    reference = {id(b): b for b in bases}.values()  # each baseline once
+    for ax, (key, y_key) in zip(axes[0], panels, strict=True):
         scale = 1e6 if key == "size_bytes" else 1.0
-        for e in entries:
-            x = e[key] / scale
-            ax.scatter(x, e["perplexity"], s=40)
+        shown = [i for i, e in enumerate(entries) if y_key == "perplexity" or accuracy[i] is not None]
+        xs = {i: entries[i][key] / scale for i in shown}
+        ys = {i: entries[i]["perplexity"] if y_key == "perplexity" else accuracy[i][0] for i in shown}
+        for i, lift in zip(shown, label_lifts(xs, ys, log_y=y_key == "perplexity"), strict=True):
+            color = colors[i % len(colors)]
+            ax.scatter(xs[i], ys[i], s=60, color=color, zorder=3, label=f"{i + 1}  {entries[i]['name']}")
             ax.annotate(
-                e["name"], (x, e["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=8
+                str(i + 1),
+                (xs[i], ys[i]),
+                textcoords="offset points",
+                xytext=(0, 6 + 9 * lift),
+                ha="center",
+                fontsize=7,
             )
+            if y_key == "accuracy" and accuracy[i][1]:
+                ax.errorbar(xs[i], ys[i], yerr=accuracy[i][1], color=color, alpha=0.5, zorder=2)
+        sign = 1 if y_key == "perplexity" else -1  # lower perplexity, higher accuracy is better
+        front = [shown[j] for j in pareto_front([(xs[i], sign * ys[i]) for i in shown])]
+        ax.plot(
+            [xs[i] for i in front],
+            [ys[i] for i in front],
+            color="0.4",
+            lw=1,
+            zorder=1,
+            drawstyle="steps-post",
+            label="Pareto front (nothing both smaller/faster and better)",
+        )
+        for b in reference:
+            value = b["perplexity"] if y_key == "perplexity" else (mean_accuracy(b, tasks) or (None,))[0]
+            if value is not None:
+                color = colors[entries.index(b) % len(colors)]
+                ax.axhline(value, ls="--", lw=0.9, color=color, zorder=0, label=f"{b['name']} (baseline)")
+        if y_key == "perplexity":
+            ax.set_yscale("log")
         ax.set_xlabel(AXIS_LABELS[key])
-        ax.set_ylabel("perplexity")
-        ax.grid(alpha=0.3)
-    fig.suptitle("perplexity against " + " and ".join(AXIS_LABELS[k] for k in axes_keys))
-    fig.tight_layout()
+        ax.set_ylabel(
+            "perplexity (log scale)" if y_key == "perplexity" else f"mean accuracy over {len(tasks)} task(s)"
+        )
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    title = "perplexity against " + " and ".join(AXIS_LABELS[k] for k in axes_keys)
+    fig.suptitle(title + (", and accuracy against size" if len(panels) > len(axes_keys) else ""))
+    rows = -(-len(labels) // 4)
+    fig.tight_layout(rect=(0, min(0.45, 0.05 * rows + 0.03), 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
@@ -269,7 +417,7 @@ def write_report(
     results = check_targets(entries, list(targets))  # every check before anything is written
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_chart(entries, output_dir / "report.png", chart=chart)
+    write_chart(entries, output_dir / "report.png", chart=chart, bases=bases)
     first = entries[0]
     others = " unless the `compared with` column names another" if compare else ""
     setting = (
@@ -284,6 +432,7 @@ def write_report(
     text = (
         f"# Compression report\n\nFrom `{input_path}` (written by `trainer.evaluate`).\n\n{setting}\n\n"
         + markdown_table(entries, bases)
+        + accuracy_section(entries, bases)
         + runtimes_section(entries)
         + (f"\n{targets_section(results)}" if results else "")
         + "\n![perplexity against size and latency](report.png)\n"
