@@ -418,3 +418,28 @@ def test_the_pipeline_exits_2_when_a_stage_stops_with_an_explained_error(tmp_pat
     missing = tmp_path / "dense_pretrained" / "hf"
     assert f"error: model.name_or_path={missing}: no such file or directory" in out
     assert "Traceback" not in out and "stage dense_adapted failed (exit code 2)" in out
+
+
+def test_help_lists_each_groups_options_and_none_of_its_registered_schemas():
+    """`--help`'s groups: every YAML option of conf/GROUP/ and no ConfigStore schema (`schema`, `schema_nm`...)."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    from trainer.cli import hide_schemas_from_help
+
+    hide_schemas_from_help()
+    GlobalHydra.instance().clear()
+    try:
+        hydra = Hydra.create_main_hydra2("train", create_config_search_path(str(ROOT / "conf")))
+        listed = hydra.format_config_groups(lambda group: not group.startswith("hydra/"))
+    finally:
+        GlobalHydra.instance().clear()
+    options = {line.split(": ")[0]: line.split(": ")[1].split(", ") for line in listed.splitlines()}
+    for group in ("optimizer", "prune", "scheduler", "strategy", "data", "model"):
+        stored = {name.removesuffix(".yaml") for name in ConfigStore.instance().repo[group]}
+        schemas = {name for name in stored if name.startswith("schema")}
+        assert schemas, group  # the schemas are registered: the check below can fail
+        yaml = {path.stem for path in (ROOT / "conf" / group).glob("*.yaml")}
+        assert sorted(options[group]) == sorted(yaml), group
