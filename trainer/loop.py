@@ -538,15 +538,23 @@ class Trainer:
         MFU, which count only the rest, look poor for a reason the user can fix)."""
         slots = self.cfg.train.global_batch_size * self.cfg.data.seq_len
         padding = 1.0 - stats["real_tokens"] / slots
-        if padding > 0.5 and self.env.is_main:
-            warnings.warn(
-                f"padding is {100 * padding:.1f}% of the input tokens of step {self.step} ({stats['real_tokens']:,} "
-                f"of {slots:,} are data): documents much shorter than data.seq_len={self.cfg.data.seq_len}, one to a "
-                f"window; tokens/s and MFU count only the data. Set data.packing=true (windows full of "
-                f"documents{', conversations kept whole' if self.packing else ''}) or a smaller data.seq_len",
-                TrainerWarning,
-                stacklevel=2,
-            )
+        if padding <= 0.5 or not self.env.is_main:
+            return
+        seq_len = self.cfg.data.seq_len
+        fix = (
+            f"conversations longer than half of data.seq_len={seq_len} fill a window each even packed (they are "
+            "kept whole): a larger data.seq_len packs several to a window"
+            if self.cfg.data.packing
+            else f"documents much shorter than data.seq_len={seq_len} get a window each: set data.packing=true "
+            f"(windows full of documents{', conversations kept whole' if self.packing else ''}) or a smaller "
+            "data.seq_len"
+        )
+        warnings.warn(
+            f"padding is {100 * padding:.1f}% of the input tokens of step {self.step} ({stats['real_tokens']:,} "
+            f"of {slots:,} are data), and tokens/s and MFU count only the data; {fix}",
+            TrainerWarning,
+            stacklevel=2,
+        )
 
     def _log_step(self, stats: dict[str, Any], bar: tqdm) -> dict[str, Any]:
         """One metrics.jsonl record: the step's stats, the extensions' (e.g. sparsity), throughput and memory;
