@@ -232,6 +232,7 @@ TEST_TIERS = {
     "test_adapters_train_on_packed_conversations_from_the_base_models_loss": {SLOW},
     "test_a_resumed_chat_run_continues_with_exactly_the_losses_of_a_straight_one": {SLOW},
     "test_our_loss_equals_trls_on_the_same_conversations_packed_and_not": {SLOW},  # imports TRL (~10 s)
+    "test_every_bench_script_runs_its_quick_mode": {SLOW},  # every bench script, each its own processes
     # several ranks, each a job of the preloaded server, a torchrun or a spawned process
     "test_strategy_follows_the_single_process_run": {SLOW, MULTIRANK},
     "test_resume_under_another_strategy_and_world_size": {SLOW, MULTIRANK},
