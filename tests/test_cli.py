@@ -443,3 +443,14 @@ def test_help_lists_each_groups_options_and_none_of_its_registered_schemas():
         assert schemas, group  # the schemas are registered: the check below can fail
         yaml = {path.stem for path in (ROOT / "conf" / group).glob("*.yaml")}
         assert sorted(options[group]) == sorted(yaml), group
+
+
+def test_an_option_that_does_not_exist_is_refused_naming_the_groups_options_and_no_schema():
+    from hydra import compose, initialize_config_dir
+
+    with pytest.raises(Exception) as refused, initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        compose("config", overrides=["prune=foo"])
+    options = ", ".join(sorted(p.stem for p in (ROOT / "conf" / "prune").glob("*.yaml")))
+    assert (
+        explain(refused.value) == f"prune=foo: there is no such option; choose one of {options} (conf/prune/)"
+    )
