@@ -11,6 +11,7 @@
 
     python bench/data.py                      # 4e9-token corpus (8 GB of disk), 200 MB of text
     python bench/data.py --big-tokens 1e9 --text-mb 50 --num-proc 2
+    python bench/data.py --quick              # smoke check: tiny corpora and text, proves nothing
 
 Synthetic corpora are written in the prepared format (uniform random tokens, documents of 1,000 tokens). Each
 measured run is its own process; peak RSS is its VmHWM. Results: bench/out/data.json.
@@ -118,7 +119,12 @@ def main() -> None:
     p.add_argument("--only", choices=["all", "prepare"], default="all", help="prepare: part 3 alone")
     p.add_argument("--work", default=None, help="where corpora are written (default: a temporary directory)")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "data.json"))
+    p.add_argument(
+        "--quick", action="store_true", help="tiny corpora, 3 steps, 1 s of reads: checks the script"
+    )
     a = p.parse_args()
+    if a.quick:
+        a.big_tokens, a.small_tokens, a.steps, a.text_mb, a.num_proc = 2e5, 1e5, 3, 0.4, 1
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"args": vars(a)}
@@ -191,7 +197,7 @@ def train_and_read(a, work: Path, runs: dict, results: dict) -> None:
     import torch
 
     start, count = time.perf_counter(), 0
-    while time.perf_counter() - start < 5:
+    while time.perf_counter() - start < (1 if a.quick else 5):
         windows.batch(torch.from_numpy(rng.integers(0, len(windows), size=16)))
         count += 16 * 128
     read = count / (time.perf_counter() - start)
@@ -222,7 +228,7 @@ def prepare_against_datasets(a, work: Path, tok_dir: Path, results: dict) -> Non
                 f"output_dir={out}",
                 f"num_proc={a.num_proc}",
                 "progress_bar=false",
-                "eval_fraction=0.01",
+                f"eval_fraction={0.1 if a.quick else 0.01}",  # quick: ~80 documents, at least one for eval
             ],
         )
         seconds = time.perf_counter() - start

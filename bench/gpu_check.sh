@@ -14,7 +14,7 @@
 # MFU_TIMEOUT change what it runs, MFU_ARGS adds arguments), training
 # (bench/precision.py: fp32, bf16, fp16 and fp8 with AdamW, then the fused optimizers in bf16, against fp32
 # AdamW) and quant (the GPU chain, conf/chain/gpu.yaml: torchao int8 / int4 weight-only and 2:4 sparse kernels
-# against the bf16 model), peft (bench/peft.py in bf16 on SmolLM2-135M's shape built from its config, the
+# against the bf16 model), peft (bench/adapter_savings.py in bf16 on SmolLM2-135M's shape built from its config, the
 # issue 19 table: full, LoRA and QLoRA peak memory, optimizer state, tokens/s; not yet run on a GPU). A part
 # that fails does not stop the next. Results and one log go to $OUT (the
 # device tool's; here bench/out/gpu): probe.txt, mfu.json, mfu_logs.txt, ops_VARIANT.txt (a profiled variant's
@@ -78,7 +78,7 @@ for p in "${parts[@]}"; do
       done
       grep -A18 "^variant" "$log" ;;
     peft)
-      part peft "$PY" bench/peft.py --smollm2-shape --variants full lora qlora --steps "${PEFT_STEPS:-20}" \
+      part peft "$PY" bench/adapter_savings.py --smollm2-shape --variants full lora qlora --steps "${PEFT_STEPS:-20}" \
         --warmup 5 --batch 8 --seq-len 1024 --eval-batches 2 --out-dir bench/out/peft_gpu \
         --set train.device=cuda precision=bf16
       cp bench/out/peft_gpu/results.json "$OUT/peft.json"

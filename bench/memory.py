@@ -51,6 +51,7 @@ within 10% of its K = 8 formula; zero3 and fsdp at most 0.55x ddp (measured tota
     .venv/bin/python bench/memory.py --strategies ddp zero3       # a subset
     .venv/bin/python bench/memory.py --reduce-bucket-size 102400  # DeepSpeed's reduce bucket (elements)
     .venv/bin/python bench/memory.py --grad-accum 1               # measure at the boundary only
+    .venv/bin/python bench/memory.py --quick                      # smoke check: ddp and zero3, tiny model
 """
 
 from __future__ import annotations
@@ -304,11 +305,11 @@ def backward_micro_steps(trainer: Any) -> list[dict[str, Any]]:
         world_size=env.world_size,
     )
     batches = [trainer.data.train.batch(idx) for idx in micro]
-    local = torch.tensor(sum(int((labels != -100).sum()) for _, labels, _ in batches), device=trainer.device)
+    local = torch.tensor(sum(int((b.labels != -100).sum()) for b in batches), device=trainer.device)
     num_targets_per_rank = int(all_reduce_sum(local).item()) / env.world_size
     module.train()
     summaries = []
-    for i, (inputs, labels, _) in enumerate(batches):
+    for i, (inputs, labels) in enumerate((b.inputs, b.labels) for b in batches):
         last = i == len(batches) - 1
         with trainer.strategy.accumulation_context(module, sync=last):
             loss = module(
@@ -617,7 +618,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument(
+        "--quick", action="store_true", help="ddp and zero3 on a 2-layer, 64-wide Llama: checks the script"
+    )
+    a = p.parse_args(argv)
+    if a.quick:
+        a.hidden, a.layers, a.seq_len = 64, 2, 32
+        if a.strategies == list(STRATEGIES):
+            a.strategies = ["ddp", "zero3"]
+    return a
 
 
 def main(argv: list[str] | None = None) -> None:

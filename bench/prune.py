@@ -75,7 +75,8 @@ def perplexity(model, windows, *, batch_size: int) -> float:
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        inputs, labels, _ = windows.batch(torch.arange(i, min(i + batch_size, len(windows))))
+        batch = windows.batch(torch.arange(i, min(i + batch_size, len(windows))))
+        inputs, labels = batch.inputs, batch.labels
         logits = model(input_ids=inputs, use_cache=False).logits.float()
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         total += float(loss)
@@ -99,7 +100,8 @@ def finetune(model, teacher, train, *, steps, batch_size, lr, kd_ratio, kd_tempe
         lr_now = lr * min(1.0, (step + 1) / max(steps // 10, 1))  # short warmup, then constant
         for group in optimizer.param_groups:
             group["lr"] = lr_now
-        inputs, labels, _ = train.batch(torch.randint(0, len(train), (batch_size,), generator=g))
+        batch = train.batch(torch.randint(0, len(train), (batch_size,), generator=g))
+        inputs, labels = batch.inputs, batch.labels
         logits = model(input_ids=inputs, use_cache=False).logits.float()
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         if kd_ratio > 0:

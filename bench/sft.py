@@ -43,8 +43,8 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-# `python bench/sft.py` puts bench/ first on the path, where peft.py and data.py would shadow the libraries of
-# those names (transformers imports peft): benchmark the trainer/ of this checkout, with nothing from bench/.
+# `python bench/sft.py` puts bench/ first on the path: benchmark the trainer/ of this checkout, with nothing from
+# bench/ standing in for a library (tests/test_bench.py keeps bench's names clear of installed modules too).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))

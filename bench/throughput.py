@@ -459,7 +459,8 @@ def save_windows(cfg: Any, work: Path, steps: int, batch: int) -> tuple[Path, in
         )
     order = SampleOrder(len(data.train), seed=cfg.train.seed)
     idx = torch.cat([order.take(batch) for _ in range(steps)])
-    inputs, labels, _ = data.train.batch(idx)
+    taken = data.train.batch(idx)
+    inputs, labels = taken.inputs, taken.labels
     path = work / "windows.pt"
     torch.save({"inputs": inputs.clone(), "labels": labels.clone()}, path)
     return path, len(data.tokenizer)

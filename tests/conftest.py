@@ -240,6 +240,7 @@ TEST_TIERS = {
     "test_every_documented_command_composes_and_passes_the_commands_own_checks": {SLOW},
     "test_evaluate_tasks_give_the_accuracy_lm_evals_own_command_line_gives_on_the_same_directory": {SLOW},
     "test_bad_task_options_are_refused_before_any_model_loads": {SLOW},  # indexes lm-eval's tasks (~10 s)
+    "test_every_bench_script_runs_its_quick_mode": {SLOW},  # every bench script, each its own processes
     # several ranks, each a job of the preloaded server, a torchrun or a spawned process
     "test_strategy_follows_the_single_process_run": {SLOW, MULTIRANK},
     "test_resume_under_another_strategy_and_world_size": {SLOW, MULTIRANK},

@@ -532,3 +532,39 @@ def test_a_list_element_holding_equals_is_refused_with_the_quoted_form_that_work
     [example] = re.findall(r'"train_args=[^"]*"', (ROOT / "conf" / "pipeline.yaml").read_text())
     cfg = compose_pipeline(["chain=compress", *shlex.split(example)])
     assert list(cfg.train_args) == ["train.device=cuda", "precision=bf16"]
+
+
+def test_help_lists_each_groups_options_and_none_of_its_registered_schemas():
+    """`--help`'s groups: every YAML option of conf/GROUP/ and no ConfigStore schema (`schema`, `schema_nm`...)."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    from trainer.cli import hide_schemas_from_help
+
+    hide_schemas_from_help()
+    GlobalHydra.instance().clear()
+    try:
+        hydra = Hydra.create_main_hydra2("train", create_config_search_path(str(ROOT / "conf")))
+        listed = hydra.format_config_groups(lambda group: not group.startswith("hydra/"))
+    finally:
+        GlobalHydra.instance().clear()
+    options = {line.split(": ")[0]: line.split(": ")[1].split(", ") for line in listed.splitlines()}
+    for group in ("optimizer", "prune", "scheduler", "strategy", "data", "model"):
+        stored = {name.removesuffix(".yaml") for name in ConfigStore.instance().repo[group]}
+        schemas = {name for name in stored if name.startswith("schema")}
+        assert schemas, group  # the schemas are registered: the check below can fail
+        yaml = {path.stem for path in (ROOT / "conf" / group).glob("*.yaml")}
+        assert sorted(options[group]) == sorted(yaml), group
+
+
+def test_an_option_that_does_not_exist_is_refused_naming_the_groups_options_and_no_schema():
+    from hydra import compose, initialize_config_dir
+
+    with pytest.raises(Exception) as refused, initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        compose("config", overrides=["prune=foo"])
+    options = ", ".join(sorted(p.stem for p in (ROOT / "conf" / "prune").glob("*.yaml")))
+    assert (
+        explain(refused.value) == f"prune=foo: there is no such option; choose one of {options} (conf/prune/)"
+    )

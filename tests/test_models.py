@@ -64,7 +64,8 @@ def test_fused_loss_equals_the_model_logits_loss(tmp_path):
     data = build_data(cfg.data, run_dir=tmp_path)
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab_size=len(data.tokenizer))
-    inputs, labels, _ = data.train.batch(torch.arange(4))
+    batch = data.train.batch(torch.arange(4))
+    inputs, labels = batch.inputs, batch.labels
     fused = CausalLMWithLoss(model, loss_chunk_size=16)
     plain = CausalLMWithLoss(model, loss_chunk_size=0)
     assert fused.fused and not plain.fused

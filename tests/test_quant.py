@@ -373,7 +373,8 @@ def test_evaluate_perplexity_equals_a_hand_computation_from_logits(exported, tmp
     [entry] = evaluate_models(cfg)
     assert json.loads((tmp_path / "x.json").read_text()) == [entry]
     # By hand: the first 6 eval windows, -log softmax of each target in float64, averaged, exponentiated.
-    inputs, labels, _ = data.eval.batch(torch.arange(6))
+    batch = data.eval.batch(torch.arange(6))
+    inputs, labels = batch.inputs, batch.labels
     with torch.no_grad():
         logits = model(inputs).logits.double()
     nll = [

@@ -163,6 +163,8 @@ def test_packed_windows_hold_whole_conversations_with_restarting_positions_and_m
             seen.append(d)
             at += n
         assert (batch.labels[0, at:] == IGNORE_INDEX).all() and (batch.inputs[0, at:] == 2).all()
+        # the tokens tokens/s counts: every conversation's, prompts included (more than the trained ones)
+        assert batch.num_tokens == at > int((batch.labels != IGNORE_INDEX).sum())
     assert sorted(seen) == list(range(split.num_documents))
 
 

@@ -34,6 +34,46 @@ TRACEBACK_VAR = "TRAINER_TRACEBACK"  # set to 1: every error with its traceback,
 _ENUM_VALUE = re.compile(r"Invalid value '(?P<value>[^']*)', expected one of \[(?P<allowed>[^\]]*)\]")
 
 
+def is_schema(option: str) -> bool:
+    """A group's registered type (`schema`, `schema_adamw`, ...; the ConfigStore entries its YAML options
+    build on), which Hydra lists among the options a user can choose."""
+    return option == "schema" or option.startswith("schema_")
+
+
+def hide_schemas_from_help() -> None:
+    """`--help` lists each group's options without its schema entries (Hydra offers no filter for them).
+
+    The groups are read from the config repository once: Hydra's own listing deep-copies it per group (72 times
+    for train's groups, ~5 s), the same answer when the primary config adds no `hydra.searchpath` (ours do not).
+    """
+    from hydra._internal.hydra import Hydra
+    from hydra.core.object_type import ObjectType
+
+    if getattr(Hydra.format_config_groups, "hides_schemas", False):
+        return
+
+    def format_config_groups(self: Hydra, predicate: Callable[[str], bool], compact: bool = True) -> str:
+        repo = self.config_loader.repository
+
+        def groups(parent: str) -> list[str]:
+            out = []
+            for name in repo.get_group_options(parent, ObjectType.GROUP):
+                group = f"{parent}/{name}" if parent else name
+                out += [group] * bool(repo.get_group_options(group, ObjectType.CONFIG)) + groups(group)
+            return out
+
+        lines = []
+        for group in sorted(g for g in groups("") if predicate(g)):
+            options = sorted(o for o in repo.get_group_options(group, ObjectType.CONFIG) if not is_schema(o))
+            if options:
+                listed = ", ".join(options) if compact else "\n" + "\n".join(f"  {o}" for o in options)
+                lines.append(f"{group}: {listed}" if compact else f"{group}:{listed}")
+        return "".join(f"{line}\n" for line in lines)
+
+    format_config_groups.hides_schemas = True  # type: ignore[attr-defined]
+    Hydra.format_config_groups = format_config_groups  # type: ignore[method-assign]
+
+
 def _one_paragraph(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -61,7 +101,7 @@ def _hydra_paragraph(err: Exception) -> str | None:
         )
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and "/" in err.missing_cfg_file:
         group, _, name = err.missing_cfg_file.rpartition("/")
-        options = [o for o in err.options or [] if o != "schema"]  # `schema`: each group's registered type
+        options = [o for o in err.options or [] if not is_schema(o)]
         allowed = f"; choose one of {', '.join(options)}" if options else ""
         return f"{group.replace('/', '.')}={name}: there is no such option{allowed} (conf/{group}/)"
     if isinstance(err, OverrideParseException):
@@ -120,6 +160,7 @@ def run(main: Callable[[], Any]) -> Any:
     HYDRA_FULL_ERROR=1"; with that variable set it lets them through to here instead.
     """
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    hide_schemas_from_help()
     try:
         return main()
     except Exception as err:

@@ -55,3 +55,9 @@ class CorruptFileError(TrainerError, ValueError):
 
 class DeviceError(TrainerError, RuntimeError):
     """The device a config asks for is not on this machine (`device=cuda` with no GPU visible)."""
+
+
+class TrainerWarning(UserWarning):
+    """A warning of ours: the message names what is odd and the fix, so it prints as `warning: MESSAGE` alone,
+    without the file, line and source line Python adds (trainer/quiet.py); filters still match it as a
+    UserWarning."""

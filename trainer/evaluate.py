@@ -81,7 +81,8 @@ def perplexity(
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     for start in range(0, n, batch_size):
-        inputs, labels, positions = windows.batch(torch.arange(start, min(start + batch_size, n)))
+        batch = windows.batch(torch.arange(start, min(start + batch_size, n)))
+        inputs, labels, positions = batch.inputs, batch.labels, batch.position_ids
         # A chat dataset's packed conversations: positions restart at each one, and attention keeps to it.
         kwargs = {} if positions is None else {"position_ids": positions.to(device)}
         logits = model(input_ids=inputs.to(device), use_cache=False, **kwargs).logits.float().cpu()

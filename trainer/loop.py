@@ -4,8 +4,10 @@ through small interfaces: trainer/strategies/ and trainer/extensions.py."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -18,8 +20,9 @@ from trainer import checkpoint as ckpt
 from trainer.config import validate_config
 from trainer.data import build_data
 from trainer.data.prefetch import Prefetcher
+from trainer.data.prepared import real_tokens
 from trainer.distributed import ParallelEnv, all_gather_ints, all_reduce_sum, barrier, init_distributed
-from trainer.errors import ConfigError, DataError, DivergenceError
+from trainer.errors import ConfigError, DataError, DivergenceError, TrainerWarning
 from trainer.extensions import Extension
 from trainer.logger import ExperimentLog
 from trainer.loss import IGNORE_INDEX
@@ -152,6 +155,8 @@ class Trainer:
         self._data_wait = (0.0, 0)  # (seconds waited for batches, steps) since the last metrics record
         self.step = 0
         self.tokens_seen = 0
+        # This run's input tokens that were not padding: what tokens/s and MFU count.
+        self.real_tokens_seen = 0
         # Conversations' packing (trainer/data/conversations.py): printed at the start, logged with each step.
         self.packing: dict[str, Any] = dict(getattr(self.data.train, "stats", None) or {})
         self.resumed_from = self._resume(resume)
@@ -262,9 +267,13 @@ class Trainer:
             self.order, t.global_batch_size, prefetch=self.step + 1 < t.max_steps
         )
         self._data_wait = (self._data_wait[0] + waited, self._data_wait[1] + 1)
-        # The loss is the mean over every target token of the global batch, whatever the padding per micro-batch.
-        local_targets = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
-        num_targets = int(all_reduce_sum(torch.tensor(local_targets, device=self.device)).item())
+        # The loss is the mean over every target token of the global batch, whatever the padding per micro-batch;
+        # the input tokens that are not padding are the work tokens/s and MFU count. One all-reduce for both.
+        local = [
+            sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches),
+            sum(real_tokens(b) for b in batches),
+        ]
+        num_targets, num_real = all_reduce_sum(torch.tensor(local, device=self.device)).tolist()
         # Data-parallel strategies average gradients over ranks: scale each rank's share up to match.
         num_targets_per_rank = num_targets / self.env.world_size
 
@@ -306,9 +315,11 @@ class Trainer:
         self.step += 1
         for ext in self.extensions:
             ext.after_step(self.step)  # e.g. gradual pruning's mask updates
-        self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len
+        self.tokens_seen += t.global_batch_size * self.cfg.data.seq_len  # every slot, padding included
+        self.real_tokens_seen += num_real
         # target_tokens: the tokens the loss was taken on (all but padding for text; the trained ones of SFT)
-        out = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "target_tokens": num_targets}
+        out = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "target_tokens": int(num_targets)}
+        out["real_tokens"] = int(num_real)  # the input tokens that were not padding (text, prompts included)
         out |= self._merged("step_metrics")  # distill=kd: each loss term, the teacher's parameters per rank
         return out | self.strategy.precision.metrics()  # fp16: loss_scale, skipped_steps
 
@@ -380,18 +391,20 @@ class Trainer:
         t, c = self.cfg.train, self.cfg.checkpoint
         if self.env.is_main:
             self._print_header()
+        # The bar only on a terminal: in a file (Slurm, nohup, CI) its frames are noise, and a plain line per
+        # logged step says the same (_log_step).
         bar = tqdm(
             total=t.max_steps,
             initial=self.step,
-            disable=not (self.env.is_main and t.progress_bar),
+            disable=not (self.env.is_main and t.progress_bar and sys.stderr.isatty()),
             dynamic_ncols=True,
             desc="train",
         )
-        self._window = (
-            time.perf_counter(),
-            self.tokens_seen,
-        )  # (time, tokens) where this logging window began
-        run_start, start_step, start_tokens = time.perf_counter(), self.step, self.tokens_seen
+        self._log_lines = self.env.is_main and not sys.stdout.isatty()
+        # (time, tokens, tokens that were not padding) where this logging window began
+        self._window = (time.perf_counter(), self.tokens_seen, self.real_tokens_seen)
+        run_start, start_step, start_real = time.perf_counter(), self.step, self.real_tokens_seen
+        self._run_start = (run_start, start_step)  # for the ETA
         last: dict[str, Any] = {}
         evaluation: dict[str, float] = {}
         preemption = PreemptionWatch()  # SIGUSR1/SIGTERM: checkpoint at the next step boundary, then exit
@@ -405,6 +418,8 @@ class Trainer:
             while self.step < t.max_steps:
                 profiler.before_step(self.step + 1)
                 stats = self.train_step()
+                if self.step == start_step + 1:
+                    self._warn_if_mostly_padding(stats)
                 if (profiled := profiler.after_step(self.step)) is not None and self.env.is_main:
                     bar.write(describe(profiled, profiler.out_dir))
                 bar.update(1)
@@ -440,7 +455,7 @@ class Trainer:
             evaluation = self.evaluate()
             self.log.write({"step": self.step, **evaluation})
         seconds = time.perf_counter() - run_start
-        tokens = self.tokens_seen - start_tokens
+        tokens = self.real_tokens_seen - start_real
         summary = {
             "steps": self.step - start_step,
             "final_step": self.step,
@@ -531,13 +546,39 @@ class Trainer:
             f"the learning-rate schedule's horizon changed on resume: {saved} steps in {self.resumed_from}, {now} "
             f"now ({cause}), so the learning rate jumps at this step; set scheduler.decay_steps={saved} to keep "
             "the schedule the run started with",
+            TrainerWarning,
             stacklevel=3,
         )
 
+    def _warn_if_mostly_padding(self, stats: dict[str, Any]) -> None:
+        """Say so when most of a step's tokens are padding: the run spends its compute on them (and tokens/s and
+        MFU, which count only the rest, look poor for a reason the user can fix)."""
+        slots = self.cfg.train.global_batch_size * self.cfg.data.seq_len
+        padding = 1.0 - stats["real_tokens"] / slots
+        if padding <= 0.5 or not self.env.is_main:
+            return
+        seq_len = self.cfg.data.seq_len
+        fix = (
+            f"conversations longer than half of data.seq_len={seq_len} fill a window each even packed (they are "
+            "kept whole): a larger data.seq_len packs several to a window"
+            if self.cfg.data.packing
+            else f"documents much shorter than data.seq_len={seq_len} get a window each: set data.packing=true "
+            f"(windows full of documents{', conversations kept whole' if self.packing else ''}) or a smaller "
+            "data.seq_len"
+        )
+        warnings.warn(
+            f"padding is {100 * padding:.1f}% of the input tokens of step {self.step} ({stats['real_tokens']:,} "
+            f"of {slots:,} are data), and tokens/s and MFU count only the data; {fix}",
+            TrainerWarning,
+            stacklevel=2,
+        )
+
     def _log_step(self, stats: dict[str, Any], bar: tqdm) -> dict[str, Any]:
-        """One metrics.jsonl record: the step's stats, the extensions' (e.g. sparsity), throughput and memory."""
-        start, start_tokens = self._window
-        tokens_per_s = (self.tokens_seen - start_tokens) / max(time.perf_counter() - start, 1e-9)
+        """One metrics.jsonl record: the step's stats, the extensions' (e.g. sparsity), throughput and memory;
+        where stdout is not a terminal, a plain line of it too."""
+        start, start_tokens, start_real = self._window
+        tokens_per_s = (self.real_tokens_seen - start_real) / max(time.perf_counter() - start, 1e-9)
+        slots = self.tokens_seen - start_tokens
         peak_per_rank = all_gather_ints(peak_memory_bytes(self.device), self.device)
         record = {
             "step": self.step,
@@ -545,6 +586,8 @@ class Trainer:
             **self._merged("log_metrics"),  # e.g. the achieved sparsity of the pruned layers (a collective)
             "tokens": self.tokens_seen,
             **({"packing_efficiency": self.packing["packing_efficiency"]} if self.packing else {}),
+            # The share of this window's input tokens that were padding; tokens/s and MFU count the others.
+            "padding_fraction": 1.0 - (self.real_tokens_seen - start_real) / max(slots, 1),
             "tokens_per_s": tokens_per_s,
             "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak, self.env.world_size),
             "peak_mem_bytes": max(peak_per_rank),
@@ -554,7 +597,9 @@ class Trainer:
         }
         self.log.write(record)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        self._window = (time.perf_counter(), self.tokens_seen)
+        if self._log_lines:
+            print(self._format_step(record), flush=True)
+        self._window = (time.perf_counter(), self.tokens_seen, self.real_tokens_seen)
         self._data_wait = (0.0, 0)
         return record
 
@@ -622,6 +667,17 @@ class Trainer:
                 f"{p['lost_trainable']} trained tokens lost with them",
                 flush=True,
             )
+
+    def _format_step(self, r: dict[str, Any]) -> str:
+        """A logged step as one plain line: step, loss, lr, tokens/s, MFU and the ETA from this run's pace."""
+        started, start_step = self._run_start
+        per_step = (time.perf_counter() - started) / max(self.step - start_step, 1)
+        eta = datetime.timedelta(seconds=round(per_step * (self.cfg.train.max_steps - self.step)))
+        mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "not reported"
+        return (
+            f"step {self.step}/{self.cfg.train.max_steps}: loss {r['loss']:.4f}, lr {r['lr']:.3g}, "
+            f"{r['tokens_per_s']:,.0f} tokens/s, MFU {mfu_text}, ETA {eta}"
+        )
 
     @staticmethod
     def _format_eval(e: dict[str, float]) -> str:

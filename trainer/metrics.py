@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from trainer.errors import TrainerWarning
 from trainer.utils import write_atomic
 
 # Dense bf16 tensor-core peaks (FLOP/s) of known GPUs, from the vendors' data sheets; the first key found in
@@ -65,6 +66,7 @@ def peak_flops(device: torch.device, configured: float | None) -> float | None:
             warnings.warn(
                 f"GPU {name!r} is not in trainer.metrics.GPU_PEAK_FLOPS: MFU is not reported; set "
                 "metrics.peak_flops to its dense bf16 peak FLOP/s (data sheet) to get it",
+                TrainerWarning,
                 stacklevel=2,
             )
         return peak

@@ -92,7 +92,7 @@ class Windows:
 
 def test_the_eval_windows_of_a_mixture_come_in_turns_so_a_limited_eval_sees_every_source():
     mixture = Mixture([Windows(0, 3), Windows(1, 1), Windows(2, 2)], [1.0] * 3, identity={}, in_turns=True)
-    inputs, _, _ = mixture.batch(torch.arange(len(mixture)))
+    inputs = mixture.batch(torch.arange(len(mixture))).inputs
     assert inputs.tolist() == [[0, 0], [1, 0], [2, 0], [0, 1], [2, 1], [0, 2]]
     # the training view of the same windows is one source after the other
     plain = Mixture([Windows(0, 3), Windows(1, 1), Windows(2, 2)], [1.0] * 3, identity={})

@@ -43,7 +43,8 @@ def test_embedded_train_and_eval_windows_are_built_from_their_own_files(tmp_path
     cfg = compose_config(*tiny_overrides)
     data = build_data(cfg.data, run_dir=tmp_path)
     assert len(data.train) > len(data.eval) > 0
-    inputs, labels, _ = data.train.batch(torch.arange(len(data.train)))
+    batch = data.train.batch(torch.arange(len(data.train)))
+    inputs, labels = batch.inputs, batch.labels
     assert inputs.shape[1] == cfg.data.seq_len
     assert torch.equal(inputs[:, 1:], labels[:, :-1])
     assert 0 < data.entropy_floor < 5

@@ -165,6 +165,7 @@ class ConversationWindows:
         inputs = np.full((rows, L), self.pad_id, dtype=np.int64)
         labels = np.full((rows, L), IGNORE_INDEX, dtype=np.int64)
         positions = np.empty((rows, L), dtype=np.int64)
+        num_tokens = 0
         for row, i in enumerate(indices.tolist()):
             at = 0
             for d in self.window(i):
@@ -176,4 +177,10 @@ class ConversationWindows:
                 positions[row, at : at + n] = np.arange(n)
                 at += n
             positions[row, at:] = np.arange(L - at)  # the padding: a document of its own
-        return Batch(torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(positions))
+            num_tokens += at
+        return Batch(
+            torch.from_numpy(inputs),
+            torch.from_numpy(labels),
+            torch.from_numpy(positions),
+            num_tokens=num_tokens,
+        )

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.data.prepared import Batch
+from trainer.data.prepared import Batch, real_tokens
 from trainer.errors import DataError
 
 _ROUNDS = 4
@@ -286,4 +286,4 @@ class Mixture:
             inputs[at], labels[at] = b.inputs, b.labels
             if positions is not None and b.position_ids is not None:
                 positions[at] = b.position_ids
-        return Batch(inputs, labels, positions)
+        return Batch(inputs, labels, positions, num_tokens=sum(real_tokens(b) for _, b in parts))

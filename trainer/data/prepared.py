@@ -49,6 +49,15 @@ class Batch(NamedTuple):
     inputs: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor | None = None
+    # The input tokens that are not padding, where they are not the labelled ones (conversations: a prompt's
+    # tokens are text but hold no label); None: exactly the labelled positions (text windows pad where, and
+    # only where, no loss is taken).
+    num_tokens: int | None = None
+
+
+def real_tokens(batch: Batch) -> int:
+    """The input tokens of `batch` that are not padding: the work tokens/s and MFU count."""
+    return batch.num_tokens if batch.num_tokens is not None else int((batch.labels != IGNORE_INDEX).sum())
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

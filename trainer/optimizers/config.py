@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from trainer.choices import Choice
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, TrainerWarning
 
 # Learning-rate schedules after a linear warmup, and the shape of wsd's final decay.
 SchedulerName = Choice("SchedulerName", "constant linear cosine wsd")
@@ -165,6 +165,7 @@ def validate_scheduler(s: Any, *, max_steps: int) -> None:
         warnings.warn(
             f"scheduler.warmup_steps={s.warmup_steps} is longer than the run (train.max_steps={max_steps}): the "
             f"learning rate never reaches optimizer.lr; lower scheduler.warmup_steps (e.g. to {max(max_steps // 10, 1)})",
+            TrainerWarning,
             stacklevel=3,
         )
     _check(

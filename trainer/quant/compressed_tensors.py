@@ -30,7 +30,7 @@ from torch import nn
 
 from trainer.calibration import InputStats, update_blocks_sequentially
 from trainer.choices import CompressedTensorsScheme
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, TrainerWarning
 from trainer.models import is_conv1d, transformer_blocks
 from trainer.quant import smooth
 from trainer.quant.gptq import gptq_quantize
@@ -188,6 +188,7 @@ def _group_size(targets: dict[str, nn.Linear], group_size: int) -> int:
         warnings.warn(
             f"scheme=w4a16: group_size={group_size} does not divide the input widths {widths}; using "
             f"{group}, the largest divisor of {group_size} that divides them all",
+            TrainerWarning,
             stacklevel=3,
         )
     return group

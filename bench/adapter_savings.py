@@ -20,12 +20,15 @@ so that no variant's peak includes the GGUF dequantization. For each variant it 
 
 Ratios are against `full` of the same run, and the issue's targets are said met or missed.
 
-    python bench/peft.py                       # SmolLM2-135M, 10 steps of 2 x 256 tokens, ~8 min a variant
-    python bench/peft.py --variants full lora qlora dora --steps 30
-    python bench/peft.py --activation-checkpointing --out-dir bench/out/peft_ac   # every variant recomputing
-    python bench/peft.py --quick               # CPU smoke check: a tiny model built from its config, ~1 min
-    python bench/peft.py --smollm2-shape --batch 8 --seq-len 1024 --set train.device=cuda precision=bf16
-                                               # a GPU, without the model package: SmolLM2's shape, bf16
+    python bench/adapter_savings.py                 # SmolLM2-135M, 10 steps of 2 x 256 tokens, ~8 min a variant
+    python bench/adapter_savings.py --variants full lora qlora dora --steps 30
+    python bench/adapter_savings.py --activation-checkpointing --out-dir bench/out/peft_ac   # every variant recomputing
+    python bench/adapter_savings.py --quick         # CPU smoke check: a tiny model built from its config, ~1 min
+    python bench/adapter_savings.py --smollm2-shape --batch 8 --seq-len 1024 --set train.device=cuda precision=bf16
+                                                    # a GPU, without the model package: SmolLM2's shape, bf16
+
+(Not `peft.py`: a script run from bench/ has bench/ first on its path, where bench/peft.py was the `peft` that
+transformers imported; tests/test_bench.py refuses a bench script named like an installed module.)
 """
 
 from __future__ import annotations
