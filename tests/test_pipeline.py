@@ -417,3 +417,18 @@ def test_fork_runs_the_stages_as_subprocesses_where_a_gpu_is_visible(monkeypatch
     assert [effective_launcher(name) for name in launchers] == ["fork", "subprocess", "torchrun"]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA would not survive the fork
     assert [effective_launcher(name) for name in launchers] == ["subprocess", "subprocess", "torchrun"]
+
+
+def test_evaluate_args_reach_every_evaluation_stage_and_no_other(tmp_path):
+    from trainer.pipeline import compose_pipeline, stage_args
+
+    extra = ["tasks=[pydoc_endings]", "lm_eval.include_path=lm_eval_tasks"]
+    cfg = compose_pipeline(
+        ["chain=compress", f"run_dir={tmp_path}", "evaluate_args=[" + ",".join(f"'{a}'" for a in extra) + "]"]
+    )
+    seen = set()
+    for name, stage in cfg.chain.stages.items():
+        args = stage_args(cfg, name, stage)
+        assert (args[-2:] == extra) == (stage.module == "trainer.evaluate"), name
+        seen.add(stage.module)
+    assert {"trainer.evaluate", "trainer.train", "trainer.report"} <= seen

@@ -73,10 +73,13 @@ def check_pipeline_config(cfg: Any) -> None:
 
 
 def stage_args(cfg: Any, name: str, stage: Any) -> list[str]:
-    """The stage's overrides, resolved, plus the run directory and resume of a training stage."""
+    """The stage's overrides, resolved, plus the run directory and resume of a training stage and
+    `evaluate_args` of an evaluation stage."""
     args = [str(a) for a in stage.args]
     if stage.module == "trainer.train":
         args += [*cfg.train_args, f"hydra.run.dir={Path(cfg.run_dir) / name}", "resume=auto"]
+    if stage.module == "trainer.evaluate":
+        args += list(cfg.evaluate_args)
     return args
 
 

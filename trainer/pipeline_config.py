@@ -60,6 +60,8 @@ class PipelineConfig:
     nproc_per_node: int = MISSING
     # Appended to every trainer.train stage's overrides (e.g. [train.device=cuda, precision=bf16]).
     train_args: list[str] = MISSING
+    # Appended to every trainer.evaluate stage's overrides (e.g. lm-eval tasks: [tasks=[arc_easy]]).
+    evaluate_args: list[str] = MISSING
     # Print the commands without running them.
     dry_run: bool = MISSING
 
