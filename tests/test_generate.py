@@ -393,3 +393,36 @@ def test_streamed_text_is_the_final_decode_when_characters_span_tokens_and_stops
     streamer.end()
     assert streamer.reason == "stop" and streamer.text == "café — naïve €5 then "
     assert printed.getvalue() == streamer.text and "\ufffd" not in printed.getvalue()
+
+
+def test_evaluate_measures_an_adapter_on_its_base_as_the_merged_export_tasks_included(lora_run, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from trainer.evaluate import evaluate_models
+    from trainer.quant.serialization import weights_size
+    from trainer.train import CONF_DIR
+
+    base, run = lora_run
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(
+            "evaluate",
+            overrides=[
+                f"models=[{run / 'hf'},{run / 'adapter'}]",
+                f"output={tmp_path / 'eval.json'}",
+                "eval_batches=2",
+                *(
+                    "latency.prefill_len=8",
+                    "latency.decode_tokens=2",
+                    "latency.repeats=1",
+                    "latency.warmup=0",
+                ),
+                "tasks=[pydoc_endings]",
+                f"lm_eval.include_path={ROOT / 'lm_eval_tasks'}",
+                "lm_eval.limit=16",
+            ],
+        )
+    merged, adapter = evaluate_models(cfg)
+    assert adapter["scheme"] == "lora adapter" and str(base) in adapter["runtime"]
+    assert adapter["perplexity"] == pytest.approx(merged["perplexity"], rel=1e-5)
+    assert adapter["tasks"]["pydoc_endings"]["acc"] == merged["tasks"]["pydoc_endings"]["acc"]
+    assert adapter["size_bytes"] == weights_size(run / "adapter") + weights_size(base)

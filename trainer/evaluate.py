@@ -1,7 +1,8 @@
 """Evaluate models side by side: `python -m trainer.evaluate 'models=[DIR,...]' output=FILE.json`.
 
 For each model (dense, distilled, pruned or quantized; an hf/ export, a checkpoint, a trainer.quantize output,
-or what `trainer.export` wrote: a .gguf file or a directory holding one, a compressed-tensors directory) one
+what `trainer.export` wrote: a .gguf file or a directory holding one, a compressed-tensors directory; or an
+adapter/ directory, merged into the base it names, its size the adapter's and the base's) one
 JSON entry with:
 
 - `perplexity`: exp of the mean next-token cross-entropy over the eval split of the configured data
@@ -55,6 +56,7 @@ from trainer.quant.serialization import (
     load_any,
     load_tokenizer_of,
     read_manifest,
+    weights_size,
 )
 from trainer.quant.smooth import Int8DynamicLinear
 from trainer.utils import (
@@ -250,14 +252,19 @@ def check_evaluate_config(cfg: Any) -> torch.device:
             "a checkpoint, a trainer.quantize output, a .gguf file or a directory holding one, or a "
             "compressed-tensors export)"
         )
+    from trainer.generate import ADAPTER_CONFIG, base_of  # the peft format's adapter/ directories
+
     for m in cfg.models:  # before any model is measured: a bad path is not found only after the others
         p = Path(m)
-        if gguf_in(p) is None and not any((p / f).is_file() for f in ("config.json", "trainer_state.json")):
+        model_files = ("config.json", "trainer_state.json", ADAPTER_CONFIG)
+        if gguf_in(p) is None and not any((p / f).is_file() for f in model_files):
             raise InputNotFoundError(
-                f"models: {m}: not a model (no config.json, no checkpoint, no .gguf file); give a run's hf/ "
-                "export, a checkpoint, a trainer.quantize output, a .gguf file or a directory holding one, or "
-                "a compressed-tensors export"
+                f"models: {m}: not a model (no config.json, no checkpoint, no .gguf file, no adapter); give a "
+                "run's hf/ or adapter/ export, a checkpoint, a trainer.quantize output, a .gguf file or a "
+                "directory holding one, or a compressed-tensors export"
             )
+        if (p / ADAPTER_CONFIG).is_file():
+            base_of(p, None)  # the base it names exists and is a float model
     lat = cfg.latency
     for key in ("batch_size", "prefill_len", "decode_tokens", "repeats"):
         if getattr(lat, key) < 1:
@@ -311,10 +318,28 @@ def gguf_type(file: Path) -> str:
     return gguf.LlamaFileType(int(field.contents())).name.split("_", 1)[1].lower()
 
 
+def load_adapted(adapter: Path, *, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any, int]:
+    """(an adapter/ directory merged into the base its config names, the tokenizer, bytes on disk of the
+    adapter and its base): what serving the adapter on its base loads."""
+    from trainer.generate import base_of, load_adapter
+
+    base = base_of(adapter, None)
+    model = load_adapter(adapter, base=None, device=device, dtype=dtype)
+    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer_of(adapter if has_tokenizer else base)
+    return model, tokenizer, weights_size(adapter) + weights_size(base)
+
+
 def describe_model(path: str) -> tuple[str, str | None]:
     """(scheme, runtime) of a model path: `float`, a trainer.quantize scheme, `gguf TYPE` or
     `compressed-tensors SCHEME`; the runtime says what computes the numbers of an export (None: our own)."""
+    from trainer.generate import ADAPTER_CONFIG
+
     p = Path(path)
+    if (p / ADAPTER_CONFIG).is_file():
+        adapter = json.loads((p / ADAPTER_CONFIG).read_text())
+        kind = "dora" if adapter.get("use_dora") else str(adapter.get("peft_type", "lora")).lower()
+        return f"{kind} adapter", f"merged by peft into its base {adapter.get('base_model_name_or_path')}"
     if is_quantized_dir(p):
         return read_manifest(p)["scheme"], None
     ct = compressed_tensors_scheme(p)
@@ -374,7 +399,12 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
                 continue
             scheme, runtime = describe_model(path)
             where = torch.device("cpu") if scheme == "int8_smooth" else device  # fbgemm kernels
-            model, tokenizer, size = load_any(path, device=where)
+            if scheme.endswith(" adapter"):
+                model, tokenizer, size = load_adapted(
+                    Path(path), device=where, dtype=resolve_dtype(cfg.float_dtype)
+                )
+            else:
+                model, tokenizer, size = load_any(path, device=where)
             if scheme == "float" or scheme.startswith("gguf"):  # a GGUF file loads dequantized
                 model.to(resolve_dtype(cfg.float_dtype))
             if data is None:  # the first model's tokenizer tokenizes the eval data for all

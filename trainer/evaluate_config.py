@@ -54,7 +54,7 @@ class LmEvalConfig:
 @dataclass
 class EvaluateConfig:
     # Model paths: hf/ exports, checkpoints, trainer.quantize outputs, trainer.export outputs (a .gguf file or a
-    # directory holding one, a compressed-tensors directory).
+    # directory holding one, a compressed-tensors directory), adapter/ directories (merged into their base).
     models: list[str] = MISSING
     # JSON file to write (one entry per model).
     output: str = MISSING
