@@ -7,6 +7,9 @@ that does not exist, an unknown key, an override it cannot parse) print `error: 
 the key or file and the fix, with no traceback, and the process exits with status 2. Anything else is a bug
 and keeps its traceback (status 1). `TRAINER_TRACEBACK=1` shows the traceback of every error.
 
+Ctrl-C prints one line (an `Interrupted`'s message: what was kept and how to continue), no traceback, and exits
+130 as a shell reports a command it stopped.
+
 Under torchrun every rank exits 2 and the message is printed once: rank 0 prints at once, the other ranks hold
 their exit for a grace period first. A launcher ends every rank when one fails, so a rank that exited first would
 otherwise get rank 0 killed before it printed; when rank 0 exits, the launcher ends the waiting ranks. A rank still
@@ -25,6 +28,7 @@ from typing import Any
 from trainer.errors import TrainerError
 
 EXIT_USAGE = 2  # the status of an error the message explains (argparse's too)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command that Ctrl-C stopped
 OTHER_RANKS_GRACE_S = (
     3.0  # how long ranks other than 0 wait for rank 0 to say it (torchrun checks every 0.1 s)
 )
@@ -99,6 +103,13 @@ def run(main: Callable[[], Any]) -> Any:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         return main()
+    except KeyboardInterrupt as err:
+        if os.environ.get(TRACEBACK_VAR, "") not in ("", "0"):
+            raise
+        if _rank() == 0:  # every rank got the Ctrl-C: one of them says it
+            sys.stdout.flush()
+            print(str(err) or "interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
         if report_error(err) is None:
             raise

@@ -55,3 +55,8 @@ class CorruptFileError(TrainerError, ValueError):
 
 class DeviceError(TrainerError, RuntimeError):
     """The device a config asks for is not on this machine (`device=cuda` with no GPU visible)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line a command has to say about it: what was kept and how to continue. The command
+    prints it alone, with no traceback, and exits 130 (trainer/cli.py)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -377,48 +378,47 @@ class Trainer:
         run_start, start_step, start_tokens = time.perf_counter(), self.step, self.tokens_seen
         last: dict[str, Any] = {}
         evaluation: dict[str, float] = {}
-        preemption = PreemptionWatch()  # SIGUSR1/SIGTERM: checkpoint at the next step boundary, then exit
         saved_step = -1
         self.num_nonfinite_steps = 0  # this run's, a resume starts afresh
         self._continue_after_resume()
-        profiler = StepProfiler(
-            self.cfg.profile, out_dir=self.run_dir / "profile", rank=self.env.rank, device=self.device
-        )
-        try:
-            while self.step < t.max_steps:
-                profiler.before_step(self.step + 1)
-                stats = self.train_step()
-                if (profiled := profiler.after_step(self.step)) is not None and self.env.is_main:
-                    bar.write(describe(profiled, profiler.out_dir))
-                bar.update(1)
-                at_end = self.step == t.max_steps
-                if self.step % t.log_every == 0 or at_end or self.step_nonfinite:
-                    last = self._log_step(stats, bar)  # a non-finite step is always on record
-                if self.step_nonfinite:
-                    self._count_nonfinite_step(stats, bar)
-                if (t.eval_every and self.step % t.eval_every == 0) or at_end:
-                    evaluation = self.evaluate()
-                    self.log.write({"step": self.step, **evaluation})
-                    if self.env.is_main and not at_end:  # the summary reports the last one
-                        bar.write(self._format_eval(evaluation))
-                if (c.every_steps and self.step % c.every_steps == 0) or (at_end and c.at_end):
-                    self.save()
-                    saved_step = self.step
-                if (signum := preemption.requested(self.device)) is not None and not at_end:
-                    self._stop_for_preemption(
-                        signum, saved=saved_step == self.step, bar=bar, watch=preemption
-                    )
-        except DivergenceError:
-            profiler.close()
-            bar.close()
-            preemption.close()
-            self.prefetcher.close()
-            self.log.close(exit_code=1)
-            raise
-        profiler.close()
-        preemption.close()
-        self.prefetcher.close()
-        bar.close()
+        # Every way out of the loop (the end, an error, a preemption, a second Ctrl-C) closes these once, in
+        # reverse order: after an error no handler of ours is left to keep the launcher's SIGTERM from ending it.
+        with contextlib.ExitStack() as stack:
+            stack.callback(bar.close)
+            stack.callback(self.prefetcher.close)
+            # SIGUSR1/SIGTERM/Ctrl-C: checkpoint at the next step boundary, then exit
+            preemption = stack.enter_context(contextlib.closing(PreemptionWatch()))
+            profiler = StepProfiler(
+                self.cfg.profile, out_dir=self.run_dir / "profile", rank=self.env.rank, device=self.device
+            )
+            stack.callback(profiler.close)
+            try:
+                while self.step < t.max_steps:
+                    profiler.before_step(self.step + 1)
+                    stats = self.train_step()
+                    if (profiled := profiler.after_step(self.step)) is not None and self.env.is_main:
+                        bar.write(describe(profiled, profiler.out_dir))
+                    bar.update(1)
+                    at_end = self.step == t.max_steps
+                    if self.step % t.log_every == 0 or at_end or self.step_nonfinite:
+                        last = self._log_step(stats, bar)  # a non-finite step is always on record
+                    if self.step_nonfinite:
+                        self._count_nonfinite_step(stats, bar)
+                    if (t.eval_every and self.step % t.eval_every == 0) or at_end:
+                        evaluation = self.evaluate()
+                        self.log.write({"step": self.step, **evaluation})
+                        if self.env.is_main and not at_end:  # the summary reports the last one
+                            bar.write(self._format_eval(evaluation))
+                    if (c.every_steps and self.step % c.every_steps == 0) or (at_end and c.at_end):
+                        self.save()
+                        saved_step = self.step
+                    if (signum := preemption.requested(self.device)) is not None and not at_end:
+                        self._stop_for_preemption(
+                            signum, saved=saved_step == self.step, bar=bar, watch=preemption
+                        )
+            except BaseException:
+                self.log.close(exit_code=1)
+                raise
         if not evaluation:  # nothing trained this run (max_steps=0, or already complete): where it stands
             evaluation = self.evaluate()
             self.log.write({"step": self.step, **evaluation})
@@ -571,13 +571,21 @@ class Trainer:
         return summary
 
     def _stop_for_preemption(self, signum: int, *, saved: bool, bar: tqdm, watch: PreemptionWatch) -> None:
-        """Checkpoint (unless this step just did), leave the marker for the batch script, and raise Preempted."""
+        """Checkpoint (unless this step just did), leave the marker for the batch script (not after a Ctrl-C: a
+        person stopped the run, no scheduler should start it again), and raise Preempted."""
         path = (self.ckpt_root / (self.ckpt_root / "latest").read_text().strip()) if saved else self.save()
         bar.close()
         error = Preempted(step=self.step, signum=signum)
         if self.env.is_main:
-            write_marker(self.run_dir, step=self.step, signum=signum, checkpoint=path)
-            print(f"{error}: {path}; resume=auto in {self.run_dir} continues from it", flush=True)
+            if signum == signal.SIGINT:
+                print(
+                    f"interrupted (Ctrl-C) at step {self.step}: checkpoint written to {path}; the same command "
+                    f"with resume=auto (run dir {self.run_dir}) continues from it",
+                    flush=True,
+                )
+            else:
+                write_marker(self.run_dir, step=self.step, signum=signum, checkpoint=path)
+                print(f"{error}: {path}; resume=auto in {self.run_dir} continues from it", flush=True)
         self.log.close(exit_code=1)
         watch.hand_over(signum)  # a handler that was there before ours (submitit's requeue) runs now
         raise error

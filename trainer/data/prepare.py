@@ -19,6 +19,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -248,10 +249,14 @@ def worker_pool(start_method: str, num_proc: int, **kwargs: Any) -> Iterator[Any
     raised, e.g. a bad line a worker found. `with Pool()` terminates instead: a worker killed while it holds the
     lock of the pool's result queue leaves the pool's teardown waiting for that lock forever (reproduced: about
     one bad-line error in a few hundred). Ctrl-C still terminates the workers. A start method the platform
-    lacks (fork on macOS and Windows) falls back to spawn."""
+    lacks (fork on macOS and Windows) falls back to spawn. The workers ignore Ctrl-C: a terminal sends it to the
+    whole process group, and the parent alone stops them (each would print a traceback)."""
     if start_method not in multiprocessing.get_all_start_methods():
         start_method = "spawn"
-    pool = multiprocessing.get_context(start_method).Pool(num_proc, **kwargs)
+    initargs = (kwargs.pop("initializer", None), *kwargs.pop("initargs", ()))
+    pool = multiprocessing.get_context(start_method).Pool(
+        num_proc, initializer=_ignore_interrupt_then, initargs=initargs, **kwargs
+    )
     interrupted = False
     try:
         yield pool
@@ -263,6 +268,12 @@ def worker_pool(start_method: str, num_proc: int, **kwargs: Any) -> Iterator[Any
         if not interrupted:
             pool.close()
         pool.join()
+
+
+def _ignore_interrupt_then(initializer: Any, *initargs: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def _count_range(args: tuple[str, str, int, int, int]) -> int:
