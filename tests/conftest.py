@@ -280,6 +280,10 @@ TEST_TIERS = {
     "test_one_shot_masks_hold_through_fine_tuning_on_two_ranks": {SLOW, MULTIRANK},
     "test_qat_runs_under_single_and_ddp_and_converts_to_the_fake_quantized_function": {SLOW, MULTIRANK},
     "test_two_ddp_ranks_follow_the_single_process_loss": {SLOW, MULTIRANK},
+    "test_an_error_one_rank_finds_under_torchrun_is_its_paragraph_once_and_no_rank_prints_a_traceback": {
+        SLOW,
+        MULTIRANK,
+    },  # two real torchrun jobs
     # a fresh process, sent Ctrl-C
     "test_ctrl_c_checkpoints_says_how_to_continue_exits_130_and_resume_matches_the_uninterrupted_run": {SLOW},
     "test_ctrl_c_stops_prepare_data_with_one_line_and_the_same_command_continues_to_the_same_bytes": {SLOW},

@@ -11,6 +11,7 @@ A crafted local "hub" model whose Python code writes a marker file when imported
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PYTHON, ROOT, TINY_MARKOV, TINY_MODEL, subprocess_env
+from tests.conftest import PYTHON, ROOT, TINY_MARKOV, TINY_MODEL, free_port, subprocess_env
 from trainer.cli import EXIT_USAGE, explain, run
 from trainer.errors import (
     ConfigError,
@@ -254,6 +255,63 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
     for (module, args, names), result in zip(cases, results, strict=True):
         print(module, args[-1], error_lines(result["output"]))
         assert_explained(result, *names)
+
+
+def test_an_error_one_rank_finds_under_torchrun_is_its_paragraph_once_and_no_rank_prints_a_traceback(
+    tmp_path,
+):
+    """Two real 2-rank torchrun jobs at once. A data error: rank 0 reads the data while rank 1 waits at a barrier,
+    which fails when rank 0 exits. A config error every rank finds (after the process group is up)."""
+    not_json = bad_jsonl(tmp_path / "not_json.jsonl", [*GOOD[:5], b'{"text": "cut', *GOOD[5:]])
+    ddp = ["strategy=ddp", "train.micro_batch_size=8", "scheduler.warmup_steps=0"]
+    cases = {
+        "data": ([*USER_DATA, *ddp, f"data.data_files={not_json}"], f"{not_json}, line 6"),
+        "config": (
+            [*DATA, *ddp, "model.arch.max_position_embeddings=8"],
+            "data.seq_len=16 exceeds the model's maximum of 8 positions",
+        ),
+    }
+    jobs = {}
+    for name, (args, _) in cases.items():
+        run_dir, logs = tmp_path / name, tmp_path / f"{name}_logs"
+        cmd = [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+        ]
+        # --redirects: each rank's output in a file of its own under --log-dir, the agent's on the console
+        cmd += ["--log-dir", str(logs), "--redirects", "3", "-m", "trainer.train", *args]
+        env = subprocess_env() | {"HF_HUB_OFFLINE": "1"}
+        env.pop("TRAINER_TRACEBACK", None)
+        jobs[name] = subprocess.Popen(
+            [*cmd, f"hydra.run.dir={run_dir}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    for name, (_, message) in cases.items():
+        agent = jobs[name].communicate(timeout=300)[0]
+        assert jobs[name].returncode != 0, agent[-3000:]
+        ranks = {
+            int(f.parent.name): f.read_text() + f.with_name("stdout.log").read_text()
+            for f in (tmp_path / f"{name}_logs").rglob("stderr.log")
+        }
+        assert sorted(ranks) == [0, 1], agent[-3000:]
+        for rank, output in ranks.items():
+            assert not any(line.startswith("Traceback") for line in output.splitlines()), (name, rank, output)
+        errors = [
+            line for output in ranks.values() for line in output.splitlines() if line.startswith("error")
+        ]
+        assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], (name, errors)
+        assert errors[0] in ranks[0]
+        # torchrun's own report: rank 0 exited 2, and rank 1 was ended with it
+        assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 2 ", agent), agent[-3000:]
 
 
 def test_trainer_traceback_shows_the_traceback(tmp_path):

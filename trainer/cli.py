@@ -13,11 +13,15 @@ Ctrl-C prints one line (an `Interrupted`'s message: what was kept and how to con
 Under torchrun every rank exits 2 and the message is printed once: rank 0 prints at once, the other ranks hold
 their exit for a grace period first. A launcher ends every rank when one fails, so a rank that exited first would
 otherwise get rank 0 killed before it printed; when rank 0 exits, the launcher ends the waiting ranks. A rank still
-alive after the grace (an error rank 0 does not share) prints the message itself, naming its rank.
+alive after the grace (an error rank 0 does not share) prints the message itself, naming its rank. A rank whose
+collective fails because another rank's process is gone (gloo's "Connection closed by peer") did not find the
+error: it prints no traceback over the message of the rank that did, but waits for the launcher to end it, and
+after the grace says in one line that it lost a rank.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -33,6 +37,13 @@ OTHER_RANKS_GRACE_S = (
     3.0  # how long ranks other than 0 wait for rank 0 to say it (torchrun checks every 0.1 s)
 )
 TRACEBACK_VAR = "TRAINER_TRACEBACK"  # set to 1: every error with its traceback, as Python prints it
+
+# What a collective raises on a rank when another rank's process has exited (gloo, NCCL, the TCP store).
+_LOST_PEER = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|failed to recv|remote process exited"
+    r"|NCCL communicator was aborted",
+    re.IGNORECASE,
+)
 
 # OmegaConf's refusal of a value outside a closed choice (an Enum field).
 _ENUM_VALUE = re.compile(r"Invalid value '(?P<value>[^']*)', expected one of \[(?P<allowed>[^\]]*)\]")
@@ -94,6 +105,18 @@ def _rank() -> int:
     return 0
 
 
+def _world_size() -> int:
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether `err` is a collective failing because another rank of this job is gone."""
+    return _world_size() > 1 and isinstance(err, RuntimeError) and bool(_LOST_PEER.search(str(err)))
+
+
 def run(main: Callable[[], Any]) -> Any:
     """Call an entry point's `main`; an error `explain` knows prints as one paragraph (once) and exits 2.
 
@@ -111,9 +134,24 @@ def run(main: Callable[[], Any]) -> Any:
             print(str(err) or "interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
-        if report_error(err) is None:
+        code = report_error(err)
+        if code is None:
+            code = report_lost_peer(err)
+        if code is None:
             raise
-        sys.exit(EXIT_USAGE)
+        _exit(code)
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`; a rank of a multi-rank job skips the interpreter's teardown, which takes seconds for a
+    process holding torch on a busy machine: the launcher ends the other ranks only once this one is gone (and a
+    rank that lost this one prints, after the grace, what the launcher would have spared us)."""
+    if _world_size() <= 1:
+        sys.exit(code)
+    logging.shutdown()  # the job log's last lines
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def report_error(err: BaseException) -> int | None:
@@ -129,5 +167,20 @@ def report_error(err: BaseException) -> int | None:
     sys.stdout.flush()
     print(
         f"error: {message}" if rank == 0 else f"error (rank {rank}): {message}", file=sys.stderr, flush=True
+    )
+    return EXIT_USAGE
+
+
+def report_lost_peer(err: BaseException) -> int | None:
+    """A rank that lost another rank: wait for the launcher to end it (the rank that failed says why), then say
+    so in one line and return EXIT_USAGE; None for any other error, or when TRAINER_TRACEBACK asks for it."""
+    if not lost_peer(err) or os.environ.get(TRACEBACK_VAR, "") not in ("", "0"):
+        return None
+    time.sleep(OTHER_RANKS_GRACE_S)
+    detail = _one_paragraph(str(err).split(". ")[0])
+    print(
+        f"error (rank {_rank()}): another rank of the job stopped ({detail}); its own message says why",
+        file=sys.stderr,
+        flush=True,
     )
     return EXIT_USAGE
