@@ -21,7 +21,7 @@ from tests.conftest import (
     subprocess_env,
 )
 from trainer.checkpoint import complete_checkpoints, resolve_resume
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, ConfigError
 
 EXACT = [*TINY, "scheduler=constant", "optimizer.weight_decay=0.1", "train.export_hf=false"]
 
@@ -49,6 +49,20 @@ def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path):
 def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
     trainer = make_trainer(tmp_path, *TINY, "resume=auto")
     assert trainer.step == 0 and trainer.resumed_from is None
+
+
+def test_a_run_dir_with_checkpoints_is_refused_untouched_unless_resume_says_continue_or_start_over(tmp_path):
+    args = [*TINY, "train.max_steps=2", "train.export_hf=false"]
+    make_trainer(tmp_path, *args).train()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(
+        ConfigError, match=rf"{re.escape(str(tmp_path))} already holds checkpoints"
+    ) as refused:
+        make_trainer(tmp_path, *args)
+    assert "resume=auto" in str(refused.value) and "resume=none" in str(refused.value)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert make_trainer(tmp_path, *args, "resume=none").step == 0  # starting over, said explicitly
+    assert make_trainer(tmp_path, *args, "resume=auto").step == 2
 
 
 KILL_DURING_SAVE = textwrap.dedent(

@@ -216,6 +216,11 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
             [*USER_DATA, f"data.data_files={null_text}"],
             [f"{null_text}, line 4", "null"],
         ),
+        (
+            "trainer.train",
+            [*DATA, f"hydra.run.dir={run_dir}"],
+            [f"{run_dir} already holds checkpoints", "resume=auto", "resume=none"],
+        ),
         ("trainer.export", [str(missing), str(tmp_path / "out")], [str(missing)]),
         ("trainer.export", [str(run_dir), str(tmp_path / "out")], [str(run_dir), "step_00000004"]),
         (

@@ -87,7 +87,8 @@ class Trainer:
         """Set-up, in this order and for these reasons:
 
         1. Validate the config and build the strategy: a bad value or rank count fails before any work.
-        2. The process group, the run directory and the experiment log (a missing wandb fails here).
+        2. The process group, the checkpoint to resume from (a run directory that holds checkpoints, with no
+           `resume` given, is refused here), the run directory and the experiment log (a missing wandb fails here).
         3. The data: the tokenizer fixes the vocabulary the model is built for.
         4. The extensions: distillation loads its teacher now, since the student may be cut from it.
         5. The model (an extension may build it), then every extension's `before_wrap` (QAT, pruning) on the
@@ -106,14 +107,16 @@ class Trainer:
             device=self.device,
             one_rank_group=not self.strategy.one_process,
         )
+        self.ckpt_root = self.run_dir / "checkpoints"
+        # Before anything is written to the run directory: one that holds checkpoints is refused unless resume
+        # says whether to continue them or start over.
+        resume = ckpt.resolve_resume(cfg.resume, self.ckpt_root)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             clear_marker(self.run_dir)
         barrier()
         # Before data and model: a missing wandb/tensorboard fails early. Rank 0 only writes.
         self.log = ExperimentLog(cfg, run_dir=self.run_dir, enabled=env.is_main)
-        self.ckpt_root = self.run_dir / "checkpoints"
-        resume = ckpt.resolve_resume(cfg.resume, self.ckpt_root)
 
         self.data = self._load_data()
         dtype = resolve_dtype(t.dtype)
