@@ -1,10 +1,12 @@
 """Checkpoints: exact resume, crash-safe saves, the model they describe, and the HF export."""
 
+import errno
 import json
 import re
 import shutil
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -390,3 +392,46 @@ def test_two_zero2_ranks_refuse_a_deeper_checkpoint_naming_only_the_tensors_no_r
     reference = load_file(str(tmp_path / "checkpoints" / "step_00000002" / SHARD))
     deeper = {name.rsplit("@", 1)[0] for name in reference if re.search(r"layers\.[23]\.", name)}
     assert int(found.group(1)) == len(deeper)
+
+
+# ---- a write that fails -------------------------------------------------------------------------------
+
+
+class FullDisk:
+    """A tokenizer or config whose save fails half-way, as on a full disk."""
+
+    def save_pretrained(self, directory) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "half_written.json").write_text("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_an_output_whose_writing_fails_leaves_neither_it_nor_a_temporary_directory(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.checkpoint import export_hf
+    from trainer.data.prepare import write_splits
+    from trainer.distributed import ParallelEnv
+    from trainer.peft.extension import write_adapter
+    from trainer.quant.serialization import save_quantized
+
+    config = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+    )
+    model = LlamaForCausalLM(config)
+    writes = {
+        "quantized": lambda out: save_quantized(out, model, {"scheme": "int8_dynamic"}, FullDisk()),
+        "hf": lambda out: export_hf(
+            out, state_dict=model.state_dict(), hf_model=model, tokenizer=FullDisk(), env=ParallelEnv()
+        ),
+        "adapter": lambda out: write_adapter(out, {}, FullDisk()),
+        "cache": lambda out: write_splits(
+            out, {"train": ["a b"], "eval": ["a"]}, FullDisk(), num_proc=1, description={}
+        ),
+    }
+    for name, write in writes.items():
+        parent = tmp_path / name
+        parent.mkdir()
+        with pytest.raises(OSError, match="No space left"):
+            write(parent / "out")
+        assert list(parent.iterdir()) == [], name

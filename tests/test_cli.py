@@ -194,6 +194,8 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
     (run_dir / "checkpoints" / "step_00000004").mkdir(parents=True)
     (run_dir / "checkpoints" / "step_00000004" / "trainer_state.json").write_text("{}")
     missing = tmp_path / "no" / "such" / "model"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory\n")
     cases = [
         # (module, args, names the message must hold)
         ("trainer.train", [*DATA, "model.source=foo"], ["model.source=foo", "config, pretrained"]),
@@ -251,6 +253,47 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
             [f"data_files={not_json}", "tokenizer=wordlevel", "output_dir=o", "num_proc=0"],
             ["num_proc=0"],
         ),
+        # No output overwrites its input, and an output that cannot be written is refused before any work.
+        (
+            "trainer.quantize",
+            [f"model_path={hf}", "scheme=int8_dynamic", f"output_dir={hf}", "device=cpu"],
+            [f"output_dir={hf} holds the input"],
+        ),
+        (
+            "trainer.quantize",
+            [f"model_path={hf}", "scheme=int8_dynamic", f"output_dir={tmp_path}", "device=cpu"],
+            [f"output_dir={tmp_path} holds the input ({hf})"],
+        ),
+        ("trainer.evaluate", [f"models=[{hf}]", "device=cpu", f"output={tmp_path}"], [f"output={tmp_path}"]),
+        (
+            "trainer.evaluate",
+            [f"models=[{hf}]", "device=cpu", f"output={missing}/e.json"],
+            [f"output={missing}/e.json", "does not exist"],
+        ),
+        # An output path that is an existing file, in every command that writes one.
+        ("trainer.train", [*DATA, f"hydra.run.dir={a_file}"], [f"hydra.run.dir={a_file}"]),
+        (
+            "trainer.prepare_data",
+            [f"data_files={not_json}", "tokenizer=wordlevel", f"output_dir={a_file}"],
+            [f"output_dir={a_file} is a file"],
+        ),
+        ("trainer.export", [f"model_path={hf}", f"output_dir={a_file}"], [f"output_dir={a_file} is a file"]),
+        (
+            "trainer.quantize",
+            [f"model_path={hf}", "scheme=int8_dynamic", f"output_dir={a_file}", "device=cpu"],
+            [f"output_dir={a_file} is a file"],
+        ),
+        (
+            "trainer.report",
+            [f"input={report_input}", f"output_dir={a_file}"],
+            [f"output_dir={a_file} is a file"],
+        ),
+        ("trainer.pipeline", ["chain=compress", f"run_dir={a_file}"], [f"run_dir={a_file} is a file"]),
+        (
+            "trainer.generate",
+            [f"model={hf}", "chat=false", "prompt=a", f"output={tmp_path}"],
+            [f"output={tmp_path} is a directory"],
+        ),
     ]
     if not torch.cuda.is_available():
         cases.append(
@@ -260,6 +303,9 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
     for (module, args, names), result in zip(cases, results, strict=True):
         print(module, args[-1], error_lines(result["output"]))
         assert_explained(result, *names)
+    assert a_file.read_text() == "not a directory\n" and (hf / "model.safetensors").is_file()
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+    assert not leftovers, leftovers  # no failed command left a temporary directory
 
 
 def test_an_error_one_rank_finds_under_torchrun_is_its_paragraph_once_and_no_rank_prints_a_traceback(

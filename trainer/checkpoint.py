@@ -45,7 +45,7 @@ from transformers import PretrainedConfig
 from trainer.distributed import ParallelEnv, barrier
 from trainer.errors import CheckpointError, ConfigError
 from trainer.shards import load_slices, shard_file, shown, write_shards
-from trainer.utils import fsync_dir, write_atomic, write_json_atomic
+from trainer.utils import fsync_dir, staged, write_atomic, write_json_atomic
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 # What a kill leaves behind: a save's temporary directory, an old checkpoint renamed for deletion.
@@ -423,10 +423,7 @@ def export_hf(
         # Only the HF model's own weights: a distillation wrapper's projections are not part of it.
         own = set(hf_model.state_dict())
         state_dict = {k: v for k, v in state_dict.items() if k in own}
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        hf_model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.rename(tmp, out_dir)
+        with staged(out_dir) as tmp:  # nothing is left of it when writing fails
+            hf_model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
     barrier()

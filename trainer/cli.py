@@ -26,6 +26,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -88,13 +89,26 @@ def _hydra_paragraph(err: Exception) -> str | None:
     return _one_paragraph(f"{err} {detail}" + (f" (key: {key})" if key else ""))
 
 
+def _run_dir_paragraph(err: BaseException) -> str | None:
+    """Hydra making the run directory (hydra.run.dir) where a file is, or under one; None for another error."""
+    if not isinstance(err, (FileExistsError, NotADirectoryError)):
+        return None
+    frames = traceback.extract_tb(err.__traceback__)
+    if not any(f.name == "run_job" and f"hydra{os.sep}core" in f.filename for f in frames):
+        return None
+    return (
+        f"hydra.run.dir={err.filename}: a file is in the way of the run directory ({err.strerror}); give another "
+        "hydra.run.dir, or move the file"
+    )
+
+
 def explain(err: BaseException) -> str | None:
     """The paragraph to print for an error a person can act on; None for one that is a bug."""
     if isinstance(err, TrainerError):
         lines = [line.rstrip() for line in str(err).strip().splitlines()]
         return "\n".join(line for line in lines if line)  # a message's own line breaks stay; no blank lines
     if isinstance(err, Exception) and "hydra" in sys.modules:
-        return _hydra_paragraph(err)
+        return _run_dir_paragraph(err) or _hydra_paragraph(err)
     return None
 
 

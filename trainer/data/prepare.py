@@ -45,7 +45,7 @@ from trainer.data.prepared import (
 )
 from trainer.data.tokenizer import build_bpe_tokenizer, build_wordlevel_tokenizer, load_tokenizer
 from trainer.errors import ConfigError, DataError
-from trainer.utils import write_json_atomic
+from trainer.utils import check_output_dir, write_json_atomic
 
 BUILT = ("bpe", "wordlevel")
 CACHE_SHARD_TOKENS = 1 << 26  # the in-memory presets' cache: a few shards at most
@@ -430,6 +430,7 @@ def _tokenizer(
 def prepare(cfg: Any) -> Path:
     """Write the prepared dataset `cfg.output_dir` (continuing an interrupted run); returns its path."""
     check_settings(cfg)
+    check_output_dir("output_dir", cfg.output_dir)
     out = Path(cfg.output_dir)
     source = Source(cfg)
     chat = cfg.format != "text"
@@ -618,6 +619,30 @@ def write_splits(
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # per process: runs sharing a cache_dir
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_splits_into(
+            tmp, texts, tokenizer, num_proc=num_proc, description=description, train_on=train_on
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted run leaves nothing behind
+        raise
+    if (out / META_FILE).is_file():  # another run sharing the cache finished first: the same bytes
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    shutil.rmtree(out, ignore_errors=True)  # what a killed run left, if anything
+    os.replace(tmp, out)
+    return out
+
+
+def _write_splits_into(
+    tmp: Path,
+    texts: dict[str, Iterable[Any]],
+    tokenizer: Any,
+    *,
+    num_proc: int,
+    description: dict[str, Any],
+    train_on: str | None,
+) -> None:
     tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
     vocab_size, eos = len(tokenizer), tokenizer.eos_token_id
     dtype = token_dtype(vocab_size)
@@ -683,9 +708,3 @@ def write_splits(
         },
     )
     write_json_atomic(tmp / META_FILE, meta)
-    if (out / META_FILE).is_file():  # another run sharing the cache finished first: the same bytes
-        shutil.rmtree(tmp, ignore_errors=True)
-        return out
-    shutil.rmtree(out, ignore_errors=True)  # what a killed run left, if anything
-    os.replace(tmp, out)
-    return out
