@@ -71,11 +71,15 @@ class PreemptionWatch:
         self.signum = self.signum or signum  # nothing else: we may be inside a collective or a kernel launch
 
     def requested(self, device: torch.device) -> int | None:
-        """The signal number if any rank got one (the same answer on every rank), else None."""
-        flag = torch.tensor(self.signum or 0, dtype=torch.long, device=device)
-        if int(all_reduce_sum(flag.clone()).item()) == 0:
-            return None
-        return self.signum or int(SIGNALS[0])  # a rank that got nothing itself follows the others
+        """The signal number if any rank got one, else None; every rank gets the same kind of answer: a
+        scheduler's signal on any rank makes it a preemption (to be requeued), else a Ctrl-C on any rank an
+        interrupt."""
+        preempting = self.signum is not None and self.signum != signal.SIGINT
+        flags = torch.tensor([preempting, self.signum == signal.SIGINT], dtype=torch.long, device=device)
+        num_preempting, num_interrupted = all_reduce_sum(flags).tolist()
+        if num_preempting:
+            return self.signum if preempting else int(SIGNALS[0])  # a rank that got none follows the others
+        return int(signal.SIGINT) if num_interrupted else None
 
     def hand_over(self, signum: int) -> None:
         """Restore the previous handlers, then give the signal to the one that was there, if it was a function.
@@ -84,7 +88,9 @@ class PreemptionWatch:
         """
         previous = self._previous.get(signum)
         self.close()
-        if callable(previous) and previous is not signal.default_int_handler:  # that one would only raise
+        if (
+            callable(previous) and signum != signal.SIGINT
+        ):  # Ctrl-C's (Python's, a notebook's) would only raise
             previous(signum, None)
 
     def close(self) -> None:
