@@ -88,9 +88,8 @@ class PreemptionWatch:
         """
         previous = self._previous.get(signum)
         self.close()
-        if (
-            callable(previous) and signum != signal.SIGINT
-        ):  # Ctrl-C's (Python's, a notebook's) would only raise
+        # Not for a Ctrl-C: the handler before ours (Python's, a notebook's) would only raise KeyboardInterrupt.
+        if callable(previous) and signum != signal.SIGINT:
             previous(signum, None)
 
     def close(self) -> None:
