@@ -257,12 +257,12 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
         (
             "trainer.quantize",
             [f"model_path={hf}", "scheme=int8_dynamic", f"output_dir={hf}", "device=cpu"],
-            [f"output_dir={hf} holds the input"],
+            [f"output_dir={hf} holds the model it reads"],
         ),
         (
             "trainer.quantize",
             [f"model_path={hf}", "scheme=int8_dynamic", f"output_dir={tmp_path}", "device=cpu"],
-            [f"output_dir={tmp_path} holds the input ({hf})"],
+            [f"output_dir={tmp_path} holds the model it reads ({hf})"],
         ),
         ("trainer.evaluate", [f"models=[{hf}]", "device=cpu", f"output={tmp_path}"], [f"output={tmp_path}"]),
         (

@@ -222,7 +222,8 @@ def check_output_dir(key: str, path: str | Path, *, source: str | Path | None = 
         out, src = path.resolve(), Path(source).resolve()
         if out == src or src.is_relative_to(out):
             raise ConfigError(
-                f"{key}={path} holds the input ({source}): writing it would delete the input; give another directory"
+                f"{key}={path} holds the model it reads ({source}): replacing it would delete that model; give "
+                "another directory"
             )
     return path
 
