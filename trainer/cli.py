@@ -93,8 +93,8 @@ def _run_dir_paragraph(err: BaseException) -> str | None:
     """Hydra making the run directory (hydra.run.dir) where a file is, or under one; None for another error."""
     if not isinstance(err, (FileExistsError, NotADirectoryError)):
         return None
-    frames = traceback.extract_tb(err.__traceback__)
-    if not any(f.name == "run_job" and f"hydra{os.sep}core" in f.filename for f in frames):
+    where = [(frame.filename, frame.name) for frame in traceback.extract_tb(err.__traceback__)]
+    if not any(func == "run_job" and f"hydra{os.sep}core" in file for file, func in where):
         return None
     return (
         f"hydra.run.dir={err.filename}: a file is in the way of the run directory ({err.strerror}); give another "
