@@ -10,7 +10,8 @@
 #   --head ADDR[:PORT]   HEAD_ADDR       rendezvous endpoint on node 0 (localhost); HEAD_PORT (29500)
 #   --run-id ID          RUN_ID          the job's id, the same on every node (SLURM_JOB_ID; needed with
 #                                        several nodes); the run directory is outputs/torchrun-ID
-#   --max-restarts K     MAX_RESTARTS    restarts of failed workers, each resuming (resume=auto) (0)
+#   --max-restarts K     MAX_RESTARTS    restarts of failed workers, each resuming: K > 0 adds resume=auto
+#                                        unless a resume=... override is given (0)
 #   PYTHON runs torch.distributed.run (default: the active environment's python, else the checkout's .venv,
 #   else python; the first line of output names it); TORCHRUN_ARGS adds raw torchrun options.
 #
@@ -73,6 +74,14 @@ else
 fi
 is_host=false
 [ "$node_rank" -eq 0 ] && is_host=true
+# A restarted worker must continue from the last checkpoint: without resume, it would refuse the run directory.
+resume=()
+if [ "$max_restarts" -gt 0 ]; then
+  resume=(resume=auto)
+  for arg in ${overrides[@]+"${overrides[@]}"}; do
+    case "$arg" in resume=*) resume=() ;; esac
+  done
+fi
 
 # The workers catch SIGUSR1 (Slurm's warning before the time limit): checkpoint, then exit for a requeue.
 # The agent must not die of it meanwhile; an ignored signal stays ignored across exec.
@@ -89,4 +98,4 @@ exec "$python" -m torch.distributed.run \
   --rdzv-conf "is_host=$is_host" \
   --max-restarts "$max_restarts" \
   ${TORCHRUN_ARGS:-} \
-  -m trainer.train "${overrides[@]}"
+  -m trainer.train ${resume[@]+"${resume[@]}"} ${overrides[@]+"${overrides[@]}"}

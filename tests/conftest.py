@@ -174,6 +174,34 @@ def run_command(
     return proc
 
 
+# Runs `python -m MODULE ARGS` in a session of its own after `HOOK` (Python source) has patched the code to call
+# ctrl_c() at a chosen point: SIGINT to the whole process group, as a terminal sends Ctrl-C.
+CTRL_C_DRIVER = """
+import os, runpy, signal, sys
+def ctrl_c():
+    os.killpg(0, signal.SIGINT)
+module, hook, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+exec(hook)
+sys.argv = [module, *args]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def run_with_ctrl_c(module: str, args: list[str], *, hook: str, timeout: int = 300):
+    """`python -m module args`, interrupted by Ctrl-C where `hook` calls ctrl_c(); the finished process."""
+    import subprocess
+
+    return subprocess.run(
+        [PYTHON, "-c", CTRL_C_DRIVER, module, hook, *args],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
+
+
 def failure_report(proc) -> str:
     """A failed job's output for the assertion: each rank's exit code, the first traceback in the output (with
     several ranks, the first rank to fail is usually the cause: the others then fail in a collective), the end."""
@@ -261,6 +289,13 @@ TEST_TIERS = {
     "test_one_shot_masks_hold_through_fine_tuning_on_two_ranks": {SLOW, MULTIRANK},
     "test_qat_runs_under_single_and_ddp_and_converts_to_the_fake_quantized_function": {SLOW, MULTIRANK},
     "test_two_ddp_ranks_follow_the_single_process_loss": {SLOW, MULTIRANK},
+    "test_an_error_one_rank_finds_under_torchrun_is_its_paragraph_once_and_no_rank_prints_a_traceback": {
+        SLOW,
+        MULTIRANK,
+    },  # two real torchrun jobs
+    # a fresh process, sent Ctrl-C
+    "test_ctrl_c_checkpoints_says_how_to_continue_exits_130_and_resume_matches_the_uninterrupted_run": {SLOW},
+    "test_ctrl_c_stops_prepare_data_with_one_line_and_the_same_command_continues_to_the_same_bytes": {SLOW},
     "test_adapters_on_two_ranks_follow_the_single_process": {SLOW, MULTIRANK},
     "test_adapter_checkpoint_resumes_under_another_strategy_and_world_size": {SLOW, MULTIRANK},
     "test_resume_on_two_ddp_ranks_continues_the_single_process_run": {

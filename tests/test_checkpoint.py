@@ -1,10 +1,12 @@
 """Checkpoints: exact resume, crash-safe saves, the model they describe, and the HF export."""
 
+import errno
 import json
 import re
 import shutil
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from tests.conftest import (
     subprocess_env,
 )
 from trainer.checkpoint import complete_checkpoints, resolve_resume
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, ConfigError
 
 EXACT = [*TINY, "scheduler=constant", "optimizer.weight_decay=0.1", "train.export_hf=false"]
 
@@ -49,6 +51,20 @@ def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path):
 def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
     trainer = make_trainer(tmp_path, *TINY, "resume=auto")
     assert trainer.step == 0 and trainer.resumed_from is None
+
+
+def test_a_run_dir_with_checkpoints_is_refused_untouched_unless_resume_says_continue_or_start_over(tmp_path):
+    args = [*TINY, "train.max_steps=2", "train.export_hf=false"]
+    make_trainer(tmp_path, *args).train()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(
+        ConfigError, match=rf"{re.escape(str(tmp_path))} already holds checkpoints"
+    ) as refused:
+        make_trainer(tmp_path, *args)
+    assert "resume=auto" in str(refused.value) and "resume=none" in str(refused.value)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert make_trainer(tmp_path, *args, "resume=none").step == 0  # starting over, said explicitly
+    assert make_trainer(tmp_path, *args, "resume=auto").step == 2
 
 
 KILL_DURING_SAVE = textwrap.dedent(
@@ -422,3 +438,46 @@ def test_two_zero2_ranks_refuse_a_deeper_checkpoint_naming_only_the_tensors_no_r
     reference = load_file(str(tmp_path / "checkpoints" / "step_00000002" / SHARD))
     deeper = {name.rsplit("@", 1)[0] for name in reference if re.search(r"layers\.[23]\.", name)}
     assert int(found.group(1)) == len(deeper)
+
+
+# ---- a write that fails -------------------------------------------------------------------------------
+
+
+class FullDisk:
+    """A tokenizer or config whose save fails half-way, as on a full disk."""
+
+    def save_pretrained(self, directory) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "half_written.json").write_text("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_an_output_whose_writing_fails_leaves_neither_it_nor_a_temporary_directory(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.checkpoint import export_hf
+    from trainer.data.prepare import write_splits
+    from trainer.distributed import ParallelEnv
+    from trainer.peft.extension import write_adapter
+    from trainer.quant.serialization import save_quantized
+
+    config = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+    )
+    model = LlamaForCausalLM(config)
+    writes = {
+        "quantized": lambda out: save_quantized(out, model, {"scheme": "int8_dynamic"}, FullDisk()),
+        "hf": lambda out: export_hf(
+            out, state_dict=model.state_dict(), hf_model=model, tokenizer=FullDisk(), env=ParallelEnv()
+        ),
+        "adapter": lambda out: write_adapter(out, {}, FullDisk()),
+        "cache": lambda out: write_splits(
+            out, {"train": ["a b"], "eval": ["a"]}, FullDisk(), num_proc=1, description={}
+        ),
+    }
+    for name, write in writes.items():
+        parent = tmp_path / name
+        parent.mkdir()
+        with pytest.raises(OSError, match="No space left"):
+            write(parent / "out")
+        assert list(parent.iterdir()) == [], name

@@ -11,6 +11,7 @@ A crafted local "hub" model whose Python code writes a marker file when imported
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PYTHON, ROOT, TINY_MARKOV, TINY_MODEL, subprocess_env
+from tests.conftest import PYTHON, ROOT, TINY_MARKOV, TINY_MODEL, free_port, subprocess_env
 from trainer.cli import EXIT_USAGE, explain, run
 from trainer.errors import (
     ConfigError,
@@ -227,6 +228,8 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
     (run_dir / "checkpoints" / "step_00000004").mkdir(parents=True)
     (run_dir / "checkpoints" / "step_00000004" / "trainer_state.json").write_text("{}")
     missing = tmp_path / "no" / "such" / "model"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory\n")
     cases = [
         # (module, args, names the message must hold)
         ("trainer.train", [*DATA, "model.source=foo"], ["model.source=foo", "config, pretrained"]),
@@ -248,6 +251,11 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
             "trainer.train",
             [*USER_DATA, f"data.data_files={null_text}"],
             [f"{null_text}, line 4", "null"],
+        ),
+        (
+            "trainer.train",
+            [*DATA, f"hydra.run.dir={run_dir}"],
+            [f"{run_dir} already holds checkpoints", "resume=auto", "resume=none"],
         ),
         ("trainer.export", [str(missing), str(tmp_path / "out")], [str(missing)]),
         ("trainer.export", [str(run_dir), str(tmp_path / "out")], [str(run_dir), "step_00000004"]),
@@ -278,6 +286,47 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
             "trainer.prepare_data",
             [f"data_files={not_json}", "tokenizer=wordlevel", "output_dir=o", "num_proc=0"],
             ["num_proc=0"],
+        ),
+        # No output overwrites its input, and an output that cannot be written is refused before any work.
+        (
+            "trainer.quantize",
+            [f"model_path={hf}", "scheme=int8_dynamic", f"output_dir={hf}", "device=cpu"],
+            [f"output_dir={hf} holds the model it reads"],
+        ),
+        (
+            "trainer.quantize",
+            [f"model_path={hf}", "scheme=int8_dynamic", f"output_dir={tmp_path}", "device=cpu"],
+            [f"output_dir={tmp_path} holds the model it reads ({hf})"],
+        ),
+        ("trainer.evaluate", [f"models=[{hf}]", "device=cpu", f"output={tmp_path}"], [f"output={tmp_path}"]),
+        (
+            "trainer.evaluate",
+            [f"models=[{hf}]", "device=cpu", f"output={missing}/e.json"],
+            [f"output={missing}/e.json", "does not exist"],
+        ),
+        # An output path that is an existing file, in every command that writes one.
+        ("trainer.train", [*DATA, f"hydra.run.dir={a_file}"], [f"hydra.run.dir={a_file}"]),
+        (
+            "trainer.prepare_data",
+            [f"data_files={not_json}", "tokenizer=wordlevel", f"output_dir={a_file}"],
+            [f"output_dir={a_file} is a file"],
+        ),
+        ("trainer.export", [f"model_path={hf}", f"output_dir={a_file}"], [f"output_dir={a_file} is a file"]),
+        (
+            "trainer.quantize",
+            [f"model_path={hf}", "scheme=int8_dynamic", f"output_dir={a_file}", "device=cpu"],
+            [f"output_dir={a_file} is a file"],
+        ),
+        (
+            "trainer.report",
+            [f"input={report_input}", f"output_dir={a_file}"],
+            [f"output_dir={a_file} is a file"],
+        ),
+        ("trainer.pipeline", ["chain=compress", f"run_dir={a_file}"], [f"run_dir={a_file} is a file"]),
+        (
+            "trainer.generate",
+            [f"model={hf}", "chat=false", "prompt=a", f"output={tmp_path}"],
+            [f"output={tmp_path} is a directory"],
         ),
     ]
     # Issue 31's second round: the inputs that still ended in a traceback.
@@ -348,6 +397,66 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
     for (module, args, names), result in zip(cases, results, strict=True):
         print(module, args[-1], error_lines(result["output"]))
         assert_explained(result, *names)
+    assert a_file.read_text() == "not a directory\n" and (hf / "model.safetensors").is_file()
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+    assert not leftovers, leftovers  # no failed command left a temporary directory
+
+
+def test_an_error_one_rank_finds_under_torchrun_is_its_paragraph_once_and_no_rank_prints_a_traceback(
+    tmp_path,
+):
+    """Two real 2-rank torchrun jobs at once. A data error: rank 0 reads the data while rank 1 waits at a barrier,
+    which fails when rank 0 exits. A config error every rank finds (after the process group is up)."""
+    not_json = bad_jsonl(tmp_path / "not_json.jsonl", [*GOOD[:5], b'{"text": "cut', *GOOD[5:]])
+    ddp = ["strategy=ddp", "train.micro_batch_size=8", "scheduler.warmup_steps=0"]
+    cases = {
+        "data": ([*USER_DATA, *ddp, f"data.data_files={not_json}"], f"{not_json}, line 6"),
+        "config": (
+            [*DATA, *ddp, "model.arch.max_position_embeddings=8"],
+            "data.seq_len=16 exceeds the model's maximum of 8 positions",
+        ),
+    }
+    jobs = {}
+    for name, (args, _) in cases.items():
+        run_dir, logs = tmp_path / name, tmp_path / f"{name}_logs"
+        cmd = [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+        ]
+        # --redirects: each rank's output in a file of its own under --log-dir, the agent's on the console
+        cmd += ["--log-dir", str(logs), "--redirects", "3", "-m", "trainer.train", *args]
+        env = subprocess_env() | {"HF_HUB_OFFLINE": "1"}
+        env.pop("TRAINER_TRACEBACK", None)
+        jobs[name] = subprocess.Popen(
+            [*cmd, f"hydra.run.dir={run_dir}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    for name, (_, message) in cases.items():
+        agent = jobs[name].communicate(timeout=300)[0]
+        assert jobs[name].returncode != 0, agent[-3000:]
+        ranks = {
+            int(f.parent.name): f.read_text() + f.with_name("stdout.log").read_text()
+            for f in (tmp_path / f"{name}_logs").rglob("stderr.log")
+        }
+        assert sorted(ranks) == [0, 1], agent[-3000:]
+        for rank, output in ranks.items():
+            assert not any(line.startswith("Traceback") for line in output.splitlines()), (name, rank, output)
+        errors = [
+            line for output in ranks.values() for line in output.splitlines() if line.startswith("error")
+        ]
+        assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], (name, errors)
+        assert errors[0] in ranks[0]
+        # torchrun's own report: rank 0 exited 2, and rank 1 was ended with it
+        assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 2 ", agent), agent[-3000:]
 
 
 def test_trainer_traceback_shows_the_traceback(tmp_path):

@@ -19,6 +19,7 @@ from tests.conftest import (
     make_trainer,
     read_metrics,
     run_command,
+    run_with_ctrl_c,
     train_losses,
 )
 from trainer.config import validate_config
@@ -220,6 +221,38 @@ def test_a_prepare_killed_mid_way_continues_where_it_stopped_to_the_same_bytes(
     run_prepare(root / "*.jsonl", tmp_path / "ds")
     assert 0 < len(encoded) <= 400 - done  # the documents of the shards written were not tokenized again
     assert directory_bytes(tmp_path / "ds") == directory_bytes(prepared)
+
+
+CTRL_C_AFTER_SHARD_5 = """
+import trainer.data.prepare as prepare
+class ShardWriterThenCtrlC(prepare.ShardWriter):
+    def close(self):
+        record = super().close()
+        if self.name == "shard_00005":
+            ctrl_c()
+        return record
+prepare.ShardWriter = ShardWriterThenCtrlC
+"""
+
+
+def test_ctrl_c_stops_prepare_data_with_one_line_and_the_same_command_continues_to_the_same_bytes(
+    corpus, prepared, tmp_path
+):
+    root, _ = corpus
+    out = tmp_path / "ds"
+    args = [f"data_files={root / '*.jsonl'}", f"output_dir={out}", "tokenizer=wordlevel", "eval_fraction=0.1"]
+    args += ["shard_tokens=500", "progress_bar=false", "num_proc=2"]  # worker processes get the Ctrl-C too
+    proc = run_with_ctrl_c("trainer.prepare_data", args, hook=CTRL_C_AFTER_SHARD_5)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    assert output.strip().splitlines() == [
+        f"interrupted (Ctrl-C): {out} keeps the shards written so far; run the same command again and it "
+        "continues where it stopped"
+    ]
+    assert (out / PROGRESS_FILE).is_file() and not (out / META_FILE).exists()
+    run_prepare(root / "*.jsonl", out, "num_proc=2")
+    assert directory_bytes(out) == directory_bytes(prepared)
 
 
 def test_parquet_text_files_and_a_streamed_dataset_directory_give_the_tokens_of_jsonl(tmp_path):

@@ -28,6 +28,7 @@ from tests.conftest import (
     free_port,
     make_trainer,
     read_metrics,
+    run_with_ctrl_c,
     subprocess_env,
     train_losses,
 )
@@ -309,6 +310,60 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resume_matches_the_uninter
     want, got = train_losses(tmp_path / "straight"), train_losses(run_dir)
     assert sorted(got) == list(range(1, 7))
     assert all(got[s] == pytest.approx(want[s], rel=1e-6) for s in want)
+
+
+CTRL_C_AFTER_STEP_3 = """
+import trainer.loop
+step = trainer.loop.Trainer.train_step
+def step_then_ctrl_c(self):
+    out = step(self)
+    if self.step == 3:
+        ctrl_c()
+    return out
+trainer.loop.Trainer.train_step = step_then_ctrl_c
+"""
+
+
+def test_ctrl_c_checkpoints_says_how_to_continue_exits_130_and_resume_matches_the_uninterrupted_run(tmp_path):
+    common = [*TINY, "train.log_every=1", "train.export_hf=false", "train.progress_bar=false"]
+    make_trainer(tmp_path / "straight", *common).train()
+    run_dir = tmp_path / "run"
+    proc = run_with_ctrl_c("trainer.train", [*common, f"hydra.run.dir={run_dir}"], hook=CTRL_C_AFTER_STEP_3)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 130, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    [line] = [line for line in output.splitlines() if line.startswith("interrupted")]
+    assert "at step 3" in line and "resume=auto" in line and str(run_dir) in line, line
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert not (run_dir / MARKER).exists()  # a person stopped it: nothing asks a scheduler to requeue it
+    assert max(train_losses(run_dir)) == 3
+
+    make_trainer(run_dir, *common, "resume=auto").train()
+    want, got = train_losses(tmp_path / "straight"), train_losses(run_dir)
+    assert sorted(got) == list(range(1, 7))
+    assert all(got[s] == pytest.approx(want[s], rel=1e-5) for s in want)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch):
+    import trainer.preemption
+
+    monkeypatch.setattr(trainer.preemption, "SECOND_INTERRUPT_AFTER_S", 0.0)
+    trainer = make_trainer(tmp_path, *TINY, "train.export_hf=false")
+    train_step = trainer.train_step
+
+    def step_then_two_ctrl_c():
+        out = train_step()
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    trainer.train_step = step_then_two_ctrl_c
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert trainer.step == 2 and not (tmp_path / "checkpoints" / "latest").exists()
 
 
 def test_a_handler_installed_before_the_trainer_runs_after_the_checkpoint(tmp_path):

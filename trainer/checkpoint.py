@@ -46,9 +46,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from trainer.distributed import ParallelEnv, barrier
-from trainer.errors import CheckpointError, InputNotFoundError
+from trainer.errors import CheckpointError, ConfigError, InputNotFoundError
 from trainer.shards import load_slices, shard_file, shown, write_shards
-from trainer.utils import fsync_dir, write_atomic, write_json_atomic
+from trainer.utils import fsync_dir, staged, write_atomic, write_json_atomic
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 # What a kill leaves behind: a save's temporary directory, an old checkpoint renamed for deletion.
@@ -379,14 +379,26 @@ def _newest_first(root: Path) -> list[Path]:
     return done
 
 
-def resolve_resume(resume: str, root: Path) -> Path | None:
+def resolve_resume(resume: str | None, root: Path) -> Path | None:
     """The checkpoint to resume from, verified: None for a fresh start, a directory otherwise.
 
-    resume=auto takes the newest intact checkpoint, saying which file of each newer one failed and why;
-    resume=PATH to a damaged checkpoint raises CheckpointError naming the file. Every rank calls this (the
-    checksumming is split over them) and gets the same answer.
+    resume=null (not given) starts fresh, and refuses a run directory whose `root` holds checkpoints: training
+    from step 0 would overwrite them. resume=none starts fresh anyway, said explicitly. resume=auto takes the
+    newest intact checkpoint, saying which file of each newer one failed and why; resume=PATH to a damaged
+    checkpoint raises CheckpointError naming the file. Every rank calls this (the checksumming is split over
+    them) and gets the same answer.
     """
-    if resume in ("none", "", None):
+    if resume is None:
+        found = complete_checkpoints(root)
+        if found:
+            raise ConfigError(
+                f"{root.parent} already holds checkpoints ({len(found)}, the newest {found[-1].name}) and resume is "
+                "not set: training from step 0 would overwrite them. Continue that run with resume=auto, start "
+                "over with resume=none (steps saved again overwrite the old ones), or give another run directory "
+                "(hydra.run.dir=DIR)"
+            )
+        return None
+    if resume in ("none", ""):
         return None
     if resume == "auto":
         skipped = []
@@ -478,10 +490,7 @@ def export_hf(
         # Only the HF model's own weights: a distillation wrapper's projections are not part of it.
         own = set(hf_model.state_dict())
         state_dict = {k: v for k, v in state_dict.items() if k in own}
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        hf_model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.rename(tmp, out_dir)
+        with staged(out_dir) as tmp:  # nothing is left of it when writing fails
+            hf_model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
     barrier()

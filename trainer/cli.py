@@ -7,28 +7,44 @@ that does not exist, an unknown key, an override it cannot parse) print `error: 
 the key or file and the fix, with no traceback, and the process exits with status 2. Anything else is a bug
 and keeps its traceback (status 1). `TRAINER_TRACEBACK=1` shows the traceback of every error.
 
+Ctrl-C prints one line (an `Interrupted`'s message: what was kept and how to continue), no traceback, and exits
+130 as a shell reports a command it stopped.
+
 Under torchrun every rank exits 2 and the message is printed once: rank 0 prints at once, the other ranks hold
 their exit for a grace period first. A launcher ends every rank when one fails, so a rank that exited first would
 otherwise get rank 0 killed before it printed; when rank 0 exits, the launcher ends the waiting ranks. A rank still
-alive after the grace (an error rank 0 does not share) prints the message itself, naming its rank.
+alive after the grace (an error rank 0 does not share) prints the message itself, naming its rank. A rank whose
+collective fails because another rank's process is gone (gloo's "Connection closed by peer") did not find the
+error: it prints no traceback over the message of the rank that did, but waits for the launcher to end it, and
+after the grace says in one line that it lost a rank.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 from trainer.errors import TrainerError
 
 EXIT_USAGE = 2  # the status of an error the message explains (argparse's too)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command that Ctrl-C stopped
 OTHER_RANKS_GRACE_S = (
     3.0  # how long ranks other than 0 wait for rank 0 to say it (torchrun checks every 0.1 s)
 )
 TRACEBACK_VAR = "TRAINER_TRACEBACK"  # set to 1: every error with its traceback, as Python prints it
+
+# What a collective raises on a rank when another rank's process has exited (gloo, NCCL, the TCP store).
+_LOST_PEER = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|failed to recv|remote process exited"
+    r"|NCCL communicator was aborted",
+    re.IGNORECASE,
+)
 
 # OmegaConf's refusal of a value outside a closed choice (an Enum field).
 _ENUM_VALUE = re.compile(r"Invalid value '(?P<value>[^']*)', expected one of \[(?P<allowed>[^\]]*)\]")
@@ -136,13 +152,26 @@ def _hydra_paragraph(err: Exception) -> str | None:
     return _one_paragraph(f"{err} {detail}" + (f" (key: {key})" if key else ""))
 
 
+def _run_dir_paragraph(err: BaseException) -> str | None:
+    """Hydra making the run directory (hydra.run.dir) where a file is, or under one; None for another error."""
+    if not isinstance(err, (FileExistsError, NotADirectoryError)):
+        return None
+    where = [(frame.filename, frame.name) for frame in traceback.extract_tb(err.__traceback__)]
+    if not any(func == "run_job" and f"hydra{os.sep}core" in file for file, func in where):
+        return None
+    return (
+        f"hydra.run.dir={err.filename}: a file is in the way of the run directory ({err.strerror}); give another "
+        "hydra.run.dir, or move the file"
+    )
+
+
 def explain(err: BaseException) -> str | None:
     """The paragraph to print for an error a person can act on; None for one that is a bug."""
     if isinstance(err, TrainerError):
         lines = [line.rstrip() for line in str(err).strip().splitlines()]
         return "\n".join(line for line in lines if line)  # a message's own line breaks stay; no blank lines
     if isinstance(err, Exception) and "hydra" in sys.modules:
-        return _hydra_paragraph(err)
+        return _run_dir_paragraph(err) or _hydra_paragraph(err)
     return None
 
 
@@ -151,6 +180,18 @@ def _rank() -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0
+
+
+def _world_size() -> int:
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether `err` is a collective failing because another rank of this job is gone."""
+    return _world_size() > 1 and isinstance(err, RuntimeError) and bool(_LOST_PEER.search(str(err)))
 
 
 def run(main: Callable[[], Any]) -> Any:
@@ -163,10 +204,32 @@ def run(main: Callable[[], Any]) -> Any:
     hide_schemas_from_help()
     try:
         return main()
-    except Exception as err:
-        if report_error(err) is None:
+    except KeyboardInterrupt as err:
+        if os.environ.get(TRACEBACK_VAR, "") not in ("", "0"):
             raise
-        sys.exit(EXIT_USAGE)
+        if _rank() == 0:  # every rank got the Ctrl-C: one of them says it
+            sys.stdout.flush()
+            print(str(err) or "interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as err:
+        code = report_error(err)
+        if code is None:
+            code = report_lost_peer(err)
+        if code is None:
+            raise
+        _exit(code)
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`; a rank of a multi-rank job skips the interpreter's teardown, which takes seconds for a
+    process holding torch on a busy machine: the launcher ends the other ranks only once this one is gone (and a
+    rank that lost this one prints, after the grace, what the launcher would have spared us)."""
+    if _world_size() <= 1:
+        sys.exit(code)
+    logging.shutdown()  # the job log's last lines
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def report_error(err: BaseException) -> int | None:
@@ -182,5 +245,20 @@ def report_error(err: BaseException) -> int | None:
     sys.stdout.flush()
     print(
         f"error: {message}" if rank == 0 else f"error (rank {rank}): {message}", file=sys.stderr, flush=True
+    )
+    return EXIT_USAGE
+
+
+def report_lost_peer(err: BaseException) -> int | None:
+    """A rank that lost another rank: wait for the launcher to end it (the rank that failed says why), then say
+    so in one line and return EXIT_USAGE; None for any other error, or when TRAINER_TRACEBACK asks for it."""
+    if not lost_peer(err) or os.environ.get(TRACEBACK_VAR, "") not in ("", "0"):
+        return None
+    time.sleep(OTHER_RANKS_GRACE_S)
+    detail = _one_paragraph(str(err).split(". ")[0])
+    print(
+        f"error (rank {_rank()}): another rank of the job stopped ({detail}); its own message says why",
+        file=sys.stderr,
+        flush=True,
     )
     return EXIT_USAGE

@@ -165,8 +165,9 @@ class Config:
     prune: PruneConfig = MISSING
     distill: DistillConfig = MISSING
     peft: PeftConfig = MISSING
-    # `none`, `auto` (latest checkpoint of the run directory, if any) or a checkpoint directory.
-    resume: str = MISSING
+    # null (not given: start fresh, refusing a run directory that holds checkpoints), `none` (start fresh
+    # anyway), `auto` (latest checkpoint of the run directory, if any) or a checkpoint directory.
+    resume: str | None = MISSING
 
 
 def register_configs() -> None:

@@ -61,3 +61,8 @@ class TrainerWarning(UserWarning):
     """A warning of ours: the message names what is odd and the fix, so it prints as `warning: MESSAGE` alone,
     without the file, line and source line Python adds (trainer/quiet.py); filters still match it as a
     UserWarning."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line a command has to say about it: what was kept and how to continue. The command
+    prints it alone, with no traceback, and exits 130 (trainer/cli.py)."""

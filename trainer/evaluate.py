@@ -60,6 +60,7 @@ from trainer.quant.serialization import (
 )
 from trainer.quant.smooth import Int8DynamicLinear
 from trainer.utils import (
+    check_output_file,
     dtype_name,
     register_package_resolver,
     require,
@@ -234,6 +235,7 @@ def model_name(path: str) -> str:
 
 
 def check_evaluate_config(cfg: Any) -> torch.device:
+    check_output_file("output", cfg.output)  # before any model is measured: the results must have a place
     if not cfg.models:
         raise ConfigError("models=[] is empty: give one or more model paths, e.g. 'models=[outputs/run/hf]'")
     if cfg.names is not None:

@@ -39,7 +39,7 @@ from trainer.checkpoint_model import ModelDescription, describe_checkpoint, load
 from trainer.cli import run
 from trainer.errors import CheckpointError, ConfigError, InputNotFoundError
 from trainer.export_config import validate_export
-from trainer.utils import loading_from, staged
+from trainer.utils import check_output_dir, loading_from, staged
 
 __all__ = [  # the checkpoint functions this module has always offered (now in trainer/checkpoint_model.py)
     "EXPORTERS",
@@ -111,7 +111,7 @@ def export(cfg: Any) -> Path:
     validate_export(cfg)
     source = resolve_model_path(Path(cfg.model_path))
     output = Path(cfg.output_dir)
-    check_output_dir(output, source=source, overwrite=cfg.overwrite)
+    check_export_dir(output, source=source, overwrite=cfg.overwrite)
     start, named = time.perf_counter(), source
     with contextlib.ExitStack() as stack:
         if is_adapter_checkpoint(source):  # the merged model is what the formats take
@@ -165,17 +165,14 @@ def resolve_model_path(path: Path) -> Path:
     )
 
 
-def check_output_dir(output: Path, *, source: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"output_dir={output} is a file; give a directory")
+def check_export_dir(output: Path, *, source: Path, overwrite: bool) -> None:
+    """Not a file, not the model exported nor a directory holding it, and empty unless overwrite."""
+    check_output_dir("output_dir", output, source=source)
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ConfigError(
             f"output_dir={output} exists and is not empty; give another directory, or overwrite=true to "
             "replace it"
         )
-    out, src = output.resolve(), source.resolve()
-    if out == src or src.is_relative_to(out):
-        raise ConfigError(f"output_dir={output} holds the model exported ({source}); give another directory")
 
 
 def load_model(source: Path, *, trust_remote_code: bool, runnable: bool) -> tuple[Any, Any]:

@@ -45,7 +45,13 @@ from trainer.quant.serialization import (
     load_tokenizer_of,
     read_manifest,
 )
-from trainer.utils import register_package_resolver, require, resolve_device, resolve_dtype
+from trainer.utils import (
+    check_output_file,
+    register_package_resolver,
+    require,
+    resolve_device,
+    resolve_dtype,
+)
 
 # A directory of its own: in conf/, `model=PATH` would be taken for an option of the training config's model group.
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf" / "generate")
@@ -88,6 +94,8 @@ def check_generate_config(cfg: Any) -> torch.device:
         )
     if cfg.max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens}: must be >= 1")
+    if cfg.output is not None:
+        check_output_file("output", cfg.output)
     if cfg.do_sample:
         if cfg.temperature <= 0:
             raise ConfigError(

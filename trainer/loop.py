@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import json
 import math
+import signal
 import sys
 import time
 import warnings
@@ -89,7 +90,8 @@ class Trainer:
         """Set-up, in this order and for these reasons:
 
         1. Validate the config and build the strategy: a bad value or rank count fails before any work.
-        2. The process group, the run directory and the experiment log (a missing wandb fails here).
+        2. The process group, the checkpoint to resume from (a run directory that holds checkpoints, with no
+           `resume` given, is refused here), the run directory and the experiment log (a missing wandb fails here).
         3. The data: the tokenizer fixes the vocabulary the model is built for.
         4. The extensions: distillation loads its teacher now, since the student may be cut from it.
         5. The model (an extension may build it), then every extension's `before_wrap` (QAT, pruning) on the
@@ -108,14 +110,16 @@ class Trainer:
             device=self.device,
             one_rank_group=not self.strategy.one_process,
         )
+        self.ckpt_root = self.run_dir / "checkpoints"
+        # Before anything is written to the run directory: one that holds checkpoints is refused unless resume
+        # says whether to continue them or start over.
+        resume = ckpt.resolve_resume(cfg.resume, self.ckpt_root)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             clear_marker(self.run_dir)
         barrier()
         # Before data and model: a missing wandb/tensorboard fails early. Rank 0 only writes.
         self.log = ExperimentLog(cfg, run_dir=self.run_dir, enabled=env.is_main)
-        self.ckpt_root = self.run_dir / "checkpoints"
-        resume = ckpt.resolve_resume(cfg.resume, self.ckpt_root)
         if resume is not None:
             self._check_same_seq_len(resume)  # before the data is tokenized and packed again
 
@@ -407,50 +411,49 @@ class Trainer:
         self._run_start = (run_start, start_step)  # for the ETA
         last: dict[str, Any] = {}
         evaluation: dict[str, float] = {}
-        preemption = PreemptionWatch()  # SIGUSR1/SIGTERM: checkpoint at the next step boundary, then exit
         saved_step = -1
         self.num_nonfinite_steps = 0  # this run's, a resume starts afresh
         self._continue_after_resume()
-        profiler = StepProfiler(
-            self.cfg.profile, out_dir=self.run_dir / "profile", rank=self.env.rank, device=self.device
-        )
-        try:
-            while self.step < t.max_steps:
-                profiler.before_step(self.step + 1)
-                stats = self.train_step()
-                if self.step == start_step + 1:
-                    self._warn_if_mostly_padding(stats)
-                if (profiled := profiler.after_step(self.step)) is not None and self.env.is_main:
-                    bar.write(describe(profiled, profiler.out_dir))
-                bar.update(1)
-                at_end = self.step == t.max_steps
-                if self.step % t.log_every == 0 or at_end or self.step_nonfinite:
-                    last = self._log_step(stats, bar)  # a non-finite step is always on record
-                if self.step_nonfinite:
-                    self._count_nonfinite_step(stats, bar)
-                if (t.eval_every and self.step % t.eval_every == 0) or at_end:
-                    evaluation = self.evaluate()
-                    self.log.write({"step": self.step, **evaluation})
-                    if self.env.is_main and not at_end:  # the summary reports the last one
-                        bar.write(self._format_eval(evaluation))
-                if (c.every_steps and self.step % c.every_steps == 0) or (at_end and c.at_end):
-                    self.save()
-                    saved_step = self.step
-                if (signum := preemption.requested(self.device)) is not None and not at_end:
-                    self._stop_for_preemption(
-                        signum, saved=saved_step == self.step, bar=bar, watch=preemption
-                    )
-        except DivergenceError:
-            profiler.close()
-            bar.close()
-            preemption.close()
-            self.prefetcher.close()
-            self.log.close(exit_code=1)
-            raise
-        profiler.close()
-        preemption.close()
-        self.prefetcher.close()
-        bar.close()
+        # Every way out of the loop (the end, an error, a preemption, a second Ctrl-C) closes these once, in
+        # reverse order: after an error no handler of ours is left to keep the launcher's SIGTERM from ending it.
+        with contextlib.ExitStack() as stack:
+            stack.callback(bar.close)
+            stack.callback(self.prefetcher.close)
+            # SIGUSR1/SIGTERM/Ctrl-C: checkpoint at the next step boundary, then exit
+            preemption = stack.enter_context(contextlib.closing(PreemptionWatch()))
+            profiler = StepProfiler(
+                self.cfg.profile, out_dir=self.run_dir / "profile", rank=self.env.rank, device=self.device
+            )
+            stack.callback(profiler.close)
+            try:
+                while self.step < t.max_steps:
+                    profiler.before_step(self.step + 1)
+                    stats = self.train_step()
+                    if self.step == start_step + 1:
+                        self._warn_if_mostly_padding(stats)
+                    if (profiled := profiler.after_step(self.step)) is not None and self.env.is_main:
+                        bar.write(describe(profiled, profiler.out_dir))
+                    bar.update(1)
+                    at_end = self.step == t.max_steps
+                    if self.step % t.log_every == 0 or at_end or self.step_nonfinite:
+                        last = self._log_step(stats, bar)  # a non-finite step is always on record
+                    if self.step_nonfinite:
+                        self._count_nonfinite_step(stats, bar)
+                    if (t.eval_every and self.step % t.eval_every == 0) or at_end:
+                        evaluation = self.evaluate()
+                        self.log.write({"step": self.step, **evaluation})
+                        if self.env.is_main and not at_end:  # the summary reports the last one
+                            bar.write(self._format_eval(evaluation))
+                    if (c.every_steps and self.step % c.every_steps == 0) or (at_end and c.at_end):
+                        self.save()
+                        saved_step = self.step
+                    if (signum := preemption.requested(self.device)) is not None and not at_end:
+                        self._stop_for_preemption(
+                            signum, saved=saved_step == self.step, bar=bar, watch=preemption
+                        )
+            except BaseException:
+                self.log.close(exit_code=1)
+                raise
         if not evaluation:  # nothing trained this run (max_steps=0, or already complete): where it stands
             evaluation = self.evaluate()
             self.log.write({"step": self.step, **evaluation})
@@ -633,13 +636,21 @@ class Trainer:
         return summary
 
     def _stop_for_preemption(self, signum: int, *, saved: bool, bar: tqdm, watch: PreemptionWatch) -> None:
-        """Checkpoint (unless this step just did), leave the marker for the batch script, and raise Preempted."""
+        """Checkpoint (unless this step just did), leave the marker for the batch script (not after a Ctrl-C: a
+        person stopped the run, no scheduler should start it again), and raise Preempted."""
         path = (self.ckpt_root / (self.ckpt_root / "latest").read_text().strip()) if saved else self.save()
         bar.close()
         error = Preempted(step=self.step, signum=signum)
         if self.env.is_main:
-            write_marker(self.run_dir, step=self.step, signum=signum, checkpoint=path)
-            print(f"{error}: {path}; resume=auto in {self.run_dir} continues from it", flush=True)
+            if signum == signal.SIGINT:
+                print(
+                    f"interrupted (Ctrl-C) at step {self.step}: checkpoint written to {path}; the same command "
+                    f"with resume=auto (run dir {self.run_dir}) continues from it",
+                    flush=True,
+                )
+            else:
+                write_marker(self.run_dir, step=self.step, signum=signum, checkpoint=path)
+                print(f"{error}: {path}; resume=auto in {self.run_dir} continues from it", flush=True)
         self.log.close(exit_code=1)
         watch.hand_over(signum)  # a handler that was there before ours (submitit's requeue) runs now
         raise error

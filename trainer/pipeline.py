@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 from trainer.cli import EXIT_USAGE, report_error
 from trainer.errors import ConfigError
 from trainer.pipeline_config import register_pipeline_configs
-from trainer.utils import register_package_resolver, write_json_atomic
+from trainer.utils import check_output_dir, register_package_resolver, write_json_atomic
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 MARKER = "stage.json"
@@ -62,6 +62,7 @@ def check_pipeline_config(cfg: Any) -> None:
     """The values types cannot check (the launcher and each stage's module are closed choices: Hydra has)."""
     if cfg.nproc_per_node < 1:
         raise ConfigError(f"nproc_per_node={cfg.nproc_per_node}: must be >= 1")
+    check_output_dir("run_dir", cfg.run_dir)
     stages = cfg.chain.stages
     if not stages:
         raise ConfigError(f"chain={cfg.chain.name} has no stages")

@@ -1,8 +1,10 @@
-"""Preemption: SIGUSR1 or SIGTERM asks the run to checkpoint at the next step boundary and exit for a requeue.
+"""Preemption: SIGUSR1 or SIGTERM asks the run to checkpoint at the next step boundary and exit for a requeue;
+Ctrl-C (SIGINT) does the same and exits 130, without asking for a requeue.
 
 Slurm sends the warning signal (`--signal=USR1@SECONDS`) to every process of the job, some clusters send only
-SIGTERM, and submitit's jobs (hydra/launcher=slurm) get SIGUSR2. The handler only sets a flag: the loop checks it between optimizer steps, and all ranks agree through
-one all-reduce, so no rank leaves a collective that the others are still in.
+SIGTERM, and submitit's jobs (hydra/launcher=slurm) get SIGUSR2. The handler only sets a flag: the loop checks
+it between optimizer steps, and all ranks agree through one all-reduce, so no rank leaves a collective that the
+others are still in. A second Ctrl-C stops at once (KeyboardInterrupt), as a person pressing it again means.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +22,9 @@ import torch
 from trainer.distributed import all_reduce_sum
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# A terminal sends Ctrl-C to the whole foreground process group, and torchrun's agent, which got it too, sends
+# it on to its workers: a SIGINT this soon after the first is that copy, not a person's second Ctrl-C.
+SECOND_INTERRUPT_AFTER_S = 1.0
 # EX_TEMPFAIL from sysexits.h: "a temporary failure, try again later".
 EXIT_PREEMPTED = 75
 # Rank 0 writes it after the preemption checkpoint; launch/slurm/train.sbatch requeues the job when it exists.
@@ -47,20 +53,33 @@ class PreemptionWatch:
 
     def __init__(self, *, signals: tuple[signal.Signals, ...] | None = None) -> None:
         self.signum: int | None = None
+        self._interrupted_at: float | None = None  # when the first Ctrl-C came
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-            for s in signals or watched_signals():
+            for s in signals or (*watched_signals(), signal.SIGINT):
                 self._previous[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.signum = signum  # nothing else: we may be inside a collective or a kernel launch
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._interrupted_at is None:
+                self._interrupted_at = now
+            elif now - self._interrupted_at >= SECOND_INTERRUPT_AFTER_S:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop at once, as Python's own handler does
+            else:
+                return  # the launcher's copy of the first one
+        self.signum = self.signum or signum  # nothing else: we may be inside a collective or a kernel launch
 
     def requested(self, device: torch.device) -> int | None:
-        """The signal number if any rank got one (the same answer on every rank), else None."""
-        flag = torch.tensor(self.signum or 0, dtype=torch.long, device=device)
-        if int(all_reduce_sum(flag.clone()).item()) == 0:
-            return None
-        return self.signum or int(SIGNALS[0])  # a rank that got nothing itself follows the others
+        """The signal number if any rank got one, else None; every rank gets the same kind of answer: a
+        scheduler's signal on any rank makes it a preemption (to be requeued), else a Ctrl-C on any rank an
+        interrupt."""
+        preempting = self.signum is not None and self.signum != signal.SIGINT
+        flags = torch.tensor([preempting, self.signum == signal.SIGINT], dtype=torch.long, device=device)
+        num_preempting, num_interrupted = all_reduce_sum(flags).tolist()
+        if num_preempting:
+            return self.signum if preempting else int(SIGNALS[0])  # a rank that got none follows the others
+        return int(signal.SIGINT) if num_interrupted else None
 
     def hand_over(self, signum: int) -> None:
         """Restore the previous handlers, then give the signal to the one that was there, if it was a function.
@@ -69,7 +88,8 @@ class PreemptionWatch:
         """
         previous = self._previous.get(signum)
         self.close()
-        if callable(previous):
+        # Not for a Ctrl-C: the handler before ours (Python's, a notebook's) would only raise KeyboardInterrupt.
+        if callable(previous) and signum != signal.SIGINT:
             previous(signum, None)
 
     def close(self) -> None:

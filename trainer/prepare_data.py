@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from trainer.cli import run
 from trainer.data.prepare import prepare
+from trainer.errors import Interrupted
 from trainer.prepare_data_config import register_prepare_data_configs
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -21,7 +22,13 @@ register_prepare_data_configs()
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="prepare_data")
 def main(cfg: DictConfig) -> None:
-    prepare(cfg)
+    try:
+        prepare(cfg)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted (Ctrl-C): {cfg.output_dir} keeps the shards written so far; run the same command again "
+            "and it continues where it stopped"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from trainer.errors import InputNotFoundError
 from trainer.quant.config import register_quantize_configs, validate_quantize
 from trainer.quant.ptq import check_scheme, default_keep_float, quantize_model, scheme_dtype
 from trainer.quant.serialization import float_source, load_float, save_quantized, weights_size
-from trainer.utils import register_package_resolver, resolve_device
+from trainer.utils import check_output_dir, register_package_resolver, resolve_device
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_quantize_configs()  # its own schemas only: quantizing imports nothing of training's
@@ -39,6 +39,8 @@ def check_quantize_config(cfg: Any) -> torch.device:
             f"model_path={cfg.model_path}: no such file or directory; give a run's hf/ export, one of its "
             "checkpoints/step_XXXXXXXX directories or a .gguf file"
         )
+    # output_dir is replaced when it exists: never the model read, nor a directory holding it
+    check_output_dir("output_dir", cfg.output_dir, source=cfg.model_path)
     return device
 
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.cli import run
 from trainer.errors import ConfigError, CorruptFileError, InputNotFoundError
 from trainer.report_config import Chart, TargetConfig, register_report_configs
-from trainer.utils import register_package_resolver, require
+from trainer.utils import check_output_dir, register_package_resolver, require
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_report_configs()
@@ -411,6 +411,7 @@ def write_report(
 ) -> Report:
     if chart not in CHARTS:
         raise ConfigError(f"chart={chart}: choose one of {', '.join(CHARTS)}")
+    check_output_dir("output_dir", output_dir)
     entries = load_entries(input_path)
     base = pick_baseline(entries, baseline)
     bases = pick_bases(entries, base, dict(compare or {}))

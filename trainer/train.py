@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import transformers
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from trainer.cli import run
+from trainer.cli import EXIT_INTERRUPTED, run
 from trainer.config import register_configs
 from trainer.distributed import destroy, read_env
+from trainer.errors import Interrupted
 from trainer.loop import Trainer
 from trainer.preemption import EXIT_PREEMPTED, Preempted
 from trainer.rundir import register_resolver
@@ -31,10 +33,20 @@ def main(cfg: DictConfig) -> None:
     transformers.utils.logging.disable_progress_bar()
     try:
         Trainer(cfg, run_dir=run_dir, env=read_env()).train()
-    except Preempted:
+    except Preempted as stop:
+        if stop.signum == signal.SIGINT:  # Ctrl-C: checkpoint written, the loop said how to continue
+            sys.exit(EXIT_INTERRUPTED)
         # Checkpoint and marker written; the batch script requeues and resume=auto continues. Under torchrun
         # exit 0: a failure code would make its agent restart the ranks (--max-restarts) instead of stopping.
         sys.exit(0 if "TORCHELASTIC_RUN_ID" in os.environ else EXIT_PREEMPTED)
+    except KeyboardInterrupt:  # a Ctrl-C before the first step, or a second one
+        latest = run_dir / "checkpoints" / "latest"
+        kept = (
+            f"the same command with resume=auto continues from the last checkpoint, {latest.read_text().strip()}"
+            if latest.is_file()
+            else "no checkpoint was written"
+        )
+        raise Interrupted(f"interrupted (Ctrl-C), stopped at once: {kept} (run dir {run_dir})") from None
     finally:
         destroy()
 

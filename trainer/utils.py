@@ -206,6 +206,51 @@ def write_json_atomic(path: Path, value: Any) -> None:
     write_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
+def check_output_file(key: str, path: str | Path) -> Path:
+    """A file a command will write, checked before any work: not a directory, in a directory that exists and that
+    this process may write to. Returns it as a Path."""
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        raise ConfigError(
+            f"{key}={path} is a directory; give the path of a file to write, e.g. {path / 'out.json'}"
+        )
+    if not parent.is_dir():
+        raise ConfigError(
+            f"{key}={path}: its directory {parent} does not exist; create it first or give a path in an existing "
+            "directory"
+        )
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{key}={path}: not writable by this user; give a path you can write to")
+    return path
+
+
+def check_output_dir(key: str, path: str | Path, *, source: str | Path | None = None) -> Path:
+    """A directory a command will write (made when missing), checked before any work: not an existing file, under
+    no file, writable, and, for a command that reads `source`, neither `source` itself nor a directory holding
+    it (replacing the output would delete the input). Returns it as a Path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={path} is a file, not a directory; give a directory to write into")
+    existing = next((p for p in [path, *path.parents] if p.exists()), Path("."))  # the part already there
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(
+            f"{key}={path}: {existing} is a file, not a directory; give a directory to write into"
+        )
+    if existing.is_dir() and not os.access(existing, os.W_OK):
+        raise ConfigError(
+            f"{key}={path}: {existing} is not writable by this user; give a directory you can write to"
+        )
+    if source is not None:
+        out, src = path.resolve(), Path(source).resolve()
+        if out == src or src.is_relative_to(out):
+            raise ConfigError(
+                f"{key}={path} holds the model it reads ({source}): replacing it would delete that model; give "
+                "another directory"
+            )
+    return path
+
+
 @contextlib.contextmanager
 def staged(output: Path) -> Iterator[Path]:
     """A staging directory beside `output`, renamed to it when the block succeeds (replacing what was there)

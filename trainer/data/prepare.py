@@ -19,6 +19,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -44,7 +45,7 @@ from trainer.data.prepared import (
 )
 from trainer.data.tokenizer import build_bpe_tokenizer, build_wordlevel_tokenizer, load_tokenizer
 from trainer.errors import ConfigError, DataError
-from trainer.utils import loading_from, write_json_atomic
+from trainer.utils import check_output_dir, loading_from, write_json_atomic
 
 BUILT = ("bpe", "wordlevel")
 CACHE_SHARD_TOKENS = 1 << 26  # the in-memory presets' cache: a few shards at most
@@ -248,10 +249,14 @@ def worker_pool(start_method: str, num_proc: int, **kwargs: Any) -> Iterator[Any
     raised, e.g. a bad line a worker found. `with Pool()` terminates instead: a worker killed while it holds the
     lock of the pool's result queue leaves the pool's teardown waiting for that lock forever (reproduced: about
     one bad-line error in a few hundred). Ctrl-C still terminates the workers. A start method the platform
-    lacks (fork on macOS and Windows) falls back to spawn."""
+    lacks (fork on macOS and Windows) falls back to spawn. The workers ignore Ctrl-C: a terminal sends it to the
+    whole process group, and the parent alone stops them (each would print a traceback)."""
     if start_method not in multiprocessing.get_all_start_methods():
         start_method = "spawn"
-    pool = multiprocessing.get_context(start_method).Pool(num_proc, **kwargs)
+    initargs = (kwargs.pop("initializer", None), *kwargs.pop("initargs", ()))
+    pool = multiprocessing.get_context(start_method).Pool(
+        num_proc, initializer=_ignore_interrupt_then, initargs=initargs, **kwargs
+    )
     interrupted = False
     try:
         yield pool
@@ -263,6 +268,12 @@ def worker_pool(start_method: str, num_proc: int, **kwargs: Any) -> Iterator[Any
         if not interrupted:
             pool.close()
         pool.join()
+
+
+def _ignore_interrupt_then(initializer: Any, *initargs: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def _count_range(args: tuple[str, str, int, int, int]) -> int:
@@ -419,6 +430,7 @@ def _tokenizer(
 def prepare(cfg: Any) -> Path:
     """Write the prepared dataset `cfg.output_dir` (continuing an interrupted run); returns its path."""
     check_settings(cfg)
+    check_output_dir("output_dir", cfg.output_dir)
     out = Path(cfg.output_dir)
     source = Source(cfg)
     chat = cfg.format != "text"
@@ -610,6 +622,30 @@ def write_splits(
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # per process: runs sharing a cache_dir
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_splits_into(
+            tmp, texts, tokenizer, num_proc=num_proc, description=description, train_on=train_on
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted run leaves nothing behind
+        raise
+    if (out / META_FILE).is_file():  # another run sharing the cache finished first: the same bytes
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    shutil.rmtree(out, ignore_errors=True)  # what a killed run left, if anything
+    os.replace(tmp, out)
+    return out
+
+
+def _write_splits_into(
+    tmp: Path,
+    texts: dict[str, Iterable[Any]],
+    tokenizer: Any,
+    *,
+    num_proc: int,
+    description: dict[str, Any],
+    train_on: str | None,
+) -> None:
     tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
     vocab_size, eos = len(tokenizer), tokenizer.eos_token_id
     dtype = token_dtype(vocab_size)
@@ -675,9 +711,3 @@ def write_splits(
         },
     )
     write_json_atomic(tmp / META_FILE, meta)
-    if (out / META_FILE).is_file():  # another run sharing the cache finished first: the same bytes
-        shutil.rmtree(tmp, ignore_errors=True)
-        return out
-    shutil.rmtree(out, ignore_errors=True)  # what a killed run left, if anything
-    os.replace(tmp, out)
-    return out

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
-import shutil
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from trainer.distributed import ParallelEnv, barrier
 from trainer.errors import CheckpointError, ConfigError
 from trainer.extensions import Extension
 from trainer.models import is_conv1d, is_linear, layer_types
+from trainer.utils import staged
 
 ADAPTER_DIR = "adapter"
 ADAPTER = "default"  # the peft library's name of the one adapter
@@ -425,11 +424,8 @@ def plain_model(config: Any, state_dict: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def write_adapter(out_dir: Path, state_dict: dict[str, torch.Tensor], config: Any) -> None:
-    """Written under a temporary name, then renamed: a half-written adapter/ is never taken for one."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(state_dict, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.rename(tmp, out_dir)
+    """Written under a temporary name, then renamed: a half-written adapter/ is never taken for one, and nothing
+    is left of it when writing fails."""
+    with staged(out_dir) as tmp:
+        save_file(state_dict, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from trainer.data.tokenizer import load_tokenizer
 from trainer.errors import CorruptFileError, InputNotFoundError
 from trainer.quant import smooth
 from trainer.quant.ptq import check_scheme, conv1d_as_linear, sparsify_24
-from trainer.utils import loading_from, require
+from trainer.utils import loading_from, require, staged
 
 MANIFEST = "quantization.json"
 FORMAT = "trainer-quantized"
@@ -56,11 +55,17 @@ def _strip_quantization_config(config: Any) -> None:
 def save_quantized(
     out_dir: Path, model: PreTrainedModel, info: dict[str, Any], tokenizer: Any = None
 ) -> Path:
-    """Write a quantized model (see the module docstring); written under a temporary name, then renamed."""
+    """Write a quantized model (see the module docstring); written under a temporary name, then renamed (nothing is
+    left of it when writing fails)."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with staged(out_dir) as tmp:
+        _write_quantized(tmp, out_dir, model, info, tokenizer)
+    return out_dir
+
+
+def _write_quantized(
+    tmp: Path, out_dir: Path, model: PreTrainedModel, info: dict[str, Any], tokenizer: Any
+) -> None:
     _strip_quantization_config(model.config)
     model.config.save_pretrained(str(tmp))
     # Tied weights (embedding and LM head) are one tensor under two names: store it once.
@@ -99,9 +104,6 @@ def save_quantized(
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
 
 
 def _torchao_version() -> str | None:
