@@ -432,3 +432,51 @@ def test_evaluate_args_reach_every_evaluation_stage_and_no_other(tmp_path):
         assert (args[-2:] == extra) == (stage.module == "trainer.evaluate"), name
         seen.add(stage.module)
     assert {"trainer.evaluate", "trainer.train", "trainer.report"} <= seen
+
+
+CTRL_C_STAGE = """
+import signal, sys, time
+def stop(*_):
+    time.sleep(1.0)  # what a training stage spends writing its checkpoint
+    print("stage: checkpoint written", flush=True)
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+print("stage: ready", flush=True)
+time.sleep(120)
+"""
+CTRL_C_PIPELINE = """
+import sys
+from pathlib import Path
+from trainer.pipeline import run_process
+try:
+    run_process([sys.executable, "-c", sys.argv[1]], Path(sys.argv[2]))
+except KeyboardInterrupt:
+    print("pipeline: interrupted once the stage was done", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_lets_the_running_stage_finish_its_own_stop_before_the_pipeline_stops(tmp_path):
+    """The stage and the pipeline both get the Ctrl-C: the pipeline keeps copying the stage's output (and keeps
+    it alive: a closed pipe would kill it mid-checkpoint) until the stage has stopped, then stops itself."""
+    import os
+    import signal
+    import subprocess
+
+    from tests.conftest import PYTHON, subprocess_env
+
+    log = tmp_path / "stage.log"
+    proc = subprocess.Popen(
+        [PYTHON, "-c", CTRL_C_PIPELINE, CTRL_C_STAGE, str(log)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=subprocess_env(),
+        start_new_session=True,  # its own process group: the terminal's Ctrl-C reaches the stage too
+    )
+    assert proc.stdout.readline().strip() == "stage: ready"
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert rest.splitlines() == ["stage: checkpoint written", "pipeline: interrupted once the stage was done"]
+    assert "stage: checkpoint written" in log.read_text()

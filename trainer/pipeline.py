@@ -37,7 +37,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from trainer.cli import EXIT_USAGE, report_error
+from trainer.cli import EXIT_INTERRUPTED, EXIT_USAGE, report_error
 from trainer.errors import ConfigError
 from trainer.pipeline_config import register_pipeline_configs
 from trainer.utils import check_output_dir, register_package_resolver, write_json_atomic
@@ -108,12 +108,26 @@ def preload() -> None:
 
 
 def _tee(fd: int, log_path: Path) -> None:
-    """Copy everything read from `fd` to our stdout and to the stage log, until the writer closes it."""
+    """Copy everything read from `fd` to our stdout and to the stage log, until the writer closes it. A Ctrl-C
+    reaches the stage too, which stops as it does alone (a training stage checkpoints first): the copy goes on
+    until the stage is done, then the Ctrl-C is raised here; a second one is raised at once."""
+    interrupted = False
     with open(log_path, "ab") as log:
-        while chunk := os.read(fd, 65536):
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except KeyboardInterrupt:
+                if interrupted:
+                    raise
+                interrupted = True
+                continue
+            if not chunk:
+                break
             log.write(chunk)
             log.flush()
             os.write(sys.stdout.fileno(), chunk)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def run_as_main(module: str, args: list[str]) -> int:
@@ -149,9 +163,11 @@ def run_forked(module: str, args: list[str], log_path: Path) -> int:
         os.close(write_fd)
         os._exit(run_as_main(module, args))
     os.close(write_fd)
-    _tee(read_fd, log_path)
-    os.close(read_fd)
-    _, status = os.waitpid(pid, 0)
+    try:
+        _tee(read_fd, log_path)
+    finally:  # after a Ctrl-C too: the stage has closed its output, so it is gone or going
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
 
@@ -274,6 +290,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose_pipeline(overrides)
         OmegaConf.resolve(cfg)
         result = run_pipeline(cfg)
+    except KeyboardInterrupt:
+        print(
+            "interrupted (Ctrl-C): the running stage stopped as it does alone (a training stage wrote a checkpoint "
+            "first); the same command continues: finished stages are skipped and an interrupted training stage "
+            "resumes from its checkpoint (resume=auto)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_INTERRUPTED
     except Exception as err:
         code = report_error(err)
         if code is None:
