@@ -43,5 +43,5 @@ def test_resume_rejects_data_of_another_size():
     import pytest
 
     state = SampleOrder(10, seed=0).state_dict()
-    with pytest.raises(ValueError, match="same data"):
+    with pytest.raises(ValueError, match="taken on 10 training sequences but the data now gives 11"):
         SampleOrder(11, seed=0).load_state_dict(state)
