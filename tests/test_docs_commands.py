@@ -265,5 +265,5 @@ def test_the_cheap_documented_commands_run_as_written(tmp_path, monkeypatch, cap
         assert run_as_main(module, args) == 0, (line, capsys.readouterr())
     printed = capsys.readouterr().out
     assert re.search(r"pipeline compress: \d+ stage\(s\) in outputs/pipeline/compress \(dry run\)", printed)
-    assert "\nresume: none\n" in printed  # the resolved training config
+    assert "\nresume: null\n" in printed  # the resolved training config
     assert list(tmp_path.iterdir()) == []  # neither wrote anything
