@@ -174,6 +174,42 @@ def run_command(
     return proc
 
 
+# What a rank function of spawn_ranks needs imported: the server imports it once, before any torch op runs in it.
+RANK_PRELOAD = [
+    "tests.conftest",
+    "datasets",
+    "transformers",
+    "trainer.loop",
+    "trainer.strategies",
+    "deepspeed",
+]
+
+
+def spawn_ranks(fn, *args: Any, nprocs: int = 2) -> None:
+    """Run `fn(rank, *args)` in `nprocs` real processes and raise the first rank's exception, if any.
+
+    As torch.multiprocessing.spawn, but each rank is forked from multiprocessing's forkserver, which imports
+    RANK_PRELOAD once a session (a spawned rank pays those ~7 s of imports every time); `fn` and `args` are
+    pickled to it. Like the train command's ranks (OMP_NUM_THREADS=1), each rank runs one thread: two ranks
+    of two threads each would fight over 2 cores.
+    """
+    import multiprocessing
+
+    import torch.multiprocessing
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(RANK_PRELOAD)  # once it starts: no-op
+    torch.multiprocessing.start_processes(
+        _one_thread_rank, args=(fn, *args), nprocs=nprocs, join=True, start_method="forkserver"
+    )
+
+
+def _one_thread_rank(rank: int, fn, *args: Any) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    fn(rank, *args)
+
+
 def failure_report(proc) -> str:
     """A failed job's output for the assertion: each rank's exit code, the first traceback in the output (with
     several ranks, the first rank to fail is usually the cause: the others then fail in a collective), the end."""
