@@ -139,9 +139,15 @@ def free_port() -> int:
 
 
 def run_command(
-    args: list[str], *, nproc: int = 1, timeout: int = 600, check: bool = True, launcher: str = "preloaded"
+    args: list[str],
+    *,
+    nproc: int = 1,
+    timeout: int = 600,
+    check: bool = True,
+    launcher: str = "preloaded",
+    module: str = "trainer.train",
 ):
-    """`python -m trainer.train ARGS` with `nproc` ranks.
+    """`python -m MODULE ARGS` (by default the train command) with `nproc` ranks.
 
     launcher="preloaded" forks the ranks from a server that has the imports done (tests/preloaded.py);
     launcher="torchrun" runs torchrun (single-process runs: plain python) for tests of the launcher itself.
@@ -152,7 +158,13 @@ def run_command(
         log = Path(tempfile.mkstemp(prefix="trainer-job-", suffix=".log")[1])
         try:
             proc = _server().run(
-                list(args), nproc=nproc, port=free_port(), log=log, env=subprocess_env(), timeout=timeout
+                list(args),
+                nproc=nproc,
+                port=free_port(),
+                log=log,
+                env=subprocess_env(),
+                timeout=timeout,
+                module=module,
             )
         finally:
             log.unlink(missing_ok=True)
@@ -165,7 +177,7 @@ def run_command(
             "--master_port",
             str(free_port()),
         ]
-        cmd = [PYTHON, *(torchrun if nproc > 1 else []), "-m", "trainer.train", *args]
+        cmd = [PYTHON, *(torchrun if nproc > 1 else []), "-m", module, *args]
         proc = subprocess.run(
             cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
         )
