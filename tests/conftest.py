@@ -194,6 +194,7 @@ RANK_PRELOAD = [
     "trainer.loop",
     "trainer.strategies",
     "deepspeed",
+    "deepspeed.runtime.zero.muon.muon_optimizer",  # ZeRO's optimizer check imports it: dynamo, inductor (~2 s)
 ]
 
 

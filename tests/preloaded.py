@@ -30,6 +30,9 @@ import trainer.loop, trainer.strategies, trainer.rundir
 from trainer.pipeline import run_as_main
 try:
     import deepspeed  # noqa: F401
+    # ZeRO's optimizer check imports DeepSpeed's Muon, whose torch.compile decorators import dynamo and inductor:
+    # ~2 s in every rank of every ZeRO job, unless done here
+    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
 except ImportError:
     pass
 sys.stdout.flush()
