@@ -186,6 +186,29 @@ def run_command(
     return proc
 
 
+def failure_report(proc) -> str:
+    """A failed job's output for the assertion: each rank's exit code, the first traceback in the output (with
+    several ranks, the first rank to fail is usually the cause: the others then fail in a collective), the end."""
+    output = proc.stdout if proc.stdout == proc.stderr else proc.stdout + proc.stderr
+    codes = getattr(proc, "rank_codes", None)
+    head = f"exit codes by rank: {codes}\n" if codes else f"exit code {proc.returncode}\n"
+    first = output.find("Traceback (most recent call last)")
+    if 0 <= first < len(output) - 4000:
+        head += "first traceback:\n" + output[first : first + 4000] + "\n[...]\n"
+    return head + "end of the output:\n" + output[-4000:]
+
+
+_SERVER: PreloadedServer | None = None
+
+
+def _server() -> PreloadedServer:
+    global _SERVER
+    if _SERVER is None:
+        _SERVER = PreloadedServer(root=ROOT, env=subprocess_env())
+        atexit.register(_SERVER.close)
+    return _SERVER
+
+
 # What a rank function of spawn_ranks needs imported: the server imports it once, before any torch op runs in it.
 RANK_PRELOAD = [
     "tests.conftest",
@@ -221,29 +244,6 @@ def _one_thread_rank(rank: int, fn, *args: Any) -> None:
 
     torch.set_num_threads(1)
     fn(rank, *args)
-
-
-def failure_report(proc) -> str:
-    """A failed job's output for the assertion: each rank's exit code, the first traceback in the output (with
-    several ranks, the first rank to fail is usually the cause: the others then fail in a collective), the end."""
-    output = proc.stdout if proc.stdout == proc.stderr else proc.stdout + proc.stderr
-    codes = getattr(proc, "rank_codes", None)
-    head = f"exit codes by rank: {codes}\n" if codes else f"exit code {proc.returncode}\n"
-    first = output.find("Traceback (most recent call last)")
-    if 0 <= first < len(output) - 4000:
-        head += "first traceback:\n" + output[first : first + 4000] + "\n[...]\n"
-    return head + "end of the output:\n" + output[-4000:]
-
-
-_SERVER: PreloadedServer | None = None
-
-
-def _server() -> PreloadedServer:
-    global _SERVER
-    if _SERVER is None:
-        _SERVER = PreloadedServer(root=ROOT, env=subprocess_env())
-        atexit.register(_SERVER.close)
-    return _SERVER
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
