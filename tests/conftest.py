@@ -114,9 +114,10 @@ def make_trainer(run_dir: Path, *overrides: str):
     return Trainer(compose_config(*overrides), run_dir=run_dir, env=ParallelEnv())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bpe_run(tmp_path_factory) -> Path:
-    """A tiny Llama trained 6 steps on pydoc text with the BPE above (its 300 ids short of 320 embeddings)."""
+    """A tiny Llama trained 6 steps on pydoc text with the BPE above (its 300 ids short of 320 embeddings); the
+    tests only read it (exports go elsewhere): trained once a session."""
     run = tmp_path_factory.mktemp("bpe_run")
     make_trainer(run, *BPE).train()
     return run
