@@ -114,9 +114,10 @@ def make_trainer(run_dir: Path, *overrides: str):
     return Trainer(compose_config(*overrides), run_dir=run_dir, env=ParallelEnv())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bpe_run(tmp_path_factory) -> Path:
-    """A tiny Llama trained 6 steps on pydoc text with the BPE above (its 300 ids short of 320 embeddings)."""
+    """A tiny Llama trained 6 steps on pydoc text with the BPE above (its 300 ids short of 320 embeddings); the
+    tests only read it (exports go elsewhere): trained once a session."""
     run = tmp_path_factory.mktemp("bpe_run")
     make_trainer(run, *BPE).train()
     return run
@@ -139,9 +140,15 @@ def free_port() -> int:
 
 
 def run_command(
-    args: list[str], *, nproc: int = 1, timeout: int = 600, check: bool = True, launcher: str = "preloaded"
+    args: list[str],
+    *,
+    nproc: int = 1,
+    timeout: int = 600,
+    check: bool = True,
+    launcher: str = "preloaded",
+    module: str = "trainer.train",
 ):
-    """`python -m trainer.train ARGS` with `nproc` ranks.
+    """`python -m MODULE ARGS` (by default the train command) with `nproc` ranks.
 
     launcher="preloaded" forks the ranks from a server that has the imports done (tests/preloaded.py);
     launcher="torchrun" runs torchrun (single-process runs: plain python) for tests of the launcher itself.
@@ -152,7 +159,13 @@ def run_command(
         log = Path(tempfile.mkstemp(prefix="trainer-job-", suffix=".log")[1])
         try:
             proc = _server().run(
-                list(args), nproc=nproc, port=free_port(), log=log, env=subprocess_env(), timeout=timeout
+                list(args),
+                nproc=nproc,
+                port=free_port(),
+                log=log,
+                env=subprocess_env(),
+                timeout=timeout,
+                module=module,
             )
         finally:
             log.unlink(missing_ok=True)
@@ -165,7 +178,7 @@ def run_command(
             "--master_port",
             str(free_port()),
         ]
-        cmd = [PYTHON, *(torchrun if nproc > 1 else []), "-m", "trainer.train", *args]
+        cmd = [PYTHON, *(torchrun if nproc > 1 else []), "-m", module, *args]
         proc = subprocess.run(
             cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
         )
@@ -223,6 +236,43 @@ def _server() -> PreloadedServer:
         _SERVER = PreloadedServer(root=ROOT, env=subprocess_env())
         atexit.register(_SERVER.close)
     return _SERVER
+
+
+# What a rank function of spawn_ranks needs imported: the server imports it once, before any torch op runs in it.
+RANK_PRELOAD = [
+    "tests.conftest",
+    "datasets",
+    "transformers",
+    "trainer.loop",
+    "trainer.strategies",
+    "deepspeed",
+    "deepspeed.runtime.zero.muon.muon_optimizer",  # ZeRO's optimizer check imports it: dynamo, inductor (~2 s)
+]
+
+
+def spawn_ranks(fn, *args: Any, nprocs: int = 2) -> None:
+    """Run `fn(rank, *args)` in `nprocs` real processes and raise the first rank's exception, if any.
+
+    As torch.multiprocessing.spawn, but each rank is forked from multiprocessing's forkserver, which imports
+    RANK_PRELOAD once a session (a spawned rank pays those ~7 s of imports every time); `fn` and `args` are
+    pickled to it. Like the train command's ranks (OMP_NUM_THREADS=1), each rank runs one thread: two ranks
+    of two threads each would fight over 2 cores.
+    """
+    import multiprocessing
+
+    import torch.multiprocessing
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(RANK_PRELOAD)  # once it starts: no-op
+    torch.multiprocessing.start_processes(
+        _one_thread_rank, args=(fn, *args), nprocs=nprocs, join=True, start_method="forkserver"
+    )
+
+
+def _one_thread_rank(rank: int, fn, *args: Any) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    fn(rank, *args)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Run `python -m trainer.train` jobs as forks of a server process that has already imported the trainer.
+"""Run `python -m trainer.train` jobs (or another trainer command's) as forks of a server process that has
+already imported the trainer.
 
 Each launch under torchrun spends most of its time importing torch, transformers, DeepSpeed and Hydra in every
 rank (~10 s per launch on 2 cores). The server imports them once; for each job it forks one child per rank,
@@ -29,6 +30,9 @@ import trainer.loop, trainer.strategies, trainer.rundir
 from trainer.pipeline import run_as_main
 try:
     import deepspeed  # noqa: F401
+    # ZeRO's optimizer check imports DeepSpeed's Muon, whose torch.compile decorators import dynamo and inductor:
+    # ~2 s in every rank of every ZeRO job, unless done here
+    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
 except ImportError:
     pass
 sys.stdout.flush()
@@ -44,7 +48,7 @@ def run_rank(job, rank):
     if nproc > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job["port"]))
-    os._exit(run_as_main("trainer.train", job["args"]))  # what trainer.pipeline's fork launcher does
+    os._exit(run_as_main(job["module"], job["args"]))  # what trainer.pipeline's fork launcher does
 
 for line in sys.stdin:
     job = json.loads(line)
@@ -103,12 +107,21 @@ class PreloadedServer:
         return self.proc
 
     def run(
-        self, args: list[str], *, nproc: int, port: int, log: Path, env: dict[str, str], timeout: float
+        self,
+        args: list[str],
+        *,
+        nproc: int,
+        port: int,
+        log: Path,
+        env: dict[str, str],
+        timeout: float,
+        module: str = "trainer.train",
     ) -> subprocess.CompletedProcess:
         with self.lock:
             proc = self._start()
             log.write_text("")
             job = {
+                "module": module,
                 "args": args,
                 "nproc": nproc,
                 "port": port,

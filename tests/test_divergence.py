@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY, compose_config, free_port, make_trainer, run_command
+from tests.conftest import TINY, compose_config, free_port, make_trainer, run_command, spawn_ranks
 from trainer.errors import DivergenceError
 from trainer.metrics import NONFINITE_KEY, MetricsLog
 
@@ -237,9 +237,7 @@ def _rank_with_a_bad_loss_on_rank_1(rank: int, world: int, port: int, run_dir: s
 
 @pytest.mark.parametrize("tolerated", [0, 1])
 def test_a_bad_loss_on_one_rank_stops_or_skips_the_step_on_every_rank(tmp_path, tolerated):
-    torch.multiprocessing.spawn(
-        _rank_with_a_bad_loss_on_rank_1, args=(2, free_port(), str(tmp_path), tolerated), nprocs=2, join=True
-    )
+    spawn_ranks(_rank_with_a_bad_loss_on_rank_1, 2, free_port(), str(tmp_path), tolerated)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     if tolerated == 0:
         assert all(r["stopped"].startswith("step 3: loss inf") for r in ranks)

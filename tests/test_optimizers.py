@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from tests.conftest import TINY, compose_config, free_port
+from tests.conftest import TINY, compose_config, free_port, spawn_ranks
 from trainer.distributed import ParallelEnv
 from trainer.errors import ConfigError, MissingPackageError
 from trainer.optim import APEX_INSTALL, build_optimizer, check_optimizer
@@ -110,9 +110,7 @@ def _spawn(strategy: str, names: list[str], root, extra: list[str] = ()) -> None
     if strategy == "single":
         round_trip(0, 1, 0, strategy, names, str(root), list(extra))
     else:
-        torch.multiprocessing.spawn(
-            round_trip, args=(2, free_port(), strategy, names, str(root), list(extra)), nprocs=2, join=True
-        )
+        spawn_ranks(round_trip, 2, free_port(), strategy, names, str(root), list(extra))
 
 
 @pytest.mark.parametrize("strategy", list(RUNS))

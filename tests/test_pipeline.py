@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import PYTHON, ROOT, composition_error, subprocess_env
+from tests.conftest import PYTHON, ROOT, composition_error, run_command, subprocess_env
 from trainer.quant import load_quantized
 
 TRAIN_STAGES = [
@@ -38,16 +38,12 @@ EXPORT_STAGES = [
 ONE_SHOT = ["magnitude_50", "wanda_50", "sparsegpt_50", "magnitude_2of4", "wanda_2of4", "sparsegpt_2of4"]
 
 
+def pipeline_args(run_dir, *extra):
+    return ["chain=compress", "chain.recipes=tiny", f"run_dir={run_dir}", *extra]
+
+
 def pipeline_command(run_dir, *extra):
-    return [
-        PYTHON,
-        "-m",
-        "trainer.pipeline",
-        "chain=compress",
-        "chain.recipes=tiny",
-        f"run_dir={run_dir}",
-        *extra,
-    ]
+    return [PYTHON, "-m", "trainer.pipeline", *pipeline_args(run_dir, *extra)]
 
 
 def start(run_dir, log):
@@ -64,7 +60,8 @@ def start(run_dir, log):
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """Run 1 is killed (SIGKILL, the whole process group) once the first training stage has checkpointed;
-    run 2 finishes the chain; run 3 finds nothing left to do."""
+    run 2 finishes the chain; run 3 finds nothing left to do. Runs 2 and 3, never killed, are jobs of the
+    preloaded server (tests/preloaded.py): `python -m trainer.pipeline` without its ~7 s of imports."""
     run_dir = tmp_path_factory.mktemp("chain") / "run"
     logs = [run_dir.parent / f"run{i}.log" for i in (1, 2, 3)]
     latest = run_dir / "dense_pretrained" / "checkpoints" / "latest"
@@ -78,8 +75,8 @@ def chain(tmp_path_factory):
         proc.wait()
     interrupted_at = latest.read_text().strip()
     for log_path in logs[1:]:
-        with open(log_path, "w") as log:
-            assert start(run_dir, log).wait(timeout=900) == 0, log_path.read_text()[-4000:]
+        proc = run_command(pipeline_args(run_dir), module="trainer.pipeline", timeout=900)
+        log_path.write_text(proc.stdout)
     return {"dir": run_dir, "logs": [p.read_text() for p in logs], "interrupted_at": interrupted_at}
 
 
@@ -213,15 +210,9 @@ def test_a_stage_rerun_as_a_subprocess_gives_the_same_report(chain):
     before = (report_dir / "report.md").read_text()
     (report_dir / "stage.json").unlink()
     (report_dir / "report.md").unlink()
-    out = subprocess.run(
-        pipeline_command(chain["dir"], "launcher=subprocess", "only=[report]"),
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # the pipeline a job of the preloaded server; the stage a fresh `python -m trainer.report`
+    args = pipeline_args(chain["dir"], "launcher=subprocess", "only=[report]")
+    run_command(args, module="trainer.pipeline", timeout=300)
     assert (report_dir / "report.md").read_text() == before
     assert (report_dir / "stage.json").exists()
 

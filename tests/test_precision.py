@@ -13,7 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY, compose_config, free_port, make_trainer, run_command, train_losses
+from tests.conftest import (
+    TINY,
+    compose_config,
+    free_port,
+    make_trainer,
+    run_command,
+    spawn_ranks,
+    train_losses,
+)
 from trainer.distributed import ParallelEnv
 from trainer.errors import ConfigError, LossScaleError, MissingPackageError
 from trainer.precision import check_fp8_supported
@@ -98,9 +106,7 @@ def test_fp8_linears_train_tracking_fp32_and_export_fp32_weights(
     if nproc == 1:
         _fp8_rank(0, 1, 0, strategy, str(tmp_path))
     else:
-        torch.multiprocessing.spawn(
-            _fp8_rank, args=(nproc, free_port(), strategy, str(tmp_path)), nprocs=nproc, join=True
-        )
+        spawn_ranks(_fp8_rank, nproc, free_port(), strategy, str(tmp_path), nprocs=nproc)
     got = train_losses(tmp_path)
     assert sorted(got) == sorted(fp32_losses)
     for step, want in fp32_losses.items():

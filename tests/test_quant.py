@@ -396,16 +396,12 @@ def test_evaluate_perplexity_equals_a_hand_computation_from_logits(exported, tmp
 
 @pytest.fixture(scope="module")
 def commands(exported):
-    """The three commands as a user runs them: quantize (int8_smooth), evaluate both models, report."""
+    """The three commands as a user runs them: quantize (int8_smooth), evaluate both models, report. Each is
+    `python -m trainer.X ARGS` run by the preloaded server (its imports done once, tests/preloaded.py)."""
     root, _, _ = exported
-    env = subprocess_env()
 
-    def run(*args):
-        proc = subprocess.run(
-            [PYTHON, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return proc
+    def run(module, *args):
+        return run_command(list(args), module=module, timeout=300)
 
     quantized = root / "smooth"
     run(

@@ -442,8 +442,6 @@ def _master_shares_the_weights(rank: int, port: int, stage: int, run_dir: str) -
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_keeps_no_second_fp32_copy_of_fp32_weights(stage, tmp_path):
-    from tests.conftest import free_port
+    from tests.conftest import free_port, spawn_ranks
 
-    torch.multiprocessing.spawn(
-        _master_shares_the_weights, args=(free_port(), stage, str(tmp_path)), nprocs=2, join=True
-    )
+    spawn_ranks(_master_shares_the_weights, free_port(), stage, str(tmp_path))

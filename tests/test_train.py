@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import PYTHON, ROOT, TINY, subprocess_env
+from tests.conftest import PYTHON, ROOT, TINY, run_command, subprocess_env
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -77,7 +77,7 @@ def free_port() -> int:
 
 def test_two_ddp_ranks_follow_the_single_process_loss(tmp_path):
     common = [*TINY, "train.max_steps=8", "scheduler=constant", "train.log_every=1", "train.export_hf=false"]
-    run("-m", "trainer.train", *common, f"hydra.run.dir={tmp_path / 'single'}")
+    run_command([*common, f"hydra.run.dir={tmp_path / 'single'}"])  # the reference: a preloaded job suffices
     run(
         "-m",
         "torch.distributed.run",
