@@ -357,11 +357,9 @@ def _sharded_isolation(rank: int, port: int, chat_prepared: str, out: str) -> No
 def test_a_packed_windows_logits_equal_each_conversations_alone_under_fsdp_and_zero3_on_two_ranks(
     chat_prepared, tmp_path
 ):
-    from tests.conftest import free_port
+    from tests.conftest import free_port, spawn_ranks
 
-    torch.multiprocessing.spawn(
-        _sharded_isolation, args=(free_port(), str(chat_prepared), str(tmp_path)), nprocs=2, join=True
-    )
+    spawn_ranks(_sharded_isolation, free_port(), str(chat_prepared), str(tmp_path))
     for strategy in ("fsdp", "zero3"):
         for rank in (0, 1):
             result = json.loads((tmp_path / f"{strategy}-{rank}.json").read_text())
