@@ -200,6 +200,15 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
+def default_ctrl_c() -> None:
+    """A child's Ctrl-C as a terminal gives it (Popen's preexec_fn): a shell runs background jobs, `nohup` and
+    some CI runners with SIGINT ignored, and an ignored signal stays ignored across exec, so a test run from
+    there would send its Ctrl-C to processes that never see it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_with_ctrl_c(module: str, args: list[str], *, hook: str, timeout: int = 300):
     """`python -m module args`, interrupted by Ctrl-C where `hook` calls ctrl_c(); the finished process."""
     import subprocess
@@ -212,6 +221,7 @@ def run_with_ctrl_c(module: str, args: list[str], *, hook: str, timeout: int = 3
         text=True,
         timeout=timeout,
         start_new_session=True,
+        preexec_fn=default_ctrl_c,
     )
 
 

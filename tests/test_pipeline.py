@@ -454,7 +454,7 @@ def test_ctrl_c_lets_the_running_stage_finish_its_own_stop_before_the_pipeline_s
     import signal
     import subprocess
 
-    from tests.conftest import PYTHON, subprocess_env
+    from tests.conftest import PYTHON, default_ctrl_c, subprocess_env
 
     log = tmp_path / "stage.log"
     proc = subprocess.Popen(
@@ -464,6 +464,7 @@ def test_ctrl_c_lets_the_running_stage_finish_its_own_stop_before_the_pipeline_s
         text=True,
         env=subprocess_env(),
         start_new_session=True,  # its own process group: the terminal's Ctrl-C reaches the stage too
+        preexec_fn=default_ctrl_c,
     )
     assert proc.stdout.readline().strip() == "stage: ready"
     os.killpg(proc.pid, signal.SIGINT)

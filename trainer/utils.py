@@ -215,8 +215,8 @@ def check_output_file(key: str, path: str | Path) -> Path:
         raise ConfigError(
             f"{key}={path} is a directory; give the path of a file to write, e.g. {path / 'out.json'}"
         )
-    if not parent.is_dir():
-        raise ConfigError(
+    if not parent.is_dir():  # a path that names nothing yet, as a missing input does
+        raise InputNotFoundError(
             f"{key}={path}: its directory {parent} does not exist; create it first or give a path in an existing "
             "directory"
         )
