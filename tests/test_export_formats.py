@@ -8,6 +8,7 @@ tokenizer whose ids stop short of the model's 320 embeddings (the padding ids GG
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -218,6 +219,156 @@ def test_gguf_keep_float_leaves_the_named_matrices_f16_and_by_default_the_lm_hea
     if "token_embd.weight" not in kept:
         assert kinds["token_embd.weight"] == "Q8_0"
     assert all(kinds[name] == "Q4_0" for name in matrices - kept - {"token_embd.weight"})
+
+
+# The families written beside llama, as tiny configs (hidden 32, 2 layers, the run's 320-id vocabulary) with what
+# each needs on top: phi3's default pad id (32000) is beyond this vocabulary; gemma2's window of 16 tokens binds
+# on its even layers within the 64 tokens compared; qwen3 keeps its default head size (128), the one
+# transformers' GGUF loader assumes (it reads no head size for qwen3).
+FAMILY_CONFIGS = {
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma2": {"sliding_window": 16},
+    "phi3": {"pad_token_id": 0},
+}
+TINY_FAMILY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=320,
+    max_position_embeddings=128,
+)
+
+
+def family_model(model_type: str, **changes):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **TINY_FAMILY | FAMILY_CONFIGS.get(model_type, {}) | changes)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def pydoc_batches(reference):
+    """Batches of 4 x 65 tokens of pydoc text, for training the family models a little."""
+    import pydoc_data.topics
+
+    ids = reference[1](" ".join(list(pydoc_data.topics.topics.values())[:40])).input_ids
+    return torch.tensor(ids[: len(ids) // 65 * 65]).view(-1, 65).split(4)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead on the shared CPU (50x on a busy one)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_CONFIGS)
+def test_each_family_reads_back_through_transformers_gguf_loader_within_the_llama_bounds(
+    model_type, reference, pydoc_batches, tmp_path, one_thread
+):
+    """Trained 30 steps, as the Llama of the bounds above is trained (a random model's logits are near zero, which
+    inflates the relative error), its norms and biases moved off their init first so that Gemma's norm offset
+    and Qwen2's biases count. Measured (2026-12-07, gguf 0.19, transformers 5.25, CPU): f32 0.0 for every
+    family; q8_0 1.8e-4 (gemma2) to 1.7e-3 (qwen2) of the largest logit."""
+    model = family_model(model_type)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.empty_like(p).uniform_(-0.3, 0.3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(30):
+        batch = pydoc_batches[step % len(pydoc_batches)]
+        model(batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval().save_pretrained(tmp_path / "hf")
+    reference[1].save_pretrained(str(tmp_path / "hf"))
+    ids = reference[2]
+    with torch.no_grad():
+        expected = model(ids).logits
+
+    import pydoc_data.topics
+
+    from transformers import AutoModelForCausalLM
+
+    from trainer.data.tokenizer import load_tokenizer
+
+    for gguf_type in ["f32", "q8_0"]:
+        out = run_export(
+            f"model_path={tmp_path / 'hf'}",
+            "format=gguf",
+            f"gguf.type={gguf_type}",
+            f"output_dir={tmp_path / gguf_type}",
+        )
+        path = out / f"model-{gguf_type}.gguf"
+        loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=path.name, dtype=torch.float32).eval()
+        # llama.cpp writes Mistral as its llama architecture, which transformers reads as a Llama
+        assert loaded.config.model_type == {"mistral": "llama"}.get(model_type, model_type)
+        with torch.no_grad():
+            got = loaded(ids).logits
+        if gguf_type == "f32":
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        else:
+            error = ((got - expected).abs().max() / expected.abs().max()).item()
+            print(f"{model_type} {gguf_type}: max |logit error| / max |logit| = {error:.2e}")
+            assert error < RELATIVE_BOUND[gguf_type]
+    # The tokenizer the export read from hf/ (for qwen2 transformers makes it Qwen2's: NFC, digits one by one),
+    # as transformers rebuilds it from the file.
+    ours = load_tokenizer(str(tmp_path / "hf"))
+    split = gguf.GGUFReader(tmp_path / "f32" / "model-f32.gguf").fields["tokenizer.ggml.pre"].contents()
+    assert split == ("qwen2" if model_type == "qwen2" else "gpt-2")
+    _, theirs = load_gguf(tmp_path / "f32" / "model-f32.gguf")
+    texts = [pydoc_data.topics.topics[k] for k in ("numbers", "integers", "assignment")]
+    assert [theirs(t).input_ids for t in texts] == [ours(t).input_ids for t in texts]
+
+
+def test_what_a_familys_gguf_cannot_describe_is_refused_naming_it_and_writes_nothing(reference, tmp_path):
+    from trainer.gguf_export import FAMILIES, export_gguf
+
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 64}
+    written = ", ".join(f"{t} ({f.model_class})" for t, f in FAMILIES.items())
+    cases = [
+        (
+            family_model("gpt_neox", intermediate_size=64),
+            f"it is GPTNeoXForCausalLM \\(model_type=gpt_neox\\), and the families written are {re.escape(written)}",
+        ),
+        (
+            family_model("mistral", sliding_window=16),
+            r"sliding window of 16 tokens on layers \[0, 1\], within its context of 128; llama.cpp's llama slides nowhere",
+        ),
+        (
+            family_model("gemma2", layer_types=["sliding_attention"] * 2),
+            r"llama.cpp's gemma2 slides on the even layers only",
+        ),
+        (
+            family_model("qwen2", rope_parameters=yarn),
+            r"rope_type=yarn: only the default rope and linear scaling are written to GGUF for qwen2",
+        ),
+        (
+            family_model("qwen3", attention_bias=True),
+            r"has biases \(model.layers.0.self_attn.q_proj.bias, ...\); llama.cpp's qwen3 reads none",
+        ),
+        (
+            family_model("gemma2", query_pre_attn_scalar=16),
+            r"1/sqrt\(query_pre_attn_scalar=16\); llama.cpp scales them by 1/sqrt\(head size 256\)",
+        ),
+        (family_model("phi3", hidden_act="gelu"), r"activation gelu; llama.cpp's phi3 computes silu"),
+    ]
+    for model, reason in cases:
+        with pytest.raises(ConfigError, match=reason):
+            export_gguf(model, reference[1], tmp_path / "out", gguf_type="f32")
+        assert not (tmp_path / "out").exists()
+    # written for llama.cpp, but not what transformers' loader would rebuild: said, not refused
+    with pytest.warns(
+        UserWarning, match="head_dim=16 is written for llama.cpp, but transformers' GGUF loader"
+    ):
+        export_gguf(family_model("qwen3", head_dim=16), reference[1], tmp_path / "out", gguf_type="f32")
 
 
 def test_a_model_path_may_be_a_run_a_checkpoint_or_an_hf_export(bpe_run, reference, tmp_path):
