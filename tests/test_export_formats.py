@@ -268,14 +268,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("model_type", FAMILY_CONFIGS)
-def test_each_family_reads_back_through_transformers_gguf_loader_within_the_llama_bounds(
-    model_type, reference, pydoc_batches, tmp_path, one_thread
-):
-    """Trained 30 steps, as the Llama of the bounds above is trained (a random model's logits are near zero, which
-    inflates the relative error), its norms and biases moved off their init first so that Gemma's norm offset
-    and Qwen2's biases count. Measured (2026-12-07, gguf 0.19, transformers 5.25, CPU): f32 0.0 for every
-    family; q8_0 1.8e-4 (gemma2) to 1.7e-3 (qwen2) of the largest logit."""
+def trained_family_model(model_type: str, batches):
+    """A tiny model of the family trained 30 steps, as the Llama of the bounds above is trained (a random model's
+    logits are near zero, which inflates the relative error), its norms and biases moved off their init first so
+    that Gemma's norm offset and Qwen2's biases count."""
     model = family_model(model_type)
     with torch.no_grad():
         for p in model.parameters():
@@ -283,11 +279,21 @@ def test_each_family_reads_back_through_transformers_gguf_loader_within_the_llam
                 p.add_(torch.empty_like(p).uniform_(-0.3, 0.3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(30):
-        batch = pydoc_batches[step % len(pydoc_batches)]
+        batch = batches[step % len(batches)]
         model(batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.eval().save_pretrained(tmp_path / "hf")
+    return model.eval()
+
+
+@pytest.mark.parametrize("model_type", FAMILY_CONFIGS)
+def test_each_family_reads_back_through_transformers_gguf_loader_within_the_llama_bounds(
+    model_type, reference, pydoc_batches, tmp_path, one_thread
+):
+    """Measured (2026-12-07, gguf 0.19, transformers 5.25, CPU): f32 0.0 for every family; q8_0 4.3e-4 (gemma2)
+    to 3.8e-3 (mistral) of the largest logit."""
+    model = trained_family_model(model_type, pydoc_batches)
+    model.save_pretrained(tmp_path / "hf")
     reference[1].save_pretrained(str(tmp_path / "hf"))
     ids = reference[2]
     with torch.no_grad():
@@ -496,23 +502,10 @@ print("RESULT " + json.dumps({"ids": ids, "logits": logits, "continuation": cont
 """
 
 
-def test_llama_cpp_reads_every_gguf_type_tokenizes_computes_and_continues_greedily_like_us(
-    bpe_run, reference, tmp_path
-):
-    """llama.cpp on the f32 file: our ids on pydoc text; our logits on 16 tokens (measured difference 1.2e-7,
-    checked at 1e-5); the other types within the bounds of transformers' reading (measured: f16 3.1e-4, bf16
-    2.3e-3, q8_0 6.4e-3, q4_0 4.9e-2: llama.cpp also rounds the activations to 8 bits for q8_0 and q4_0
-    matrices); and, on a model with random N(0, 0.3) matrices (the 6-step model repeats one token, which
-    would test little), our greedy continuation of 16 tokens through its KV cache (measured: identical), and
-    with Llama 3's rope scaling our logits (measured difference 1.2e-05, against 5.0 without the scaling)."""
-    import json
+def llama_cpp_python() -> str:
+    """The interpreter TRAINER_LLAMA_CPP_PYTHON names (default: this one), or a skip saying why there is none."""
     import os
-    import pydoc_data.topics
     import subprocess
-
-    from transformers import AutoModelForCausalLM
-
-    from trainer.gguf_export import export_gguf
 
     python = os.environ.get("TRAINER_LLAMA_CPP_PYTHON", sys.executable)
     probe = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
@@ -522,18 +515,43 @@ def test_llama_cpp_reads_every_gguf_type_tokenizes_computes_and_continues_greedi
             "on 2 cores), so make test does not install it; `pip install llama-cpp-python` into a venv and set "
             "TRAINER_LLAMA_CPP_PYTHON to its python to run this check"
         )
+    return python
+
+
+def run_llama_cpp(python: str, path: Path, text: str, prompt: list[int], count: int = 16) -> dict:
+    import subprocess
+
+    args = [str(path), text, json.dumps(prompt), str(count)]
+    proc = subprocess.run(
+        [python, "-c", LLAMA_CPP_SCRIPT, *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def test_llama_cpp_reads_every_gguf_type_tokenizes_computes_and_continues_greedily_like_us(
+    bpe_run, reference, tmp_path
+):
+    """llama.cpp on the f32 file: our ids on pydoc text; our logits on 16 tokens (measured difference 1.2e-7,
+    checked at 1e-5); the other types within the bounds of transformers' reading (measured: f16 3.1e-4, bf16
+    2.3e-3, q8_0 6.4e-3, q4_0 4.9e-2: llama.cpp also rounds the activations to 8 bits for q8_0 and q4_0
+    matrices); and, on a model with random N(0, 0.3) matrices (the 6-step model repeats one token, which
+    would test little), our greedy continuation of 16 tokens through its KV cache (measured: identical), and
+    with Llama 3's rope scaling our logits (measured difference 1.2e-05, against 5.0 without the scaling)."""
+    import pydoc_data.topics
+
+    from transformers import AutoModelForCausalLM
+
+    from trainer.gguf_export import export_gguf
+
+    python = llama_cpp_python()
     model, tokenizer, ids, _ = reference
     text = pydoc_data.topics.topics["for"]
     prompt = ids[:, :16]
 
     def llama_cpp(path: Path) -> dict:
-        args = [str(path), text, json.dumps(prompt[0].tolist()), "16"]
-        proc = subprocess.run(
-            [python, "-c", LLAMA_CPP_SCRIPT, *args], capture_output=True, text=True, timeout=300
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        [line] = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        return json.loads(line.removeprefix("RESULT "))
+        return run_llama_cpp(python, path, text, prompt[0].tolist())
 
     out = run_export(f"model_path={bpe_run}", "format=gguf", "gguf.type=f32", f"output_dir={tmp_path / 'g'}")
     theirs = llama_cpp(out / "model-f32.gguf")
@@ -582,6 +600,24 @@ def test_llama_cpp_reads_every_gguf_type_tokenizes_computes_and_continues_greedi
     )
     assert unscaled > 1e-2  # the scaling changes these positions' logits
     torch.testing.assert_close(theirs, expected, atol=1e-4, rtol=0)
+
+
+def test_llama_cpp_computes_each_familys_logits_like_us(reference, pydoc_batches, tmp_path, one_thread):
+    """llama.cpp's own graph for each family's architecture (gemma2's norm offset, window and soft-capping, qwen2's
+    biases, qwen3's Q/K norms, phi3's fused matrices) on the f32 file: our logits on 32 tokens, so that gemma2's
+    16-token window binds. Not run where llama-cpp-python is not built (this machine); bound as the Llama's."""
+    from trainer.gguf_export import export_gguf
+
+    python = llama_cpp_python()
+    prompt = reference[2][:, :32]
+    for model_type in FAMILY_CONFIGS:
+        model = trained_family_model(model_type, pydoc_batches)
+        with torch.no_grad():
+            expected = model(prompt).logits[0]
+        path = export_gguf(model, reference[1], tmp_path / model_type, gguf_type="f32")
+        got = torch.tensor(run_llama_cpp(python, path, "a", prompt[0].tolist(), count=1)["logits"])
+        print(f"llama.cpp {model_type} f32: max |logit error| = {(got - expected).abs().max():.1e}")
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0, msg=model_type)
 
 
 def test_an_export_stopped_by_sigterm_leaves_nothing_beside_its_output(tmp_path):

@@ -73,7 +73,8 @@ class GgufFamily:
     biases: tuple[str, ...] = ()  # HF bias names (suffixes) the architecture reads; any other is refused
     norm_offset: float = 0.0  # added to RMS norm weights: Gemma scales by (1 + w), llama.cpp by w
     rope_types: tuple[str, ...] = ("default", "linear")
-    alternate_window: bool = False  # a sliding window on even layers, as attention.sliding_window
+    alternate_window: bool = False  # a sliding window on even layers (gemma2's), which binds in the graph
+    window_key: bool = False  # attention.sliding_window written (0: none), as llama.cpp's converter writes it
     softcapping: bool = False  # attention and final logit soft-capping, which the graph always applies
     tied_only: bool = False  # the architecture has no `output` tensor
     # Config fields transformers' GGUF loader reads from no key of this architecture: it takes its config
@@ -96,6 +97,7 @@ FAMILIES: dict[str, GgufFamily] = {  # by config.model_type
         "gelu_pytorch_tanh",
         norm_offset=1.0,
         alternate_window=True,
+        window_key=True,
         softcapping=True,
         tied_only=True,
         loader_defaults={
@@ -104,7 +106,7 @@ FAMILIES: dict[str, GgufFamily] = {  # by config.model_type
             "final_logit_softcapping": 30.0,
         },
     ),
-    "phi3": GgufFamily("Phi3ForCausalLM", "PHI3", "silu"),
+    "phi3": GgufFamily("Phi3ForCausalLM", "PHI3", "silu", window_key=True),
 }
 
 
@@ -206,8 +208,10 @@ def _add_hyperparameters(writer: Any, gguf: Any, config: Any, family: GgufFamily
     if freq_factors is not None:  # llama.cpp divides each rotary frequency by its factor
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freq_factors)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if family.alternate_window and getattr(config, "sliding_window", None):
-        writer.add_sliding_window(config.sliding_window)
+    if (
+        family.window_key
+    ):  # gemma2's (its even layers); phi3's, which llama.cpp reads (one that binds is refused)
+        writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
     if family.softcapping:
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
@@ -313,8 +317,7 @@ def _check_attention(config: Any, family: GgufFamily, what: str) -> None:
         raise ConfigError(
             f"{what} attends through a sliding window of {window} tokens on layers "
             f"{[i for i, s in enumerate(sliding) if s]}, within its context of {config.max_position_embeddings}; "
-            f"llama.cpp's {family.arch.lower()} slides {where}. Set model.arch.sliding_window=null (or at least "
-            f"max_position_embeddings) if the model was trained without it, or {FIX}"
+            f"llama.cpp's {family.arch.lower()} slides {where}, so it would attend past the window; {FIX}"
         )
     scalar = getattr(config, "query_pre_attn_scalar", None)
     if scalar is not None and scalar != _head_dim(config):
@@ -323,7 +326,8 @@ def _check_attention(config: Any, family: GgufFamily, what: str) -> None:
             f"1/sqrt(head size {_head_dim(config)}); {FIX}"
         )
     caps = {k: getattr(config, k, None) for k in ("attn_logit_softcapping", "final_logit_softcapping")}
-    if family.softcapping != all(v is not None for v in caps.values()):
+    unwritable = None in caps.values() if family.softcapping else any(v is not None for v in caps.values())
+    if unwritable:
         does = "always soft-caps" if family.softcapping else "soft-caps no"
         raise ConfigError(f"{what} has {caps}; llama.cpp's {family.arch.lower()} {does} logits; {FIX}")
 
