@@ -208,9 +208,8 @@ def _add_hyperparameters(writer: Any, gguf: Any, config: Any, family: GgufFamily
     if freq_factors is not None:  # llama.cpp divides each rotary frequency by its factor
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freq_factors)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if (
-        family.window_key
-    ):  # gemma2's (its even layers); phi3's, which llama.cpp reads (one that binds is refused)
+    # gemma2's window (its even layers); phi3's, which llama.cpp reads (one that binds was refused)
+    if family.window_key:
         writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
     if family.softcapping:
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
