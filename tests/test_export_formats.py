@@ -223,15 +223,8 @@ def test_gguf_keep_float_leaves_the_named_matrices_f16_and_by_default_the_lm_hea
 
 # The families written beside llama, as tiny configs (hidden 32, 2 layers, the run's 320-id vocabulary) with what
 # each needs on top: phi3's default pad id (32000) is beyond this vocabulary; gemma2's window of 16 tokens binds
-# on its even layers within the 64 tokens compared; qwen3 keeps its default head size (128), the one
-# transformers' GGUF loader assumes (it reads no head size for qwen3).
-FAMILY_CONFIGS = {
-    "mistral": {},
-    "qwen2": {},
-    "qwen3": {},
-    "gemma2": {"sliding_window": 16},
-    "phi3": {"pad_token_id": 0},
-}
+# on its even layers within the 64 tokens compared; qwen3 keeps its default head size (128) and gpt2 its 1024
+# positions, the values transformers' GGUF loader assumes (it reads neither from the file).
 TINY_FAMILY = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -241,12 +234,20 @@ TINY_FAMILY = dict(
     vocab_size=320,
     max_position_embeddings=128,
 )
+FAMILY_CONFIGS = {
+    "mistral": TINY_FAMILY,
+    "qwen2": TINY_FAMILY,
+    "qwen3": TINY_FAMILY,
+    "gemma2": TINY_FAMILY | {"sliding_window": 16},
+    "phi3": TINY_FAMILY | {"pad_token_id": 0},
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=2, vocab_size=320, bos_token_id=0, eos_token_id=0),
+}
 
 
 def family_model(model_type: str, **changes):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, **TINY_FAMILY | FAMILY_CONFIGS.get(model_type, {}) | changes)
+    config = AutoConfig.for_model(model_type, **FAMILY_CONFIGS.get(model_type, TINY_FAMILY) | changes)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config)
 
@@ -290,8 +291,8 @@ def trained_family_model(model_type: str, batches):
 def test_each_family_reads_back_through_transformers_gguf_loader_within_the_llama_bounds(
     model_type, reference, pydoc_batches, tmp_path, one_thread
 ):
-    """Measured (2026-12-07, gguf 0.19, transformers 5.25, CPU): f32 0.0 for every family; q8_0 4.3e-4 (gemma2)
-    to 3.8e-3 (mistral) of the largest logit."""
+    """Measured (2026-12-07, gguf 0.19, transformers 5.25, CPU): f32 0.0 for every family; q8_0 3.2e-4 (gpt2) to
+    3.8e-3 (mistral) of the largest logit."""
     model = trained_family_model(model_type, pydoc_batches)
     model.save_pretrained(tmp_path / "hf")
     reference[1].save_pretrained(str(tmp_path / "hf"))
@@ -341,7 +342,7 @@ def test_what_a_familys_gguf_cannot_describe_is_refused_naming_it_and_writes_not
     written = ", ".join(f"{t} ({f.model_class})" for t, f in FAMILIES.items())
     cases = [
         (
-            family_model("gpt_neox", intermediate_size=64),
+            family_model("gpt_neox"),
             f"it is GPTNeoXForCausalLM \\(model_type=gpt_neox\\), and the families written are {re.escape(written)}",
         ),
         (
@@ -363,6 +364,10 @@ def test_what_a_familys_gguf_cannot_describe_is_refused_naming_it_and_writes_not
         (
             family_model("gemma2", query_pre_attn_scalar=16),
             r"1/sqrt\(query_pre_attn_scalar=16\); llama.cpp scales them by 1/sqrt\(head size 256\)",
+        ),
+        (
+            family_model("gpt2", scale_attn_by_inverse_layer_idx=True),
+            r"has \{'scale_attn_by_inverse_layer_idx': True\}; llama.cpp's gpt2 computes",
         ),
         (family_model("phi3", hidden_act="gelu"), r"activation gelu; llama.cpp's phi3 computes silu"),
     ]
@@ -411,14 +416,17 @@ def test_an_unknown_format_or_gguf_type_is_refused_at_composition(override, allo
 
 
 def test_bad_exports_are_refused_with_the_reason_and_leave_no_file(bpe_run, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from trainer.data.tokenizer import build_wordlevel_tokenizer, load_tokenizer
 
-    # Not a Llama: a tiny GPT-2 beside the run's BPE tokenizer.
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=320)).save_pretrained(gpt2)
-    load_tokenizer(str(bpe_run / "hf")).save_pretrained(str(gpt2))
+    # A family GGUF is not written for: a tiny GPT-NeoX beside the run's BPE tokenizer.
+    neox = tmp_path / "neox"
+    config = GPTNeoXConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=320
+    )
+    GPTNeoXForCausalLM(config).save_pretrained(neox)
+    load_tokenizer(str(bpe_run / "hf")).save_pretrained(str(neox))
     # A Llama with data=embedded's word-level tokenizer.
     words = tmp_path / "words"
     shutil.copytree(bpe_run / "hf", words)
@@ -432,7 +440,7 @@ def test_bad_exports_are_refused_with_the_reason_and_leave_no_file(bpe_run, tmp_
 
     nested = tmp_path / "nested" / "out"
     cases = [
-        ([f"model_path={gpt2}", "format=gguf", f"output_dir={nested}"], "LlamaForCausalLM"),
+        ([f"model_path={neox}", "format=gguf", f"output_dir={nested}"], "it is GPTNeoXForCausalLM"),
         (
             [f"model_path={bpe_run}", "format=gguf", "gguf.keep_float=[lm_haed]", f"output_dir={nested}"],
             r"keep_float=\['lm_haed'\]: no matrix",

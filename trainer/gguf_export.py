@@ -2,24 +2,27 @@
 
 Written with the `gguf` package's `GGUFWriter` (the writer llama.cpp's own converters use), following the
 conventions of llama.cpp's `convert_hf_to_gguf.py` for the families in `FAMILIES`: llama, mistral (written as
-llama.cpp's `llama`, as its converter does), qwen2, qwen3, gemma2 and phi3. What differs between them is data,
-one `GgufFamily` each (the llama.cpp architecture, the activation its graph computes, which rows are permuted,
-which biases are read, Gemma's norm offset, the sliding window and soft-capping keys):
+llama.cpp's `llama`, as its converter does), qwen2, qwen3, gemma2, phi3 and gpt2. What differs between them is
+data, one `GgufFamily` each (the llama.cpp architecture, the activation its graph computes, which rows are
+permuted, which biases are read, Gemma's norm offset, the sliding window and soft-capping keys, gpt2's learned
+positions, LayerNorm and transposed Conv1D weights):
 
 - metadata under `ARCH.*`: context, embedding and feed-forward lengths, block count, head counts (query and
-  key/value), key/value head size, rope dimension count, rope frequency base and linear rope scaling, the RMS
-  norm epsilon, the vocabulary size, the file type; gemma2's sliding window and logit soft-capping;
+  key/value), key/value head size, rope dimension count, rope frequency base and linear rope scaling (none for
+  gpt2), the RMS (gpt2: layer) norm epsilon, the vocabulary size, the file type; gemma2's sliding window and
+  logit soft-capping;
 - the tokenizer as `tokenizer.ggml.*`: model `gpt2` (byte-level BPE), the pre-tokenizer llama.cpp must split
-  with (`gpt-2`, or `smollm` for SmolLM2's digit split), every token in its byte-level spelling with its
+  with (`gpt-2`, `smollm` for SmolLM2's digit split, `qwen2` for Qwen2's), every token in its byte-level spelling with its
   type (control for special added tokens, unused for the padding ids a model's vocabulary has beyond its
   tokenizer's, named `[PADn]` as llama.cpp names them), the merges, bos/eos/unk/pad ids and whether bos/eos
   are added;
 - tensors under llama.cpp's names (`gguf.TensorNameMap` of the architecture: token_embd, blk.N.attn_q/k/v/
-  output or phi3's fused attn_qkv, ffn_gate/up/down or phi3's fused ffn_up, the norms, output_norm, output);
+  output or phi3's and gpt2's fused attn_qkv, ffn_gate/up/down or their fused ffn_up, the norms, output_norm,
+  output);
   for llama's architecture the rows of Q and K permuted from HF's rotate-half layout to the interleaved pairs
   its rope works on (transformers' GGUF loader permutes them back; the other architectures rotate halves as HF
   does); Gemma's RMS norm weights stored as 1 + w (llama.cpp scales by the weight, Gemma by one plus it); no
-  `output` for tied embeddings, which llama.cpp reads as tied;
+  `output` for tied embeddings, which llama.cpp reads as tied; gpt2's Conv1D weights (in x out) transposed;
 - types: norms and 1-D tensors f32; the matrices in the asked type (quantized by `gguf.quants`), a matrix
   whose rows do not divide into the type's blocks f16 as llama.cpp's converter keeps it. Under q8_0 and
   q4_0 the matrices named in `keep_float` stay f16: by default the LM head (the embedding when tied), as
@@ -30,7 +33,7 @@ What GGUF cannot describe is refused before anything is written, saying why: ano
 architecture does not read, another activation than its graph's, a rope scaling other than linear or Llama 3's
 (written as llama.cpp's `rope_freqs` factors, llama's architecture only), partial rotary embeddings, a sliding
 window that binds within the context where the architecture has none (or other than gemma2's alternate
-layers), and a tokenizer other than byte-level BPE (the word-level vocabulary of `data=embedded` has no GGUF
+layers), attention options the graph does not compute (gemma2's query scale, gpt2's `assumes`), and a tokenizer other than byte-level BPE (the word-level vocabulary of `data=embedded` has no GGUF
 tokenizer model: llama.cpp knows SentencePiece, byte-level BPE, WordPiece and Unigram vocabularies, none of
 which splits on whitespace and maps an unseen word to one unknown token).
 """
@@ -77,6 +80,11 @@ class GgufFamily:
     window_key: bool = False  # attention.sliding_window written (0: none), as llama.cpp's converter writes it
     softcapping: bool = False  # attention and final logit soft-capping, which the graph always applies
     tied_only: bool = False  # the architecture has no `output` tensor
+    rotary: bool = True  # rope keys; gpt2 adds learned positions (position_embd) instead
+    layer_norm: bool = False  # LayerNorm with bias (gpt2), not RMSNorm
+    transposed: bool = False  # Conv1D weights (in x out, gpt2's), stored out x in as llama.cpp reads matrices
+    # Config values the architecture's graph assumes; a model with others is refused.
+    assumes: dict[str, Any] = field(default_factory=dict)
     # Config fields transformers' GGUF loader reads from no key of this architecture: it takes its config
     # class's defaults, so a model with other values reads back as another model there (llama.cpp reads them).
     loader_defaults: dict[str, Any] = field(default_factory=dict)
@@ -107,6 +115,21 @@ FAMILIES: dict[str, GgufFamily] = {  # by config.model_type
         },
     ),
     "phi3": GgufFamily("Phi3ForCausalLM", "PHI3", "silu", window_key=True),
+    "gpt2": GgufFamily(
+        "GPT2LMHeadModel",
+        "GPT2",
+        "gelu_new",
+        biases=(".bias",),
+        rotary=False,
+        layer_norm=True,
+        transposed=True,
+        assumes={
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "add_cross_attention": False,
+        },
+        loader_defaults={"n_positions": 1024, "n_inner": None},
+    ),
 }
 
 
@@ -193,21 +216,25 @@ def _add_hyperparameters(writer: Any, gguf: Any, config: Any, family: GgufFamily
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(_feed_forward_length(config))
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_head_count_kv(_kv_heads(config))
     writer.add_key_length(head_dim)  # llama.cpp's default is hidden / heads; gemma2 and qwen3 set their own
     writer.add_value_length(head_dim)
-    theta, scaling = _rope(config, family)
-    writer.add_rope_freq_base(theta)
-    if scaling is not None:
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(scaling)
-    freq_factors = llama3_rope_factors(config, head_dim)
-    if freq_factors is not None:  # llama.cpp divides each rotary frequency by its factor
-        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freq_factors)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if family.rotary:
+        writer.add_rope_dimension_count(head_dim)
+        theta, scaling = _rope(config, family)
+        writer.add_rope_freq_base(theta)
+        if scaling is not None:
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(scaling)
+        freq_factors = llama3_rope_factors(config, head_dim)
+        if freq_factors is not None:  # llama.cpp divides each rotary frequency by its factor
+            writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freq_factors)
+    if family.layer_norm:
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    else:
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     # gemma2's window (its even layers); phi3's, which llama.cpp reads (one that binds was refused)
     if family.window_key:
         writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
@@ -223,9 +250,11 @@ def _gguf_tensor(tensor: torch.Tensor, gguf_name: str, config: Any, family: Gguf
     if family.permute_qk and gguf_name.endswith("attn_q.weight"):
         data = permute_rotary_rows(data, config.num_attention_heads)
     elif family.permute_qk and gguf_name.endswith("attn_k.weight"):
-        data = permute_rotary_rows(data, config.num_key_value_heads)
+        data = permute_rotary_rows(data, _kv_heads(config))
     elif gguf_name.endswith("_norm.weight"):
         data = data + family.norm_offset
+    elif family.transposed and data.dim() == 2 and gguf_name.startswith("blk."):
+        data = data.t().contiguous()  # gpt2's Conv1D blocks; its embeddings are already rows
     return data
 
 
@@ -285,11 +314,23 @@ def check_gguf_model(model: Any) -> GgufFamily:
         raise ConfigError(
             f"{what} has biases ({biases[0]}, ...); llama.cpp's {family.arch.lower()} reads {allowed}; {FIX}"
         )
-    activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    activation = next(
+        (
+            v
+            for k in ("hidden_activation", "hidden_act", "activation_function")
+            if (v := getattr(config, k, None))
+        ),
+        None,
+    )
     if activation != family.activation:
         raise ConfigError(
             f"{what} has activation {activation}; llama.cpp's {family.arch.lower()} computes "
             f"{family.activation}; {FIX}"
+        )
+    other = {k: getattr(config, k, None) for k, v in family.assumes.items() if getattr(config, k, None) != v}
+    if other:
+        raise ConfigError(
+            f"{what} has {other}; llama.cpp's {family.arch.lower()} computes {family.assumes}; {FIX}"
         )
     _rope(config, family)
     _check_attention(config, family, what)
@@ -342,6 +383,17 @@ def _warn_loader_defaults(config: Any, family: GgufFamily) -> None:
                 TrainerWarning,
                 stacklevel=3,
             )
+
+
+def _kv_heads(config: Any) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _feed_forward_length(config: Any) -> int:
+    """The MLP width: `intermediate_size`, or gpt2's `n_inner` (None: 4 x hidden)."""
+    if hasattr(config, "n_inner"):
+        return config.n_inner or 4 * config.hidden_size
+    return config.intermediate_size
 
 
 def _head_dim(config: Any) -> int:
