@@ -8,9 +8,9 @@ permuted, which biases are read, Gemma's norm offset, the sliding window and sof
 positions, LayerNorm and transposed Conv1D weights):
 
 - metadata under `ARCH.*`: context, embedding and feed-forward lengths, block count, head counts (query and
-  key/value), key/value head size, rope dimension count, rope frequency base and linear rope scaling (none for
-  gpt2), the RMS (gpt2: layer) norm epsilon, the vocabulary size, the file type; gemma2's sliding window and
-  logit soft-capping;
+  key/value), key/value head size (where not hidden / heads), rope dimension count, rope frequency base and
+  linear rope scaling (none for gpt2), the RMS (gpt2: layer) norm epsilon, the vocabulary size, the file type;
+  gemma2's sliding window and logit soft-capping;
 - the tokenizer as `tokenizer.ggml.*`: model `gpt2` (byte-level BPE), the pre-tokenizer llama.cpp must split
   with (`gpt-2`, `smollm` for SmolLM2's digit split, `qwen2` for Qwen2's), every token in its byte-level spelling with its
   type (control for special added tokens, unused for the padding ids a model's vocabulary has beyond its
@@ -80,6 +80,9 @@ class GgufFamily:
     window_key: bool = False  # attention.sliding_window written (0: none), as llama.cpp's converter writes it
     softcapping: bool = False  # attention and final logit soft-capping, which the graph always applies
     tied_only: bool = False  # the architecture has no `output` tensor
+    key_length: bool = (
+        False  # head size written even where it is hidden / heads (transformers' gemma2 reads it)
+    )
     rotary: bool = True  # rope keys; gpt2 adds learned positions (position_embd) instead
     layer_norm: bool = False  # LayerNorm with bias (gpt2), not RMSNorm
     transposed: bool = False  # Conv1D weights (in x out, gpt2's), stored out x in as llama.cpp reads matrices
@@ -104,6 +107,7 @@ FAMILIES: dict[str, GgufFamily] = {  # by config.model_type
         "GEMMA2",
         "gelu_pytorch_tanh",
         norm_offset=1.0,
+        key_length=True,
         alternate_window=True,
         window_key=True,
         softcapping=True,
@@ -219,8 +223,9 @@ def _add_hyperparameters(writer: Any, gguf: Any, config: Any, family: GgufFamily
     writer.add_feed_forward_length(_feed_forward_length(config))
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(_kv_heads(config))
-    writer.add_key_length(head_dim)  # llama.cpp's default is hidden / heads; gemma2 and qwen3 set their own
-    writer.add_value_length(head_dim)
+    if family.key_length or head_dim * config.num_attention_heads != config.hidden_size:
+        writer.add_key_length(head_dim)  # llama.cpp's default is hidden / heads
+        writer.add_value_length(head_dim)
     if family.rotary:
         writer.add_rope_dimension_count(head_dim)
         theta, scaling = _rope(config, family)
