@@ -293,19 +293,18 @@ def test_each_family_reads_back_through_transformers_gguf_loader_within_the_llam
 ):
     """Measured (2026-12-07, gguf 0.19, transformers 5.25, CPU): f32 0.0 for every family; q8_0 3.2e-4 (gpt2) to
     3.8e-3 (mistral) of the largest logit."""
-    model = trained_family_model(model_type, pydoc_batches)
-    model.save_pretrained(tmp_path / "hf")
-    reference[1].save_pretrained(str(tmp_path / "hf"))
-    ids = reference[2]
-    with torch.no_grad():
-        expected = model(ids).logits
-
     import pydoc_data.topics
 
     from transformers import AutoModelForCausalLM
 
     from trainer.data.tokenizer import load_tokenizer
 
+    model = trained_family_model(model_type, pydoc_batches)
+    model.save_pretrained(tmp_path / "hf")
+    reference[1].save_pretrained(str(tmp_path / "hf"))
+    ids = reference[2]
+    with torch.no_grad():
+        expected = model(ids).logits
     for gguf_type in ["f32", "q8_0"]:
         out = run_export(
             f"model_path={tmp_path / 'hf'}",
