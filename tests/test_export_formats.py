@@ -295,13 +295,17 @@ def test_each_family_reads_back_through_transformers_gguf_loader_within_the_llam
     3.8e-3 (mistral) of the largest logit."""
     import pydoc_data.topics
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.data.tokenizer import load_tokenizer
 
     model = trained_family_model(model_type, pydoc_batches)
     model.save_pretrained(tmp_path / "hf")
     reference[1].save_pretrained(str(tmp_path / "hf"))
+    if model_type == "qwen2":  # a Qwen2 tokenizer of the same vocabulary (NFC, digits one by one), as Qwen's are
+        qwen = AutoTokenizer.from_pretrained(tmp_path / "hf")
+        assert type(qwen).__name__ == "Qwen2Tokenizer"
+        qwen.save_pretrained(str(tmp_path / "hf"))
     ids = reference[2]
     with torch.no_grad():
         expected = model(ids).logits
@@ -324,8 +328,7 @@ def test_each_family_reads_back_through_transformers_gguf_loader_within_the_llam
             error = ((got - expected).abs().max() / expected.abs().max()).item()
             print(f"{model_type} {gguf_type}: max |logit error| / max |logit| = {error:.2e}")
             assert error < RELATIVE_BOUND[gguf_type]
-    # The tokenizer the export read from hf/ (for qwen2 transformers makes it Qwen2's: NFC, digits one by one),
-    # as transformers rebuilds it from the file.
+    # The tokenizer the export read from hf/ (for qwen2 Qwen2's), as transformers rebuilds it from the file.
     ours = load_tokenizer(str(tmp_path / "hf"))
     split = gguf.GGUFReader(tmp_path / "f32" / "model-f32.gguf").fields["tokenizer.ggml.pre"].contents()
     assert split == ("qwen2" if model_type == "qwen2" else "gpt-2")
