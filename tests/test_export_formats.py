@@ -302,7 +302,9 @@ def test_each_family_reads_back_through_transformers_gguf_loader_within_the_llam
     model = trained_family_model(model_type, pydoc_batches)
     model.save_pretrained(tmp_path / "hf")
     reference[1].save_pretrained(str(tmp_path / "hf"))
-    if model_type == "qwen2":  # a Qwen2 tokenizer of the same vocabulary (NFC, digits one by one), as Qwen's are
+    if (
+        model_type == "qwen2"
+    ):  # a Qwen2 tokenizer of the same vocabulary (NFC, digits one by one), as Qwen's are
         qwen = AutoTokenizer.from_pretrained(tmp_path / "hf")
         assert type(qwen).__name__ == "Qwen2Tokenizer"
         qwen.save_pretrained(str(tmp_path / "hf"))
