@@ -167,9 +167,8 @@ class Planner:
             return False
         if lay.deepspeed and str(self.cfg.precision.name) == "fp8":
             return False  # DeepSpeed does not shard torchao's float8 linears (strategies/zero.py)
-        if lay.deepspeed and lay.shards_params and bool(self.cfg.train.compile):
-            return False  # zero3 refuses train.compile
-        return True
+        # zero3 refuses train.compile
+        return not (lay.deepspeed and lay.shards_params and bool(self.cfg.train.compile))
 
 
 def make_plan(cfg: Any, plan: Any) -> Plan:

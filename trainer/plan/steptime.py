@@ -131,11 +131,8 @@ def plan_step(
     if s.replicate_degree > 1:  # HSDP: the shards' gradients all-reduced across the replicas (across nodes)
         add("all-reduce (replicas)", "all_reduce", trained * grad_bytes / n, 1, s.replicate_degree, lk.inter)
     comm = sum(times.values())
-    if lay.overlaps:
-        # Hidden behind the compute, but for the first block's gather and the last block's reduce.
-        exposed = max(comm - compute, 0.0) + comm / max(counts.num_layers, 1)
-    else:
-        exposed = comm
+    # Overlapped: hidden behind the compute, but for the first block's gather and the last block's reduce.
+    exposed = max(comm - compute, 0.0) + comm / max(counts.num_layers, 1) if lay.overlaps else comm
     # The optimizer step reads and writes the parameters and states and reads the gradients: memory bound.
     stepped = trained / (n if lay.shards_optim else 1)
     state_bytes = s.optimizer_bytes if not lay.deepspeed else s.optimizer_bytes / p * 4
