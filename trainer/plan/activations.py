@@ -34,6 +34,14 @@ class ActivationTrace:
 
     saved: float  # what the forward leaves for the backward
     peak: float  # the most held at once over forward and backward (saved ones, their gradients, temporaries)
+    # The parameters' gradients already computed at that peak, and all of them (the trace's dtype): with
+    # checkpointing the peak comes late in the backward, when many gradients exist.
+    grads_at_peak: float = 0.0
+    grads_total: float = 1.0
+
+    @property
+    def grad_share_at_peak(self) -> float:
+        return min(self.grads_at_peak / self.grads_total, 1.0) if self.grads_total else 0.0
 
 
 def _activation_bytes(snapshot: dict) -> float:
@@ -72,8 +80,11 @@ def trace_block_count(
                 loss = module(tokens, tokens, num_targets=micro_batch * seq_len)
             saved = _activation_bytes(_device_snapshot(tracker, "current"))
             loss.backward()
-        peak = _activation_bytes(_device_snapshot(tracker, "peak"))
-    return ActivationTrace(saved=saved, peak=max(peak, saved))
+        at_peak = _device_snapshot(tracker, "peak")
+        grads = sum(p.numel() * p.element_size() for p in module.parameters())
+    peak = _activation_bytes(at_peak)
+    grads_at_peak = float(sum(v for k, v in at_peak.items() if str(k).endswith("GRAD")))
+    return ActivationTrace(saved=saved, peak=max(peak, saved), grads_at_peak=grads_at_peak, grads_total=grads)
 
 
 def _device_snapshot(tracker: MemTracker, kind: str) -> dict:
@@ -91,4 +102,6 @@ def trace_activations(config: PretrainedConfig, num_layers: int, **kwargs) -> Ac
     return ActivationTrace(
         saved=one.saved + extra * (two.saved - one.saved),
         peak=one.peak + extra * max(two.peak - one.peak, 0.0),
+        grads_at_peak=one.grads_at_peak + extra * max(two.grads_at_peak - one.grads_at_peak, 0.0),
+        grads_total=one.grads_total + extra * (two.grads_total - one.grads_total),
     )

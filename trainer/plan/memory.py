@@ -87,8 +87,14 @@ class MemoryPlan:
     host_bytes: float = 0.0  # offloaded states, in CPU memory
 
     @property
+    def allocated(self) -> float:
+        """The most tensors hold at once (what torch.cuda.max_memory_allocated measures)."""
+        return max(self.backward_peak, self.step_peak)
+
+    @property
     def peak(self) -> float:
-        return max(self.backward_peak, self.step_peak) * (1 + self.fragmentation)
+        """With the fragmentation margin: what the device must have."""
+        return self.allocated * (1 + self.fragmentation)
 
 
 def model_states(
@@ -170,8 +176,10 @@ def plan_memory(
     acts = trace or activations_for(counts, s)
     held = sum(v for k, v in states.items() if k not in ("gradients", "offloaded to CPU"))
     # Gradients exist during the forward and backward only when accumulated over micro-batches or kept in
-    # a buffer allocated once (DeepSpeed's partition); otherwise the previous step freed them (set_to_none).
-    grads_in_backward = states["gradients"] if (s.grad_accum > 1 or s.layout.persistent_grad_buffer) else 0
+    # a buffer allocated once (DeepSpeed's partition); otherwise the previous step freed them (set_to_none)
+    # and the backward's peak holds the share the trace found computed by then.
+    accumulated = s.grad_accum > 1 or s.layout.persistent_grad_buffer
+    grads_in_backward = states["gradients"] * (1.0 if accumulated else acts.grad_share_at_peak)
     backward = held + grads_in_backward + sum(bufs.values()) + acts.peak
     # The step: every gradient, plus what it allocates: DeepSpeed's fp32 gradient partition in 16 bits,
     # torch's multi-tensor (foreach) temporaries the size of the parameters.
@@ -185,6 +193,7 @@ def plan_memory(
         + (bufs["communication buffers"] if s.layout.gradient_buckets else 0)
     )
     parts = {**states, **bufs, "activations (at the peak)": acts.peak}
+    parts["gradients"] = states["gradients"]
     return MemoryPlan(
         parts=parts,
         activations=acts,

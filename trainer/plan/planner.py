@@ -177,7 +177,8 @@ def make_plan(cfg: Any, plan: Any) -> Plan:
     s = p.setup(strategy_layout(cfg.strategy), checkpointing=bool(cfg.train.activation_checkpointing))
     job = p.option(s)
     largest = p.largest_micro_batch(s)
-    alternatives = p.alternatives() if plan.alternatives else []
+    # A job that does not fit always gets its alternatives: they say what would.
+    alternatives = p.alternatives() if plan.alternatives or not job.fits else []
     result = Plan(
         job=job,
         largest_micro_batch=largest.setup.micro_batch if largest else 0,

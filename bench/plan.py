@@ -1,0 +1,128 @@
+"""trainer.plan's predictions against measured and published runs: memory per GPU and tokens/s.
+
+Each row is a configuration someone ran, with what they measured, planned with `python -m trainer.plan`'s own
+functions from the same overrides (no GPU needed: the plan never allocates the model):
+
+* our H200 runs (bench/RESULTS.md, "MFU at 1B parameters"): bench/mfu.py's overrides, one rank;
+* torchtitan's published Llama 3.1 8B FSDP runs on 8 and 128 H100s (pytorch/torchtitan,
+  benchmarks/llama3_h100_202412_torchtitan.md, Tables 1 and 3: local batch 2, sequences of 8,192, selective
+  activation checkpointing, which our trainer does not have: planned with full checkpointing and without).
+
+The measured figures are this table's, copied from their sources; the predictions are computed on each run.
+
+    .venv/bin/python bench/plan.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from hydra import initialize_config_dir  # noqa: E402
+from mfu import overrides as mfu_overrides  # noqa: E402 - bench/ is on the path of a script run from it
+from mfu import parse_args as mfu_args  # noqa: E402
+from mfu import parse_variant  # noqa: E402
+
+from trainer.errors import ConfigError  # noqa: E402
+from trainer.plan.__main__ import CONF_DIR, compose_plan  # noqa: E402
+from trainer.plan.devices import GIB  # noqa: E402
+from trainer.plan.planner import make_plan  # noqa: E402
+
+# (variant of bench/mfu.py, measured tokens/s, measured peak GiB): bench/RESULTS.md, one H200, 2026-11-27.
+H200_1B = [
+    ("fsdp:bf16", 54164, 39.2),
+    ("zero2:bf16", 53128, 42.8),
+    ("zero3:bf16", 51905, 43.0),
+    ("fsdp:bf16:compile", 60017, 37.0),
+    ("fsdp:fp8:compile", 71706, 31.0),
+]
+
+LLAMA31_8B = [
+    "+model.arch.vocab_size=128256",
+    "model.arch.hidden_size=4096",
+    "model.arch.intermediate_size=14336",
+    "model.arch.num_hidden_layers=32",
+    "model.arch.num_attention_heads=32",
+    "model.arch.num_key_value_heads=8",
+    "model.arch.max_position_embeddings=8192",
+    "model.arch.rope_theta=500000.0",
+    "model.arch.tie_word_embeddings=false",
+    "data.seq_len=8192",
+    "train.micro_batch_size=2",
+    "strategy=fsdp",
+    "precision=bf16",
+]
+# (label, nodes, compile, published tokens/s per GPU, published GiB): torchtitan's Tables 1 and 3 (H100 96 GB
+# HBM2e at 500 W, 8 GPUs per node, 400 Gb/s RDMA per GPU).
+TORCHTITAN = [
+    ("8 GPUs, eager", 1, False, 5762, 82.4),
+    ("8 GPUs, compiled", 1, True, 6667, 77.0),
+    ("128 GPUs, eager", 16, False, 5605, 67.0),
+    ("128 GPUs, compiled", 16, True, 6514, 62.0),
+]
+# The H100s torchtitan measured have 96 GB (their memory figures are of those; nvidia-smi: 97,871 MiB).
+TORCHTITAN_GIB = 95.6
+
+
+def plan(overrides: list[str]) -> tuple[float, float, bool]:
+    """(tokens/s per GPU, GiB per GPU, fits) that trainer.plan predicts; the memory is the most the tensors hold
+    (torch.cuda.max_memory_allocated's measure), without the fragmentation margin."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg, p = compose_plan([*overrides, "plan.alternatives=false"])
+    try:
+        result = make_plan(cfg, p)
+    except ConfigError:  # nothing fits these GPUs: a row all the same
+        return float("nan"), float("nan"), False
+    job = result.job
+    return job.tokens_per_s / result.world_size, job.memory.allocated / GIB, job.fits
+
+
+def off(predicted: float, measured: float) -> str:
+    return f"{100 * (predicted / measured - 1):+.1f}%"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    start = time.perf_counter()
+    a = mfu_args([])
+    print("| run | measured tokens/s | predicted | off | measured GiB | predicted | off |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for variant, tokens, gib in H200_1B:
+        args = [
+            o for o in mfu_overrides(parse_variant(variant), a, REPO / "unused") if not o.startswith("hydra.")
+        ]
+        tps, mem, _ = plan([*args, "plan.gpu=h200", "plan.gpus_per_node=1", "plan.nodes=1"])
+        print(
+            f"| H200 1B {variant} | {tokens:,} | {tps:,.0f} | {off(tps, tokens)} | {gib} | {mem:.1f} | {off(mem, gib)} |"
+        )
+    for label, nodes, compiled, tokens, gib in TORCHTITAN:
+        for ac in ("true", "false"):
+            args = [
+                *LLAMA31_8B,
+                f"train.global_batch_size={2 * 8 * nodes}",
+                f"train.compile={str(compiled).lower()}",
+                f"train.activation_checkpointing={ac}",
+                "plan.gpu=h100",
+                f"plan.memory_gib={TORCHTITAN_GIB}",
+                "plan.gpus_per_node=8",
+                f"plan.nodes={nodes}",
+            ]
+            tps, mem, fits = plan(args)
+            if not fits:
+                print(f"| torchtitan 8B {label}, ours without AC | {tokens:,} | does not fit | | {gib} | | |")
+                continue
+            print(
+                f"| torchtitan 8B {label}, ours with {'full' if ac == 'true' else 'no'} AC | {tokens:,} | {tps:,.0f} "
+                f"| {off(tps, tokens)} | {gib} | {mem:.1f} | {off(mem, gib)} |"
+            )
+    print(f"\n{time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
