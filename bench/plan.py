@@ -10,7 +10,8 @@ functions from the same overrides (no GPU needed: the plan never allocates the m
 
 The measured figures are this table's, copied from their sources; the predictions are computed on each run.
 
-    .venv/bin/python bench/plan.py
+    .venv/bin/python bench/plan.py            # every row, ~4 minutes on 2 cores
+    .venv/bin/python bench/plan.py --quick    # the first row: checks the script
 """
 
 from __future__ import annotations
@@ -88,12 +89,14 @@ def off(predicted: float, measured: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the first H200 row only: checks the script")
+    quick = parser.parse_args(argv).quick
     start = time.perf_counter()
     a = mfu_args([])
     print("| run | measured tokens/s | predicted | off | measured GiB | predicted | off |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for variant, tokens, gib in H200_1B:
+    for variant, tokens, gib in H200_1B[:1] if quick else H200_1B:
         args = [
             o for o in mfu_overrides(parse_variant(variant), a, REPO / "unused") if not o.startswith("hydra.")
         ]
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"| H200 1B {variant} | {tokens:,} | {tps:,.0f} | {off(tps, tokens)} | {gib} | {mem:.1f} | {off(mem, gib)} |"
         )
-    for label, nodes, compiled, tokens, gib in TORCHTITAN:
+    for label, nodes, compiled, tokens, gib in [] if quick else TORCHTITAN:
         for ac in ("true", "false"):
             args = [
                 *LLAMA31_8B,

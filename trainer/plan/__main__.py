@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from trainer.cli import run
 from trainer.config import register_configs, validate_config
 from trainer.plan.config import register_plan_configs, validate_plan
+from trainer.plan.devices import check_names
 from trainer.plan.planner import check_world, make_plan
 from trainer.plan.report import format_plan
 
@@ -41,6 +42,7 @@ def compose_plan(argv: list[str]) -> tuple[Any, Any]:
     cfg = compose("config", overrides=train)
     plan = compose("plan", overrides=plan_args)
     validate_plan(plan)
+    check_names(plan)
     check_world(cfg, plan)
     validate_config(cfg, world_size=int(plan.gpus_per_node) * int(plan.nodes))
     return cfg, plan

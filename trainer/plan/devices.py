@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from trainer.errors import ConfigError
 
@@ -121,6 +122,13 @@ MEASURED_MFU = {
     ("fp8", False): 0.385 * 0.510 / 0.427,
 }
 MFU_SOURCE = "bench/RESULTS.md, MFU at 1B parameters (one H200, fsdp, 8 x 2048 tokens, 2026-11-27)"
+
+
+def check_names(plan: Any) -> None:
+    """plan.gpu and plan.network name entries of the tables (before any other check: they are the plan's own)."""
+    if str(plan.gpu) != "cpu":
+        device(str(plan.gpu))
+    network(str(plan.network))
 
 
 def device(name: str) -> Device:

@@ -125,16 +125,22 @@ class Planner:
             global_batch=int(self.cfg.train.global_batch_size),
         )
 
-    def largest_micro_batch(self, s: Setup) -> Option | None:
-        """The largest micro-batch that fits and divides the global batch over the ranks: activations grow
-        in proportion to the micro-batch (traced once at micro-batch 1, then scaled)."""
+    def largest_micro_batch(self, s: Setup, *, dividing: bool = False) -> Option | None:
+        """The largest micro-batch that fits (up to plan.max_micro_batch; with `dividing`, only those the
+        global batch splits into over the ranks). Activations grow in proportion to the micro-batch: traced
+        once at micro-batch 1, then scaled."""
         one = self.trace(dataclasses.replace(s, micro_batch=1))
         best = None
-        per_rank = int(self.cfg.train.global_batch_size) // self.world
-        for mb in range(1, min(int(self.plan.max_micro_batch), max(per_rank, 1)) + 1):
-            if per_rank % mb:
+        per_rank = max(int(self.cfg.train.global_batch_size) // self.world, 1)
+        for mb in range(1, int(self.plan.max_micro_batch) + 1):
+            if dividing and (mb > per_rank or per_rank % mb):
                 continue
-            scaled = ActivationTrace(saved=one.saved * mb, peak=one.peak * mb)
+            scaled = ActivationTrace(
+                saved=one.saved * mb,
+                peak=one.peak * mb,
+                grads_at_peak=one.grads_at_peak,
+                grads_total=one.grads_total,
+            )
             o = self.option(self.setup(s.layout, checkpointing=s.checkpointing, micro_batch=mb), trace=scaled)
             if not o.fits:
                 break
@@ -150,7 +156,7 @@ class Planner:
                 continue
             for ac in (False, True):
                 s = self.setup(layout, checkpointing=ac)
-                for o in (self.option(s), self.largest_micro_batch(s)):
+                for o in (self.option(s), self.largest_micro_batch(s, dividing=True)):
                     if (
                         o is not None
                         and o.fits
