@@ -496,6 +496,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def planned_bytes(overrides: list[str]) -> float:
+    """The model state per rank that `python -m trainer.plan` predicts for the same config on 2 ranks:
+    parameters, gradients, optimizer states and master partition (what this benchmark walks)."""
+    from hydra import initialize_config_dir
+
+    from trainer.plan.__main__ import CONF_DIR, compose_plan
+    from trainer.plan.planner import Planner
+
+    plan_args = ["plan.gpu=cpu", f"plan.gpus_per_node={WORLD_SIZE}", "plan.alternatives=false"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg, plan = compose_plan([*overrides, *plan_args])
+    from trainer.plan.memory import model_states
+    from trainer.strategies.layout import strategy_layout
+
+    planner = Planner(cfg, plan)
+    states = model_states(planner.counts, planner.setup(strategy_layout(cfg.strategy)))
+    return sum(states[k] for k in ("parameters", "gradients", "optimizer states", "fp32 master"))
+
+
 def analyse(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per strategy: the largest rank's bytes, the formulas, the ratios, and the targets."""
     rows: dict[str, Any] = {}
@@ -511,6 +530,8 @@ def analyse(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "after_step_per_rank": [x["after_step"]["bytes"]["total"] for x in r["ranks"]],
             "formula": formula,
             "ratio_to_formula": measured["total"] / formula["total"],
+            # trainer.plan's prediction of the same model state (docs/plan.md)
+            "plan_ratio": planned_bytes(r["overrides"]) / measured["total"],
             "separate_fp32_master": measured["master"] > 0,
         }
         if strategy.startswith("zero"):
@@ -557,6 +578,7 @@ def print_report(results: dict[str, dict[str, Any]], rows: dict[str, Any]) -> No
     print(
         "meas/f: measured / formula (K = 8); w/ mst: measured / formula with a separate fp32 master (K = 12)"
     )
+    print("trainer.plan / measured: " + ", ".join(f"{s} {row['plan_ratio']:.3f}" for s, row in rows.items()))
 
     print("\nnot in the totals above:")
     for strategy, r in results.items():

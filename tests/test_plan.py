@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 
 import pytest
@@ -78,7 +77,9 @@ def test_predicted_peak_is_within_10_percent_of_a_real_steps(tmp_path, extra):
 def test_a_70b_plan_takes_under_a_minute_and_under_2_gb(tmp_path):
     """In a fresh process (its whole peak resident memory counts, torch's import included), with the
     alternatives: the parameter count is the Llama formula's, computed here from the same fields."""
-    arch = [f"+model.arch.{k}={v}" if k == "vocab_size" else f"model.arch.{k}={v}" for k, v in LLAMA3_70B.items()]
+    arch = [
+        f"+model.arch.{k}={v}" if k == "vocab_size" else f"model.arch.{k}={v}" for k, v in LLAMA3_70B.items()
+    ]
     args = [
         *arch,
         "data.seq_len=8192",
@@ -100,7 +101,12 @@ def test_a_70b_plan_takes_under_a_minute_and_under_2_gb(tmp_path):
     )
     start = time.perf_counter()
     proc = subprocess.run(
-        [PYTHON, "-c", driver, *args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120
+        [PYTHON, "-c", driver, *args],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
