@@ -67,6 +67,34 @@ TORCHTITAN = [
     ("128 GPUs, eager", 16, False, 5605, 67.0),
     ("128 GPUs, compiled", 16, True, 6514, 62.0),
 ]
+# torchtitan's earlier Llama 3 runs, FSDP on 64 A100 80GB (docs/performance.md at commit 0413364, "Llama 3
+# performance numbers"): local batch 1, sequences of 8,192; the 8B with selective checkpointing (planned with
+# full and none), the 70B with full. The network is not stated there: planned as InfiniBand HDR (DGX A100's).
+LLAMA3_70B = [
+    "+model.arch.vocab_size=128256",
+    "model.arch.hidden_size=8192",
+    "model.arch.intermediate_size=28672",
+    "model.arch.num_hidden_layers=80",
+    "model.arch.num_attention_heads=64",
+    "model.arch.num_key_value_heads=8",
+    "model.arch.max_position_embeddings=8192",
+    "model.arch.rope_theta=500000.0",
+    "model.arch.tie_word_embeddings=false",
+    "data.seq_len=8192",
+    "train.micro_batch_size=1",
+    "strategy=fsdp",
+    "precision=bf16",
+]
+# (label, model overrides, activation checkpointing choices, published tokens/s per GPU)
+TORCHTITAN_A100 = [
+    (
+        "Llama 3 8B, 64 A100, selective AC",
+        [o for o in LLAMA31_8B if "micro_batch" not in o],
+        ("true", "false"),
+        2904,
+    ),
+    ("Llama 3 70B, 64 A100, full AC", LLAMA3_70B, ("true",), 331),
+]
 # The H100s torchtitan measured have 96 GB (their memory figures are of those; nvidia-smi: 97,871 MiB).
 TORCHTITAN_GIB = 95.6
 
@@ -123,6 +151,26 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"| torchtitan 8B {label}, ours with {'full' if ac == 'true' else 'no'} AC | {tokens:,} | {tps:,.0f} "
                 f"| {off(tps, tokens)} | {gib} | {mem:.1f} | {off(mem, gib)} |"
+            )
+    for label, model, choices, tokens in [] if quick else TORCHTITAN_A100:
+        for ac in choices:
+            args = [
+                *model,
+                "train.micro_batch_size=1",
+                "train.global_batch_size=64",
+                f"train.activation_checkpointing={ac}",
+                "plan.gpu=a100_80gb",
+                "plan.network=infiniband_hdr",
+                "plan.gpus_per_node=8",
+                "plan.nodes=8",
+            ]
+            tps, mem, fits = plan(args)
+            what = f"ours with {'full' if ac == 'true' else 'no'} AC"
+            if not fits:
+                print(f"| torchtitan {label}, {what} | {tokens:,} | does not fit | | | | |")
+                continue
+            print(
+                f"| torchtitan {label}, {what} | {tokens:,} | {tps:,.0f} | {off(tps, tokens)} | | {mem:.1f} | |"
             )
     print(f"\n{time.perf_counter() - start:.0f} s")
 
