@@ -51,6 +51,8 @@ class Plan:
     counts: ModelCounts
     peak_flops: float
     gpu_name: str
+    # The activations of the same micro-batch with the other checkpointing choice (the "with and without").
+    other_checkpointing: ActivationTrace | None = None
 
 
 class Planner:
@@ -195,6 +197,7 @@ def make_plan(cfg: Any, plan: Any) -> Plan:
         counts=p.counts,
         peak_flops=p.dev.peak_flops,
         gpu_name=str(plan.gpu),
+        other_checkpointing=p.trace(dataclasses.replace(s, checkpointing=not s.checkpointing)),
     )
     if not job.fits and not alternatives:
         raise ConfigError(nothing_fits_message(p, job))

@@ -62,6 +62,12 @@ def format_plan(p: Plan, cfg: Any) -> str:
         f"{job.setup.grad_accum} micro-batch(es) of {job.setup.micro_batch} x {job.setup.seq_len} tokens per step"
     )
     lines = [head, "", "memory per GPU (every rank holds the same):", *memory_lines(job)]
+    if p.other_checkpointing is not None:
+        other = "with" if not job.setup.checkpointing else "without"
+        lines.append(
+            f"    ({other} activation checkpointing the activations at the peak would be "
+            f"{p.other_checkpointing.peak / GIB:.2f} GiB)"
+        )
     verdict = "fits" if job.fits else "DOES NOT FIT"
     lines += [
         "",
