@@ -206,7 +206,7 @@ def plan_memory(
 
 def activations_for(counts: ModelCounts, s: Setup) -> ActivationTrace:
     """Trace the activations as the strategy computes (see trainer/plan/activations.py)."""
-    weight_dtype, autocast = _trace_dtypes(s)
+    weight_dtype, autocast = trace_dtypes(s)
     return trace_activations(
         counts.config,
         counts.num_layers,
@@ -219,7 +219,7 @@ def activations_for(counts: ModelCounts, s: Setup) -> ActivationTrace:
     )
 
 
-def _trace_dtypes(s: Setup) -> tuple[torch.dtype, torch.dtype | None]:
+def trace_dtypes(s: Setup) -> tuple[torch.dtype, torch.dtype | None]:
     """(weights' dtype, autocast dtype) of the forward as the strategy runs it."""
     compute = {2: torch.bfloat16 if s.precision != "fp16" else torch.float16, 4: torch.float32}
     stored = {2: torch.bfloat16, 4: torch.float32}[s.param_bytes]

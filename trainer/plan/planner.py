@@ -11,7 +11,14 @@ from typing import Any
 from trainer.errors import ConfigError
 from trainer.plan.activations import ActivationTrace
 from trainer.plan.devices import GIB, Device, device, network
-from trainer.plan.memory import MemoryPlan, Setup, activations_for, plan_memory, setup_from_config
+from trainer.plan.memory import (
+    MemoryPlan,
+    Setup,
+    activations_for,
+    plan_memory,
+    setup_from_config,
+    trace_dtypes,
+)
 from trainer.plan.model import ModelCounts, apply_peft, count_model, model_config, teacher_params
 from trainer.plan.steptime import Links, StepTime, links, plan_step
 from trainer.strategies.layout import Layout, all_layouts, strategy_layout
@@ -50,7 +57,6 @@ class Plan:
     world_size: int
     counts: ModelCounts
     peak_flops: float
-    gpu_name: str
     # The activations of the same micro-batch with the other checkpointing choice (the "with and without").
     other_checkpointing: ActivationTrace | None = None
 
@@ -102,9 +108,7 @@ class Planner:
         )
 
     def trace(self, s: Setup) -> ActivationTrace:
-        from trainer.plan.memory import _trace_dtypes
-
-        key = (_trace_dtypes(s), s.checkpointing, s.micro_batch, s.seq_len)
+        key = (trace_dtypes(s), s.checkpointing, s.micro_batch, s.seq_len)
         if key not in self._traces:
             self._traces[key] = activations_for(self.counts, s)
         return self._traces[key]
@@ -196,7 +200,6 @@ def make_plan(cfg: Any, plan: Any) -> Plan:
         world_size=p.world,
         counts=p.counts,
         peak_flops=p.dev.peak_flops,
-        gpu_name=str(plan.gpu),
         other_checkpointing=p.trace(dataclasses.replace(s, checkpointing=not s.checkpointing)),
     )
     if not job.fits and not alternatives:
