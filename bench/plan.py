@@ -112,6 +112,101 @@ def plan(overrides: list[str]) -> tuple[float, float, bool]:
     return job.tokens_per_s / result.world_size, job.memory.allocated / GIB, job.fits
 
 
+# The CPU check: the default model under 2 ranks (gloo), one thread each, measured here against its plan.
+CPU_STEPS, CPU_WARMUP = 20, 5
+CPU_RUN = [
+    "train.max_steps=20",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.progress_bar=false",
+    "train.export_hf=false",
+    "checkpoint.every_steps=0",
+    "checkpoint.at_end=false",
+    "train.global_batch_size=32",
+]
+
+
+def _gloo_probe(rank: int, port: int, out: str) -> None:
+    """One rank of the bandwidth probe: all-reduces of 32 MB, the bus bandwidth as nccl-tests defines it."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    x = torch.ones(8 * 2**20)
+    dist.all_reduce(x)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dist.all_reduce(x)
+        best = min(best, time.perf_counter() - start)
+    if rank == 0:
+        Path(out).write_text(str(2 * x.numel() * 4 * (2 - 1) / 2 / best))
+    dist.destroy_process_group()
+
+
+def gloo_bandwidth(tmp: Path) -> float:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp / "gloo.txt"
+    mp.spawn(_gloo_probe, args=(port, str(out)), nprocs=2)
+    return float(out.read_text())
+
+
+def measured_cpu_run(strategy: str, tmp: Path) -> float:
+    """tokens/s of the default model under torchrun, 2 ranks of 1 thread (median after the warm-up steps)."""
+    import json
+    import os
+    import statistics
+    import subprocess
+
+    run_dir = tmp / strategy
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer.train"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    args = [f"strategy={strategy}", *CPU_RUN, f"hydra.run.dir={run_dir}"]
+    subprocess.run([*cmd, *args], cwd=REPO, env=env, check=True, capture_output=True, timeout=900)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r.get("step", 0) > CPU_WARMUP]
+    return statistics.median(steps)
+
+
+def cpu_rows() -> None:
+    import tempfile
+
+    import torch
+
+    from trainer.metrics import measure_cpu_peak_flops
+    from trainer.plan.devices import COMM_EFFICIENCY
+
+    torch.set_num_threads(1)
+    peak = measure_cpu_peak_flops()
+    with tempfile.TemporaryDirectory() as d:
+        bandwidth = gloo_bandwidth(Path(d))
+        print(
+            f"\nthis CPU: {peak / 1e9:.1f} GFLOP/s per thread (1024^3 fp32 matmul), gloo {bandwidth / 1e9:.2f} GB/s"
+        )
+        for strategy in ("ddp", "fsdp"):
+            measured = measured_cpu_run(strategy, Path(d))
+            tps, _, _ = plan(
+                [
+                    f"strategy={strategy}",
+                    *CPU_RUN,
+                    "plan.gpu=cpu",
+                    "plan.gpus_per_node=2",
+                    f"plan.peak_tflops={peak / 1e12}",
+                    f"plan.intra_node_gbps={bandwidth / COMM_EFFICIENCY / 1e9}",
+                ]
+            )
+            print(
+                f"| CPU default model, 2 ranks, {strategy} | {measured / 2:,.0f} | {tps:,.0f} | {off(tps, measured / 2)} |"
+            )
+
+
 def off(predicted: float, measured: float) -> str:
     return f"{100 * (predicted / measured - 1):+.1f}%"
 
@@ -119,7 +214,12 @@ def off(predicted: float, measured: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the first H200 row only: checks the script")
-    quick = parser.parse_args(argv).quick
+    parser.add_argument("--cpu", action="store_true", help="only the CPU rows: real 2-rank runs here")
+    a = parser.parse_args(argv)
+    quick = a.quick
+    if a.cpu:
+        cpu_rows()
+        return
     start = time.perf_counter()
     a = mfu_args([])
     print("| run | measured tokens/s | predicted | off | measured GiB | predicted | off |")
