@@ -484,6 +484,8 @@ def _size_args(a: argparse.Namespace) -> list[str]:
         str(a.batch),
         "--grad-accum",
         str(a.grad_accum),
+        "--world-size",
+        str(a.world_size),
     ]
     if a.reduce_bucket_size:
         args += ["--reduce-bucket-size", str(a.reduce_bucket_size)]
@@ -494,6 +496,25 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def planned_bytes(overrides: list[str]) -> float:
+    """The model state per rank that `python -m trainer.plan` predicts for the same config on 2 ranks:
+    parameters, gradients, optimizer states and master partition (what this benchmark walks)."""
+    from hydra import initialize_config_dir
+
+    from trainer.plan.__main__ import CONF_DIR, compose_plan
+    from trainer.plan.planner import Planner
+
+    plan_args = ["plan.gpu=cpu", f"plan.gpus_per_node={WORLD_SIZE}", "plan.alternatives=false"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg, plan = compose_plan([*overrides, *plan_args])
+    from trainer.plan.memory import model_states
+    from trainer.strategies.layout import strategy_layout
+
+    planner = Planner(cfg, plan)
+    states = model_states(planner.counts, planner.setup(strategy_layout(cfg.strategy)))
+    return sum(states[k] for k in ("parameters", "gradients", "optimizer states", "fp32 master"))
 
 
 def analyse(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -511,6 +532,8 @@ def analyse(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "after_step_per_rank": [x["after_step"]["bytes"]["total"] for x in r["ranks"]],
             "formula": formula,
             "ratio_to_formula": measured["total"] / formula["total"],
+            # trainer.plan's prediction of the same model state (docs/plan.md)
+            "plan_ratio": planned_bytes(r["overrides"]) / measured["total"],
             "separate_fp32_master": measured["master"] > 0,
         }
         if strategy.startswith("zero"):
@@ -522,7 +545,7 @@ def analyse(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for strategy, row in rows.items():
         row["ratio_to_ddp"] = row["measured"]["total"] / ddp["measured"]["total"] if ddp else None
         targets = {"within_10pct_of_formula": abs(row["ratio_to_formula"] - 1) <= TOLERANCE}
-        if strategy in ("zero3", "fsdp") and ddp:
+        if strategy in ("zero3", "fsdp") and ddp and WORLD_SIZE > 1:
             targets["at_most_0.55x_ddp"] = row["ratio_to_ddp"] <= MAX_VS_DDP
         row["targets"] = targets
     return rows
@@ -557,6 +580,7 @@ def print_report(results: dict[str, dict[str, Any]], rows: dict[str, Any]) -> No
     print(
         "meas/f: measured / formula (K = 8); w/ mst: measured / formula with a separate fp32 master (K = 12)"
     )
+    print("trainer.plan / measured: " + ", ".join(f"{s} {row['plan_ratio']:.3f}" for s, row in rows.items()))
 
     print("\nnot in the totals above:")
     for strategy, r in results.items():
@@ -590,6 +614,7 @@ def print_report(results: dict[str, dict[str, Any]], rows: dict[str, Any]) -> No
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    global WORLD_SIZE
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -611,6 +636,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="DeepSpeed zero_optimization.reduce_bucket_size in elements (default: the trainer's, hidden^2)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument(
+        "--world-size", type=int, default=WORLD_SIZE, help="ranks (1: a one-rank group per strategy)"
+    )
     p.add_argument("--timeout", type=int, default=600, help="seconds per strategy")
     p.add_argument(
         "--run-dir", type=Path, default=REPO / "bench" / "out" / "memory_run", help=argparse.SUPPRESS
@@ -622,6 +650,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="ddp and zero3 on a 2-layer, 64-wide Llama: checks the script"
     )
     a = p.parse_args(argv)
+    WORLD_SIZE = a.world_size  # every function below reads it, the workers' too (passed on by _size_args)
     if a.quick:
         a.hidden, a.layers, a.seq_len = 64, 2, 32
         if a.strategies == list(STRATEGIES):

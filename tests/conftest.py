@@ -20,6 +20,7 @@ from trainer.evaluate_config import register_evaluate_configs
 from trainer.export_config import register_export_configs
 from trainer.generate_config import register_generate_configs
 from trainer.pipeline_config import register_pipeline_configs
+from trainer.plan.config import register_plan_configs
 from trainer.prepare_data_config import register_prepare_data_configs
 from trainer.quant.config import register_quantize_configs
 from trainer.report_config import register_report_configs
@@ -67,6 +68,7 @@ register_report_configs()
 register_pipeline_configs()
 register_prepare_data_configs()
 register_generate_configs()
+register_plan_configs()
 
 
 def compose_config(*overrides: str):
@@ -329,6 +331,7 @@ TEST_TIERS = {
     "test_evaluate_tasks_give_the_accuracy_lm_evals_own_command_line_gives_on_the_same_directory": {SLOW},
     "test_bad_task_options_are_refused_before_any_model_loads": {SLOW},  # indexes lm-eval's tasks (~10 s)
     "test_every_bench_script_runs_its_quick_mode": {SLOW},  # every bench script, each its own processes
+    "test_a_70b_plan_takes_under_a_minute_and_under_2_gb": {SLOW},  # a fresh process: its own peak memory
     # several ranks, each a job of the preloaded server, a torchrun or a spawned process
     "test_strategy_follows_the_single_process_run": {SLOW, MULTIRANK},
     "test_resume_under_another_strategy_and_world_size": {SLOW, MULTIRANK},

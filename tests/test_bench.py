@@ -23,6 +23,7 @@ SMOKE_ARGS = {
     "distill.py": ["--quick", "--out", "{tmp}"],
     "memory.py": ["--quick", "--run-dir", "{tmp}/run", "--out", "{tmp}/memory.json"],
     "mfu.py": ["--quick", "--variants", "fsdp:bf16:profile", "--out", "{tmp}/mfu.json"],
+    "plan.py": ["--quick"],
     "precision.py": ["--quick", "--precisions", "fp32", "bf16", "--out", "{tmp}/precision.json"],
     "prune.py": ["--quick", "--out", "{tmp}/prune.json"],
     "quantize.py": ["--quick", "--schemes", "int8_weight", "--work", "{tmp}", "--threads", "1"],

@@ -176,6 +176,10 @@ def check_command(module: str, args: list[str], world_size: int) -> None:
             check_settings(_compose("prepare_data", job))
         elif module == "trainer.report":
             _compose("report", job)
+        elif module == "trainer.plan":
+            from trainer.plan.__main__ import compose_plan
+
+            compose_plan(job)  # the training config and plan.*, checked for the planned world size
         else:
             import importlib.util
 

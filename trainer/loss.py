@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 IGNORE_INDEX = -100
 
@@ -107,9 +108,10 @@ def causal_lm_loss(
         logits = x.reshape(-1, x.shape[-1]).float()
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") * scale
     hidden = x.reshape(-1, x.shape[-1])
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not is_fake(labels):
         # Only the rows that carry a target go through the LM head: an SFT batch trains a fraction of its
-        # tokens (an assistant's), padding none. (Under compile the row count would be a dynamic shape.)
+        # tokens (an assistant's), padding none. (Under compile the row count would be a dynamic shape; on
+        # the fake tensors trainer.plan traces, a value nobody has.)
         keep = labels != IGNORE_INDEX
         if not bool(keep.all()):
             hidden, labels = hidden[keep], labels[keep]

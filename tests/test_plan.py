@@ -1,0 +1,180 @@
+"""trainer.plan: the peak memory it predicts against what a real training step holds, a 70B plan on this
+machine's CPU in seconds and little memory, and bad input as one paragraph."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+from hydra import initialize_config_dir
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from tests.conftest import PYTHON, ROOT, TINY_MARKOV, make_trainer, run_command, subprocess_env
+from trainer.cli import explain
+from trainer.errors import ConfigError
+from trainer.plan.__main__ import CONF_DIR, compose_plan
+from trainer.plan.planner import make_plan
+
+SMALL = [
+    "model.arch.hidden_size=64",
+    "model.arch.intermediate_size=192",
+    "model.arch.num_hidden_layers=3",
+    "data.seq_len=64",
+    "train.micro_batch_size=8",
+    "train.global_batch_size=8",
+    "train.max_steps=3",
+    "train.progress_bar=false",
+    "checkpoint.every_steps=0",
+    *TINY_MARKOV,
+]
+ON_THIS_CPU = ["plan.gpu=cpu", "plan.gpus_per_node=1", "plan.nodes=1", "plan.alternatives=false"]
+
+# Llama 3 70B's config.json fields (meta-llama/Meta-Llama-3-70B).
+LLAMA3_70B = {
+    "vocab_size": 128256,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+}
+
+
+def plan_of(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg, plan = compose_plan(list(overrides))
+    return make_plan(cfg, plan)
+
+
+def measured_peak(tmp_path, overrides: list[str]) -> float:
+    """The most bytes a real training step's tensors hold at once (torch's MemTracker on the real Trainer's
+    module and optimizer; the second step, when the optimizer states exist)."""
+    trainer = make_trainer(tmp_path, *overrides)
+    trainer.train_step()
+    tracker = MemTracker()
+    tracker.track_external(trainer.module, trainer.optimizer)
+    with tracker:
+        trainer.train_step()
+    return next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["train.activation_checkpointing=true", "precision=bf16"]],
+    ids=["fp32", "checkpointing_bf16_autocast"],
+)
+def test_predicted_peak_is_within_10_percent_of_a_real_steps(tmp_path, extra):
+    measured = measured_peak(tmp_path, SMALL + extra)
+    predicted = plan_of(*SMALL, *extra, *ON_THIS_CPU).job.memory.allocated
+    assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
+
+
+def test_a_70b_plan_takes_under_a_minute_and_under_2_gb(tmp_path):
+    """In a fresh process (its whole peak resident memory counts, torch's import included); the parameter count
+    is the Llama formula's, computed here from the same fields. (The alternatives, left out for the test's
+    time, trace the same shapes: ~6 s more.)"""
+    arch = [
+        f"+model.arch.{k}={v}" if k == "vocab_size" else f"model.arch.{k}={v}" for k, v in LLAMA3_70B.items()
+    ]
+    args = [
+        *arch,
+        "data.seq_len=8192",
+        "strategy=fsdp",
+        "precision=bf16",
+        "train.activation_checkpointing=true",
+        "train.micro_batch_size=1",
+        "train.global_batch_size=128",
+        "plan.gpu=h100",
+        "plan.gpus_per_node=8",
+        "plan.nodes=16",
+        "plan.alternatives=false",
+    ]
+    driver = (
+        "import json, sys, time; start = time.perf_counter()\n"
+        "from trainer.plan.__main__ import main\n"
+        "code = main(sys.argv[1:])\n"
+        "hwm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+        "print(json.dumps({'code': code, 'seconds': time.perf_counter() - start, 'hwm': hwm}))\n"
+    )
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [PYTHON, "-c", driver, *args],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0 and "verdict: fits" in proc.stdout
+    assert wall < 60 and result["hwm"] < 2 * 2**30, (wall, result)
+    a = LLAMA3_70B
+    h, kv = a["hidden_size"], a["hidden_size"] // a["num_attention_heads"] * a["num_key_value_heads"]
+    block = h * h * 2 + 2 * h * kv + 3 * h * a["intermediate_size"] + 2 * h
+    params = 2 * a["vocab_size"] * h + a["num_hidden_layers"] * block + h
+    assert f"{params / 1e9:.3f}B parameters" in proc.stdout
+
+
+def test_an_unknown_gpu_is_one_paragraph_listing_the_known_ones():
+    with pytest.raises(ConfigError) as e:
+        plan_of(*SMALL, "plan.gpu=h800x", "plan.gpus_per_node=1")
+    text = explain(e.value)
+    assert "plan.gpu=h800x" in text and "h100, h200, a100_80gb, a100_40gb, cpu" in text and "\n" not in text
+
+
+def test_a_world_size_the_global_batch_does_not_divide_names_both():
+    with pytest.raises(ConfigError) as e:
+        plan_of(*SMALL, "strategy=fsdp", "train.micro_batch_size=1", "plan.gpus_per_node=3")
+    text = explain(e.value)
+    assert "train.global_batch_size=8" in text and "plan.gpus_per_node=3" in text
+    assert "a world size it divides: 1, 2, 4, 8" in text
+
+
+def test_a_model_too_big_for_these_gpus_says_how_many_would_do():
+    # Wide blocks over 16 tokens: the model states outweigh the activations, so more ranks shard them below
+    # 0.1 GiB while no strategy fits one GPU; the message names a cluster, which then fits.
+    wide = [
+        *(o for o in SMALL if not o.startswith(("model.arch.hidden", "model.arch.inter", "data.seq_len"))),
+        "model.arch.hidden_size=512",
+        "model.arch.intermediate_size=1536",
+        "data.seq_len=16",
+        "plan.gpu=h100",
+        "plan.memory_gib=0.1",
+        "plan.gpus_per_node=1",
+    ]
+    with pytest.raises(ConfigError) as e:
+        plan_of(*wide, "strategy=fsdp")
+    text = explain(e.value)
+    assert "no strategy, checkpointing or micro-batch fits" in text and "it fits on plan.nodes=" in text
+    nodes = int(text.split("it fits on plan.nodes=")[1].split()[0])
+    strategy = text.split("with strategy=")[1].split()[0]
+    named = plan_of(
+        *wide,
+        f"strategy={strategy}",
+        "train.activation_checkpointing=true",
+        "train.micro_batch_size=1",
+        f"plan.nodes={nodes}",
+        "plan.alternatives=false",
+    )
+    assert nodes > 1 and named.job.fits
+
+
+def test_a_model_that_fits_on_no_gpu_count_names_the_sequence_length():
+    with pytest.raises(ConfigError) as e:
+        plan_of(*SMALL, "strategy=fsdp", "plan.gpus_per_node=1", "plan.memory_gib=0.0001", "plan.gpu=h100")
+    text = explain(e.value)
+    assert "nor on any number of them" in text and "data.seq_len" in text
+
+
+def test_bad_input_exits_2_with_one_paragraph_and_no_traceback():
+    proc = run_command([*SMALL, "plan.gpu=tpu"], module="trainer.plan", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
+    assert "plan.gpu=tpu" in proc.stderr

@@ -1,0 +1,107 @@
+"""Activation memory measured, not guessed: one training forward and backward of the real loss module
+(`CausalLMWithLoss`, the fused chunked cross-entropy) traced on fake tensors (FakeTensorMode: shapes and
+dtypes, no storage) under torch's MemTracker, for the model cut to 1 and to 2 transformer blocks; a model of L
+blocks holds the first plus L - 1 times the difference. Nothing is allocated, so a 70B model's blocks trace
+as fast as a tiny one's.
+
+The trace builds the module as the strategy runs it: FSDP2 and DeepSpeed compute with weights in the compute
+dtype (a gathered bf16 copy, DeepSpeed's bf16 module), single and ddp with the stored weights under autocast;
+activation checkpointing is switched on as trainer/loop.py does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from trainer.models import CausalLMWithLoss
+
+# MemTracker's categories that are the step's own tensors rather than the model state (parameters, buffers,
+# gradients and optimizer states are planned from the strategy's layout instead).
+_ACTIVATION_KINDS = ("ACT", "TEMP", "OTH")
+
+
+@dataclass
+class ActivationTrace:
+    """Bytes of one micro-batch's activations: held at the end of the forward, and at the step's peak."""
+
+    saved: float  # what the forward leaves for the backward
+    peak: float  # the most held at once over forward and backward (saved ones, their gradients, temporaries)
+    # The parameters' gradients already computed at that peak, and all of them (the trace's dtype): with
+    # checkpointing the peak comes late in the backward, when many gradients exist.
+    grads_at_peak: float = 0.0
+    grads_total: float = 1.0
+
+    @property
+    def grad_share_at_peak(self) -> float:
+        return min(self.grads_at_peak / self.grads_total, 1.0) if self.grads_total else 0.0
+
+
+def _activation_bytes(snapshot: dict) -> float:
+    return float(sum(v for k, v in snapshot.items() if any(str(k).endswith(c) for c in _ACTIVATION_KINDS)))
+
+
+def trace_block_count(
+    config: PretrainedConfig,
+    num_layers: int,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    weight_dtype: torch.dtype,
+    autocast_dtype: torch.dtype | None,
+    checkpointing: bool,
+    loss_chunk_size: int | None,
+) -> ActivationTrace:
+    """Trace one forward and backward of the model cut to `num_layers` blocks, on fake tensors."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = num_layers
+    if hasattr(config, "layer_types") and config.layer_types is not None:
+        config.layer_types = list(config.layer_types)[:num_layers]
+    with FakeTensorMode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module = CausalLMWithLoss(model, loss_chunk_size=loss_chunk_size)
+        module.train()
+        tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long)
+        tracker = MemTracker()
+        tracker.track_external(module)
+        autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with tracker:
+            with autocast:
+                loss = module(tokens, tokens, num_targets=micro_batch * seq_len)
+            saved = _activation_bytes(_device_snapshot(tracker, "current"))
+            loss.backward()
+        at_peak = _device_snapshot(tracker, "peak")
+        grads = sum(p.numel() * p.element_size() for p in module.parameters())
+    peak = _activation_bytes(at_peak)
+    grads_at_peak = float(sum(v for k, v in at_peak.items() if str(k).endswith("GRAD")))
+    return ActivationTrace(saved=saved, peak=max(peak, saved), grads_at_peak=grads_at_peak, grads_total=grads)
+
+
+def _device_snapshot(tracker: MemTracker, kind: str) -> dict:
+    snapshot = tracker.get_tracker_snapshot(kind)
+    return next(iter(snapshot.values()), {})
+
+
+def trace_activations(config: PretrainedConfig, num_layers: int, **kwargs) -> ActivationTrace:
+    """The activations of the whole model: traced at 1 and 2 blocks, extended linearly to `num_layers`."""
+    one = trace_block_count(config, 1, **kwargs)
+    if num_layers == 1:
+        return one
+    two = trace_block_count(config, 2, **kwargs)
+    extra = num_layers - 1
+    return ActivationTrace(
+        saved=one.saved + extra * (two.saved - one.saved),
+        peak=one.peak + extra * max(two.peak - one.peak, 0.0),
+        grads_at_peak=one.grads_at_peak + extra * max(two.grads_at_peak - one.grads_at_peak, 0.0),
+        grads_total=one.grads_total + extra * (two.grads_total - one.grads_total),
+    )
