@@ -41,6 +41,21 @@ def _is_prunable(module: nn.Module) -> bool:
     return isinstance(w, nn.Parameter) and w.ndim == 2
 
 
+def _refuse_fused_experts(model: nn.Module) -> None:
+    """An MoE whose routed experts are fused 3-D parameters (transformers' Qwen2MoeExperts, MixtralExperts): the
+    blocks' linears alone are a small part of its weights, and pruning them would report the sparsity asked
+    for a model whose experts stay dense."""
+    fused = [n for b in transformer_blocks(model)[:1] for n, p in b.named_parameters() if p.ndim >= 3]
+    if fused:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ConfigError(
+            f"prune.targets=null on model_type={model_type}: its routed experts are fused 3-D parameters "
+            f"({', '.join(fused)} in each block), not linear layers, which pruning does not handle; pruning the "
+            "other linears of the blocks alone would leave most of the weights dense. Name the layers to prune "
+            "with prune.targets (e.g. ['*.self_attn.*', '*.shared_expert.*']) to prune those alone"
+        )
+
+
 def select_targets(model: nn.Module, patterns: list[str] | None) -> dict[str, nn.Module]:
     """Modules to prune by name: every glob must match at least one module with a 2-D weight.
 
@@ -49,6 +64,7 @@ def select_targets(model: nn.Module, patterns: list[str] | None) -> dict[str, nn
     """
     named = dict(model.named_modules())
     if patterns is None:
+        _refuse_fused_experts(model)
         inside = {id(m) for b in transformer_blocks(model) for m in b.modules()}
         found = {n: m for n, m in named.items() if is_linear(m) and id(m) in inside}
         if not found:
