@@ -8,6 +8,7 @@ spawn runs every strategy on every family), and each cell is asserted and named 
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import warnings
@@ -529,5 +530,67 @@ def test_docs_models_md_is_the_rendered_matrix():
 def test_every_single_process_cell_of_the_family_is_y_or_its_refusal(family, chat, tmp_path):
     fam = Family(family, tmp_path, chat)
     failures = [verdict(feature, family, lambda f=feature: CHECKS[f](fam)) for feature in SINGLE_PROCESS]
+    failures = [f for f in failures if f]
+    assert not failures, "\n".join(failures)
+
+
+def _strategies_on_every_family(rank: int, port: int, out: str, configs: dict[str, Any]) -> None:
+    """One of 2 ranks: every family under ddp, fsdp and zero3 in turn (one process start for all 27 runs, the
+    configs composed once by the test); rank 0 writes each run's losses, or the ConfigError that refused it,
+    to out/multi_rank.json."""
+    import os
+
+    from trainer.distributed import ParallelEnv, destroy
+    from trainer.loop import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for family in FAMILIES:
+            for strategy in MULTI_RANK:
+                run_dir = Path(out) / f"{family}-{strategy}"
+                cfg = copy.deepcopy(configs[strategy])
+                cfg.model = configs[family].model  # the families differ in model.arch alone
+                try:
+                    Trainer(cfg, run_dir=run_dir, env=ParallelEnv(rank, 2, rank)).train()
+                except ConfigError as e:  # raised alike on both ranks, before any collective
+                    results.setdefault(family, {})[strategy] = {"refused": str(e)}
+                    continue
+                losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r] if rank == 0 else []
+                results.setdefault(family, {})[strategy] = {"losses": losses}
+    finally:
+        if rank == 0:
+            (Path(out) / "multi_rank.json").write_text(json.dumps(results))
+        destroy()
+
+
+def _same_losses(outcome: dict[str, Any] | None, want: list[float]) -> None:
+    if outcome is None:
+        raise AssertionError("no result: the ranks stopped before this run")
+    if "refused" in outcome:
+        raise ConfigError(outcome["refused"])
+    assert outcome["losses"] == pytest.approx(want, rel=1e-4), (outcome["losses"], want)
+
+
+def test_every_family_trains_under_ddp_fsdp_and_zero3_on_two_ranks_as_in_one_process(tmp_path):
+    """The losses of 2 gloo ranks (global batch split over them) are the single process's, step by step."""
+    from tests.conftest import free_port, spawn_ranks
+    from trainer.distributed import ParallelEnv
+    from trainer.loop import Trainer
+
+    quick = ["train.export_hf=false", "checkpoint.at_end=false"]
+    configs = {family: compose_config(*family_overrides(family), *quick) for family in FAMILIES}
+    configs |= {s: compose_config(*family_overrides("llama"), *quick, f"strategy={s}") for s in MULTI_RANK}
+    spawn_ranks(_strategies_on_every_family, free_port(), str(tmp_path), configs)
+    results = json.loads((tmp_path / "multi_rank.json").read_text())
+    failures = []
+    for family in FAMILIES:
+        single = tmp_path / f"{family}-single"
+        Trainer(configs[family], run_dir=single, env=ParallelEnv()).train()
+        want = [r["loss"] for r in read_metrics(single) if "loss" in r]
+
+        for strategy in MULTI_RANK:
+            outcome = results.get(family, {}).get(strategy)
+            failures.append(verdict(strategy, family, lambda o=outcome, w=want: _same_losses(o, w)))
     failures = [f for f in failures if f]
     assert not failures, "\n".join(failures)
