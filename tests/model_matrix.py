@@ -216,7 +216,13 @@ FEATURES: list[Feature] = [
         "train",
         "block 0's MLP runs twice per micro-batch (forward, then recompute in the backward)",
     ),
-    Feature("compile", "train", "torch.compile (1 block): the eager run's losses", slow=True),
+    Feature(
+        "compile",
+        "train",
+        "a one-block model compiled as train.compile=true does, through dynamo and AOT autograd (eager kernels: "
+        "inductor's codegen is proven on llama by tests/test_train.py): graphs captured, the eager losses",
+        slow=True,
+    ),
     Feature("KD logits", "distill", "a teacher of the family: kd_loss > 0, the loss the mix of the terms"),
     Feature("KD hidden states", "distill", "hidden_loss > 0, the loss the mix of the terms"),
     Feature(

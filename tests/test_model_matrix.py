@@ -594,3 +594,38 @@ def test_every_family_trains_under_ddp_fsdp_and_zero3_on_two_ranks_as_in_one_pro
             failures.append(verdict(strategy, family, lambda o=outcome, w=want: _same_losses(o, w)))
     failures = [f for f in failures if f]
     assert not failures, "\n".join(failures)
+
+
+def _compiled_losses(family: str, run_dir: Path, want: list[float]) -> None:
+    from torch._dynamo.utils import counters
+
+    # Dynamo keeps its compiled code per Python function: after 8 models of other families through the same
+    # functions (the loss, the decoder helpers) it would silently run them eagerly.
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = make_trainer(run_dir, *family_overrides(family), *ONE_BLOCK)
+    # What train.compile=true does (Trainer.__init__), with dynamo's capture and AOT autograd's forward and
+    # backward graphs but eager kernels: inductor's C++ codegen (~30 s a model on 2 cores) is proven on llama
+    # by tests/test_train.py's compile test.
+    trainer.module.compile(backend="aot_eager")
+    trainer.train()
+    assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    got = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    assert got == pytest.approx(want, rel=1e-5), (got, want)
+
+
+ONE_BLOCK = ["model.arch.num_hidden_layers=1", "train.export_hf=false", "checkpoint.at_end=false"]
+
+
+def test_every_family_compiles_to_the_eager_losses(tmp_path):
+    """The compile cells: each family's one-block model through dynamo and AOT autograd, 2 steps."""
+    failures = []
+    for family in FAMILIES:
+        eager = tmp_path / f"{family}-eager"
+        make_trainer(eager, *family_overrides(family), *ONE_BLOCK).train()
+        want = [r["loss"] for r in read_metrics(eager) if "loss" in r]
+        run = tmp_path / f"{family}-compiled"
+        failures.append(verdict("compile", family, lambda f=family, r=run, w=want: _compiled_losses(f, r, w)))
+    torch._dynamo.reset()
+    failures = [f for f in failures if f]
+    assert not failures, "\n".join(failures)
