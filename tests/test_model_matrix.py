@@ -73,7 +73,7 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 # ---- the runs a family's cells share, each run once and its outcome (or error) kept -----------------------
 
 
-class Family:
+class FamilyRuns:
     """One family's runs and models, each built at most once; a run's error is raised again by every cell
     that reads it (the refusal a cell expects, or the crash it reports)."""
 
@@ -137,7 +137,7 @@ class Family:
 # ---- the checks, one per feature: each raises AssertionError when a Y is not what it claims ----------------
 
 
-def check_single(fam: Family) -> None:
+def check_single(fam: FamilyRuns) -> None:
     trainer, run, (_, start) = fam.base()
     losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
     assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses))), losses
@@ -145,20 +145,20 @@ def check_single(fam: Family) -> None:
     assert not frozen, f"weights that did not move: {frozen[:4]}"
 
 
-def check_activation_checkpointing(fam: Family) -> None:
+def check_activation_checkpointing(fam: FamilyRuns) -> None:
     trainer, _, (calls, _) = fam.base()
     assert trainer.hf_model.is_activation_checkpointing
     # each micro-batch: the block's forward, then its recompute in the backward
     assert len(calls) == 2 * STEPS * (GLOBAL // MICRO), len(calls)
 
 
-def check_hf(fam: Family) -> None:
+def check_hf(fam: FamilyRuns) -> None:
     trainer, _, _ = fam.base()
     ids = fixed_ids(fam.vocab())
     torch.testing.assert_close(logits(fam.model(), ids), logits(trainer.hf_model, ids), atol=1e-5, rtol=1e-5)
 
 
-def kd_run(fam: Family) -> list[dict]:
+def kd_run(fam: FamilyRuns) -> list[dict]:
     _, run, _ = fam.base()
     _, kd, _ = fam.train("kd", "distill=kd", f"distill.teacher={run / 'hf'}", "distill.hidden_weight=1.0")
     rows = [r for r in read_metrics(kd) if "loss" in r]
@@ -169,11 +169,11 @@ def kd_run(fam: Family) -> list[dict]:
     return rows
 
 
-def check_kd_logits(fam: Family) -> None:
+def check_kd_logits(fam: FamilyRuns) -> None:
     assert all(r["kd_loss"] > 0 for r in kd_run(fam))
 
 
-def check_kd_hidden(fam: Family) -> None:
+def check_kd_hidden(fam: FamilyRuns) -> None:
     assert all(r["hidden_loss"] > 0 for r in kd_run(fam))
 
 
@@ -192,7 +192,7 @@ class Windows:
         return Batch(self.ids[index], self.ids[index], None, None)
 
 
-def pruned(fam: Family, *overrides: str):
+def pruned(fam: FamilyRuns, *overrides: str):
     from trainer.distributed import ParallelEnv
     from trainer.prune.pruner import Pruner
 
@@ -203,7 +203,7 @@ def pruned(fam: Family, *overrides: str):
     return model, pruner
 
 
-def check_unstructured(fam: Family, *overrides: str) -> None:
+def check_unstructured(fam: FamilyRuns, *overrides: str) -> None:
     from trainer.models import is_linear, linear_weight, transformer_blocks
 
     model, pruner = pruned(fam, *overrides)
@@ -220,7 +220,7 @@ def check_unstructured(fam: Family, *overrides: str) -> None:
     logits(model, fixed_ids(fam.vocab()))  # the pruned model still runs
 
 
-def check_structured(fam: Family, what: str) -> None:
+def check_structured(fam: FamilyRuns, what: str) -> None:
     config = fam.model().config
     if what == "heads":
         model, _ = pruned(fam, "prune=structured", "prune.heads=0.5", "prune.mlp_channels=0")
@@ -234,7 +234,7 @@ def check_structured(fam: Family, what: str) -> None:
     logits(model, fixed_ids(fam.vocab()))
 
 
-def peft_run(fam: Family, name: str, *, nf4: bool = False):
+def peft_run(fam: FamilyRuns, name: str, *, nf4: bool = False):
     targets = ",".join(FAMILIES[fam.name].lora_targets)
     extra = ["peft.base_dtype=nf4"] if nf4 else []
     shapes = NF4_SHAPES if nf4 else TINY_SHAPES
@@ -264,7 +264,7 @@ def base_of(trainer) -> torch.nn.Module:
     return base.eval()
 
 
-def check_adapters(fam: Family, name: str) -> None:
+def check_adapters(fam: FamilyRuns, name: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -281,7 +281,7 @@ def check_adapters(fam: Family, name: str) -> None:
     torch.testing.assert_close(with_adapter, merged, atol=1e-5, rtol=1e-5)
 
 
-def check_qlora(fam: Family) -> None:
+def check_qlora(fam: FamilyRuns) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -296,7 +296,7 @@ def check_qlora(fam: Family) -> None:
     torch.testing.assert_close(with_adapter, merged, atol=1e-4, rtol=1e-4)
 
 
-def check_qat(fam: Family) -> None:
+def check_qat(fam: FamilyRuns) -> None:
     from trainer.quant import load_quantized
 
     trainer, run, _ = fam.train("qat", "quant=int8_weight")
@@ -311,7 +311,7 @@ def check_qat(fam: Family) -> None:
     assert bytes_in(run / "quantized") < bytes_in(run / "hf")
 
 
-def check_ptq(fam: Family, scheme: str) -> None:
+def check_ptq(fam: FamilyRuns, scheme: str) -> None:
     from trainer.models import is_linear
     from trainer.quant import load_quantized, quantize_model, save_quantized
     from trainer.quant.ptq import check_scheme, default_keep_float
@@ -336,7 +336,7 @@ def check_ptq(fam: Family, scheme: str) -> None:
     assert bytes_in(out) < bytes_in(fam.base()[1] / "hf") - linear_weights
 
 
-def check_gguf(fam: Family) -> None:
+def check_gguf(fam: FamilyRuns) -> None:
     from transformers import AutoModelForCausalLM
 
     from trainer.gguf_export import export_gguf
@@ -352,7 +352,7 @@ def check_gguf(fam: Family) -> None:
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), atol=1e-5, rtol=0)
 
 
-def check_compressed_tensors(fam: Family, scheme: str) -> None:
+def check_compressed_tensors(fam: FamilyRuns, scheme: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from trainer.quant.compressed_tensors import export_compressed_tensors, quantize_activations_per_token
@@ -374,7 +374,7 @@ def check_compressed_tensors(fam: Family, scheme: str) -> None:
     assert bytes_in(out) < bytes_in(fam.base()[1] / "hf")
 
 
-def check_sft(fam: Family) -> None:
+def check_sft(fam: FamilyRuns) -> None:
     chat = fam.chat
     trainer, run, start = fam.train(
         "sft",
@@ -394,7 +394,7 @@ def check_sft(fam: Family) -> None:
     assert len(moved) == len(start)
 
 
-CHECKS: dict[str, Callable[[Family], None]] = {
+CHECKS: dict[str, Callable[[FamilyRuns], None]] = {
     "single": check_single,
     "activation checkpointing": check_activation_checkpointing,
     "KD logits": check_kd_logits,
@@ -528,7 +528,7 @@ def test_docs_models_md_is_the_rendered_matrix():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_single_process_cell_of_the_family_is_y_or_its_refusal(family, chat, tmp_path):
-    fam = Family(family, tmp_path, chat)
+    fam = FamilyRuns(family, tmp_path, chat)
     failures = [verdict(feature, family, lambda f=feature: CHECKS[f](fam)) for feature in SINGLE_PROCESS]
     failures = [f for f in failures if f]
     assert not failures, "\n".join(failures)
