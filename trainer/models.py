@@ -111,7 +111,23 @@ def build_model_config(cfg: Any, *, vocab_size: int | None = None) -> Pretrained
                 f"model.arch.vocab_size={arch['vocab_size']} is smaller than the tokenizer's {vocab_size} tokens; "
                 "leave it out (the tokenizer's size, rounded up to a multiple of 64) or give at least that"
             )
+    if not cfg.name_or_path:
+        _check_pad_id(config, given="pad_token_id" in arch)
     return config
+
+
+def _check_pad_id(config: PretrainedConfig, *, given: bool) -> None:
+    """A config class's default pad id outside a small vocabulary (Phi-3's 32000): transformers' embedding
+    refuses it with an assertion that names no key."""
+    pad, vocab = getattr(config, "pad_token_id", None), config.vocab_size
+    if isinstance(pad, int) and not 0 <= pad < vocab:
+        key = "model.arch.pad_token_id" if given else "+model.arch.pad_token_id"
+        raise ConfigError(
+            f"model.arch (model_type={config.model_type}): pad_token_id={pad}"
+            + ("" if given else f" (the default of transformers' {type(config).__name__})")
+            + f" is outside the model's vocabulary of {vocab} ids; set {key}=0, or any id below {vocab} (the "
+            "padding embedding row; the loss never reads it)"
+        )
 
 
 def build_model(
