@@ -103,7 +103,7 @@ FAMILIES: dict[str, Family] = {
             "fused 3-D parameters (`mlp.experts.gate_up_proj`, `down_proj`), not linear layers: they train, "
             "shard and distill like any parameter; LoRA, QAT and the int8/compressed-tensors schemes cover "
             "the attention and the shared expert (nn.Linear) and leave the routed experts as they are "
-            "(frozen under LoRA, float once quantized); pruning refuses them",
+            "(frozen under LoRA, float once quantized), each saying so in a warning; pruning refuses them",
             nf4_overrides=(
                 "model.arch.moe_intermediate_size=64",
                 "model.arch.shared_expert_intermediate_size=64",

@@ -80,6 +80,7 @@ class FamilyRuns:
     def __init__(self, name: str, tmp: Path, chat: dict[str, Path]):
         self.name, self.tmp, self.chat = name, tmp, chat
         self._outcomes: dict[str, Any] = {}
+        self.warned: dict[str, list[str]] = {}  # run -> the warnings it gave
 
     def once(self, key: str, make: Callable[[], Any]) -> Any:
         if key not in self._outcomes:
@@ -99,9 +100,12 @@ class FamilyRuns:
             overrides_ = family_overrides(
                 self.name, shapes=shapes, **({} if data is None else {"data": data})
             )
-            trainer = make_trainer(self.tmp / key, *overrides_, *overrides)
-            state = before(trainer) if before else None
-            trainer.train()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                trainer = make_trainer(self.tmp / key, *overrides_, *overrides)
+                state = before(trainer) if before else None
+                trainer.train()
+            self.warned[key] = [str(w.message) for w in caught]
             return trainer, self.tmp / key, state
 
         return self.once(key, run)
@@ -129,6 +133,14 @@ class FamilyRuns:
             return calls, start
 
         return self.train("single", "train.activation_checkpointing=true", before=before)
+
+    def says_experts_stay(self, messages: list[str]) -> None:
+        """An MoE's fused experts, which a linear-layer feature leaves as they are, are said to be (a warning);
+        a dense model's warnings say nothing of experts."""
+        from trainer.models import fused_experts
+
+        said = any("routed experts" in m for m in messages)
+        assert said == bool(fused_experts(self.base()[0].hf_model)), messages
 
     def vocab(self) -> int:
         return self.base()[0].hf_model.config.vocab_size
@@ -269,6 +281,7 @@ def check_adapters(fam: FamilyRuns, name: str) -> None:
     from transformers import AutoModelForCausalLM
 
     trainer, run, _ = peft_run(fam, name)
+    fam.says_experts_stay(fam.warned[name])
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     adapted = {n.rsplit(".", 1)[-1] for n in config["target_modules"]}
     assert adapted == set(FAMILIES[fam.name].lora_targets), adapted
@@ -286,6 +299,7 @@ def check_qlora(fam: FamilyRuns) -> None:
     from transformers import AutoModelForCausalLM
 
     trainer, run, _ = peft_run(fam, "lora", nf4=True)
+    fam.says_experts_stay(fam.warned["lora_nf4"])
     bases = [m.base_layer.weight for n, m in trainer.hf_model.named_modules() if hasattr(m, "lora_A")]
     assert bases and all(type(w).__name__ == "NF4Tensor" for w in bases)
     ids = fixed_ids(fam.vocab())
@@ -300,6 +314,7 @@ def check_qat(fam: FamilyRuns) -> None:
     from trainer.quant import load_quantized
 
     trainer, run, _ = fam.train("qat", "quant=int8_weight")
+    fam.says_experts_stay(fam.warned["qat"])
     assert any(type(m).__name__ == "FakeQuantizedLinear" for m in trainer.hf_model.modules())
     ids = fixed_ids(fam.vocab())
     with torch.no_grad():
@@ -326,8 +341,10 @@ def check_ptq(fam: FamilyRuns, scheme: str) -> None:
         for n, m in model.named_modules()
         if is_linear(m) and (m is not head or not keep) and not any(k in n for k in keep)
     )
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         info = quantize_model(model, scheme, keep_float=keep, calibration=[fixed_ids(fam.vocab(), seed=2)])
+    fam.says_experts_stay([str(w.message) for w in caught])
     out = save_quantized(fam.tmp / f"ptq_{scheme}", model, info)
     err = relative_error(logits(load_quantized(out), ids), want)
     assert 0 < err < PTQ_BOUND[scheme], err
@@ -360,12 +377,13 @@ def check_compressed_tensors(fam: FamilyRuns, scheme: str) -> None:
     ours, ids = fam.model(), fixed_ids(fam.vocab())
     float_logits = logits(ours, ids)
     calibration = [fixed_ids(fam.vocab(), rows=4, length=32, seed=s) for s in (2, 3)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # w4a16's group lowered to the tiny widths: said, and fine here
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # w4a16's group lowered to the tiny widths: said, and fine here
         out = export_compressed_tensors(
             ours, None, fam.tmp / f"ct_{scheme}", scheme=scheme, calibration=calibration
         )
         reloaded = AutoModelForCausalLM.from_pretrained(out)
+    fam.says_experts_stay([str(w.message) for w in caught])
     if scheme == "w8a8":
         quantize_activations_per_token(ours)
     want = logits(ours, ids)

@@ -18,7 +18,14 @@ from trainer.calibration import InputStats, calibration_batches, update_blocks_s
 from trainer.distributed import ParallelEnv, all_reduce_sum
 from trainer.errors import ConfigError
 from trainer.extensions import Extension
-from trainer.models import as_weight_layout, is_linear, layer_types, linear_weight, transformer_blocks
+from trainer.models import (
+    as_weight_layout,
+    fused_experts,
+    is_linear,
+    layer_types,
+    linear_weight,
+    transformer_blocks,
+)
 from trainer.prune.masks import (
     MaskEnforcer,
     broadcast_masks,
@@ -45,7 +52,7 @@ def _refuse_fused_experts(model: nn.Module) -> None:
     """An MoE whose routed experts are fused 3-D parameters (transformers' Qwen2MoeExperts, MixtralExperts): the
     blocks' linears alone are a small part of its weights, and pruning them would report the sparsity asked
     for a model whose experts stay dense."""
-    fused = [n for b in transformer_blocks(model)[:1] for n, p in b.named_parameters() if p.ndim >= 3]
+    fused = fused_experts(model)
     if fused:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ConfigError(
