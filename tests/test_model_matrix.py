@@ -9,6 +9,7 @@ spawn runs every strategy on every family), and each cell is asserted and named 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import warnings
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import TINY_MARKOV, compose_config, make_trainer, read_metrics
+from tests.conftest import TINY_MARKOV, compose_config, read_metrics
 from tests.model_matrix import FAMILIES, FEATURE, FEATURES, NF4_SHAPES, TINY_SHAPES, cell, render
 from trainer.errors import ConfigError
 
@@ -51,6 +52,33 @@ def family_overrides(
     fam = FAMILIES[family]
     extra = fam.nf4_overrides if shapes == NF4_SHAPES else ()
     return [*TINY_SHAPES, *shapes, *fam.overrides, *extra, *data, *LOOP]
+
+
+@functools.cache
+def _composed(*overrides: str) -> Any:
+    return compose_config(*overrides)
+
+
+def family_config(
+    family: str, *overrides: str, shapes: tuple[str, ...] = TINY_SHAPES, data: tuple[str, ...] | None = None
+) -> Any:
+    """The training config of `family` with `overrides`, as compose_config(*family_overrides(...), *overrides)
+    gives it, composed once per feature run and once per family (a Hydra composition is ~0.3 s): the families
+    differ in model.arch alone, so the family's model group (with the model.* overrides) replaces llama's."""
+    kwargs = {} if data is None else {"data": data}
+    model = tuple(o for o in overrides if o.lstrip("+").startswith("model."))
+    rest = tuple(o for o in overrides if o not in model)
+    cfg = copy.deepcopy(_composed(*family_overrides("llama", **kwargs), *rest))
+    cfg.model = copy.deepcopy(_composed(*family_overrides(family, shapes=shapes), *model).model)
+    return cfg
+
+
+def train_family(run_dir: Path, family: str, *overrides: str, **kwargs: Any) -> Any:
+    """A Trainer of `family_config(family, *overrides, **kwargs)` in run_dir."""
+    from trainer.distributed import ParallelEnv
+    from trainer.loop import Trainer
+
+    return Trainer(family_config(family, *overrides, **kwargs), run_dir=run_dir, env=ParallelEnv())
 
 
 def fixed_ids(vocab: int, *, rows: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
@@ -94,15 +122,12 @@ class FamilyRuns:
         return value
 
     def train(self, key: str, *overrides: str, shapes: tuple[str, ...] = TINY_SHAPES, data=None, before=None):
-        """make_trainer + train() in tmp/key; `before(trainer)` runs before training (hooks, snapshots)."""
+        """A Trainer, trained, in tmp/key; `before(trainer)` runs before training (hooks, snapshots)."""
 
         def run():
-            overrides_ = family_overrides(
-                self.name, shapes=shapes, **({} if data is None else {"data": data})
-            )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                trainer = make_trainer(self.tmp / key, *overrides_, *overrides)
+                trainer = train_family(self.tmp / key, self.name, *overrides, shapes=shapes, data=data)
                 state = before(trainer) if before else None
                 trainer.train()
             self.warned[key] = [str(w.message) for w in caught]
@@ -209,7 +234,7 @@ def pruned(fam: FamilyRuns, *overrides: str):
     from trainer.prune.pruner import Pruner
 
     model = fam.model()
-    cfg = compose_config(*overrides)
+    cfg = _composed(*overrides)
     pruner = Pruner(cfg.prune, env=ParallelEnv(), device=torch.device("cpu"), max_steps=STEPS, seed=0)
     pruner.prepare(model, train_data=Windows(fam.vocab()), micro_batch_size=2, resume=None)
     return model, pruner
@@ -361,7 +386,7 @@ def check_gguf(fam: FamilyRuns) -> None:
 
     tokenizer = fam.chat["bpe"]
     torch.manual_seed(0)
-    cfg = compose_config(*family_overrides(fam.name))
+    cfg = _composed(*family_overrides(fam.name))
     model = build_model(cfg.model, vocab_size=len(tokenizer)).eval()
     path = export_gguf(model, tokenizer, fam.tmp / "gguf", gguf_type="f32")
     reloaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -621,7 +646,7 @@ def _compiled_losses(family: str, run_dir: Path, want: list[float]) -> None:
     # functions (the loss, the decoder helpers) it would silently run them eagerly.
     torch._dynamo.reset()
     counters.clear()
-    trainer = make_trainer(run_dir, *family_overrides(family), *ONE_BLOCK)
+    trainer = train_family(run_dir, family, *ONE_BLOCK)
     # What train.compile=true does (Trainer.__init__), with dynamo's capture and AOT autograd's forward and
     # backward graphs but eager kernels: inductor's C++ codegen (~30 s a model on 2 cores) is proven on llama
     # by tests/test_train.py's compile test.
@@ -640,7 +665,7 @@ def test_every_family_compiles_to_the_eager_losses(tmp_path):
     failures = []
     for family in FAMILIES:
         eager = tmp_path / f"{family}-eager"
-        make_trainer(eager, *family_overrides(family), *ONE_BLOCK).train()
+        train_family(eager, family, *ONE_BLOCK).train()
         want = [r["loss"] for r in read_metrics(eager) if "loss" in r]
         run = tmp_path / f"{family}-compiled"
         failures.append(verdict("compile", family, lambda f=family, r=run, w=want: _compiled_losses(f, r, w)))
