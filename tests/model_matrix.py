@@ -116,11 +116,13 @@ FAMILIES: dict[str, Family] = {
 @dataclass(frozen=True)
 class Refusal:
     """A cell whose feature stops with one paragraph (a ConfigError) that `match` finds (re.search; `{family}`
-    is replaced by the family's name)."""
+    is replaced by the family's name) and that names the family (its model_type or model class), unless the
+    refusal is the same for every family (a scheme this machine cannot run)."""
 
     short: str  # in the table
     match: str
     why: str  # listed under the table
+    any_family: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,12 +161,14 @@ CPU_INT4 = Refusal(
     r"scheme=int4_weight needs an NVIDIA GPU",
     "int4_weight runs on CUDA's tinygemm kernels: on a CPU it is refused (whatever the family) naming "
     "int8_weight; not proven here on a GPU.",
+    any_family=True,
 )
 CPU_SPARSE24 = Refusal(
     "CUDA only",
     r"scheme=sparse24 needs an NVIDIA GPU",
     "2:4 sparse kernels are CUDA-only (compute capability 8.0+): on a CPU sparse24 is refused whatever the "
     "family; not proven here on a GPU.",
+    any_family=True,
 )
 CT_W8A8 = Refusal(
     "no RMSNorm to fold into",

@@ -336,6 +336,8 @@ def check_qlora(fam: FamilyRuns) -> None:
 
 
 def check_qat(fam: FamilyRuns) -> None:
+    from transformers import AutoModelForCausalLM
+
     from trainer.quant import load_quantized
 
     trainer, run, _ = fam.train("qat", "quant=int8_weight")
@@ -344,8 +346,6 @@ def check_qat(fam: FamilyRuns) -> None:
     ids = fixed_ids(fam.vocab())
     with torch.no_grad():
         got = load_quantized(run / "quantized")(input_ids=ids).logits
-    from transformers import AutoModelForCausalLM
-
     want = logits(AutoModelForCausalLM.from_pretrained(str(run / "hf")), ids)
     assert 0 < relative_error(got, want) < PTQ_BOUND["int8_weight"]
     assert bytes_in(run / "quantized") < bytes_in(run / "hf")
@@ -468,6 +468,11 @@ CHECKS: dict[str, Callable[[FamilyRuns], None]] = {
 }
 
 
+def squeezed(text: str) -> str:
+    """Lower case without '_' and '-': gpt_neox in GPTNeoXForCausalLM, gpt2 in "GPT-2's Conv1D"."""
+    return text.lower().replace("_", "").replace("-", "")
+
+
 def verdict(feature: str, family: str, run: Callable[[], None]) -> str | None:
     """None when the cell holds (Y proven, or the expected one-paragraph refusal), else what went wrong."""
     expected = cell(feature, family)
@@ -480,6 +485,8 @@ def verdict(feature: str, family: str, run: Callable[[], None]) -> str | None:
             return f"{where}: expected Y, refused: {message}"
         if not re.search(expected.match.replace("{family}", family), message):
             return f"{where}: refused, but not as the matrix says ({expected.match!r}): {message}"
+        if not expected.any_family and squeezed(family) not in squeezed(message):
+            return f"{where}: the refusal does not name the family (model_type or class): {message}"
         if "\n" in message.strip():
             return f"{where}: the refusal is not one paragraph: {message!r}"
         return None
