@@ -277,8 +277,8 @@ FEATURES: list[Feature] = [
         "reloaded logits within 5-12% of float, >= 1 byte saved per quantized weight",
         _each(("gemma2", *NOT_LLAMA_SHAPED), SMOOTH),
     ),
-    Feature("int4_weight", "quant", "(CPU-tested matrix)", _each(ALL, CPU_INT4)),
-    Feature("sparse24", "quant", "(CPU-tested matrix)", _each(ALL, CPU_SPARSE24)),
+    Feature("int4_weight", "quant", "(a CUDA scheme: refused on this CPU matrix)", _each(ALL, CPU_INT4)),
+    Feature("sparse24", "quant", "(a CUDA scheme: refused on this CPU matrix)", _each(ALL, CPU_SPARSE24)),
     Feature("hf/", "export", "transformers reloads it to the trained model's logits"),
     Feature(
         "GGUF",
