@@ -527,3 +527,20 @@ def test_the_presets_read_through_a_prepared_cache_give_the_first_step_loss_of_b
         for a, b in zip(data.train.batch(everything)[:2], before.batch(everything)[:2], strict=True)
     )
     assert trainer.train_step()["loss"] == pytest.approx(FIRST_STEP_LOSS_BEFORE[preset], rel=1e-5)
+
+
+def test_a_built_tokenizer_beside_a_qwen2_config_reloads_with_its_own_ids(tmp_path):
+    # transformers would load it as Qwen2's own tokenizer class (its split and NFC) because config.json names
+    # qwen2: every checkpoint and export of such a run would tokenize differently from its training.
+    from pydoc_data.topics import topics
+
+    from transformers import AutoConfig
+
+    from trainer.data.tokenizer import build_bpe_tokenizer
+
+    texts = [topics[k] for k in sorted(topics)[:20]]
+    built = build_bpe_tokenizer(texts, vocab_size=400)
+    built.save_pretrained(tmp_path)
+    AutoConfig.for_model("qwen2", vocab_size=448).save_pretrained(tmp_path)
+    reloaded = load_tokenizer(str(tmp_path))
+    assert [reloaded(t)["input_ids"] for t in texts] == [built(t)["input_ids"] for t in texts]

@@ -8,6 +8,7 @@ tokenizer whose ids stop short of the model's 320 embeddings (the padding ids GG
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -220,6 +221,169 @@ def test_gguf_keep_float_leaves_the_named_matrices_f16_and_by_default_the_lm_hea
     assert all(kinds[name] == "Q4_0" for name in matrices - kept - {"token_embd.weight"})
 
 
+# The families written beside llama, as tiny configs (hidden 32, 2 layers, the run's 320-id vocabulary) with what
+# each needs on top: phi3's default pad id (32000) is beyond this vocabulary; gemma2's window of 16 tokens binds
+# on its even layers within the 64 tokens compared; qwen3 keeps its default head size (128) and gpt2 its 1024
+# positions, the values transformers' GGUF loader assumes (it reads neither from the file).
+TINY_FAMILY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=320,
+    max_position_embeddings=128,
+)
+FAMILY_CONFIGS = {
+    "mistral": TINY_FAMILY,
+    "qwen2": TINY_FAMILY,
+    "qwen3": TINY_FAMILY,
+    "gemma2": TINY_FAMILY | {"sliding_window": 16},
+    "phi3": TINY_FAMILY | {"pad_token_id": 0},
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=2, vocab_size=320, bos_token_id=0, eos_token_id=0),
+}
+
+
+def family_model(model_type: str, **changes):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **FAMILY_CONFIGS.get(model_type, TINY_FAMILY) | changes)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def pydoc_batches(reference):
+    """Batches of 4 x 65 tokens of pydoc text, for training the family models a little."""
+    import pydoc_data.topics
+
+    ids = reference[1](" ".join(list(pydoc_data.topics.topics.values())[:40])).input_ids
+    return torch.tensor(ids[: len(ids) // 65 * 65]).view(-1, 65).split(4)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead on the shared CPU (50x on a busy one)
+    yield
+    torch.set_num_threads(threads)
+
+
+def trained_family_model(model_type: str, batches):
+    """A tiny model of the family trained 30 steps, as the Llama of the bounds above is trained (a random model's
+    logits are near zero, which inflates the relative error), its norms and biases moved off their init first so
+    that Gemma's norm offset and Qwen2's biases count."""
+    model = family_model(model_type)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.empty_like(p).uniform_(-0.3, 0.3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(30):
+        batch = batches[step % len(batches)]
+        model(batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("model_type", FAMILY_CONFIGS)
+def test_each_family_reads_back_through_transformers_gguf_loader_within_the_llama_bounds(
+    model_type, reference, pydoc_batches, tmp_path, one_thread
+):
+    """Measured (2026-12-07, gguf 0.19, transformers 5.25, CPU): f32 0.0 for every family; q8_0 3.2e-4 (gpt2) to
+    3.8e-3 (mistral) of the largest logit."""
+    import pydoc_data.topics
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.data.tokenizer import load_tokenizer
+
+    model = trained_family_model(model_type, pydoc_batches)
+    model.save_pretrained(tmp_path / "hf")
+    reference[1].save_pretrained(str(tmp_path / "hf"))
+    if model_type == "qwen2":  # a Qwen2 tokenizer of the same vocabulary (NFC, digits one by one), as Qwen's are
+        qwen = AutoTokenizer.from_pretrained(tmp_path / "hf")
+        assert type(qwen).__name__ == "Qwen2Tokenizer"
+        qwen.save_pretrained(str(tmp_path / "hf"))
+    ids = reference[2]
+    with torch.no_grad():
+        expected = model(ids).logits
+    for gguf_type in ["f32", "q8_0"]:
+        out = run_export(
+            f"model_path={tmp_path / 'hf'}",
+            "format=gguf",
+            f"gguf.type={gguf_type}",
+            f"output_dir={tmp_path / gguf_type}",
+        )
+        path = out / f"model-{gguf_type}.gguf"
+        loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=path.name, dtype=torch.float32).eval()
+        # llama.cpp writes Mistral as its llama architecture, which transformers reads as a Llama
+        assert loaded.config.model_type == {"mistral": "llama"}.get(model_type, model_type)
+        with torch.no_grad():
+            got = loaded(ids).logits
+        if gguf_type == "f32":
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        else:
+            error = ((got - expected).abs().max() / expected.abs().max()).item()
+            print(f"{model_type} {gguf_type}: max |logit error| / max |logit| = {error:.2e}")
+            assert error < RELATIVE_BOUND[gguf_type]
+    # The tokenizer the export read from hf/ (for qwen2 Qwen2's), as transformers rebuilds it from the file.
+    ours = load_tokenizer(str(tmp_path / "hf"))
+    split = gguf.GGUFReader(tmp_path / "f32" / "model-f32.gguf").fields["tokenizer.ggml.pre"].contents()
+    assert split == ("qwen2" if model_type == "qwen2" else "gpt-2")
+    _, theirs = load_gguf(tmp_path / "f32" / "model-f32.gguf")
+    texts = [pydoc_data.topics.topics[k] for k in ("numbers", "integers", "assignment")]
+    assert [theirs(t).input_ids for t in texts] == [ours(t).input_ids for t in texts]
+
+
+def test_what_a_familys_gguf_cannot_describe_is_refused_naming_it_and_writes_nothing(reference, tmp_path):
+    from trainer.gguf_export import FAMILIES, export_gguf
+
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 64}
+    written = ", ".join(f"{t} ({f.model_class})" for t, f in FAMILIES.items())
+    cases = [
+        (
+            family_model("gpt_neox"),
+            f"it is GPTNeoXForCausalLM \\(model_type=gpt_neox\\), and the families written are {re.escape(written)}",
+        ),
+        (
+            family_model("mistral", sliding_window=16),
+            r"sliding window of 16 tokens on layers \[0, 1\], within its context of 128; llama.cpp's llama slides nowhere",
+        ),
+        (
+            family_model("gemma2", layer_types=["sliding_attention"] * 2),
+            r"llama.cpp's gemma2 slides on the even layers only",
+        ),
+        (
+            family_model("qwen2", rope_parameters=yarn),
+            r"rope_type=yarn: only the default rope and linear scaling are written to GGUF for qwen2",
+        ),
+        (
+            family_model("qwen3", attention_bias=True),
+            r"has biases \(model.layers.0.self_attn.q_proj.bias, ...\); llama.cpp's qwen3 reads none",
+        ),
+        (
+            family_model("gemma2", query_pre_attn_scalar=16),
+            r"1/sqrt\(query_pre_attn_scalar=16\); llama.cpp scales them by 1/sqrt\(head size 256\)",
+        ),
+        (
+            family_model("gpt2", scale_attn_by_inverse_layer_idx=True),
+            r"has \{'scale_attn_by_inverse_layer_idx': True\}; llama.cpp's gpt2 computes",
+        ),
+        (family_model("phi3", hidden_act="gelu"), r"activation gelu; llama.cpp's phi3 computes silu"),
+    ]
+    for model, reason in cases:
+        with pytest.raises(ConfigError, match=reason):
+            export_gguf(model, reference[1], tmp_path / "out", gguf_type="f32")
+        assert not (tmp_path / "out").exists()
+    # written for llama.cpp, but not what transformers' loader would rebuild: said, not refused
+    with pytest.warns(
+        UserWarning, match="head_dim=16 is written for llama.cpp, but transformers' GGUF loader"
+    ):
+        export_gguf(family_model("qwen3", head_dim=16), reference[1], tmp_path / "out", gguf_type="f32")
+
+
 def test_a_model_path_may_be_a_run_a_checkpoint_or_an_hf_export(bpe_run, reference, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -254,14 +418,17 @@ def test_an_unknown_format_or_gguf_type_is_refused_at_composition(override, allo
 
 
 def test_bad_exports_are_refused_with_the_reason_and_leave_no_file(bpe_run, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from trainer.data.tokenizer import build_wordlevel_tokenizer, load_tokenizer
 
-    # Not a Llama: a tiny GPT-2 beside the run's BPE tokenizer.
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=320)).save_pretrained(gpt2)
-    load_tokenizer(str(bpe_run / "hf")).save_pretrained(str(gpt2))
+    # A family GGUF is not written for: a tiny GPT-NeoX beside the run's BPE tokenizer.
+    neox = tmp_path / "neox"
+    config = GPTNeoXConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=320
+    )
+    GPTNeoXForCausalLM(config).save_pretrained(neox)
+    load_tokenizer(str(bpe_run / "hf")).save_pretrained(str(neox))
     # A Llama with data=embedded's word-level tokenizer.
     words = tmp_path / "words"
     shutil.copytree(bpe_run / "hf", words)
@@ -275,7 +442,7 @@ def test_bad_exports_are_refused_with_the_reason_and_leave_no_file(bpe_run, tmp_
 
     nested = tmp_path / "nested" / "out"
     cases = [
-        ([f"model_path={gpt2}", "format=gguf", f"output_dir={nested}"], "LlamaForCausalLM"),
+        ([f"model_path={neox}", "format=gguf", f"output_dir={nested}"], "it is GPTNeoXForCausalLM"),
         (
             [f"model_path={bpe_run}", "format=gguf", "gguf.keep_float=[lm_haed]", f"output_dir={nested}"],
             r"keep_float=\['lm_haed'\]: no matrix",
@@ -345,23 +512,10 @@ print("RESULT " + json.dumps({"ids": ids, "logits": logits, "continuation": cont
 """
 
 
-def test_llama_cpp_reads_every_gguf_type_tokenizes_computes_and_continues_greedily_like_us(
-    bpe_run, reference, tmp_path
-):
-    """llama.cpp on the f32 file: our ids on pydoc text; our logits on 16 tokens (measured difference 1.2e-7,
-    checked at 1e-5); the other types within the bounds of transformers' reading (measured: f16 3.1e-4, bf16
-    2.3e-3, q8_0 6.4e-3, q4_0 4.9e-2: llama.cpp also rounds the activations to 8 bits for q8_0 and q4_0
-    matrices); and, on a model with random N(0, 0.3) matrices (the 6-step model repeats one token, which
-    would test little), our greedy continuation of 16 tokens through its KV cache (measured: identical), and
-    with Llama 3's rope scaling our logits (measured difference 1.2e-05, against 5.0 without the scaling)."""
-    import json
+def llama_cpp_python() -> str:
+    """The interpreter TRAINER_LLAMA_CPP_PYTHON names (default: this one), or a skip saying why there is none."""
     import os
-    import pydoc_data.topics
     import subprocess
-
-    from transformers import AutoModelForCausalLM
-
-    from trainer.gguf_export import export_gguf
 
     python = os.environ.get("TRAINER_LLAMA_CPP_PYTHON", sys.executable)
     probe = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
@@ -371,18 +525,43 @@ def test_llama_cpp_reads_every_gguf_type_tokenizes_computes_and_continues_greedi
             "on 2 cores), so make test does not install it; `pip install llama-cpp-python` into a venv and set "
             "TRAINER_LLAMA_CPP_PYTHON to its python to run this check"
         )
+    return python
+
+
+def run_llama_cpp(python: str, path: Path, text: str, prompt: list[int], count: int = 16) -> dict:
+    import subprocess
+
+    args = [str(path), text, json.dumps(prompt), str(count)]
+    proc = subprocess.run(
+        [python, "-c", LLAMA_CPP_SCRIPT, *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def test_llama_cpp_reads_every_gguf_type_tokenizes_computes_and_continues_greedily_like_us(
+    bpe_run, reference, tmp_path
+):
+    """llama.cpp on the f32 file: our ids on pydoc text; our logits on 16 tokens (measured difference 1.2e-7,
+    checked at 1e-5); the other types within the bounds of transformers' reading (measured: f16 3.1e-4, bf16
+    2.3e-3, q8_0 6.4e-3, q4_0 4.9e-2: llama.cpp also rounds the activations to 8 bits for q8_0 and q4_0
+    matrices); and, on a model with random N(0, 0.3) matrices (the 6-step model repeats one token, which
+    would test little), our greedy continuation of 16 tokens through its KV cache (measured: identical), and
+    with Llama 3's rope scaling our logits (measured difference 1.2e-05, against 5.0 without the scaling)."""
+    import pydoc_data.topics
+
+    from transformers import AutoModelForCausalLM
+
+    from trainer.gguf_export import export_gguf
+
+    python = llama_cpp_python()
     model, tokenizer, ids, _ = reference
     text = pydoc_data.topics.topics["for"]
     prompt = ids[:, :16]
 
     def llama_cpp(path: Path) -> dict:
-        args = [str(path), text, json.dumps(prompt[0].tolist()), "16"]
-        proc = subprocess.run(
-            [python, "-c", LLAMA_CPP_SCRIPT, *args], capture_output=True, text=True, timeout=300
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        [line] = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        return json.loads(line.removeprefix("RESULT "))
+        return run_llama_cpp(python, path, text, prompt[0].tolist())
 
     out = run_export(f"model_path={bpe_run}", "format=gguf", "gguf.type=f32", f"output_dir={tmp_path / 'g'}")
     theirs = llama_cpp(out / "model-f32.gguf")
@@ -431,6 +610,24 @@ def test_llama_cpp_reads_every_gguf_type_tokenizes_computes_and_continues_greedi
     )
     assert unscaled > 1e-2  # the scaling changes these positions' logits
     torch.testing.assert_close(theirs, expected, atol=1e-4, rtol=0)
+
+
+def test_llama_cpp_computes_each_familys_logits_like_us(reference, pydoc_batches, tmp_path, one_thread):
+    """llama.cpp's own graph for each family's architecture (gemma2's norm offset, window and soft-capping, qwen2's
+    biases, qwen3's Q/K norms, phi3's fused matrices) on the f32 file: our logits on 32 tokens, so that gemma2's
+    16-token window binds. Not run where llama-cpp-python is not built (this machine); bound as the Llama's."""
+    from trainer.gguf_export import export_gguf
+
+    python = llama_cpp_python()
+    prompt = reference[2][:, :32]
+    for model_type in FAMILY_CONFIGS:
+        model = trained_family_model(model_type, pydoc_batches)
+        with torch.no_grad():
+            expected = model(prompt).logits[0]
+        path = export_gguf(model, reference[1], tmp_path / model_type, gguf_type="f32")
+        got = torch.tensor(run_llama_cpp(python, path, "a", prompt[0].tolist(), count=1)["logits"])
+        print(f"llama.cpp {model_type} f32: max |logit error| = {(got - expected).abs().max():.1e}")
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0, msg=model_type)
 
 
 def test_an_export_stopped_by_sigterm_leaves_nothing_beside_its_output(tmp_path):

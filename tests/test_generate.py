@@ -238,7 +238,7 @@ def lora_run(tmp_path_factory) -> tuple[Path, Path]:
 def test_an_adapter_on_its_base_generates_what_the_merged_export_does(lora_run, tmp_path):
     from safetensors.torch import load_file
 
-    from trainer.generate import load_adapter
+    from trainer.model_paths import load_adapter
 
     base, run = lora_run
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())

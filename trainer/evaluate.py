@@ -254,7 +254,7 @@ def check_evaluate_config(cfg: Any) -> torch.device:
             "a checkpoint, a trainer.quantize output, a .gguf file or a directory holding one, or a "
             "compressed-tensors export)"
         )
-    from trainer.generate import ADAPTER_CONFIG, base_of  # the peft format's adapter/ directories
+    from trainer.model_paths import ADAPTER_CONFIG, base_of  # the peft format's adapter/ directories
 
     for m in cfg.models:  # before any model is measured: a bad path is not found only after the others
         p = Path(m)
@@ -323,7 +323,7 @@ def gguf_type(file: Path) -> str:
 def load_adapted(adapter: Path, *, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any, int]:
     """(an adapter/ directory merged into the base its config names, the tokenizer, bytes on disk of the
     adapter and its base): what serving the adapter on its base loads."""
-    from trainer.generate import base_of, load_adapter
+    from trainer.model_paths import base_of, load_adapter
 
     base = base_of(adapter, None)
     model = load_adapter(adapter, base=None, device=device, dtype=dtype)
@@ -335,7 +335,7 @@ def load_adapted(adapter: Path, *, device: torch.device, dtype: torch.dtype) -> 
 def describe_model(path: str) -> tuple[str, str | None]:
     """(scheme, runtime) of a model path: `float`, a trainer.quantize scheme, `gguf TYPE` or
     `compressed-tensors SCHEME`; the runtime says what computes the numbers of an export (None: our own)."""
-    from trainer.generate import ADAPTER_CONFIG
+    from trainer.model_paths import ADAPTER_CONFIG
 
     p = Path(path)
     if (p / ADAPTER_CONFIG).is_file():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, TokenizersBackend
 
 from trainer.errors import ConfigError
 
@@ -44,12 +46,27 @@ def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
     return _wrap(tok)
 
 
+def _saved_as_generic(name_or_path: str) -> bool:
+    """Whether a local directory holds a tokenizer saved as transformers' generic class (as ours are, built from the
+    data). AutoTokenizer would otherwise pick the class that config.json's model_type names for some families
+    (qwen2, for one), whose own pre-tokenizer and normalizer then replace the saved ones: the ids change."""
+    file = Path(name_or_path) / "tokenizer_config.json"
+    try:
+        saved = json.loads(file.read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return saved == "TokenizersBackend" and (file.parent / "tokenizer.json").is_file()
+
+
 def load_tokenizer(
     name_or_path: str, *, trust_remote_code: bool = False, gguf_file: str | None = None
 ) -> PreTrainedTokenizerBase:
     """A hub or local tokenizer (or the one inside a .gguf file), with EOS required and PAD defaulting to EOS."""
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    if not gguf_file and _saved_as_generic(name_or_path):
+        tok = TokenizersBackend.from_pretrained(name_or_path)
+    else:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
     if tok.eos_token_id is None:
         raise ConfigError(
             f"tokenizer {name_or_path}: it has no EOS token (eos_token in its tokenizer_config.json), which "
