@@ -34,6 +34,7 @@ class Family:
     lora_targets: tuple[str, ...]  # peft.targets for LoRA, DoRA and QLoRA (the defaults name Llama's)
     note: str = ""  # what a user must know to build it (rendered under the table)
     nf4_overrides: tuple[str, ...] = ()  # besides NF4_SHAPES
+    gguf_overrides: tuple[str, ...] = ()  # for the GGUF cell, checked by transformers' GGUF loader
 
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -48,8 +49,10 @@ FAMILIES: dict[str, Family] = {
             ("model.arch.model_type=qwen3", "+model.arch.head_dim=16"),
             LLAMA_TARGETS,
             "its config's head_dim defaults to 128 whatever the width: set `+model.arch.head_dim` "
-            "(hidden_size / num_attention_heads) for a small model",
+            "(hidden_size / num_attention_heads) for a small model. Its GGUF cell keeps head_dim=128: "
+            "transformers' GGUF loader reads no head_dim from a qwen3 file and takes 128 (the export warns)",
             nf4_overrides=("model.arch.head_dim=32",),
+            gguf_overrides=("model.arch.head_dim=128",),
         ),
         Family("mistral", ("model.arch.model_type=mistral",), LLAMA_TARGETS),
         Family(
@@ -57,8 +60,11 @@ FAMILIES: dict[str, Family] = {
             ("model.arch.model_type=gemma2", "+model.arch.head_dim=16"),
             LLAMA_TARGETS,
             "head_dim defaults to 256: set `+model.arch.head_dim`; its logits are soft-capped "
-            "(final_logit_softcapping), so the loss takes the plain path instead of the fused one",
+            "(final_logit_softcapping), so the loss takes the plain path instead of the fused one. Its GGUF "
+            "cell keeps head_dim=256, as query_pre_attn_scalar (256): llama.cpp scales queries by the head size "
+            "(the export refuses another scalar) and transformers' GGUF loader reads no scalar and takes 256",
             nf4_overrides=("model.arch.head_dim=32",),
+            gguf_overrides=("model.arch.head_dim=256",),
         ),
         Family(
             "phi3",
@@ -183,11 +189,11 @@ CT_CONV1D = Refusal(
     "[out, in] weight; GPT-2's Conv1D stores [in, out]. Refused, naming trainer.quantize, which converts "
     "Conv1D to Linear first.",
 )
-GGUF_NOT_LLAMA = Refusal(
-    "not Llama",
-    r"format=gguf writes Llama models \(LlamaForCausalLM\) only; this model is \w+ \(model_type={family}\)",
-    "format=gguf writes llama.cpp's `llama` architecture; another family is refused naming format=hf and "
-    "llama.cpp's convert_hf_to_gguf.py.",
+GGUF_NOT_WRITTEN = Refusal(
+    "family not written",
+    r"format=gguf cannot write this model: it is \w+ \(model_type={family}\), and the families written are",
+    "format=gguf writes the llama.cpp architectures of the families listed Y (trainer/gguf_export.py's "
+    "FAMILIES); another family is refused naming them, format=hf and llama.cpp's convert_hf_to_gguf.py.",
 )
 QAT_CONV1D = Refusal(
     "Conv1D",
@@ -284,15 +290,9 @@ FEATURES: list[Feature] = [
         "GGUF",
         "export",
         "transformers' GGUF loader reads it to the float logits",
-        {  # one line a family: trainer/gguf_export.py writes more families on the gguf-families branch
-            "qwen2": GGUF_NOT_LLAMA,
-            "qwen3": GGUF_NOT_LLAMA,
-            "mistral": GGUF_NOT_LLAMA,
-            "gemma2": GGUF_NOT_LLAMA,
-            "phi3": GGUF_NOT_LLAMA,
-            "gpt_neox": GGUF_NOT_LLAMA,
-            "gpt2": GGUF_NOT_LLAMA,
-            "qwen2_moe": GGUF_NOT_LLAMA,
+        {  # one line a family: the families trainer/gguf_export.py does not write
+            "gpt_neox": GGUF_NOT_WRITTEN,
+            "qwen2_moe": GGUF_NOT_WRITTEN,
         },
     ),
     Feature(
