@@ -352,6 +352,9 @@ TEST_TIERS = {
     "test_one_shot_masks_hold_through_fine_tuning_on_two_ranks": {SLOW, MULTIRANK},
     "test_qat_runs_under_single_and_ddp_and_converts_to_the_fake_quantized_function": {SLOW, MULTIRANK},
     "test_two_ddp_ranks_follow_the_single_process_loss": {SLOW, MULTIRANK},
+    # one 2-rank spawn: 9 families x ddp, fsdp, zero3 (~25 s on 2 quiet cores)
+    "test_every_family_trains_under_ddp_fsdp_and_zero3_on_two_ranks_as_in_one_process": {SLOW, MULTIRANK},
+    "test_every_family_compiles_to_the_eager_losses": {SLOW},  # dynamo + AOT autograd, 9 models (~20 s)
     "test_an_error_one_rank_finds_under_torchrun_is_its_paragraph_once_and_no_rank_prints_a_traceback": {
         SLOW,
         MULTIRANK,

@@ -66,6 +66,18 @@ def test_an_architecture_transformers_cannot_build_names_the_key():
         build_model(cfg.model, vocab_size=64)
 
 
+def test_a_default_pad_id_outside_a_small_vocabulary_names_the_override_that_fixes_it():
+    cfg = compose_config(*TINY, "model.arch.model_type=phi3")  # Phi3Config's pad_token_id is 32000
+    with pytest.raises(
+        ConfigError, match=r"pad_token_id=32000 \(the default of .*Phi3Config\) .* 64 ids; set \+model"
+    ):
+        build_model(cfg.model, vocab_size=64)
+    fixed = build_model(
+        compose_config(*TINY, "model.arch.model_type=phi3", "+model.arch.pad_token_id=0").model, vocab_size=64
+    )
+    assert fixed.get_input_embeddings().padding_idx == 0
+
+
 def test_a_missing_model_path_names_the_key(tmp_path):
     cfg = compose_config(*TINY, f"model.name_or_path={tmp_path / 'absent'}")
     # A path that names nothing is refused before transformers takes it for a hub name (trainer.utils.loading_from).

@@ -531,3 +531,25 @@ def test_a_gpt2_run_prunes_its_conv1d_layers_and_exports_the_zeros(tmp_path):
     c_attn = load_file(str(tmp_path / "hf" / "model.safetensors"))["transformer.h.0.attn.c_attn.weight"]
     assert c_attn.shape == (32, 96)  # [in, out]: wanda removes half of each output's inputs, a column here
     assert ((c_attn == 0).sum(0) == 16).all()
+
+
+def test_an_moe_with_fused_experts_is_refused_by_default_and_prunes_the_layers_named():
+    from tests.conftest import compose_config
+    from tests.model_matrix import FAMILIES, TINY_SHAPES
+    from trainer.models import build_model
+
+    cfg = compose_config(*TINY_SHAPES, *FAMILIES["qwen2_moe"].overrides)
+    torch.manual_seed(0)
+    moe = build_model(cfg.model, vocab_size=64)
+    with pytest.raises(
+        ConfigError, match=r"model_type=qwen2_moe: its routed experts .*mlp.experts.gate_up_proj"
+    ):
+        _pruner("prune=magnitude").prepare(moe, train_data=None, micro_batch_size=1, resume=None)
+    experts = moe.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    pruner = _pruner("prune=magnitude", "prune.targets=[*.self_attn.*]")
+    pruner.prepare(moe, train_data=None, micro_batch_size=1, resume=None)
+    assert sorted(pruner.masks) == sorted(
+        f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in "qkvo"
+    )
+    assert float((moe.model.layers[0].self_attn.q_proj.weight == 0).float().mean()) == pytest.approx(0.5)
+    assert torch.equal(moe.model.layers[0].mlp.experts.gate_up_proj, experts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.pytorch_utils import Conv1D
 
-from trainer.errors import ConfigError, TrainerError
+from trainer.errors import ConfigError, TrainerError, TrainerWarning
 from trainer.loss import causal_lm_loss
 from trainer.utils import loading_from, require
 
@@ -111,7 +112,23 @@ def build_model_config(cfg: Any, *, vocab_size: int | None = None) -> Pretrained
                 f"model.arch.vocab_size={arch['vocab_size']} is smaller than the tokenizer's {vocab_size} tokens; "
                 "leave it out (the tokenizer's size, rounded up to a multiple of 64) or give at least that"
             )
+    if not cfg.name_or_path:
+        _check_pad_id(config, given="pad_token_id" in arch)
     return config
+
+
+def _check_pad_id(config: PretrainedConfig, *, given: bool) -> None:
+    """A config class's default pad id outside a small vocabulary (Phi-3's 32000): transformers' embedding
+    refuses it with an assertion that names no key."""
+    pad, vocab = getattr(config, "pad_token_id", None), config.vocab_size
+    if isinstance(pad, int) and not 0 <= pad < vocab:
+        key = "model.arch.pad_token_id" if given else "+model.arch.pad_token_id"
+        raise ConfigError(
+            f"model.arch (model_type={config.model_type}): pad_token_id={pad}"
+            + ("" if given else f" (the default of transformers' {type(config).__name__})")
+            + f" is outside the model's vocabulary of {vocab} ids; set {key}=0, or any id below {vocab} (the "
+            "padding embedding row; the loss never reads it)"
+        )
 
 
 def build_model(
@@ -212,6 +229,28 @@ def conv1d_to_linear(conv: nn.Module) -> nn.Linear:
         if conv.bias is not None:
             linear.bias.copy_(conv.bias.detach())
     return linear
+
+
+def fused_experts(model: nn.Module) -> list[str]:
+    """The names, within a transformer block, of an MoE's routed experts stored as fused 3-D parameters
+    (transformers' Qwen2MoeExperts, MixtralExperts: [experts, out, in]); [] for a dense model. Pruning, adapters
+    and quantization work on linear layers, which these are not."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    block = next((m for m in model.modules() if type(m).__name__ in names), None)
+    return [] if block is None else [n for n, p in block.named_parameters() if p.ndim >= 3]
+
+
+def warn_unhandled_experts(model: nn.Module, *, feature: str, consequence: str) -> None:
+    """A warning, where `model` is an MoE with fused experts, that `feature` (which works on linear layers)
+    leaves them as they are: `consequence` says how."""
+    fused = fused_experts(model)
+    if fused:
+        warnings.warn(
+            f"{feature}: the routed experts of this MoE ({', '.join(fused)} in each block) are fused 3-D "
+            f"parameters, not linear layers: {consequence}",
+            TrainerWarning,
+            stacklevel=3,
+        )
 
 
 def layer_types(model: nn.Module) -> list[str]:

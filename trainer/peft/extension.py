@@ -30,7 +30,7 @@ from trainer.checkpoint import STATE_FILE
 from trainer.distributed import ParallelEnv, barrier
 from trainer.errors import CheckpointError, ConfigError
 from trainer.extensions import Extension
-from trainer.models import is_conv1d, is_linear, layer_types
+from trainer.models import is_conv1d, is_linear, layer_types, warn_unhandled_experts
 from trainer.utils import staged
 
 ADAPTER_DIR = "adapter"
@@ -286,6 +286,13 @@ class Adapters(Extension):
 
         p, m = self.cfg.peft, self.cfg.model
         self.targets = select_targets(model, list(p.targets))
+        if self.env.is_main:
+            warn_unhandled_experts(
+                model,
+                feature="peft",
+                consequence="they stay frozen, and the adapters train on the peft.targets linears alone "
+                "(attention, shared expert); to train them in full too, peft.train_also=['*.mlp.experts.*']",
+            )
         self.conv1d = conv1d_targets(model, self.targets)
         check_conv1d_base(self.conv1d, str(p.base_dtype))
         self.train_also = select_train_also(model, list(p.train_also))

@@ -18,7 +18,14 @@ from trainer.calibration import InputStats, calibration_batches, update_blocks_s
 from trainer.distributed import ParallelEnv, all_reduce_sum
 from trainer.errors import ConfigError
 from trainer.extensions import Extension
-from trainer.models import as_weight_layout, is_linear, layer_types, linear_weight, transformer_blocks
+from trainer.models import (
+    as_weight_layout,
+    fused_experts,
+    is_linear,
+    layer_types,
+    linear_weight,
+    transformer_blocks,
+)
 from trainer.prune.masks import (
     MaskEnforcer,
     broadcast_masks,
@@ -41,6 +48,21 @@ def _is_prunable(module: nn.Module) -> bool:
     return isinstance(w, nn.Parameter) and w.ndim == 2
 
 
+def _refuse_fused_experts(model: nn.Module) -> None:
+    """An MoE whose routed experts are fused 3-D parameters (transformers' Qwen2MoeExperts, MixtralExperts): the
+    blocks' linears alone are a small part of its weights, and pruning them would report the sparsity asked
+    for a model whose experts stay dense."""
+    fused = fused_experts(model)
+    if fused:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ConfigError(
+            f"prune.targets=null on model_type={model_type}: its routed experts are fused 3-D parameters "
+            f"({', '.join(fused)} in each block), not linear layers, which pruning does not handle; pruning the "
+            "other linears of the blocks alone would leave most of the weights dense. Name the layers to prune "
+            "with prune.targets (e.g. ['*.self_attn.*', '*.shared_expert.*']) to prune those alone"
+        )
+
+
 def select_targets(model: nn.Module, patterns: list[str] | None) -> dict[str, nn.Module]:
     """Modules to prune by name: every glob must match at least one module with a 2-D weight.
 
@@ -49,6 +71,7 @@ def select_targets(model: nn.Module, patterns: list[str] | None) -> dict[str, nn
     """
     named = dict(model.named_modules())
     if patterns is None:
+        _refuse_fused_experts(model)
         inside = {id(m) for b in transformer_blocks(model) for m in b.modules()}
         found = {n: m for n, m in named.items() if is_linear(m) and id(m) in inside}
         if not found:

@@ -31,7 +31,7 @@ from torch import nn
 from trainer.calibration import InputStats, update_blocks_sequentially
 from trainer.choices import CompressedTensorsScheme
 from trainer.errors import ConfigError, TrainerWarning
-from trainer.models import is_conv1d, transformer_blocks
+from trainer.models import is_conv1d, transformer_blocks, warn_unhandled_experts
 from trainer.quant import smooth
 from trainer.quant.gptq import gptq_quantize
 from trainer.utils import require, staged
@@ -106,6 +106,9 @@ def export_compressed_tensors(
             )
         )
     group = _group_size(targets, group_size) if grouped else None
+    warn_unhandled_experts(
+        model, feature=f"scheme={scheme}", consequence="they are written in float; the linears are quantized"
+    )
 
     model.eval()
     if act_quant:

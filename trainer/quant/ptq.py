@@ -27,7 +27,7 @@ from torch import nn
 
 from trainer.choices import DTYPES
 from trainer.errors import ConfigError
-from trainer.models import conv1d_to_linear, is_conv1d, layer_types
+from trainer.models import conv1d_to_linear, is_conv1d, layer_types, warn_unhandled_experts
 from trainer.quant import smooth
 from trainer.quant.config import QuantScheme
 from trainer.quant.gptq import quantize_blocks_gptq, quantize_head_gptq
@@ -211,6 +211,11 @@ def quantize_model(
             warnings.simplefilter("ignore")
             quantize_(model, torchao_config(scheme, group_size=group_size), filter_fn=_filter(keep_float))
     info["dtype"] = dtype_name(model)
+    warn_unhandled_experts(
+        model,
+        feature=f"scheme={scheme}",
+        consequence="they stay in float; the linears (attention, shared expert) are quantized",
+    )
     if scheme == "int4_weight":
         info["group_size"] = group_size
     return info

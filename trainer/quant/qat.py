@@ -29,7 +29,7 @@ from torch import nn
 from trainer.distributed import barrier
 from trainer.errors import ConfigError
 from trainer.extensions import Extension
-from trainer.models import is_conv1d, layer_types
+from trainer.models import is_conv1d, layer_types, warn_unhandled_experts
 from trainer.utils import require
 
 GROUPED_SCHEMES = ("int4_weight",)  # scales per group of quant.group_size weights along a row
@@ -57,6 +57,12 @@ class QAT(Extension):
 
     def before_wrap(self, model: nn.Module, *, resume: Path | None) -> None:
         prepare_qat(model, self.q)
+        if self.env.is_main:
+            warn_unhandled_experts(
+                model,
+                feature=f"quant={self.q.name} (QAT)",
+                consequence="they train in float and stay float in quantized/; the linears are fake-quantized",
+            )
 
     def finish(self, run_dir: Path) -> None:
         if self.env.is_main:
