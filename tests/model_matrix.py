@@ -141,12 +141,17 @@ class Feature:
 
 
 STRUCTURED = Refusal(
-    "not Llama-shaped",
+    "block not sliced",
     r"prune=structured .*model_type={family}'s \w+ is not one",
     "Structured pruning slices Llama-shaped blocks (separate q/k/v/o and gate/up/down nn.Linear "
-    "projections); fused projections (Phi-3's `qkv_proj`/`gate_up_proj`, GPT-NeoX's `query_key_value`, "
-    "GPT-2's `c_attn` Conv1D) and MoE blocks are refused before any weight changes, naming the block class; "
-    "the unstructured methods prune them.",
+    "projections), Phi-3's fused `qkv_proj`/`gate_up_proj` and GPT-NeoX's MLP; GPT-2's `c_attn` Conv1D and MoE "
+    "blocks are refused before any weight changes, naming the block class; the unstructured methods prune them.",
+)
+NEOX_HEADS = Refusal(
+    "head size not in config",
+    r"prune.heads=0.5 on model_type={family}: its config has no head size",
+    "GPT-NeoX computes its head size as hidden_size / num_attention_heads, so a model with fewer heads "
+    "cannot be saved and loaded back; refused naming prune.heads=0 (MLP channels and layers are pruned).",
 )
 MOE_PRUNE = Refusal(
     "fused experts",
@@ -209,6 +214,7 @@ NF4_CONV1D = Refusal(
 )
 
 NOT_LLAMA_SHAPED = ("phi3", "gpt_neox", "gpt2", "qwen2_moe")
+NOT_SLICED = ("gpt2", "qwen2_moe")  # by structured pruning
 ALL = tuple(FAMILIES)
 
 
@@ -248,14 +254,14 @@ FEATURES: list[Feature] = [
     Feature(
         "structured heads",
         "prune",
-        "half the heads gone from config and weights",
-        _each(NOT_LLAMA_SHAPED, STRUCTURED),
+        "half the heads gone from config and weights; the saved model reloads to the same logits",
+        {**_each(NOT_SLICED, STRUCTURED), "gpt_neox": NEOX_HEADS},
     ),
     Feature(
         "structured channels",
         "prune",
-        "half the MLP channels gone from config and weights",
-        _each(NOT_LLAMA_SHAPED, STRUCTURED),
+        "half the MLP channels gone from config and weights; the saved model reloads to the same logits",
+        _each(NOT_SLICED, STRUCTURED),
     ),
     Feature("LoRA", "peft", "adapter/ loads with peft and gives the merged hf/ export's logits"),
     Feature("DoRA", "peft", "adapter/ loads with peft and gives the merged hf/ export's logits"),

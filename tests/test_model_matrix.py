@@ -258,17 +258,28 @@ def check_unstructured(fam: FamilyRuns, *overrides: str) -> None:
 
 
 def check_structured(fam: FamilyRuns, what: str) -> None:
-    config = fam.model().config
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from trainer.models import transformer_blocks
+
+    dense = fam.model()
+    config, params = dense.config, sum(p.numel() for p in dense.parameters())
     if what == "heads":
         model, _ = pruned(fam, "prune=structured", "prune.heads=0.5", "prune.mlp_channels=0")
         assert model.config.num_attention_heads == config.num_attention_heads // 2
-        q = model.model.layers[0].self_attn.q_proj
-        assert q.out_features == model.config.num_attention_heads * model.config.head_dim
+        o = transformer_blocks(model)[0].self_attn.o_proj
+        assert o.in_features == model.config.num_attention_heads * model.config.head_dim
     else:
         model, _ = pruned(fam, "prune=structured", "prune.mlp_channels=0.5")
         assert model.config.intermediate_size == config.intermediate_size // 2
-        assert model.model.layers[0].mlp.up_proj.out_features == config.intermediate_size // 2
-    logits(model, fixed_ids(fam.vocab()))
+    assert sum(p.numel() for p in model.parameters()) < params
+    ids = fixed_ids(fam.vocab())
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        again = AutoModelForCausalLM.from_pretrained(tmp).eval()
+        torch.testing.assert_close(logits(again, ids), logits(model.eval(), ids))
 
 
 def peft_run(fam: FamilyRuns, name: str, *, nf4: bool = False):

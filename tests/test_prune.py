@@ -203,6 +203,100 @@ def test_structured_pruning_equals_the_dense_model_with_those_parts_zeroed(tmp_p
         torch.testing.assert_close(again(ids).logits, small(ids).logits)
 
 
+def _phi3_of(llama):
+    """A Phi-3 holding the Llama's weights with q, k, v fused in qkv_proj and gate, up in gate_up_proj: the same
+    function (Phi-3's block is Llama's with those two projections fused)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    c = llama.config
+    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    config = Phi3Config(
+        **{f: getattr(c, f) for f in fields},
+        num_key_value_heads=c.num_key_value_heads,
+        pad_token_id=0,
+        rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=False,
+    )
+    phi3 = Phi3ForCausalLM(config).eval()
+    state = {}
+    for name, value in llama.state_dict().items():
+        for parts, fused in (("q_proj k_proj v_proj", "qkv_proj"), ("gate_proj up_proj", "gate_up_proj")):
+            first, *rest = parts.split()
+            if f".{first}." in name:
+                siblings = [name.replace(first, p) for p in (first, *rest)]
+                state[name.replace(first, fused)] = torch.cat([llama.state_dict()[n] for n in siblings])
+        if not any(f".{p}." in name for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+            state[name] = value
+    phi3.load_state_dict(state)
+    return phi3
+
+
+def test_phi3s_fused_projections_prune_to_the_llama_they_fuse_pruned_alike(tmp_path):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from trainer.prune.structured import prune_structured, pruned_config
+
+    llama = _tiny_llama()
+    phi3 = _phi3_of(llama)
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            phi3(ids).logits, llama(ids).logits, atol=1e-5, rtol=1e-5
+        )  # the reference holds
+    dense_config = copy.deepcopy(phi3.config)
+    prune_structured(llama, heads=0.5, mlp_channels=0.25, layers=[1])
+    report = prune_structured(phi3, heads=0.5, mlp_channels=0.25, layers=[1])
+    assert (report["num_attention_heads"], report["num_key_value_heads"], report["intermediate_size"]) == (
+        2,
+        1,
+        36,
+    )
+    assert (
+        pruned_config(dense_config, heads=0.5, mlp_channels=0.25, layers=[1]).to_dict()
+        == phi3.config.to_dict()
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(phi3(ids).logits, llama(ids).logits, atol=1e-5, rtol=1e-5)
+        phi3.save_pretrained(tmp_path)
+        again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(again(ids).logits, phi3(ids).logits)
+
+
+def test_gpt_neox_prunes_mlp_channels_and_refuses_heads_its_config_cannot_hold(tmp_path):
+    import copy
+
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from trainer.prune.structured import prune_structured
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=64
+    )
+    dense = GPTNeoXForCausalLM(config).eval()
+    with pytest.raises(ConfigError, match=r"prune.heads=0.5 on model_type=gpt_neox: .*prune.heads=0"):
+        prune_structured(copy.deepcopy(dense), heads=0.5, mlp_channels=0.0, layers=[])
+    small = copy.deepcopy(dense)
+    prune_structured(small, heads=0.0, mlp_channels=0.25, layers=[])
+    assert small.config.intermediate_size == 36
+    # Reference: the dense model with the removed channels' dense_4h_to_h columns zeroed (GELU(x) * 0 adds nothing)
+    with torch.no_grad():
+        for big, little in zip(dense.gpt_neox.layers, small.gpt_neox.layers, strict=True):
+            kept = {tuple(col.tolist()) for col in little.mlp.dense_4h_to_h.weight.T}
+            out = big.mlp.dense_4h_to_h.weight
+            for j in range(out.shape[1]):
+                if tuple(out[:, j].tolist()) not in kept:
+                    out[:, j] = 0
+            assert int((out.abs().sum(0) == 0).sum()) == 12
+        ids = torch.randint(0, 64, (2, 12))
+        torch.testing.assert_close(small(ids).logits, dense(ids).logits, atol=1e-5, rtol=1e-5)
+        small.save_pretrained(tmp_path)
+        again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(again(ids).logits, small(ids).logits)
+
+
 def test_a_structured_pruned_checkpoint_loads_from_its_own_files_and_through_the_old_fallback(tmp_path):
     from trainer.export import load_checkpoint_model
 
