@@ -161,7 +161,7 @@ MOE_PRUNE = Refusal(
     "refusal names them; `prune.targets` naming the attention and shared-expert layers prunes those alone.",
 )
 SMOOTH = Refusal(
-    "no RMSNorm to fold into",
+    "block not Llama-shaped",
     r"scheme=int8_smooth folds",
     "SmoothQuant folds its per-channel scales into the RMSNorm before each attention and MLP of a "
     "Llama-shaped block; a block without it (LayerNorm with a bias, Gemma's (1 + w) RMSNorm, fused "
@@ -182,7 +182,7 @@ CPU_SPARSE24 = Refusal(
     any_family=True,
 )
 CT_W8A8 = Refusal(
-    "no RMSNorm to fold into",
+    "block not Llama-shaped",
     r"scheme=w8a8 folds SmoothQuant scales into Llama-style decoder blocks",
     "w8a8 smooths activations into the RMSNorm of Llama-shaped blocks, like int8_smooth; other blocks are "
     "refused naming w8a16 and w4a16.",
