@@ -51,6 +51,7 @@ class Option:
 class Plan:
     job: Option
     largest_micro_batch: int  # 0: not even one sequence fits
+    micro_batches_tried: int  # plan.max_micro_batch: a larger one may fit too
     alternatives: list[Option]
     device: Device
     memory_bytes: float
@@ -194,6 +195,7 @@ def make_plan(cfg: Any, plan: Any) -> Plan:
     result = Plan(
         job=job,
         largest_micro_batch=largest.setup.micro_batch if largest else 0,
+        micro_batches_tried=int(plan.max_micro_batch),
         alternatives=alternatives,
         device=p.dev,
         memory_bytes=p.memory_bytes,

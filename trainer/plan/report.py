@@ -73,8 +73,13 @@ def format_plan(p: Plan, cfg: Any) -> str:
         "",
         f"verdict: {verdict} ({job.memory.peak / GIB:.1f} of {p.memory_bytes / GIB:.1f} GiB); the largest "
         + (
-            f"micro-batch that fits is train.micro_batch_size={p.largest_micro_batch} (with a global batch that "
-            "is a multiple of it times the ranks)"
+            f"micro-batch that fits is train.micro_batch_size={p.largest_micro_batch}"
+            + (
+                f" (the largest tried: raise plan.max_micro_batch={p.micro_batches_tried} to look further)"
+                if p.largest_micro_batch >= p.micro_batches_tried
+                else ""
+            )
+            + " (with a global batch that is a multiple of it times the ranks)"
             if p.largest_micro_batch
             else "micro-batch: none fits (not even 1)"
         ),
