@@ -63,7 +63,7 @@ def test_the_local_task_is_the_generators_output_four_distinct_endings_the_answe
 
 
 def test_evaluate_tasks_give_the_accuracy_lm_evals_own_command_line_gives_on_the_same_directory(
-    hf_dir, tmp_path
+    hf_dir, tmp_path, capfd
 ):
     from trainer.evaluate import evaluate_models
 
@@ -75,6 +75,12 @@ def test_evaluate_tasks_give_the_accuracy_lm_evals_own_command_line_gives_on_the
         f"lm_eval.limit={LIMIT}",
     )
     [entry] = evaluate_models(cfg)
+    printed = capfd.readouterr()
+    # Off a terminal: lm-eval's per-model INFO lines, its warnings about being handed a model object, and its
+    # loglikelihood progress bar are not printed; our line with the accuracy is.
+    for noise in ("Setting random seed", "is not of type `str`", "Custom kwargs", "Running loglikelihood"):
+        assert noise not in printed.out + printed.err
+    assert "pydoc_endings acc_norm" in printed.out
     ours = entry["tasks"]["pydoc_endings"]
     assert ours["examples"] == LIMIT and entry["lm_eval"]["version"]
     assert json.loads((tmp_path / "ours.json").read_text())[0]["tasks"] == entry["tasks"]

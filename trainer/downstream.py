@@ -12,8 +12,13 @@ The tasks are lm-eval's registered ones (downloaded from the hub where it is rea
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +114,68 @@ def evaluate_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], opts: Any
     from lm_eval.models.huggingface import HFLM
 
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=opts.batch_size)
-    results = lm_eval.simple_evaluate(
+    with _lm_eval_quiet():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=opts.batch_size)
+        if not sys.stderr.isatty():  # a log file gets no progress bars, one line per model (ours) instead
+            for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+                setattr(lm, name, functools.partial(getattr(lm, name), disable_tqdm=True))
+        results = _simple_evaluate(lm_eval, lm, tasks, opts, manager)
+    return {
+        "tasks": task_results(results),
+        "lm_eval": {
+            "version": lm_eval.__version__,
+            "num_fewshot": opts.num_fewshot,
+            "limit": opts.limit,
+            "seed": opts.seed,
+        },
+    }
+
+
+# lm-eval's warnings about being handed a model object (which is how we call it) and about task metadata we
+# do not use; its INFO lines (seeds, the selected tasks, "pre-initialized model") repeat on every model.
+_EXPECTED = {
+    "lm_eval.models.huggingface": (
+        "`pretrained` model kwarg is not of type `str`",
+        "Passed an already-initialized model through `pretrained`",
+    ),
+    "lm_eval.api.task": ("Custom kwargs can be passed to `--metadata`",),
+}
+
+
+class _DropExpected(logging.Filter):
+    def __init__(self, messages: tuple[str, ...]) -> None:
+        super().__init__()
+        self.messages = messages
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(m in text for m in self.messages)
+
+
+@contextmanager
+def _lm_eval_quiet() -> Iterator[None]:
+    root, level = logging.getLogger("lm_eval"), logging.getLogger("lm_eval").level
+    root.setLevel(logging.WARNING)
+    drops = {name: _DropExpected(messages) for name, messages in _EXPECTED.items()}
+    for name, drop in drops.items():
+        logging.getLogger(name).addFilter(drop)
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        for name, drop in drops.items():
+            logging.getLogger(name).removeFilter(drop)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _simple_evaluate(lm_eval: Any, lm: Any, tasks: list[str], opts: Any, manager: Any) -> dict:
+    return lm_eval.simple_evaluate(
         model=lm,
         tasks=list(tasks),
         num_fewshot=opts.num_fewshot,
@@ -122,15 +187,6 @@ def evaluate_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], opts: Any
         fewshot_random_seed=opts.seed,
         log_samples=False,
     )
-    return {
-        "tasks": task_results(results),
-        "lm_eval": {
-            "version": lm_eval.__version__,
-            "num_fewshot": opts.num_fewshot,
-            "limit": opts.limit,
-            "seed": opts.seed,
-        },
-    }
 
 
 def accuracy_line(tasks: dict[str, dict[str, Any]]) -> str:
