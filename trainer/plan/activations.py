@@ -64,24 +64,32 @@ def trace_block_count(
     config.num_hidden_layers = num_layers
     if hasattr(config, "layer_types") and config.layer_types is not None:
         config.layer_types = list(config.layer_types)[:num_layers]
-    with FakeTensorMode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        module = CausalLMWithLoss(model, loss_chunk_size=loss_chunk_size)
-        module.train()
-        tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long)
-        tracker = MemTracker()
-        tracker.track_external(module)
-        autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-        with tracker:
-            with autocast:
-                loss = module(tokens, tokens, num_targets=micro_batch * seq_len)
-            saved = _activation_bytes(_device_snapshot(tracker, "current"))
-            loss.backward()
-        at_peak = _device_snapshot(tracker, "peak")
-        grads = sum(p.numel() * p.element_size() for p in module.parameters())
+    # torch's module tracker replaces warnings.formatwarning for good when checkpointing re-enters a module
+    # (catch_warnings does not restore it): every later warning of the process would lose our format.
+    formatwarning = warnings.formatwarning
+    try:
+        with FakeTensorMode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype)
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            module = CausalLMWithLoss(model, loss_chunk_size=loss_chunk_size)
+            module.train()
+            tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long)
+            tracker = MemTracker()
+            tracker.track_external(module)
+            autocast = (
+                torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+            )
+            with tracker:
+                with autocast:
+                    loss = module(tokens, tokens, num_targets=micro_batch * seq_len)
+                saved = _activation_bytes(_device_snapshot(tracker, "current"))
+                loss.backward()
+            at_peak = _device_snapshot(tracker, "peak")
+            grads = sum(p.numel() * p.element_size() for p in module.parameters())
+    finally:
+        warnings.formatwarning = formatwarning
     peak = _activation_bytes(at_peak)
     grads_at_peak = float(sum(v for k, v in at_peak.items() if str(k).endswith("GRAD")))
     return ActivationTrace(saved=saved, peak=max(peak, saved), grads_at_peak=grads_at_peak, grads_total=grads)
