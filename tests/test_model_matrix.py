@@ -534,24 +534,11 @@ def chat(tmp_path_factory) -> dict[str, Any]:
     word-reversal conversations."""
     import random
 
-    from tests.chat_fixtures import with_template
+    from tests.chat_fixtures import WORDS, with_template
     from trainer.data.tokenizer import build_bpe_tokenizer
 
     rng = random.Random(0)
-    words = [
-        "alpha",
-        "beta",
-        "gamma",
-        "delta",
-        "epsilon",
-        "zeta",
-        "eta",
-        "theta",
-        "iota",
-        "kappa",
-        "lambda",
-        "mu",
-    ]
+    words = WORDS[:12]
     rows = []
     for _ in range(64):
         said = rng.sample(words, rng.randint(2, 6))

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.chat_fixtures import with_template
+from tests.chat_fixtures import WORDS, with_template
 from tests.conftest import TINY_MODEL, compose_config, make_trainer, run_command, tiny_llama, train_losses
 from tests.test_cli import assert_explained, run_commands
 from tests.test_data_tokenized import prepare_config
@@ -25,27 +25,6 @@ from trainer.data.prepare import prepare
 from trainer.data.prepared import PreparedSplit, read_meta
 from trainer.data.tokenizer import load_tokenizer
 from trainer.loss import IGNORE_INDEX
-
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "epsilon",
-    "zeta",
-    "eta",
-    "theta",
-    "iota",
-    "kappa",
-    "lambda",
-    "mu",
-    "nu",
-    "xi",
-    "omicron",
-    "pi",
-    "rho",
-    "sigma",
-]
 
 
 def conversation_rows(num: int, *, seed: int = 0) -> list[dict]:
