@@ -161,3 +161,49 @@ def test_the_report_puts_each_tasks_accuracy_the_mean_and_its_difference_to_the_
     assert (tmp_path / "out" / "report.png").stat().st_size > 0
     # (size, perplexity): the smallest, then each one better than all smaller ones
     assert pareto_front([(4, 20), (2, 1200), (3, 30), (4, 10), (5, 15)]) == [1, 2, 3]
+
+
+def test_the_charts_point_numbers_cover_no_point_no_other_number_and_stay_in_the_panel():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import Bbox
+
+    from trainer.report import label_groups, number_label, place_labels
+
+    # the chain's shape: a column of models at one size, some on top of each other, and a far outlier
+    xs = dict(enumerate([537.0] * 9 + [220.0, 220.0, 221.0, 150.0]))
+    ys = dict(enumerate([0.80, 0.74, 0.70, 0.69, 0.68, 0.65, 0.60, 0.47, 0.41, 0.80, 0.80, 0.79, 0.29]))
+    groups = label_groups(xs, ys, log_y=False)
+    assert [number_label([i + 1 for i in g]) for g in groups] == [
+        "1",
+        "2",
+        "3-5",
+        "6",
+        "7",
+        "8",
+        "9",
+        "10-12",
+        "13",
+    ]
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    ax.scatter(list(xs.values()), list(ys.values()), s=60)
+    fig.tight_layout()
+    labels = [(xs[g[0]], ys[g[0]], number_label([i + 1 for i in g])) for g in groups]
+    written = place_labels(
+        ax, labels, list(zip(xs.values(), ys.values(), strict=True)), marker_points=60**0.5 / 2
+    )
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in written]
+    radius = 60**0.5 / 2 * fig.dpi / 72
+    markers = [
+        Bbox.from_extents(x - radius, y - radius, x + radius, y + radius)
+        for x, y in ax.transData.transform(list(zip(xs.values(), ys.values(), strict=True)))
+    ]
+    frame = ax.get_window_extent(renderer)
+    for k, box in enumerate(boxes):
+        assert frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1), labels[k]
+        assert not any(box.overlaps(other) for other in boxes[:k] + boxes[k + 1 :]), labels[k]
+        assert not any(box.overlaps(m) for m in markers), labels[k]
+    plt.close(fig)

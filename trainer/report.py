@@ -302,9 +302,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def label_lifts(xs: dict[int, float], ys: dict[int, float], *, log_y: bool) -> list[int]:
-    """For each point (in xs order), how many label heights to lift its number so that it does not land on
-    the number of an earlier point close to it (within 4% of the panel in x and y)."""
+def label_groups(xs: dict[int, float], ys: dict[int, float], *, log_y: bool) -> list[list[int]]:
+    """The points (keys of xs) grouped so that each group gets one label: a point joins the first group
+    whose first point lies within 4% of the panel of it in x and y, so numbers of points that sit on one
+    another are written once, side by side ("2,11,17-20"), instead of over each other or stacked off the
+    panel."""
     import math
 
     def spread(values: list[float]) -> tuple[float, float]:
@@ -312,16 +314,92 @@ def label_lifts(xs: dict[int, float], ys: dict[int, float], *, log_y: bool) -> l
 
     ty = {i: math.log(v) if log_y and v > 0 else v for i, v in ys.items()}
     (x0, dx), (y0, dy) = spread(list(xs.values())), spread(list(ty.values()))
-    placed: list[tuple[float, float]] = []  # (x, y + lift) of the numbers so far, in panel fractions
-    lifts = []
+    groups: list[tuple[float, float, list[int]]] = []  # (x, y) of the group's first point, in panel fractions
     for i in xs:
         x, y = (xs[i] - x0) / dx, (ty[i] - y0) / dy
-        lift = 0
-        while any(abs(x - px) < 0.04 and abs(y + 0.05 * lift - py) < 0.04 for px, py in placed):
-            lift += 1
-        placed.append((x, y + 0.05 * lift))
-        lifts.append(lift)
-    return lifts
+        group = next((g for gx, gy, g in groups if abs(x - gx) < 0.04 and abs(y - gy) < 0.04), None)
+        if group is None:
+            groups.append((x, y, [i]))
+        else:
+            group.append(i)
+    return [g for _, _, g in groups]
+
+
+def number_label(numbers: list[int]) -> str:
+    """1-based point numbers as a short label: runs of consecutive numbers as ranges ("2,11,17-20")."""
+    numbers, runs = sorted(numbers), []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ",".join(f"{a}" if a == b else f"{a},{b}" if b == a + 1 else f"{a}-{b}" for a, b in runs)
+
+
+def place_labels(
+    ax: Any,
+    labels: list[tuple[float, float, str]],
+    points: list[tuple[float, float]],
+    *,
+    marker_points: float,
+) -> list[Any]:
+    """Write each (x, y, text) beside its point: at the first of right, left, above, below and the diagonals
+    where it covers no marker (of radius marker_points), no label written before, and stays in the panel;
+    where no place is free, where it covers least. Call once the figure's layout is final."""
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    radius = marker_points * ax.figure.dpi / 72
+    taken = [
+        Bbox.from_extents(px - radius, py - radius, px + radius, py + radius)
+        for px, py in ax.transData.transform(points)
+    ]
+    pad = 5  # points between a marker's centre and its label
+    places = [
+        ((pad, 0), "left", "center"),
+        ((-pad, 0), "right", "center"),
+        ((0, pad), "center", "bottom"),
+        ((0, -pad), "center", "top"),
+        ((pad, pad), "left", "bottom"),
+        ((-pad, pad), "right", "bottom"),
+        ((pad, -pad), "left", "top"),
+        ((-pad, -pad), "right", "top"),
+    ]
+
+    def covered(box: Bbox) -> float:
+        inside = Bbox.intersection(box, frame)
+        outside = box.width * box.height - (inside.width * inside.height if inside else 0.0)
+        overlaps = (Bbox.intersection(box, other) for other in taken)
+        return outside + sum(o.width * o.height for o in overlaps if o is not None)
+
+    written = []
+    for x, y, text in labels:
+        best = None
+        for offset, ha, va in places:
+            label = ax.annotate(
+                text,
+                (x, y),
+                textcoords="offset points",
+                xytext=offset,
+                ha=ha,
+                va=va,
+                fontsize=7,
+                zorder=4,
+                bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},  # over lines
+            )
+            cost = covered(label.get_window_extent(renderer))
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, label)
+            else:
+                label.remove()
+            if cost == 0:
+                break
+        taken.append(best[1].get_window_extent(renderer))
+        written.append(best[1])
+    return written
 
 
 def write_chart(
@@ -341,27 +419,22 @@ def write_chart(
     panels = [*((k, "perplexity") for k in axes_keys)]
     if any(a is not None for a in accuracy):
         panels.append(("size_bytes", "accuracy"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     colors = plt.get_cmap("tab20").colors
     reference = {id(b): b for b in bases}.values()  # each baseline once
+    numbers = []  # per panel: the axes, its (x, y, text) labels, and every point, written once the layout is set
     for ax, (key, y_key) in zip(axes[0], panels, strict=True):
         scale = 1e6 if key == "size_bytes" else 1.0
         shown = [i for i, e in enumerate(entries) if y_key == "perplexity" or accuracy[i] is not None]
         xs = {i: entries[i][key] / scale for i in shown}
         ys = {i: entries[i]["perplexity"] if y_key == "perplexity" else accuracy[i][0] for i in shown}
-        for i, lift in zip(shown, label_lifts(xs, ys, log_y=y_key == "perplexity"), strict=True):
+        for i in shown:
             color = colors[i % len(colors)]
             ax.scatter(xs[i], ys[i], s=60, color=color, zorder=3, label=f"{i + 1}  {entries[i]['name']}")
-            ax.annotate(
-                str(i + 1),
-                (xs[i], ys[i]),
-                textcoords="offset points",
-                xytext=(0, 6 + 9 * lift),
-                ha="center",
-                fontsize=7,
-            )
             if y_key == "accuracy" and accuracy[i][1]:
                 ax.errorbar(xs[i], ys[i], yerr=accuracy[i][1], color=color, alpha=0.5, zorder=2)
+        groups = label_groups(xs, ys, log_y=y_key == "perplexity")
+        numbers.append((ax, [(xs[g[0]], ys[g[0]], number_label([i + 1 for i in g])) for g in groups], xs, ys))
         sign = 1 if y_key == "perplexity" else -1  # lower perplexity, higher accuracy is better
         front = [shown[j] for j in pareto_front([(xs[i], sign * ys[i]) for i in shown])]
         ax.plot(
@@ -385,12 +458,16 @@ def write_chart(
             "perplexity (log scale)" if y_key == "perplexity" else f"mean accuracy over {len(tasks)} task(s)"
         )
         ax.grid(alpha=0.3, which="both")
+        ax.margins(x=0.06, y=0.08)
     handles, labels = axes[0][0].get_legend_handles_labels()
+    legend_inches = 0.17 * -(-len(labels) // 4) + 0.1  # below the panels, which keep their 4.2 inches
+    fig.set_size_inches(fig.get_figwidth(), 4.2 + legend_inches)
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     title = "perplexity against " + " and ".join(AXIS_LABELS[k] for k in axes_keys)
     fig.suptitle(title + (", and accuracy against size" if len(panels) > len(axes_keys) else ""))
-    rows = -(-len(labels) // 4)
-    fig.tight_layout(rect=(0, min(0.45, 0.05 * rows + 0.03), 1, 1))
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
+    for ax, panel_labels, xs, ys in numbers:
+        place_labels(ax, panel_labels, [(xs[i], ys[i]) for i in xs], marker_points=60**0.5 / 2)
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
