@@ -83,6 +83,58 @@ def test_predicted_peak_is_within_10_percent_of_a_real_steps(tmp_path, extra):
     assert warnings.formatwarning is formatwarning
 
 
+# transformers' check for packed documents reads the positions' values (real tensors only): the calls a real
+# step makes that the fake one cannot.
+PACKED_CHECK = {"_local_scalar_dense", "all", "cat", "cumsum", "eq", "ne", "select", "slice", "sub"}
+
+
+def test_the_fake_step_records_the_operator_calls_of_a_real_step_and_the_plan_times_each():
+    import collections
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.models import CausalLMWithLoss
+    from trainer.plan.replay import OpRecorder, record_step
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg, plan = compose_plan([*SMALL, *ON_THIS_CPU, "train.activation_checkpointing=true"])
+    p = make_plan(cfg, plan)
+    config = p.counts.config
+    step = dict(
+        micro_batch=8,
+        seq_len=64,
+        weight_dtype=torch.float32,
+        autocast_dtype=None,
+        checkpointing=True,
+        loss_chunk_size=cfg.train.loss_chunk_size,
+    )
+    fake = record_step(config, 3, **step)
+    # 1 block, then 2: the third block's calls are the second's
+    one, two = record_step(config, 1, **step), record_step(config, 2, **step)
+    extended = collections.Counter({c: one[c] + 2 * (two[c] - one[c]) for c in set(one) | set(two)})
+    assert +extended == fake
+    model = AutoModelForCausalLM.from_config(config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = CausalLMWithLoss(model, loss_chunk_size=cfg.train.loss_chunk_size)
+    tokens = torch.randint(0, config.vocab_size, (8, 64))
+    recorder = OpRecorder()
+    with recorder:
+        module(tokens, tokens, num_targets=tokens.numel()).backward()
+    real = recorder.calls
+    assert (
+        not fake - real
+    )  # every recorded call, with its shapes, strides and dtypes, is one the real step makes
+    missed = real - fake
+    assert {c[0].__name__.split(".")[0] for c in missed} <= PACKED_CHECK and sum(missed.values()) <= 16, (
+        missed
+    )
+    # the plan of this job on this CPU times those calls: its compute is the replay, each call counted
+    replayed = p.job.time.replayed
+    assert replayed is not None and replayed.calls == sum(fake.values()) and replayed.failed == 0
+    assert p.job.time.compute_s == replayed.seconds * p.job.setup.grad_accum > 0
+
+
 def test_a_70b_plan_takes_under_a_minute_and_under_2_gb(tmp_path):
     """In a fresh process (its whole peak resident memory counts, torch's import included); the parameter count
     is the Llama formula's, computed here from the same fields. (The alternatives, left out for the test's

@@ -8,6 +8,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from trainer.errors import ConfigError
 from trainer.plan.activations import ActivationTrace
 from trainer.plan.devices import GIB, Device, device, network
@@ -20,6 +22,7 @@ from trainer.plan.memory import (
     trace_dtypes,
 )
 from trainer.plan.model import ModelCounts, apply_peft, count_model, model_config, teacher_params
+from trainer.plan.replay import ReplayTime, record_step, replay_seconds
 from trainer.plan.steptime import Links, StepTime, links, plan_step
 from trainer.strategies.layout import Layout, all_layouts, strategy_layout
 from trainer.utils import resolve_dtype
@@ -93,6 +96,7 @@ class Planner:
         self.teacher = teacher_params(cfg)
         self.masked = str(cfg.prune.name) != "none"
         self._traces: dict[tuple, ActivationTrace] = {}
+        self._replays: dict[tuple, ReplayTime | None] = {}
 
     def _check_precision(self) -> None:
         if str(self.cfg.precision.name) == "fp8" and not self.on_cpu and self.dev.fp8_flops is None:
@@ -114,6 +118,33 @@ class Planner:
             self._traces[key] = activations_for(self.counts, s)
         return self._traces[key]
 
+    def replay(self, s: Setup) -> ReplayTime | None:
+        """One micro-batch of `s` timed op by op on this CPU, with the threads each rank gets (torchrun gives
+        each of several ranks one); timed once per dtype and checkpointing choice at the job's micro-batch,
+        other micro-batches in proportion."""
+        key = (trace_dtypes(s), s.checkpointing)
+        if key not in self._replays:
+            shape = dict(
+                micro_batch=int(self.cfg.train.micro_batch_size),
+                seq_len=s.seq_len,
+                weight_dtype=key[0][0],
+                autocast_dtype=key[0][1],
+                checkpointing=s.checkpointing,
+                loss_chunk_size=s.loss_chunk_size,
+            )
+            config, layers = self.counts.config, self.counts.num_layers
+            self._replays[key] = replay_seconds(
+                record_step(config, 1, **shape),
+                record_step(config, min(2, layers), **shape),
+                num_layers=layers,
+                threads=1 if int(self.plan.gpus_per_node) > 1 else torch.get_num_threads(),
+            )
+        measured = self._replays[key]
+        if measured is None:
+            return None
+        scale = s.micro_batch / int(self.cfg.train.micro_batch_size)
+        return dataclasses.replace(measured, seconds=measured.seconds * scale)
+
     def option(self, s: Setup, *, trace: ActivationTrace | None = None) -> Option:
         memory = plan_memory(
             self.counts,
@@ -123,7 +154,15 @@ class Planner:
             masked=self.masked,
             trace=trace or self.trace(s),
         )
-        time = plan_step(self.counts, s, self.dev, self.links, mfu=self.plan.mfu, on_cpu=self.on_cpu)
+        time = plan_step(
+            self.counts,
+            s,
+            self.dev,
+            self.links,
+            mfu=self.plan.mfu,
+            on_cpu=self.on_cpu,
+            replayed=self.replay(s) if self.on_cpu and not self.plan.mfu else None,
+        )
         return Option(
             setup=s,
             memory=memory,

@@ -38,9 +38,13 @@ def time_lines(o: Option, p: Plan) -> list[str]:
     t = o.time
     flops = p.counts.flops_per_token * o.tokens_per_s
     mfu = flops / (p.peak_flops * p.world_size)
-    lines = [
-        f"  compute          {t.compute_s * 1e3:10.1f} ms  (at {t.mfu_used:.1%} of {p.peak_flops / 1e12:,.0f} TFLOP/s)",
-    ]
+    how = f"at {t.mfu_used:.1%} of {p.peak_flops / 1e12:,.3g} TFLOP/s"
+    if t.replayed is not None:
+        r = t.replayed
+        how = f"{r.calls:,} operator calls per micro-batch timed on this CPU, {how}" + (
+            f"; {r.failed:,} would not run and count as free" if r.failed else ""
+        )
+    lines = [f"  compute          {t.compute_s * 1e3:10.1f} ms  ({how})"]
     for name, volume in t.volumes.items():
         lines.append(f"    {name:30} {volume / GIB:8.2f} GiB per rank per step")
     lines += [

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from trainer.plan.devices import COMM_EFFICIENCY, MEASURED_MFU, Device, Network
 from trainer.plan.memory import Setup
 from trainer.plan.model import ModelCounts
+from trainer.plan.replay import ReplayTime
 
 # Our trainer's CPU throughput against the matmul probe (bench/RESULTS.md, "Throughput": 76% on 2 cores).
 CPU_MFU = 0.76
@@ -55,6 +56,7 @@ class StepTime:
     optimizer_s: float
     volumes: dict[str, float] = field(default_factory=dict)  # bytes each rank sends per step, by collective
     mfu_used: float = 0.0
+    replayed: ReplayTime | None = None  # the compute timed op by op on this CPU
 
     @property
     def step_s(self) -> float:
@@ -82,13 +84,25 @@ def collective_time(kind: str, size: float, group: int, bandwidth: float) -> flo
 
 
 def plan_step(
-    counts: ModelCounts, s: Setup, dev: Device, lk: Links, *, mfu: float | None, on_cpu: bool
+    counts: ModelCounts,
+    s: Setup,
+    dev: Device,
+    lk: Links,
+    *,
+    mfu: float | None,
+    on_cpu: bool,
+    replayed: ReplayTime | None = None,
 ) -> StepTime:
+    """The step of `s`; `replayed` is one micro-batch's forward and backward timed op by op on this CPU
+    (trainer/plan/replay.py), which replaces the FLOPs at an efficiency where given."""
     tokens = s.micro_batch * s.seq_len * s.grad_accum  # per rank per step
-    eff = compute_efficiency(s, dev, mfu, on_cpu=on_cpu)
-    compute = (
-        counts.flops_per_token * tokens * (RECOMPUTE if s.checkpointing else 1.0) / (dev.peak_flops * eff)
-    )
+    flops = counts.flops_per_token * tokens * (RECOMPUTE if s.checkpointing else 1.0)
+    if replayed is not None and not mfu:
+        compute = replayed.seconds * s.grad_accum
+        eff = flops / (compute * dev.peak_flops)
+    else:
+        eff = compute_efficiency(s, dev, mfu, on_cpu=on_cpu)
+        compute = flops / (dev.peak_flops * eff)
     lay, c, p = s.layout, s.compute_bytes, s.param_bytes
     n = s.shard_degree
     params, trained = counts.num_params, counts.trainable
@@ -131,8 +145,10 @@ def plan_step(
     if s.replicate_degree > 1:  # HSDP: the shards' gradients all-reduced across the replicas (across nodes)
         add("all-reduce (replicas)", "all_reduce", trained * grad_bytes / n, 1, s.replicate_degree, lk.inter)
     comm = sum(times.values())
-    # Overlapped: hidden behind the compute, but for the first block's gather and the last block's reduce.
-    exposed = max(comm - compute, 0.0) + comm / max(counts.num_layers, 1) if lay.overlaps else comm
+    # Overlapped: hidden behind the compute, but for the first block's gather and the last block's reduce. On
+    # a CPU nothing hides: gloo moves the data with the same cores that compute.
+    overlaps = lay.overlaps and not on_cpu
+    exposed = max(comm - compute, 0.0) + comm / max(counts.num_layers, 1) if overlaps else comm
     # The optimizer step reads and writes the parameters and states and reads the gradients: memory bound.
     stepped = trained / (n if lay.shards_optim else 1)
     state_bytes = s.optimizer_bytes if not lay.deepspeed else s.optimizer_bytes / p * 4
@@ -145,4 +161,5 @@ def plan_step(
         optimizer_s=optimizer,
         volumes=volumes,
         mfu_used=eff,
+        replayed=replayed if replayed is not None and not mfu else None,
     )
