@@ -64,6 +64,8 @@ class Setup:
     offload_optimizer: bool = False
     offload_params: bool = False
     loss_chunk_size: int | None = None
+    # Restarting positions per document (conversations, data.document_mask): attention under a block mask.
+    document_positions: bool = False
 
     @property
     def compute_bytes(self) -> int:
@@ -254,4 +256,6 @@ def setup_from_config(cfg: Any, layout: Layout, *, world_size: int, foreach: boo
         offload_optimizer=str(st.offload_optimizer) == "cpu",
         offload_params=str(st.offload_params) == "cpu",
         loss_chunk_size=t.loss_chunk_size,
+        document_positions=bool(cfg.data.get("document_mask"))
+        or str(cfg.data.get("format", "text")) != "text",
     )

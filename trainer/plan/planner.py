@@ -122,7 +122,7 @@ class Planner:
         """One micro-batch of `s` timed op by op on this CPU, with the threads each rank gets (torchrun gives
         each of several ranks one); timed once per dtype and checkpointing choice at the job's micro-batch,
         other micro-batches in proportion."""
-        key = (trace_dtypes(s), s.checkpointing)
+        key = (trace_dtypes(s), s.checkpointing, s.document_positions)
         if key not in self._replays:
             shape = dict(
                 micro_batch=int(self.cfg.train.micro_batch_size),
@@ -131,6 +131,7 @@ class Planner:
                 autocast_dtype=key[0][1],
                 checkpointing=s.checkpointing,
                 loss_chunk_size=s.loss_chunk_size,
+                document_mask=s.document_positions,
             )
             config, layers = self.counts.config, self.counts.num_layers
             self._replays[key] = replay_seconds(
