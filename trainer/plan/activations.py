@@ -8,8 +8,8 @@ The trace builds the module as the strategy runs it: FSDP2 and DeepSpeed compute
 dtype (a gathered bf16 copy, DeepSpeed's bf16 module), single and ddp with the stored weights under autocast;
 activation checkpointing is switched on as trainer/loop.py does.
 
-With train.compile=true the step is traced compiled: torch.compile with the `aot_eager_decomp_partition`
-backend, which is inductor's front half (its decompositions, AOT autograd's min-cut rematerialization
+With train.compile=true the step is traced compiled (the decoder; the fused loss eagerly, see
+`compile_as_traced`): torch.compile with the `aot_eager_decomp_partition` backend, which is inductor's front half (its decompositions, AOT autograd's min-cut rematerialization
 partitioner with compiler="inductor") with the partitioned forward and backward graphs run op by op instead of
 inductor's generated kernels. The forward therefore saves exactly the tensors inductor's would (fewer than
 eager: the partitioner recomputes cheap elementwise ops in the backward rather than saving their outputs);
@@ -69,16 +69,22 @@ class CompiledMemTracker(MemTracker):
         return True
 
 
-def compile_as_traced(module: torch.nn.Module, *, split_blocks: bool) -> None:
+def compile_as_traced(module: CausalLMWithLoss, *, split_blocks: bool) -> None:
     """Compile `module` in place with the trace's backend; `split_blocks` breaks the graph around each
-    transformer block, as FSDP2's forward hooks (which dynamo skips) do in a compiled fsdp run."""
+    transformer block, as FSDP2's forward hooks (which dynamo skips) do in a compiled fsdp run.
+
+    The fused loss runs eagerly: dynamo unrolls its loop over chunks (126 of them for Llama 3's vocabulary
+    over 16k tokens: a minute of tracing), and compiled it holds what it holds eagerly. Its forward already
+    computes the gradients of the hidden states and the head, and saves just those for its backward, which
+    only scales them: there is nothing for the partitioner to recompute, and the chunk's temporaries are
+    freed chunk by chunk either way."""
     torch.compiler.reset()  # every trace compiles a fresh module: no stale cache entries, no recompile limit
     if split_blocks:
         graph_break = torch._dynamo.disable(lambda *args: None, reason="FSDP2's hooks are skipped")
         for block in transformer_blocks(module.model):
             block.register_forward_pre_hook(graph_break)
             block.register_forward_hook(graph_break)
-    module.compile(backend=COMPILE_BACKEND)
+    (module.model.base_model if module.fused else module).compile(backend=COMPILE_BACKEND)
 
 
 def _activation_bytes(snapshot: dict) -> float:
