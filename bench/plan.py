@@ -12,6 +12,7 @@ The measured figures are this table's, copied from their sources; the prediction
 
     .venv/bin/python bench/plan.py            # every row, ~4 minutes on 2 cores
     .venv/bin/python bench/plan.py --quick    # the first row: checks the script
+    .venv/bin/python bench/plan.py --h200     # our H200 rows only
 """
 
 from __future__ import annotations
@@ -215,8 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the first H200 row only: checks the script")
     parser.add_argument("--cpu", action="store_true", help="only the CPU rows: real 2-rank runs here")
+    parser.add_argument("--h200", action="store_true", help="only our H200 rows, not torchtitan's")
     a = parser.parse_args(argv)
-    quick = a.quick
+    quick, ours_only = a.quick, a.quick or a.h200
     if a.cpu:
         cpu_rows()
         return
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"| H200 1B {variant} | {tokens:,} | {tps:,.0f} | {off(tps, tokens)} | {gib} | {mem:.1f} | {off(mem, gib)} |"
         )
-    for label, nodes, compiled, tokens, gib in [] if quick else TORCHTITAN:
+    for label, nodes, compiled, tokens, gib in [] if ours_only else TORCHTITAN:
         for ac in ("true", "false"):
             args = [
                 *LLAMA31_8B,
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"| torchtitan 8B {label}, ours with {'full' if ac == 'true' else 'no'} AC | {tokens:,} | {tps:,.0f} "
                 f"| {off(tps, tokens)} | {gib} | {mem:.1f} | {off(mem, gib)} |"
             )
-    for label, model, choices, tokens in [] if quick else TORCHTITAN_A100:
+    for label, model, choices, tokens in [] if ours_only else TORCHTITAN_A100:
         for ac in choices:
             args = [
                 *model,

@@ -320,6 +320,7 @@ TEST_TIERS = {
         MULTIRANK,
     },
     "test_a_compiled_models_packed_logits_equal_each_conversations_logits_alone": {SLOW},  # ~35 s of compile
+    "test_a_compiled_plan_is_within_10_percent_of_a_real_compiled_steps_peak": {SLOW},  # ~10 s of compile
     "test_bad_conversational_input_exits_2_with_one_paragraph_naming_the_fix": {SLOW},  # a fresh process
     "test_the_first_step_loss_and_gradients_are_the_mean_over_the_trained_tokens_of_the_global_batch": {SLOW},
     "test_a_teacher_equal_to_the_student_sees_the_same_positions_and_mask_its_divergence_is_zero": {SLOW},

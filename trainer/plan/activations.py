@@ -7,6 +7,17 @@ as fast as a tiny one's.
 The trace builds the module as the strategy runs it: FSDP2 and DeepSpeed compute with weights in the compute
 dtype (a gathered bf16 copy, DeepSpeed's bf16 module), single and ddp with the stored weights under autocast;
 activation checkpointing is switched on as trainer/loop.py does.
+
+With train.compile=true the step is traced compiled (the decoder; the fused loss eagerly, see
+`compile_as_traced`): torch.compile with the `aot_eager_decomp_partition` backend, which is inductor's front half (its decompositions, AOT autograd's min-cut rematerialization
+partitioner with compiler="inductor") with the partitioned forward and backward graphs run op by op instead of
+inductor's generated kernels. The forward therefore saves exactly the tensors inductor's would (fewer than
+eager: the partitioner recomputes cheap elementwise ops in the backward rather than saving their outputs);
+the backward's temporaries are those of the unfused graph, at most inductor's. Where FSDP2 wraps each block,
+its forward hooks, which dynamo skips, split the graph per block; the trace breaks the graph at the same
+places. With precision=fp8 the model gets torchao's float8 linears first, as the strategies convert it: the
+compiled partition then saves the 1-byte casts of the matmul inputs. (Eager float8 saves the bf16 inputs and
+casts again in the backward, so an eager fp8 step is traced as bf16.)
 """
 
 from __future__ import annotations
@@ -21,7 +32,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from trainer.models import CausalLMWithLoss
+from trainer.models import CausalLMWithLoss, transformer_blocks
+from trainer.precision import convert_to_fp8
+
+# AOT autograd with inductor's decompositions and min-cut partitioner, the graphs run without codegen.
+COMPILE_BACKEND = "aot_eager_decomp_partition"
 
 # MemTracker's categories that are the step's own tensors rather than the model state (parameters, buffers,
 # gradients and optimizer states are planned from the strategy's layout instead).
@@ -44,6 +59,34 @@ class ActivationTrace:
         return min(self.grads_at_peak / self.grads_total, 1.0) if self.grads_total else 0.0
 
 
+class CompiledMemTracker(MemTracker):
+    """A MemTracker under which torch.compile's code runs: dynamo falls back to eager while a dispatch mode
+    is on the stack unless the mode ignores compile internals. The backend's graphs run op by op through the
+    dispatcher, so the tracker still sees every tensor they allocate and free."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+
+def compile_as_traced(module: CausalLMWithLoss, *, split_blocks: bool) -> None:
+    """Compile `module` in place with the trace's backend; `split_blocks` breaks the graph around each
+    transformer block, as FSDP2's forward hooks (which dynamo skips) do in a compiled fsdp run.
+
+    The fused loss runs eagerly: dynamo unrolls its loop over chunks (126 of them for Llama 3's vocabulary
+    over 16k tokens: a minute of tracing), and compiled it holds what it holds eagerly. Its forward already
+    computes the gradients of the hidden states and the head, and saves just those for its backward, which
+    only scales them: there is nothing for the partitioner to recompute, and the chunk's temporaries are
+    freed chunk by chunk either way."""
+    torch.compiler.reset()  # every trace compiles a fresh module: no stale cache entries, no recompile limit
+    if split_blocks:
+        graph_break = torch._dynamo.disable(lambda *args: None, reason="FSDP2's hooks are skipped")
+        for block in transformer_blocks(module.model):
+            block.register_forward_pre_hook(graph_break)
+            block.register_forward_hook(graph_break)
+    (module.model.base_model if module.fused else module).compile(backend=COMPILE_BACKEND)
+
+
 def _activation_bytes(snapshot: dict) -> float:
     return float(sum(v for k, v in snapshot.items() if any(str(k).endswith(c) for c in _ACTIVATION_KINDS)))
 
@@ -58,8 +101,12 @@ def trace_block_count(
     autocast_dtype: torch.dtype | None,
     checkpointing: bool,
     loss_chunk_size: int | None,
+    compiled: bool = False,
+    fp8: bool = False,
+    split_blocks: bool = False,
 ) -> ActivationTrace:
-    """Trace one forward and backward of the model cut to `num_layers` blocks, on fake tensors."""
+    """Trace one forward and backward of the model cut to `num_layers` blocks, on fake tensors; `compiled`
+    compiles it first (with `fp8`: float8 linears; `split_blocks`: a graph per block, see the module doc)."""
     config = copy.deepcopy(config)
     config.num_hidden_layers = num_layers
     if hasattr(config, "layer_types") and config.layer_types is not None:
@@ -76,11 +123,19 @@ def trace_block_count(
             module = CausalLMWithLoss(model, loss_chunk_size=loss_chunk_size)
             module.train()
             tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long)
-            tracker = MemTracker()
-            tracker.track_external(module)
             autocast = (
                 torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
             )
+            tracker = MemTracker()
+            if compiled:
+                if fp8:
+                    convert_to_fp8(module)
+                compile_as_traced(module, split_blocks=split_blocks)
+                with autocast:  # compiles outside the tracker (dynamo's own tracing is not the step's)
+                    module(tokens, tokens, num_targets=micro_batch * seq_len).backward()
+                module.zero_grad(set_to_none=True)
+                tracker = CompiledMemTracker()
+            tracker.track_external(module)
             with tracker:
                 with autocast:
                     loss = module(tokens, tokens, num_targets=micro_batch * seq_len)

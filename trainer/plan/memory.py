@@ -218,7 +218,17 @@ def activations_for(counts: ModelCounts, s: Setup) -> ActivationTrace:
         autocast_dtype=autocast,
         checkpointing=s.checkpointing,
         loss_chunk_size=s.loss_chunk_size,
+        **compile_arrangement(s),
     )
+
+
+def compile_arrangement(s: Setup) -> dict[str, bool]:
+    """How a compiled step is traced: float8 linears with precision=fp8, a graph per block under FSDP2 (its
+    hooks break the graph); nothing for an eager one (eager float8 saves bf16 inputs: traced as bf16)."""
+    if not s.compile:
+        return {}
+    fsdp2 = s.layout.gathers_blocks and not s.layout.deepspeed
+    return {"compiled": True, "fp8": s.precision == "fp8", "split_blocks": fsdp2}
 
 
 def trace_dtypes(s: Setup) -> tuple[torch.dtype, torch.dtype | None]:

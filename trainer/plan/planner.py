@@ -17,6 +17,7 @@ from trainer.plan.memory import (
     MemoryPlan,
     Setup,
     activations_for,
+    compile_arrangement,
     plan_memory,
     setup_from_config,
     trace_dtypes,
@@ -113,7 +114,13 @@ class Planner:
         )
 
     def trace(self, s: Setup) -> ActivationTrace:
-        key = (trace_dtypes(s), s.checkpointing, s.micro_batch, s.seq_len)
+        key = (
+            trace_dtypes(s),
+            tuple(compile_arrangement(s).items()),
+            s.checkpointing,
+            s.micro_batch,
+            s.seq_len,
+        )
         if key not in self._traces:
             self._traces[key] = activations_for(self.counts, s)
         return self._traces[key]
@@ -146,6 +153,11 @@ class Planner:
         scale = s.micro_batch / int(self.cfg.train.micro_batch_size)
         return dataclasses.replace(measured, seconds=measured.seconds * scale)
 
+    def per_sequence(self, s: Setup) -> ActivationTrace:
+        """One sequence's share of the activations traced at `s`'s micro-batch."""
+        t = self.trace(s)
+        return dataclasses.replace(t, saved=t.saved / s.micro_batch, peak=t.peak / s.micro_batch)
+
     def option(self, s: Setup, *, trace: ActivationTrace | None = None) -> Option:
         memory = plan_memory(
             self.counts,
@@ -175,8 +187,9 @@ class Planner:
     def largest_micro_batch(self, s: Setup, *, dividing: bool = False) -> Option | None:
         """The largest micro-batch that fits (up to plan.max_micro_batch; with `dividing`, only those the
         global batch splits into over the ranks). Activations grow in proportion to the micro-batch: traced
-        once at micro-batch 1, then scaled."""
-        one = self.trace(dataclasses.replace(s, micro_batch=1))
+        once at micro-batch 1, then scaled (a compiled step's trace, which compiles for seconds, is scaled
+        down from the configured micro-batch's instead)."""
+        one = self.trace(dataclasses.replace(s, micro_batch=1)) if not s.compile else self.per_sequence(s)
         best = None
         per_rank = max(int(self.cfg.train.global_batch_size) // self.world, 1)
         for mb in range(1, int(self.plan.max_micro_batch) + 1):
