@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import unittest.mock
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig, masking_utils
 
 from trainer.models import CausalLMWithLoss, transformer_blocks
 from trainer.precision import convert_to_fp8
@@ -91,25 +94,20 @@ def _activation_bytes(snapshot: dict) -> float:
     return float(sum(v for k, v in snapshot.items() if any(str(k).endswith(c) for c in _ACTIVATION_KINDS)))
 
 
-def trace_block_count(
+@contextlib.contextmanager
+def fake_loss_module(
     config: PretrainedConfig,
     num_layers: int,
     *,
-    micro_batch: int,
-    seq_len: int,
     weight_dtype: torch.dtype,
-    autocast_dtype: torch.dtype | None,
     checkpointing: bool,
     loss_chunk_size: int | None,
-    compiled: bool = False,
-    fp8: bool = False,
-    split_blocks: bool = False,
-) -> ActivationTrace:
-    """Trace one forward and backward of the model cut to `num_layers` blocks, on fake tensors; `compiled`
-    compiles it first (with `fp8`: float8 linears; `split_blocks`: a graph per block, see the module doc)."""
+) -> Iterator[CausalLMWithLoss]:
+    """The trainer's loss module of the model cut to `num_layers` blocks, in training mode, inside a
+    FakeTensorMode (no storage): checkpointing switched on as trainer/loop.py does."""
     config = copy.deepcopy(config)
     config.num_hidden_layers = num_layers
-    if hasattr(config, "layer_types") and config.layer_types is not None:
+    if getattr(config, "layer_types", None) is not None:
         config.layer_types = list(config.layer_types)[:num_layers]
     # torch's module tracker replaces warnings.formatwarning for good when checkpointing re-enters a module
     # (catch_warnings does not restore it): every later warning of the process would lose our format.
@@ -122,29 +120,77 @@ def trace_block_count(
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             module = CausalLMWithLoss(model, loss_chunk_size=loss_chunk_size)
             module.train()
-            tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long)
-            autocast = (
-                torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-            )
-            tracker = MemTracker()
-            if compiled:
-                if fp8:
-                    convert_to_fp8(module)
-                compile_as_traced(module, split_blocks=split_blocks)
-                with autocast:  # compiles outside the tracker (dynamo's own tracing is not the step's)
-                    module(tokens, tokens, num_targets=micro_batch * seq_len).backward()
-                module.zero_grad(set_to_none=True)
-                tracker = CompiledMemTracker()
-            tracker.track_external(module)
-            with tracker:
-                with autocast:
-                    loss = module(tokens, tokens, num_targets=micro_batch * seq_len)
-                saved = _activation_bytes(_device_snapshot(tracker, "current"))
-                loss.backward()
-            at_peak = _device_snapshot(tracker, "peak")
-            grads = sum(p.numel() * p.element_size() for p in module.parameters())
+            yield module
     finally:
         warnings.formatwarning = formatwarning
+
+
+def fake_batch(micro_batch: int, seq_len: int, *, document_mask: bool) -> dict[str, Any]:
+    """The loss module's arguments for one micro-batch (call inside the fake mode); with `document_mask`,
+    restarting positions, which transformers turns into a block mask (conversations, data.document_mask)."""
+    tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long)
+    return {
+        "input_ids": tokens,
+        "labels": tokens,
+        "num_targets": micro_batch * seq_len,
+        "position_ids": tokens if document_mask else None,
+    }
+
+
+def attention_as_run(masked: bool) -> contextlib.AbstractContextManager:
+    """Without document positions an eager step's positions count up, so transformers finds no packed
+    documents and attends causally (SDPA's is_causal, grouped-query heads not repeated). Fake positions
+    cannot be read: it would assume packing and build a mask and repeated key/value heads the real step does
+    not. Inside this context it takes the real step's path; `masked` (document positions, or a compiled step,
+    whose positions dynamo cannot read either) keeps the mask."""
+    if masked:
+        return contextlib.nullcontext()
+    return unittest.mock.patch.object(masking_utils, "find_packed_sequence_indices", _no_packed_documents)
+
+
+def _no_packed_documents(position_ids: torch.Tensor) -> None:
+    return None
+
+
+def trace_block_count(
+    config: PretrainedConfig,
+    num_layers: int,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    weight_dtype: torch.dtype,
+    autocast_dtype: torch.dtype | None,
+    checkpointing: bool,
+    loss_chunk_size: int | None,
+    document_mask: bool = False,
+    compiled: bool = False,
+    fp8: bool = False,
+    split_blocks: bool = False,
+) -> ActivationTrace:
+    """Trace one forward and backward of the model cut to `num_layers` blocks, on fake tensors; `compiled`
+    compiles it first (with `fp8`: float8 linears; `split_blocks`: a graph per block, see the module doc)."""
+    shape = dict(weight_dtype=weight_dtype, checkpointing=checkpointing, loss_chunk_size=loss_chunk_size)
+    # Compiled, transformers cannot read positions either (dynamo): the real compiled step builds the mask.
+    with fake_loss_module(config, num_layers, **shape) as module, attention_as_run(document_mask or compiled):
+        batch = fake_batch(micro_batch, seq_len, document_mask=document_mask)
+        autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        tracker = MemTracker()
+        if compiled:
+            if fp8:
+                convert_to_fp8(module)
+            compile_as_traced(module, split_blocks=split_blocks)
+            with autocast:  # compiles outside the tracker (dynamo's own tracing is not the step's)
+                module(**batch).backward()
+            module.zero_grad(set_to_none=True)
+            tracker = CompiledMemTracker()
+        tracker.track_external(module)
+        with tracker:
+            with autocast:
+                loss = module(**batch)
+            saved = _activation_bytes(_device_snapshot(tracker, "current"))
+            loss.backward()
+        at_peak = _device_snapshot(tracker, "peak")
+        grads = sum(p.numel() * p.element_size() for p in module.parameters())
     peak = _activation_bytes(at_peak)
     grads_at_peak = float(sum(v for k, v in at_peak.items() if str(k).endswith("GRAD")))
     return ActivationTrace(saved=saved, peak=max(peak, saved), grads_at_peak=grads_at_peak, grads_total=grads)

@@ -218,6 +218,7 @@ def activations_for(counts: ModelCounts, s: Setup) -> ActivationTrace:
         autocast_dtype=autocast,
         checkpointing=s.checkpointing,
         loss_chunk_size=s.loss_chunk_size,
+        document_mask=s.document_positions,
         **compile_arrangement(s),
     )
 

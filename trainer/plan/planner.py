@@ -120,6 +120,7 @@ class Planner:
             s.checkpointing,
             s.micro_batch,
             s.seq_len,
+            s.document_positions,
         )
         if key not in self._traces:
             self._traces[key] = activations_for(self.counts, s)

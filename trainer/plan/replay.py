@@ -13,20 +13,15 @@ REPLAY_MAX_SECONDS are replayed; larger ones fall back to the roofline.
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
-import unittest.mock
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForCausalLM, masking_utils
 
-from trainer.models import CausalLMWithLoss
+from trainer.plan.activations import attention_as_run, fake_batch, fake_loss_module
 
 # The most bytes of real tensors one replayed call may allocate: beyond it, the model is too large to time op
 # by op here (the planner uses the roofline instead).
@@ -103,19 +98,10 @@ class OpRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def record_step(config: Any, num_layers: int, **step: Any) -> Counter[OpCall]:
-    """The operator calls of one training forward and backward of the model cut to `num_layers` blocks (the
-    step activations.trace_block_count traces), counted on fake tensors."""
-    recorder = OpRecorder()
-    fake_training_step(config, num_layers, within=recorder, **step)
-    return recorder.calls
-
-
-def fake_training_step(
+def record_step(
     config: Any,
     num_layers: int,
     *,
-    within: Any,
     micro_batch: int,
     seq_len: int,
     weight_dtype: torch.dtype,
@@ -123,46 +109,19 @@ def fake_training_step(
     checkpointing: bool,
     loss_chunk_size: int | None,
     document_mask: bool = False,
-) -> None:
-    """One forward and backward of the trainer's loss module, the model cut to `num_layers` blocks, on fake
-    tensors, with the context `within` entered around it."""
-    config = copy.deepcopy(config)
-    config.num_hidden_layers = num_layers
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = list(config.layer_types)[:num_layers]
-    formatwarning = warnings.formatwarning  # see activations.trace_block_count
-    try:
-        with FakeTensorMode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype)
-            if checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            module = CausalLMWithLoss(model, loss_chunk_size=loss_chunk_size)
-            module.train()
-            tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long)
-            # Documents kept apart: restarting positions, which transformers turns into a block mask. Without
-            # them its positions count up, so it finds no packed documents and attends causally (SDPA's
-            # is_causal, grouped-query heads not repeated); fake positions cannot be read, so it would assume
-            # packing and build the mask: the step the real run takes is the one traced.
-            positions = tokens if document_mask else None
-            unpacked = (
-                contextlib.nullcontext()
-                if document_mask
-                else unittest.mock.patch.object(masking_utils, "find_packed_sequence_indices", _no_packing)
-            )
-            autocast = (
-                torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-            )
-            with within, unpacked:
-                with autocast:
-                    loss = module(tokens, tokens, num_targets=micro_batch * seq_len, position_ids=positions)
-                loss.backward()
-    finally:
-        warnings.formatwarning = formatwarning
-
-
-def _no_packing(position_ids: torch.Tensor) -> None:
-    return None
+) -> Counter[OpCall]:
+    """The operator calls of one training forward and backward of the model cut to `num_layers` blocks (the
+    step activations.trace_block_count traces), counted on fake tensors."""
+    shape = dict(weight_dtype=weight_dtype, checkpointing=checkpointing, loss_chunk_size=loss_chunk_size)
+    recorder = OpRecorder()
+    with fake_loss_module(config, num_layers, **shape) as module, attention_as_run(document_mask):
+        batch = fake_batch(micro_batch, seq_len, document_mask=document_mask)
+        autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with recorder:
+            with autocast:
+                loss = module(**batch)
+            loss.backward()
+    return recorder.calls
 
 
 def time_call(call: OpCall, *, min_seconds: float = 0.005, max_repeats: int = 50) -> float:
