@@ -114,9 +114,9 @@ def plan(overrides: list[str]) -> tuple[float, float, bool]:
 
 
 # The CPU check: the default model under 2 ranks (gloo), one thread each, measured here against its plan.
-CPU_STEPS, CPU_WARMUP = 20, 5
+CPU_STEPS, CPU_WARMUP = 30, 5
 CPU_RUN = [
-    "train.max_steps=20",
+    "train.max_steps=30",
     "train.log_every=1",
     "train.eval_every=0",
     "train.progress_bar=false",
@@ -176,13 +176,15 @@ def measured_cpu_run(strategy: str, tmp: Path) -> float:
     return statistics.median(steps)
 
 
-def cpu_rows() -> None:
+def cpu_rows(repeats: int = 3) -> None:
+    """Each strategy measured `repeats` times and planned `repeats` times, alternately (this machine's speed
+    drifts with what else runs on it); the medians compared."""
+    import statistics
     import tempfile
 
     import torch
 
     from trainer.metrics import measure_cpu_peak_flops
-    from trainer.plan.devices import COMM_EFFICIENCY
 
     torch.set_num_threads(1)
     peak = measure_cpu_peak_flops()
@@ -192,19 +194,23 @@ def cpu_rows() -> None:
             f"\nthis CPU: {peak / 1e9:.1f} GFLOP/s per thread (1024^3 fp32 matmul), gloo {bandwidth / 1e9:.2f} GB/s"
         )
         for strategy in ("ddp", "fsdp"):
-            measured = measured_cpu_run(strategy, Path(d))
-            tps, _, _ = plan(
-                [
-                    f"strategy={strategy}",
-                    *CPU_RUN,
-                    "plan.gpu=cpu",
-                    "plan.gpus_per_node=2",
-                    f"plan.peak_tflops={peak / 1e12}",
-                    f"plan.intra_node_gbps={bandwidth / COMM_EFFICIENCY / 1e9}",
-                ]
-            )
+            measured, predicted = [], []
+            for _ in range(repeats):
+                measured.append(measured_cpu_run(strategy, Path(d)) / 2)
+                tps, _, _ = plan(
+                    [
+                        f"strategy={strategy}",
+                        *CPU_RUN,
+                        "plan.gpu=cpu",
+                        "plan.gpus_per_node=2",
+                        f"plan.peak_tflops={peak / 1e12}",  # for the MFU it prints only
+                    ]
+                )
+                predicted.append(tps)
+            m, p = statistics.median(measured), statistics.median(predicted)
             print(
-                f"| CPU default model, 2 ranks, {strategy} | {measured / 2:,.0f} | {tps:,.0f} | {off(tps, measured / 2)} |"
+                f"| CPU default model, 2 ranks, {strategy} | {m:,.0f} | {p:,.0f} | {off(p, m)} |"
+                f" measured {', '.join(f'{x:,.0f}' for x in measured)}; planned {', '.join(f'{x:,.0f}' for x in predicted)}"
             )
 
 

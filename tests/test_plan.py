@@ -19,7 +19,7 @@ from trainer.errors import ConfigError
 from trainer.plan.__main__ import CONF_DIR, compose_plan
 from trainer.plan.memory import activations_for
 from trainer.plan.planner import Planner, make_plan
-from trainer.strategies.layout import strategy_layout
+from trainer.strategies.layout import all_layouts, strategy_layout
 
 SMALL = [
     "model.arch.hidden_size=64",
@@ -266,3 +266,24 @@ def test_bad_input_exits_2_with_one_paragraph_and_no_traceback():
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
     assert "plan.gpu=tpu" in proc.stderr
+
+
+def test_the_collectives_are_the_calls_the_strategy_makes_one_per_block_or_bucket():
+    from trainer.plan.steptime import DDP_BUCKET_BYTES, collective_calls
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg, plan = compose_plan(
+            [*SMALL, "strategy=fsdp", "train.global_batch_size=32", "plan.gpus_per_node=2", "plan.gpu=h100"]
+        )
+    planner = Planner(cfg, plan)
+    c = planner.counts
+    fsdp = planner.setup(strategy_layout(cfg.strategy), checkpointing=False)
+    gather, scatter = collective_calls(c, fsdp, planner.links)
+    # FSDP2 gathers the root and each block apart (fp32 here: train.dtype), in the forward and the backward,
+    # and reduce-scatters their gradients apart
+    assert len(gather.sizes) == c.num_layers + 1 and sum(gather.sizes) == c.num_params * 4
+    assert gather.count == 2 * fsdp.grad_accum and gather.group == 2
+    assert len(scatter.sizes) == c.num_layers + 1 and sum(scatter.sizes) == c.trainable * 4
+    ddp = planner.setup(next(lay for lay in all_layouts() if lay.name == "ddp"), checkpointing=False)
+    (reduce,) = collective_calls(c, ddp, planner.links)  # DDP: one all-reduce per 25 MiB bucket
+    assert reduce.sizes == [c.trainable * 4] and c.trainable * 4 <= DDP_BUCKET_BYTES

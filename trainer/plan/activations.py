@@ -102,9 +102,11 @@ def fake_loss_module(
     weight_dtype: torch.dtype,
     checkpointing: bool,
     loss_chunk_size: int | None,
+    fake: bool = True,
 ) -> Iterator[CausalLMWithLoss]:
     """The trainer's loss module of the model cut to `num_layers` blocks, in training mode, inside a
-    FakeTensorMode (no storage): checkpointing switched on as trainer/loop.py does."""
+    FakeTensorMode (no storage; `fake=False`: real weights): checkpointing switched on as trainer/loop.py
+    does."""
     config = copy.deepcopy(config)
     config.num_hidden_layers = num_layers
     if getattr(config, "layer_types", None) is not None:
@@ -113,7 +115,7 @@ def fake_loss_module(
     # (catch_warnings does not restore it): every later warning of the process would lose our format.
     formatwarning = warnings.formatwarning
     try:
-        with FakeTensorMode(), warnings.catch_warnings():
+        with FakeTensorMode() if fake else contextlib.nullcontext(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype)
             if checkpointing:

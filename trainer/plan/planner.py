@@ -5,6 +5,7 @@ strategies, checkpointing, micro-batches) that fit the same GPUs, ranked by toke
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +24,8 @@ from trainer.plan.memory import (
     trace_dtypes,
 )
 from trainer.plan.model import ModelCounts, apply_peft, count_model, model_config, teacher_params
-from trainer.plan.replay import ReplayTime, record_step, replay_seconds
-from trainer.plan.steptime import Links, StepTime, links, plan_step
+from trainer.plan.replay import ReplayTime, replay_model, time_collectives
+from trainer.plan.steptime import Links, StepTime, collective_calls, links, plan_step
 from trainer.strategies.layout import Layout, all_layouts, strategy_layout
 from trainer.utils import resolve_dtype
 
@@ -98,6 +99,7 @@ class Planner:
         self.masked = str(cfg.prune.name) != "none"
         self._traces: dict[tuple, ActivationTrace] = {}
         self._replays: dict[tuple, ReplayTime | None] = {}
+        self._collectives: dict[tuple[str, float], float] = {}
 
     def _check_precision(self) -> None:
         if str(self.cfg.precision.name) == "fp8" and not self.on_cpu and self.dev.fp8_flops is None:
@@ -142,11 +144,13 @@ class Planner:
                 document_mask=s.document_positions,
             )
             config, layers = self.counts.config, self.counts.num_layers
-            self._replays[key] = replay_seconds(
-                record_step(config, 1, **shape),
-                record_step(config, min(2, layers), **shape),
+            ranks = int(self.plan.gpus_per_node)
+            self._replays[key] = replay_model(
+                config,
+                shape,
                 num_layers=layers,
-                threads=1 if int(self.plan.gpus_per_node) > 1 else torch.get_num_threads(),
+                threads=1 if ranks > 1 else torch.get_num_threads(),
+                ranks=ranks,
             )
         measured = self._replays[key]
         if measured is None:
@@ -158,6 +162,20 @@ class Planner:
         """One sequence's share of the activations traced at `s`'s micro-batch."""
         t = self.trace(s)
         return dataclasses.replace(t, saved=t.saved / s.micro_batch, peak=t.peak / s.micro_batch)
+
+    def collectives_here(self, s: Setup) -> Callable[[str, float], float] | None:
+        """The seconds of each of `s`'s collective calls timed on gloo among the node's ranks on this machine
+        (trainer/plan/replay.py), where the link bandwidth is not overridden; None: the ring formula."""
+        if self.plan.intra_node_gbps or self.world != int(self.plan.gpus_per_node):
+            return None
+        keys = {(c.kind, size) for c in collective_calls(self.counts, s, self.links) for size in c.sizes}
+        missing = keys - self._collectives.keys()
+        if missing:
+            timed = time_collectives(missing, self.world)
+            if timed is None:
+                return None
+            self._collectives |= timed
+        return lambda kind, size: self._collectives[(kind, size)]
 
     def option(self, s: Setup, *, trace: ActivationTrace | None = None) -> Option:
         memory = plan_memory(
@@ -176,6 +194,7 @@ class Planner:
             mfu=self.plan.mfu,
             on_cpu=self.on_cpu,
             replayed=self.replay(s) if self.on_cpu and not self.plan.mfu else None,
+            measured=self.collectives_here(s) if self.on_cpu else None,
         )
         return Option(
             setup=s,

@@ -48,7 +48,8 @@ def time_lines(o: Option, p: Plan) -> list[str]:
     for name, volume in t.volumes.items():
         lines.append(f"    {name:30} {volume / GIB:8.2f} GiB per rank per step")
     lines += [
-        f"  communication    {t.comm_s * 1e3:10.1f} ms  ({t.exposed_comm_s * 1e3:.1f} ms not hidden by the compute)",
+        f"  communication    {t.comm_s * 1e3:10.1f} ms  ({t.exposed_comm_s * 1e3:.1f} ms not hidden by the compute"
+        + ("; each call timed on gloo here)" if t.comm_timed_here else ")"),
         f"  optimizer step   {t.optimizer_s * 1e3:10.1f} ms",
         f"  step             {t.step_s * 1e3:10.1f} ms",
         f"  tokens/s         {o.tokens_per_s:12,.0f}  ({o.tokens_per_s / p.world_size:,.0f} per GPU), MFU {mfu:.1%}",

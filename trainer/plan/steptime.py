@@ -5,6 +5,8 @@ pass over the states at the memory bandwidth.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from trainer.plan.devices import COMM_EFFICIENCY, MEASURED_MFU, Device, Network
@@ -16,6 +18,8 @@ from trainer.plan.replay import ReplayTime
 CPU_MFU = 0.76
 # fp32 matmuls without TF32 run on the CUDA cores: 67 of H100's 989 bf16 TFLOPS (data sheet), A100 19.5/312.
 FP32_SHARE = 67 / 989
+# DDP's gradient buckets (DistributedDataParallel's bucket_cap_mb default: 25 MiB).
+DDP_BUCKET_BYTES = 25 * 2**20
 # Activation checkpointing runs each block's forward again in the backward: 8 of the 6 + 2 FLOPs per weight.
 RECOMPUTE = 8 / 6
 
@@ -57,6 +61,7 @@ class StepTime:
     volumes: dict[str, float] = field(default_factory=dict)  # bytes each rank sends per step, by collective
     mfu_used: float = 0.0
     replayed: ReplayTime | None = None  # the compute timed op by op on this CPU
+    comm_timed_here: bool = False  # each collective call timed on this machine's gloo
 
     @property
     def step_s(self) -> float:
@@ -83,6 +88,66 @@ def collective_time(kind: str, size: float, group: int, bandwidth: float) -> flo
     return factor * size * (group - 1) / group / bandwidth
 
 
+@dataclass
+class CollectiveCall:
+    """One collective of a step: `count` times per step, as separate calls of `sizes` bytes each (the whole
+    tensor, as collective_time takes it) over `group` ranks."""
+
+    name: str
+    kind: str  # all_reduce, all_gather, reduce_scatter
+    sizes: list[float]
+    count: float
+    group: int
+    bandwidth: float
+
+
+def collective_calls(counts: ModelCounts, s: Setup, lk: Links) -> list[CollectiveCall]:
+    """The strategy's collectives in one step, as the calls it makes: FSDP2 and ZeRO-3 one per block (and
+    one for the root) per gather and reduce-scatter, DDP one per 25 MiB bucket, ZeRO-1/2 one per step."""
+    lay, c, p = s.layout, s.compute_bytes, s.param_bytes
+    n, micro = s.shard_degree, s.grad_accum
+    params, trained = counts.num_params, counts.trainable
+    grad_bytes = c if lay.deepspeed else (s.reduce_bytes if lay.gathers_blocks else p)
+    bw = lk.ring(n, spans_nodes=True)
+    blocks = [counts.root_params] + [counts.block_params] * counts.num_layers
+    share = trained / params if params else 1.0  # of each unit's parameters, those with gradients
+
+    def units(bytes_per_param: float, *, trained_only: bool) -> list[float]:
+        return [b * bytes_per_param * (share if trained_only else 1.0) for b in blocks if b]
+
+    calls = []
+    for collective in lay.collectives:
+        if collective == "all_reduce_grads":
+            total = trained * p
+            buckets = max(math.ceil(total / DDP_BUCKET_BYTES), 1)
+            ring = lk.ring(s.world_size, spans_nodes=True)
+            calls.append(
+                CollectiveCall(
+                    "all-reduce (gradients)", "all_reduce", [total / buckets] * buckets, 1, s.world_size, ring
+                )
+            )
+        elif collective == "all_gather_params":
+            gathers = 2 if s.reshard_after_forward else 1  # forward, and again in the backward
+            sizes = units(c, trained_only=False)
+            calls.append(CollectiveCall("all-gather (weights)", "all_gather", sizes, micro * gathers, n, bw))
+        elif collective in ("reduce_scatter_grads", "reduce_scatter_grads_at_boundary"):
+            once = collective.endswith("boundary") or s.defer_grad_sync
+            sizes = units(grad_bytes, trained_only=True) if lay.gathers_blocks else [trained * grad_bytes]
+            calls.append(
+                CollectiveCall(
+                    "reduce-scatter (gradients)", "reduce_scatter", sizes, 1 if once else micro, n, bw
+                )
+            )
+        elif collective == "all_gather_updated":
+            calls.append(CollectiveCall("all-gather (updated weights)", "all_gather", [params * c], 1, n, bw))
+    if s.replicate_degree > 1:  # HSDP: the shards' gradients all-reduced across the replicas (across nodes)
+        size = trained * grad_bytes / n
+        calls.append(
+            CollectiveCall("all-reduce (replicas)", "all_reduce", [size], 1, s.replicate_degree, lk.inter)
+        )
+    return [call for call in calls if call.group > 1 and call.count > 0]
+
+
 def plan_step(
     counts: ModelCounts,
     s: Setup,
@@ -92,9 +157,11 @@ def plan_step(
     mfu: float | None,
     on_cpu: bool,
     replayed: ReplayTime | None = None,
+    measured: Callable[[str, float], float] | None = None,
 ) -> StepTime:
     """The step of `s`; `replayed` is one micro-batch's forward and backward timed op by op on this CPU
-    (trainer/plan/replay.py), which replaces the FLOPs at an efficiency where given."""
+    (trainer/plan/replay.py), which replaces the FLOPs at an efficiency where given; `measured` gives the
+    seconds of one collective call (kind, bytes) timed on this machine, instead of the ring formula."""
     tokens = s.micro_batch * s.seq_len * s.grad_accum  # per rank per step
     flops = counts.flops_per_token * tokens * (RECOMPUTE if s.checkpointing else 1.0)
     if replayed is not None and not mfu:
@@ -105,51 +172,23 @@ def plan_step(
         compute = flops / (dev.peak_flops * eff)
     lay, c, p = s.layout, s.compute_bytes, s.param_bytes
     n = s.shard_degree
-    params, trained = counts.num_params, counts.trainable
     grad_bytes = c if lay.deepspeed else (s.reduce_bytes if lay.gathers_blocks else p)
-    bw = lk.ring(n, spans_nodes=True)
     volumes: dict[str, float] = {}
     times: dict[str, float] = {}
-
-    def add(name: str, kind: str, size: float, count: float, group: int, bandwidth: float) -> None:
-        if group > 1 and count > 0:
-            volumes[name] = volumes.get(name, 0.0) + size * count
-            times[name] = times.get(name, 0.0) + count * collective_time(kind, size, group, bandwidth)
-
-    micro = s.grad_accum
-    for collective in lay.collectives:
-        if collective == "all_reduce_grads":
-            add(
-                "all-reduce (gradients)",
-                "all_reduce",
-                trained * p,
-                1,
-                s.world_size,
-                lk.ring(s.world_size, spans_nodes=True),
-            )
-        elif collective == "all_gather_params":
-            gathers = 2 if s.reshard_after_forward else 1  # forward, and again in the backward
-            add("all-gather (weights)", "all_gather", params * c, micro * gathers, n, bw)
-        elif collective in ("reduce_scatter_grads", "reduce_scatter_grads_at_boundary"):
-            once = collective.endswith("boundary") or s.defer_grad_sync
-            add(
-                "reduce-scatter (gradients)",
-                "reduce_scatter",
-                trained * grad_bytes,
-                1 if once else micro,
-                n,
-                bw,
-            )
-        elif collective == "all_gather_updated":
-            add("all-gather (updated weights)", "all_gather", params * c, 1, n, bw)
-    if s.replicate_degree > 1:  # HSDP: the shards' gradients all-reduced across the replicas (across nodes)
-        add("all-reduce (replicas)", "all_reduce", trained * grad_bytes / n, 1, s.replicate_degree, lk.inter)
+    for call in collective_calls(counts, s, lk):
+        volumes[call.name] = volumes.get(call.name, 0.0) + sum(call.sizes) * call.count
+        if measured is not None:
+            seconds = sum(measured(call.kind, size) for size in call.sizes)
+        else:
+            seconds = collective_time(call.kind, sum(call.sizes), call.group, call.bandwidth)
+        times[call.name] = times.get(call.name, 0.0) + call.count * seconds
     comm = sum(times.values())
     # Overlapped: hidden behind the compute, but for the first block's gather and the last block's reduce. On
     # a CPU nothing hides: gloo moves the data with the same cores that compute.
     overlaps = lay.overlaps and not on_cpu
     exposed = max(comm - compute, 0.0) + comm / max(counts.num_layers, 1) if overlaps else comm
     # The optimizer step reads and writes the parameters and states and reads the gradients: memory bound.
+    trained = counts.trainable
     stepped = trained / (n if lay.shards_optim else 1)
     state_bytes = s.optimizer_bytes if not lay.deepspeed else s.optimizer_bytes / p * 4
     touched = stepped * (2 * (4 if lay.deepspeed else p) + grad_bytes + 2 * state_bytes)
@@ -162,4 +201,5 @@ def plan_step(
         volumes=volumes,
         mfu_used=eff,
         replayed=replayed if replayed is not None and not mfu else None,
+        comm_timed_here=measured is not None and bool(times),
     )
