@@ -24,7 +24,7 @@ from trainer.plan.memory import (
     trace_dtypes,
 )
 from trainer.plan.model import ModelCounts, apply_peft, count_model, model_config, teacher_params
-from trainer.plan.replay import ReplayTime, replay_model, time_collectives
+from trainer.plan.replay import REPLAY_MAX_SECONDS, ReplayTime, replay_model, time_collectives
 from trainer.plan.steptime import Links, StepTime, collective_calls, links, plan_step
 from trainer.strategies.layout import Layout, all_layouts, strategy_layout
 from trainer.utils import resolve_dtype
@@ -133,6 +133,13 @@ class Planner:
         each of several ranks one); timed once per dtype and checkpointing choice at the job's micro-batch,
         other micro-batches in proportion."""
         key = (trace_dtypes(s), s.checkpointing, s.document_positions)
+        # The replay runs each call of 1 and 2 blocks (and the root) 8 times: where that alone would take longer
+        # than the replay may, the roofline answers at once.
+        layers = self.counts.num_layers
+        share = min(3 / (layers + 1), 1.0)
+        tokens = int(self.cfg.train.micro_batch_size) * s.seq_len
+        if 8 * self.counts.flops_per_token * tokens * share / self.dev.peak_flops > REPLAY_MAX_SECONDS:
+            return None
         if key not in self._replays:
             shape = dict(
                 micro_batch=int(self.cfg.train.micro_batch_size),
@@ -143,7 +150,7 @@ class Planner:
                 loss_chunk_size=s.loss_chunk_size,
                 document_mask=s.document_positions,
             )
-            config, layers = self.counts.config, self.counts.num_layers
+            config = self.counts.config
             ranks = int(self.plan.gpus_per_node)
             self._replays[key] = replay_model(
                 config,
