@@ -109,13 +109,14 @@ def test_the_fake_step_records_the_operator_calls_of_a_real_step_and_the_plan_ti
     from transformers import AutoModelForCausalLM
 
     from trainer.models import CausalLMWithLoss
+    from trainer.plan.activations import StepShape
     from trainer.plan.replay import OpRecorder, record_step
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg, plan = compose_plan([*SMALL, *ON_THIS_CPU, "train.activation_checkpointing=true"])
     p = make_plan(cfg, plan)
     config = p.counts.config
-    step = dict(
+    step = StepShape(
         micro_batch=8,
         seq_len=64,
         weight_dtype=torch.float32,
@@ -123,9 +124,9 @@ def test_the_fake_step_records_the_operator_calls_of_a_real_step_and_the_plan_ti
         checkpointing=True,
         loss_chunk_size=cfg.train.loss_chunk_size,
     )
-    fake = record_step(config, 3, **step)
+    fake = record_step(config, 3, step)
     # 1 block, then 2: the third block's calls are the second's
-    one, two = record_step(config, 1, **step), record_step(config, 2, **step)
+    one, two = record_step(config, 1, step), record_step(config, 2, step)
     extended = collections.Counter({c: one[c] + 2 * (two[c] - one[c]) for c in set(one) | set(two)})
     assert +extended == fake
     model = AutoModelForCausalLM.from_config(config)

@@ -62,6 +62,25 @@ class ActivationTrace:
         return min(self.grads_at_peak / self.grads_total, 1.0) if self.grads_total else 0.0
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """One micro-batch's forward and backward as the strategy runs it: the shapes, the weights' dtype and
+    the autocast dtype, checkpointing, the fused loss's chunk, and whether positions restart per document."""
+
+    micro_batch: int
+    seq_len: int
+    weight_dtype: torch.dtype
+    autocast_dtype: torch.dtype | None
+    checkpointing: bool
+    loss_chunk_size: int | None
+    document_mask: bool = False
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=self.autocast_dtype)
+
+
 class CompiledMemTracker(MemTracker):
     """A MemTracker under which torch.compile's code runs: dynamo falls back to eager while a dispatch mode
     is on the stack unless the mode ignores compile internals. The backend's graphs run op by op through the
@@ -96,13 +115,7 @@ def _activation_bytes(snapshot: dict) -> float:
 
 @contextlib.contextmanager
 def fake_loss_module(
-    config: PretrainedConfig,
-    num_layers: int,
-    *,
-    weight_dtype: torch.dtype,
-    checkpointing: bool,
-    loss_chunk_size: int | None,
-    fake: bool = True,
+    config: PretrainedConfig, num_layers: int, step: StepShape, *, fake: bool = True
 ) -> Iterator[CausalLMWithLoss]:
     """The trainer's loss module of the model cut to `num_layers` blocks, in training mode, inside a
     FakeTensorMode (no storage; `fake=False`: real weights): checkpointing switched on as trainer/loop.py
@@ -117,25 +130,25 @@ def fake_loss_module(
     try:
         with FakeTensorMode() if fake else contextlib.nullcontext(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype)
-            if checkpointing:
+            model = AutoModelForCausalLM.from_config(config, dtype=step.weight_dtype)
+            if step.checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            module = CausalLMWithLoss(model, loss_chunk_size=loss_chunk_size)
+            module = CausalLMWithLoss(model, loss_chunk_size=step.loss_chunk_size)
             module.train()
             yield module
     finally:
         warnings.formatwarning = formatwarning
 
 
-def fake_batch(micro_batch: int, seq_len: int, *, document_mask: bool) -> dict[str, Any]:
-    """The loss module's arguments for one micro-batch (call inside the fake mode); with `document_mask`,
+def fake_batch(step: StepShape) -> dict[str, Any]:
+    """The loss module's arguments for one micro-batch (call inside the fake mode); with document_mask,
     restarting positions, which transformers turns into a block mask (conversations, data.document_mask)."""
-    tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long)
+    tokens = torch.zeros(step.micro_batch, step.seq_len, dtype=torch.long)
     return {
         "input_ids": tokens,
         "labels": tokens,
-        "num_targets": micro_batch * seq_len,
-        "position_ids": tokens if document_mask else None,
+        "num_targets": step.micro_batch * step.seq_len,
+        "position_ids": tokens if step.document_mask else None,
     }
 
 
@@ -157,25 +170,19 @@ def _no_packed_documents(position_ids: torch.Tensor) -> None:
 def trace_block_count(
     config: PretrainedConfig,
     num_layers: int,
+    step: StepShape,
     *,
-    micro_batch: int,
-    seq_len: int,
-    weight_dtype: torch.dtype,
-    autocast_dtype: torch.dtype | None,
-    checkpointing: bool,
-    loss_chunk_size: int | None,
-    document_mask: bool = False,
     compiled: bool = False,
     fp8: bool = False,
     split_blocks: bool = False,
 ) -> ActivationTrace:
     """Trace one forward and backward of the model cut to `num_layers` blocks, on fake tensors; `compiled`
     compiles it first (with `fp8`: float8 linears; `split_blocks`: a graph per block, see the module doc)."""
-    shape = dict(weight_dtype=weight_dtype, checkpointing=checkpointing, loss_chunk_size=loss_chunk_size)
     # Compiled, transformers cannot read positions either (dynamo): the real compiled step builds the mask.
-    with fake_loss_module(config, num_layers, **shape) as module, attention_as_run(document_mask or compiled):
-        batch = fake_batch(micro_batch, seq_len, document_mask=document_mask)
-        autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    masked = step.document_mask or compiled
+    with fake_loss_module(config, num_layers, step) as module, attention_as_run(masked):
+        batch = fake_batch(step)
+        autocast = step.autocast()
         tracker = MemTracker()
         if compiled:
             if fp8:
@@ -203,12 +210,14 @@ def _device_snapshot(tracker: MemTracker, kind: str) -> dict:
     return next(iter(snapshot.values()), {})
 
 
-def trace_activations(config: PretrainedConfig, num_layers: int, **kwargs) -> ActivationTrace:
+def trace_activations(
+    config: PretrainedConfig, num_layers: int, step: StepShape, **kwargs: bool
+) -> ActivationTrace:
     """The activations of the whole model: traced at 1 and 2 blocks, extended linearly to `num_layers`."""
-    one = trace_block_count(config, 1, **kwargs)
+    one = trace_block_count(config, 1, step, **kwargs)
     if num_layers == 1:
         return one
-    two = trace_block_count(config, 2, **kwargs)
+    two = trace_block_count(config, 2, step, **kwargs)
     extra = num_layers - 1
     return ActivationTrace(
         saved=one.saved + extra * (two.saved - one.saved),

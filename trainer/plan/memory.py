@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from trainer.plan.activations import ActivationTrace, trace_activations
+from trainer.plan.activations import ActivationTrace, StepShape, trace_activations
 from trainer.plan.model import ModelCounts
 from trainer.strategies.layout import Layout
 from trainer.utils import resolve_dtype
@@ -208,18 +208,20 @@ def plan_memory(
 
 def activations_for(counts: ModelCounts, s: Setup) -> ActivationTrace:
     """Trace the activations as the strategy computes (see trainer/plan/activations.py)."""
+    return trace_activations(counts.config, counts.num_layers, step_shape(s), **compile_arrangement(s))
+
+
+def step_shape(s: Setup, *, micro_batch: int | None = None) -> StepShape:
+    """The micro-batch's forward and backward of `s` as the fake step traces it (at `micro_batch` if given)."""
     weight_dtype, autocast = trace_dtypes(s)
-    return trace_activations(
-        counts.config,
-        counts.num_layers,
-        micro_batch=s.micro_batch,
+    return StepShape(
+        micro_batch=micro_batch or s.micro_batch,
         seq_len=s.seq_len,
         weight_dtype=weight_dtype,
         autocast_dtype=autocast,
         checkpointing=s.checkpointing,
         loss_chunk_size=s.loss_chunk_size,
         document_mask=s.document_positions,
-        **compile_arrangement(s),
     )
 
 

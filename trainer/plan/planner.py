@@ -21,6 +21,7 @@ from trainer.plan.memory import (
     compile_arrangement,
     plan_memory,
     setup_from_config,
+    step_shape,
     trace_dtypes,
 )
 from trainer.plan.model import ModelCounts, apply_peft, count_model, model_config, teacher_params
@@ -141,20 +142,10 @@ class Planner:
         if 8 * self.counts.flops_per_token * tokens * share / self.dev.peak_flops > REPLAY_MAX_SECONDS:
             return None
         if key not in self._replays:
-            shape = dict(
-                micro_batch=int(self.cfg.train.micro_batch_size),
-                seq_len=s.seq_len,
-                weight_dtype=key[0][0],
-                autocast_dtype=key[0][1],
-                checkpointing=s.checkpointing,
-                loss_chunk_size=s.loss_chunk_size,
-                document_mask=s.document_positions,
-            )
-            config = self.counts.config
             ranks = int(self.plan.gpus_per_node)
             self._replays[key] = replay_model(
-                config,
-                shape,
+                self.counts.config,
+                step_shape(s, micro_batch=int(self.cfg.train.micro_batch_size)),
                 num_layers=layers,
                 threads=1 if ranks > 1 else torch.get_num_threads(),
                 ranks=ranks,

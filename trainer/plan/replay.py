@@ -13,6 +13,7 @@ REPLAY_MAX_SECONDS are replayed; larger ones fall back to the roofline.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing
 import queue
 import threading
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainer.plan.activations import attention_as_run, fake_batch, fake_loss_module
+from trainer.plan.activations import StepShape, attention_as_run, fake_batch, fake_loss_module
 
 # The most bytes of real tensors one replayed call may allocate: beyond it, the model is too large to time op
 # by op here (the planner uses the roofline instead).
@@ -102,27 +103,14 @@ class OpRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def record_step(
-    config: Any,
-    num_layers: int,
-    *,
-    micro_batch: int,
-    seq_len: int,
-    weight_dtype: torch.dtype,
-    autocast_dtype: torch.dtype | None,
-    checkpointing: bool,
-    loss_chunk_size: int | None,
-    document_mask: bool = False,
-) -> Counter[OpCall]:
+def record_step(config: Any, num_layers: int, step: StepShape) -> Counter[OpCall]:
     """The operator calls of one training forward and backward of the model cut to `num_layers` blocks (the
     step activations.trace_block_count traces), counted on fake tensors."""
-    shape = dict(weight_dtype=weight_dtype, checkpointing=checkpointing, loss_chunk_size=loss_chunk_size)
     recorder = OpRecorder()
-    with fake_loss_module(config, num_layers, **shape) as module, attention_as_run(document_mask):
-        batch = fake_batch(micro_batch, seq_len, document_mask=document_mask)
-        autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with fake_loss_module(config, num_layers, step) as module, attention_as_run(step.document_mask):
+        batch = fake_batch(step)
         with recorder:
-            with autocast:
+            with step.autocast():
                 loss = module(**batch)
             loss.backward()
     return recorder.calls
@@ -180,31 +168,23 @@ def time_calls(
     return cost | dict.fromkeys(failed, 0.0), failed
 
 
-def overhead_per_call(step: dict[str, Any], config: Any, *, deadline: float) -> float | None:
+def overhead_per_call(step: StepShape, config: Any, *, deadline: float) -> float | None:
     """Seconds a real step spends per operator call beyond the call itself (the model's Python code,
     autograd recording the graph and running the backward): a real step of the model cut to 1 block on one
     sequence of 16 tokens, its kernels next to nothing, timed, less the replay of its own calls, over their
     number."""
-    small = step | {"micro_batch": 1, "seq_len": min(16, step["seq_len"])}
-    calls = record_step(config, 1, **small)
+    small = dataclasses.replace(step, micro_batch=1, seq_len=min(16, step.seq_len))
+    calls = record_step(config, 1, small)
     timed = time_calls(set(calls), deadline=deadline)
     if timed is None:
         return None
     replayed = sum(n * timed[0][c] for c, n in calls.items())
-    shape = {k: small[k] for k in ("weight_dtype", "checkpointing", "loss_chunk_size")}
-    with (
-        fake_loss_module(config, 1, fake=False, **shape) as module,
-        attention_as_run(small.get("document_mask", False)),
-    ):
-        batch = fake_batch(
-            small["micro_batch"], small["seq_len"], document_mask=small.get("document_mask", False)
-        )
-        autocast_dtype = small["autocast_dtype"]
-        autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with fake_loss_module(config, 1, small, fake=False) as module, attention_as_run(small.document_mask):
+        batch = fake_batch(small)
         walls = []
         for _ in range(7):
             start = time.perf_counter()
-            with autocast:
+            with small.autocast():
                 loss = module(**batch)
             loss.backward()
             module.zero_grad(set_to_none=True)
@@ -214,13 +194,13 @@ def overhead_per_call(step: dict[str, Any], config: Any, *, deadline: float) -> 
 
 
 def replay_model(
-    config: Any, step: dict[str, Any], *, num_layers: int, threads: int, ranks: int = 1
+    config: Any, step: StepShape, *, num_layers: int, threads: int, ranks: int = 1
 ) -> ReplayTime | None:
     """One micro-batch of `step` on the model of `config` (`num_layers` blocks) timed op by op with `threads`
     intra-op threads, in `ranks` processes at once where several ranks share this machine (they share its
     caches and memory bandwidth: alone, a rank's ops run faster than in the job), plus the framework's time
     per call; None when a call is too large to materialize here, or the timing takes too long."""
-    one, two = record_step(config, 1, **step), record_step(config, min(2, num_layers), **step)
+    one, two = record_step(config, 1, step), record_step(config, min(2, num_layers), step)
     distinct = canonical(set(one) | set(two))
     if any(call_bytes(c) > REPLAY_MAX_BYTES for c in distinct):
         return None
@@ -251,7 +231,7 @@ def canonical(calls: set[OpCall]) -> list[OpCall]:
 
 @contextlib.contextmanager
 def concurrent_ranks(
-    config: Any, step: dict[str, Any], num_layers: int, threads: int, count: int
+    config: Any, step: StepShape, num_layers: int, threads: int, count: int
 ) -> Iterator[Callable[[], list[list[float]] | None]]:
     """`count` processes that each record the same calls and time them while this process does; yields a
     function that returns their costs (in canonical order), or None when one failed."""
@@ -287,9 +267,9 @@ def concurrent_ranks(
                 process.kill()
 
 
-def _timing_worker(config: Any, step: dict[str, Any], num_layers: int, threads: int, ready, results) -> None:
+def _timing_worker(config: Any, step: StepShape, num_layers: int, threads: int, ready, results) -> None:
     torch.set_num_threads(threads)
-    one, two = record_step(config, 1, **step), record_step(config, min(2, num_layers), **step)
+    one, two = record_step(config, 1, step), record_step(config, min(2, num_layers), step)
     distinct = canonical(set(one) | set(two))
     ready.wait()
     timed = time_calls(set(distinct), deadline=time.perf_counter() + REPLAY_MAX_SECONDS)
