@@ -670,6 +670,38 @@ def test_evaluate_writes_after_each_model_and_resume_measures_only_what_changed(
     assert entries[0]["perplexity"] == pytest.approx(entries[1]["perplexity"], rel=1e-6) != 12345.0
 
 
+def test_interleaved_entries_are_written_before_their_timing_and_resume_only_times_them(exported, tmp_path):
+    import shutil
+
+    from trainer.evaluate import evaluate_models
+
+    root, _, _ = exported
+    hf, copy, broken, out = root / "hf", tmp_path / "copy", tmp_path / "broken", tmp_path / "eval.json"
+    shutil.copytree(hf, copy)
+    broken.mkdir()  # loading it fails after the first model's perplexity, before any timing
+    (broken / "config.json").write_text('{"model_type": "llama"')
+    latency = [
+        "latency.interleave=true",
+        "latency.prefill_len=8",
+        "latency.decode_tokens=2",
+        "latency.repeats=2",
+    ]
+    with pytest.raises(FileNotFoundError):
+        evaluate_models(
+            compose_evaluate(f"models=[{hf},{broken}]", "names=[dense,broken]", f"output={out}", *latency)
+        )
+    [first] = json.loads(out.read_text())  # the perplexity survived the failure; the timing is pending
+    assert first["latency_pending"] and first["prefill_ms"] is None and first["perplexity"] > 0
+    out.write_text(json.dumps([dict(first, perplexity=12345.0)]))  # kept means not measured again
+    resumed = [f"models=[{hf},{copy}]", "names=[dense,copy]", f"output={out}", "resume=true", *latency]
+    entries = evaluate_models(compose_evaluate(*resumed))
+    assert json.loads(out.read_text()) == entries
+    assert entries[0]["perplexity"] == 12345.0 and entries[1]["perplexity"] == pytest.approx(
+        first["perplexity"]
+    )
+    assert all(e["prefill_ms"] > 0 and "latency_pending" not in e for e in entries)
+
+
 def report_entry(name: str, perplexity: float, size_bytes: float, prefill_ms: float) -> dict:
     return {
         "name": name,

@@ -24,7 +24,9 @@ JSON entry with:
 
 `name` is the model directory's name or the one `names` gives. The output is rewritten after each
 model; with `resume=true` an existing output's entries with the same path, name and settings are kept
-instead of measured again.
+instead of measured again. With `latency.interleave=true` each entry is written once its perplexity (and
+tasks) are measured, marked `latency_pending: true` until the timing at the end: resumed, such an entry is
+only timed.
 """
 
 from __future__ import annotations
@@ -368,12 +370,13 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
     names = list(cfg.names) if cfg.names is not None else [model_name(p) for p in cfg.models]
     keys = [(str(path), name) for path, name in zip(cfg.models, names, strict=True)]
     kept: dict[tuple[str, str], dict[str, Any]] = {}
+    untimed: dict[tuple[str, str], dict[str, Any]] = {}  # measured but for the interleaved latency
     if cfg.resume and output.exists():
         for e in previous_entries(output):
             key = (e.get("path"), e.get("name"))
             if key in keys and e.get("settings") == settings:
-                kept[key] = e
-    done: dict[tuple[str, str], dict[str, Any]] = dict(kept)
+                (untimed if e.get("latency_pending") else kept)[key] = e
+    done: dict[tuple[str, str], dict[str, Any]] = kept | untimed
 
     def write() -> None:  # models order; entries of models no longer listed are dropped
         write_json_atomic(output, [done[k] for k in keys if k in done])
@@ -382,9 +385,10 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
     held: list[tuple[tuple[str, str], dict[str, Any], nn.Module]] = []  # waiting for interleaved timing
 
     def finish(key: tuple[str, str], entry: dict[str, Any]) -> None:
+        entry.pop("latency_pending", None)
         entry["settings"] = settings
         done[key] = entry
-        write()  # an interruption loses at most the model in progress (all held ones, when interleaving)
+        write()  # an interruption loses at most the model in progress (held ones keep all but their timing)
         print(
             f"{entry['name']}: ppl {entry['perplexity']:.3f}, {entry['params'] / 1e6:.2f}M params "
             f"({entry['nonzero_params'] / max(entry['params'], 1):.1%} non-zero), {entry['size_bytes'] / 1e6:.2f} MB, "
@@ -416,6 +420,10 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
                 data_cfg.tokenizer = str(Path(tmp) / "tokenizer_src")
                 data = build_data(data_cfg, run_dir=Path(tmp))
                 vocab = len(data.tokenizer)
+            if (path, name) in untimed:  # measured before an interruption: only its latency is missing
+                print(f"{name}: ppl kept from previous run ({output}); timed with the others", flush=True)
+                held.append(((path, name), untimed[(path, name)], model))
+                continue
             if model.get_input_embeddings().num_embeddings < vocab:
                 raise ConfigError(
                     f"{path} has {model.get_input_embeddings().num_embeddings} embeddings but the eval tokenizer "
@@ -455,6 +463,9 @@ def evaluate_models(cfg: Any) -> list[dict[str, Any]]:
                 )  # its own tokenizer
             if lat.interleave:
                 print(f"{name}: ppl {ppl:.3f}; timed with the others once all are loaded", flush=True)
+                # written now, so that an interruption before the timing keeps it: resume=true times only it
+                done[(path, name)] = entry | {"settings": settings, "latency_pending": True}
+                write()
                 held.append(((path, name), entry, model))
                 continue
             entry.update(latency(model, lat))
