@@ -674,6 +674,7 @@ def test_interleaved_entries_are_written_before_their_timing_and_resume_only_tim
     import shutil
 
     from trainer.evaluate import evaluate_models
+    from trainer.report import write_report
 
     root, _, _ = exported
     hf, copy, broken, out = root / "hf", tmp_path / "copy", tmp_path / "broken", tmp_path / "eval.json"
@@ -692,6 +693,8 @@ def test_interleaved_entries_are_written_before_their_timing_and_resume_only_tim
         )
     [first] = json.loads(out.read_text())  # the perplexity survived the failure; the timing is pending
     assert first["latency_pending"] and first["prefill_ms"] is None and first["perplexity"] > 0
+    with pytest.raises(ConfigError, match="latency_pending.*resume=true"):  # the report waits for the timing
+        write_report(out, tmp_path / "report")
     out.write_text(json.dumps([dict(first, perplexity=12345.0)]))  # kept means not measured again
     resumed = [f"models=[{hf},{copy}]", "names=[dense,copy]", f"output={out}", "resume=true", *latency]
     entries = evaluate_models(compose_evaluate(*resumed))

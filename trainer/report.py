@@ -68,6 +68,12 @@ def load_entries(path: Path) -> list[dict[str, Any]]:
             raise ConfigError(
                 f"input={path}: entry {e.get('name', '?')} lacks {', '.join(missing)}; rerun trainer.evaluate"
             )
+        if e.get("latency_pending"):
+            raise ConfigError(
+                f"input={path}: entry {e.get('name', '?')} was measured but not yet timed (latency_pending: "
+                "trainer.evaluate with latency.interleave=true stopped before its timing); run the same "
+                "trainer.evaluate command again with resume=true, which times only what is missing"
+            )
     return entries
 
 
