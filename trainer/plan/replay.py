@@ -251,9 +251,10 @@ def concurrent_ranks(
 
     def costs() -> list[list[float]] | None:
         try:
-            return [results.get(timeout=REPLAY_MAX_SECONDS) for _ in processes]
+            reported = [results.get(timeout=REPLAY_MAX_SECONDS) for _ in processes]
         except queue.Empty:
             return None
+        return None if any(r is None for r in reported) else reported
 
     try:
         ready.wait(timeout=REPLAY_MAX_SECONDS)  # they have imported torch and recorded their calls
@@ -273,7 +274,7 @@ def _timing_worker(config: Any, step: StepShape, num_layers: int, threads: int, 
     distinct = canonical(set(one) | set(two))
     ready.wait()
     timed = time_calls(set(distinct), deadline=time.perf_counter() + REPLAY_MAX_SECONDS)
-    results.put([timed[0][c] for c in distinct] if timed else [0.0] * len(distinct))
+    results.put([timed[0][c] for c in distinct] if timed else None)
 
 
 def cost_model(
