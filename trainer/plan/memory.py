@@ -269,6 +269,7 @@ def setup_from_config(cfg: Any, layout: Layout, *, world_size: int, foreach: boo
         offload_optimizer=str(st.offload_optimizer) == "cpu",
         offload_params=str(st.offload_params) == "cpu",
         loss_chunk_size=t.loss_chunk_size,
-        document_positions=bool(cfg.data.get("document_mask"))
-        or str(cfg.data.get("format", "text")) != "text",
+        # as trainer/data/windows.py: conversations always, text packed with data.document_mask
+        document_positions=str(cfg.data.get("format", "text")) != "text"
+        or bool(cfg.data.get("packing") and cfg.data.get("document_mask")),
     )
