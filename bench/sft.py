@@ -32,12 +32,10 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -510,27 +508,8 @@ def worker_main(spec_path: Path, result_path: Path) -> None:
 
 
 def run_worker(spec: Spec, timeout: float) -> dict[str, Any]:
-    """One side in a fresh Python process; its output goes to a log, shown only if it fails."""
-    vdir = Path(spec.work_dir)
-    vdir.mkdir(parents=True, exist_ok=True)
-    spec_path, result_path, log_path = vdir / "spec.json", vdir / "result.json", vdir / "log.txt"
-    spec_path.write_text(json.dumps(asdict(spec), indent=1))
-    result_path.unlink(missing_ok=True)
-    env = {
-        **os.environ,
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_VERBOSITY": "error",
-    }
-    if spec.threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec.threads)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path), str(result_path)]
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    if proc.returncode != 0 or not result_path.exists():
-        tail = "\n".join(log_path.read_text().splitlines()[-30:])
-        raise SystemExit(f"{spec.label} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
-    return json.loads(result_path.read_text())
+    """One side in a fresh Python process (bench/throughput.py's runner, this script as the worker)."""
+    return _throughput.run_script_worker(spec, timeout, Path(__file__))
 
 
 def timed(result: dict[str, Any], spec: Spec) -> dict[str, float]:

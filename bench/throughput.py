@@ -471,6 +471,13 @@ def save_windows(cfg: Any, work: Path, steps: int, batch: int) -> tuple[Path, in
 
 def run_worker(spec: Spec, timeout: float) -> Result:
     """One variant in a fresh Python process; its output goes to a log, shown only if it fails."""
+    return Result(**run_script_worker(spec, timeout, Path(__file__)))
+
+
+def run_script_worker(spec: Any, timeout: float, script: Path) -> dict[str, Any]:
+    """`script --worker SPEC RESULT` in a fresh Python process (bench/sft.py's workers too): the spec (a
+    dataclass with work_dir, threads and label) written as JSON, the result read back; the output goes to a
+    log, shown only if it fails."""
     vdir = Path(spec.work_dir)
     vdir.mkdir(parents=True, exist_ok=True)
     spec_path, result_path, log_path = vdir / "spec.json", vdir / "result.json", vdir / "log.txt"
@@ -484,13 +491,13 @@ def run_worker(spec: Spec, timeout: float) -> Result:
     }
     if spec.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec.threads)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path), str(result_path)]
+    cmd = [sys.executable, str(script.resolve()), "--worker", str(spec_path), str(result_path)]
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     if proc.returncode != 0 or not result_path.exists():
         tail = "\n".join(log_path.read_text().splitlines()[-30:])
         raise SystemExit(f"{spec.label} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
-    return Result(**json.loads(result_path.read_text()))
+    return json.loads(result_path.read_text())
 
 
 def summarize(label: str, runs: list[Result], flops_per_token: float, peak: float) -> dict[str, Any]:
