@@ -26,8 +26,10 @@ import logging
 import os
 import runpy
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -110,22 +112,31 @@ def preload() -> None:
 def _tee(fd: int, log_path: Path) -> None:
     """Copy everything read from `fd` to our stdout and to the stage log, until the writer closes it. A Ctrl-C
     reaches the stage too, which stops as it does alone (a training stage checkpoints first): the copy goes on
-    until the stage is done, then the Ctrl-C is raised here; a second one is raised at once."""
+    until the stage is done, then the Ctrl-C is raised here; a second one is raised at once. The first one
+    only sets a flag (a KeyboardInterrupt raised between two reads, not in one, would leave the loop and close
+    the stage's output under it); where SIGINT is ignored (nohup) it stays ignored."""
     interrupted = False
-    with open(log_path, "ab") as log:
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except KeyboardInterrupt:
-                if interrupted:
-                    raise
-                interrupted = True
-                continue
-            if not chunk:
-                break
-            log.write(chunk)
-            log.flush()
-            os.write(sys.stdout.fileno(), chunk)
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted = True
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else signal.SIG_IGN
+    previous = signal.default_int_handler if previous is None else previous  # None: set outside Python
+    if previous is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        with open(log_path, "ab") as log:
+            while chunk := os.read(fd, 65536):  # resumed after the flag-setting handler (PEP 475)
+                log.write(chunk)
+                log.flush()
+                os.write(sys.stdout.fileno(), chunk)
+    finally:
+        if previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, previous)
     if interrupted:
         raise KeyboardInterrupt
 
