@@ -84,6 +84,11 @@ def test_wrong_type_is_refused():
         ("strategy.deepspeed=5", "must be a mapping"),
         ("precision.min_loss_scale=0", "precision.min_loss_scale"),
         ("strategy.deepspeed={zero_optimization:{stage:2}}", "does not run DeepSpeed"),
+        (
+            "train.activation_checkpointing=partial",
+            "train.activation_checkpointing=partial: must be false, true",
+        ),
+        ("train.activation_checkpointing=1", "train.activation_checkpointing=1: must be false, true"),
     ],
 )
 def test_bad_values_name_the_key(override, fragment):

@@ -44,6 +44,54 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
     assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), rel=1e-5)
 
 
+def test_selective_checkpointing_recomputes_no_matmul_and_holds_less_than_none_more_than_full(tmp_path):
+    """One forward and backward of the trainer's module under each train.activation_checkpointing: the same
+    loss and gradients; full checkpointing runs each block's matmuls again in the backward but the last (down:
+    no backward needs its output, and torch's recompute stops once every saved tensor is back), selective none; the step's peak of activations (torch's MemTracker) is lowest with full,
+    highest without."""
+    from collections import Counter
+
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulCount(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    runs = {}
+    for mode in ("false", "selective", "true"):
+        trainer = make_trainer(tmp_path / mode, *TINY, f"train.activation_checkpointing={mode}")
+        batch = trainer.data.train.batch(torch.arange(4))
+        torch.manual_seed(0)
+        tracker, counter = MemTracker(), MatmulCount()
+        tracker.track_external(trainer.module)
+        with tracker, counter:
+            loss = trainer.module(batch.inputs, batch.labels)
+            forward = counter.calls.copy()
+            loss.backward()
+        activations = next(iter(tracker.get_tracker_snapshot("peak").values()))
+        runs[mode] = {
+            "loss": loss.item(),
+            "grads": {n: p.grad.clone() for n, p in trainer.module.named_parameters()},
+            "backward_matmuls": sum((counter.calls - forward)[op] for op in ("mm", "addmm", "bmm")),
+            "peak": sum(v for k, v in activations.items() if str(k).split(".")[-1] in ("ACT", "TEMP")),
+        }
+    layers = trainer.hf_model.config.num_hidden_layers
+    none, selective, full = runs["false"], runs["selective"], runs["true"]
+    for run in (selective, full):
+        assert run["loss"] == none["loss"]
+        for name, grad in none["grads"].items():
+            torch.testing.assert_close(run["grads"][name], grad, rtol=1e-5, atol=1e-7)
+    assert selective["backward_matmuls"] == none["backward_matmuls"]
+    assert full["backward_matmuls"] == none["backward_matmuls"] + 6 * layers  # q, k, v, o, gate, up
+    assert none["peak"] > selective["peak"] > full["peak"], {m: r["peak"] for m, r in runs.items()}
+
+
 def test_compiled_model_trains_like_eager_and_compiles_eval_once(tmp_path):
     from torch._dynamo.utils import counters
 

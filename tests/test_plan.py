@@ -84,8 +84,12 @@ def measured_peak(tmp_path, overrides: list[str], *, compile_backend: str | None
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["train.activation_checkpointing=true", "precision=bf16"]],
-    ids=["fp32", "checkpointing_bf16_autocast"],
+    [
+        [],
+        ["train.activation_checkpointing=true", "precision=bf16"],
+        ["train.activation_checkpointing=selective"],
+    ],
+    ids=["fp32", "checkpointing_bf16_autocast", "selective_checkpointing"],
 )
 def test_predicted_peak_is_within_10_percent_of_a_real_steps(tmp_path, extra):
     measured = measured_peak(tmp_path, SMALL + extra)
@@ -161,6 +165,29 @@ def test_a_compiled_plan_is_within_10_percent_of_a_real_compiled_steps_peak(tmp_
     assert abs(job.memory.allocated / measured - 1) <= 0.10, (job.memory.allocated, measured)
     eager = activations_for(planner.counts, dataclasses.replace(job.setup, compile=False))
     assert job.memory.activations.saved < eager.saved
+
+
+def test_selective_checkpointing_plans_between_none_and_full_and_is_among_the_alternatives():
+    """On an H100: selective holds less than no checkpointing and more than full, and costs no matmul again,
+    only its recomputed ops' bytes at the memory bandwidth: slower than none by exactly those, faster than
+    full. The alternatives rank it with the others."""
+    overrides = [*SMALL, "data.seq_len=512", "plan.gpu=h100", "plan.gpus_per_node=1", "plan.nodes=1"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg, plan = compose_plan(overrides)
+    planner = Planner(cfg, plan)
+    none, selective, full = (
+        planner.option(planner.setup(strategy_layout("single"), checkpointing=mode))
+        for mode in (False, "selective", True)
+    )
+    assert none.memory.activations.peak > selective.memory.activations.peak > full.memory.activations.peak
+    moved = planner.recomputed(selective.setup) * selective.setup.grad_accum
+    assert moved > 0
+    assert selective.time.compute_s == pytest.approx(
+        none.time.compute_s + moved / planner.dev.hbm_bytes_per_s
+    )
+    assert none.time.compute_s < selective.time.compute_s < full.time.compute_s
+    labels = [o.label() for o in make_plan(cfg, plan).alternatives]
+    assert "strategy=single train.micro_batch_size=8 train.activation_checkpointing=selective" in labels
 
 
 def test_a_70b_plan_takes_under_a_minute_and_under_2_gb(tmp_path):

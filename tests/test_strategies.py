@@ -47,6 +47,8 @@ def reference(tmp_path_factory):
         ("fsdp", ["train.activation_checkpointing=true"], 2),
         ("fsdp", ["strategy.defer_grad_sync=true"], 2),  # one reduce-scatter per step, not per micro-batch
         ("zero3", ["train.activation_checkpointing=true"], 2),
+        ("fsdp", ["train.activation_checkpointing=selective"], 2),
+        ("zero3", ["train.activation_checkpointing=selective"], 2),
         ("zero3", ["strategy.offload_optimizer=cpu", "strategy.offload_params=cpu"], 2),
         ("zero3", ["strategy.offload_optimizer=cpu", "strategy.offload_params=cpu"], 1),  # ZeRO-Infinity
         ("fsdp", ["strategy.replicate_degree=2"], 4),  # HSDP: 2 replicas of 2-way shards

@@ -22,6 +22,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from trainer.activation_checkpointing import is_valid_mode
 from trainer.choices import Choice, Dtype, PrecisionName
 from trainer.data.config import DataConfig, register_data_configs, validate_data
 from trainer.distill.config import DistillConfig, register_distill_configs, validate_distill
@@ -75,8 +76,9 @@ class TrainConfig:
     eval_every: int = MISSING
     # Eval batches (of micro_batch_size) per evaluation; 0 uses the whole eval split.
     eval_batches: int = MISSING
-    # Recompute activations in the backward pass to save memory.
-    activation_checkpointing: bool = MISSING
+    # false, true (recompute each block in the backward) or selective (recompute only the cheap ops between
+    # the matmuls and attention): a bool or a string, which OmegaConf types cannot say (checked below).
+    activation_checkpointing: Any = MISSING
     # Compile the model with torch.compile.
     compile: bool = MISSING
     # Rows of the LM head processed at once by the fused cross-entropy; null sizes a chunk of logits
@@ -255,6 +257,11 @@ def _validate_train(t: Any) -> None:
     _check(
         t.eval_batches >= 0,
         f"train.eval_batches={t.eval_batches}: must be >= 0 (0 uses the whole eval split)",
+    )
+    _check(
+        is_valid_mode(t.activation_checkpointing),
+        f"train.activation_checkpointing={t.activation_checkpointing}: must be false, true (recompute each block "
+        "in the backward) or selective (keep the matmul and attention outputs, recompute the ops between them)",
     )
     _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
     _check(

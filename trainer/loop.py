@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from trainer import checkpoint as ckpt
+from trainer.activation_checkpointing import enable_activation_checkpointing
 from trainer.config import validate_config
 from trainer.data import build_data
 from trainer.data.prefetch import Prefetcher
@@ -220,13 +221,7 @@ class Trainer:
             raise ConfigError(
                 f"data.seq_len={cfg.data.seq_len} exceeds the model's maximum of {limit} positions; use data.seq_len<={limit}"
             )
-        if t.activation_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-                model.activation_checkpointing_enable(
-                    activation_checkpointing_kwargs={"use_reentrant": False}
-                )
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, t.activation_checkpointing)
         model.config.use_cache = False
         return model
 

@@ -35,6 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import AutoModelForCausalLM, PretrainedConfig, masking_utils
 
+from trainer.activation_checkpointing import Mode, enable_activation_checkpointing
 from trainer.models import CausalLMWithLoss, transformer_blocks
 from trainer.precision import convert_to_fp8
 
@@ -71,7 +72,7 @@ class StepShape:
     seq_len: int
     weight_dtype: torch.dtype
     autocast_dtype: torch.dtype | None
-    checkpointing: bool
+    checkpointing: Mode
     loss_chunk_size: int | None
     document_mask: bool = False
 
@@ -131,8 +132,7 @@ def fake_loss_module(
         with FakeTensorMode() if fake else contextlib.nullcontext(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_config(config, dtype=step.weight_dtype)
-            if step.checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model, step.checkpointing)
             module = CausalLMWithLoss(model, loss_chunk_size=step.loss_chunk_size)
             module.train()
             yield module

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from trainer.activation_checkpointing import Mode
 from trainer.plan.activations import ActivationTrace, StepShape, trace_activations
 from trainer.plan.model import ModelCounts
 from trainer.strategies.layout import Layout
@@ -50,7 +51,7 @@ class Setup:
     micro_batch: int
     seq_len: int
     grad_accum: int
-    checkpointing: bool
+    checkpointing: Mode  # False, "selective" or True
     compile: bool
     precision: str
     param_bytes: int
@@ -255,7 +256,7 @@ def setup_from_config(cfg: Any, layout: Layout, *, world_size: int, foreach: boo
         micro_batch=int(t.micro_batch_size),
         seq_len=int(cfg.data.seq_len),
         grad_accum=max(int(t.global_batch_size) // (int(t.micro_batch_size) * world_size), 1),
-        checkpointing=bool(t.activation_checkpointing),
+        checkpointing=t.activation_checkpointing,
         compile=bool(t.compile),
         precision=str(cfg.precision.name),
         param_bytes=param_bytes,

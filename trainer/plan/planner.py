@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from trainer.activation_checkpointing import MODES
 from trainer.errors import ConfigError
 from trainer.plan.activations import ActivationTrace
 from trainer.plan.devices import GIB, Device, device, network
@@ -25,7 +26,13 @@ from trainer.plan.memory import (
     trace_dtypes,
 )
 from trainer.plan.model import ModelCounts, apply_peft, count_model, model_config, teacher_params
-from trainer.plan.replay import REPLAY_MAX_SECONDS, ReplayTime, replay_model, time_collectives
+from trainer.plan.replay import (
+    REPLAY_MAX_SECONDS,
+    ReplayTime,
+    recomputed_bytes,
+    replay_model,
+    time_collectives,
+)
 from trainer.plan.steptime import Links, StepTime, collective_calls, links, plan_step
 from trainer.strategies.layout import Layout, all_layouts, strategy_layout
 from trainer.utils import resolve_dtype
@@ -101,6 +108,7 @@ class Planner:
         self._traces: dict[tuple, ActivationTrace] = {}
         self._replays: dict[tuple, ReplayTime | None] = {}
         self._collectives: dict[tuple[str, float], float] = {}
+        self._recomputed: dict[tuple, float] = {}
 
     def _check_precision(self) -> None:
         if str(self.cfg.precision.name) == "fp8" and not self.on_cpu and self.dev.fp8_flops is None:
@@ -156,6 +164,16 @@ class Planner:
         scale = s.micro_batch / int(self.cfg.train.micro_batch_size)
         return dataclasses.replace(measured, seconds=measured.seconds * scale)
 
+    def recomputed(self, s: Setup) -> float:
+        """Bytes that selective checkpointing's recomputed ops move in one micro-batch of `s` (0 otherwise);
+        traced once per sequence and dtype."""
+        if s.checkpointing != "selective":
+            return 0.0
+        key = (trace_dtypes(s), s.seq_len, s.document_positions)
+        if key not in self._recomputed:
+            self._recomputed[key] = recomputed_bytes(self.counts.config, step_shape(s, micro_batch=1))
+        return self._recomputed[key] * s.micro_batch * self.counts.num_layers
+
     def per_sequence(self, s: Setup) -> ActivationTrace:
         """One sequence's share of the activations traced at `s`'s micro-batch."""
         t = self.trace(s)
@@ -184,6 +202,7 @@ class Planner:
             masked=self.masked,
             trace=trace or self.trace(s),
         )
+        replayed = self.replay(s) if self.on_cpu and not self.plan.mfu else None
         time = plan_step(
             self.counts,
             s,
@@ -191,8 +210,9 @@ class Planner:
             self.links,
             mfu=self.plan.mfu,
             on_cpu=self.on_cpu,
-            replayed=self.replay(s) if self.on_cpu and not self.plan.mfu else None,
+            replayed=replayed,
             measured=self.collectives_here(s) if self.on_cpu else None,
+            recomputed_bytes=self.recomputed(s) if replayed is None else 0.0,
         )
         return Option(
             setup=s,
@@ -232,7 +252,7 @@ class Planner:
         for layout in all_layouts():
             if not self.runs(layout):
                 continue
-            for ac in (False, True):
+            for ac in MODES:
                 s = self.setup(layout, checkpointing=ac)
                 for o in (self.option(s), self.largest_micro_batch(s, dividing=True)):
                     if (
@@ -258,7 +278,7 @@ class Planner:
 def make_plan(cfg: Any, plan: Any) -> Plan:
     check_world(cfg, plan)
     p = Planner(cfg, plan)
-    s = p.setup(strategy_layout(cfg.strategy), checkpointing=bool(cfg.train.activation_checkpointing))
+    s = p.setup(strategy_layout(cfg.strategy), checkpointing=cfg.train.activation_checkpointing)
     job = p.option(s)
     largest = p.largest_micro_batch(s)
     # A job that does not fit always gets its alternatives: they say what would.

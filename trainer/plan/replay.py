@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import multiprocessing
 import queue
 import threading
@@ -114,6 +115,31 @@ def record_step(config: Any, num_layers: int, step: StepShape) -> Counter[OpCall
                 loss = module(**batch)
             loss.backward()
     return recorder.calls
+
+
+def recomputed_bytes(config: Any, step: StepShape) -> float:
+    """Bytes one block's recomputed ops read and write in a selectively checkpointed step (step.checkpointing
+    == "selective"): the calls the step makes beyond those of the same step without checkpointing (the cheap
+    ops between matmuls, run again in the backward), each counted as its inputs read and as much written.
+    Views (and `_unsafe_view`, a view without the annotation) move nothing and are not counted. On a GPU
+    these ops are bound by memory bandwidth."""
+    again = record_step(config, 1, step) - record_step(
+        config, 1, dataclasses.replace(step, checkpointing=False)
+    )
+    moved = [
+        (call, n)
+        for call, n in again.items()
+        if not call[0].is_view and call[0] is not torch.ops.aten._unsafe_view.default
+    ]
+    return float(sum(2 * _read_bytes(call[1]) * n for call, n in moved))
+
+
+def _read_bytes(value: Any) -> int:
+    if isinstance(value, TensorSpec):
+        return math.prod(value.shape) * value.dtype.itemsize
+    if isinstance(value, tuple):
+        return sum(_read_bytes(v) for v in value)
+    return 0
 
 
 def run_once(call: OpCall) -> float:

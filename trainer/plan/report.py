@@ -39,6 +39,8 @@ def time_lines(o: Option, p: Plan) -> list[str]:
     flops = p.counts.flops_per_token * o.tokens_per_s
     mfu = flops / (p.peak_flops * p.world_size)
     how = f"at {t.mfu_used:.1%} of {p.peak_flops / 1e12:,.3g} TFLOP/s"
+    if t.recompute_s:
+        how += f", and {t.recompute_s * 1e3:.1f} ms of selectively recomputed ops at the memory bandwidth"
     if t.replayed is not None:
         r = t.replayed
         how = f"{r.calls:,} operator calls per micro-batch timed on this CPU, {how}" + (

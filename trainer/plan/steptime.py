@@ -20,7 +20,8 @@ CPU_MFU = 0.76
 FP32_SHARE = 67 / 989
 # DDP's gradient buckets (DistributedDataParallel's bucket_cap_mb default: 25 MiB).
 DDP_BUCKET_BYTES = 25 * 2**20
-# Activation checkpointing runs each block's forward again in the backward: 8 of the 6 + 2 FLOPs per weight.
+# Full activation checkpointing runs each block's forward again in the backward: 8 of the 6 + 2 FLOPs per
+# weight. (Selective repeats no matmul: its recomputed ops are costed by the bytes they move.)
 RECOMPUTE = 8 / 6
 
 
@@ -62,6 +63,7 @@ class StepTime:
     mfu_used: float = 0.0
     replayed: ReplayTime | None = None  # the compute timed op by op on this CPU
     comm_timed_here: bool = False  # each collective call timed on this machine's gloo
+    recompute_s: float = 0.0  # selective checkpointing's recomputed ops, in compute_s
 
     @property
     def step_s(self) -> float:
@@ -158,18 +160,23 @@ def plan_step(
     on_cpu: bool,
     replayed: ReplayTime | None = None,
     measured: Callable[[str, float], float] | None = None,
+    recomputed_bytes: float = 0.0,
 ) -> StepTime:
     """The step of `s`; `replayed` is one micro-batch's forward and backward timed op by op on this CPU
     (trainer/plan/replay.py), which replaces the FLOPs at an efficiency where given; `measured` gives the
-    seconds of one collective call (kind, bytes) timed on this machine, instead of the ring formula."""
+    seconds of one collective call (kind, bytes) timed on this machine, instead of the ring formula;
+    `recomputed_bytes` is what selective checkpointing's recomputed ops move per micro-batch (at the memory
+    bandwidth, on top of the FLOPs: the replay has them already)."""
     tokens = s.micro_batch * s.seq_len * s.grad_accum  # per rank per step
-    flops = counts.flops_per_token * tokens * (RECOMPUTE if s.checkpointing else 1.0)
+    flops = counts.flops_per_token * tokens * (RECOMPUTE if s.checkpointing is True else 1.0)
+    recompute = 0.0
     if replayed is not None and not mfu:
         compute = replayed.seconds * s.grad_accum
         eff = flops / (compute * dev.peak_flops)
     else:
         eff = compute_efficiency(s, dev, mfu, on_cpu=on_cpu)
-        compute = flops / (dev.peak_flops * eff)
+        recompute = recomputed_bytes * s.grad_accum / dev.hbm_bytes_per_s
+        compute = flops / (dev.peak_flops * eff) + recompute
     lay, c, p = s.layout, s.compute_bytes, s.param_bytes
     n = s.shard_degree
     grad_bytes = c if lay.deepspeed else (s.reduce_bytes if lay.gathers_blocks else p)
@@ -202,4 +209,5 @@ def plan_step(
         mfu_used=eff,
         replayed=replayed if replayed is not None and not mfu else None,
         comm_timed_here=measured is not None and bool(times),
+        recompute_s=recompute,
     )
