@@ -487,6 +487,29 @@ def test_pruning_calibrates_on_packed_conversations_each_seeing_only_itself(chat
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4)
 
 
+def test_quantization_calibrates_on_packed_conversations_each_seeing_only_itself(chat_prepared, smol_dir):
+    """SmoothQuant's per-channel activation maxima (int8_smooth, compressed-tensors w8a8) over the packed windows
+    trainer.quantize and trainer.export calibrate on equal those over every conversation (and the padding) run
+    alone; without the positions, tokens attend across conversations and the maxima differ."""
+    from trainer.calibration import data_calibration_batches
+    from trainer.quant.smooth import calibrate
+
+    data_cfg = compose_config(*CHAT_RUN, f"data.path={chat_prepared}").data
+    packed = data_calibration_batches(data_cfg, tokenizer=str(smol_dir), num_batches=2, batch_size=1)
+    alone = []
+    for batch in packed:
+        for row in range(batch.inputs.shape[0]):
+            starts = (batch.position_ids[row] == 0).nonzero().flatten().tolist() + [batch.inputs.shape[1]]
+            alone += [batch.inputs[row : row + 1, a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    model = tiny_llama(49152)
+    got, want = calibrate(model, packed)[0], calibrate(model, alone)[0]
+    ids_only = calibrate(model, [b.inputs for b in packed])[0]
+    assert got.keys() == want.keys() and "head" in got
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(ids_only[k], want[k], rtol=1e-3) for k in want)
+
+
 def test_trainer_evaluate_measures_a_chat_dataset_over_its_trained_tokens(chat_prepared, tmp_path):
     from trainer.data import build_data
     from trainer.evaluate import perplexity

@@ -1,6 +1,9 @@
 """Layer-by-layer calibration, shared by one-shot pruning (Wanda, SparseGPT) and GPTQ quantization.
 
-- `calibration_batches`: batches drawn from the run's own training windows (input and position ids);
+- `calibration_batches`, `data_calibration_batches`: batches of training windows (a run's own, or a data
+  group's tokenized with a model's tokenizer, for trainer.quantize and trainer.export), as the `Batch`es
+  training takes: input ids and, where the data has them, position ids; `model_inputs` is the forward's
+  arguments for one, so that packed documents are calibrated on as they train, each seeing only itself;
 - `InputStats`: what a linear layer's inputs look like (per-input squared norms for Wanda, X^T X for
   SparseGPT and GPTQ), summed over the calibration tokens;
 - `update_blocks_sequentially`: the model's blocks in order, each calibrated on the outputs of the blocks
@@ -13,22 +16,56 @@
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from trainer.data.loading import build_data
 from trainer.data.prepared import Batch
 from trainer.models import transformer_blocks
 
+# A calibration batch: a `Batch` of training windows, or a tensor of input ids (one document per row).
+CalibrationBatch = Batch | torch.Tensor
 
-def calibration_batches(train, *, num_batches: int, batch_size: int, seed: int) -> list[Batch]:
-    """`num_batches` batches drawn without replacement from the training windows (seeded): their input ids and
-    position ids, so that packed conversations are calibrated on as they train, each seeing only itself."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train), generator=g)[: num_batches * batch_size]
-    return [train.batch(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+
+def calibration_batches(train, *, num_batches: int, batch_size: int, seed: int | None) -> list[Batch]:
+    """`num_batches` batches of training windows, drawn without replacement (seeded), or the first ones in
+    order when `seed` is None. They are what `train.batch` gives the training loop, position ids included."""
+    count = min(len(train), num_batches * batch_size)
+    if seed is None:
+        order = torch.arange(count)
+    else:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count]
+    return [train.batch(order[i : i + batch_size]) for i in range(0, count, batch_size)]
+
+
+def data_calibration_batches(
+    data_cfg: Any, *, tokenizer: str, num_batches: int, batch_size: int
+) -> list[Batch]:
+    """The first num_batches x batch_size training windows of data group `data_cfg`, tokenized with `tokenizer`
+    (a model's own, by name or directory): the offline tools' calibration (SmoothQuant, GPTQ). Tokenized in a
+    temporary directory, read while it is there."""
+    data_cfg = data_cfg.copy()
+    data_cfg.tokenizer = tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        train = build_data(data_cfg, run_dir=Path(tmp)).train
+        return calibration_batches(train, num_batches=num_batches, batch_size=batch_size, seed=None)
+
+
+def model_inputs(batch: CalibrationBatch, device: torch.device) -> dict[str, Any]:
+    """The model's keyword arguments for one calibration batch, on `device`: the input ids and, where the data
+    has them, the position ids, with no attention mask and no KV cache, which is when transformers keeps
+    packed documents apart (as `CausalLMWithLoss` trains)."""
+    ids, positions = (batch.inputs, batch.position_ids) if isinstance(batch, Batch) else (batch, None)
+    kwargs = {"input_ids": ids.to(device), "use_cache": False}
+    if positions is not None:
+        kwargs["position_ids"] = positions.to(device)
+    return kwargs
 
 
 @dataclass
@@ -61,7 +98,7 @@ def _block_output(out):
 @torch.no_grad()
 def update_blocks_sequentially(
     model: nn.Module,
-    batches: list[torch.Tensor],
+    batches: list[CalibrationBatch],
     targets: dict[str, nn.Module],
     update_layer: Callable[[str, nn.Module, InputStats], None],
     *,
@@ -86,10 +123,8 @@ def update_blocks_sequentially(
     model.eval()
     try:
         for batch in batches:
-            ids, positions = (batch.inputs, batch.position_ids) if isinstance(batch, Batch) else (batch, None)
-            kwargs = {} if positions is None else {"position_ids": positions.to(device)}  # the document mask
             with contextlib.suppress(_Stop):
-                model(input_ids=ids.to(device), use_cache=False, **kwargs)
+                model(**model_inputs(batch, device))
     finally:
         handle.remove()
     # Each batch's block input, and the other arguments the model passed to its blocks (masks, rotary angles).

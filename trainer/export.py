@@ -37,6 +37,7 @@ from trainer import checkpoint_model
 from trainer.checkpoint import STATE_FILE, checkpoint_problems, find_checkpoint
 from trainer.checkpoint_model import ModelDescription, describe_checkpoint, load_checkpoint_model
 from trainer.cli import run
+from trainer.data.prepared import Batch
 from trainer.errors import CheckpointError, ConfigError, InputNotFoundError
 from trainer.export_config import validate_export
 from trainer.utils import check_output_dir, loading_from, staged
@@ -92,15 +93,18 @@ EXPORTERS: dict[str, Callable[[Any, Any, Path, Any], None]] = {
 }
 
 
-def calibration_batches(cfg: Any, tokenizer: Any) -> list[torch.Tensor]:
+def calibration_batches(cfg: Any, tokenizer: Any) -> list[Batch]:
     """The first calibration.batches x calibration.batch_size training sequences of the data group, tokenized
-    with the model's own tokenizer: LongTensors of [batch_size, data.seq_len] token ids."""
-    from trainer.data import first_training_batches
+    with the model's own tokenizer: `trainer.calibration` Batches of [batch_size, data.seq_len] token ids (and
+    their documents' position ids where the data packs several)."""
+    from trainer.calibration import data_calibration_batches
 
     c = cfg.calibration
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        return first_training_batches(cfg.data, tokenizer=tmp, num_batches=c.batches, batch_size=c.batch_size)
+        return data_calibration_batches(
+            cfg.data, tokenizer=tmp, num_batches=c.batches, batch_size=c.batch_size
+        )
 
 
 # ---- the Hydra form ---------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from trainer.calibration import data_calibration_batches
 from trainer.cli import run
-from trainer.data import first_training_batches
+from trainer.data.prepared import Batch
 from trainer.errors import InputNotFoundError
 from trainer.quant.config import register_quantize_configs, validate_quantize
 from trainer.quant.ptq import check_scheme, default_keep_float, quantize_model, scheme_dtype
@@ -44,11 +45,11 @@ def check_quantize_config(cfg: Any) -> torch.device:
     return device
 
 
-def calibration_batches(cfg: Any, tokenizer_dir: str) -> list[torch.Tensor]:
+def calibration_batches(cfg: Any, tokenizer_dir: str) -> list[Batch]:
     """The first smooth.calibration_batches x smooth.batch_size training sequences of the data group, tokenized
-    with the model's own tokenizer."""
+    with the model's own tokenizer (with their documents' position ids where the data packs several)."""
     s = cfg.smooth
-    return first_training_batches(
+    return data_calibration_batches(
         cfg.data, tokenizer=tokenizer_dir, num_batches=s.calibration_batches, batch_size=s.batch_size
     )
 
@@ -68,7 +69,7 @@ def quantize(cfg: Any) -> Path:
         cfg.scheme,
         keep_float=list(cfg.keep_float) if cfg.keep_float is not None else default_keep_float(cfg.scheme),
         group_size=cfg.group_size,
-        calibration=[c.to(device) for c in calibration],
+        calibration=calibration,
         alpha=cfg.smooth.alpha,
         gptq=cfg.smooth.gptq,
         dtype=cfg.dtype,

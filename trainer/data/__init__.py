@@ -5,7 +5,6 @@ from trainer.data.loading import (
     Data,
     TokenWindows,
     build_data,
-    first_training_batches,
     pack,
     pad_each,
 )
@@ -17,7 +16,6 @@ __all__ = [
     "SampleOrder",
     "TokenWindows",
     "build_data",
-    "first_training_batches",
     "pack",
     "pad_each",
     "rank_micro_batches",

@@ -511,19 +511,3 @@ def build_data(
         for split in ("train", "eval")
     )
     return Data(tokenizer=tokenizer, train=train_windows, eval=eval_windows, entropy_floor=floor)
-
-
-def first_training_batches(
-    cfg: Any, *, tokenizer: str, num_batches: int, batch_size: int
-) -> list[torch.Tensor]:
-    """The first num_batches x batch_size training windows of data group `cfg`, tokenized with `tokenizer` (a
-    model's own, by name or directory): input ids [batch_size, seq_len] per batch, for the offline tools'
-    calibration (SmoothQuant, GPTQ). Tokenized in a temporary directory, read while it is there."""
-    import tempfile
-
-    data_cfg = cfg.copy()
-    data_cfg.tokenizer = tokenizer
-    with tempfile.TemporaryDirectory() as tmp:
-        train = build_data(data_cfg, run_dir=Path(tmp)).train
-        inputs = train.batch(torch.arange(min(len(train), num_batches * batch_size))).inputs
-    return list(inputs.split(batch_size))

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.calibration import InputStats, update_blocks_sequentially
+from trainer.calibration import CalibrationBatch, InputStats, update_blocks_sequentially
 from trainer.choices import CompressedTensorsScheme
 from trainer.errors import ConfigError, TrainerWarning
 from trainer.models import is_conv1d, transformer_blocks, warn_unhandled_experts
@@ -49,7 +49,7 @@ def export_compressed_tensors(
     output_dir: Path,
     *,
     scheme: str,
-    calibration: Iterable[torch.Tensor] | None = None,
+    calibration: Iterable[CalibrationBatch] | None = None,
     keep_float: list[str] | None = None,
     group_size: int = 128,
     alpha: float | None = None,
@@ -58,9 +58,10 @@ def export_compressed_tensors(
     format (config.json with its `quantization_config`, model.safetensors, the tokenizer's files); returns
     `output_dir`.
 
-    `calibration`: batches of input ids (moved to the model's device) for SmoothQuant's activation ranges and
-    GPTQ's Hessians; needed by w8a8 and w4a16, optional for w8a16 (GPTQ when given, else rounding to
-    nearest). `keep_float`: linears whose names contain one of these stay float, besides the LM head.
+    `calibration`: batches of training windows (`trainer.calibration.calibration_batches`: input ids and the
+    position ids of packed documents; or tensors of input ids), moved to the model's device as they run, for
+    SmoothQuant's activation ranges and GPTQ's Hessians; needed by w8a8 and w4a16, optional for w8a16 (GPTQ
+    when given, else rounding to nearest). `keep_float`: linears whose names contain one of these stay float, besides the LM head.
     `group_size` (w4a16): columns per scale, lowered to the largest divisor of it that divides every
     quantized layer's input width (with a warning). `alpha` (w8a8): SmoothQuant's strength, None to search
     it per layer group (smooth.smooth_model).
@@ -75,8 +76,7 @@ def export_compressed_tensors(
     from compressed_tensors.compressors import ModelCompressor
 
     _check_float(model)
-    device = next(model.parameters()).device
-    calibration = [ids.to(device) for ids in calibration or []]
+    calibration = list(calibration or [])
     if scheme in ("w8a8", "w4a16") and not calibration:
         raise ConfigError(
             f"scheme={scheme} rounds its weights by GPTQ{' after SmoothQuant' if act_quant else ''}, which "
@@ -197,7 +197,7 @@ def _group_size(targets: dict[str, nn.Linear], group_size: int) -> int:
     return group
 
 
-def _smooth(model: nn.Module, calibration: list[torch.Tensor], alpha: float | None) -> None:
+def _smooth(model: nn.Module, calibration: list[CalibrationBatch], alpha: float | None) -> None:
     """SmoothQuant: move each input channel's range into the weights, the scales folded into the norms and
     the linears before (smooth.py); the LM head stays float, so it is not smoothed."""
     try:
@@ -215,7 +215,7 @@ def _smooth(model: nn.Module, calibration: list[torch.Tensor], alpha: float | No
 def _round_weights(
     model: nn.Module,
     targets: dict[str, nn.Linear],
-    calibration: list[torch.Tensor],
+    calibration: list[CalibrationBatch],
     *,
     qmax: int,
     group_size: int | None,

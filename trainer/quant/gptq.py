@@ -16,7 +16,14 @@ import contextlib
 import torch
 from torch import nn
 
-from trainer.calibration import InputStats, inverse_hessian_factor, sweep_columns, update_blocks_sequentially
+from trainer.calibration import (
+    CalibrationBatch,
+    InputStats,
+    inverse_hessian_factor,
+    model_inputs,
+    sweep_columns,
+    update_blocks_sequentially,
+)
 from trainer.quant.smooth import WEIGHT_QMAX, Int8DynamicLinear, decoder_blocks, int8_targets
 
 
@@ -75,7 +82,7 @@ def _scale(w: torch.Tensor, qmax: int, dtype: torch.dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def quantize_blocks_gptq(
-    model: nn.Module, batches: list[torch.Tensor], *, keep_float: list[str]
+    model: nn.Module, batches: list[CalibrationBatch], *, keep_float: list[str]
 ) -> list[str]:
     """Replace the linears of the decoder blocks (but those named in `keep_float`) by Int8DynamicLinear
     with GPTQ-rounded weights, block by block on `batches`; returns their names."""
@@ -97,7 +104,7 @@ class _HeadReached(Exception):
 
 
 @torch.no_grad()
-def quantize_head_gptq(model: nn.Module, batches: list[torch.Tensor], name: str) -> None:
+def quantize_head_gptq(model: nn.Module, batches: list[CalibrationBatch], name: str) -> None:
     """Replace the LM head, the module at `name`, by an Int8DynamicLinear rounded by GPTQ on its inputs
     over `batches` (after the blocks were quantized)."""
     head = model.get_submodule(name)
@@ -108,11 +115,12 @@ def quantize_head_gptq(model: nn.Module, batches: list[torch.Tensor], name: str)
         raise _HeadReached
 
     handle = head.register_forward_pre_hook(record)
+    device = next(model.parameters()).device
     try:
         model.eval()
-        for ids in batches:
+        for batch in batches:
             with contextlib.suppress(_HeadReached):
-                model(input_ids=ids, use_cache=False)
+                model(**model_inputs(batch, device))
     finally:
         handle.remove()
     model.set_submodule(name, Int8DynamicLinear.from_linear(head, gptq_quantize(head.weight, stats.hessian)))

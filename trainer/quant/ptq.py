@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.calibration import CalibrationBatch
 from trainer.choices import DTYPES
 from trainer.errors import ConfigError
 from trainer.models import conv1d_to_linear, is_conv1d, layer_types, warn_unhandled_experts
@@ -169,13 +170,14 @@ def quantize_model(
     *,
     keep_float: list[str],
     group_size: int = 128,
-    calibration: Iterable[torch.Tensor] = (),
+    calibration: Iterable[CalibrationBatch] = (),
     alpha: float | None = None,
     gptq: bool = False,
     dtype: str | None = None,
 ) -> dict[str, Any]:
     """Quantize `model` in place, its float parts in `dtype` (None: the scheme's, see scheme_dtype); returns
-    what the manifest needs to rebuild it (see serialization.py)."""
+    what the manifest needs to rebuild it (see serialization.py). `calibration` (int8_smooth): batches of
+    training windows (`trainer.calibration`), moved to the model's device as they run."""
     info: dict[str, Any] = {"scheme": scheme, "keep_float": list(keep_float)}
     model.to(scheme_dtype(scheme, dtype))
     if scheme == "int8_smooth":

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from trainer.calibration import CalibrationBatch, model_inputs
 from trainer.errors import ConfigError
 
 # Weights use 7 bits (-63..63): without VNNI, fbgemm sums pairs of uint8 x int8 products in int16
@@ -179,11 +180,11 @@ def untie_head(model: nn.Module) -> None:
 
 @torch.no_grad()
 def calibrate(
-    model: nn.Module, batches: Iterable[torch.Tensor], *, sample_rows: int = 256
+    model: nn.Module, batches: Iterable[CalibrationBatch], *, sample_rows: int = 256
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per linear layer of the blocks (keys `{block}.{name}`) and the LM head (key `head`): max |x_j| over
     every calibration token per input channel j, and a sample of up to `sample_rows` input rows (evenly
-    spaced) to score candidate scales on."""
+    spaced) to score candidate scales on. Packed documents are run as they train (`model_inputs`)."""
     maxima: dict[str, torch.Tensor] = {}
     samples: dict[str, list[torch.Tensor]] = {}
 
@@ -205,10 +206,11 @@ def calibrate(
         module.register_forward_pre_hook(lambda m, args, key=key: record(m, args, key))
         for key, module in linears.items()
     ]
+    device = next(model.parameters()).device
     try:
         model.eval()
-        for input_ids in batches:
-            model(input_ids=input_ids, use_cache=False)
+        for batch in batches:
+            model(**model_inputs(batch, device))
     finally:
         for h in hooks:
             h.remove()
