@@ -5,8 +5,9 @@ functions from the same overrides (no GPU needed: the plan never allocates the m
 
 * our H200 runs (bench/RESULTS.md, "MFU at 1B parameters"): bench/mfu.py's overrides, one rank;
 * torchtitan's published Llama 3.1 8B FSDP runs on 8 and 128 H100s (pytorch/torchtitan,
-  benchmarks/llama3_h100_202412_torchtitan.md, Tables 1 and 3: local batch 2, sequences of 8,192, selective
-  activation checkpointing, which our trainer does not have: planned with full checkpointing and without).
+  benchmarks/llama3_h100_202412_torchtitan.md, Tables 1 and 3: local batch 2, sequences of 8,192, their
+  op-level selective activation checkpointing, which also recomputes every second matmul: planned with our
+  full, selective and no checkpointing).
 
 The measured figures are this table's, copied from their sources; the predictions are computed on each run.
 
@@ -70,7 +71,7 @@ TORCHTITAN = [
 ]
 # torchtitan's earlier Llama 3 runs, FSDP on 64 A100 80GB (docs/performance.md at commit 0413364, "Llama 3
 # performance numbers"): local batch 1, sequences of 8,192; the 8B with selective checkpointing (planned with
-# full and none), the 70B with full. The network is not stated there: planned as InfiniBand HDR (DGX A100's).
+# ours, full and none), the 70B with full. The network is not stated there: planned as InfiniBand HDR (DGX A100's).
 LLAMA3_70B = [
     "+model.arch.vocab_size=128256",
     "model.arch.hidden_size=8192",
@@ -91,11 +92,12 @@ TORCHTITAN_A100 = [
     (
         "Llama 3 8B, 64 A100, selective AC",
         [o for o in LLAMA31_8B if "micro_batch" not in o],
-        ("true", "false"),
+        ("true", "selective", "false"),
         2904,
     ),
     ("Llama 3 70B, 64 A100, full AC", LLAMA3_70B, ("true",), 331),
 ]
+AC_NAMES = {"true": "full", "selective": "selective", "false": "no"}
 # The H100s torchtitan measured have 96 GB (their memory figures are of those; nvidia-smi: 97,871 MiB).
 TORCHTITAN_GIB = 95.6
 
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| H200 1B {variant} | {tokens:,} | {tps:,.0f} | {off(tps, tokens)} | {gib} | {mem:.1f} | {off(mem, gib)} |"
         )
     for label, nodes, compiled, tokens, gib in [] if ours_only else TORCHTITAN:
-        for ac in ("true", "false"):
+        for ac in ("true", "selective", "false"):
             args = [
                 *LLAMA31_8B,
                 f"train.global_batch_size={2 * 8 * nodes}",
@@ -254,10 +256,12 @@ def main(argv: list[str] | None = None) -> None:
             ]
             tps, mem, fits = plan(args)
             if not fits:
-                print(f"| torchtitan 8B {label}, ours without AC | {tokens:,} | does not fit | | {gib} | | |")
+                print(
+                    f"| torchtitan 8B {label}, ours with {AC_NAMES[ac]} AC | {tokens:,} | does not fit | | {gib} | | |"
+                )
                 continue
             print(
-                f"| torchtitan 8B {label}, ours with {'full' if ac == 'true' else 'no'} AC | {tokens:,} | {tps:,.0f} "
+                f"| torchtitan 8B {label}, ours with {AC_NAMES[ac]} AC | {tokens:,} | {tps:,.0f} "
                 f"| {off(tps, tokens)} | {gib} | {mem:.1f} | {off(mem, gib)} |"
             )
     for label, model, choices, tokens in [] if ours_only else TORCHTITAN_A100:
@@ -273,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
                 "plan.nodes=8",
             ]
             tps, mem, fits = plan(args)
-            what = f"ours with {'full' if ac == 'true' else 'no'} AC"
+            what = f"ours with {AC_NAMES[ac]} AC"
             if not fits:
                 print(f"| torchtitan {label}, {what} | {tokens:,} | does not fit | | | | |")
                 continue

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from trainer.calibration import model_inputs
 from trainer.cli import run
 from trainer.data import IGNORE_INDEX, TokenWindows, build_data
 from trainer.downstream import accuracy_line, check_tasks, evaluate_tasks
@@ -87,10 +88,9 @@ def perplexity(
     count = 0
     for start in range(0, n, batch_size):
         batch = windows.batch(torch.arange(start, min(start + batch_size, n)))
-        inputs, labels, positions = batch.inputs, batch.labels, batch.position_ids
+        labels = batch.labels
         # A chat dataset's packed conversations: positions restart at each one, and attention keeps to it.
-        kwargs = {} if positions is None else {"position_ids": positions.to(device)}
-        logits = model(input_ids=inputs.to(device), use_cache=False, **kwargs).logits.float().cpu()
+        logits = model(**model_inputs(batch, device)).logits.float().cpu()
         total += F.cross_entropy(
             logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         ).double()
