@@ -233,6 +233,12 @@ FEATURES: list[Feature] = [
         "block 0's MLP runs twice per micro-batch (forward, then recompute in the backward)",
     ),
     Feature(
+        "selective checkpointing",
+        "train",
+        "train.activation_checkpointing=selective: the step's loss and gradients without checkpointing, no matmul "
+        "run again in the backward, other ops recomputed",
+    ),
+    Feature(
         "compile",
         "train",
         "a one-block model compiled as train.compile=true does, through dynamo and AOT autograd (eager kernels: "

@@ -189,6 +189,44 @@ def check_activation_checkpointing(fam: FamilyRuns) -> None:
     assert len(calls) == 2 * STEPS * (GLOBAL // MICRO), len(calls)
 
 
+def check_selective_checkpointing(fam: FamilyRuns) -> None:
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from trainer.activation_checkpointing import enable_activation_checkpointing
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.forward, self.backward = Counter(), Counter()
+            self.now = self.forward
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.now[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    ids = fixed_ids(fam.vocab())
+    steps = {}
+    for mode in (False, "selective"):
+        model = fam.model().train()
+        enable_activation_checkpointing(model, mode)
+        torch.manual_seed(0)  # the same dropout masks (the recompute replays the RNG)
+        with Calls() as calls:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            calls.now = calls.backward
+            loss.backward()
+        steps[mode] = loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, calls
+    (loss, grads, plain), (sel_loss, sel_grads, sel) = steps[False], steps["selective"]
+    torch.testing.assert_close(sel_loss, loss)
+    assert sel_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(sel_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    matmuls = ("mm", "addmm", "bmm", "baddbmm")
+    assert sum(sel.backward[m] for m in matmuls) == sum(plain.backward[m] for m in matmuls)
+    assert sel.backward.total() > plain.backward.total(), "nothing was recomputed"
+
+
 def check_hf(fam: FamilyRuns) -> None:
     trainer, _, _ = fam.base()
     ids = fixed_ids(fam.vocab())
@@ -453,6 +491,7 @@ def check_sft(fam: FamilyRuns) -> None:
 CHECKS: dict[str, Callable[[FamilyRuns], None]] = {
     "single": check_single,
     "activation checkpointing": check_activation_checkpointing,
+    "selective checkpointing": check_selective_checkpointing,
     "KD logits": check_kd_logits,
     "KD hidden states": check_kd_hidden,
     "magnitude": lambda f: check_unstructured(f, "prune=magnitude"),
