@@ -3,9 +3,9 @@
 Every variant is the real command, `python -m trainer.train` with overrides, in its own process, on the same
 model (hidden 2048, 16 layers, MLP 8192, 32 query and 8 key/value heads, vocabulary 32,000: 1.04B parameters,
 Llama 3.2 1B's shape with a 32k vocabulary), data (pydoc, packed into sequences of 2048), seed and steps. A
-variant is STRATEGY:PRECISION[:compile][:ac|:sac][:profile] (ac: full activation checkpointing, sac: selective;
-profile: torch.profiler over the last PROFILE_STEPS steps, trainer.profiling). This script reads back the
-variant's `metrics.jsonl`:
+variant is STRATEGY:PRECISION[:compile][:ac|:sac][:rowwise][:profile] (ac: full activation checkpointing, sac:
+selective; rowwise: fp8's rowwise scaling recipe; profile: torch.profiler over the last PROFILE_STEPS steps,
+trainer.profiling). This script reads back the variant's `metrics.jsonl`:
 tokens/s and MFU (median of the logged steps after --warmup, the profiled ones left out; MFU against the
 device's dense bf16 data-sheet peak, trainer.metrics.GPU_PEAK_FLOPS), peak memory and the loss at the last
 step, which compares precisions at equal steps on the same data, and, when profiled, how busy the device was
@@ -46,7 +46,7 @@ DEFAULT_VARIANTS = [
     "fsdp:fp8:compile",
 ]
 PROFILE_STEPS = 3  # the last steps of a :profile variant, left out of its speed
-SWITCHES = {"compile", "ac", "sac", "profile"}
+SWITCHES = {"compile", "ac", "sac", "rowwise", "profile"}
 
 
 def parse_variant(text: str) -> dict[str, Any]:
@@ -91,6 +91,7 @@ def overrides(v: dict[str, Any], a: argparse.Namespace, run_dir: Path) -> list[s
         f"precision={v['precision']}",
         f"train.compile={str(v['compile']).lower()}",
         f"train.activation_checkpointing={'selective' if v['sac'] else str(v['ac']).lower()}",
+        f"precision.fp8_recipe={'rowwise' if v['rowwise'] else 'tensorwise'}",
         f"hydra.run.dir={run_dir}",
     ] + (
         [
@@ -141,7 +142,7 @@ def _partner(r: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | 
             for b in rows
             if b["precision"] == "bf16"
             and "error" not in b
-            and all(b[k] == r[k] for k in ("strategy", "compile", "ac", "sac"))
+            and all(b[k] == r[k] for k in ("strategy", "compile", "ac", "sac"))  # rowwise: fp8's own
         ),
         None,
     )
@@ -175,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants",
         nargs="+",
         default=DEFAULT_VARIANTS,
-        help="STRATEGY:PRECISION[:compile][:ac|:sac][:profile]",
+        help="STRATEGY:PRECISION[:compile][:ac|:sac][:rowwise][:profile]",
     )
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=8192)

@@ -89,6 +89,7 @@ def test_wrong_type_is_refused():
             "train.activation_checkpointing=partial: must be false, true",
         ),
         ("train.activation_checkpointing=1", "train.activation_checkpointing=1: must be false, true"),
+        ("precision.fp8_all_gather=true", "precision.fp8_all_gather=true all-gathers FSDP's float8 weights"),
     ],
 )
 def test_bad_values_name_the_key(override, fragment):

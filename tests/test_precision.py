@@ -72,7 +72,7 @@ def test_mixed_precision_tracks_fp32(strategy, precision, nproc, fp32_losses, tm
     assert exported and all(t.dtype == torch.float32 for t in exported.values())
 
 
-def _fp8_rank(rank: int, world: int, port: int, strategy: str, run_dir: str) -> None:
+def _fp8_rank(rank: int, world: int, port: int, strategy: str, run_dir: str, *extra: str) -> None:
     """One rank of a precision=fp8 run on this CPU. torch's CPU `_scaled_mm` runs torchao's float8 linears,
     so only the CUDA gate is lifted here: conversion, autocast, sharding, checkpoint and export are real."""
     import os
@@ -88,25 +88,51 @@ def _fp8_rank(rank: int, world: int, port: int, strategy: str, run_dir: str) -> 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer.precision, "check_fp8_supported", lambda device: None)
         try:
-            cfg = compose_config(*COMMON, f"strategy={strategy}", "precision=fp8")
+            cfg = compose_config(*COMMON, f"strategy={strategy}", "precision=fp8", *extra)
             t = Trainer(cfg, run_dir=run_dir, env=ParallelEnv(rank, world, rank))
             kinds = {name: type(m).__name__ for name, m in t.module.named_modules()}
             layers = cfg.model.arch.num_hidden_layers
             assert sum(k == "Float8Linear" for k in kinds.values()) == 7 * layers, kinds
             assert next(k for n, k in kinds.items() if n.endswith("lm_head")) == "Linear"  # never in fp8
+            # fp8_all_gather: each float8 linear's shard is torchao's weight that FSDP2 gathers in float8
+            wrapped = (
+                {
+                    type(m.weight.to_local()).__name__
+                    for m in t.module.modules()
+                    if type(m).__name__ == "Float8Linear"
+                }
+                if cfg.precision.fp8_all_gather
+                else set()
+            )
+            assert (
+                wrapped <= {"WeightWithDynamicFloat8CastTensor"}
+                and bool(wrapped) == cfg.precision.fp8_all_gather
+            )
             t.train()
         finally:
             destroy()
 
 
-@pytest.mark.parametrize("strategy,nproc", [("single", 1), ("fsdp", 2)])  # ddp: single's fp8 path, replicated
+@pytest.mark.parametrize(
+    "strategy,nproc,extra",
+    [
+        ("single", 1, []),  # ddp: single's fp8 path, replicated
+        ("fsdp", 2, []),
+        (
+            "fsdp",
+            2,
+            ["precision.fp8_all_gather=true"],
+        ),  # float8 weights gathered, scales precomputed per step
+    ],
+    ids=["single", "fsdp", "fsdp_fp8_all_gather"],
+)
 def test_fp8_linears_train_tracking_fp32_and_export_fp32_weights(
-    strategy, nproc, fp32_run, fp32_losses, tmp_path
+    strategy, nproc, extra, fp32_run, fp32_losses, tmp_path
 ):
     if nproc == 1:
-        _fp8_rank(0, 1, 0, strategy, str(tmp_path))
+        _fp8_rank(0, 1, 0, strategy, str(tmp_path), *extra)
     else:
-        spawn_ranks(_fp8_rank, nproc, free_port(), strategy, str(tmp_path), nprocs=nproc)
+        spawn_ranks(_fp8_rank, nproc, free_port(), strategy, str(tmp_path), *extra, nprocs=nproc)
     got = train_losses(tmp_path)
     assert sorted(got) == sorted(fp32_losses)
     for step, want in fp32_losses.items():
@@ -116,6 +142,37 @@ def test_fp8_linears_train_tracking_fp32_and_export_fp32_weights(
     exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert exported.keys() == load_file(str(fp32_run / "hf" / "model.safetensors")).keys()
     assert all(type(t) is torch.Tensor and t.dtype == torch.float32 for t in exported.values())
+
+
+def test_the_fp8_recipe_picks_torchaos_scaling_and_rowwise_keeps_small_rows_that_tensorwise_loses():
+    """precision.fp8_recipe reaches the float8 linears; against the float32 matmul, one scale per tensor
+    flushes rows 10^6 times smaller than the largest to zero (below e4m3's range), one scale per row keeps
+    every row to e4m3's precision (~4% here)."""
+    from torchao.float8.config import ScalingGranularity
+
+    from trainer.precision import convert_to_fp8
+
+    assert str(compose_config("precision=fp8").precision.fp8_recipe) == "tensorwise"  # the default
+    torch.manual_seed(0)
+    weight = torch.randn(64, 64)
+    x = torch.randn(32, 64) * torch.logspace(0, -6, 32).unsqueeze(1)  # row i scaled by 10^(-6i/31)
+    want = x @ weight.T
+    errors = {}
+    for recipe in ("tensorwise", "rowwise", "rowwise_with_gw_hp"):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False))
+        model[0].weight.data.copy_(weight)
+        assert (
+            convert_to_fp8(model, str(compose_config(f"precision.fp8_recipe={recipe}").precision.fp8_recipe))
+            == 1
+        )
+        granularity = model[0].config.cast_config_input.scaling_granularity
+        assert granularity == (
+            ScalingGranularity.TENSORWISE if recipe == "tensorwise" else ScalingGranularity.AXISWISE
+        )
+        got = model(x.bfloat16()).float()
+        errors[recipe] = ((got - want).norm(dim=1) / want.norm(dim=1)).detach()
+    assert errors["tensorwise"][-1] > 0.9  # the smallest row: lost
+    assert errors["rowwise"].max() < 0.1 and errors["rowwise_with_gw_hp"].max() < 0.1
 
 
 def _inject_overflow(trainer):

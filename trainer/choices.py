@@ -37,6 +37,9 @@ DTYPES: tuple[str, ...] = tuple(Dtype.__members__)  # plain strings, for checks 
 # `fp16` scales the loss dynamically; `fp8` is torchao float8 linears, bf16 elsewhere (compute capability 8.9+).
 # Here, not with the training schema, because QAT's checks (trainer/quant/config.py) ask about it too.
 PrecisionName = Choice("PrecisionName", "fp32 bf16 fp16 fp8")
+# torchao's float8 training recipes (Float8LinearRecipeName): one scale per tensor (cuBLAS, fastest), per row
+# (CUTLASS, more accurate), per row with the weight gradient's matmul kept in bf16 (most accurate).
+Fp8Recipe = Choice("Fp8Recipe", "tensorwise rowwise rowwise_with_gw_hp")
 
 # trainer.export's formats (trainer/export_config.py): an HF directory, one llama.cpp GGUF file, or a
 # compressed-tensors directory (vLLM's quantized format).

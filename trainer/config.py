@@ -23,7 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from trainer.activation_checkpointing import is_valid_mode
-from trainer.choices import Choice, Dtype, PrecisionName
+from trainer.choices import Choice, Dtype, Fp8Recipe, PrecisionName
 from trainer.data.config import DataConfig, register_data_configs, validate_data
 from trainer.distill.config import DistillConfig, register_distill_configs, validate_distill
 from trainer.errors import ConfigError
@@ -110,6 +110,10 @@ class PrecisionConfig:
     # fp16: a step that overflows with the scale at or below this stops the run (fp16 cannot represent
     # the gradients: switch to bf16).
     min_loss_scale: float = MISSING
+    # fp8: torchao's scaling recipe of the float8 linears.
+    fp8_recipe: Fp8Recipe = MISSING
+    # fp8 under fsdp with the tensorwise recipe: all-gather the linears' weights in float8.
+    fp8_all_gather: bool = MISSING
 
 
 @dataclass
@@ -204,6 +208,7 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
     _validate_model(cfg.model)
     _validate_precision(cfg.precision)
     validate_strategy(cfg.strategy)
+    _validate_fp8_all_gather(cfg)
     _validate_checkpoint(cfg.checkpoint)
     validate_profile(cfg.profile, max_steps=cfg.train.max_steps)
     if cfg.get("quant") is not None and cfg.quant.name != "none":
@@ -278,6 +283,21 @@ def _validate_model(m: Any) -> None:
     _check(
         m.source != "pretrained" or bool(m.name_or_path),
         "model.source=pretrained needs model.name_or_path (a hub name or a local directory)",
+    )
+
+
+def _validate_fp8_all_gather(cfg: Any) -> None:
+    """Float8 all-gather is FSDP2's (torchao's weight wrapper casts before the gather) and needs one scale per
+    tensor, which every rank can agree on before it has the whole weight."""
+    pr = cfg.precision
+    if not pr.fp8_all_gather:
+        return
+    _check(
+        str(pr.name) == "fp8" and str(pr.fp8_recipe) == "tensorwise" and str(cfg.strategy.name) == "fsdp",
+        f"precision.fp8_all_gather=true all-gathers FSDP's float8 weights, which needs precision=fp8 with "
+        f"precision.fp8_recipe=tensorwise and strategy=fsdp; this run has precision={pr.name}, "
+        f"precision.fp8_recipe={pr.fp8_recipe}, strategy={cfg.strategy.name}: set those, or "
+        "precision.fp8_all_gather=false",
     )
 
 

@@ -11,6 +11,7 @@ run where it was asked to.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ class Precision:
         self.compute_dtype, self.loss_scaling, self.fp8 = PRECISIONS[self.name]
         self.reduce_dtype = resolve_dtype(cfg.reduce_dtype)
         self.min_loss_scale = float(cfg.min_loss_scale)
+        self.fp8_recipe = str(cfg.fp8_recipe)
+        self.fp8_all_gather = bool(cfg.fp8_all_gather)
         self.scaler_kwargs = {
             "init_scale": float(cfg.init_scale),
             "growth_factor": float(cfg.growth_factor),
@@ -159,10 +162,15 @@ def _fp8_eligible(module: nn.Module, fqn: str) -> bool:
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
-def convert_to_fp8(model: nn.Module) -> int:
-    """Swap eligible linears for torchao's Float8Linear (dynamic scaling); returns how many were swapped."""
+def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", *, all_gather: bool = False) -> int:
+    """Swap eligible linears for torchao's Float8Linear (dynamic scaling, torchao's `recipe`: tensorwise,
+    rowwise or rowwise_with_gw_hp); `all_gather`: their weights wrapped so that FSDP2 gathers them in float8
+    (tensorwise). Returns how many were swapped."""
     float8 = require("torchao.float8", extra="quant", package="torchao")
-    float8.convert_to_float8_training(model, module_filter_fn=_fp8_eligible)
+    config = float8.Float8LinearConfig.from_recipe_name(recipe)
+    if all_gather:
+        config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
+    float8.convert_to_float8_training(model, module_filter_fn=_fp8_eligible, config=config)
     swapped = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
     if swapped == 0:
         raise ConfigError(

@@ -135,7 +135,7 @@ class Strategy:
         """On the device, with fp8 linears when asked, and the fp16 loss scaler made."""
         module = module.to(self.device)
         if self.precision.fp8:
-            convert_to_fp8(module)
+            convert_to_fp8(module, self.precision.fp8_recipe)
         self.precision.make_scaler()
         return module
 

@@ -46,6 +46,17 @@ def _row_offset(t: DTensor) -> tuple[int, bool]:
     return (offset[0] * row if t.ndim else 0), writer
 
 
+def plain_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor inside a wrapper subclass holding one (torchao's float8 weight, whose values are the
+    bf16/fp32 weight's: precision.fp8_all_gather), so that checkpoints read and write its storage; any other
+    tensor as it is."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        inner, _ = t.__tensor_flatten__()
+        if inner == ["_tensor"]:
+            return plain_tensor(t._tensor)
+    return t
+
+
 @contextlib.contextmanager
 def gathered_root(module: nn.Module) -> Iterator[None]:
     """An FSDP2 root's own parameters (those outside its per-block units) gathered while the context lasts."""
@@ -123,7 +134,7 @@ class FSDPStrategy(Strategy):
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         module = module.to(self.device)
         if self.precision.fp8:
-            convert_to_fp8(module)
+            convert_to_fp8(module, self.precision.fp8_recipe, all_gather=self.precision.fp8_all_gather)
         self.precision.make_scaler(sharded=True)  # fp16: the overflow flag is all-reduced over the shards
         mesh = self.build_mesh()
         offload: OffloadPolicy = CPUOffloadPolicy() if self.cfg.cpu_offload else OffloadPolicy()
@@ -157,6 +168,18 @@ class FSDPStrategy(Strategy):
         module.set_requires_gradient_sync(sync or not self.cfg.defer_grad_sync)
         return contextlib.nullcontext()
 
+    def clip_and_step(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float, *, skip: bool = False
+    ) -> torch.Tensor:
+        norm = super().clip_and_step(module, optimizer, max_norm, skip=skip)
+        if self.precision.fp8_all_gather:
+            # The updated weights' float8 scales, for the next gathers: one all-reduce for every weight's amax
+            # (each gather would otherwise all-reduce its own).
+            from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+            precompute_float8_dynamic_scale_for_fsdp(module)
+        return norm
+
     def _full_norm(self, norm: torch.Tensor) -> torch.Tensor:
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
@@ -183,7 +206,7 @@ class FSDPStrategy(Strategy):
         if not isinstance(tensor, DTensor):
             return super()._local(tensor)
         start, writer = _row_offset(tensor)
-        return start, tensor.to_local(), writer
+        return start, plain_tensor(tensor.to_local()), writer
 
     def _save(self, key: str, tensor: torch.Tensor) -> list[SaveSlice]:
         if not isinstance(tensor, DTensor):
@@ -222,7 +245,7 @@ def _full_tensor(param: DTensor) -> torch.Tensor:
     shards are whole NF4 blocks, dequantized exactly as the gathered tensor would be."""
     local = param.to_local()
     if not hasattr(local, "get_original_weight"):
-        return param.full_tensor()
+        return plain_tensor(param.full_tensor())
     dense = DTensor.from_local(
         local.get_original_weight(),
         param.device_mesh,
