@@ -11,7 +11,9 @@
 # Parts (all by default, else those named): probe (the machine and package versions), mfu (bench/mfu.py: a
 # ~1B Llama under fsdp, zero2 and zero3 in bf16, and fsdp compiled in bf16 and fp8, those two profiled over their
 # last 3 steps (trainer.profiling: where the time goes, by kind); MFU_VARIANTS, MFU_STEPS and
-# MFU_TIMEOUT change what it runs, MFU_ARGS adds arguments), training
+# MFU_TIMEOUT change what it runs, MFU_ARGS adds arguments; a variant's switches (bench/mfu.py) include :sac,
+# selective activation checkpointing, and :rowwise, fp8's rowwise recipe: e.g.
+# MFU_VARIANTS="fsdp:fp8:compile fsdp:fp8:compile:rowwise"), training
 # (bench/precision.py: fp32, bf16, fp16 and fp8 with AdamW, then the fused optimizers in bf16, against fp32
 # AdamW) and quant (the GPU chain, conf/chain/gpu.yaml: torchao int8 / int4 weight-only and 2:4 sparse kernels
 # against the bf16 model), peft (bench/adapter_savings.py in bf16 on SmolLM2-135M's shape built from its config, the
