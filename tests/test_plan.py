@@ -312,6 +312,11 @@ def test_the_collectives_are_the_calls_the_strategy_makes_one_per_block_or_bucke
     assert len(gather.sizes) == c.num_layers + 1 and sum(gather.sizes) == c.num_params * 4
     assert gather.count == 2 * fsdp.grad_accum and gather.group == 2
     assert len(scatter.sizes) == c.num_layers + 1 and sum(scatter.sizes) == c.trainable * 4
+    # precision.fp8_all_gather: each block's 7 linears gathered in 1 byte, its 2 norms in bf16, the root in bf16
+    fp8 = dataclasses.replace(fsdp, precision="fp8", fp8_all_gather=True)
+    gather, _ = collective_calls(c, fp8, planner.links)
+    h, i = cfg.model.arch.hidden_size, cfg.model.arch.intermediate_size
+    assert gather.sizes == [c.root_params * 2] + [(4 * h * h + 3 * h * i) + 2 * h * 2] * c.num_layers
     ddp = planner.setup(next(lay for lay in all_layouts() if lay.name == "ddp"), checkpointing=False)
     (reduce,) = collective_calls(c, ddp, planner.links)  # DDP: one all-reduce per 25 MiB bucket
     assert reduce.sizes == [c.trainable * 4] and c.trainable * 4 <= DDP_BUCKET_BYTES

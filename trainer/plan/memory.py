@@ -67,6 +67,8 @@ class Setup:
     loss_chunk_size: int | None = None
     # Restarting positions per document (conversations, data.document_mask): attention under a block mask.
     document_positions: bool = False
+    # precision.fp8_all_gather: FSDP2 gathers the blocks' float8 linears' weights in 1 byte each.
+    fp8_all_gather: bool = False
 
     @property
     def compute_bytes(self) -> int:
@@ -273,4 +275,5 @@ def setup_from_config(cfg: Any, layout: Layout, *, world_size: int, foreach: boo
         # as trainer/data/windows.py: conversations always, text packed with data.document_mask
         document_positions=str(cfg.data.get("format", "text")) != "text"
         or bool(cfg.data.get("packing") and cfg.data.get("document_mask")),
+        fp8_all_gather=bool(cfg.precision.fp8_all_gather),
     )
