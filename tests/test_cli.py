@@ -227,6 +227,8 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / "step_00000004").mkdir(parents=True)
     (run_dir / "checkpoints" / "step_00000004" / "trainer_state.json").write_text("{}")
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("the config step_00000004 was trained with\n")
     missing = tmp_path / "no" / "such" / "model"
     a_file = tmp_path / "a_file"
     a_file.write_text("not a directory\n")
@@ -398,6 +400,8 @@ def test_bad_inputs_to_every_command_exit_2_with_one_paragraph_naming_the_key_or
         print(module, args[-1], error_lines(result["output"]))
         assert_explained(result, *names)
     assert a_file.read_text() == "not a directory\n" and (hf / "model.safetensors").is_file()
+    # the refused run left the record its checkpoints' export reads as it was
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "the config step_00000004 was trained with\n"
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".partial"))]
     assert not leftovers, leftovers  # no failed command left a temporary directory
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from trainer.errors import ConfigError
@@ -42,3 +45,19 @@ def job_run_dir(default: str, environ: Mapping[str, str] | None = None) -> str:
 
 def register_resolver() -> None:
     OmegaConf.register_new_resolver("job_run_dir", job_run_dir, replace=True)
+
+
+def write_hydra_record(cfg: Any, run_dir: Path) -> None:
+    """`.hydra/config.yaml`, `hydra.yaml` and `overrides.yaml` in the run directory, as Hydra writes them, once
+    the run directory is accepted. conf/config.yaml turns Hydra's own writing off (`hydra.output_subdir: null`):
+    it comes before the task runs, so a run refused for a directory that holds checkpoints would have replaced
+    the config those checkpoints were trained with (which trainer.export and teachers read back). Outside a
+    Hydra job (a test building a Trainer) there is nothing to write."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    out = run_dir / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)}), out / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, out / "overrides.yaml")

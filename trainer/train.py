@@ -65,9 +65,10 @@ def _drop_launcher_args() -> None:
 
 
 def _quiet_secondary_ranks() -> None:
-    """Only rank 0 writes into the run directory: other ranks skip Hydra's .hydra/ files and job log."""
+    """Only rank 0 writes into the run directory (the Trainer writes .hydra/ there): other ranks skip Hydra's
+    job log."""
     if int(read_env().rank) != 0:
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+        sys.argv += ["hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
 def _main() -> None:
