@@ -209,8 +209,12 @@ def test_each_default_is_written_once_in_the_yaml(path):
 def test_global_batch_must_divide_over_ranks():
     cfg = compose_config("train.micro_batch_size=4", "train.global_batch_size=8")
     assert validate_config(cfg, world_size=2) == 1
-    with pytest.raises(ConfigError, match="world size 3"):
+    with pytest.raises(ConfigError, match="world size 3") as refused:
         validate_config(cfg, world_size=3)
+    assert "keep it with" not in str(refused.value)  # 8 sequences do not split over 3 ranks at all
+    # the defaults (16 of 16) on 8 ranks: the micro-batch that keeps the global batch is named
+    with pytest.raises(ConfigError, match=r"or keep it with train\.micro_batch_size=2$"):
+        validate_config(compose_config(), world_size=8)
 
 
 def test_sequence_longer_than_the_model_allows(tmp_path):

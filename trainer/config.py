@@ -219,10 +219,17 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
     validate_peft(cfg)
     t = cfg.train
     per_step = t.micro_batch_size * world_size
+    # The same global batch on these ranks: the largest micro-batch (up to the asked one) that divides it.
+    keeps = [
+        m
+        for m in range(min(t.micro_batch_size, t.global_batch_size), 0, -1)
+        if t.global_batch_size % (m * world_size) == 0
+    ]
     _check(
         t.global_batch_size % per_step == 0,
         f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
-        f"{t.micro_batch_size} x world size {world_size} = {per_step}; pick a global batch that is a multiple of {per_step}",
+        f"{t.micro_batch_size} x world size {world_size} = {per_step}; pick a global batch that is a multiple of {per_step}"
+        + (f", or keep it with train.micro_batch_size={keeps[0]}" if keeps else ""),
     )
     return t.global_batch_size // per_step
 
