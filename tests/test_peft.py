@@ -316,8 +316,12 @@ def plain_lora_losses(tmp_path_factory) -> dict[int, float]:
 
 @pytest.mark.parametrize(
     "variant",
-    [["train.activation_checkpointing=true"], ["train.micro_batch_size=8"]],
-    ids=["activation_checkpointing", "no_accumulation"],
+    [
+        ["train.activation_checkpointing=true"],
+        ["train.activation_checkpointing=selective"],
+        ["train.micro_batch_size=8"],
+    ],
+    ids=["activation_checkpointing", "selective_checkpointing", "no_accumulation"],
 )
 def test_lora_trains_to_the_same_losses_recomputed_or_unaccumulated(plain_lora_losses, tmp_path, variant):
     want, got = plain_lora_losses, _lora_losses(tmp_path, *variant)
