@@ -79,6 +79,7 @@ def assert_explained(result: dict, *names: str) -> None:
     assert result["code"] == EXIT_USAGE, output[-3000:]
     assert not any(line.startswith("Traceback") for line in output.splitlines()), output[-3000:]
     assert "HYDRA_FULL_ERROR" not in output, output[-3000:]
+    assert "Error executing job" not in output, output[-3000:]  # Hydra's own line over ours
     [line] = error_lines(output)
     for name in names:
         assert name in line, (name, line)

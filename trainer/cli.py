@@ -90,6 +90,29 @@ def hide_schemas_from_help() -> None:
     Hydra.format_config_groups = format_config_groups  # type: ignore[method-assign]
 
 
+def quiet_explained_job_errors() -> None:
+    """Hydra writes "Error executing job with overrides: [...]" to stderr before it raises a job's error again;
+    over an error `explain` prints as one paragraph that line is noise (a bug's traceback keeps it)."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    hydras = JobReturn.return_value
+    if getattr(hydras.fget, "quiet_explained", False):
+        return
+
+    def return_value(self: JobReturn) -> Any:
+        error = self._return_value
+        if self.status == JobStatus.FAILED and not _traceback_asked() and explain(error) is not None:
+            raise error
+        return hydras.fget(self)
+
+    return_value.quiet_explained = True  # type: ignore[attr-defined]
+    JobReturn.return_value = property(return_value, hydras.fset)  # type: ignore[method-assign]
+
+
+def _traceback_asked() -> bool:
+    return os.environ.get(TRACEBACK_VAR, "") not in ("", "0")
+
+
 def _one_paragraph(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -202,6 +225,7 @@ def run(main: Callable[[], Any]) -> Any:
     """
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     hide_schemas_from_help()
+    quiet_explained_job_errors()
     try:
         return main()
     except KeyboardInterrupt as err:
