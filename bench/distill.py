@@ -76,7 +76,7 @@ def main() -> None:
 
     data = [f"data.seq_len={args.seq_len}"]
     if args.quick:
-        args.teacher_steps, args.steps = 40, 20
+        args.teacher_steps, args.steps = 10, 5
         data += ["data.markov.train_tokens=50000", "data.markov.eval_tokens=5000"]
     student = [
         f"model.arch.hidden_size={args.student_hidden}",

@@ -158,7 +158,7 @@ def main() -> None:
     p.add_argument("--statistic", choices=["median", "best"], default="best", help="of the timed rounds")
     p.add_argument("--eval-batches", type=int, default=4, help="perplexity batches (0: whole eval split)")
     p.add_argument("--eval-batch-size", type=int, default=4)
-    p.add_argument("--quick", action="store_true", help="embedded model only, 40 training steps, 1 repeat")
+    p.add_argument("--quick", action="store_true", help="embedded model only, 8 training steps, 1 repeat")
     args = p.parse_args()
     if args.schemes is None:
         import torch
@@ -175,7 +175,7 @@ def main() -> None:
             if args.embedded_run:
                 float_dir, data = args.embedded_run / "hf", []
             else:
-                steps = 40 if args.quick else args.train_steps
+                steps = 8 if args.quick else args.train_steps  # quick: a model to quantize, not a good one
                 float_dir, data = embedded_run(args.work, steps=steps, threads=args.threads)
         else:
             float_dir, data = smollm2_hf(args.work), ["data=pydoc"]

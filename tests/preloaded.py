@@ -1,5 +1,5 @@
-"""Run `python -m trainer.train` jobs (or another trainer command's) as forks of a server process that has
-already imported the trainer.
+"""Run `python -m trainer.train` jobs (or another trainer command's, or a script's) as forks of a server
+process that has already imported the trainer.
 
 Each launch under torchrun spends most of its time importing torch, transformers, DeepSpeed and Hydra in every
 rank (~10 s per launch on 2 cores). The server imports them once; for each job it forks one child per rank,
@@ -48,7 +48,26 @@ def run_rank(job, rank):
     if nproc > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job["port"]))
+    if job.get("script"):
+        os._exit(run_script(job["script"], job["args"]))
     os._exit(run_as_main(job["module"], job["args"]))  # what trainer.pipeline's fork launcher does
+
+def run_script(path, args):  # `python PATH ARGS` in this forked process, as run_as_main does `python -m`
+    import runpy, traceback
+    sys.argv = [path, *args]
+    sys.path[0] = os.path.dirname(path)  # the server's own first entry is "" (it runs as `python -c`)
+    code = 0
+    try:
+        runpy.run_path(path, run_name="__main__")  # __main__ is the script's module while it runs
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    import logging
+    logging.shutdown()
+    sys.stdout.flush(); sys.stderr.flush()
+    return code
 
 for line in sys.stdin:
     job = json.loads(line)
@@ -116,12 +135,15 @@ class PreloadedServer:
         env: dict[str, str],
         timeout: float,
         module: str = "trainer.train",
+        script: str | None = None,
     ) -> subprocess.CompletedProcess:
+        """`python -m module args` in `nproc` ranks, or with `script` (a path), `python script args`."""
         with self.lock:
             proc = self._start()
             log.write_text("")
             job = {
                 "module": module,
+                "script": script,
                 "args": args,
                 "nproc": nproc,
                 "port": port,

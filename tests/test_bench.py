@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from queue import Queue
 
 from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.preloaded import PreloadedServer, preload_enabled
 
 BENCH = ROOT / "bench"
 
@@ -49,33 +51,69 @@ def test_no_bench_script_is_named_like_a_module_it_would_shadow():
 
 
 def test_every_bench_script_runs_its_quick_mode(tmp_path):
+    """Each script runs as `python bench/X.py ARGS` forked from a server that has the trainer's imports done
+    (tests/preloaded.py), its folder first on the path as python puts it; what it starts itself starts afresh."""
     assert sorted(SMOKE_ARGS) == bench_scripts(), "give every bench script its smoke run in SMOKE_ARGS"
 
-    def smoke(name: str) -> tuple[str, subprocess.CompletedProcess | None, float]:
+    def smoke(
+        name: str, server: PreloadedServer | None
+    ) -> tuple[str, subprocess.CompletedProcess | None, float]:
         out = tmp_path / name.removesuffix(".py")
         out.mkdir()
         args = [a.replace("{tmp}", str(out)) for a in SMOKE_ARGS[name]]
         start = time.perf_counter()
         try:
-            proc = subprocess.run(
-                [PYTHON, str(BENCH / name), *args],
-                cwd=ROOT,
-                env=subprocess_env(),
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
+            if server is None:
+                proc = subprocess.run(
+                    [PYTHON, str(BENCH / name), *args],
+                    cwd=ROOT,
+                    env=subprocess_env(),
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
+                proc.stdout += proc.stderr
+            else:
+                log = out / "smoke.log"
+                proc = server.run(
+                    args,
+                    script=str(BENCH / name),
+                    nproc=1,
+                    port=0,
+                    log=log,
+                    env=subprocess_env(),
+                    timeout=600,
+                )
         except subprocess.TimeoutExpired:
             proc = None
         return name, proc, time.perf_counter() - start
 
-    # Two at a time: a smoke run is mostly one thread importing, and `make test` has two cores.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(smoke, bench_scripts()))
+    # Two at a time: a smoke run is mostly one thread importing, and `make test` has two cores. One server
+    # per worker thread (a server runs one job at a time): two imports instead of one per script.
+    servers = (
+        [PreloadedServer(root=ROOT, env=subprocess_env()) for _ in range(2)] if preload_enabled() else []
+    )
+    queue = Queue()
+    for server in servers or [None, None]:
+        queue.put(server)
+
+    def smoke_on_a_free_server(name: str) -> tuple[str, subprocess.CompletedProcess | None, float]:
+        server = queue.get()
+        try:
+            return smoke(name, server)
+        finally:
+            queue.put(server)
+
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            results = list(pool.map(smoke_on_a_free_server, bench_scripts()))
+    finally:
+        for server in servers:
+            server.close()
     failed = [
         f"bench/{name} "
         + ("ran past 600 s" if proc is None else f"exited {proc.returncode}:\n")
-        + ("" if proc is None else (proc.stdout + proc.stderr)[-3000:])
+        + ("" if proc is None else proc.stdout[-3000:])
         for name, proc, _ in results
         if proc is None or proc.returncode != 0
     ]

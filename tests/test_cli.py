@@ -553,6 +553,11 @@ def test_no_stored_file_makes_a_command_run_a_models_code(tmp_path):
     old = crafted_run(tmp_path / "run", hub)
     new = self_describing_checkpoint(tmp_path / "run2" / "checkpoints" / "step_00000001", hub)
     out = tmp_path / "out"
+    # The control, in the same driver process (its imports paid once): asked for on the command line, the
+    # crafted code does run (this test could see it). Its own copy of the hub writes its own marker, so that
+    # the cases before it are still checked against an untouched one.
+    control_marker = tmp_path / "CONTROL_MARKER"
+    control = crafted_run(tmp_path / "control_run", crafted_hub(tmp_path / "control_hub", control_marker))
     cases = [
         ("trainer.export", [str(old), str(out)]),
         ("trainer.export", [str(new), str(out)]),
@@ -562,10 +567,12 @@ def test_no_stored_file_makes_a_command_run_a_models_code(tmp_path):
         ("trainer.evaluate", [f"models=[{new}]", "device=cpu", f"output={out}.json"]),
         ("trainer.evaluate", [f"models=[{hub}]", "device=cpu", f"output={out}.json"]),
     ]
-    results = run_commands(tmp_path, [{"module": m, "args": a} for m, a in cases])
-    for (module, args), result in zip(cases, results, strict=True):
+    asked_case = ("trainer.export", [str(control), str(tmp_path / "control_out"), "--trust-remote-code"])
+    *results, asked = run_commands(tmp_path, [{"module": m, "args": a} for m, a in [*cases, asked_case]])
+    for result in results:
         assert_explained(result, "trust-remote-code")
-        assert not marker.exists(), (module, args)
+    assert not marker.exists()
+    assert control_marker.read_text() == "the code ran", asked["output"][-2000:]
 
     # The teacher of a distillation run: the training command's model.trust_remote_code=false holds for a
     # teacher run directory that says true.
@@ -577,12 +584,6 @@ def test_no_stored_file_makes_a_command_run_a_models_code(tmp_path):
     with pytest.raises(ConfigError, match="trust-remote-code"):
         load_teacher(teacher, dtype=torch.float32, trust_remote_code=False)
     assert not marker.exists()
-
-    # The control: asked for on the command line, the crafted code does run (this test could see it).
-    [asked] = run_commands(
-        tmp_path, [{"module": "trainer.export", "args": [str(old), str(out), "--trust-remote-code"]}]
-    )
-    assert marker.read_text() == "the code ran", asked["output"][-2000:]
 
 
 # ---- the launch scripts' interpreter ----------------------------------------------------------------------
