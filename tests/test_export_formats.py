@@ -128,6 +128,32 @@ def test_gguf_tokenizer_gives_our_ids_on_pydoc_text(bpe_run, reference, tmp_path
     assert theirs.eos_token == ours.eos_token and theirs.pad_token == ours.pad_token
 
 
+def test_a_gguf_model_and_its_tokenizer_load_from_one_parse_of_the_file(
+    bpe_run, reference, tmp_path, monkeypatch
+):
+    """transformers parses the file for the config, the weights and the tokenizer; our loaders (evaluate,
+    quantize, generate; a training run's pretrained model shares the config's and the weights') parse it once,
+    and load what transformers alone loads: the model's logits and the tokenizer's ids."""
+    import gguf
+
+    from trainer.quant.serialization import load_float
+
+    _, ours, ids, logits = reference
+    out = run_export(f"model_path={bpe_run}", "format=gguf", "gguf.type=f32", f"output_dir={tmp_path / 'g'}")
+    path = out / "model-f32.gguf"
+    parses, parse = [], gguf.GGUFReader
+    monkeypatch.setattr(
+        gguf, "GGUFReader", lambda *args, **kwargs: parses.append(args) or parse(*args, **kwargs)
+    )
+    loaded, tokenizer = load_float(str(path.parent), path.name)
+    assert len(parses) == 1
+    assert gguf.GGUFReader is not parse  # ours again after the load (the test's counter)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, logits, atol=1e-5, rtol=0)
+    text = "def f(x):\n    return x"
+    assert tokenizer(text).input_ids == ours(text).input_ids
+
+
 def test_gguf_rotary_rows_are_llama_cpps_permutation_and_transformers_inverts_it():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 

@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from trainer.errors import ConfigError, TrainerError, TrainerWarning
 from trainer.loss import causal_lm_loss
-from trainer.utils import loading_from, require
+from trainer.utils import gguf_parsed_once, loading_from, require
 
 
 def _arch_dict(cfg: Any) -> dict[str, Any]:
@@ -153,6 +153,7 @@ def build_model(
                 arch=_arch_dict(cfg),
             ),
             loading_from(cfg.name_or_path, key="model.name_or_path"),
+            gguf_parsed_once() if cfg.gguf_file else contextlib.nullcontext(),  # its config and weights
         ):
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
         if cfg.gguf_file:

@@ -35,7 +35,7 @@ from trainer.data.tokenizer import load_tokenizer
 from trainer.errors import CorruptFileError, InputNotFoundError
 from trainer.quant import smooth
 from trainer.quant.ptq import check_scheme, conv1d_as_linear, sparsify_24
-from trainer.utils import loading_from, require, staged
+from trainer.utils import gguf_parsed_once, loading_from, require, staged
 
 MANIFEST = "quantization.json"
 FORMAT = "trainer-quantized"
@@ -244,12 +244,16 @@ def load_float(
 ) -> tuple[PreTrainedModel, Any]:
     """A float32 model and its tokenizer (None: `with_tokenizer=False`) from `float_source`'s answer."""
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    with loading_from(directory):  # a model's own code never runs here: evaluate and quantize do not trust it
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, trust_remote_code=False, **kwargs
-        )
-    _strip_quantization_config(model.config)
-    return model.eval(), load_tokenizer_from(directory, gguf_file) if with_tokenizer else None
+    parsed_once = gguf_parsed_once() if gguf_file else contextlib.nullcontext()
+    with parsed_once:  # the config, the weights and the tokenizer of a GGUF file from one parse
+        with loading_from(
+            directory
+        ):  # a model's own code never runs here: evaluate and quantize do not trust it
+            model = AutoModelForCausalLM.from_pretrained(
+                directory, dtype=torch.float32, trust_remote_code=False, **kwargs
+            )
+        _strip_quantization_config(model.config)
+        return model.eval(), load_tokenizer_from(directory, gguf_file) if with_tokenizer else None
 
 
 def load_tokenizer_from(directory: str, gguf_file: str | None = None) -> Any:
