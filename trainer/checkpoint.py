@@ -379,6 +379,19 @@ def _newest_first(root: Path) -> list[Path]:
     return done
 
 
+def refuse_unasked_overwrite(root: Path) -> None:
+    """resume=null: a run directory whose `root` holds checkpoints is refused (training from step 0 would
+    overwrite them)."""
+    found = complete_checkpoints(root)
+    if found:
+        raise ConfigError(
+            f"{root.parent} already holds checkpoints ({len(found)}, the newest {found[-1].name}) and resume is "
+            "not set: training from step 0 would overwrite them. Continue that run with resume=auto, start "
+            "over with resume=none (steps saved again overwrite the old ones), or give another run directory "
+            "(hydra.run.dir=DIR)"
+        )
+
+
 def resolve_resume(resume: str | None, root: Path) -> Path | None:
     """The checkpoint to resume from, verified: None for a fresh start, a directory otherwise.
 
@@ -389,14 +402,7 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
     them) and gets the same answer.
     """
     if resume is None:
-        found = complete_checkpoints(root)
-        if found:
-            raise ConfigError(
-                f"{root.parent} already holds checkpoints ({len(found)}, the newest {found[-1].name}) and resume is "
-                "not set: training from step 0 would overwrite them. Continue that run with resume=auto, start "
-                "over with resume=none (steps saved again overwrite the old ones), or give another run directory "
-                "(hydra.run.dir=DIR)"
-            )
+        refuse_unasked_overwrite(root)
         return None
     if resume in ("none", ""):
         return None

@@ -39,7 +39,12 @@ from trainer.profiling import ProfileConfig, validate_profile
 from trainer.prune.config import PruneConfig, register_prune_configs, validate_prune
 from trainer.quant.config import QuantConfig, register_quant_configs, validate_quant
 from trainer.quant.qat import check_qat_installed
-from trainer.strategies.config import StrategyConfig, register_strategy_configs, validate_strategy
+from trainer.strategies.config import (
+    StrategyConfig,
+    register_strategy_configs,
+    validate_fp8_all_gather,
+    validate_strategy,
+)
 from trainer.utils import register_package_resolver
 
 # `config`: build a fresh model from `arch` (random init); `pretrained`: load weights from `name_or_path`.
@@ -208,7 +213,7 @@ def validate_config(cfg: Any, *, world_size: int = 1) -> int:
     _validate_model(cfg.model)
     _validate_precision(cfg.precision)
     validate_strategy(cfg.strategy)
-    _validate_fp8_all_gather(cfg)
+    validate_fp8_all_gather(cfg)
     _validate_checkpoint(cfg.checkpoint)
     validate_profile(cfg.profile, max_steps=cfg.train.max_steps)
     if cfg.get("quant") is not None and cfg.quant.name != "none":
@@ -290,21 +295,6 @@ def _validate_model(m: Any) -> None:
     _check(
         m.source != "pretrained" or bool(m.name_or_path),
         "model.source=pretrained needs model.name_or_path (a hub name or a local directory)",
-    )
-
-
-def _validate_fp8_all_gather(cfg: Any) -> None:
-    """Float8 all-gather is FSDP2's (torchao's weight wrapper casts before the gather) and needs one scale per
-    tensor, which every rank can agree on before it has the whole weight."""
-    pr = cfg.precision
-    if not pr.fp8_all_gather:
-        return
-    _check(
-        str(pr.name) == "fp8" and str(pr.fp8_recipe) == "tensorwise" and str(cfg.strategy.name) == "fsdp",
-        f"precision.fp8_all_gather=true all-gathers FSDP's float8 weights, which needs precision=fp8 with "
-        f"precision.fp8_recipe=tensorwise and strategy=fsdp; this run has precision={pr.name}, "
-        f"precision.fp8_recipe={pr.fp8_recipe}, strategy={cfg.strategy.name}: set those, or "
-        "precision.fp8_all_gather=false",
     )
 
 

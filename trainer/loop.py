@@ -33,7 +33,6 @@ from trainer.models import CausalLMWithLoss, build_model, count_params, flops_pe
 from trainer.optim import build_optimizer, schedule_factor, set_lr
 from trainer.preemption import Preempted, PreemptionWatch, clear_marker, write_marker
 from trainer.profiling import StepProfiler, describe
-from trainer.rundir import write_hydra_record
 from trainer.strategies import build_strategy
 from trainer.strategies.base import named_parameters
 from trainer.utils import resolve_device, resolve_dtype
@@ -118,7 +117,6 @@ class Trainer:
         resume = ckpt.resolve_resume(cfg.resume, self.ckpt_root)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_hydra_record(cfg, self.run_dir)
             clear_marker(self.run_dir)
         barrier()
         # Before data and model: a missing wandb/tensorboard fails early. Rank 0 only writes.

@@ -51,10 +51,8 @@ def write_hydra_record(cfg: Any, run_dir: Path) -> None:
     """`.hydra/config.yaml`, `hydra.yaml` and `overrides.yaml` in the run directory, as Hydra writes them, once
     the run directory is accepted. conf/config.yaml turns Hydra's own writing off (`hydra.output_subdir: null`):
     it comes before the task runs, so a run refused for a directory that holds checkpoints would have replaced
-    the config those checkpoints were trained with (which trainer.export and teachers read back). Outside a
-    Hydra job (a test building a Trainer) there is nothing to write."""
-    if not HydraConfig.initialized():
-        return
+    the config those checkpoints were trained with (which trainer.export and teachers read back). Called by
+    trainer/train.py's Hydra job, once the run directory is accepted."""
     hydra_cfg = HydraConfig.get()
     out = run_dir / ".hydra"
     out.mkdir(parents=True, exist_ok=True)

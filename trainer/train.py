@@ -13,13 +13,14 @@ import transformers
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from trainer.checkpoint import refuse_unasked_overwrite
 from trainer.cli import EXIT_INTERRUPTED, run
 from trainer.config import register_configs
 from trainer.distributed import destroy, read_env
 from trainer.errors import Interrupted
 from trainer.loop import Trainer
 from trainer.preemption import EXIT_PREEMPTED, Preempted
-from trainer.rundir import register_resolver
+from trainer.rundir import register_resolver, write_hydra_record
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
@@ -31,8 +32,15 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     datasets.disable_progress_bars()  # our own bar is the one that matters
     transformers.utils.logging.disable_progress_bar()
+    env = read_env()
+    # A run directory that holds checkpoints, with no resume given, is refused (the Trainer checks it too)
+    # before Hydra's record of this job is written: the record of the run that wrote them stays.
+    if cfg.resume is None:
+        refuse_unasked_overwrite(run_dir / "checkpoints")
+    if env.is_main:
+        write_hydra_record(cfg, run_dir)
     try:
-        Trainer(cfg, run_dir=run_dir, env=read_env()).train()
+        Trainer(cfg, run_dir=run_dir, env=env).train()
     except Preempted as stop:
         if stop.signum == signal.SIGINT:  # Ctrl-C: checkpoint written, the loop said how to continue
             sys.exit(EXIT_INTERRUPTED)

@@ -64,3 +64,18 @@ def validate_strategy(s: Any) -> None:
 def _refuse_unless(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def validate_fp8_all_gather(cfg: Any) -> None:
+    """Float8 all-gather is FSDP2's (torchao's weight wrapper casts before the gather) and needs one scale per
+    tensor, which every rank can agree on before it has the whole weight."""
+    pr = cfg.precision
+    if not pr.fp8_all_gather:
+        return
+    _refuse_unless(
+        str(pr.name) == "fp8" and str(pr.fp8_recipe) == "tensorwise" and str(cfg.strategy.name) == "fsdp",
+        f"precision.fp8_all_gather=true all-gathers FSDP's float8 weights, which needs precision=fp8 with "
+        f"precision.fp8_recipe=tensorwise and strategy=fsdp; this run has precision={pr.name}, "
+        f"precision.fp8_recipe={pr.fp8_recipe}, strategy={cfg.strategy.name}: set those, or "
+        "precision.fp8_all_gather=false",
+    )
