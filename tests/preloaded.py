@@ -27,7 +27,7 @@ replies = os.fdopen(os.dup(1), "w")  # the protocol's channel; anything the impo
 os.dup2(2, 1)
 import datasets, hydra, transformers  # the imports every job would repeat (trainer.train itself runs as __main__)
 import trainer.loop, trainer.strategies, trainer.rundir
-from trainer.pipeline import run_as_main
+from trainer.pipeline import exit_code_of, run_as_main
 try:
     import deepspeed  # noqa: F401
     # ZeRO's optimizer check imports DeepSpeed's Muon, whose torch.compile decorators import dynamo and inductor:
@@ -53,21 +53,10 @@ def run_rank(job, rank):
     os._exit(run_as_main(job["module"], job["args"]))  # what trainer.pipeline's fork launcher does
 
 def run_script(path, args):  # `python PATH ARGS` in this forked process, as run_as_main does `python -m`
-    import runpy, traceback
+    import runpy
     sys.argv = [path, *args]
     sys.path[0] = os.path.dirname(path)  # the server's own first entry is "" (it runs as `python -c`)
-    code = 0
-    try:
-        runpy.run_path(path, run_name="__main__")  # __main__ is the script's module while it runs
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    import logging
-    logging.shutdown()
-    sys.stdout.flush(); sys.stderr.flush()
-    return code
+    return exit_code_of(lambda: runpy.run_path(path, run_name="__main__"))  # the script is __main__ meanwhile
 
 for line in sys.stdin:
     job = json.loads(line)

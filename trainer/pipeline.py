@@ -33,6 +33,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -147,9 +148,15 @@ def run_as_main(module: str, args: list[str]) -> int:
     sys.argv = [module, *args]
     # runpy warns that preload() imported the module it now runs as __main__: intended, the code runs afresh
     warnings.filterwarnings("ignore", message=".*found in sys.modules.*", category=RuntimeWarning)
+    return exit_code_of(lambda: runpy.run_module(module, run_name="__main__", alter_sys=True))
+
+
+def exit_code_of(run: Callable[[], Any]) -> int:
+    """`run()`'s exit code as a process running it as __main__ would end: SystemExit's code, 1 (with the
+    traceback printed) for any other error, 0 otherwise; logs and streams flushed."""
     code = 0
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        run()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:
