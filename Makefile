@@ -30,7 +30,7 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
-# The in-process tests: no slow, multi-rank or launcher test (markers set in tests/conftest.py); 2m44s on 2 cores.
+# The in-process tests: no slow, multi-rank or launcher test (markers set in tests/conftest.py); ~4 min on 2 cores.
 test-fast: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=15 -m "not slow and not multirank and not launcher" $(PYTEST_ARGS)
