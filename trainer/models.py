@@ -153,7 +153,7 @@ def build_model(
                 arch=_arch_dict(cfg),
             ),
             loading_from(cfg.name_or_path, key="model.name_or_path"),
-            gguf_parsed_once() if cfg.gguf_file else contextlib.nullcontext(),  # its config and weights
+            gguf_parsed_once(cfg.gguf_file),  # its config and weights from one parse
         ):
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
         if cfg.gguf_file:

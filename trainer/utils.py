@@ -36,11 +36,14 @@ DISTRIBUTION = "hydra-llm-trainer"
 
 
 @contextlib.contextmanager
-def gguf_parsed_once() -> Iterator[None]:
+def gguf_parsed_once(gguf_file: str | None) -> Iterator[None]:
     """transformers parses a GGUF file anew for the config, the weights and the tokenizer (3.5 s each for
     SmolLM2-135M's, most of it its 49k-token vocabulary), and builds gguf's tensor-name table once per tensor
     (4.5 s for its 272): inside this context each file is parsed once, its reader (read-only, memory-mapped)
-    shared by every load, and each table built once."""
+    shared by every load, and each table built once. Without a `gguf_file` to load, it does nothing."""
+    if not gguf_file:
+        yield
+        return
     gguf = require("gguf", extra="gguf")
     parse, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict[tuple[str, str], Any] = {}

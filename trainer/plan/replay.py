@@ -79,11 +79,13 @@ def _real(value: Any) -> Any:
     return value
 
 
-def _bytes(value: Any) -> int:
+def _bytes(value: Any, numel: Callable[[TensorSpec], int] = lambda t: t.storage_numel) -> int:
+    """Bytes of the tensors in `value` (an argument spec, nested in tuples), each `numel(spec)` elements: its
+    storage's extent by default (what materializing it allocates)."""
     if isinstance(value, TensorSpec):
-        return value.storage_numel * value.dtype.itemsize
+        return numel(value) * value.dtype.itemsize
     if isinstance(value, tuple):
-        return sum(_bytes(v) for v in value)
+        return sum(_bytes(v, numel) for v in value)
     return 0
 
 
@@ -131,15 +133,7 @@ def recomputed_bytes(config: Any, step: StepShape) -> float:
         for call, n in again.items()
         if not call[0].is_view and call[0] is not torch.ops.aten._unsafe_view.default
     ]
-    return float(sum(2 * _read_bytes(call[1]) * n for call, n in moved))
-
-
-def _read_bytes(value: Any) -> int:
-    if isinstance(value, TensorSpec):
-        return math.prod(value.shape) * value.dtype.itemsize
-    if isinstance(value, tuple):
-        return sum(_read_bytes(v) for v in value)
-    return 0
+    return float(sum(2 * _bytes(call[1], lambda t: math.prod(t.shape)) * n for call, n in moved))
 
 
 def run_once(call: OpCall) -> float:

@@ -131,9 +131,8 @@ def collective_calls(counts: ModelCounts, s: Setup, lk: Links) -> list[Collectiv
         elif collective == "all_gather_params":
             gathers = 2 if s.reshard_after_forward else 1  # forward, and again in the backward
             sizes = units(c, trained_only=False)
-            if (
-                s.fp8_all_gather
-            ):  # each block's linears in float8 (1 byte), the rest of it in the compute dtype
+            if s.fp8_all_gather:
+                # each block's linears in float8 (1 byte), the rest of it in the compute dtype
                 linear = counts.linear_block_weights / counts.num_layers
                 sizes = [sizes[0]] + [(counts.block_params - linear) * c + linear] * counts.num_layers
             calls.append(CollectiveCall("all-gather (weights)", "all_gather", sizes, micro * gathers, n, bw))

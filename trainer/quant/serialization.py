@@ -244,11 +244,10 @@ def load_float(
 ) -> tuple[PreTrainedModel, Any]:
     """A float32 model and its tokenizer (None: `with_tokenizer=False`) from `float_source`'s answer."""
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    parsed_once = gguf_parsed_once() if gguf_file else contextlib.nullcontext()
-    with parsed_once:  # the config, the weights and the tokenizer of a GGUF file from one parse
-        with loading_from(
-            directory
-        ):  # a model's own code never runs here: evaluate and quantize do not trust it
+    # A GGUF file's config, weights and tokenizer from one parse. A model's own code never runs here:
+    # evaluate and quantize do not trust it.
+    with gguf_parsed_once(gguf_file):
+        with loading_from(directory):
             model = AutoModelForCausalLM.from_pretrained(
                 directory, dtype=torch.float32, trust_remote_code=False, **kwargs
             )
